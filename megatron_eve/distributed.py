@@ -1,0 +1,56 @@
+"""Process-group setup: torch.distributed (NCCL on GPU, gloo on CPU) + megatron-core's parallel
+state + seeds. Launched by torchrun, which sets RANK / WORLD_SIZE / MASTER_ADDR / LOCAL_RANK."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_eve.config import ConfigError, ParallelConfig
+from megatron_eve.platform import apply_cpu_shim, distributed_backend, has_cuda
+
+
+def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10) -> None:
+    """Join the process group and build TP / PP / DP groups; idempotent within a process."""
+    if not dist.is_initialized():
+        if has_cuda():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=distributed_backend(), timeout=timedelta(minutes=timeout_minutes)
+        )
+    apply_cpu_shim()
+    world = dist.get_world_size()
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if world % (tp * pp):
+        raise ConfigError(
+            f"tensor ({tp}) x pipeline ({pp}) parallel sizes do not divide the world size {world}"
+        )
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Megatron's convention: one seed per pipeline stage, shared by TP ranks (replicated modules
+    start equal), and a tracked TP-rank-specific stream for tensor-parallel regions."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed, force_reset_rng=True)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

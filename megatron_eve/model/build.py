@@ -1,0 +1,35 @@
+"""Build this rank's stage of the EVE model from typed configs."""
+
+from __future__ import annotations
+
+from megatron_eve.config import EVEModelConfig, ParallelConfig, RuntimeConfig, transformer_config
+from megatron_eve.model.eve import EVEModel
+from megatron_eve.model.specs import resolve_transformer_impl
+from megatron_eve.platform import current_device
+
+
+def build_model(
+    model: EVEModelConfig,
+    parallel: ParallelConfig,
+    runtime: RuntimeConfig,
+    *,
+    load_teacher: bool = True,
+    parallel_output: bool = True,
+) -> EVEModel:
+    """The stage this process holds (first / last stage from megatron-core's parallel state), on
+    this process's device. megatron-core layers take runtime.params_dtype; the trainer wraps the
+    model in Float16Module for bf16 / fp16, which also casts the plain-torch vision modules."""
+    from megatron.core import parallel_state
+
+    config = transformer_config(model, parallel, runtime)
+    impl = resolve_transformer_impl(runtime.transformer_impl)
+    stage = EVEModel(
+        model,
+        config,
+        transformer_impl=impl,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=parallel_output,
+        load_teacher=load_teacher,
+    )
+    return stage.to(current_device())

@@ -1,0 +1,342 @@
+"""EVEModel: the encoder-free vision-language model on megatron-core.
+
+First stage: token embedding + PEL + projector, visual tokens spliced at the image positions.
+Every stage: its slice of the Llama decoder (megatron-core TransformerBlock) and the aligner
+projections of the taps it holds. Last stage: output layer, LM loss, aligner fusion and loss
+against the frozen CLIP teacher.
+
+Between pipeline stages the activation carries, after its s rows of hidden states, the projected
+aligner taps computed so far (packed into extra rows of the same width), so taps on any stage reach
+the aligner through megatron-core's ordinary p2p exchange and autograd routes their gradients back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megatron_eve.config import ConfigError, EVEModelConfig, padded_vocab_size
+from megatron_eve.model.aligner import PatchAligner, alignment_loss
+from megatron_eve.model.patch_embedding import PatchEmbeddingLayer, VisionProjection
+from megatron_eve.model.specs import decoder_block_spec
+from megatron_eve.model.teacher import CLIPTeacher
+from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX, VisualLayout, VisualLayoutError
+
+# What the last stage returns when given labels: per-token LM loss [b, s] (0 where not
+# supervised), the sum over images of the align loss, and how many images it covers.
+EVELosses = Tuple[Tensor, Tensor, Tensor]
+
+
+class EVEModel(LanguageModule):
+    def __init__(
+        self,
+        config: EVEModelConfig,
+        transformer_config: TransformerConfig,
+        *,
+        transformer_impl: str = "auto",
+        pre_process: bool = True,
+        post_process: bool = True,
+        parallel_output: bool = True,
+        load_teacher: bool = True,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(config=transformer_config)
+        lm, vision, aligner = config.language, config.vision, config.aligner
+        self.eve_config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.parallel_output = parallel_output
+        self.share_embeddings_and_output_weights = False  # Vicuna's lm_head is untied
+        self.model_type = ModelType.encoder_or_decoder
+        self.vp_stage = vp_stage
+        self.vocab_size = lm.vocab_size
+        self.padded_vocab_size = padded_vocab_size(
+            lm.vocab_size,
+            lm.make_vocab_size_divisible_by,
+            transformer_config.tensor_model_parallel_size,
+        )
+        self.input_tensor: Optional[Tensor] = None
+
+        if pre_process:
+            # Splicing needs the full sequence: scatter to sequence-parallel regions ourselves.
+            self.embedding = LanguageModelEmbedding(
+                config=transformer_config,
+                vocab_size=self.padded_vocab_size,
+                max_sequence_length=lm.max_position_embeddings,
+                position_embedding_type="rope",
+                scatter_to_sequence_parallel=False,
+            )
+            self.vision_model = PatchEmbeddingLayer(vision)
+            self.vision_projection = VisionProjection(vision.hidden_size, lm.hidden_size)
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=transformer_config.kv_channels,
+            rotary_percent=1.0,
+            rotary_base=lm.rotary_base,
+            use_cpu_initialization=transformer_config.use_cpu_initialization,
+        )
+        self.decoder = TransformerBlock(
+            config=transformer_config,
+            spec=decoder_block_spec(transformer_config, transformer_impl, vp_stage),
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+        )
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                lm.hidden_size,
+                self.padded_vocab_size,
+                config=transformer_config,
+                init_method=transformer_config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=not parallel_output,
+            )
+        self.setup_embeddings_and_output_layer()
+
+        # Aligner taps held by this stage, as (slot j, hidden-state index t).
+        self.layer_offset = get_transformer_layer_offset(transformer_config, vp_stage)
+        num_layers, local_layers = lm.num_layers, len(self.decoder.layers)
+        self.taps = aligner.taps(num_layers) if aligner.enabled else []
+        self.inner_taps = [  # outputs of decoder layers on this stage, ascending
+            (j, t) for j, t in reversed(list(enumerate(self.taps)))
+            if 0 < t < num_layers and self.layer_offset < t <= self.layer_offset + local_layers
+        ]
+        # Taps computed upstream and carried in: t == 0 and inner taps of earlier stages.
+        self.num_carried_in = 0 if pre_process else sum(
+            1 for t in self.taps if t < num_layers and t <= self.layer_offset
+        )
+        self.teacher: Optional[CLIPTeacher] = None
+        if aligner.enabled:
+            slots = [j for j, _ in self.inner_taps]
+            if pre_process:
+                slots.append(self.taps.index(0))
+            if post_process:
+                slots.append(self.taps.index(num_layers))
+            self.aligner = PatchAligner(lm.hidden_size, aligner, sorted(slots), post_process)
+            if post_process and load_teacher and aligner.teacher_path:
+                self.teacher = CLIPTeacher(
+                    aligner, vision, self._device(), transformer_config.params_dtype
+                )
+
+    # ----------------------------------------------------------------------------- pipeline glue
+    def set_input_tensor(self, input_tensor) -> None:
+        """Receive the previous stage's activation (megatron-core schedules pass a list)."""
+        if isinstance(input_tensor, (list, tuple)):
+            assert len(input_tensor) == 1, "EVEModel takes one input tensor per stage"
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def _device(self) -> torch.device:
+        from megatron_eve.platform import current_device
+
+        return current_device()
+
+    def _full_sequence(self, hidden: Tensor) -> Tensor:
+        """Gather a sequence-parallel shard to the whole sequence for the (replicated) aligner.
+
+        Every TP rank then computes the same aligner terms, so the backward takes this rank's
+        slice of the gradient instead of summing identical copies.
+        """
+        if not self.config.sequence_parallel:
+            return hidden
+        return tensor_parallel.gather_from_sequence_parallel_region(
+            hidden, tensor_parallel_output_grad=False
+        )
+
+    def _attach_carried(self, hidden: Tensor, carried: List[Tensor]) -> Tensor:
+        if not carried:
+            return hidden
+        _, batch, width = hidden.shape
+        flat = torch.cat([c.reshape(-1) for c in carried]).to(hidden.dtype)
+        rows = math.ceil(flat.numel() / (batch * width))
+        flat = F.pad(flat, (0, rows * batch * width - flat.numel()))
+        return torch.cat([hidden, flat.view(rows, batch, width)], dim=0)
+
+    def _detach_carried(
+        self, received: Tensor, local_len: int, num_cells: int
+    ) -> Tuple[Tensor, List[Tensor]]:
+        width = self.eve_config.aligner.hidden_size
+        count = self.num_carried_in if num_cells else 0
+        _, batch, hidden = received.shape
+        rows = math.ceil(count * num_cells * width / (batch * hidden))
+        if received.shape[0] != local_len + rows:
+            raise RuntimeError(
+                f"pipeline stage received {received.shape[0]} rows, expected {local_len} hidden + "
+                f"{rows} carrying {count} aligner taps of {num_cells} cells: stages disagree "
+                "about the micro-batch (each stage must see the same tokens and image grids)"
+            )
+        if rows == 0:
+            return received, []
+        carried = received[local_len:].reshape(-1)[: count * num_cells * width]
+        return received[:local_len], list(carried.view(count, num_cells, width).unbind(0))
+
+    # ------------------------------------------------------------------------------ first stage
+    def _embed(self, input_ids: Tensor, images, grid_hw: Optional[Tensor], layout_pool: int):
+        """Token embeddings with visual tokens spliced in → ([s, b, H], layout or None)."""
+        is_visual = input_ids == IMAGE_TOKEN_INDEX
+        embeddings = self.embedding(input_ids=input_ids.masked_fill(is_visual, 0), position_ids=None)
+        if images is None:
+            if bool(is_visual.any()):
+                raise VisualLayoutError("the micro-batch has image-token positions but no images")
+            return embeddings, None
+        tokens, pel_grid = self.vision_model(images)
+        if grid_hw is not None and not torch.equal(grid_hw.cpu().view(-1, 2), pel_grid):
+            raise VisualLayoutError(
+                f"image grids from the pixels' masks {pel_grid.tolist()} differ from the "
+                f"batch's image_grid_hw {grid_hw.view(-1, 2).tolist()}"
+            )
+        layout = VisualLayout.build(input_ids, pel_grid, layout_pool)
+        return layout.splice(embeddings, self.vision_projection(tokens)), layout
+
+    # ---------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        *,
+        images: Optional[Union[Tensor, List[Tensor]]] = None,
+        image_grid_hw: Optional[Tensor] = None,
+        teacher_images: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> Union[Tensor, EVELosses]:
+        """One micro-batch through this stage.
+
+        input_ids [b, s]: token ids with IMAGE_TOKEN_INDEX at every visual position (each image's
+          placeholder expanded to 1 + h(w+1) positions).
+        labels [b, s]: next-token targets, already shifted (Megatron convention); negative values
+          (IGNORE_INDEX, or an image token as target) carry no loss.
+        attention_mask: None for causal, or [b, 1, s, s] bool, True = masked (block-diagonal for
+          packed samples on the local path); packed_seq_params for THD with Transformer Engine.
+          position_ids are not needed: RoPE is applied by position, and samples packed in one
+          sequence never attend across their boundary, so relative positions are exact.
+        images [N, 4, S, S] (first stage), image_grid_hw [N, 2] (every stage when training the
+          aligner under PP>1), teacher_images [N, 4, L, L] (last stage when training the aligner).
+
+        Returns the activation for the next stage, or on the last stage logits [b, s, V] without
+        labels, and (lm_loss [b, s], align_loss_sum, align_images) with labels.
+        """
+        del position_ids
+        vision = self.eve_config.vision
+        seq_len = input_ids.shape[1]
+        sp_shards = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        wants_align = self.training and self.eve_config.aligner.enabled
+        if wants_align and images is not None and image_grid_hw is None and not (
+            self.pre_process and self.post_process
+        ):
+            raise VisualLayoutError(
+                "under pipeline parallelism every stage needs image_grid_hw to find the aligner's "
+                "patch tokens; pass it with the micro-batch"
+            )
+
+        carried: List[Tensor] = []
+        layout = None
+        if self.pre_process:
+            hidden, layout = self._embed(input_ids, images, image_grid_hw, vision.align_pool)
+            aligning = wants_align and layout is not None and layout.num_cells > 0
+            if aligning:
+                carried.append(self.aligner.project(self.taps.index(0), layout.cells(hidden)))
+            if self.config.sequence_parallel:
+                hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+        else:
+            if wants_align and image_grid_hw is not None and image_grid_hw.numel():
+                layout = VisualLayout.build(input_ids, image_grid_hw, vision.align_pool)
+            aligning = layout is not None and layout.num_cells > 0
+            hidden, carried = self._detach_carried(
+                self.input_tensor, seq_len // sp_shards, layout.num_cells if aligning else 0
+            )
+            self.decoder.set_input_tensor(hidden)
+
+        extract = {t - 1 for _, t in self.inner_taps} if aligning else None
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        out = self.decoder(
+            hidden_states=hidden,
+            attention_mask=attention_mask,
+            rotary_pos_emb=self.rotary_pos_emb(seq_len, packed_seq=thd),
+            packed_seq_params=packed_seq_params,
+            extract_layer_indices=extract,
+        )
+        if extract:
+            hidden, intermediates = out
+            if len(intermediates) != len(self.inner_taps):
+                raise RuntimeError(
+                    f"decoder returned {len(intermediates)} of {len(self.inner_taps)} aligner taps"
+                )
+            for (slot, _), tapped in zip(self.inner_taps, intermediates):
+                carried.append(self.aligner.project(slot, layout.cells(self._full_sequence(tapped))))
+        else:
+            hidden = out
+
+        if not self.post_process:
+            return self._attach_carried(hidden, carried if aligning else [])
+
+        logits, _ = self.output_layer(hidden)
+        logits = self._mask_padded_vocab(logits)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        supervised = labels >= 0
+        lm_loss = self.compute_language_model_loss(labels.clamp(min=0), logits) * supervised
+        if not aligning:
+            return lm_loss, lm_loss.new_zeros(()), lm_loss.new_zeros(())
+        return (lm_loss, *self._align_loss(hidden, carried, layout, teacher_images))
+
+    # ------------------------------------------------------------------------------- last stage
+    def _mask_padded_vocab(self, logits: Tensor) -> Tensor:
+        """Padding rows of the vocabulary never win a softmax (Megatron pads for TP alignment)."""
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        local = logits.shape[-1]
+        start = local * tensor_parallel_rank() if self.parallel_output else 0
+        first_pad = self.vocab_size - start
+        if first_pad >= local:
+            return logits
+        is_pad = torch.arange(local, device=logits.device) >= max(first_pad, 0)
+        return logits.masked_fill(is_pad, torch.finfo(logits.dtype).min)
+
+    def _align_loss(self, final_hidden, carried, layout: VisualLayout, teacher_images):
+        if self.teacher is None:
+            raise ConfigError(
+                "the aligner is enabled but no vision teacher is loaded: pass the CLIP teacher's "
+                "local folder (aligner.teacher_path / --vision-teacher-path) or disable the aligner"
+            )
+        if teacher_images is None:
+            raise VisualLayoutError("training the aligner needs teacher_images on the last stage")
+        final_cells = layout.cells(self._full_sequence(final_hidden))
+        query = self.aligner.project(self.taps.index(self.eve_config.language.num_layers), final_cells)
+        keys = torch.stack(carried[::-1], dim=1)  # carried ascend in depth; slots descend
+        prediction = self.aligner.predict(final_cells, query, keys)
+        target = self.teacher.patch_features(teacher_images)
+        return alignment_loss(prediction, target, layout.cell_image, layout.num_images)
+
+
+def tensor_parallel_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def eve_loss(
+    lm_loss: Tensor, align_sum: Tensor, align_images: Tensor, labels: Tensor, align_weight: float
+):
+    """A micro-batch's total loss as EVE defines it (eve.md §4): the token-weighted mean LM loss
+    over supervised tokens plus weight x the mean align loss over images. → (total, lm, align).
+
+    The first three arguments are what the last stage returns, in order."""
+    tokens = (labels >= 0).sum().clamp(min=1)
+    lm = lm_loss.sum() / tokens
+    align = align_sum / align_images.clamp(min=1)
+    return lm + align_weight * align, lm, align

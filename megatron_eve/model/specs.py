@@ -1,0 +1,79 @@
+"""Decoder layer spec: Transformer Engine kernels when present, megatron-core's local modules else.
+
+Kernels are chosen here, by spec, never by branches inside model code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from megatron_eve.config import ConfigError
+
+
+def transformer_engine_available() -> bool:
+    """TE's PyTorch extension imports and a CUDA device exists to run it."""
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    # megatron-core guards its TE import; calling the TE spec without TE fails obscurely.
+    return bool(getattr(gpt_layer_specs, "HAVE_TE", False))
+
+
+def resolve_transformer_impl(impl: str) -> str:
+    """'auto' → 'transformer_engine' when TE and CUDA are usable, else 'local'."""
+    if impl == "auto":
+        return "transformer_engine" if transformer_engine_available() else "local"
+    if impl == "transformer_engine":
+        if not transformer_engine_available():
+            raise ConfigError(
+                "transformer_impl 'transformer_engine' needs Transformer Engine's PyTorch extension "
+                "and a CUDA device; install the [gpu] extra (or use an NGC PyTorch container) or "
+                "pass --transformer-impl local"
+            )
+        return impl
+    if impl == "local":
+        return impl
+    raise ConfigError(f"unknown transformer_impl {impl!r}: choose auto, transformer_engine or local")
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm with megatron-core's norm signature, usable under sequence parallelism.
+
+    megatron-core's own torch fallback (WrappedTorchNorm) refuses sequence parallelism; the only
+    thing SP needs from a norm is that its weight be marked, so finalize_model_grads all-reduces
+    the partial gradients each TP rank computes from its sequence shard.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def decoder_block_spec(config, impl: str, vp_stage: Optional[int] = None):
+    """Block spec of this stage's Llama decoder layers (RMSNorm, SwiGLU, RoPE self-attention)
+    and the final norm."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if resolve_transformer_impl(impl) == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        layer, final_norm = get_gpt_layer_with_transformer_engine_spec(), TENorm
+    else:
+        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        layer.submodules = dataclasses.replace(
+            layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm
+        )
+        final_norm = RMSNorm
+    layers = get_num_layers_to_build(config, vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=final_norm)

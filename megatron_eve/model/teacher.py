@@ -1,0 +1,62 @@
+"""The frozen CLIP teacher whose penultimate-layer patch features the aligner regresses (eve.md §1).
+
+It is loaded from a local Hugging Face folder (no hub access at run time), never trained and never
+saved: it is not a submodule of the model, so it stays out of checkpoints, optimizers and DDP.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron_eve.config import AlignerConfig, ConfigError, VisionConfig
+
+
+class CLIPTeacher:
+    def __init__(self, aligner: AlignerConfig, vision: VisionConfig, device, dtype: torch.dtype):
+        path = aligner.teacher_path
+        if not path or not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(
+                f"vision teacher path {path!r} is not a local Hugging Face folder with a "
+                "config.json (e.g. a download of openai/clip-vit-large-patch14-336)"
+            )
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        config = CLIPVisionConfig.from_pretrained(path)
+        expected = {
+            "image_size": vision.teacher_image_size,
+            "patch_size": vision.patch_size,
+            "hidden_size": aligner.hidden_size,
+        }
+        wrong = {k: (getattr(config, k), v) for k, v in expected.items() if getattr(config, k) != v}
+        if wrong:
+            details = ", ".join(f"{k} is {got}, model expects {want}" for k, (got, want) in wrong.items())
+            raise ConfigError(f"vision teacher at {path} does not fit this model: {details}")
+        model = CLIPVisionModel.from_pretrained(path).to(dtype)
+        # Keep the layers up to the selected one: deeper layers would be computed and thrown away.
+        encoder = getattr(model, "vision_model", model).encoder
+        depth = len(encoder.layers)
+        keep = depth + 1 + aligner.teacher_select_layer if aligner.teacher_select_layer < 0 else (
+            aligner.teacher_select_layer
+        )
+        if not 1 <= keep <= depth:
+            raise ConfigError(
+                f"teacher_select_layer {aligner.teacher_select_layer} is outside a {depth}-layer "
+                "teacher"
+            )
+        encoder.layers = encoder.layers[:keep]
+        model.requires_grad_(False)
+        self.model = model.to(device).eval()
+        self.patch_size = vision.patch_size
+
+    @torch.no_grad()
+    def patch_features(self, images: Tensor) -> Tensor:
+        """images [N, 4, L, L] (RGB + mask) → features of the valid patches [V, C], image-major,
+        row-major inside each image (the order the aligner's cells use)."""
+        dtype = next(self.model.parameters()).dtype
+        hidden = self.model(pixel_values=images[:, :3].to(dtype)).last_hidden_state[:, 1:]
+        valid = F.avg_pool2d(images[:, 3:].float(), kernel_size=self.patch_size) > 0
+        return hidden[valid.flatten(1)]

@@ -1,0 +1,160 @@
+"""Shared test helpers: tiny configs, a tiny CLIP teacher on disk, synthetic micro-batches, and a
+torchrun launcher for multi-process (gloo) tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from megatron_eve.config import EVEModelConfig, get_preset, replace
+from megatron_eve.data.images import preprocess_image, token_grid, tokens_per_image
+from megatron_eve.model.visual_layout import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+ROOT = Path(__file__).resolve().parents[1]
+BOS = 1
+
+
+def tiny_config(teacher_path: Optional[str] = None, changes: Optional[Dict] = None) -> EVEModelConfig:
+    """The tiny preset; `changes` uses dotted names, e.g. {"language.vocab_size": 1000}."""
+    cfg = get_preset("tiny")
+    if teacher_path is not None:
+        cfg.aligner.teacher_path = teacher_path
+    return replace(cfg, **changes) if changes else cfg
+
+
+def save_tiny_teacher(path: str, cfg: EVEModelConfig, layers: int = 3, seed: int = 0) -> str:
+    """A random CLIPVisionModel shaped like the config's teacher, saved as an HF folder."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=cfg.aligner.hidden_size,
+            intermediate_size=2 * cfg.aligner.hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            image_size=cfg.vision.teacher_image_size,
+            patch_size=cfg.vision.patch_size,
+        )
+    )
+    model.save_pretrained(path)
+    return path
+
+
+def random_image(width: int, height: int, seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# A sample: (image size (w, h) or None, text tokens before the image, text tokens after it).
+SampleSpec = Tuple[Optional[Tuple[int, int]], int, int]
+
+
+def make_sample(cfg: EVEModelConfig, spec: SampleSpec, seed: int) -> Dict:
+    size, before, after = spec
+    rng = np.random.default_rng(seed)
+    vocab = cfg.language.vocab_size
+    text = lambda n: rng.integers(3, vocab, n).tolist()  # noqa: E731
+    tokens = [BOS] + text(before)
+    sample = {"image": None, "teacher": None, "grid": None}
+    if size is not None:
+        grid = token_grid(*size, cfg.vision)
+        tokens += [IMAGE_TOKEN_INDEX] * tokens_per_image(*grid)
+        sample["image"], sample["teacher"] = preprocess_image(random_image(*size, seed), cfg.vision)
+        sample["grid"] = grid
+    tokens += text(after)
+    # Megatron convention: labels[i] is the target of position i; image tokens are never targets.
+    labels = tokens[1:] + [IGNORE_INDEX]
+    labels = [IGNORE_INDEX if t < 0 else t for t in labels]
+    sample["tokens"], sample["labels"] = tokens, labels
+    return sample
+
+
+def collate(samples: List[Dict], pack: bool = False, pad_to: Optional[int] = None) -> Dict:
+    """Pad to the longest (one row per sample), or pack all samples into one row with a
+    block-diagonal causal mask (True = masked)."""
+    with_images = [s for s in samples if s["image"] is not None]
+    batch = {}
+    if pack:
+        lengths = [len(s["tokens"]) for s in samples]
+        total = pad_to or sum(lengths)
+        tokens = sum((s["tokens"] for s in samples), [])
+        labels = sum((s["labels"] for s in samples), [])
+        tokens += [0] * (total - len(tokens))
+        labels += [IGNORE_INDEX] * (total - len(labels))
+        mask = torch.ones(total, total, dtype=torch.bool)
+        start = 0
+        for length in lengths + ([total - sum(lengths)] if total > sum(lengths) else []):
+            mask[start : start + length, start : start + length] = torch.triu(
+                torch.ones(length, length, dtype=torch.bool), diagonal=1
+            )
+            start += length
+        batch["tokens"] = torch.tensor([tokens])
+        batch["labels"] = torch.tensor([labels])
+        batch["attention_mask"] = mask[None, None]
+    else:
+        length = pad_to or max(len(s["tokens"]) for s in samples)
+        batch["tokens"] = torch.tensor([s["tokens"] + [0] * (length - len(s["tokens"])) for s in samples])
+        batch["labels"] = torch.tensor(
+            [s["labels"] + [IGNORE_INDEX] * (length - len(s["labels"])) for s in samples]
+        )
+    if with_images:
+        batch["images"] = torch.stack([s["image"] for s in with_images])
+        batch["teacher_images"] = torch.stack([s["teacher"] for s in with_images])
+        batch["image_grid_hw"] = torch.tensor([s["grid"] for s in with_images])
+    return batch
+
+
+# Two micro-batches with landscape, portrait and square images and a text-only sample.
+MICRO_BATCH_SPECS: List[List[SampleSpec]] = [
+    [((200, 100), 5, 12), ((90, 180), 3, 9), (None, 0, 20)],
+    [((160, 160), 4, 8), ((300, 140), 6, 5), ((120, 260), 2, 14)],
+]
+
+
+def micro_batches(cfg: EVEModelConfig, seed: int = 0, multiple_of: int = 8) -> List[Dict]:
+    """MICRO_BATCH_SPECS as padded micro-batches (length a multiple of `multiple_of`, so
+    sequence parallelism can split them)."""
+    batches = []
+    for b, specs in enumerate(MICRO_BATCH_SPECS):
+        samples = [make_sample(cfg, spec, seed + 10 * b + i) for i, spec in enumerate(specs)]
+        longest = max(len(s["tokens"]) for s in samples)
+        batches.append(collate(samples, pad_to=-(-longest // multiple_of) * multiple_of))
+    return batches
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(script: str, nproc: int, args: Sequence[str], timeout: int = 300) -> None:
+    """Run tests/parallel/<script> under torchrun on CPU; fail with its output if it fails."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+        str(ROOT / "tests" / "parallel" / script), *map(str, args),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
+            f"\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+
+
+def read_json(path) -> Dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,142 @@
+"""Multi-process worker for layout-parity tests (launched by tests/test_parallel_parity.py).
+
+reference: TP=1, PP=1 — initialise weights, save them (dist-checkpointing), run one step of two
+           micro-batches, save losses and gradients.
+layout:    any TP / PP / SP — load those weights, run the same step, save losses and gradients.
+Gradients are saved as a dist checkpoint of the model's sharded state dict, so they are compared in
+one global layout whatever layout produced them.
+"""
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megatron_eve import distributed  # noqa: E402
+from megatron_eve.config import ParallelConfig, RuntimeConfig  # noqa: E402
+from megatron_eve.model.build import build_model  # noqa: E402
+from megatron_eve.training.step import forward_step  # noqa: E402
+from tests.helpers import micro_batches, tiny_config  # noqa: E402
+
+
+def run_step(model, cfg, batches):
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config = model.config
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+        model,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    ddp.train()
+    ddp.zero_grad_buffer()
+    losses = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, cfg.aligner.loss_weight),
+        data_iterator=iter(batches),
+        model=[ddp],
+        num_microbatches=len(batches),
+        seq_length=batches[0]["tokens"].shape[1],
+        micro_batch_size=batches[0]["tokens"].shape[0],
+        forward_only=False,
+    )
+    return ddp, losses
+
+
+def check_replicated_grads_agree(model):
+    """Parameters replicated across TP ranks must get identical gradients on every rank."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return
+    for name, param in model.named_parameters():
+        if getattr(param, "tensor_model_parallel", False) or not param.requires_grad:
+            continue
+        grad = param.main_grad.clone()
+        gathered = [torch.empty_like(grad) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, grad, group=group)
+        for other in gathered[1:]:
+            assert torch.allclose(gathered[0], other, rtol=1e-5, atol=1e-7), (
+                f"replicated parameter {name} has different gradients on TP ranks"
+            )
+
+
+def save_gradients(ddp, directory):
+    from megatron.core import dist_checkpointing
+
+    for param in ddp.module.parameters():
+        if param.requires_grad:
+            param.data.copy_(param.main_grad)
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(ddp.module.sharded_state_dict(), str(directory))
+
+
+def compare_gradients(reference_dir, directory):
+    """Per gradient tensor (whole, global): max |difference| / max |reference|, and max |reference|."""
+    from megatron.core import dist_checkpointing
+
+    reference = dist_checkpointing.load_plain_tensors(str(reference_dir))
+    other = dist_checkpointing.load_plain_tensors(str(directory))
+    if set(reference) != set(other):
+        return {"key mismatch": sorted(set(reference) ^ set(other))}
+    differences = {}
+    for key, ref in reference.items():
+        if torch.is_tensor(ref):
+            scale = ref.abs().max()
+            relative = (ref - other[key]).abs().max() / scale.clamp(min=1e-30)
+            differences[key] = {"relative": float(relative), "reference_max": float(scale)}
+    return differences
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["reference", "layout"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--sp", action="store_true")
+    args = parser.parse_args()
+
+    from megatron.core import dist_checkpointing, parallel_state
+
+    cfg = tiny_config(args.teacher)
+    parallel = ParallelConfig(args.tp, args.pp, args.sp)
+    distributed.initialize(parallel, seed=1234)
+    model = build_model(cfg, parallel, RuntimeConfig(use_cpu_initialization=True))
+    out = Path(args.out)
+    if args.mode == "reference":
+        (out / "weights").mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(model.sharded_state_dict(), str(out / "weights"))
+    else:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(out.parent / "reference" / "weights"))
+        model.load_state_dict(state, strict=True)
+
+    ddp, losses = run_step(model, cfg, micro_batches(cfg))
+    check_replicated_grads_agree(ddp.module)
+    save_gradients(ddp, out / "grads")
+    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        (out / "losses.json").write_text(json.dumps(
+            [{k: float(v) for k, v in step.items()} for step in losses]
+        ))
+    if args.mode == "layout":
+        differences = compare_gradients(out.parent / "reference" / "grads", out / "grads")
+        if dist.get_rank() == 0:
+            (out / "grad_differences.json").write_text(json.dumps(differences, indent=1))
+    distributed.destroy()
+
+
+if __name__ == "__main__":  # required: dist-checkpointing's writer spawns processes
+    main()

@@ -1,0 +1,102 @@
+"""Configuration errors are clear and raised before anything is built."""
+
+import pytest
+
+from megatron_eve.config import (
+    ConfigError,
+    ParallelConfig,
+    RuntimeConfig,
+    get_preset,
+    padded_vocab_size,
+    replace,
+    validate,
+)
+from megatron_eve.model.specs import resolve_transformer_impl
+
+
+def check(model, tp=1, pp=1, sp=False, **runtime):
+    validate(model, ParallelConfig(tp, pp, sp), RuntimeConfig(**runtime))
+
+
+@pytest.mark.parametrize("name", ["eve-7b", "eve-7b-hd", "tiny"])
+def test_presets_are_valid(name):
+    model = get_preset(name)
+    check(model, tp=2, pp=2)
+    check(model, tp=4, pp=4, sp=True)
+
+
+def test_preset_geometry():
+    assert get_preset("eve-7b").vision.align_pool == 1
+    assert get_preset("eve-7b-hd").vision.align_pool == 2
+    assert get_preset("eve-7b").language.num_layers == 32
+    assert get_preset("eve-7b").aligner.taps(32) == [32, 28, 24, 20, 16, 12, 8, 4, 0]
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'eve-13b'; known presets: eve-7b, eve-7b-hd, tiny"):
+        get_preset("eve-13b")
+
+
+def test_tp_must_divide_heads():
+    with pytest.raises(ConfigError, match="tensor-model-parallel-size 3 does not divide num_attention_heads 32"):
+        check(get_preset("eve-7b"), tp=3)
+
+
+def test_pp_must_divide_layers():
+    with pytest.raises(ConfigError, match="pipeline-model-parallel-size 3 does not divide num_layers 32"):
+        check(get_preset("eve-7b"), pp=3)
+
+
+def test_all_problems_are_listed_together():
+    with pytest.raises(ConfigError) as error:
+        check(get_preset("eve-7b"), tp=3, pp=5)
+    assert "num_attention_heads" in str(error.value) and "num_layers 32" in str(error.value)
+
+
+def test_sequence_parallel_needs_tp():
+    with pytest.raises(ConfigError, match="sequence-parallel needs tensor-model-parallel-size > 1"):
+        check(get_preset("tiny"), sp=True)
+
+
+def test_taps_need_layers_divisible_by_8_or_an_interval():
+    model = replace(get_preset("tiny"), **{"language.num_layers": 6})
+    with pytest.raises(ConfigError, match="num_layers 6 is not a multiple of 8: set aligner.tap_interval"):
+        check(model)
+    check(replace(model, **{"aligner.tap_interval": 2}))
+    check(replace(model, **{"aligner.enabled": False}))
+
+
+def test_image_sizes_must_fit_the_teacher_grid():
+    with pytest.raises(ConfigError, match="image_size 700 is not a multiple of teacher_image_size 336"):
+        check(replace(get_preset("eve-7b"), **{"vision.image_size": 700}))
+    with pytest.raises(ConfigError, match="token grid of 18 that is not a multiple of the teacher grid 36"):
+        check(replace(get_preset("eve-7b"), **{"vision.image_size": 504, "vision.teacher_image_size": 504}))
+
+
+def test_uniform_recompute_must_not_hide_taps():
+    model = get_preset("eve-7b")  # taps after layers 4, 8, ... 28
+    check(model, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=4)
+    with pytest.raises(ConfigError, match="hides the aligner taps after layers"):
+        check(model, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=3)
+
+
+def test_transformer_impl_choice():
+    assert resolve_transformer_impl("local") == "local"
+    assert resolve_transformer_impl("auto") in ("local", "transformer_engine")
+    with pytest.raises(ConfigError, match="unknown transformer_impl 'fast'"):
+        resolve_transformer_impl("fast")
+
+
+def test_transformer_engine_without_te_or_cuda_is_a_clear_error():
+    from megatron_eve.model.specs import transformer_engine_available
+
+    if transformer_engine_available():
+        pytest.skip("Transformer Engine and CUDA are present here")
+    with pytest.raises(ConfigError, match="needs Transformer Engine's PyTorch extension and a CUDA device"):
+        resolve_transformer_impl("transformer_engine")
+
+
+def test_vocab_padding_follows_megatron():
+    assert padded_vocab_size(32000, 128, 1) == 32000
+    assert padded_vocab_size(32000, 128, 4) == 32256
+    assert padded_vocab_size(1000, 128, 2) == 1024

@@ -1,0 +1,62 @@
+"""EVEModel on the real megatron-core stack (one process, gloo): HF parity, aligner gradients,
+packing, inference. The checks run once in tests/parallel/model_checks_worker.py."""
+
+import pytest
+
+from tests.helpers import read_json, torchrun
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory, teacher_path):
+    out = tmp_path_factory.mktemp("model_checks") / "checks.json"
+    torchrun("model_checks_worker.py", 1, ["--out", out, "--teacher", teacher_path])
+    return read_json(out)
+
+
+def test_text_logits_equal_llama_for_causal_lm(checks):
+    """fp32, tiny config, same weights: |Δlogit| ≤ 1e-5 (measured ~5e-7 on logits of scale ~1)."""
+    assert checks["hf_missing_keys"] == [] and checks["hf_unexpected_keys"] == []
+    assert checks["hf_logits_max_abs_diff"] <= 1e-5
+    assert checks["hf_logits_scale"] > 0.1  # a real comparison, not of zeros
+    assert abs(checks["hf_loss"] - checks["our_loss"]) <= 1e-5
+
+
+def test_parameter_count_formula_matches_the_built_model(checks):
+    built, formula = checks["parameter_count"]
+    assert built == formula
+
+
+def test_padded_vocab_rows_never_win(checks):
+    assert checks["hf_logits_shape"] == [2, 40, 1024]  # 1000 padded to a multiple of 128
+    assert checks["padded_vocab_logit_max"] < -1e30
+
+
+def test_aligner_gradient_reaches_the_pel(checks):
+    assert checks["align_images"] == 2.0
+    for name in ("patch_embedding", "class_embedding", "projector", "first_layer"):
+        assert checks[f"align_grad_{name}"] > 0, name
+    assert checks["align_grad_output_layer"] == 0.0  # the LM head is not on the aligner's path
+
+
+def test_teacher_is_frozen_and_not_saved(checks):
+    assert not checks["teacher_requires_grad"]
+    assert not checks["teacher_has_grad"]
+    assert not checks["teacher_in_model_parameters"]
+    assert not checks["teacher_in_state_dict"]
+    assert not checks["teacher_changed"]
+
+
+def test_packed_samples_equal_padded_samples(checks):
+    """Per-token LM losses of each sample agree within 1e-5 (measured ~5e-7); align loss too."""
+    assert checks["packed_per_sample_max_abs_diff"] <= 1e-5
+    assert checks["packed_align_diff"] <= 1e-5
+    assert checks["packed_align_images"] == [3.0, 3.0]
+    padded, packed = checks["packed_total_loss"]
+    assert abs(padded - packed) <= 1e-5
+
+
+def test_inference_skips_the_aligner(checks):
+    assert checks["inference_logits_shape"] == [3, 56, 1024]
+    assert checks["inference_align"] == [0.0, 0.0]
+    assert checks["inference_lm_finite"]
+    assert "no vision teacher is loaded" in checks["train_without_teacher_error"]

@@ -1,0 +1,119 @@
+"""The PEL (batched by shape) against a per-image implementation written from eve.md §1."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_eve.config import VisionConfig
+from megatron_eve.data.images import preprocess_image, token_grid
+from megatron_eve.model.patch_embedding import ImageInputError, PatchEmbeddingLayer, VisionProjection
+from tests.helpers import random_image
+
+VISION = VisionConfig(hidden_size=32, num_heads=8, image_size=224, teacher_image_size=112)
+
+
+def per_image_reference(pel: PatchEmbeddingLayer, images: torch.Tensor):
+    """One image at a time, as the reference VisionTokenizer loops."""
+    width, heads, scale = pel.class_embedding.numel(), 8, pel.class_embedding.numel() ** -0.5
+    grids = F.conv2d(images[:, :3], pel.patch_embedding.weight, stride=14)
+    masks = F.avg_pool2d(images[:, 3:], 14)
+    outputs = []
+    for i in range(images.shape[0]):
+        if masks[i, 0].sum() == 0:
+            grid = grids[i, :, :16, :16]
+        else:
+            nz = torch.nonzero(masks[i, 0])
+            (r1, c1), (r2, c2) = nz[0].tolist(), nz[-1].tolist()
+            grid = grids[i, :, r1 : r2 + 1, c1 : c2 + 1]
+        la = pel.local_attention
+        reduced = F.avg_pool2d(grid[None], 2)
+        h, w = reduced.shape[-2:]
+        reduced = reduced.flatten(2).transpose(1, 2)[0]  # [hw, C]
+        q = la.q(reduced).view(h * w, heads, 1, -1)
+        win = grid.unfold(1, 2, 2).unfold(2, 2, 2).reshape(width, h * w, 4).permute(1, 2, 0)
+        kv = la.kv(win).view(h * w, 4, 2, heads, -1).permute(2, 0, 3, 1, 4)  # [2, hw, heads, 4, d]
+        attn = (q * scale * kv[0]).sum(-1).softmax(-1)
+        merged = reduced + la.proj((attn[..., None] * kv[1]).sum(-2).reshape(h * w, width))
+        ga = pel.global_attention
+        gq = ga.q(pel.class_embedding).view(heads, 1, -1)
+        gkv = ga.kv(merged).view(h * w, 2, heads, -1).permute(1, 2, 0, 3)  # [2, heads, hw, d]
+        gattn = (gq * scale * gkv[0]).sum(-1).softmax(-1)
+        cls = pel.class_embedding + ga.proj((gattn[..., None] * gkv[1]).sum(-2).reshape(width))
+        rows = merged.T.reshape(width, h, w)
+        rows = torch.cat([rows, pel.split_embedding[:, None, None].expand(width, h, 1)], dim=2)
+        outputs.append(torch.cat([cls[None], rows.flatten(1).T]))
+    return torch.cat(outputs)
+
+
+def batch_of(sizes, seed=0):
+    return torch.stack([preprocess_image(random_image(w, h, seed + i), VISION)[0]
+                        for i, (w, h) in enumerate(sizes)])
+
+
+def test_batched_equals_per_image_reference():
+    torch.manual_seed(0)
+    pel = PatchEmbeddingLayer(VISION)
+    # Two landscape of one shape, a portrait, a square, another landscape shape: 4 groups.
+    images = batch_of([(200, 100), (90, 180), (200, 100), (160, 160), (300, 60)])
+    with torch.no_grad():
+        tokens, grid = pel(images)
+        expected = per_image_reference(pel, images)
+    assert tokens.shape == expected.shape
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+    assert grid.tolist() == [[4, 8], [8, 4], [4, 8], [8, 8], [2, 8]]
+
+
+def test_list_of_differently_sized_squares():
+    torch.manual_seed(0)
+    pel = PatchEmbeddingLayer(VISION)
+    small = batch_of([(100, 200)])[0]
+    hd = VisionConfig(hidden_size=32, num_heads=8, image_size=448, teacher_image_size=112)
+    large = preprocess_image(random_image(120, 80, 5), hd)[0]
+    with torch.no_grad():
+        tokens, grid = pel([small, large])
+        one, _ = pel(small[None])
+        two, _ = pel(large[None])
+    torch.testing.assert_close(tokens, torch.cat([one, two]))
+    assert grid.tolist() == [list(token_grid(100, 200, VISION)), list(token_grid(120, 80, hd))]
+
+
+def test_gradients_reach_every_pel_parameter():
+    torch.manual_seed(0)
+    pel, proj = PatchEmbeddingLayer(VISION), VisionProjection(32, 48)
+    tokens, _ = pel(batch_of([(200, 100), (160, 160)]))
+    proj(tokens).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pel.parameters())
+
+
+def test_dummy_image_uses_the_reference_corner_crop():
+    pel = PatchEmbeddingLayer(VISION)
+    images = batch_of([(160, 160)])
+    images[:, 3] = 0
+    with torch.no_grad():
+        tokens, grid = pel(images)
+    assert grid.tolist() == [[8, 8]] and tokens.shape[0] == 1 + 8 * 9
+
+
+def test_partial_patch_mask_is_rejected():
+    images = batch_of([(200, 100), (160, 160)])
+    images[1, 3, 0, 0] = 0  # one pixel of a valid patch masked
+    with pytest.raises(ImageInputError, match="image 1: its mask does not match the 14-px"):
+        PatchEmbeddingLayer(VISION)(images)
+
+
+def test_image_below_one_token_cell_is_rejected():
+    images = batch_of([(160, 160)])
+    images[0, 3] = 0
+    images[0, 3, 14:28, 14:42] = 1  # 14 x 28 px: one patch tall
+    with pytest.raises(ImageInputError, match="image 0: its valid region is 14x28 px, below one 28-px"):
+        PatchEmbeddingLayer(VISION)(images)
+
+
+def test_missing_mask_channel_is_rejected():
+    with pytest.raises(ImageInputError, match=r"expected \[N, 4, H, W\]"):
+        PatchEmbeddingLayer(VISION)(torch.zeros(1, 3, 224, 224))
+
+
+def test_side_not_a_whole_number_of_patches_is_rejected():
+    with pytest.raises(ImageInputError, match="not a whole number of 14-px patches"):
+        PatchEmbeddingLayer(VISION)(torch.ones(1, 4, 220, 220))
