@@ -115,10 +115,12 @@ def collate(samples: List[Dict], pack: bool = False, pad_to: Optional[int] = Non
     return batch
 
 
-# Two micro-batches with landscape, portrait and square images and a text-only sample.
+# Micro-batches with landscape, portrait and square images, a text-only sample, and a text-only
+# micro-batch (nothing to align: under PP no aligner features travel with it).
 MICRO_BATCH_SPECS: List[List[SampleSpec]] = [
     [((200, 100), 5, 12), ((90, 180), 3, 9), (None, 0, 20)],
     [((160, 160), 4, 8), ((300, 140), 6, 5), ((120, 260), 2, 14)],
+    [(None, 10, 30), (None, 4, 12), (None, 0, 25)],
 ]
 
 

@@ -60,3 +60,16 @@ def test_inference_skips_the_aligner(checks):
     assert checks["inference_align"] == [0.0, 0.0]
     assert checks["inference_lm_finite"]
     assert "no vision teacher is loaded" in checks["train_without_teacher_error"]
+
+
+def test_high_resolution_pools_onto_the_teacher_grid(checks):
+    # 448-px PEL over a 112-px teacher: token grids twice the teacher's 8x8, pooled 2x2.
+    assert checks["hd_grid"] == [[8, 16], [16, 16]]
+    align_sum, images = checks["hd_align"]
+    assert images == 2.0 and 0.0 < align_sum < 4.0
+
+
+def test_inconsistent_batches_are_refused(checks):
+    assert "differ from the batch's image_grid_hw" in checks["error_grid_mismatch"]
+    assert "image-token positions but no images" in checks["error_placeholders_without_images"]
+    assert "needs teacher_images on the last stage" in checks["error_missing_teacher_images"]

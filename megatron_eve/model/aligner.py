@@ -18,10 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron_eve.config import AlignerConfig
-
-
-def _norm_linear(width: int, out: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out, bias=False))
+from megatron_eve.model.patch_embedding import norm_linear
 
 
 class PatchAligner(nn.Module):
@@ -36,7 +33,7 @@ class PatchAligner(nn.Module):
         width = config.hidden_size
         self.num_heads = config.num_heads
         self.scale = width**-0.5
-        self.norm_layer = nn.ModuleDict({str(j): _norm_linear(lm_width, width) for j in tap_slots})
+        self.norm_layer = nn.ModuleDict({str(j): norm_linear(lm_width, width) for j in tap_slots})
         if with_head:
             self.input_layer = nn.Linear(lm_width, width)
             self.output_layer = nn.Linear(width, width)

@@ -24,7 +24,8 @@ class ImageInputError(ValueError):
     """An image tensor the PEL cannot turn into tokens; the message names the image."""
 
 
-def _norm_linear(width: int, out: int) -> nn.Sequential:
+def norm_linear(width: int, out: int) -> nn.Sequential:
+    """LayerNorm then a bias-free Linear: EVE's q / kv projections and the aligner's taps."""
     return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out, bias=False))
 
 
@@ -35,8 +36,8 @@ class LocalAttention(nn.Module):
         super().__init__()
         self.stride, self.num_heads = stride, num_heads
         self.scale = width**-0.5  # the full width, not the head width, as in the reference
-        self.q = _norm_linear(width, width)
-        self.kv = _norm_linear(width, 2 * width)
+        self.q = norm_linear(width, width)
+        self.kv = norm_linear(width, 2 * width)
         self.proj = nn.Linear(width, width)
 
     def forward(self, grid: Tensor) -> Tensor:
@@ -63,8 +64,8 @@ class GlobalAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = width**-0.5
-        self.q = _norm_linear(width, width)
-        self.kv = _norm_linear(width, 2 * width)
+        self.q = norm_linear(width, width)
+        self.kv = norm_linear(width, 2 * width)
         self.proj = nn.Linear(width, width)
 
     def forward(self, cls: Tensor, tokens: Tensor) -> Tensor:

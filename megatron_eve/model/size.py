@@ -15,8 +15,8 @@ def parameter_counts(model: EVEModelConfig, padded_vocab: int = 0) -> Dict[str, 
     head_dim = h // lm.num_attention_heads
     qkv = h * (h + 2 * lm.num_query_groups * head_dim)
     layer = qkv + h * h + 3 * h * f + 2 * h  # attention, SwiGLU MLP, two RMSNorms
-    norm_linear = lambda width, out: 2 * width + width * out  # noqa: E731 - LayerNorm + Linear
-    pel_attention = norm_linear(c, c) + norm_linear(c, 2 * c) + c * c + c
+    norm_linear_params = lambda width, out: 2 * width + width * out  # noqa: E731 - LayerNorm + Linear
+    pel_attention = norm_linear_params(c, c) + norm_linear_params(c, 2 * c) + c * c + c
     counts = {
         "embedding": vocab * h,
         "decoder": lm.num_layers * layer + h,
@@ -27,6 +27,6 @@ def parameter_counts(model: EVEModelConfig, padded_vocab: int = 0) -> Dict[str, 
     if aligner.enabled:
         a = aligner.hidden_size
         taps = len(aligner.taps(lm.num_layers))
-        counts["aligner"] = taps * norm_linear(h, a) + h * a + a + a * a + a
+        counts["aligner"] = taps * norm_linear_params(h, a) + h * a + a + a * a + a
     counts["total"] = sum(counts.values())
     return counts

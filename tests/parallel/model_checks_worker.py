@@ -120,6 +120,37 @@ def packing(results, teacher):
     results["packed_total_loss"] = [float(total_pad), float(total_pack)]
 
 
+def high_resolution(results, teacher):
+    """HD geometry (PEL image 4x the teacher's): tokens pool 2x2 onto the teacher grid."""
+    cfg = tiny_config(teacher, {"vision.image_size": 448})
+    model = build_model(cfg, ParallelConfig(), RUNTIME).train()
+    batch = collate([make_sample(cfg, spec, seed=i) for i, spec in
+                     enumerate([((200, 100), 3, 5), ((112, 112), 2, 4)])])
+    with torch.no_grad():
+        _, align_sum, align_images = model(batch["tokens"], labels=batch["labels"], images=batch["images"],
+                                           image_grid_hw=batch["image_grid_hw"], teacher_images=batch["teacher_images"])
+    results["hd_grid"] = batch["image_grid_hw"].tolist()
+    results["hd_align"] = [float(align_sum), float(align_images)]
+
+
+def input_errors(results, teacher):
+    """Batches whose parts disagree are refused with a message naming the disagreement."""
+    cfg = tiny_config(teacher)
+    model = build_model(cfg, ParallelConfig(), RUNTIME).train()
+    batch = micro_batches(cfg)[0]
+    cases = {
+        "grid_mismatch": dict(images=batch["images"], image_grid_hw=batch["image_grid_hw"].flip(1)),
+        "placeholders_without_images": dict(),
+        "missing_teacher_images": dict(images=batch["images"], image_grid_hw=batch["image_grid_hw"]),
+    }
+    for name, kwargs in cases.items():
+        try:
+            model(batch["tokens"], labels=batch["labels"], **kwargs)
+            results[f"error_{name}"] = None
+        except Exception as error:  # noqa: BLE001 - the message is what is checked
+            results[f"error_{name}"] = str(error)
+
+
 def inference(results):
     """No teacher loaded: eval mode must not need it; logits come back for every position."""
     cfg = tiny_config(None)
@@ -152,6 +183,8 @@ def main():
     hf_parity(results)
     align_gradient(results, args.teacher)
     packing(results, args.teacher)
+    high_resolution(results, args.teacher)
+    input_errors(results, args.teacher)
     inference(results)
     Path(args.out).write_text(json.dumps(results, indent=1))
     distributed.destroy()
