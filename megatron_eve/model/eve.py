@@ -35,6 +35,7 @@ from megatron_eve.model.patch_embedding import PatchEmbeddingLayer, VisionProjec
 from megatron_eve.model.specs import decoder_block_spec
 from megatron_eve.model.teacher import CLIPTeacher
 from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX, VisualLayout, VisualLayoutError
+from megatron_eve.platform import current_device
 
 # What the last stage returns when given labels: per-token LM loss [b, s] (0 where not
 # supervised), the sum over images of the align loss, and how many images it covers.
@@ -128,7 +129,7 @@ class EVEModel(LanguageModule):
             self.aligner = PatchAligner(lm.hidden_size, aligner, sorted(slots), post_process)
             if post_process and load_teacher and aligner.teacher_path:
                 self.teacher = CLIPTeacher(
-                    aligner, vision, self._device(), transformer_config.params_dtype
+                    aligner, vision, current_device(), transformer_config.params_dtype
                 )
 
     # ----------------------------------------------------------------------------- pipeline glue
@@ -138,11 +139,6 @@ class EVEModel(LanguageModule):
             assert len(input_tensor) == 1, "EVEModel takes one input tensor per stage"
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
-
-    def _device(self) -> torch.device:
-        from megatron_eve.platform import current_device
-
-        return current_device()
 
     def _full_sequence(self, hidden: Tensor) -> Tensor:
         """Gather a sequence-parallel shard to the whole sequence for the (replicated) aligner.
@@ -282,7 +278,7 @@ class EVEModel(LanguageModule):
             hidden = out
 
         if not self.post_process:
-            return self._attach_carried(hidden, carried if aligning else [])
+            return self._attach_carried(hidden, carried)
 
         logits, _ = self.output_layer(hidden)
         logits = self._mask_padded_vocab(logits)
@@ -300,7 +296,7 @@ class EVEModel(LanguageModule):
         if self.padded_vocab_size == self.vocab_size:
             return logits
         local = logits.shape[-1]
-        start = local * tensor_parallel_rank() if self.parallel_output else 0
+        start = local * self.tp_group.rank() if self.parallel_output else 0
         first_pad = self.vocab_size - start
         if first_pad >= local:
             return logits
@@ -321,12 +317,6 @@ class EVEModel(LanguageModule):
         prediction = self.aligner.predict(final_cells, query, keys)
         target = self.teacher.patch_features(teacher_images)
         return alignment_loss(prediction, target, layout.cell_image, layout.num_images)
-
-
-def tensor_parallel_rank() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_rank()
 
 
 def eve_loss(

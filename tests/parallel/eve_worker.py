@@ -112,7 +112,8 @@ def main():
 
     from megatron.core import dist_checkpointing, parallel_state
 
-    cfg = tiny_config(args.teacher)
+    # Vocab 1000 pads to 1024 at TP=1 and TP=2: the padded-vocab mask runs on a TP shard too.
+    cfg = tiny_config(args.teacher, {"language.vocab_size": 1000})
     parallel = ParallelConfig(args.tp, args.pp, args.sp)
     distributed.initialize(parallel, seed=1234)
     model = build_model(cfg, parallel, RuntimeConfig(use_cpu_initialization=True))
