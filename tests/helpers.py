@@ -99,12 +99,12 @@ def collate(samples: List[Dict], pack: bool = False, pad_to: Optional[int] = Non
                 torch.ones(length, length, dtype=torch.bool), diagonal=1
             )
             start += length
-        batch["tokens"] = torch.tensor([tokens])
+        batch["input_ids"] = torch.tensor([tokens])
         batch["labels"] = torch.tensor([labels])
         batch["attention_mask"] = mask[None, None]
     else:
         length = pad_to or max(len(s["tokens"]) for s in samples)
-        batch["tokens"] = torch.tensor([s["tokens"] + [0] * (length - len(s["tokens"])) for s in samples])
+        batch["input_ids"] = torch.tensor([s["tokens"] + [0] * (length - len(s["tokens"])) for s in samples])
         batch["labels"] = torch.tensor(
             [s["labels"] + [IGNORE_INDEX] * (length - len(s["labels"])) for s in samples]
         )

@@ -119,3 +119,31 @@ def preprocess_image(image, vision: VisionConfig) -> Tuple[torch.Tensor, torch.T
     pel = to_model_tensor(*_canvas(image, image_layout(width, height, vision)))
     teacher = to_model_tensor(*_canvas(image, base))
     return pel, teacher
+
+
+# ------------------------------------------------------------------ device-side batch assembly
+def _normalise(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [..., 3, H, W] → CLIP-normalised float."""
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(3, 1, 1)
+    return ((pixels.float() / 255.0 - mean) / std).to(dtype)
+
+
+def normalise_crops(crops, device, dtype=torch.float32):
+    """uint8 [3, H, W] crops → normalised float crops on `device` (the PEL's crop input)."""
+    return [_normalise(crop.to(device, non_blocking=True), dtype) for crop in crops]
+
+
+def compose_squares(crops, side: int, unit: int, device, dtype=torch.float32) -> torch.Tensor:
+    """uint8 [3, h, w] crops → the reference's [N, 4, side, side] input: each crop centred on
+    a mean-colour square (pad before = whole `unit`s, as EVE pastes it), mask as channel 3."""
+    background = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8, device=device).view(1, 3, 1, 1)
+    canvas = background.expand(len(crops), 3, side, side).clone()
+    mask = torch.zeros(len(crops), 1, side, side, device=device)
+    for index, crop in enumerate(crops):
+        height, width = crop.shape[1:]
+        top = (side // unit - height // unit) // 2 * unit if height < side else 0
+        left = (side // unit - width // unit) // 2 * unit if width < side else 0
+        canvas[index, :, top : top + height, left : left + width] = crop.to(device, non_blocking=True)
+        mask[index, :, top : top + height, left : left + width] = 1
+    return torch.cat([_normalise(canvas, dtype), mask.to(dtype)], dim=1)

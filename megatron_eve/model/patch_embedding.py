@@ -150,42 +150,69 @@ class PatchEmbeddingLayer(nn.Module):
         return torch.cat([cls, rows], dim=1)
 
     def forward(self, images: Union[Tensor, List[Tensor]]) -> Tuple[Tensor, Tensor]:
-        """images [N, 4, S, S] (or a list of [4, S_i, S_i]) → (tokens [ΣT_i, C], grid_hw [N, 2]).
+        """Images → (tokens [ΣT_i, C] concatenated in image order, grid_hw [N, 2] per image).
 
-        Tokens are concatenated in image order; grid_hw holds each image's token grid (h, w).
+        images: the reference's masked squares, [N, 4, S, S] or a list of [4, S_i, S_i]; or the
+        valid crops themselves, a list of normalised [3, H_i, W_i] (H, W whole token cells), which
+        is what the data pipeline supplies — the same tokens without building the padded squares.
         """
+        if isinstance(images, Tensor) or images[0].shape[0] == 4:
+            groups = self._square_groups(images)
+        else:
+            groups = self._crop_groups(images)
+        num_images = sum(len(ids) for ids, _ in groups)
+        s = self.conv_stride * self.patch_size
+        grid_hw = torch.zeros(num_images, 2, dtype=torch.long)
+        for ids, pixels in groups:
+            grid_hw[ids] = torch.tensor([pixels.shape[-2] // s, pixels.shape[-1] // s])
+        counts = 1 + grid_hw[:, 0] * (grid_hw[:, 1] + 1)
+        starts = torch.cumsum(counts, 0) - counts
+        dtype = self.patch_embedding.weight.dtype
+        outputs, destinations = [], []
+        for ids, pixels in groups:
+            tokens = self.encode_group(pixels.to(dtype))  # [n, T, C]
+            outputs.append(tokens.flatten(0, 1))
+            destinations.append((starts[ids][:, None] + torch.arange(tokens.shape[1])).flatten())
+        out = torch.cat(outputs)
+        order = torch.cat(destinations).to(out.device)
+        return torch.empty_like(out).index_copy(0, order, out), grid_hw
+
+    def _square_groups(self, images: Union[Tensor, List[Tensor]]) -> List[Tuple[Tensor, Tensor]]:
+        """(image ids, cropped pixels [n, 3, H, W]) per distinct valid box."""
         if isinstance(images, Tensor):
             batches = [(list(range(images.shape[0])), images)]
         else:  # differently sized squares: one batch per size
             by_size = {}
             for index, image in enumerate(images):
                 by_size.setdefault(tuple(image.shape), []).append(index)
-            batches = [(members, torch.stack([images[i] for i in members]))
-                       for members in by_size.values()]
-        num_images = sum(len(members) for members, _ in batches)
-        p, s = self.patch_size, self.conv_stride
-        boxes: List[Tuple[int, ...]] = [()] * num_images
-        groups = {}  # (batch, box) → positions inside that batch
-        for batch_index, (members, batch) in enumerate(batches):
+            batches = [(members, torch.stack([images[i] for i in members])) for members in by_size.values()]
+        p = self.patch_size
+        groups = []
+        for members, batch in batches:
+            by_box = {}
             for pos, box in enumerate(self.valid_patch_boxes(batch, members[0])):
-                boxes[members[pos]] = box
-                groups.setdefault((batch_index, box), []).append(pos)
+                by_box.setdefault(box, []).append(pos)
+            for (r0, r1, c0, c1), positions in by_box.items():
+                picked = batch.index_select(0, torch.tensor(positions, device=batch.device))
+                ids = torch.tensor([members[pos] for pos in positions])
+                groups.append((ids, picked[:, :3, r0 * p : r1 * p, c0 * p : c1 * p]))
+        return groups
 
-        grid_hw = torch.tensor([((r1 - r0) // s, (c1 - c0) // s) for r0, r1, c0, c1 in boxes])
-        counts = 1 + grid_hw[:, 0] * (grid_hw[:, 1] + 1)
-        starts = torch.cumsum(counts, 0) - counts
-        dtype = self.patch_embedding.weight.dtype
-        outputs, destinations = [], []
-        for (batch_index, (r0, r1, c0, c1)), positions in groups.items():
-            members, batch = batches[batch_index]
-            picked = batch.index_select(0, torch.tensor(positions, device=batch.device))
-            tokens = self.encode_group(picked[:, :3, r0 * p : r1 * p, c0 * p : c1 * p].to(dtype))
-            outputs.append(tokens.flatten(0, 1))
-            image_ids = torch.tensor([members[pos] for pos in positions])
-            destinations.append((starts[image_ids][:, None] + torch.arange(tokens.shape[1])).flatten())
-        out = torch.cat(outputs)
-        order = torch.cat(destinations).to(out.device)
-        return torch.empty_like(out).index_copy(0, order, out), grid_hw
+    def _crop_groups(self, crops: List[Tensor]) -> List[Tuple[Tensor, Tensor]]:
+        """(image ids, stacked crops) per distinct crop shape."""
+        cell = self.patch_size * self.conv_stride
+        by_shape = {}
+        for index, crop in enumerate(crops):
+            if crop.dim() != 3 or crop.shape[0] != 3:
+                raise ImageInputError(f"image {index}: expected a [3, H, W] crop, got {list(crop.shape)}")
+            height, width = crop.shape[1:]
+            if height % cell or width % cell or min(height, width) < cell:
+                raise ImageInputError(
+                    f"image {index}: a {height}x{width} px crop is not a whole number of {cell}-px "
+                    "token cells"
+                )
+            by_shape.setdefault(tuple(crop.shape), []).append(index)
+        return [(torch.tensor(ids), torch.stack([crops[i] for i in ids])) for ids in by_shape.values()]
 
 
 class VisionProjection(nn.Sequential):

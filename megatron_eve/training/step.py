@@ -1,8 +1,8 @@
 """forward_step / loss for megatron-core's get_forward_backward_func schedules.
 
-A micro-batch is a dict: tokens [b, s], labels [b, s], optional attention_mask [b, 1, s, s],
-images [N, 4, S, S] (first stage), image_grid_hw [N, 2] (every stage), teacher_images
-[N, 4, L, L] (last stage). Stages that do not need a key may omit it.
+A micro-batch is a dict of EVEModel keyword arguments (what data.loader.model_inputs makes):
+input_ids and labels [b, s], attention_mask or packed_seq_params, images (first stage),
+image_grid_hw (every stage), teacher_images (last stage). Stages may omit what they do not use.
 """
 
 from __future__ import annotations
@@ -23,13 +23,4 @@ def loss_func(labels: torch.Tensor, align_weight: float, output):
 
 def forward_step(align_weight: float, data_iterator: Iterator[Dict[str, torch.Tensor]], model):
     batch = next(data_iterator)
-    output = model(
-        batch["tokens"],
-        attention_mask=batch.get("attention_mask"),
-        labels=batch["labels"],
-        images=batch.get("images"),
-        image_grid_hw=batch.get("image_grid_hw"),
-        teacher_images=batch.get("teacher_images"),
-        packed_seq_params=batch.get("packed_seq_params"),
-    )
-    return output, partial(loss_func, batch["labels"], align_weight)
+    return model(**batch), partial(loss_func, batch["labels"], align_weight)

@@ -47,8 +47,8 @@ def run_step(model, cfg, batches):
         data_iterator=iter(batches),
         model=[ddp],
         num_microbatches=len(batches),
-        seq_length=batches[0]["tokens"].shape[1],
-        micro_batch_size=batches[0]["tokens"].shape[0],
+        seq_length=batches[0]["input_ids"].shape[1],
+        micro_batch_size=batches[0]["input_ids"].shape[0],
         forward_only=False,
     )
     return ddp, losses

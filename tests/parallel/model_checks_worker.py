@@ -68,7 +68,7 @@ def align_gradient(results, teacher):
     batch = micro_batches(cfg)[0]
     teacher_before = {k: v.clone() for k, v in model.teacher.model.state_dict().items()}
     _, align_sum, align_images = model(
-        batch["tokens"], labels=batch["labels"], images=batch["images"],
+        batch["input_ids"], labels=batch["labels"], images=batch["images"],
         image_grid_hw=batch["image_grid_hw"], teacher_images=batch["teacher_images"],
     )
     (align_sum / align_images).backward()  # the aligner's loss alone
@@ -103,9 +103,9 @@ def packing(results, teacher):
     padded, packed = collate(samples), collate(samples, pack=True, pad_to=None)
     keys = ("images", "image_grid_hw", "teacher_images")
     with torch.no_grad():
-        lm_pad, align_pad, n_pad = model(padded["tokens"], labels=padded["labels"],
+        lm_pad, align_pad, n_pad = model(padded["input_ids"], labels=padded["labels"],
                                          **{k: padded[k] for k in keys})
-        lm_pack, align_pack, n_pack = model(packed["tokens"], labels=packed["labels"],
+        lm_pack, align_pack, n_pack = model(packed["input_ids"], labels=packed["labels"],
                                             attention_mask=packed["attention_mask"],
                                             **{k: packed[k] for k in keys})
     lengths = [len(s["tokens"]) for s in samples]
@@ -127,7 +127,7 @@ def high_resolution(results, teacher):
     batch = collate([make_sample(cfg, spec, seed=i) for i, spec in
                      enumerate([((200, 100), 3, 5), ((112, 112), 2, 4)])])
     with torch.no_grad():
-        _, align_sum, align_images = model(batch["tokens"], labels=batch["labels"], images=batch["images"],
+        _, align_sum, align_images = model(batch["input_ids"], labels=batch["labels"], images=batch["images"],
                                            image_grid_hw=batch["image_grid_hw"], teacher_images=batch["teacher_images"])
     results["hd_grid"] = batch["image_grid_hw"].tolist()
     results["hd_align"] = [float(align_sum), float(align_images)]
@@ -145,7 +145,7 @@ def input_errors(results, teacher):
     }
     for name, kwargs in cases.items():
         try:
-            model(batch["tokens"], labels=batch["labels"], **kwargs)
+            model(batch["input_ids"], labels=batch["labels"], **kwargs)
             results[f"error_{name}"] = None
         except Exception as error:  # noqa: BLE001 - the message is what is checked
             results[f"error_{name}"] = str(error)
@@ -157,16 +157,16 @@ def inference(results):
     model = build_model(cfg, ParallelConfig(), RUNTIME).eval()
     batch = micro_batches(cfg)[0]
     with torch.no_grad():
-        logits = model(batch["tokens"], images=batch["images"])
+        logits = model(batch["input_ids"], images=batch["images"])
         lm_loss, align_sum, align_images = model(
-            batch["tokens"], labels=batch["labels"], images=batch["images"]
+            batch["input_ids"], labels=batch["labels"], images=batch["images"]
         )
     results["inference_logits_shape"] = list(logits.shape)
     results["inference_align"] = [float(align_sum), float(align_images)]
     results["inference_lm_finite"] = bool(torch.isfinite(lm_loss).all())
     model.train()
     try:
-        model(batch["tokens"], labels=batch["labels"], images=batch["images"],
+        model(batch["input_ids"], labels=batch["labels"], images=batch["images"],
               image_grid_hw=batch["image_grid_hw"], teacher_images=batch["teacher_images"])
         results["train_without_teacher_error"] = None
     except Exception as error:  # noqa: BLE001 - the message is what is checked

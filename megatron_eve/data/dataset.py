@@ -1,0 +1,229 @@
+"""Datasets of packed sequences over preprocessed prefixes, with Megatron's blends and splits.
+
+`--data-path 0.7 A 0.3 B --split 98,2,0`: each prefix's samples are split into contiguous
+train / valid / test ranges; within a split, samples are shuffled and packed per epoch (seeded by
+seed, prefix, split and epoch, so every rank and every resumed run builds the same plan); the
+prefixes' sequences are interleaved by megatron-core's blending helper in proportion to the
+weights. A dataset item is one packed sequence, ready for collation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from megatron_eve.data.indexed import IndexedSamples
+from megatron_eve.data.packing import PackingPlan, one_per_sequence, pack
+from megatron_eve.model.visual_layout import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class DataConfig:
+    blend: List[Tuple[float, str]]  # (weight, prefix)
+    seq_length: int
+    split: str = "969,30,1"  # Megatron's default
+    seed: int = 1234
+    pack: bool = True
+    packing_buffer_size: int = 10000
+    # What this pipeline stage reads: the first needs pixels, the last the teacher's view (when
+    # it trains the aligner); middle stages only need tokens and image grids.
+    read_pixels: bool = True
+    read_teacher: bool = True
+
+
+def parse_data_path(values: Sequence[str]) -> List[Tuple[float, str]]:
+    """Megatron's --data-path: "A B" (weights by size) or "0.7 A 0.3 B"."""
+    values = list(values)
+    if not values:
+        raise ValueError("--data-path needs at least one dataset prefix")
+    try:
+        float(values[0])
+        weighted = True
+    except ValueError:
+        weighted = False
+    if not weighted:
+        return [(float("nan"), path) for path in values]
+    if len(values) % 2:
+        raise ValueError(f"--data-path {' '.join(values)}: weights and prefixes must alternate")
+    pairs = [(float(values[i]), values[i + 1]) for i in range(0, len(values), 2)]
+    if any(w < 0 for w, _ in pairs) or sum(w for w, _ in pairs) <= 0:
+        raise ValueError(f"--data-path {' '.join(values)}: weights must be >= 0 and not all 0")
+    return pairs
+
+
+def split_ranges(count: int, split: str) -> List[Tuple[int, int]]:
+    """Megatron's split rule: contiguous [start, end) per train / valid / test."""
+    weights = [float(x) for x in split.replace("/", ",").split(",")]
+    weights += [0.0] * (3 - len(weights))
+    if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--split {split!r}: give three non-negative weights, e.g. 98,2,0")
+    total = sum(weights)
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + int(round(w / total * count)))
+    bounds = [min(b, count) for b in bounds]
+    bounds[-1] = count
+    return [(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+class PackedSequences:
+    """One prefix's split as packed sequences, epoch after epoch until `minimum` are planned."""
+
+    def __init__(self, samples: IndexedSamples, first: int, last: int, config: DataConfig,
+                 split: str, minimum: Optional[int] = None):
+        self.samples, self.config = samples, config
+        self.sample_ids = np.arange(first, last, dtype=np.int64)
+        lengths = samples.lengths[first:last]
+        seed = int.from_bytes(hashlib.sha256(f"{samples.prefix}|{split}".encode()).digest()[:4], "little")
+        self.plans: List[PackingPlan] = []
+        self.epoch_starts = [0]
+        while True:
+            rng = np.random.default_rng([config.seed, seed, len(self.plans)])
+            plan = (pack(lengths, config.seq_length, config.packing_buffer_size, rng) if config.pack
+                    else one_per_sequence(lengths, config.seq_length, rng))
+            if len(plan) == 0:
+                break
+            self.plans.append(plan)
+            self.epoch_starts.append(self.epoch_starts[-1] + len(plan))
+            if minimum is None or self.epoch_starts[-1] >= minimum:
+                break
+        self.too_long = self.plans[0].too_long if self.plans else 0
+        if self.too_long:
+            logger.warning("%s (%s): %d samples longer than seq-length %d are left out", samples.prefix,
+                           split, self.too_long, config.seq_length)
+
+    def __len__(self) -> int:
+        return self.epoch_starts[-1]
+
+    def sample_indices(self, index: int) -> np.ndarray:
+        epoch = int(np.searchsorted(self.epoch_starts, index, side="right")) - 1
+        return self.sample_ids[self.plans[epoch].sequence(index - self.epoch_starts[epoch])]
+
+    def real_tokens(self, index: int) -> int:
+        return int(self.samples.lengths[self.sample_indices(index)].sum())
+
+    def __getitem__(self, index: int) -> Dict:
+        return assemble_sequence(
+            [self.samples.get(int(i), self.config.read_pixels, self.config.read_teacher)
+             for i in self.sample_indices(index)],
+            self.config.seq_length if self.config.pack else None,
+        )
+
+
+def assemble_sequence(samples: List[Dict], pad_to: Optional[int]) -> Dict:
+    """Samples → one row: tokens, labels shifted per sample (Megatron convention: the target of
+    position i, never crossing into the next sample), position ids restarting at 0, segment ids,
+    and the images in order."""
+    tokens, labels, positions, segments = [], [], [], []
+    row = {"images": [], "teacher_images": [], "image_grids": []}
+    for segment, sample in enumerate(samples):
+        n = len(sample["tokens"])
+        tokens.append(sample["tokens"])
+        shifted = np.full(n, IGNORE_INDEX, dtype=np.int64)
+        shifted[:-1] = sample["labels"][1:]
+        labels.append(shifted)
+        positions.append(np.arange(n))
+        segments.append(np.full(n, segment))
+        row["image_grids"] += sample["image_grids"]
+        row["images"] += sample.get("images", [])
+        row["teacher_images"] += sample.get("teacher_images", [])
+    used = sum(len(t) for t in tokens)
+    if pad_to is not None and pad_to > used:
+        pad = pad_to - used
+        tokens.append(np.zeros(pad, dtype=np.int64))
+        labels.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
+        positions.append(np.arange(pad))
+        segments.append(np.full(pad, len(samples)))  # padding is a segment of its own
+    row.update(
+        tokens=np.concatenate(tokens).astype(np.int64),
+        labels=np.concatenate(labels).astype(np.int64),
+        position_ids=np.concatenate(positions).astype(np.int64),
+        segment_ids=np.concatenate(segments).astype(np.int64),
+        real_tokens=used,
+        num_samples=len(samples),
+    )
+    return row
+
+
+class BlendedSequences:
+    """Sequences of several prefixes interleaved by weight (megatron-core's blending helper)."""
+
+    def __init__(self, datasets: List[PackedSequences], weights: List[float], size: Optional[int]):
+        """size None: every sequence of every dataset once, interleaved by their sizes."""
+        from megatron.core.datasets import helpers
+
+        self.datasets = datasets
+        if size is None:
+            sizes = np.asarray([len(d) for d in datasets], dtype=np.int64)
+            self.dataset_index = np.zeros(int(sizes.sum()), dtype=np.int16)
+            self.dataset_sample_index = np.zeros(int(sizes.sum()), dtype=np.int64)
+            helpers.build_exhaustive_blending_indices(self.dataset_index, self.dataset_sample_index,
+                                                      sizes, len(datasets))
+        else:
+            weights = np.asarray(weights, dtype=np.float64)
+            self.dataset_index = np.zeros(size, dtype=np.int16)
+            self.dataset_sample_index = np.zeros(size, dtype=np.int64)
+            helpers.build_blending_indices(self.dataset_index, self.dataset_sample_index,
+                                           weights / weights.sum(), len(datasets), size, False)
+        for d, dataset in enumerate(datasets):
+            needed = int((self.dataset_index == d).sum())
+            if needed > len(dataset):
+                raise ValueError(f"blend asks {needed} sequences of {dataset.samples.prefix}, which has {len(dataset)}")
+
+    def __len__(self) -> int:
+        return len(self.dataset_index)
+
+    def locate(self, index: int) -> Tuple[PackedSequences, int]:
+        return self.datasets[self.dataset_index[index]], int(self.dataset_sample_index[index])
+
+    def __getitem__(self, index: int) -> Dict:
+        dataset, inner = self.locate(index)
+        return dataset[inner]
+
+    def real_tokens(self, index: int) -> int:
+        dataset, inner = self.locate(index)
+        return dataset.real_tokens(inner)
+
+
+def build_datasets(config: DataConfig, sizes: Sequence[Optional[int]] = (None, None, None)
+                   ) -> Dict[str, Optional[BlendedSequences]]:
+    """train / valid / test datasets of `sizes` sequences (None: one epoch of every prefix)."""
+    sources = [(w, IndexedSamples(prefix)) for w, prefix in config.blend]
+    _check_compatible([s for _, s in sources])
+    out = {}
+    for split_index, (name, size) in enumerate(zip(SPLITS, sizes)):
+        ranges = [split_ranges(len(s), config.split)[split_index] for _, s in sources]
+        if all(last == first for first, last in ranges):
+            out[name] = None
+            continue
+        weights = [w if not math.isnan(w) else float(s.lengths[first:last].sum())
+                   for (w, s), (first, last) in zip(sources, ranges)]
+        total_weight = sum(weights)
+        # Megatron's surplus keeps rounding in the blend from running a dataset dry.
+        minimum = [None if size is None else int(math.ceil(size * w / total_weight * 1.005)) + 1
+                   for w in weights]
+        parts = [PackedSequences(s, first, last, config, name, m)
+                 for (_, s), (first, last), m in zip(sources, ranges, minimum)]
+        keep = [i for i, p in enumerate(parts) if len(p) and weights[i] > 0]
+        if not keep:
+            out[name] = None
+            continue
+        out[name] = BlendedSequences([parts[i] for i in keep], [weights[i] for i in keep], size)
+    return out
+
+
+def _check_compatible(sources: List[IndexedSamples]) -> None:
+    keys = ("image_size", "teacher_image_size", "patch_size", "conv_stride", "tokenizer_sha256")
+    first = sources[0]
+    for other in sources[1:]:
+        different = [k for k in keys if other.metadata.get(k) != first.metadata.get(k)]
+        if different:
+            raise ValueError(f"{other.prefix} and {first.prefix} cannot be blended: they differ in {different}")

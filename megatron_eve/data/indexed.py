@@ -1,0 +1,234 @@
+"""EVE samples in megatron-core's IndexedDataset (multimodal mode): PREFIX.bin / PREFIX.idx, plus a
+JSON sidecar PREFIX.meta.json (template, image geometry, tokenizer checksum, counts).
+
+One document per sample, its items in this order (int32 items; the mode says what each is):
+  TOKENS   tokens, placeholders expanded (IMAGE_TOKEN_INDEX on every visual position)
+  LABELS   labels aligned with TOKENS (unshifted), IGNORE_INDEX where no loss
+  IMAGE    one per image: the encoded PEL-view crop, bytes packed into int32 behind a pad count
+  TEACHER  one per image: the encoded teacher-view crop, same packing
+  ID       the record's id, UTF-8, same packing
+The TOKENS item's length is the sample's length in the model, so packing reads only the .idx.
+
+Writing is atomic: everything goes to *.tmp names and is renamed at the end, the sidecar last; a
+reader refuses a prefix without a sidecar whose counts match the index.
+"""
+
+from __future__ import annotations
+
+import array
+import io
+import json
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from megatron_eve.data.records import Sample, decode_image
+
+TOKENS, IMAGE, LABELS, TEACHER, ID = 0, 1, 2, 3, 4
+FORMAT = "megatron_eve.indexed/1"
+SIDECAR_SUFFIX = ".meta.json"
+
+
+class DatasetFormatError(ValueError):
+    """Files that are not a complete megatron_eve indexed dataset."""
+
+
+def pack_bytes(data: bytes) -> np.ndarray:
+    """Bytes → int32 item: [pad count, payload padded to a multiple of 4] (Megatron's convention)."""
+    pad = (-len(data)) % 4
+    payload = np.frombuffer(data + b"\0" * pad, dtype=np.int32)
+    return np.concatenate([np.asarray([pad], dtype=np.int32), payload])
+
+
+def unpack_bytes(item: np.ndarray) -> bytes:
+    pad = int(item[0])
+    raw = item[1:].tobytes()
+    return raw[: len(raw) - pad]
+
+
+def _builder_class():
+    from megatron.core.datasets import indexed_dataset as mcore
+
+    class _CompactIndexWriter(mcore._IndexWriter):
+        def _sequence_pointers(self, sequence_lengths):
+            # megatron-core builds a Python list here; numpy keeps a 100M-item index in RAM.
+            lengths = np.asarray(sequence_lengths, dtype=np.int64)
+            pointers = np.zeros_like(lengths)
+            np.cumsum(lengths[:-1] * np.dtype(self.dtype).itemsize, out=pointers[1:])
+            return pointers
+
+    class CompactBuilder(mcore.IndexedDatasetBuilder):
+        """IndexedDatasetBuilder with its per-item lists kept as typed arrays (13 bytes/item)."""
+
+        def __init__(self, bin_path: str):
+            super().__init__(bin_path, dtype=np.int32, multimodal=True)
+            self.sequence_lengths = array.array("i")
+            self.document_indices = array.array("q", [0])
+            self.sequence_modes = array.array("b")
+
+        def add_array(self, item: np.ndarray, mode: int) -> None:
+            item = np.ascontiguousarray(item, dtype=np.int32)
+            self.data_file.write(item.tobytes())
+            self.sequence_lengths.append(item.size)
+            self.sequence_modes.append(mode)
+
+        def add_index(self, path_prefix: str) -> None:
+            index = mcore._IndexReader(mcore.get_idx_path(path_prefix), multimodal=True)
+            offset = len(self.sequence_lengths)
+            self.sequence_lengths.frombytes(index.sequence_lengths.astype(np.int32).tobytes())
+            self.document_indices.frombytes((index.document_indices[1:] + offset).astype(np.int64).tobytes())
+            self.sequence_modes.frombytes(index.sequence_modes.astype(np.int8).tobytes())
+            del index
+            with open(mcore.get_bin_path(path_prefix), "rb") as source:
+                while chunk := source.read(64 << 20):
+                    self.data_file.write(chunk)
+
+        def finalize(self, idx_path: str) -> None:
+            self.data_file.close()
+            with _CompactIndexWriter(idx_path, self.dtype) as writer:
+                writer.write(self.sequence_lengths, self.sequence_modes, self.document_indices)
+
+    return CompactBuilder
+
+
+class SampleWriter:
+    """Writes samples to PREFIX.{bin,idx,meta.json} atomically. Use as a context manager: on an
+    exception the temporary files are removed and nothing that looks complete is left."""
+
+    def __init__(self, prefix: str, metadata: Dict):
+        self.prefix = prefix
+        self.metadata = dict(metadata)
+        directory = os.path.dirname(os.path.abspath(prefix))
+        os.makedirs(directory, exist_ok=True)
+        self._tmp = {suffix: f"{prefix}{suffix}.tmp" for suffix in (".bin", ".idx", SIDECAR_SUFFIX)}
+        self._builder = _builder_class()(self._tmp[".bin"])
+        self.counts = {"samples": 0, "images": 0, "tokens": 0, "supervised_tokens": 0,
+                       "image_bytes": 0, "teacher_bytes": 0}
+
+    def add(self, sample: Sample) -> None:
+        b = self._builder
+        b.add_array(sample.tokens, TOKENS)
+        b.add_array(sample.labels, LABELS)
+        for data in sample.images:
+            b.add_array(pack_bytes(data), IMAGE)
+        for data in sample.teacher_images:
+            b.add_array(pack_bytes(data), TEACHER)
+        b.add_array(pack_bytes(sample.id.encode("utf-8")), ID)
+        b.end_document()
+        c = self.counts
+        c["samples"] += 1
+        c["images"] += len(sample.images)
+        c["tokens"] += int(sample.tokens.size)
+        c["supervised_tokens"] += int((sample.labels >= 0).sum())
+        c["image_bytes"] += sum(map(len, sample.images))
+        c["teacher_bytes"] += sum(map(len, sample.teacher_images))
+
+    def add_prefix(self, prefix: str) -> None:
+        """Append a complete dataset written by another SampleWriter (partition merge)."""
+        meta = read_metadata(prefix)
+        self._builder.add_index(prefix)
+        for key in self.counts:
+            self.counts[key] += meta["counts"][key]
+
+    def finalize(self, extra: Optional[Dict] = None) -> Dict:
+        self._builder.finalize(self._tmp[".idx"])
+        metadata = {"format": FORMAT, **self.metadata, **(extra or {}), "counts": self.counts}
+        with open(self._tmp[SIDECAR_SUFFIX], "w") as handle:
+            json.dump(metadata, handle, indent=1, sort_keys=True)
+        for suffix in (".bin", ".idx", SIDECAR_SUFFIX):  # sidecar last: it marks completeness
+            os.replace(self._tmp[suffix], self.prefix + suffix)
+        return metadata
+
+    def abort(self) -> None:
+        if not self._builder.data_file.closed:
+            self._builder.data_file.close()
+        for path in self._tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None:
+            self.abort()
+        return False
+
+
+def read_metadata(prefix: str) -> Dict:
+    path = prefix + SIDECAR_SUFFIX
+    if not os.path.isfile(path):
+        raise DatasetFormatError(
+            f"{prefix}: no {SIDECAR_SUFFIX} sidecar; the dataset is incomplete (an interrupted "
+            "preprocessing run?) or not made by tools/preprocess_data.py"
+        )
+    with open(path) as handle:
+        meta = json.load(handle)
+    if meta.get("format") != FORMAT:
+        raise DatasetFormatError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def dataset_complete(prefix: str) -> bool:
+    try:
+        read_metadata(prefix)
+    except DatasetFormatError:
+        return False
+    return os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
+
+
+class IndexedSamples:
+    """Random access to the samples of one preprocessed prefix."""
+
+    def __init__(self, prefix: str):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.prefix = prefix
+        self.metadata = read_metadata(prefix)
+        self.dataset = IndexedDataset(prefix, multimodal=True)
+        index = self.dataset.index
+        starts = index.document_indices[:-1]
+        if len(starts) != self.metadata["counts"]["samples"]:
+            raise DatasetFormatError(
+                f"{prefix}: the index holds {len(starts)} samples but its sidecar says "
+                f"{self.metadata['counts']['samples']}"
+            )
+        self._starts = starts
+        self._ends = index.document_indices[1:]
+        # Length of each sample in the model = length of its TOKENS item.
+        self.lengths = index.sequence_lengths[starts].astype(np.int64)
+        self.num_images = ((self._ends - starts - 3) // 2).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def get(self, index: int, pixels: bool = True, teacher: bool = True) -> Dict:
+        """id, tokens / labels (int32), image_grids [(h, w)], and the decoded uint8 HWC crops asked
+        for (images: PEL view, teacher_images: teacher view)."""
+        start, end = int(self._starts[index]), int(self._ends[index])
+        items, modes = self.dataset[start:end]
+        if len(items) < 2 or modes[0] != TOKENS or modes[1] != LABELS:
+            raise DatasetFormatError(f"{self.prefix}: sample {index} does not start with tokens, labels")
+        images = [unpack_bytes(item) for item, mode in zip(items, modes) if mode == IMAGE]
+        teachers = [unpack_bytes(item) for item, mode in zip(items, modes) if mode == TEACHER]
+        cell = self.metadata["patch_size"] * self.metadata["conv_stride"]
+        out = {"tokens": np.asarray(items[0]), "labels": np.asarray(items[1]),
+               "id": unpack_bytes(items[-1]).decode("utf-8") if modes[-1] == ID else None}
+        if pixels:
+            out["images"] = [decode_image(data) for data in images]
+            out["image_grids"] = [(im.shape[0] // cell, im.shape[1] // cell) for im in out["images"]]
+        else:
+            out["image_grids"] = [_grid_from_header(data, cell) for data in images]
+        if teacher:
+            out["teacher_images"] = [decode_image(data) for data in teachers]
+        return out
+
+
+def _grid_from_header(data: bytes, cell: int):
+    """(h, w) token grid from an encoded crop's header, without decoding its pixels."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+    return height // cell, width // cell

@@ -1,0 +1,136 @@
+"""From packed-sequence datasets to model inputs: a resumable data-parallel sampler, collation,
+the DataLoader, and the device-side step that turns a collated batch into EVEModel arguments.
+
+Sampler state is the number of sequences consumed (all data-parallel ranks together), as in
+Megatron: a run resumed at `consumed` sees exactly the micro-batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from megatron_eve.config import VisionConfig
+from megatron_eve.data.images import compose_squares, normalise_crops
+from megatron_eve.model.visual_layout import IGNORE_INDEX
+
+
+class MicroBatchSampler:
+    """Index lists of this data-parallel rank's micro-batches, from `consumed` on.
+
+    Global position g belongs to the step g // (mbs * dp); inside a step, rank r takes the r-th
+    block of micro_batch_size sequences (Megatron's MegatronPretrainingSampler).
+    """
+
+    def __init__(self, total: int, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        if consumed > total:
+            raise ValueError(f"consumed {consumed} sequences but the dataset holds {total}")
+        self.total, self.consumed = total, consumed
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __len__(self) -> int:
+        return (self.total - self.consumed) // (self.micro_batch_size * self.dp_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.micro_batch_size * self.dp_size
+        for start in range(self.consumed, self.total - step + 1, step):
+            first = start + self.dp_rank * self.micro_batch_size
+            yield list(range(first, first + self.micro_batch_size))
+
+
+def collate(rows: List[Dict]) -> Dict:
+    """Rows (assembled sequences) → a micro-batch; rows are padded to the longest (a no-op for
+    packed rows, which all have seq-length positions)."""
+    length = max(len(r["tokens"]) for r in rows)
+
+    def padded(key, value):
+        return torch.from_numpy(np.stack([
+            np.concatenate([r[key], np.full(length - len(r[key]), value if value is not None else r[key][-1] + 1)])
+            for r in rows
+        ]))
+
+    batch = {
+        "tokens": padded("tokens", 0),
+        "labels": padded("labels", IGNORE_INDEX),
+        "position_ids": padded("position_ids", 0),
+        "segment_ids": padded("segment_ids", None),  # padding: a segment of its own
+        "image_grid_hw": torch.tensor([g for r in rows for g in r["image_grids"]], dtype=torch.long).view(-1, 2),
+        "real_tokens": torch.tensor(sum(r["real_tokens"] for r in rows)),
+        "num_samples": torch.tensor(sum(r["num_samples"] for r in rows)),
+    }
+    for key in ("images", "teacher_images"):
+        crops = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for r in rows for im in r[key]]
+        if crops:
+            batch[key] = crops
+    return batch
+
+
+@dataclass
+class LoaderConfig:
+    micro_batch_size: int
+    consumed: int = 0
+    dp_rank: int = 0
+    dp_size: int = 1
+    num_workers: int = 2
+    pin_memory: bool = False
+
+
+def build_loader(dataset, config: LoaderConfig) -> torch.utils.data.DataLoader:
+    sampler = MicroBatchSampler(len(dataset), config.consumed, config.micro_batch_size,
+                                config.dp_rank, config.dp_size)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=config.num_workers,
+        pin_memory=config.pin_memory,
+        persistent_workers=config.num_workers > 0,
+        prefetch_factor=4 if config.num_workers > 0 else None,
+    )
+
+
+def model_inputs(batch: Dict, vision: VisionConfig, device, *, thd: bool = False,
+                 dtype: torch.dtype = torch.float32) -> Dict:
+    """A collated micro-batch → EVEModel keyword inputs on `device`.
+
+    Packed rows attend within their segments: a block-diagonal causal mask on the local path, or
+    (thd=True, Transformer Engine) the rows flattened to one THD sequence with cu_seqlens.
+    Pixels present become normalised crops (the PEL's input); teacher views become the reference's
+    padded squares with their masks.
+    """
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    segments = batch["segment_ids"].to(device, non_blocking=True)
+    out = {"image_grid_hw": batch["image_grid_hw"]}
+    if thd:
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        # Segment boundaries over the flattened rows (a new row always starts a new segment).
+        rows, length = segments.shape
+        flat = (segments + torch.arange(rows, device=device)[:, None] * (segments.max() + 1)).flatten()
+        starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1)).flatten()
+        cu = torch.cat([starts, torch.tensor([flat.numel()], device=device)]).to(torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        out["packed_seq_params"] = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+        )
+        tokens, labels = tokens.view(1, -1), labels.view(1, -1)
+    elif bool((segments != segments[:, :1]).any()) and _has_packed_rows(batch):
+        same = segments[:, :, None] == segments[:, None, :]
+        causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=device).tril()
+        out["attention_mask"] = (~(same & causal)).unsqueeze(1)
+    out["input_ids"], out["labels"] = tokens, labels
+    if "images" in batch:
+        out["images"] = normalise_crops(batch["images"], device, dtype)
+    if "teacher_images" in batch:
+        out["teacher_images"] = compose_squares(batch["teacher_images"], vision.teacher_image_size,
+                                                vision.patch_size, device, dtype)
+    return out
+
+
+def _has_packed_rows(batch: Dict) -> bool:
+    """True if some row holds more than one sample (else a plain causal mask is exact)."""
+    return int(batch["num_samples"]) > batch["tokens"].shape[0]

@@ -1,0 +1,222 @@
+"""LLaVA JSON / JSONL + images → megatron_eve indexed datasets (the engine of
+tools/preprocess_data.py).
+
+Streams the input through a pool of worker processes with a bounded number of records in flight,
+writes samples in input order, and never lets a bad record stop the run: each is skipped, counted
+by reason and listed in PREFIX.rejects.jsonl. With partitions, each contiguous slice of the input
+becomes its own complete dataset first (kept across interruptions, so a rerun resumes), and the
+slices are merged in order, giving the same files as one unpartitioned run.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+from megatron_eve.data.indexed import SampleWriter, dataset_complete, read_metadata
+from megatron_eve.data.records import RecordConfig, Rejection, Sample, process_record
+from megatron_eve.data.sources import Broken, count_records, iter_records, parse
+from megatron_eve.data.tokenizer import Tokenizer
+
+REJECTS_SUFFIX = ".rejects.jsonl"
+
+
+@dataclass
+class PreprocessJob:
+    inputs: List[str]
+    output_prefix: str
+    tokenizer_model: str
+    record: RecordConfig
+    workers: int = 1
+    partitions: int = 1
+    partition_index: Optional[int] = None  # process only this partition (no merge)
+    chunk_size: int = 16  # records per worker task
+    progress: bool = True
+
+
+@dataclass
+class Summary:
+    samples: int = 0
+    images: int = 0
+    tokens: int = 0
+    image_bytes: int = 0
+    teacher_bytes: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def add(self, other: "Summary") -> None:
+        for name in ("samples", "images", "tokens", "image_bytes", "teacher_bytes", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.rejected.update(other.rejected)
+
+    def line(self) -> str:
+        rejected = sum(self.rejected.values())
+        parts = [f"{self.samples} samples written", f"{self.images} images", f"{self.tokens} tokens",
+                 f"{rejected} records rejected"]
+        if self.images:
+            parts.append(f"{(self.image_bytes + self.teacher_bytes) / self.images / 1024:.1f} KiB/image "
+                         f"({self.image_bytes / self.images / 1024:.1f} PEL view + "
+                         f"{self.teacher_bytes / self.images / 1024:.1f} teacher view)")
+        if self.seconds:
+            parts.append(f"{self.seconds:.1f} s ({self.images / self.seconds:.1f} images/s)")
+        text = ", ".join(parts)
+        if rejected:
+            text += "\nrejected by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items()))
+        return text
+
+
+# ----------------------------------------------------------------------------------- workers
+_WORKER: Dict = {}
+
+
+def _init_worker(tokenizer_model: str, record_config: RecordConfig) -> None:
+    _WORKER["tokenizer"] = Tokenizer(tokenizer_model)
+    _WORKER["config"] = record_config
+
+
+def _process_chunk(chunk: List[Tuple[int, object]]):
+    out = []
+    for index, raw in chunk:
+        record = parse(raw)
+        if isinstance(record, Broken):
+            out.append(Rejection(f"#{index}", "invalid_json", record.detail))
+        else:
+            out.append(process_record(record, index, _WORKER["config"], _WORKER["tokenizer"]))
+    return out
+
+
+def _ordered_results(chunks: Iterable[List], workers: int, init_args) -> Iterator:
+    """Results of _process_chunk in input order, at most 4 x workers chunks in flight."""
+    if workers <= 1:
+        _init_worker(*init_args)
+        for chunk in chunks:
+            yield from _process_chunk(chunk)
+        return
+    context = multiprocessing.get_context("spawn")  # no inherited state (CUDA, threads) in workers
+    with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_process_chunk, (chunk,)))
+            if len(pending) >= 4 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+def _chunks(records: Iterator, size: int) -> Iterator[List]:
+    while chunk := list(islice(records, size)):
+        yield chunk
+
+
+# ------------------------------------------------------------------------------------ writing
+def _metadata(job: PreprocessJob, tokenizer: Tokenizer) -> Dict:
+    vision = job.record.vision
+    return {
+        "template": job.record.template,
+        "image_size": vision.image_size,
+        "teacher_image_size": vision.teacher_image_size,
+        "patch_size": vision.patch_size,
+        "conv_stride": vision.conv_stride,
+        "image_codec": job.record.image_codec,
+        "jpeg_quality": job.record.jpeg_quality if job.record.image_codec == "jpeg" else None,
+        "max_length": job.record.max_length,
+        "over_length": job.record.over_length,
+        "max_images": job.record.max_images,
+        "tokenizer_sha256": tokenizer.checksum,
+        "tokenizer_vocab_size": tokenizer.vocab_size,
+        "inputs": [os.path.abspath(p) for p in job.inputs],
+    }
+
+
+def _write_slice(job: PreprocessJob, prefix: str, first: int, last: Optional[int],
+                 metadata: Dict, total: Optional[int]) -> Summary:
+    from tqdm import tqdm
+
+    summary = Summary()
+    start = time.time()
+    records = islice(iter_records(job.inputs), first, last)
+    results = _ordered_results(_chunks(records, job.chunk_size), job.workers,
+                               (job.tokenizer_model, job.record))
+    rejects_tmp = prefix + REJECTS_SUFFIX + ".tmp"
+    with SampleWriter(prefix, metadata) as writer, open(rejects_tmp, "w") as rejects:
+        for result in tqdm(results, total=total, desc=os.path.basename(prefix), unit="rec",
+                           disable=not job.progress, mininterval=1.0):
+            if isinstance(result, Sample):
+                writer.add(result)
+            else:
+                summary.rejected[result.reason] += 1
+                rejects.write(json.dumps(asdict(result)) + "\n")
+        summary.seconds = time.time() - start
+        meta = writer.finalize({"rejected": dict(summary.rejected)})
+    os.replace(rejects_tmp, prefix + REJECTS_SUFFIX)
+    _add_counts(summary, meta["counts"])
+    return summary
+
+
+def _add_counts(summary: Summary, counts: Dict) -> None:
+    summary.samples += counts["samples"]
+    summary.images += counts["images"]
+    summary.tokens += counts["tokens"]
+    summary.image_bytes += counts["image_bytes"]
+    summary.teacher_bytes += counts["teacher_bytes"]
+
+
+def partition_prefix(prefix: str, index: int, partitions: int) -> str:
+    return f"{prefix}_part{index:04d}of{partitions:04d}"
+
+
+def run(job: PreprocessJob) -> Summary:
+    tokenizer = Tokenizer(job.tokenizer_model)
+    metadata = _metadata(job, tokenizer)
+    if job.partitions <= 1:
+        return _write_slice(job, job.output_prefix, 0, None, metadata, None)
+
+    total = count_records(job.inputs)
+    bounds = [total * k // job.partitions for k in range(job.partitions + 1)]
+    indices = range(job.partitions) if job.partition_index is None else [job.partition_index]
+    summary = Summary()
+    for k in indices:
+        prefix = partition_prefix(job.output_prefix, k, job.partitions)
+        if dataset_complete(prefix):  # finished by an earlier, interrupted run
+            meta = read_metadata(prefix)
+            done = Summary(rejected=Counter(meta.get("rejected", {})))
+            _add_counts(done, meta["counts"])
+            summary.add(done)
+            continue
+        part = _write_slice(job, prefix, bounds[k], bounds[k + 1], metadata, bounds[k + 1] - bounds[k])
+        summary.add(part)
+    if job.partition_index is None:
+        merge([partition_prefix(job.output_prefix, k, job.partitions) for k in range(job.partitions)],
+              job.output_prefix)
+    return summary
+
+
+def merge(prefixes: List[str], output_prefix: str) -> Dict:
+    """Concatenate complete datasets (same template, geometry, tokenizer) in the given order."""
+    metas = [read_metadata(p) for p in prefixes]
+    keys = ("template", "image_size", "teacher_image_size", "patch_size", "conv_stride", "tokenizer_sha256")
+    for prefix, meta in zip(prefixes[1:], metas[1:]):
+        different = [k for k in keys if meta.get(k) != metas[0].get(k)]
+        if different:
+            raise ValueError(f"cannot merge {prefix} into {prefixes[0]}: they differ in {different}")
+    base = {k: v for k, v in metas[0].items() if k not in ("counts", "rejected", "format")}
+    rejected = Counter()
+    for meta in metas:
+        rejected.update(meta.get("rejected", {}))
+    rejects_tmp = output_prefix + REJECTS_SUFFIX + ".tmp"
+    with SampleWriter(output_prefix, base) as writer, open(rejects_tmp, "w") as out:
+        for prefix in prefixes:
+            writer.add_prefix(prefix)
+            if os.path.isfile(prefix + REJECTS_SUFFIX):
+                with open(prefix + REJECTS_SUFFIX) as handle:
+                    for line in handle:
+                        out.write(line)
+        meta = writer.finalize({"rejected": dict(rejected), "merged_from": [os.path.basename(p) for p in prefixes]})
+    os.replace(rejects_tmp, output_prefix + REJECTS_SUFFIX)
+    return meta

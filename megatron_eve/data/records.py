@@ -1,0 +1,186 @@
+"""One LLaVA-format record → one stored sample (tokens, labels, encoded image views), or a
+rejection with a reason. Pure per-record work, run in preprocessing worker processes.
+
+Images are stored already resized the EVE way (eve.md §3) and cropped to their valid region:
+the PEL view (long side = image_size) and the teacher view (long side = teacher_image_size), each
+encoded as JPEG (default, quality 95, 4:4:4) or PNG (lossless). The padded squares and masks are
+rebuilt on the device from the crop sizes, so neither padding nor masks are stored.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from megatron_eve.config import VisionConfig
+from megatron_eve.data.images import image_layout, teacher_layout, tokens_per_image
+from megatron_eve.data.templates import IMAGE_PLACEHOLDER, TemplateError, apply_template
+from megatron_eve.data.tokenizer import Tokenizer
+from megatron_eve.model.visual_layout import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+
+@dataclass
+class RecordConfig:
+    template: str
+    vision: VisionConfig
+    image_folder: str = ""
+    max_length: int = 4096  # expanded length: text + 1 + h(w+1) per image
+    over_length: str = "drop"  # or "truncate"
+    max_images: int = 1  # EVE trains with one image per sample
+    image_codec: str = "jpeg"  # or "png"
+    jpeg_quality: int = 95
+
+
+@dataclass
+class Sample:
+    id: str
+    tokens: np.ndarray  # int32, expanded: IMAGE_TOKEN_INDEX on every visual position
+    labels: np.ndarray  # int32, aligned with tokens (unshifted), IGNORE_INDEX where no loss
+    images: List[bytes] = field(default_factory=list)  # PEL-view crops, encoded
+    teacher_images: List[bytes] = field(default_factory=list)  # teacher-view crops, encoded
+
+
+@dataclass
+class Rejection:
+    id: str
+    reason: str
+    detail: str
+
+
+def record_id(record: Any, index: int) -> str:
+    if isinstance(record, dict) and record.get("id") is not None:
+        return str(record["id"])
+    return f"#{index}"
+
+
+def _image_paths(record: Dict) -> List[str]:
+    image = record.get("image")
+    if image is None:
+        return []
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(p, str) for p in image):
+        return image
+    raise TemplateError("malformed_record", f"'image' must be a path or a list of paths, got {type(image).__name__}")
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise TemplateError("missing_image", f"no file at {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()  # decodes now: truncated files fail here, not later in a loader
+        return image.convert("RGB")
+    except UnidentifiedImageError as error:
+        raise TemplateError("corrupt_image", f"{path}: not a readable image ({error})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise TemplateError("corrupt_image", f"{path}: {error}") from None
+    except OSError as error:
+        reason = "truncated_image" if "truncated" in str(error).lower() else "corrupt_image"
+        raise TemplateError(reason, f"{path}: {error}") from None
+
+
+def _crop(image, layout) -> "Image.Image":
+    """The resized image exactly as EVE pastes it (PIL bicubic), without the padding."""
+    from PIL import Image
+
+    return image.resize((layout.width, layout.height), Image.BICUBIC)
+
+
+def encode_image(image, codec: str, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    if codec == "jpeg":
+        image.save(buffer, format="JPEG", quality=quality, subsampling=0)
+    elif codec == "png":
+        image.save(buffer, format="PNG", compress_level=1)
+    else:
+        raise ValueError(f"unknown image codec {codec!r}: choose jpeg or png")
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded crop → uint8 [H, W, 3]."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _expand(tokens: List[int], labels: List[int], counts: List[int]) -> Tuple[List[int], List[int]]:
+    """Each IMAGE_TOKEN_INDEX placeholder → a run of that image's token count (labels ignored)."""
+    out_tokens, out_labels, image = [], [], 0
+    for token, label in zip(tokens, labels):
+        if token == IMAGE_TOKEN_INDEX:
+            out_tokens += [IMAGE_TOKEN_INDEX] * counts[image]
+            out_labels += [IGNORE_INDEX] * counts[image]
+            image += 1
+        else:
+            out_tokens.append(token)
+            out_labels.append(label)
+    return out_tokens, out_labels
+
+
+def _truncate(tokens: List[int], labels: List[int], counts: List[int], limit: int):
+    """Cut to `limit` positions without splitting an image run; images cut off are dropped."""
+    kept_images, position, image = 0, 0, 0
+    cut = limit
+    while position < min(limit, len(tokens)):
+        if tokens[position] == IMAGE_TOKEN_INDEX:
+            if position + counts[image] > limit:
+                cut = position
+                break
+            position += counts[image]
+            image += 1
+            kept_images = image
+        else:
+            position += 1
+    return tokens[:cut], labels[:cut], kept_images
+
+
+def process_record(record: Any, index: int, config: RecordConfig, tokenizer: Tokenizer) -> Union[Sample, Rejection]:
+    sample_id = record_id(record, index)
+    try:
+        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+            raise TemplateError("malformed_record", "a record needs a 'conversations' list")
+        paths = _image_paths(record)
+        if len(paths) > config.max_images:
+            raise TemplateError("too_many_images", f"{len(paths)} images; at most {config.max_images} per sample")
+        placeholders = sum(
+            t.get("value", "").count(IMAGE_PLACEHOLDER) for t in record["conversations"] if isinstance(t, dict)
+            and isinstance(t.get("value"), str)
+        )
+        if placeholders != len(paths):
+            raise TemplateError(
+                "image_token_mismatch", f"{placeholders} <image> placeholders for {len(paths)} images"
+            )
+        tokenized = apply_template(config.template, record["conversations"], tokenizer, len(paths))
+
+        vision = config.vision
+        images = [_open_image(os.path.join(config.image_folder, p)) for p in paths]
+        layouts = [image_layout(*im.size, vision) for im in images]
+        counts = [tokens_per_image(lay.height // vision.token_cell, lay.width // vision.token_cell) for lay in layouts]
+        tokens, labels = _expand(tokenized.tokens, tokenized.labels, counts)
+        if len(tokens) > config.max_length:
+            if config.over_length != "truncate":
+                raise TemplateError("too_long", f"{len(tokens)} positions > max length {config.max_length}")
+            tokens, labels, kept = _truncate(tokens, labels, counts, config.max_length)
+            images, layouts = images[:kept], layouts[:kept]
+        if not any(label >= 0 for label in labels):
+            raise TemplateError("no_supervised_tokens", "no token carries loss (its LM loss would be NaN)")
+        sample = Sample(sample_id, np.asarray(tokens, dtype=np.int32), np.asarray(labels, dtype=np.int32))
+        for image, layout in zip(images, layouts):
+            base = teacher_layout(*image.size, vision)
+            sample.images.append(encode_image(_crop(image, layout), config.image_codec, config.jpeg_quality))
+            sample.teacher_images.append(encode_image(_crop(image, base), config.image_codec, config.jpeg_quality))
+        return sample
+    except TemplateError as error:
+        return Rejection(sample_id, error.reason, str(error))

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Preprocess LLaVA-format image-text data into megatron_eve indexed datasets.
+
+Input: a JSON list or JSON Lines of records {"id", "image" (optional, relative to --image-folder),
+"conversations": [{"from": "human"|"gpt", "value": "...<image>..."}]}.
+Output: PREFIX.bin / PREFIX.idx (megatron-core IndexedDataset, multimodal), PREFIX.meta.json
+(template, geometry, tokenizer checksum, counts) and PREFIX.rejects.jsonl (skipped records with
+their reason). Files appear only when complete.
+
+Examples:
+  # captions for prealign / pretrain
+  python tools/preprocess_data.py --input cap.json --image-folder imgs --template plain \\
+      --tokenizer-model vicuna-7b-v1.5 --image-size 672 --output-prefix data/cap --workers 16
+  # SFT, in 8 resumable partitions merged at the end
+  python tools/preprocess_data.py --input llava_v1_5_mix665k.json --image-folder playground \\
+      --template vicuna_v1 --tokenizer-model vicuna-7b-v1.5 --output-prefix data/sft \\
+      --workers 16 --partitions 8
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_eve.config import VisionConfig  # noqa: E402
+from megatron_eve.data.preprocess import PreprocessJob, run  # noqa: E402
+from megatron_eve.data.records import RecordConfig  # noqa: E402
+from megatron_eve.data.sources import InputError  # noqa: E402
+from megatron_eve.data.templates import TEMPLATES  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("input / output")
+    io.add_argument("--input", action="append", required=True,
+                    help="JSON list or JSON Lines file; repeat for several (processed in order)")
+    io.add_argument("--image-folder", default="", help="root that record 'image' paths are relative to")
+    io.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, .idx, .meta.json, .rejects.jsonl")
+    text = p.add_argument_group("text")
+    text.add_argument("--tokenizer-model", required=True,
+                      help="Llama SentencePiece tokenizer.model, or an HF folder holding one")
+    text.add_argument("--template", choices=TEMPLATES, required=True,
+                      help="plain: captions (prealign, pretrain); vicuna_v1: conversations (SFT)")
+    text.add_argument("--max-length", type=int, default=4096,
+                      help="longest sample in model positions: text + 1 + h(w+1) per image (default 4096)")
+    text.add_argument("--over-length", choices=("drop", "truncate"), default="drop",
+                      help="a longer sample is dropped, or truncated (never inside an image) (default drop)")
+    img = p.add_argument_group("images")
+    img.add_argument("--image-size", type=int, default=672, choices=(672, 1344),
+                     help="EVE's PEL resolution: 672 (EVE-7B) or 1344 (EVE-7B-HD)")
+    img.add_argument("--teacher-image-size", type=int, default=336, help="CLIP teacher view (default 336)")
+    img.add_argument("--max-images", type=int, default=1, help="images per sample (EVE: 1)")
+    img.add_argument("--image-codec", choices=("jpeg", "png"), default="jpeg",
+                     help="storage of the resized crops: jpeg (compact) or png (lossless) (default jpeg)")
+    img.add_argument("--jpeg-quality", type=int, default=95)
+    run_group = p.add_argument_group("run")
+    run_group.add_argument("--workers", type=int, default=1, help="worker processes")
+    run_group.add_argument("--partitions", type=int, default=1,
+                           help="split the input into N contiguous parts, each written on its own "
+                                "(an interrupted run resumes at the first unfinished part), then merged")
+    run_group.add_argument("--partition-index", type=int, default=None,
+                           help="with --partitions: process only this part (e.g. one per machine); "
+                                "merge by rerunning without it")
+    run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.partition_index is not None and not 0 <= args.partition_index < args.partitions:
+        print(f"error: --partition-index {args.partition_index} is outside 0..{args.partitions - 1}", file=sys.stderr)
+        return 2
+    vision = VisionConfig(image_size=args.image_size, teacher_image_size=args.teacher_image_size)
+    job = PreprocessJob(
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer_model=args.tokenizer_model,
+        record=RecordConfig(
+            template=args.template, vision=vision, image_folder=args.image_folder,
+            max_length=args.max_length, over_length=args.over_length, max_images=args.max_images,
+            image_codec=args.image_codec, jpeg_quality=args.jpeg_quality,
+        ),
+        workers=args.workers,
+        partitions=args.partitions,
+        partition_index=args.partition_index,
+        progress=not args.no_progress,
+    )
+    try:
+        summary = run(job)
+    except (InputError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    if summary.samples == 0:
+        print(f"error: no valid sample in {', '.join(args.input)}; see {args.output_prefix}.rejects.jsonl",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
