@@ -7,10 +7,18 @@ from tests.helpers import read_json, torchrun
 
 
 @pytest.fixture(scope="module")
-def checks(tmp_path_factory, teacher_path):
-    out = tmp_path_factory.mktemp("model_checks") / "checks.json"
-    torchrun("model_checks_worker.py", 1, ["--out", out, "--teacher", teacher_path])
-    return read_json(out)
+def checks(tmp_path_factory, teacher_path, corpus):
+    from megatron_eve.data.preprocess import PreprocessJob, run
+    from megatron_eve.data.records import RecordConfig
+    from tests.helpers import tiny_config
+
+    root = tmp_path_factory.mktemp("model_checks")
+    run(PreprocessJob(inputs=[corpus["qa"]], output_prefix=str(root / "qa"), tokenizer_model=corpus["tokenizer"],
+                      record=RecordConfig("vicuna_v1", tiny_config().vision, image_folder=corpus["root"]),
+                      progress=False))
+    torchrun("model_checks_worker.py", 1, ["--out", root / "checks.json", "--teacher", teacher_path,
+                                           "--data", root / "qa"])
+    return read_json(root / "checks.json")
 
 
 def test_text_logits_equal_llama_for_causal_lm(checks):
@@ -73,3 +81,20 @@ def test_inconsistent_batches_are_refused(checks):
     assert "differ from the batch's image_grid_hw" in checks["error_grid_mismatch"]
     assert "image-token positions but no images" in checks["error_placeholders_without_images"]
     assert "needs teacher_images on the last stage" in checks["error_missing_teacher_images"]
+
+
+def test_data_pipeline_packing_preserves_per_sample_losses(checks):
+    """Through preprocessing, the packed dataset, collation and the block-diagonal mask: each
+    sample's summed LM loss equals its loss alone (tolerance 1e-4 on sums of ~100 tokens)."""
+    assert checks["pipeline_samples_in_sequence"] >= 3 and checks["pipeline_has_mask"]
+    packed, single = checks["pipeline_per_sample_losses"]
+    assert len(packed) == len(single)
+    for a, b in zip(packed, single):
+        assert a > 0 and abs(a - b) <= 1e-4 * max(1.0, abs(b))
+    align_packed, align_single, n_packed, n_single = checks["pipeline_align"]
+    assert n_packed == n_single and abs(align_packed - align_single) <= 1e-5
+
+
+def test_loader_feeds_the_model(checks):
+    losses = checks["pipeline_loader_losses"]
+    assert len(losses) == 2 and all(5.0 < loss < 10.0 for loss in losses)

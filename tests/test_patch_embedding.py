@@ -117,3 +117,33 @@ def test_missing_mask_channel_is_rejected():
 def test_side_not_a_whole_number_of_patches_is_rejected():
     with pytest.raises(ImageInputError, match="not a whole number of 14-px patches"):
         PatchEmbeddingLayer(VISION)(torch.ones(1, 4, 220, 220))
+
+
+def test_crops_give_the_same_tokens_as_masked_squares():
+    """The data pipeline feeds valid crops; the reference feeds padded squares with masks."""
+    from megatron_eve.data.images import compose_squares, image_layout, normalise_crops
+
+    torch.manual_seed(0)
+    pel = PatchEmbeddingLayer(VISION)
+    crops = []
+    for i, (w, h) in enumerate([(200, 100), (90, 180), (160, 160), (300, 60)]):
+        layout = image_layout(w, h, VISION)
+        pixels = torch.randint(0, 256, (3, layout.height, layout.width), dtype=torch.uint8)
+        crops.append(pixels)
+    squares = compose_squares(crops, VISION.image_size, VISION.patch_size * 2, "cpu")
+    with torch.no_grad():
+        from_squares, grid_a = pel(squares)
+        from_crops, grid_b = pel(normalise_crops(crops, "cpu"))
+    torch.testing.assert_close(from_crops, from_squares)
+    assert torch.equal(grid_a, grid_b)
+    # compose_squares places a crop exactly where preprocess_image pastes the image.
+    image = random_image(200, 100, 3)
+    reference, _ = preprocess_image(image, VISION)
+    layout = image_layout(200, 100, VISION)
+    crop = torch.from_numpy(__import__("numpy").array(image.resize((layout.width, layout.height), 3))).permute(2, 0, 1)
+    torch.testing.assert_close(compose_squares([crop], VISION.image_size, 28, "cpu")[0], reference)
+
+
+def test_crop_not_whole_token_cells_is_rejected():
+    with pytest.raises(ImageInputError, match="image 0: a 30x56 px crop is not a whole number of 28-px"):
+        PatchEmbeddingLayer(VISION)([torch.zeros(3, 30, 56)])

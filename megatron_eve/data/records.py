@@ -112,7 +112,7 @@ def decode_image(data: bytes) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # writable: becomes a torch tensor without a warning
 
 
 def _expand(tokens: List[int], labels: List[int], counts: List[int]) -> Tuple[List[int], List[int]]:

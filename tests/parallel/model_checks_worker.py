@@ -4,6 +4,7 @@ Writes one JSON of measured values; the test asserts on them.
   hf_parity:      text-only logits / loss vs transformers' LlamaForCausalLM with the same weights
   align_gradient: the aligner's loss reaches the PEL; the teacher gets no gradient, stays unchanged
   packing:        samples packed in one row (block-diagonal mask) = the same samples padded
+  data_pipeline:  preprocessed data, packed, gives the same per-sample losses as unpacked
   inference:      eval mode skips the aligner (no teacher needed) and returns logits
 """
 
@@ -151,6 +152,44 @@ def input_errors(results, teacher):
             results[f"error_{name}"] = str(error)
 
 
+def data_pipeline(results, teacher, prefix):
+    """Preprocessed data → packed and unpadded micro-batches → the model: per-sample losses of
+    the packed row equal those of the same samples one per row."""
+    from megatron_eve.data.dataset import DataConfig, assemble_sequence, build_datasets
+    from megatron_eve.data.indexed import IndexedSamples
+    from megatron_eve.data.loader import LoaderConfig, build_loader, collate, model_inputs
+
+    cfg = tiny_config(teacher)
+    model = build_model(cfg, ParallelConfig(), RUNTIME).train()
+    config = DataConfig(blend=[(1.0, prefix)], seq_length=640, split="1,0,0", seed=3)
+    packed = build_datasets(config)["train"]
+    # A packed sequence with several samples, and those samples one per row.
+    index = next(i for i in range(len(packed)) if len(packed.locate(i)[0].sample_indices(packed.locate(i)[1])) >= 3)
+    dataset, inner = packed.locate(index)
+    samples = IndexedSamples(prefix)
+    members = [samples.get(int(i)) for i in dataset.sample_indices(inner)]
+    packed_batch = model_inputs(collate([packed[index]]), cfg.vision, "cpu")
+    single_batch = model_inputs(collate([assemble_sequence([m], None) for m in members]), cfg.vision, "cpu")
+    with torch.no_grad():
+        lm_packed, align_packed, n_packed = model(**packed_batch)
+        lm_single, align_single, n_single = model(**single_batch)
+    segments = collate([packed[index]])["segment_ids"][0]
+    per_sample_packed = [float(lm_packed[0][segments == k].sum()) for k in range(len(members))]
+    per_sample_single = [float(row.sum()) for row in lm_single]
+    results["pipeline_samples_in_sequence"] = len(members)
+    results["pipeline_has_mask"] = "attention_mask" in packed_batch
+    results["pipeline_per_sample_losses"] = [per_sample_packed, per_sample_single]
+    results["pipeline_align"] = [float(align_packed), float(align_single), float(n_packed), float(n_single)]
+    # The loader end to end: two micro-batches of two packed rows each.
+    loader = build_loader(packed, LoaderConfig(micro_batch_size=2, num_workers=0))
+    totals = []
+    with torch.no_grad():
+        for _, batch in zip(range(2), loader):
+            lm, align, images = model(**model_inputs(batch, cfg.vision, "cpu"))
+            totals.append(float(eve_loss(lm, align, images, batch["labels"], 1.0)[0]))
+    results["pipeline_loader_losses"] = totals
+
+
 def inference(results):
     """No teacher loaded: eval mode must not need it; logits come back for every position."""
     cfg = tiny_config(None)
@@ -177,6 +216,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--teacher", required=True)
+    parser.add_argument("--data", required=True, help="a preprocessed prefix at the tiny geometry")
     args = parser.parse_args()
     distributed.initialize(ParallelConfig(), seed=1234)
     results = {}
@@ -185,6 +225,7 @@ def main():
     packing(results, args.teacher)
     high_resolution(results, args.teacher)
     input_errors(results, args.teacher)
+    data_pipeline(results, args.teacher, args.data)
     inference(results)
     Path(args.out).write_text(json.dumps(results, indent=1))
     distributed.destroy()
