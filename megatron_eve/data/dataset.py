@@ -149,6 +149,7 @@ def assemble_sequence(samples: List[Dict], pad_to: Optional[int]) -> Dict:
         segment_ids=np.concatenate(segments).astype(np.int64),
         real_tokens=used,
         num_samples=len(samples),
+        sample_lengths=[len(t) for t in tokens[: len(samples)]],
     )
     return row
 

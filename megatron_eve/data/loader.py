@@ -59,6 +59,7 @@ def collate(rows: List[Dict]) -> Dict:
         "segment_ids": padded("segment_ids", None),  # padding: a segment of its own
         "image_grid_hw": torch.tensor([g for r in rows for g in r["image_grids"]], dtype=torch.long).view(-1, 2),
         "real_tokens": torch.tensor(sum(r["real_tokens"] for r in rows)),
+        "sample_lengths": torch.tensor([n for r in rows for n in r["sample_lengths"]], dtype=torch.long),
         "num_samples": torch.tensor(sum(r["num_samples"] for r in rows)),
     }
     for key in ("images", "teacher_images"):

@@ -1,0 +1,266 @@
+"""Megatron-LM flag names at the command line, typed dataclasses inside.
+
+`parse_args(argv)` builds a `TrainingJob`: the model (a preset plus overrides), its layout over
+devices, the optimizer and schedule, data, checkpoints and logging. Nothing else reads argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from megatron_eve.config import (
+    PRESETS,
+    ConfigError,
+    EVEModelConfig,
+    ParallelConfig,
+    RuntimeConfig,
+    get_preset,
+    replace,
+)
+
+STAGES = ("prealign", "pretrain", "finetune")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-5
+    min_lr: float = 0.0
+    vision_lr: Optional[float] = None  # PEL, projector and aligner (the reference's vision/projector lr)
+    lr_decay_style: str = "cosine"
+    lr_warmup_fraction: Optional[float] = None
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    initial_loss_scale: float = 2.0**32
+    loss_scale: Optional[float] = None  # fp16 static scale; None = dynamic
+
+
+@dataclass
+class ScheduleConfig:
+    stage: str = "pretrain"
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    seq_length: int = 4096
+    train_iters: int = 1
+    seed: int = 1234
+    nan_action: str = "skip"  # or "stop"
+
+
+@dataclass
+class DataArgs:
+    data_path: List[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    tokenizer_model: Optional[str] = None
+    num_workers: int = 2
+    pack: bool = True
+    packing_buffer_size: int = 10000
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    finetune: bool = False  # load model weights only (a new stage); iteration restarts at 0
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    keep_last: Optional[int] = None
+    exit_signal_handler: bool = False
+    exit_interval: Optional[int] = None
+    exit_duration_in_mins: Optional[float] = None
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard_dir: Optional[str] = None
+    eval_interval: Optional[int] = None
+    eval_iters: int = 0
+    peak_tflops: Optional[float] = None  # per device; looked up from the device name when None
+
+
+@dataclass
+class TrainingJob:
+    model: EVEModelConfig
+    parallel: ParallelConfig
+    runtime: RuntimeConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    data: DataArgs
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_eve.py",
+        description="Train EVE (encoder-free vision-language model) on megatron-core. Launch with "
+                    "torchrun; flags follow Megatron-LM's names.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("EVE")
+    g.add_argument("--stage", choices=STAGES, default="pretrain",
+                   help="prealign trains the PEL, projector and aligner only (LLM frozen); pretrain and "
+                        "finetune train everything but the CLIP teacher")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="eve-7b", help="model preset")
+    g.add_argument("--image-size", type=int, default=None, help="PEL resolution (672, or 1344 for HD)")
+    g.add_argument("--vision-teacher-path", default=None,
+                   help="local HF folder of the CLIP teacher (openai/clip-vit-large-patch14-336)")
+    g.add_argument("--align-loss-weight", type=float, default=1.0, help="total = LM + w * align")
+    g.add_argument("--disable-aligner", action="store_true", help="train without the patch aligning layer")
+    g.add_argument("--vision-lr", type=float, default=None,
+                   help="learning rate of PEL, projector and aligner (default: --lr)")
+
+    g = p.add_argument_group("model size (overrides the preset)")
+    for flag in ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
+                 "--num-query-groups", "--max-position-embeddings", "--vocab-size"):
+        g.add_argument(flag, type=int, default=None)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+    g = p.add_argument_group("precision and kernels")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
+    g.add_argument("--loss-scale", type=float, default=None, help="static fp16 loss scale (default dynamic)")
+    g.add_argument("--transformer-impl", choices=("auto", "transformer_engine", "local"), default="auto")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--use-cpu-initialization", action="store_true")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, required=True)
+    g.add_argument("--seq-length", type=int, required=True, help="positions per (packed) sequence")
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-samples", type=int, default=None, help="sequences; sets --train-iters")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--nan-action", choices=("skip", "stop"), default="skip",
+                   help="a NaN/Inf loss or gradient skips the update (and is counted), or stops the run")
+
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"),
+                   default="cosine")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: the training length")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", required=True,
+                   help="preprocessed prefixes, optionally weighted: A B, or 0.7 A 0.3 B")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test weights")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="tokenizer.model (or HF folder) the data was made with; checked against the data")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
+    g.add_argument("--no-pack", action="store_true", help="one sample per row, padded to the longest")
+    g.add_argument("--packing-buffer-size", type=int, default=10000, help="samples packed together")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--finetune", action="store_true",
+                   help="load model weights only (start a new stage): no optimizer, scheduler, RNG or iteration")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--ckpt-keep-last", type=int, default=None, help="keep only the newest K checkpoints")
+    g.add_argument("--exit-signal-handler", action="store_true", help="on SIGTERM: save, then exit 0")
+    g.add_argument("--exit-interval", type=int, default=None, help="save and exit at a multiple of this iteration")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None, help="save and exit after this long")
+
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=0)
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device dense peak for MFU (default: looked up, e.g. H100 989)")
+    return p
+
+
+def parse_args(argv=None) -> TrainingJob:
+    args = build_parser().parse_args(argv)
+    return job_from_args(args)
+
+
+def job_from_args(args: argparse.Namespace) -> TrainingJob:
+    model = get_preset(args.preset)
+    changes = {f"language.{name}": getattr(args, name) for name in (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+        "max_position_embeddings", "vocab_size") if getattr(args, name) is not None}
+    changes["language.make_vocab_size_divisible_by"] = args.make_vocab_size_divisible_by
+    if args.image_size is not None:
+        changes["vision.image_size"] = args.image_size
+    changes["aligner.enabled"] = not args.disable_aligner and args.align_loss_weight > 0
+    changes["aligner.loss_weight"] = args.align_loss_weight
+    changes["aligner.teacher_path"] = args.vision_teacher_path
+    model = replace(model, **changes)
+
+    if (args.train_iters is None) == (args.train_samples is None):
+        raise ConfigError("give exactly one of --train-iters and --train-samples")
+    train_iters = args.train_iters if args.train_iters is not None else args.train_samples // args.global_batch_size
+    if args.recompute_granularity == "full" and args.recompute_method is None:
+        raise ConfigError("--recompute-granularity full needs --recompute-method uniform or block")
+    return TrainingJob(
+        model=model,
+        parallel=ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                args.sequence_parallel),
+        runtime=RuntimeConfig(
+            transformer_impl=args.transformer_impl, bf16=args.bf16, fp16=args.fp16,
+            recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+            recompute_num_layers=args.recompute_num_layers or (1 if args.recompute_granularity == "full" else None),
+            use_cpu_initialization=args.use_cpu_initialization,
+        ),
+        optim=OptimConfig(
+            lr=args.lr, min_lr=args.min_lr, vision_lr=args.vision_lr, lr_decay_style=args.lr_decay_style,
+            lr_warmup_fraction=args.lr_warmup_fraction, lr_warmup_iters=args.lr_warmup_iters,
+            lr_decay_iters=args.lr_decay_iters, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
+            initial_loss_scale=args.initial_loss_scale, loss_scale=args.loss_scale,
+        ),
+        schedule=ScheduleConfig(
+            stage=args.stage, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+            seq_length=args.seq_length, train_iters=train_iters, seed=args.seed, nan_action=args.nan_action,
+        ),
+        data=DataArgs(
+            data_path=args.data_path, split=args.split, tokenizer_model=args.tokenizer_model,
+            num_workers=args.num_workers, pack=not args.no_pack, packing_buffer_size=args.packing_buffer_size,
+        ),
+        checkpoint=CheckpointConfig(
+            save=args.save, load=args.load, save_interval=args.save_interval, finetune=args.finetune,
+            no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, keep_last=args.ckpt_keep_last,
+            exit_signal_handler=args.exit_signal_handler, exit_interval=args.exit_interval,
+            exit_duration_in_mins=args.exit_duration_in_mins,
+        ),
+        logging=LoggingConfig(
+            log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
+            eval_interval=args.eval_interval, eval_iters=args.eval_iters, peak_tflops=args.peak_tflops,
+        ),
+    )

@@ -1,0 +1,198 @@
+"""Checkpoints with megatron-core dist-checkpointing (Megatron-LM's directory conventions).
+
+SAVE/iter_0000100/ holds model, optimizer (fully reshardable), scheduler, iteration, consumed
+samples and per-rank RNG; SAVE/latest_checkpointed_iteration.txt names the newest complete one.
+A checkpoint is written under a temporary name and renamed when every rank has finished, and the
+marker is replaced only after that, so an interrupted save never looks like the latest.
+Loading reshards to any TP / PP; --finetune loads model weights only (a new stage), and weights
+missing from the checkpoint (e.g. a fresh PEL on top of a language model) keep their initialisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_eve.config import ConfigError
+from megatron_eve.training.arguments import TrainingJob
+
+logger = logging.getLogger(__name__)
+TRACKER = "latest_checkpointed_iteration.txt"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def unwrap(model):
+    """The EVEModel inside DDP / Float16Module: checkpoints use its keys, whatever the wrapping."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        text = handle.read().strip()
+    if not text.isdigit():
+        raise ConfigError(f"{path} holds {text!r}, not an iteration number")
+    return int(text)
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+
+
+def _layout() -> Dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()}
+
+
+def _rng_object(data):
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        "rng_state", data,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(),
+    )
+
+
+def _rng_state() -> Dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> str:
+    """Write a complete checkpoint of `state.iteration`; returns its directory."""
+    from megatron.core import dist_checkpointing
+
+    root = job.checkpoint.save
+    final = checkpoint_dir(root, state.iteration)
+    staging = final + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    dist.barrier()
+    model_sd = unwrap(model).sharded_state_dict()
+    sharded = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA),
+        "opt_param_scheduler": scheduler.state_dict(),
+        "train_state": asdict(state),
+        "layout": _layout(),
+        "stage": job.schedule.stage,
+        "rng_state": _rng_object(_rng_state()),
+    }
+    dist_checkpointing.save(sharded, staging, content_metadata=OPTIMIZER_METADATA)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        marker = os.path.join(root, TRACKER)
+        with open(marker + ".tmp", "w") as handle:
+            handle.write(str(state.iteration))
+        os.replace(marker + ".tmp", marker)  # only now is this checkpoint the latest
+        _prune(root, job.checkpoint.keep_last, keep=state.iteration)
+    dist.barrier()
+    return final
+
+
+def _prune(root: str, keep_last: Optional[int], keep: int) -> None:
+    if not keep_last:
+        return
+    iterations = sorted(int(name[5:]) for name in os.listdir(root)
+                        if name.startswith("iter_") and name[5:].isdigit())
+    for iteration in iterations[:-keep_last]:
+        if iteration != keep:
+            shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
+
+
+def load(job: TrainingJob, model, optimizer, scheduler) -> TrainState:
+    """Resume (or start a stage from) --load; returns where training continues."""
+    from megatron.core import dist_checkpointing
+
+    root = job.checkpoint.load
+    if root is None:
+        return TrainState()
+    iteration = latest_iteration(root)
+    if iteration is None:
+        if job.checkpoint.load == job.checkpoint.save and not job.checkpoint.finetune:
+            logger.warning("no checkpoint in %s yet: starting from scratch", root)
+            return TrainState()
+        raise ConfigError(f"--load {root}: no {TRACKER} (no complete checkpoint there)")
+    directory = checkpoint_dir(root, iteration)
+    common = dist_checkpointing.load_common_state_dict(directory)
+    model = unwrap(model)
+    model_sd = model.sharded_state_dict()
+
+    if job.checkpoint.finetune:
+        available = set(dist_checkpointing.load_tensors_metadata(directory).keys())
+        present = {k: v for k, v in model_sd.items() if getattr(v, "key", k) in available}
+        missing = sorted(k for k in model_sd if k not in present)
+        loaded = dist_checkpointing.load({"model": present}, directory)["model"]
+        model.load_state_dict(loaded, strict=False)
+        optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the loaded weights
+        if missing and dist.get_rank() == 0:
+            logger.warning("not in %s, kept as initialised: %s", directory, ", ".join(missing))
+        return TrainState()
+
+    template = {"model": model_sd}
+    if not job.checkpoint.no_load_optim:
+        template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
+    same_layout = common.get("layout") == _layout()
+    if same_layout and not job.checkpoint.no_load_rng:
+        template["rng_state"] = _rng_object(_rng_state())
+    state = dist_checkpointing.load(template, directory)
+    model.load_state_dict(state["model"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    else:
+        optimizer.reload_model_params()
+    if "rng_state" in state:
+        _set_rng_state(state["rng_state"])
+    elif not job.checkpoint.no_load_rng and dist.get_rank() == 0:
+        logger.warning("checkpoint layout %s differs from %s: RNG states are not restored",
+                       common.get("layout"), _layout())
+    return TrainState(**common["train_state"])

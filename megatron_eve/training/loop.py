@@ -1,0 +1,391 @@
+"""The training loop: checks, model and data setup, iterations, evaluation, logging, checkpoints,
+and the exits (end of training, --exit-interval, --exit-duration-in-mins, SIGTERM)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from functools import partial
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_eve import distributed
+from megatron_eve.config import ConfigError, validate
+from megatron_eve.data.dataset import DataConfig, build_datasets, parse_data_path
+from megatron_eve.data.images import tokens_per_image
+from megatron_eve.data.indexed import DatasetFormatError, read_metadata
+from megatron_eve.data.loader import LoaderConfig, build_loader, model_inputs
+from megatron_eve.model.build import build_model
+from megatron_eve.platform import current_device
+from megatron_eve.training import checkpoint
+from megatron_eve.training.arguments import TrainingJob
+from megatron_eve.training.metrics import (
+    BatchWork,
+    IntervalMeter,
+    TensorBoard,
+    memory_scalars,
+    micro_batch_work,
+    peak_tflops,
+)
+from megatron_eve.training.optim import build_optimizer, build_scheduler, wrap_model
+from megatron_eve.training.stages import apply_stage
+from megatron_eve.training.step import forward_step
+
+logger = logging.getLogger("megatron_eve")
+
+
+# ------------------------------------------------------------------------ checks before work
+def check_job(job: TrainingJob, world_size: int) -> None:
+    """Everything that can be known wrong before a process group or a model exists."""
+    tp, pp = job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size
+    s, model = job.schedule, job.model
+    problems = []
+    if world_size % (tp * pp):
+        problems.append(f"tensor ({tp}) x pipeline ({pp}) parallel sizes do not divide the world size {world_size}")
+    else:
+        dp = world_size // (tp * pp)
+        if s.global_batch_size % (s.micro_batch_size * dp):
+            problems.append(f"--global-batch-size {s.global_batch_size} is not divisible by --micro-batch-size "
+                            f"{s.micro_batch_size} x data-parallel size {dp}")
+    if s.train_iters < 1:
+        problems.append("nothing to train: --train-iters (or --train-samples / --global-batch-size) is 0")
+    grid = model.vision.image_size // model.vision.token_cell
+    square = tokens_per_image(grid, grid)
+    if s.seq_length < square:
+        problems.append(f"--seq-length {s.seq_length} is below one square image's {square} tokens at "
+                        f"{model.vision.image_size} px")
+    if s.seq_length > model.language.max_position_embeddings:
+        problems.append(f"--seq-length {s.seq_length} exceeds --max-position-embeddings "
+                        f"{model.language.max_position_embeddings}")
+    if job.parallel.sequence_parallel and s.seq_length % tp:
+        problems.append(f"--seq-length {s.seq_length} must be divisible by TP {tp} for --sequence-parallel")
+    if model.aligner.enabled and not model.aligner.teacher_path:
+        problems.append("the aligner is on (EVE trains with it in every stage) but --vision-teacher-path is not "
+                        "set: pass the CLIP teacher's local folder, or --disable-aligner")
+    if job.checkpoint.exit_signal_handler and not job.checkpoint.save:
+        problems.append("--exit-signal-handler saves a checkpoint: it needs --save")
+    try:
+        validate(model, job.parallel, job.runtime)
+    except ConfigError as error:
+        problems.append(str(error).replace("invalid EVE configuration:\n  - ", ""))
+    problems += _check_data(job)
+    if problems:
+        raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
+
+
+def _check_data(job: TrainingJob) -> List[str]:
+    problems = []
+    try:
+        blend = parse_data_path(job.data.data_path)
+    except ValueError as error:
+        return [str(error)]
+    checksum = None
+    if job.data.tokenizer_model:
+        from megatron_eve.data.tokenizer import Tokenizer
+
+        try:
+            checksum = Tokenizer(job.data.tokenizer_model).checksum
+        except (OSError, RuntimeError) as error:
+            problems.append(f"--tokenizer-model: {error}")
+    vision, lm = job.model.vision, job.model.language
+    for _, prefix in blend:
+        try:
+            meta = read_metadata(prefix)
+        except (DatasetFormatError, OSError, ValueError) as error:
+            problems.append(f"--data-path {prefix}: {error}")
+            continue
+        if meta["image_size"] != vision.image_size or meta["teacher_image_size"] != vision.teacher_image_size:
+            problems.append(f"{prefix} holds {meta['image_size']}/{meta['teacher_image_size']}-px images but the "
+                            f"model takes {vision.image_size}/{vision.teacher_image_size} (--image-size)")
+        if meta["tokenizer_vocab_size"] > lm.vocab_size:
+            problems.append(f"{prefix} was tokenized with {meta['tokenizer_vocab_size']} ids, more than the "
+                            f"model's vocabulary {lm.vocab_size}")
+        if checksum and meta["tokenizer_sha256"] != checksum:
+            problems.append(f"{prefix} was made with a different tokenizer than --tokenizer-model")
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(prefix + suffix):
+                problems.append(f"{prefix}{suffix} is missing")
+    return problems
+
+
+# ---------------------------------------------------------------------------------- helpers
+class MicroBatches:
+    """Micro-batches for the schedule: collated batches → model inputs on this rank's device,
+    counting the work each represents."""
+
+    def __init__(self, loader, job: TrainingJob, align: bool, teacher_params: int):
+        self.iterator = iter(loader)
+        self.loader, self.job, self.align, self.teacher_params = loader, job, align, teacher_params
+        self.work = BatchWork()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict:
+        try:
+            batch = next(self.iterator)
+        except StopIteration:  # evaluation cycles through its split
+            self.iterator = iter(self.loader)
+            batch = next(self.iterator)
+        self.work.add(micro_batch_work(batch, self.job.model, self.align, self.teacher_params))
+        dtype = self.job.runtime.params_dtype
+        return model_inputs(batch, self.job.model.vision, current_device(), dtype=dtype)
+
+
+def _last_rank_of_losses() -> bool:
+    from megatron.core import parallel_state as ps
+
+    return (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_data_parallel_rank() == 0)
+
+
+def _reduce_losses(losses: List[Dict], keys=("lm loss", "align loss")) -> Dict[str, float]:
+    """Mean over micro-batches and data-parallel ranks (last stage); broadcast to all ranks."""
+    from megatron.core import parallel_state as ps
+
+    values = torch.zeros(len(keys), dtype=torch.float64)
+    if ps.is_pipeline_last_stage() and losses:
+        for i, key in enumerate(keys):
+            values[i] = sum(float(step[key]) for step in losses) / len(losses)
+        dist.all_reduce(values, group=ps.get_data_parallel_group())
+        values /= ps.get_data_parallel_world_size()
+    # Everyone learns the losses (the last stage's ranks hold them; others contribute 0).
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
+    return {key: float(values[i]) for i, key in enumerate(keys)}
+
+
+def _all_finite(ddp, losses: Dict[str, float]) -> bool:
+    local = all(math.isfinite(v) for v in losses.values())
+    local = local and all(bool(torch.isfinite(b.grad_data).all()) for b in ddp.buffers + ddp.expert_parallel_buffers)
+    flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _any_rank(value: bool) -> bool:
+    flag = torch.tensor([1 if value else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+class _SignalCatcher:
+    def __init__(self, enabled: bool):
+        self.caught = False
+        if enabled:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        self.caught = True
+
+
+def _data_sizes(job: TrainingJob):
+    s, log = job.schedule, job.logging
+    train = s.train_iters * s.global_batch_size
+    evals = (s.train_iters // log.eval_interval + 1) if log.eval_interval else 0
+    valid = evals * log.eval_iters * s.global_batch_size if log.eval_iters else 0
+    return train, valid or None, None
+
+
+# ------------------------------------------------------------------------------------- run
+def run(job: TrainingJob) -> int:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_job(job, world_size)
+    distributed.initialize(job.parallel, seed=job.schedule.seed)
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    rank = dist.get_rank()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its per-module INFO chatter
+    s, ck, log = job.schedule, job.checkpoint, job.logging
+    align = job.model.aligner.enabled
+
+    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    model = build_model(job.model, job.parallel, job.runtime, load_teacher=align)
+    trainable, frozen = apply_stage(model, s.stage)
+    if trainable == 0:
+        raise ConfigError(f"pipeline stage {ps.get_pipeline_model_parallel_rank()} has nothing to train in "
+                          f"stage {s.stage}: use fewer pipeline stages")
+    teacher_params = sum(p.numel() for p in model.teacher.model.parameters()) if model.teacher else 0
+    ddp = wrap_model(model, job)
+    optimizer = build_optimizer(ddp, job)
+    scheduler = build_scheduler(optimizer, job)
+    state = checkpoint.load(job, ddp, optimizer, scheduler)
+    if rank == 0:
+        logger.info("stage %s: %s trainable / %s frozen parameters on rank 0; starting at iteration %d, "
+                    "%d samples consumed", s.stage, f"{trainable:,}", f"{frozen:,}", state.iteration,
+                    state.consumed_samples)
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    data = build_datasets(DataConfig(
+        blend=parse_data_path(job.data.data_path), seq_length=s.seq_length, split=job.data.split,
+        seed=s.seed, pack=job.data.pack, packing_buffer_size=job.data.packing_buffer_size,
+        read_pixels=first, read_teacher=last and align,
+    ), sizes=_data_sizes(job))
+    if data["train"] is None or len(data["train"]) == 0:
+        raise ConfigError("no training sequence: the train split is empty or no sample fits --seq-length")
+    pin = torch.cuda.is_available()
+    train_batches = MicroBatches(build_loader(data["train"], LoaderConfig(
+        s.micro_batch_size, state.consumed_samples, dp_rank, dp_size, job.data.num_workers, pin)),
+        job, align, teacher_params)
+    valid_batches = None
+    if data["valid"] is not None and log.eval_interval and log.eval_iters:
+        valid_batches = MicroBatches(build_loader(data["valid"], LoaderConfig(
+            s.micro_batch_size, 0, dp_rank, dp_size, min(job.data.num_workers, 1), pin)), job, False, 0)
+
+    num_microbatches = s.global_batch_size // (s.micro_batch_size * dp_size)
+    fb = get_forward_backward_func()
+    step = partial(forward_step, job.model.aligner.loss_weight if align else 0.0)
+    tensorboard = TensorBoard(log.tensorboard_dir if _last_rank_of_losses() else None)
+    catcher = _SignalCatcher(ck.exit_signal_handler)
+    peak = peak_tflops(log.peak_tflops)
+    meter = IntervalMeter()
+    started = time.time()
+    exit_code, reason = 0, "finished"
+
+    while state.iteration < s.train_iters:
+        ddp.train()
+        tick = time.time()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        train_batches.work = BatchWork()
+        losses = fb(forward_step_func=step, data_iterator=train_batches, model=[ddp],
+                    num_microbatches=num_microbatches, seq_length=s.seq_length,
+                    micro_batch_size=s.micro_batch_size, forward_only=False)
+        reduced = _reduce_losses(losses)
+        grad_norm = None
+        if _all_finite(ddp, reduced):
+            updated, grad_norm, _ = optimizer.step()
+            if updated:
+                scheduler.step(increment=s.global_batch_size)
+            else:
+                state.skipped_iterations += 1  # fp16 loss-scale overflow
+        else:
+            state.nan_iterations += 1
+            if rank == 0:
+                logger.error("iteration %d: non-finite loss or gradient (%s); %s", state.iteration + 1, reduced,
+                             "stopping" if s.nan_action == "stop" else "update skipped")
+            if s.nan_action == "stop":
+                exit_code, reason = 1, "non-finite loss"
+                state.iteration += 1
+                break
+            state.skipped_iterations += 1
+        state.iteration += 1
+        state.consumed_samples += s.global_batch_size
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        work = _global_work(train_batches.work)
+        meter.iterations += 1
+        meter.seconds += time.time() - tick
+        meter.work.add(work)
+
+        if state.iteration % log.log_interval == 0 or state.iteration == s.train_iters:
+            scalars = {**reduced, "learning-rate": _current_lr(optimizer), "grad-norm": float(grad_norm or 0.0),
+                       **meter.scalars(dist.get_world_size(), peak), **memory_scalars(),
+                       "batch-size": s.global_batch_size}
+            if _last_rank_of_losses():
+                print(_log_line(state, s, scalars, peak), flush=True)
+            tensorboard.write(scalars, state.iteration, state.consumed_samples,
+                              vs_samples=("lm loss", "align loss", "learning-rate"))
+            meter = IntervalMeter()
+
+        if valid_batches is not None and state.iteration % log.eval_interval == 0:
+            value = _evaluate(fb, step, ddp, valid_batches, log.eval_iters, num_microbatches, s)
+            if _last_rank_of_losses():
+                print(f" validation at iteration {state.iteration} | lm loss: {value:.6E} | "
+                      f"lm loss PPL: {math.exp(min(value, 20)):.6E}", flush=True)
+            tensorboard.write({"lm loss validation": value}, state.iteration, state.consumed_samples,
+                              vs_samples=("lm loss validation",))
+
+        saved = False
+        if ck.save and ck.save_interval and state.iteration % ck.save_interval == 0:
+            checkpoint.save(job, ddp, optimizer, scheduler, state)
+            saved = True
+        stop = None
+        if _any_rank(catcher.caught):
+            stop = "SIGTERM"
+        elif ck.exit_interval and state.iteration % ck.exit_interval == 0:
+            stop = "--exit-interval"
+        elif ck.exit_duration_in_mins and _any_rank((time.time() - started) / 60 > ck.exit_duration_in_mins):
+            stop = "--exit-duration-in-mins"
+        if stop:
+            if ck.save and not saved:
+                checkpoint.save(job, ddp, optimizer, scheduler, state)
+                saved = True
+            reason = f"{stop} at iteration {state.iteration}"
+            break
+
+    if reason == "finished" and ck.save and (not ck.save_interval or state.iteration % ck.save_interval):
+        checkpoint.save(job, ddp, optimizer, scheduler, state)
+    tensorboard.close()
+    if rank == 0:
+        logger.info("exiting: %s (%d skipped, %d non-finite iterations)", reason, state.skipped_iterations,
+                    state.nan_iterations)
+    distributed.destroy()
+    return exit_code
+
+
+def _global_work(work: BatchWork) -> BatchWork:
+    """Sum this iteration's work over data-parallel replicas (each counted once)."""
+    from megatron.core import parallel_state as ps
+
+    values = torch.tensor([work.real_tokens, work.positions, work.samples, work.images, work.flops],
+                          dtype=torch.float64)
+    dist.all_reduce(values, group=ps.get_data_parallel_group())
+    return BatchWork(int(values[0]), int(values[1]), int(values[2]), int(values[3]), float(values[4]))
+
+
+def _current_lr(optimizer) -> float:
+    for group in optimizer.param_groups:
+        if group.get("default_config", True):
+            return float(group["lr"])
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def _evaluate(fb, step, ddp, batches, iters: int, num_microbatches: int, s) -> float:
+    ddp.eval()
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(iters):
+            losses = fb(forward_step_func=step, data_iterator=batches, model=[ddp],
+                        num_microbatches=num_microbatches, seq_length=s.seq_length,
+                        micro_batch_size=s.micro_batch_size, forward_only=True)
+            total += _reduce_losses(losses)["lm loss"]
+    ddp.train()
+    return total / max(iters, 1)
+
+
+def _log_line(state, s, scalars: Dict[str, float], peak: Optional[float]) -> str:
+    mfu = f"{100 * scalars['mfu']:.1f}%" if "mfu" in scalars else "n/a"
+    return (
+        f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {state.iteration:8d}/{s.train_iters:8d} |"
+        f" consumed samples: {state.consumed_samples:12d} |"
+        f" elapsed time per iteration (ms): {scalars['iteration-time']:.1f} |"
+        f" learning rate: {scalars['learning-rate']:.6E} | global batch size: {s.global_batch_size:5d} |"
+        f" lm loss: {scalars['lm loss']:.6E} | align loss: {scalars['align loss']:.6E} |"
+        f" grad norm: {scalars['grad-norm']:.3f} | tokens/s/GPU: {scalars['tokens-per-sec-per-gpu']:.1f} |"
+        f" throughput (TFLOP/s/GPU): {scalars['throughput']:.2f} | MFU: {mfu} |"
+        f" packing efficiency: {100 * scalars['packing-efficiency']:.1f}% |"
+        f" number of skipped iterations: {state.skipped_iterations:3d} |"
+        f" number of nan iterations: {state.nan_iterations:3d} |"
+    )
+
+
+def main(argv=None) -> int:
+    from megatron_eve.training.arguments import parse_args
+
+    try:
+        job = parse_args(argv)
+        return run(job)
+    except ConfigError as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2

@@ -1,0 +1,135 @@
+"""Throughput from real (non-padding) tokens: tokens/s, model FLOPs, MFU; and the TensorBoard
+writer. One function computes what the console line and TensorBoard both show."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from megatron_eve.config import EVEModelConfig
+from megatron_eve.model.size import parameter_counts
+
+# Dense bf16 peaks per device, TFLOP/s (sparsity excluded).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "A100": 312.0, "A800": 312.0,
+               "B200": 2250.0, "GB200": 2450.0, "L40S": 362.0}
+
+
+def peak_tflops(override: Optional[float] = None) -> Optional[float]:
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_TFLOPS[key]
+    return None
+
+
+@dataclass
+class BatchWork:
+    """What a global batch computes, counted from real tokens only."""
+
+    real_tokens: int = 0
+    positions: int = 0  # real + padding
+    samples: int = 0
+    images: int = 0
+    flops: float = 0.0
+
+    def add(self, other: "BatchWork") -> None:
+        self.real_tokens += other.real_tokens
+        self.positions += other.positions
+        self.samples += other.samples
+        self.images += other.images
+        self.flops += other.flops
+
+
+def micro_batch_work(batch: Dict, model: EVEModelConfig, align: bool, teacher_params: int = 0) -> BatchWork:
+    """Training FLOPs (forward + backward = 3 x forward; the teacher forward only) of a collated
+    micro-batch: decoder matmuls and causal attention within each sample, LM head, PEL, projector,
+    aligner and teacher, all from real tokens (padding is not work)."""
+    lm, vision = model.language, model.vision
+    h, c = lm.hidden_size, vision.hidden_size
+    counts = parameter_counts(model)
+    lengths = batch["sample_lengths"].double()
+    tokens = float(lengths.sum())
+    decoder_weights = counts["decoder"] - lm.num_layers * 2 * h - h  # matmul weights, norms excluded
+    forward = 2.0 * tokens * (decoder_weights + lm.hidden_size * lm.vocab_size)
+    forward += lm.num_layers * 2.0 * h * float((lengths * (lengths + 1)).sum())  # QK^T and AV, causal
+    grids = batch["image_grid_hw"].double()
+    if grids.numel():
+        rows, cols = grids[:, 0], grids[:, 1]
+        merged = float((rows * cols).sum())
+        visual = float((1 + rows * (cols + 1)).sum())
+        pel = merged * (4 * 2 * 3 * vision.patch_size**2 * c + 2 * c * c + 4 * 2 * 2 * c * c + 2 * c * c)
+        forward += pel + visual * 2 * (c * h + h * h)
+        if align:
+            a = model.aligner.hidden_size
+            pool = vision.align_pool
+            cells = float(((rows // pool) * (cols // pool)).sum())
+            taps = len(model.aligner.taps(lm.num_layers))
+            forward += cells * 2 * (taps * h * a + h * a + a * a)
+    flops = 3.0 * forward
+    images = int(grids.shape[0])
+    if align and images:
+        flops += 2.0 * teacher_params * images * (vision.teacher_grid**2 + 1)
+    return BatchWork(int(tokens), int(batch["tokens"].numel()), int(batch["num_samples"]), images, flops)
+
+
+@dataclass
+class IntervalMeter:
+    """Accumulates iterations between two log lines."""
+
+    iterations: int = 0
+    seconds: float = 0.0
+    work: BatchWork = field(default_factory=BatchWork)
+
+    def scalars(self, world_size: int, peak: Optional[float]) -> Dict[str, float]:
+        seconds = max(self.seconds, 1e-9)
+        tflops = self.work.flops / seconds / world_size / 1e12
+        out = {
+            "iteration-time": seconds / max(self.iterations, 1) * 1000.0,
+            "tokens-per-sec-per-gpu": self.work.real_tokens / seconds / world_size,
+            "throughput": tflops,
+            "packing-efficiency": self.work.real_tokens / max(self.work.positions, 1),
+        }
+        if peak:
+            out["mfu"] = tflops / peak
+        return out
+
+
+def memory_scalars() -> Dict[str, float]:
+    if torch.cuda.is_available():
+        return {"mem-allocated-bytes": float(torch.cuda.memory_allocated()),
+                "mem-max-allocated-bytes": float(torch.cuda.max_memory_allocated())}
+    import psutil
+
+    return {"mem-rss-bytes": float(psutil.Process(os.getpid()).memory_info().rss)}
+
+
+class TensorBoard:
+    """Scalars against iterations, and against consumed samples for losses and lr (Megatron's
+    "<name> vs samples")."""
+
+    def __init__(self, directory: Optional[str]):
+        self.writer = None
+        if directory:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=directory, max_queue=100)
+
+    def write(self, scalars: Dict[str, float], iteration: int, consumed: int, vs_samples=()) -> None:
+        if self.writer is None:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, iteration)
+            if name in vs_samples:
+                self.writer.add_scalar(f"{name} vs samples", value, consumed)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

@@ -1,0 +1,76 @@
+"""megatron-core DDP, optimizer and learning-rate schedule from the typed configs."""
+
+from __future__ import annotations
+
+from megatron_eve.training.arguments import TrainingJob
+from megatron_eve.training.stages import vision_name_patterns
+
+
+def wrap_model(model, job: TrainingJob):
+    """Float16Module for bf16 / fp16, then megatron-core's DistributedDataParallel."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    config = model.config
+    if job.runtime.bf16 or job.runtime.fp16:
+        model = Float16Module(config, model)
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=job.optim.overlap_grad_reduce,
+            overlap_param_gather=job.optim.overlap_param_gather,
+            use_distributed_optimizer=job.optim.use_distributed_optimizer,
+            bucket_size=None if not job.optim.overlap_grad_reduce else 40_000_000,
+        ),
+        model,
+    )
+    # Schedules call these to overlap gradient reduction with the last micro-batch's backward.
+    config.no_sync_func = ddp.no_sync
+    if job.optim.overlap_grad_reduce:
+        config.grad_sync_func = ddp.start_grad_sync
+    if job.optim.overlap_param_gather and job.optim.use_distributed_optimizer:
+        config.param_sync_func = ddp.start_param_sync
+    from megatron.core.distributed import finalize_model_grads
+
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def build_optimizer(ddp, job: TrainingJob):
+    """AdamW (megatron-core, optionally distributed), with the vision parameters in their own
+    group when --vision-lr differs from --lr."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer.optimizer_config import ParamKey
+
+    o, r = job.optim, job.runtime
+    config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+        bf16=r.bf16, fp16=r.fp16, params_dtype=r.params_dtype, loss_scale=o.loss_scale,
+        initial_loss_scale=o.initial_loss_scale, use_distributed_optimizer=o.use_distributed_optimizer,
+        overlap_param_gather=o.overlap_param_gather,
+    )
+    overrides = None
+    if o.vision_lr is not None and o.vision_lr != o.lr:
+        ratio = o.vision_lr / o.lr
+        overrides = {ParamKey(name=tuple(vision_name_patterns())): {"max_lr": o.vision_lr, "min_lr": o.min_lr * ratio}}
+    return get_megatron_optimizer(config, [ddp], config_overrides=overrides)
+
+
+def build_scheduler(optimizer, job: TrainingJob):
+    """Megatron's OptimizerParamScheduler, counted in samples (steps of global-batch-size)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o, s = job.optim, job.schedule
+    decay_iters = o.lr_decay_iters or s.train_iters
+    decay_steps = decay_iters * s.global_batch_size
+    if o.lr_warmup_fraction is not None:
+        warmup_steps = int(o.lr_warmup_fraction * decay_steps)
+    else:
+        warmup_steps = o.lr_warmup_iters * s.global_batch_size
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup_steps,
+        lr_decay_steps=decay_steps, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay,
+        end_wd=o.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant",
+    )
