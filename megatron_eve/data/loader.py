@@ -79,6 +79,14 @@ class LoaderConfig:
     pin_memory: bool = False
 
 
+def _ignore_sigterm(worker_id: int) -> None:  # noqa: ARG001
+    """Schedulers send SIGTERM to every process of a job; a worker's death would fail the loader
+    before the trainer could save. Workers leave on the trainer's own shutdown instead."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(dataset, config: LoaderConfig) -> torch.utils.data.DataLoader:
     sampler = MicroBatchSampler(len(dataset), config.consumed, config.micro_batch_size,
                                 config.dp_rank, config.dp_size)
@@ -89,6 +97,7 @@ def build_loader(dataset, config: LoaderConfig) -> torch.utils.data.DataLoader:
         num_workers=config.num_workers,
         pin_memory=config.pin_memory,
         persistent_workers=config.num_workers > 0,
+        worker_init_fn=_ignore_sigterm,
         prefetch_factor=4 if config.num_workers > 0 else None,
     )
 

@@ -1,0 +1,176 @@
+"""pretrain_eve.py end to end on 2 CPU processes: the three stages, exact resume after kill -9,
+resume at another layout, SIGTERM, TensorBoard scalars, frozen LLM in prealign, config errors."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from megatron_eve.config import ConfigError
+from megatron_eve.training.arguments import parse_args
+from megatron_eve.training.loop import check_job
+from tests.helpers import ROOT, free_port
+
+LINE = re.compile(r"iteration +(\d+)/ *\d+ .*? lm loss: (\S+) \| align loss: (\S+) \| grad norm: (\S+)")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, corpus, teacher_path):
+    from megatron_eve.data.preprocess import PreprocessJob, run
+    from megatron_eve.data.records import RecordConfig
+    from tests.helpers import tiny_config
+
+    root = tmp_path_factory.mktemp("train_data")
+    vision = tiny_config().vision
+    for kind, template in (("captions", "plain"), ("qa", "vicuna_v1")):
+        run(PreprocessJob([corpus[kind]], str(root / kind), corpus["tokenizer"],
+                          RecordConfig(template, vision, image_folder=corpus["root"]), progress=False))
+    return {"captions": str(root / "captions"), "qa": str(root / "qa"), "teacher": teacher_path,
+            "tokenizer": corpus["tokenizer"]}
+
+
+def base_args(data, stage="prealign", kind="captions"):
+    return ["--stage", stage, "--preset", "tiny", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--seq-length", "512", "--lr", "1e-3", "--log-interval", "1", "--data-path", data[kind],
+            "--split", "90,10,0", "--vision-teacher-path", data["teacher"], "--num-workers", "1",
+            "--tokenizer-model", data["tokenizer"]]
+
+
+def launch(args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(ROOT / "pretrain_eve.py"), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def train(args, nproc=2, timeout=300):
+    proc = launch(args, nproc)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-6000:]
+    return losses(out), out
+
+
+def losses(text):
+    return {int(m[0]): tuple(float(x) for x in m[1:]) for m in LINE.findall(text)}
+
+
+def checkpoint_diff(a, b):
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel" / "checkpoint_diff.py"), a, b],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_three_stages(data, tmp_path):
+    """prealign (TP=2) → pretrain (PP=2, from prealign) → finetune (TP=2 + SP, from pretrain)."""
+    pre, out = train(base_args(data) + ["--tensor-model-parallel-size", 2, "--train-iters", 4, "--save",
+                                        tmp_path / "pre", "--save-interval", 2, "--tensorboard-dir", tmp_path / "tb"])
+    assert sorted(pre) == [1, 2, 3, 4]
+    assert pre[4][1] < pre[1][1]  # the aligner learns
+    # Prealign trains the PEL, projector and aligner; the language model stays bit-identical.
+    diff = checkpoint_diff(str(tmp_path / "pre" / "iter_0000002"), str(tmp_path / "pre" / "iter_0000004"))
+    llm = {k: v for k, v in diff.items() if k.startswith(("decoder.", "embedding.", "output_layer."))}
+    vision = {k: v for k, v in diff.items() if k.startswith(("vision_model.", "vision_projection.", "aligner."))}
+    assert llm and all(v == 0.0 for v in llm.values()), llm
+    assert vision and all(v > 0.0 for v in vision.values())
+
+    mid, out = train(base_args(data, "pretrain") + ["--pipeline-model-parallel-size", 2, "--train-iters", 3,
+                                                    "--load", tmp_path / "pre", "--finetune", "--save", tmp_path / "mid"])
+    assert sorted(mid) == [1, 2, 3]  # a new stage restarts its iteration count
+    diff = checkpoint_diff(str(tmp_path / "pre" / "iter_0000004"), str(tmp_path / "mid" / "iter_0000003"))
+    assert all(v > 0.0 for k, v in diff.items() if k.startswith("decoder."))  # now the LLM trains
+
+    sft, out = train(base_args(data, "finetune", "qa") + ["--tensor-model-parallel-size", 2, "--sequence-parallel",
+                                                          "--train-iters", 3, "--load", tmp_path / "mid", "--finetune"])
+    assert sorted(sft) == [1, 2, 3] and all(v[0] > 0 for v in sft.values())
+
+    # TensorBoard holds the console's figures under Megatron's names.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("lm loss", "align loss", "lm loss vs samples", "learning-rate", "grad-norm", "throughput",
+                "tokens-per-sec-per-gpu", "packing-efficiency", "iteration-time", "mem-rss-bytes"):
+        assert tag in tags, (tag, sorted(tags))
+    assert [e.step for e in events.Scalars("lm loss")] == [1, 2, 3, 4]
+    assert abs(events.Scalars("lm loss")[0].value - pre[1][0]) < 1e-5
+
+
+def test_kill_and_resume_gives_the_same_losses(data, tmp_path):
+    args = base_args(data, "pretrain") + ["--train-iters", 6, "--save-interval", 2]
+    full, _ = train(args + ["--save", tmp_path / "full"])
+    proc = launch(args + ["--save", tmp_path / "killed"])
+    marker = tmp_path / "killed" / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (marker.exists() and marker.read_text().strip() == "4"):
+        time.sleep(0.2)
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
+    proc.kill()
+    proc.communicate()
+    assert marker.read_text().strip() == "4"
+    resumed, _ = train(args + ["--save", tmp_path / "killed", "--load", tmp_path / "killed"])
+    assert sorted(resumed) == [5, 6]
+    for iteration in (5, 6):
+        assert resumed[iteration] == full[iteration]  # identical to the printed digit
+
+
+
+def test_resume_at_another_tensor_parallel_size(data, tmp_path):
+    args = base_args(data, "pretrain") + ["--train-iters", 4]
+    full, _ = train(args + ["--save", tmp_path / "a", "--save-interval", 2])  # 2-way data parallel
+    (tmp_path / "a" / "latest_checkpointed_iteration.txt").write_text("2")
+    resumed, _ = train(args + ["--tensor-model-parallel-size", 2, "--load", tmp_path / "a"])
+    assert sorted(resumed) == [3, 4]
+    for iteration in (3, 4):
+        for ours, theirs in zip(resumed[iteration][:2], full[iteration][:2]):
+            assert abs(ours - theirs) <= 1e-5 * abs(theirs)
+
+
+def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
+    proc = launch(base_args(data, "pretrain") + ["--train-iters", 1000, "--save", tmp_path / "ck",
+                                                 "--exit-signal-handler"])
+    output = []
+    while True:
+        line = proc.stdout.readline()
+        output.append(line)
+        if "iteration        2/" in line or not line:
+            break
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.send_signal(signal.SIGTERM)  # as a cluster scheduler signals every task
+    out, _ = proc.communicate(timeout=120)
+    text = "".join(output) + out
+    assert proc.returncode == 0, text[-4000:]
+    assert "exiting: SIGTERM at iteration" in text
+    saved = int((tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= saved < 1000 and (tmp_path / "ck" / f"iter_{saved:07d}").is_dir()
+
+
+def job_args(data, *extra):
+    return parse_args(base_args(data, "pretrain") + ["--train-iters", "3", *map(str, extra)])
+
+
+@pytest.mark.parametrize("extra, world, message", [
+    (["--global-batch-size", "6"], 2, "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
+    (["--tensor-model-parallel-size", "4"], 2, "do not divide the world size 2"),
+    (["--seq-length", "64"], 1, "--seq-length 64 is below one square image's 73 tokens"),
+    (["--vision-teacher-path", ""], 1, "--vision-teacher-path is not set"),
+    (["--data-path", "/nonexistent/prefix"], 1, "--data-path /nonexistent/prefix"),
+    (["--image-size", "448"], 1, "holds 224/112-px images but the model takes 448/112"),
+])
+def test_bad_configs_are_refused_before_work(data, extra, world, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_job(job_args(data, *extra), world)
+
+
+def test_bad_config_exit_status(data, tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "pretrain_eve.py"), *base_args(data, "pretrain"),
+                          "--train-iters", "2", "--seq-length", "32"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "error: cannot start training" in out.stderr and "--seq-length 32" in out.stderr
