@@ -86,9 +86,14 @@ def test_three_stages(data, tmp_path):
     diff = checkpoint_diff(str(tmp_path / "pre" / "iter_0000004"), str(tmp_path / "mid" / "iter_0000003"))
     assert all(v > 0.0 for k, v in diff.items() if k.startswith("decoder."))  # now the LLM trains
 
-    sft, out = train(base_args(data, "finetune", "qa") + ["--tensor-model-parallel-size", 2, "--sequence-parallel",
-                                                          "--train-iters", 3, "--load", tmp_path / "mid", "--finetune"])
-    assert sorted(sft) == [1, 2, 3] and all(v[0] > 0 for v in sft.values())
+    # --pretrained-checkpoint starts from the previous stage only while --load holds nothing.
+    sft_args = base_args(data, "finetune", "qa") + ["--tensor-model-parallel-size", 2, "--sequence-parallel",
+                                                    "--pretrained-checkpoint", tmp_path / "mid", "--load",
+                                                    tmp_path / "sft", "--save", tmp_path / "sft"]
+    sft, out = train(sft_args + ["--train-iters", 2])
+    assert sorted(sft) == [1, 2] and all(v[0] > 0 for v in sft.values())
+    more, out = train(sft_args + ["--train-iters", 3])
+    assert sorted(more) == [3]  # resumed from its own checkpoint, not restarted from "mid"
 
     # TensorBoard holds the console's figures under Megatron's names.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

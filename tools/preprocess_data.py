@@ -23,7 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eve.config import VisionConfig  # noqa: E402
+from megatron_eve.config import (  # noqa: E402
+    ConfigError,
+    EVEModelConfig,
+    ParallelConfig,
+    RuntimeConfig,
+    VisionConfig,
+    validate,
+)
 from megatron_eve.data.preprocess import PreprocessJob, run  # noqa: E402
 from megatron_eve.data.records import RecordConfig  # noqa: E402
 from megatron_eve.data.sources import InputError  # noqa: E402
@@ -47,8 +54,8 @@ def parse_args(argv=None):
     text.add_argument("--over-length", choices=("drop", "truncate"), default="drop",
                       help="a longer sample is dropped, or truncated (never inside an image) (default drop)")
     img = p.add_argument_group("images")
-    img.add_argument("--image-size", type=int, default=672, choices=(672, 1344),
-                     help="EVE's PEL resolution: 672 (EVE-7B) or 1344 (EVE-7B-HD)")
+    img.add_argument("--image-size", type=int, default=672,
+                     help="the PEL's square: 672 (EVE-7B), 1344 (EVE-7B-HD), 224 (the tiny preset)")
     img.add_argument("--teacher-image-size", type=int, default=336, help="CLIP teacher view (default 336)")
     img.add_argument("--max-images", type=int, default=1, help="images per sample (EVE: 1)")
     img.add_argument("--image-codec", choices=("jpeg", "png"), default="jpeg",
@@ -72,6 +79,11 @@ def main(argv=None) -> int:
         print(f"error: --partition-index {args.partition_index} is outside 0..{args.partitions - 1}", file=sys.stderr)
         return 2
     vision = VisionConfig(image_size=args.image_size, teacher_image_size=args.teacher_image_size)
+    try:
+        validate(EVEModelConfig(vision=vision), ParallelConfig(), RuntimeConfig())
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     job = PreprocessJob(
         inputs=args.input,
         output_prefix=args.output_prefix,

@@ -84,6 +84,7 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str, vocab_size: int) ->
         eos_id=2,
         pad_id=-1,
         character_coverage=1.0,
+        hard_vocab_limit=False,  # a small corpus may support fewer pieces: vocab_size is a ceiling
         minloglevel=2,
     )
     return model_prefix + ".model"

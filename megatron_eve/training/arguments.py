@@ -71,6 +71,7 @@ class CheckpointConfig:
     load: Optional[str] = None
     save_interval: Optional[int] = None
     finetune: bool = False  # load model weights only (a new stage); iteration restarts at 0
+    pretrained_checkpoint: Optional[str] = None  # weights-only start when --load has nothing yet
     no_load_optim: bool = False
     no_load_rng: bool = False
     keep_last: Optional[int] = None
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--finetune", action="store_true",
                    help="load model weights only (start a new stage): no optimizer, scheduler, RNG or iteration")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="start from these weights (e.g. the previous stage) when --load holds no checkpoint "
+                        "yet; a rerun resumes from --load instead")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--ckpt-keep-last", type=int, default=None, help="keep only the newest K checkpoints")
@@ -255,6 +259,7 @@ def job_from_args(args: argparse.Namespace) -> TrainingJob:
         ),
         checkpoint=CheckpointConfig(
             save=args.save, load=args.load, save_interval=args.save_interval, finetune=args.finetune,
+            pretrained_checkpoint=args.pretrained_checkpoint,
             no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, keep_last=args.ckpt_keep_last,
             exit_signal_handler=args.exit_signal_handler, exit_interval=args.exit_interval,
             exit_duration_in_mins=args.exit_duration_in_mins,

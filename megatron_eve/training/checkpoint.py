@@ -149,34 +149,45 @@ def _prune(root: str, keep_last: Optional[int], keep: int) -> None:
 
 
 def load(job: TrainingJob, model, optimizer, scheduler) -> TrainState:
-    """Resume (or start a stage from) --load; returns where training continues."""
+    """Resume from --load, or start a stage from --pretrained-checkpoint / --load --finetune
+    (weights only); returns where training continues."""
     from megatron.core import dist_checkpointing
 
-    root = job.checkpoint.load
-    if root is None:
-        return TrainState()
-    iteration = latest_iteration(root)
-    if iteration is None:
-        if job.checkpoint.load == job.checkpoint.save and not job.checkpoint.finetune:
-            logger.warning("no checkpoint in %s yet: starting from scratch", root)
-            return TrainState()
-        raise ConfigError(f"--load {root}: no {TRACKER} (no complete checkpoint there)")
-    directory = checkpoint_dir(root, iteration)
-    common = dist_checkpointing.load_common_state_dict(directory)
+    ck = job.checkpoint
     model = unwrap(model)
-    model_sd = model.sharded_state_dict()
-
-    if job.checkpoint.finetune:
-        available = set(dist_checkpointing.load_tensors_metadata(directory).keys())
-        present = {k: v for k, v in model_sd.items() if getattr(v, "key", k) in available}
-        missing = sorted(k for k in model_sd if k not in present)
-        loaded = dist_checkpointing.load({"model": present}, directory)["model"]
-        model.load_state_dict(loaded, strict=False)
-        optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the loaded weights
-        if missing and dist.get_rank() == 0:
-            logger.warning("not in %s, kept as initialised: %s", directory, ", ".join(missing))
+    resume = latest_iteration(ck.load) if ck.load else None
+    if resume is not None and not ck.finetune:
+        return _resume(job, model, optimizer, scheduler, checkpoint_dir(ck.load, resume))
+    source = ck.load if (ck.finetune and resume is not None) else ck.pretrained_checkpoint
+    if source is None:
+        if ck.load and (ck.finetune or ck.load != ck.save):
+            raise ConfigError(f"--load {ck.load}: no {TRACKER} (no complete checkpoint there)")
+        if ck.load:
+            logger.warning("no checkpoint in %s yet: starting from scratch", ck.load)
         return TrainState()
+    iteration = latest_iteration(source)
+    if iteration is None:
+        raise ConfigError(f"{source}: no {TRACKER} (no complete checkpoint there)")
+    directory = checkpoint_dir(source, iteration)
+    model_sd = model.sharded_state_dict()
+    available = set(dist_checkpointing.load_tensors_metadata(directory).keys())
+    present = {k: v for k, v in model_sd.items() if getattr(v, "key", k) in available}
+    missing = sorted(k for k in model_sd if k not in present)
+    loaded = dist_checkpointing.load({"model": present}, directory)["model"]
+    model.load_state_dict(loaded, strict=False)
+    optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the loaded weights
+    if dist.get_rank() == 0:
+        logger.info("initialised from the weights of %s", directory)
+        if missing:
+            logger.warning("not in %s, kept as initialised: %s", directory, ", ".join(missing))
+    return TrainState()
 
+
+def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> TrainState:
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(directory)
+    model_sd = model.sharded_state_dict()
     template = {"model": model_sd}
     if not job.checkpoint.no_load_optim:
         template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)

@@ -287,7 +287,7 @@ def run(job: TrainingJob) -> int:
         meter.seconds += time.time() - tick
         meter.work.add(work)
 
-        if state.iteration % log.log_interval == 0 or state.iteration == s.train_iters:
+        if state.iteration % log.log_interval == 0 or state.iteration in (1, s.train_iters):
             scalars = {**reduced, "learning-rate": _current_lr(optimizer), "grad-norm": float(grad_norm or 0.0),
                        **meter.scalars(dist.get_world_size(), peak), **memory_scalars(),
                        "batch-size": s.global_batch_size}

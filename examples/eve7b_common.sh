@@ -1,0 +1,33 @@
+# Shared settings of the EVE-7B launch scripts (sourced, not run).
+# Usage of every stage script, as the reference's: bash examples/eve7b_<stage>.sh ${node_rank} ${master_addr}
+# Paths come from the environment; the defaults follow the reference's playground layout.
+NODE_RANK=${1:-0}
+MASTER_ADDR=${2:-127.0.0.1}
+NNODES=${NNODES:-4}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MASTER_PORT=${MASTER_PORT:-6000}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+TOKENIZER=${TOKENIZER:-lmsys/vicuna-7b-v1.5}                    # local HF folder with tokenizer.model
+TEACHER=${TEACHER:-openai/clip-vit-large-patch14-336}          # local HF folder (CLIPVisionModel)
+DATA=${DATA:-playground/data/megatron}                          # tools/preprocess_data.py outputs
+CHECKPOINTS=${CHECKPOINTS:-checkpoints}
+
+LAUNCH=(torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "$NODE_RANK"
+        --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+
+# The reference (HF Trainer + ZeRO-3): bf16, tf32, gradient checkpointing, AdamW (0.9, 0.999, 1e-8),
+# weight decay 0, cosine schedule, one epoch, the CLIP aligner on in every stage, no gradient clipping.
+# Here: TP=2 with sequence parallelism and the distributed optimizer over 16-way data parallelism,
+# packed sequences, full recompute.
+COMMON=(--preset eve-7b --bf16 --tensor-model-parallel-size 2 --sequence-parallel
+        --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+        --recompute-granularity full --recompute-method uniform --recompute-num-layers 1
+        --micro-batch-size 1 --weight-decay 0.0 --adam-beta1 0.9 --adam-beta2 0.999 --adam-eps 1e-8
+        --clip-grad 0 --lr-decay-style cosine --min-lr 0
+        --tokenizer-model "$TOKENIZER" --vision-teacher-path "$TEACHER" --align-loss-weight 1.0
+        --num-workers 4 --log-interval 10 --exit-signal-handler --seed 42)
+
+# Batch sizes count packed sequences. The reference counts samples: at seq-length 4096 a caption
+# sample (601 image + ~30 text positions) packs ~6.5 to a sequence, an SFT sample (~800) ~5, so
+# the scripts keep the reference's tokens per step: 512 samples ≈ 80 sequences, 128 ≈ 32.
