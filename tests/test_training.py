@@ -179,3 +179,11 @@ def test_bad_config_exit_status(data, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "pretrain_eve.py"), *base_args(data, "pretrain"),
                           "--train-iters", "2", "--seq-length", "32"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "error: cannot start training" in out.stderr and "--seq-length 32" in out.stderr
+
+
+def test_non_finite_loss_or_gradient_is_detected():
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel" / "nan_check.py")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+        "finite": True, "nan_loss": False, "inf_loss": False, "nan_grad": False}
