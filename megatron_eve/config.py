@@ -190,6 +190,16 @@ def replace(config, **changes):
     return dataclasses.replace(config, **flat)
 
 
+def model_config_from_dict(values: Dict) -> EVEModelConfig:
+    """Inverse of dataclasses.asdict for EVEModelConfig (as stored in checkpoints)."""
+    return EVEModelConfig(
+        name=values.get("name", "eve"),
+        language=LanguageModelConfig(**values["language"]),
+        vision=VisionConfig(**values["vision"]),
+        aligner=AlignerConfig(**values["aligner"]),
+    )
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
     """Megatron's rule: round up to a multiple of divisible_by * TP."""
     multiple = divisible_by * tensor_parallel_size

@@ -122,6 +122,7 @@ def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> st
         "train_state": asdict(state),
         "layout": _layout(),
         "stage": job.schedule.stage,
+        "model_config": asdict(job.model),  # lets converters rebuild the architecture
         "rng_state": _rng_object(_rng_state()),
     }
     dist_checkpointing.save(sharded, staging, content_metadata=OPTIMIZER_METADATA)

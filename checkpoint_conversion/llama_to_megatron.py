@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Llama / Vicuna HF folder (e.g. lmsys/vicuna-7b-v1.5) → a megatron_eve dist checkpoint for
+EVE's first stage: the language model converted, the patch embedding layer, projector and
+aligner freshly initialised as the reference does (PyTorch defaults, CLS / split ~ N(0, 1)).
+
+  python checkpoint_conversion/llama_to_megatron.py --hf vicuna-7b-v1.5 --preset eve-7b \\
+      --out checkpoints/vicuna-7b-v1.5-megatron
+"""
+
+import argparse
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_eve.checkpoint.dcp_writer import write_checkpoint  # noqa: E402
+from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
+    CheckpointFormatError,
+    HFWeights,
+    check_keys,
+    check_padded_vocab,
+    check_shapes,
+    fresh_vision_tensors,
+    language_config,
+    megatron_plan,
+    read_hf_config,
+)
+from megatron_eve.checkpoint.megatron_dirs import finish_checkpoint, parse_dtype  # noqa: E402
+from megatron_eve.config import PRESETS, ConfigError, ParallelConfig, RuntimeConfig, get_preset, replace, validate  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf", required=True, help="HF LlamaForCausalLM folder")
+    p.add_argument("--out", required=True, help="megatron checkpoint root")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="eve-7b", help="vision and aligner settings")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the fresh vision modules")
+    args = p.parse_args(argv)
+    try:
+        hf = HFWeights(args.hf)
+        config = read_hf_config(args.hf)
+        model = replace(get_preset(args.preset), language=language_config(config))
+        if args.image_size:
+            model = replace(model, **{"vision.image_size": args.image_size})
+        if any(k.startswith(("model.vision_tower.", "model.mm_projector.")) for k in hf.keys()):
+            raise CheckpointFormatError(f"{args.hf} already holds EVE vision weights: use hf_to_megatron.py")
+        validate(model, ParallelConfig(args.target_tensor_parallel_size, args.target_pipeline_parallel_size),
+                 RuntimeConfig())
+        check_keys(hf, model.language, need_vision=False)
+        check_shapes(hf, model)
+        padded = check_padded_vocab(model, args.target_tensor_parallel_size)
+        plan = megatron_plan(hf, model, padded, parse_dtype(args.dtype), extra=fresh_vision_tensors(model, args.seed))
+        common = {"converted_from": os.path.abspath(args.hf), "model_config": asdict(model)}
+        directory = finish_checkpoint(args.out, lambda d: write_checkpoint(d, plan, common), plan)
+    except (CheckpointFormatError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {directory}: {model.language.num_layers}-layer language model with a fresh PEL, projector and "
+          f"aligner; start the prealign stage with --pretrained-checkpoint {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

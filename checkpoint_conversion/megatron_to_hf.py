@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""megatron_eve dist checkpoint → HF EVE folder that plain transformers loads and generates with:
+
+  python checkpoint_conversion/megatron_to_hf.py --megatron checkpoints/eve-7b-sft-672 \\
+      --out exports/eve-7b --tokenizer-model vicuna-7b-v1.5 [--format bin] [--dtype bfloat16]
+
+  AutoModelForCausalLM.from_pretrained("exports/eve-7b", trust_remote_code=True)
+
+Writes config.json (EVE's fields and values), generation_config.json, safetensors shards and index
+(or `.bin` shards like the release with --format bin), modeling_eve.py (registered via auto_map)
+and the tokenizer files. Tensors are read a layer at a time and written a shard at a time.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, MegatronCheckpoint, hf_config, hf_tensors  # noqa: E402
+from megatron_eve.checkpoint.hf_writer import copy_tokenizer, write_tensors  # noqa: E402
+from megatron_eve.checkpoint.megatron_dirs import parse_dtype  # noqa: E402
+from megatron_eve.config import ConfigError, model_config_from_dict  # noqa: E402
+from megatron_eve.training.checkpoint import checkpoint_dir, latest_iteration  # noqa: E402
+
+MODELING = Path(__file__).resolve().parents[1] / "megatron_eve" / "hf" / "modeling_eve.py"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--megatron", required=True, help="checkpoint root (with latest_checkpointed_iteration.txt)")
+    p.add_argument("--iteration", type=int, default=None, help="default: the latest")
+    p.add_argument("--out", required=True, help="HF folder to write")
+    p.add_argument("--tokenizer-model", default=None, help="tokenizer.model or an HF folder holding one")
+    p.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        iteration = args.iteration if args.iteration is not None else latest_iteration(args.megatron)
+        if iteration is None:
+            raise CheckpointFormatError(f"{args.megatron}: no latest_checkpointed_iteration.txt")
+        directory = checkpoint_dir(args.megatron, iteration)
+        from megatron.core import dist_checkpointing
+
+        common = dist_checkpointing.load_common_state_dict(directory)
+        if "model_config" not in common:
+            raise CheckpointFormatError(f"{directory} does not record its model configuration")
+        model = model_config_from_dict(common["model_config"])
+        dtype = parse_dtype(args.dtype)
+        ckpt = MegatronCheckpoint(directory)
+        staging = args.out.rstrip("/") + ".tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        write_tensors(staging, hf_tensors(ckpt, model, dtype), args.format, int(args.max_shard_size_gb * (1 << 30)),
+                      progress=not args.no_progress)
+        with open(os.path.join(staging, "config.json"), "w") as handle:
+            json.dump(hf_config(model, dtype), handle, indent=2)
+        with open(os.path.join(staging, "generation_config.json"), "w") as handle:
+            json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}, handle, indent=2)
+        shutil.copyfile(MODELING, os.path.join(staging, "modeling_eve.py"))
+        if args.tokenizer_model:
+            copy_tokenizer(args.tokenizer_model, staging)
+        shutil.rmtree(args.out, ignore_errors=True)
+        os.replace(staging, args.out)
+    except (CheckpointFormatError, ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out} from {directory} ({args.format}, {args.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

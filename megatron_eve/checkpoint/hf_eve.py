@@ -1,0 +1,388 @@
+"""The HF EVE release format (eve.md §2) ↔ megatron_eve's dist checkpoints.
+
+Names: `model.layers.{i}.*` ↔ the stacked `decoder.layers.*` (fused QKV, fused [gate; up]),
+`model.vision_tower.*` ↔ `vision_model.*` (same sub-names), `model.mm_projector.{0,2}.*` ↔
+`vision_projection.{0,2}.*`, `model.vision_tower_compressor.*` ↔ `aligner.*`. The CLIP teacher
+(`model.vision_clip.*`, aliased under `vision_tower_compressor.clip_layer.*`) is not part of the
+model and is skipped.
+
+Everything is read lazily (memory-mapped `.bin` shards, read without executing pickled code;
+safetensors by tensor) and written a chunk or a shard at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+
+from megatron_eve.checkpoint.dcp_writer import GlobalTensor, layer_chunks
+from megatron_eve.checkpoint.llama_layout import fuse_qkv, split_qkv
+from megatron_eve.config import (
+    AlignerConfig,
+    ConfigError,
+    EVEModelConfig,
+    LanguageModelConfig,
+    VisionConfig,
+    padded_vocab_size,
+)
+
+SKIPPED_PREFIXES = ("model.vision_clip.", "model.vision_tower_compressor.clip_layer.")
+SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
+LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint folder whose files or tensors do not form the expected model."""
+
+
+# ---------------------------------------------------------------------------------- reading
+class HFWeights:
+    """Lazy access to the tensors of an HF folder: sharded or single `.bin` / safetensors."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.files: Dict[str, str] = {}  # key → file
+        self._handles: Dict[str, object] = {}
+        index = next((os.path.join(folder, n) for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                      if os.path.isfile(os.path.join(folder, n))), None)
+        if index:
+            with open(index) as handle:
+                self.files = dict(json.load(handle)["weight_map"])
+            missing = sorted({f for f in self.files.values() if not os.path.isfile(os.path.join(folder, f))})
+            if missing:
+                raise CheckpointFormatError(f"{folder}: shards named in {os.path.basename(index)} are missing: "
+                                            f"{', '.join(missing)}")
+        else:
+            single = next((n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(folder, n))), None)
+            if single is None:
+                raise CheckpointFormatError(f"{folder}: no model.safetensors, pytorch_model.bin or shard index")
+            self.files = {key: single for key in self._open(single).keys()}
+
+    def _open(self, name: str):
+        if name not in self._handles:
+            path = os.path.join(self.folder, name)
+            if name.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                handle = safe_open(path, framework="pt")
+            else:  # weights_only: no pickled code runs; mmap: tensors stay on disk until used
+                try:
+                    handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as error:  # noqa: BLE001 - report which file is bad and why
+                    raise CheckpointFormatError(f"{path}: cannot be read as a weights-only checkpoint ({error})") from None
+            self._handles[name] = handle
+        return self._handles[name]
+
+    def keys(self) -> List[str]:
+        return list(self.files)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        handle = self._open(self.files[key])
+        if hasattr(handle, "get_slice"):
+            return tuple(handle.get_slice(key).get_shape())
+        return tuple(handle[key].shape)  # memory-mapped: no data is read
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.files:
+            raise CheckpointFormatError(f"{self.folder}: tensor {key} is missing")
+        handle = self._open(self.files[key])
+        return handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key]
+
+
+def read_hf_config(folder: str) -> Dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointFormatError(f"{folder}: no config.json")
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _image_size_from(config: Dict) -> int:
+    if config.get("image_size"):
+        return int(config["image_size"])
+    match = re.search(r"anypixel-(\d+)", str(config.get("mm_vision_tower", "")))
+    return int(match.group(1)) if match else 672
+
+
+def language_config(config: Dict) -> LanguageModelConfig:
+    heads = config["num_attention_heads"]
+    return LanguageModelConfig(
+        num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
+        ffn_hidden_size=config["intermediate_size"], num_attention_heads=heads,
+        num_query_groups=config.get("num_key_value_heads") or heads, vocab_size=config["vocab_size"],
+        max_position_embeddings=config.get("max_position_embeddings", 4096),
+        norm_epsilon=config.get("rms_norm_eps", 1e-5), rotary_base=int(config.get("rope_theta", 10000)),
+    )
+
+
+def model_config(config: Dict, weights: Optional[HFWeights] = None, image_size: Optional[int] = None) -> EVEModelConfig:
+    """EVEModelConfig of an HF EVE folder (the aligner's taps counted from its weights)."""
+    if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise CheckpointFormatError(f"mm_projector_type {config['mm_projector_type']!r} is not EVE's mlp2x_gelu")
+    lm = language_config(config)
+    vision = VisionConfig(hidden_size=config.get("mm_hidden_size", 1024), image_size=image_size or _image_size_from(config),
+                          teacher_image_size=config.get("image_size_clip", 336))
+    taps = 0
+    if weights is not None:
+        taps = len({k.split(".")[3] for k in weights.keys() if k.startswith("model.vision_tower_compressor.norm_layer.")})
+    aligner = AlignerConfig(enabled=taps > 0, hidden_size=config.get("mm_hidden_size_clip", vision.hidden_size))
+    if taps:
+        if lm.num_layers % (taps - 1):
+            raise CheckpointFormatError(f"{taps} aligner taps do not divide {lm.num_layers} layers evenly")
+        aligner.tap_interval = lm.num_layers // (taps - 1)
+    return EVEModelConfig(name=config.get("_name_or_path", "eve"), language=lm, vision=vision, aligner=aligner)
+
+
+# ------------------------------------------------------------------------------ HF → megatron
+def _layer_key_map(lm: LanguageModelConfig) -> Dict[str, Tuple[Tuple[str, ...], Callable]]:
+    """megatron stacked key → (HF per-layer suffixes, combine(*tensors))."""
+    return {
+        "decoder.layers.self_attention.linear_qkv.weight": (
+            ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+            lambda q, k, v: fuse_qkv(q, k, v, lm)),
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (("input_layernorm.weight",), lambda w: w),
+        "decoder.layers.self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), lambda w: w),
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight": (("post_attention_layernorm.weight",), lambda w: w),
+        "decoder.layers.mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+                                                 lambda g, u: torch.cat([g, u])),
+        "decoder.layers.mlp.linear_fc2.weight": (("mlp.down_proj.weight",), lambda w: w),
+    }
+
+
+def _plain_key_map(hf: HFWeights) -> Dict[str, str]:
+    """megatron key → HF key for the non-decoder tensors present in the folder."""
+    out = {"decoder.final_layernorm.weight": "model.norm.weight"}
+    for key in hf.keys():
+        for src, dst in (("model.vision_tower.", "vision_model."), ("model.mm_projector.", "vision_projection."),
+                         ("model.vision_tower_compressor.", "aligner.")):
+            if key.startswith(src) and not key.startswith(SKIPPED_PREFIXES):
+                out[dst + key[len(src):]] = key
+    return out
+
+
+def check_keys(hf: HFWeights, lm: LanguageModelConfig, need_vision: bool) -> None:
+    """Every HF tensor is either used or knowingly skipped, and every needed one is there."""
+    expected = {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+    for i in range(lm.num_layers):
+        for suffixes, _ in _layer_key_map(lm).values():
+            expected.update(f"model.layers.{i}.{s}" for s in suffixes)
+    known_prefixes = ("model.vision_tower.", "model.mm_projector.", "model.vision_tower_compressor.")
+    unknown = sorted(k for k in hf.keys() if k not in expected and not k.startswith(known_prefixes + SKIPPED_PREFIXES)
+                     and not k.endswith(SKIPPED_SUFFIXES))
+    missing = sorted(k for k in expected if k not in hf)
+    if need_vision:
+        for part in ("model.vision_tower.patch_embedding.weight", "model.mm_projector.0.weight"):
+            if part not in hf:
+                missing.append(part)
+    if unknown or missing:
+        raise CheckpointFormatError(
+            f"{hf.folder}: " + "; ".join(filter(None, [
+                f"unknown tensors: {', '.join(unknown)}" if unknown else "",
+                f"missing tensors: {', '.join(missing)}" if missing else ""])))
+
+
+def expected_shapes(model: EVEModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Shape of every HF EVE tensor the configuration implies (vision modules measured on the
+    meta device, so nothing is allocated)."""
+    lm = model.language
+    h, f, d = lm.hidden_size, lm.ffn_hidden_size, lm.hidden_size // lm.num_attention_heads
+    shapes = {"model.embed_tokens.weight": (lm.vocab_size, h), "lm_head.weight": (lm.vocab_size, h),
+              "model.norm.weight": (h,)}
+    per_layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+                 "self_attn.q_proj.weight": (lm.num_attention_heads * d, h),
+                 "self_attn.k_proj.weight": (lm.num_query_groups * d, h),
+                 "self_attn.v_proj.weight": (lm.num_query_groups * d, h), "self_attn.o_proj.weight": (h, h),
+                 "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)}
+    for i in range(lm.num_layers):
+        shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+    with torch.device("meta"):
+        for key, tensor in fresh_vision_tensors(model, seed=0):
+            for dst, src in (("vision_model.", "model.vision_tower."), ("vision_projection.", "model.mm_projector."),
+                             ("aligner.", "model.vision_tower_compressor.")):
+                if key.startswith(dst):
+                    shapes[src + key[len(dst):]] = tuple(tensor.shape)
+    return shapes
+
+
+def check_shapes(hf: HFWeights, model: EVEModelConfig) -> None:
+    """Every tensor present has the shape config.json implies (read from headers, not data)."""
+    wrong = []
+    for key, shape in expected_shapes(model).items():
+        if key in hf:
+            got = tuple(hf.shape(key))
+            if got != shape:
+                wrong.append(f"{key} is {list(got)}, expected {list(shape)}")
+    if wrong:
+        raise CheckpointFormatError(f"{hf.folder}: tensors of the wrong shape for its config.json: " + "; ".join(wrong))
+
+
+def megatron_plan(hf: HFWeights, model: EVEModelConfig, padded_vocab: int, dtype: torch.dtype,
+                  extra: Iterable[Tuple[str, torch.Tensor]] = ()) -> List[GlobalTensor]:
+    """The dist checkpoint's tensors, each made lazily from the HF tensors (plus `extra`, already
+    made tensors such as freshly initialised vision modules)."""
+    lm = model.language
+    h, vocab = lm.hidden_size, lm.vocab_size
+
+    def padded(key):
+        def make():
+            weight = hf.get(key)
+            if weight.shape[0] != vocab:
+                raise CheckpointFormatError(f"{key} has {weight.shape[0]} rows, config.json says vocab {vocab}")
+            return torch.cat([weight, weight.new_zeros(padded_vocab - vocab, weight.shape[1])])
+        return make
+
+    plan = [GlobalTensor("embedding.word_embeddings.weight", (padded_vocab, h), dtype, [((), padded("model.embed_tokens.weight"))]),
+            GlobalTensor("output_layer.weight", (padded_vocab, h), dtype, [((), padded("lm_head.weight"))])]
+    for key, (suffixes, combine) in _layer_key_map(lm).items():
+        def make_layer(i, suffixes=suffixes, combine=combine):
+            return combine(*(hf.get(f"model.layers.{i}.{s}") for s in suffixes))
+        shape = tuple(make_layer(0).shape)
+        plan.append(GlobalTensor(key, (lm.num_layers, *shape), dtype, layer_chunks(lm.num_layers, make_layer)))
+    for dst, src in _plain_key_map(hf).items():
+        plan.append(GlobalTensor(dst, tuple(hf.get(src).shape), dtype, [((), lambda src=src: hf.get(src))]))
+    for key, tensor in extra:
+        plan.append(GlobalTensor(key, tuple(tensor.shape), dtype, [((), lambda t=tensor: t)]))
+    return plan
+
+
+def fresh_vision_tensors(model: EVEModelConfig, seed: int) -> Iterator[Tuple[str, torch.Tensor]]:
+    """PEL, projector and aligner initialised as the reference does (PyTorch defaults; CLS and
+    split embeddings ~ N(0, 1)): the start of stage 1 from a plain Llama / Vicuna."""
+    from megatron_eve.model.aligner import PatchAligner
+    from megatron_eve.model.patch_embedding import PatchEmbeddingLayer, VisionProjection
+
+    if torch.get_default_device().type != "meta":
+        torch.manual_seed(seed)
+    modules = {"vision_model.": PatchEmbeddingLayer(model.vision),
+               "vision_projection.": VisionProjection(model.vision.hidden_size, model.language.hidden_size)}
+    if model.aligner.enabled:
+        taps = range(len(model.aligner.taps(model.language.num_layers)))
+        modules["aligner."] = PatchAligner(model.language.hidden_size, model.aligner, taps, with_head=True)
+    for prefix, module in modules.items():
+        for name, tensor in module.state_dict().items():
+            yield prefix + name, tensor.detach()
+
+
+# ------------------------------------------------------------------------------ megatron → HF
+class MegatronCheckpoint:
+    """Reads a dist checkpoint's model tensors whole or a layer at a time, straight from its
+    torch.distributed.checkpoint files (no process group, no full tensor in memory)."""
+
+    def __init__(self, directory: str):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.directory = directory
+        self.reader = FileSystemReader(directory)
+        self.metadata = self.reader.read_metadata()
+        self.shapes = {k: (tuple(v.size), v.properties.dtype) for k, v in self.metadata.state_dict_metadata.items()
+                       if isinstance(v, TensorStorageMetadata) and not k.startswith("optimizer.")}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._load(key, None)
+
+    def layer(self, key: str, index: int) -> torch.Tensor:
+        return self._load(key, index)
+
+    def _load(self, key: str, index: Optional[int]) -> torch.Tensor:
+        from torch.distributed.checkpoint import load as dcp_load
+
+        if key not in self.shapes:
+            raise CheckpointFormatError(f"{self.directory}: no tensor {key}")
+        shape, dtype = self.shapes[key]
+        region = (shape if index is None else (1, *shape[1:]))
+        offsets = (0,) * len(shape) if index is None else (index,) + (0,) * (len(shape) - 1)
+        out = torch.empty(region, dtype=dtype)
+        dcp_load({key: out}, storage_reader=self.reader, planner=_RegionLoadPlanner(key, offsets, region), no_dist=True)
+        return out if index is None else out[0]
+
+
+class _RegionLoadPlanner:
+    """A DCP load planner that reads one region of one global tensor into a buffer."""
+
+    def __new__(cls, key, offsets, sizes):
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        class Planner(DefaultLoadPlanner):
+            def create_local_plan(self) -> LoadPlan:
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+                return LoadPlan(create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk]))
+
+            def lookup_tensor(self, index):
+                return self.state_dict[index.fqn]
+
+        return Planner(allow_partial_load=True)
+
+
+def hf_tensors(ckpt: MegatronCheckpoint, model: EVEModelConfig, dtype: torch.dtype) -> Iterator[Tuple[str, torch.Tensor]]:
+    """HF EVE tensors in a natural order, a decoder layer at a time."""
+    lm = model.language
+    for key, hf_key in (("embedding.word_embeddings.weight", "model.embed_tokens.weight"),):
+        yield hf_key, ckpt.tensor(key)[: lm.vocab_size].to(dtype)
+    for i in range(lm.num_layers):
+        src = f"model.layers.{i}."
+        q, k, v = split_qkv(ckpt.layer("decoder.layers.self_attention.linear_qkv.weight", i), lm)
+        gate, up = ckpt.layer("decoder.layers.mlp.linear_fc1.weight", i).chunk(2)
+        for name, tensor in (
+            ("input_layernorm.weight", ckpt.layer("decoder.layers.self_attention.linear_qkv.layer_norm_weight", i)),
+            ("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", k), ("self_attn.v_proj.weight", v),
+            ("self_attn.o_proj.weight", ckpt.layer("decoder.layers.self_attention.linear_proj.weight", i)),
+            ("post_attention_layernorm.weight", ckpt.layer("decoder.layers.mlp.linear_fc1.layer_norm_weight", i)),
+            ("mlp.gate_proj.weight", gate), ("mlp.up_proj.weight", up),
+            ("mlp.down_proj.weight", ckpt.layer("decoder.layers.mlp.linear_fc2.weight", i)),
+        ):
+            yield src + name, tensor.to(dtype).contiguous()
+    yield "model.norm.weight", ckpt.tensor("decoder.final_layernorm.weight").to(dtype)
+    for prefix, hf_prefix in (("vision_model.", "model.vision_tower."), ("vision_projection.", "model.mm_projector."),
+                              ("aligner.", "model.vision_tower_compressor.")):
+        for key in sorted(k for k in ckpt.shapes if k.startswith(prefix)):
+            yield hf_prefix + key[len(prefix):], ckpt.tensor(key).to(dtype)
+    yield "lm_head.weight", ckpt.tensor("output_layer.weight")[: lm.vocab_size].to(dtype)
+
+
+def hf_config(model: EVEModelConfig, dtype: torch.dtype) -> Dict:
+    """config.json of the HF EVE release (eve.md §2) plus what modeling_eve.py needs to run without
+    EVE's processor folders, and auto_map so transformers finds our modeling file."""
+    lm, vision = model.language, model.vision
+    return {
+        "architectures": ["EVELlamaForCausalLM"],
+        "model_type": "eve",
+        "auto_map": {"AutoConfig": "modeling_eve.EVEConfig", "AutoModelForCausalLM": "modeling_eve.EVELlamaForCausalLM"},
+        "hidden_size": lm.hidden_size, "intermediate_size": lm.ffn_hidden_size,
+        "num_hidden_layers": lm.num_layers, "num_attention_heads": lm.num_attention_heads,
+        "num_key_value_heads": lm.num_query_groups, "max_position_embeddings": lm.max_position_embeddings,
+        "rms_norm_eps": lm.norm_epsilon, "rope_theta": float(lm.rotary_base), "rope_scaling": None,
+        "vocab_size": lm.vocab_size, "hidden_act": "silu", "initializer_range": 0.02,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).replace("torch.", ""), "use_cache": True,
+        "mm_hidden_size": vision.hidden_size, "mm_projector_type": vision.projector_type,
+        "mm_vision_tower": f"openai/eve-patch14-anypixel-{vision.image_size}",
+        "mm_vision_tower_clip": "openai/clip-vit-large-patch14-336",
+        "mm_vision_select_layer": model.aligner.teacher_select_layer, "mm_vision_select_feature": "patch",
+        "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+        "requires_cliploss": model.aligner.enabled, "use_mm_proj": True, "tune_mm_mlp_adapter": False,
+        "image_aspect_ratio": "square", "image_grid_pinpoints": None,
+        "mm_projector_lr": None, "vision_tower_lr": None,
+        # Geometry of EVE's processor (its configs were never released with the weights).
+        "image_size": vision.image_size, "image_size_clip": vision.teacher_image_size,
+        "patch_stride": vision.patch_size, "conv_stride": vision.conv_stride, "mm_vision_heads": vision.num_heads,
+        "mm_hidden_size_clip": model.aligner.hidden_size, "mm_aligner_heads": model.aligner.num_heads,
+        "mm_aligner_taps": len(model.aligner.taps(lm.num_layers)) if model.aligner.enabled else 0,
+    }
+
+
+def check_padded_vocab(model: EVEModelConfig, tensor_parallel_size: int) -> int:
+    lm = model.language
+    if lm.num_attention_heads % tensor_parallel_size:
+        raise ConfigError(f"TP {tensor_parallel_size} does not divide {lm.num_attention_heads} heads")
+    return padded_vocab_size(lm.vocab_size, lm.make_vocab_size_divisible_by, tensor_parallel_size)

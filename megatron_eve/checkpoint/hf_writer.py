@@ -1,0 +1,93 @@
+"""Writing HF folders a shard at a time: safetensors (default) or `.bin` shards like the EVE
+release, with the index transformers expects, and the tokenizer files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+
+from megatron_eve.data.tokenizer import resolve_tokenizer_model
+
+
+class ShardWriter:
+    """Collects tensors until a shard is full, writes it, and forgets it."""
+
+    def __init__(self, folder: str, fmt: str = "safetensors", max_shard_bytes: int = 5 << 30):
+        if fmt not in ("safetensors", "bin"):
+            raise ValueError(f"unknown weight format {fmt!r}: choose safetensors or bin")
+        self.folder, self.fmt, self.max_shard_bytes = folder, fmt, max_shard_bytes
+        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: List[List[str]] = []
+        self.total_bytes = 0
+        os.makedirs(folder, exist_ok=True)
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self.pending[key] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = os.path.join(self.folder, f"shard-{len(self.shards):05d}.tmp")
+        if self.fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(self.pending, path, metadata={"format": "pt"})
+        else:
+            torch.save(self.pending, path)
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Name the shards "...-0000k-of-0000N" and write the index (a lone shard gets no index)."""
+        if self.pending:
+            self._flush()
+        count = len(self.shards)
+        stem, ext = ("model", "safetensors") if self.fmt == "safetensors" else ("pytorch_model", "bin")
+        weight_map = {}
+        for index, keys in enumerate(self.shards):
+            name = f"{stem}.{ext}" if count == 1 else f"{stem}-{index + 1:05d}-of-{count:05d}.{ext}"
+            os.replace(os.path.join(self.folder, f"shard-{index:05d}.tmp"), os.path.join(self.folder, name))
+            weight_map.update({key: name for key in keys})
+        if count > 1:
+            with open(os.path.join(self.folder, f"{stem}.{ext}.index.json"), "w") as handle:
+                json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, handle, indent=2)
+
+
+def write_tensors(folder: str, tensors: Iterable[Tuple[str, torch.Tensor]], fmt: str, max_shard_bytes: int,
+                  progress: bool = True) -> None:
+    from tqdm import tqdm
+
+    writer = ShardWriter(folder, fmt, max_shard_bytes)
+    for key, tensor in tqdm(tensors, desc="writing", unit="tensor", disable=not progress):
+        writer.add(key, tensor)
+    writer.close()
+
+
+def copy_tokenizer(source: str, folder: str) -> None:
+    """tokenizer.model plus the slow-Llama tokenizer settings EVE trains with (legacy, BOS added,
+    pad = unk); an HF folder's own tokenizer files are copied as they are."""
+    model = resolve_tokenizer_model(source)
+    shutil.copyfile(model, os.path.join(folder, "tokenizer.model"))
+    source_dir = source if os.path.isdir(source) else os.path.dirname(model)
+    copied = False
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(source_dir, name)
+        if os.path.isdir(source) and os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(folder, name))
+            copied = True
+    if not copied:
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as handle:
+            json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
+                       "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                       "pad_token": "<unk>", "padding_side": "right", "model_max_length": 4096}, handle, indent=2)
+        with open(os.path.join(folder, "special_tokens_map.json"), "w") as handle:
+            json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}, handle,
+                      indent=2)

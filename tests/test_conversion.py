@@ -1,0 +1,149 @@
+"""checkpoint_conversion/: HF EVE ↔ megatron at TP=2 and PP=2 bit-exact, logits of the export under
+plain transformers equal the megatron model's, Llama / Vicuna initialisation, bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_eve.checkpoint.hf_eve import HFWeights
+from tests.helpers import ROOT, read_json, torchrun
+from tests.hf_fixtures import tiny_hf_eve
+
+CONVERT = ROOT / "checkpoint_conversion"
+
+
+def convert(script, *args):
+    out = subprocess.run([sys.executable, str(CONVERT / script), *map(str, args)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return out
+
+
+def ok(out):
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def model_tensors(folder):
+    weights = HFWeights(str(folder))
+    return {k: weights.get(k) for k in weights.keys() if "vision_clip" not in k and "clip_layer" not in k}
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A tiny random EVE laid out like the release, converted to megatron once."""
+    root = tmp_path_factory.mktemp("conversion")
+    tiny_hf_eve(str(root / "hf"), fmt="bin")
+    ok(convert("hf_to_megatron.py", "--hf", root / "hf", "--out", root / "megatron", "--dtype", "float32",
+               "--target-tensor-parallel-size", 2, "--target-pipeline-parallel-size", 2))
+    return root
+
+
+@pytest.mark.parametrize("layout, fmt", [(["--tp", "2"], "bin"), (["--pp", "2"], "safetensors")])
+def test_round_trip_through_another_layout_is_bit_exact(release, tmp_path, layout, fmt):
+    """HF → megatron → loaded and saved at TP=2 (or PP=2) by the real model → HF: every tensor
+    identical, the teacher's keys skipped."""
+    torchrun("conversion_worker.py", 2, ["relayout", "--src", release / "megatron", "--dst", tmp_path / "relaid", *layout])
+    ok(convert("megatron_to_hf.py", "--megatron", tmp_path / "relaid", "--out", tmp_path / "hf", "--dtype", "float32",
+               "--format", fmt, "--max-shard-size-gb", "0.002", "--no-progress"))
+    original, exported = model_tensors(release / "hf"), model_tensors(tmp_path / "hf")
+    assert set(original) == set(exported) and len(original) > 100
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    names = os.listdir(tmp_path / "hf")
+    index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
+    assert index in names and "modeling_eve.py" in names and "config.json" in names
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert config["model_type"] == "eve" and config["architectures"] == ["EVELlamaForCausalLM"]
+    assert config["mm_projector_type"] == "mlp2x_gelu" and config["mm_vision_select_layer"] == -2
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_eve.EVELlamaForCausalLM"
+
+
+@pytest.fixture(scope="module")
+def logits(release, tmp_path_factory, corpus):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.helpers import tiny_config
+
+    root = tmp_path_factory.mktemp("logits")
+    ok(convert("megatron_to_hf.py", "--megatron", release / "megatron", "--out", root / "export", "--dtype", "float32",
+               "--tokenizer-model", corpus["tokenizer"], "--no-progress"))
+    lm = tiny_config().language
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=1000, hidden_size=lm.hidden_size, intermediate_size=lm.ffn_hidden_size,
+        num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_attention_heads, num_key_value_heads=2,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+    )).save_pretrained(root / "llama")
+    ok(convert("llama_to_megatron.py", "--hf", root / "llama", "--preset", "tiny", "--out", root / "llama_megatron",
+               "--dtype", "float32"))
+    torchrun("conversion_worker.py", 1, ["logits", "--megatron", release / "megatron", "--hf", root / "export",
+                                         "--out", root / "logits.json", "--llama-hf", root / "llama",
+                                         "--llama-megatron", root / "llama_megatron"])
+    return read_json(root / "logits.json") | {"root": str(root)}
+
+
+def test_export_loads_in_plain_transformers_with_equal_logits(logits):
+    """fp32: |Δlogit| ≤ 1e-4 on logits of scale ~2 (measured ~2e-6), text only and with an image."""
+    assert logits["hf_class"] == "EVELlamaForCausalLM"
+    assert logits["text_max_abs_diff"] <= 1e-4
+    assert logits["image_shapes"][0] == logits["image_shapes"][1]
+    assert logits["image_max_abs_diff"] <= 1e-4 and logits["logit_scale"] > 0.5
+    assert logits["process_images_max_abs_diff"] == 0.0  # the export's own image processing
+    assert logits["generated_shape"] == [1, 4]  # generate() with an image
+
+
+def test_export_carries_the_tokenizer(logits):
+    names = os.listdir(os.path.join(logits["root"], "export"))
+    assert {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"} <= set(names)
+
+
+def test_llama_initialisation_matches_llama_for_causal_lm(logits):
+    """The language model of a converted Vicuna/Llama (GQA here) equals LlamaForCausalLM (fp32)."""
+    assert logits["llama_max_abs_diff"] <= 1e-4
+    assert logits["llama_missing"] == []  # PEL, projector and aligner were written fresh
+
+
+def test_missing_shard(tmp_path):
+    tiny_hf_eve(str(tmp_path / "hf"), fmt="bin")
+    os.remove(tmp_path / "hf" / "pytorch_model-00002-of-00002.bin")
+    out = convert("hf_to_megatron.py", "--hf", tmp_path / "hf", "--out", tmp_path / "m")
+    assert out.returncode == 1 and "shards named in pytorch_model.bin.index.json are missing: " \
+                                   "pytorch_model-00002-of-00002.bin" in out.stderr
+
+
+def test_wrong_shapes_and_unknown_or_missing_keys(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_hf_eve(str(tmp_path / "hf"), fmt="safetensors", with_teacher_keys=False)
+    path = tmp_path / "hf" / "model.safetensors"
+    state = load_file(path)
+    state["model.layers.3.mlp.up_proj.weight"] = torch.zeros(7, 128)
+    save_file(state, path)
+    out = convert("hf_to_megatron.py", "--hf", tmp_path / "hf", "--out", tmp_path / "m")
+    assert out.returncode == 1 and "model.layers.3.mlp.up_proj.weight is [7, 128], expected [352, 128]" in out.stderr
+
+    del state["model.layers.3.mlp.up_proj.weight"]
+    state["model.layers.3.mlp.extra.weight"] = torch.zeros(1)
+    save_file(state, path)
+    out = convert("hf_to_megatron.py", "--hf", tmp_path / "hf", "--out", tmp_path / "m")
+    assert out.returncode == 1
+    assert "unknown tensors: model.layers.3.mlp.extra.weight" in out.stderr
+    assert "missing tensors: model.layers.3.mlp.up_proj.weight" in out.stderr
+    assert not os.path.exists(tmp_path / "m" / "latest_checkpointed_iteration.txt")
+
+
+class Payload:
+    """Not a tensor: a .bin holding it must not be unpickled."""
+
+
+def test_bin_files_are_read_without_executing_pickles(tmp_path):
+    tiny_hf_eve(str(tmp_path / "hf"), fmt="bin")
+    first = tmp_path / "hf" / "pytorch_model-00001-of-00002.bin"
+    state = torch.load(first, weights_only=True)
+    state["model.norm.weight"] = Payload()
+    torch.save(state, first)
+    out = convert("hf_to_megatron.py", "--hf", tmp_path / "hf", "--out", tmp_path / "m")
+    assert out.returncode == 1 and "cannot be read as a weights-only checkpoint" in out.stderr
