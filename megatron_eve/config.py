@@ -14,7 +14,7 @@ from typing import Dict, List, Literal, Optional
 
 import torch
 
-TransformerImpl = Literal["auto", "transformer_engine", "local"]
+TransformerImpl = Literal["auto", "transformer_engine", "torch", "local"]
 
 
 class ConfigError(ValueError):
@@ -110,12 +110,22 @@ class RuntimeConfig:
     """How the model computes: kernels, precision, recompute."""
 
     transformer_impl: TransformerImpl = "auto"
+    attention_backend: str = "auto"  # with transformer_impl "torch": varlen, flash, flex or sdpa
+    packed_attention: Literal["auto", "thd", "mask"] = "auto"  # how packed samples are kept apart
     bf16: bool = False
     fp16: bool = False
     recompute_granularity: Optional[Literal["full", "selective"]] = None
     recompute_method: Optional[Literal["uniform", "block"]] = None
     recompute_num_layers: Optional[int] = None
     use_cpu_initialization: bool = False
+
+    def uses_thd(self) -> bool:
+        """Whether packed samples go to attention as THD + cu_seqlens (else a block mask)."""
+        if self.packed_attention != "auto":
+            return self.packed_attention == "thd"
+        from megatron_eve.model.specs import resolve_transformer_impl
+
+        return torch.cuda.is_available() and resolve_transformer_impl(self.transformer_impl) != "local"
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -311,7 +321,8 @@ def transformer_config(
 
     validate(model, parallel, runtime)
     lm = model.language
-    fused = resolve_transformer_impl(runtime.transformer_impl) == "transformer_engine"
+    impl = resolve_transformer_impl(runtime.transformer_impl)
+    fused = impl == "transformer_engine" or (impl == "torch" and torch.cuda.is_available())
     return TransformerConfig(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -343,9 +354,9 @@ def transformer_config(
         recompute_granularity=runtime.recompute_granularity,
         recompute_method=runtime.recompute_method,
         recompute_num_layers=runtime.recompute_num_layers,
-        # Fused kernels exist only with Transformer Engine on CUDA; the local path is plain torch.
+        # Fused SwiGLU (megatron-core's own, compiled) on CUDA; fused RoPE needs Transformer Engine.
         bias_activation_fusion=fused,
-        apply_rope_fusion=fused,
+        apply_rope_fusion=impl == "transformer_engine",
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,

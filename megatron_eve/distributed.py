@@ -16,6 +16,14 @@ from megatron_eve.platform import apply_cpu_shim, distributed_backend, has_cuda
 def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10) -> None:
     """Join the process group and build TP / PP / DP groups; idempotent within a process."""
     if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python tool.py`: a one-process group
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
         if has_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(

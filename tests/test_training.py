@@ -187,3 +187,27 @@ def test_non_finite_loss_or_gradient_is_detected():
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {
         "finite": True, "nan_loss": False, "inf_loss": False, "nan_grad": False}
+
+
+def test_torch_kernels_and_thd_train_like_the_local_path(data, tmp_path):
+    """--transformer-impl torch with packed THD batches (cu_seqlens; SDPA's CPU fallback here) gives
+    the local path's losses step for step (TP=2, same seed)."""
+    args = base_args(data, "pretrain") + ["--tensor-model-parallel-size", 2, "--train-iters", 3]
+    local, _ = train(args + ["--transformer-impl", "local"])
+    fused, _ = train(args + ["--transformer-impl", "torch", "--packed-attention", "thd"])
+    assert sorted(local) == sorted(fused) == [1, 2, 3]
+    for iteration in (1, 2, 3):
+        for ours, theirs in zip(fused[iteration][:2], local[iteration][:2]):
+            assert abs(ours - theirs) <= 1e-4 * max(1.0, abs(theirs))
+
+
+@pytest.mark.parametrize("recompute", [["--recompute-granularity", "full", "--recompute-method", "uniform"],
+                                       ["--recompute-granularity", "selective"]])
+def test_recompute_keeps_losses_and_aligner_taps(data, tmp_path, recompute):
+    """Activation recompute changes memory, not numbers: the aligner still sees every tap."""
+    args = base_args(data, "pretrain") + ["--train-iters", 2]
+    plain, _ = train(args, nproc=1)
+    again, _ = train(args + recompute, nproc=1)
+    for iteration in (1, 2):
+        for ours, theirs in zip(again[iteration][:2], plain[iteration][:2]):
+            assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs))

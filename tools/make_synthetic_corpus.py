@@ -33,6 +33,21 @@ def save_random_teacher(path: str, preset: str, seed: int) -> None:
     )).save_pretrained(path)
 
 
+def write_heldout_questions(records, folder: str) -> None:
+    """Each held-out image record's first question as a benchmark: questions in LLaVA's jsonl
+    ({"question_id", "image", "text"}) and ground truth ({"question_id", "answers"})."""
+    with open(os.path.join(folder, "heldout_questions.jsonl"), "w") as questions, \
+            open(os.path.join(folder, "heldout_answers.jsonl"), "w") as answers:
+        for record in records:
+            if "image" not in record:
+                continue
+            question, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
+            qid = record["id"]
+            questions.write(json.dumps({"question_id": qid, "image": record["image"],
+                                        "text": question.replace("<image>", "").strip()}) + "\n")
+            answers.write(json.dumps({"question_id": qid, "answers": [answer]}) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -54,6 +69,7 @@ def main():
         json.dump(records[: args.qa], handle)
     with open(os.path.join(args.out, "qa_heldout.json"), "w") as handle:
         json.dump(records[args.qa :], handle)
+    write_heldout_questions(records[args.qa :], args.out)
     texts = list(tokenizer_texts(json.load(open(captions)) + records[: args.qa]))
     train_tokenizer(texts * 2, os.path.join(args.out, "tokenizer"), args.tokenizer_vocab)
     if args.teacher_preset:

@@ -27,6 +27,7 @@ def build_model(
         model,
         config,
         transformer_impl=impl,
+        attention_backend=runtime.attention_backend,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         parallel_output=parallel_output,

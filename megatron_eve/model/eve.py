@@ -49,6 +49,7 @@ class EVEModel(LanguageModule):
         transformer_config: TransformerConfig,
         *,
         transformer_impl: str = "auto",
+        attention_backend: str = "auto",
         pre_process: bool = True,
         post_process: bool = True,
         parallel_output: bool = True,
@@ -90,7 +91,7 @@ class EVEModel(LanguageModule):
         )
         self.decoder = TransformerBlock(
             config=transformer_config,
-            spec=decoder_block_spec(transformer_config, transformer_impl, vp_stage),
+            spec=decoder_block_spec(transformer_config, transformer_impl, vp_stage, attention_backend),
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,
@@ -209,6 +210,7 @@ class EVEModel(LanguageModule):
         image_grid_hw: Optional[Tensor] = None,
         teacher_images: Optional[Tensor] = None,
         packed_seq_params: Optional[PackedSeqParams] = None,
+        inference_context=None,
     ) -> Union[Tensor, EVELosses]:
         """One micro-batch through this stage.
 
@@ -222,6 +224,8 @@ class EVEModel(LanguageModule):
           sequence never attend across their boundary, so relative positions are exact.
         images [N, 4, S, S] (first stage), image_grid_hw [N, 2] (every stage when training the
           aligner under PP>1), teacher_images [N, 4, L, L] (last stage when training the aligner).
+        inference_context: a megatron-core StaticInferenceContext holding the KV cache; the
+          caller advances its sequence_len_offset after each call.
 
         Returns the activation for the next stage, or on the last stage logits [b, s, V] without
         labels, and (lm_loss [b, s], align_loss_sum, align_images) with labels.
@@ -259,11 +263,14 @@ class EVEModel(LanguageModule):
 
         extract = {t - 1 for _, t in self.inner_taps} if aligning else None
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        # With a KV cache, attention picks each step's slice of the rotary table by offset.
+        rotary_len = inference_context.max_sequence_length if inference_context is not None else seq_len
         out = self.decoder(
             hidden_states=hidden,
             attention_mask=attention_mask,
-            rotary_pos_emb=self.rotary_pos_emb(seq_len, packed_seq=thd),
+            rotary_pos_emb=self.rotary_pos_emb(rotary_len, packed_seq=thd),
             packed_seq_params=packed_seq_params,
+            inference_context=inference_context,
             extract_layer_indices=extract,
         )
         if extract:

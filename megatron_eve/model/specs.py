@@ -24,9 +24,14 @@ def transformer_engine_available() -> bool:
 
 
 def resolve_transformer_impl(impl: str) -> str:
-    """'auto' → 'transformer_engine' when TE and CUDA are usable, else 'local'."""
+    """'auto' → 'transformer_engine' when TE and CUDA are usable, 'torch' (torch's fused
+    attention kernels) on CUDA without TE, else 'local' (megatron-core's modules)."""
     if impl == "auto":
-        return "transformer_engine" if transformer_engine_available() else "local"
+        if transformer_engine_available():
+            return "transformer_engine"
+        import torch
+
+        return "torch" if torch.cuda.is_available() else "local"
     if impl == "transformer_engine":
         if not transformer_engine_available():
             raise ConfigError(
@@ -35,9 +40,9 @@ def resolve_transformer_impl(impl: str) -> str:
                 "pass --transformer-impl local"
             )
         return impl
-    if impl == "local":
+    if impl in ("local", "torch"):
         return impl
-    raise ConfigError(f"unknown transformer_impl {impl!r}: choose auto, transformer_engine or local")
+    raise ConfigError(f"unknown transformer_impl {impl!r}: choose auto, transformer_engine, torch or local")
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -53,7 +58,7 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def decoder_block_spec(config, impl: str, vp_stage: Optional[int] = None):
+def decoder_block_spec(config, impl: str, vp_stage: Optional[int] = None, attention_backend: str = "auto"):
     """Block spec of this stage's Llama decoder layers (RMSNorm, SwiGLU, RoPE self-attention)
     and the final norm."""
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -74,6 +79,13 @@ def decoder_block_spec(config, impl: str, vp_stage: Optional[int] = None):
         layer.submodules = dataclasses.replace(
             layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm
         )
+        if resolve_transformer_impl(impl) == "torch":
+            from megatron_eve.model.attention import torch_attention
+
+            attention = layer.submodules.self_attention
+            attention.submodules = dataclasses.replace(
+                attention.submodules, core_attention=torch_attention(attention_backend)
+            )
         final_norm = RMSNorm
     layers = get_num_layers_to_build(config, vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=final_norm)

@@ -141,7 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
     g.add_argument("--loss-scale", type=float, default=None, help="static fp16 loss scale (default dynamic)")
-    g.add_argument("--transformer-impl", choices=("auto", "transformer_engine", "local"), default="auto")
+    g.add_argument("--transformer-impl", choices=("auto", "transformer_engine", "torch", "local"), default="auto",
+                   help="auto: Transformer Engine if installed with CUDA, else torch's fused attention kernels "
+                        "on CUDA, else megatron-core's local modules")
+    g.add_argument("--attention-backend", choices=("auto", "varlen", "flash", "flex", "sdpa"), default="auto",
+                   help="core attention of --transformer-impl torch")
+    g.add_argument("--packed-attention", choices=("auto", "thd", "mask"), default="auto",
+                   help="packed samples kept apart by THD + cu_seqlens (TE / torch kernels) or a block mask")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)
@@ -235,7 +241,8 @@ def job_from_args(args: argparse.Namespace) -> TrainingJob:
         parallel=ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                 args.sequence_parallel),
         runtime=RuntimeConfig(
-            transformer_impl=args.transformer_impl, bf16=args.bf16, fp16=args.fp16,
+            transformer_impl=args.transformer_impl, attention_backend=args.attention_backend,
+            packed_attention=args.packed_attention, bf16=args.bf16, fp16=args.fp16,
             recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
             recompute_num_layers=args.recompute_num_layers or (1 if args.recompute_granularity == "full" else None),
             use_cpu_initialization=args.use_cpu_initialization,

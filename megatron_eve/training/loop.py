@@ -134,8 +134,9 @@ class MicroBatches:
             self.iterator = iter(self.loader)
             batch = next(self.iterator)
         self.work.add(micro_batch_work(batch, self.job.model, self.align, self.teacher_params))
-        dtype = self.job.runtime.params_dtype
-        return model_inputs(batch, self.job.model.vision, current_device(), dtype=dtype)
+        runtime = self.job.runtime
+        return model_inputs(batch, self.job.model.vision, current_device(), dtype=runtime.params_dtype,
+                            thd=runtime.uses_thd())
 
 
 def _last_rank_of_losses() -> bool:

@@ -20,25 +20,15 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_eve import distributed  # noqa: E402
-from megatron_eve.config import ParallelConfig, RuntimeConfig, model_config_from_dict  # noqa: E402
-from megatron_eve.model.build import build_model  # noqa: E402
-from megatron_eve.training.checkpoint import TRACKER, checkpoint_dir, latest_iteration  # noqa: E402
-
-RUNTIME = RuntimeConfig(use_cpu_initialization=True)
+from megatron_eve.config import ParallelConfig  # noqa: E402
+from megatron_eve.training.checkpoint import TRACKER, checkpoint_dir  # noqa: E402
 
 
 def load_model(root, parallel):
-    from megatron.core import dist_checkpointing
+    """The checkpoint's model at this layout, weights only (it raises if any is missing)."""
+    from megatron_eve.inference.generate import load_model_for_inference
 
-    directory = checkpoint_dir(root, latest_iteration(root))
-    cfg = model_config_from_dict(dist_checkpointing.load_common_state_dict(directory)["model_config"])
-    cfg.aligner.teacher_path = None
-    model = build_model(cfg, parallel, RUNTIME)
-    sd = model.sharded_state_dict()
-    available = set(dist_checkpointing.load_tensors_metadata(directory))
-    present = {k: v for k, v in sd.items() if getattr(v, "key", k) in available}
-    model.load_state_dict(dist_checkpointing.load(present, directory), strict=False)
-    return model, cfg, sorted(set(sd) - set(present))
+    return load_model_for_inference(root, parallel)
 
 
 def relayout(args):
@@ -46,8 +36,7 @@ def relayout(args):
 
     parallel = ParallelConfig(args.tp, args.pp)
     distributed.initialize(parallel)
-    model, cfg, missing = load_model(args.src, parallel)
-    assert not [k for k in missing if "_extra_state" not in k], missing
+    model, cfg = load_model(args.src, parallel)
     out = checkpoint_dir(args.dst, 0)
     if dist.get_rank() == 0:
         os.makedirs(out, exist_ok=True)
@@ -67,8 +56,7 @@ def logits(args):
 
     distributed.initialize(ParallelConfig())
     results = {}
-    model, cfg, _ = load_model(args.megatron, ParallelConfig())
-    model.eval()
+    model, cfg = load_model(args.megatron, ParallelConfig())
     hf = AutoModelForCausalLM.from_pretrained(args.hf, trust_remote_code=True, dtype=torch.float32).eval()
     results["hf_class"] = type(hf).__name__
     text = torch.randint(3, cfg.language.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
@@ -92,12 +80,11 @@ def logits(args):
     results["generated_shape"] = list(generated.shape)
 
     if args.llama_hf:
-        llama, llama_cfg, missing = load_model(args.llama_megatron, ParallelConfig())
+        llama, llama_cfg = load_model(args.llama_megatron, ParallelConfig())
         reference = LlamaForCausalLM.from_pretrained(args.llama_hf, dtype=torch.float32).eval()
         with torch.no_grad():
             diff = (llama.eval()(text)[..., : llama_cfg.language.vocab_size] - reference(text).logits).abs().max()
         results["llama_max_abs_diff"] = float(diff)
-        results["llama_missing"] = [k for k in missing if "_extra_state" not in k]
     Path(args.out).write_text(json.dumps(results, indent=1))
     distributed.destroy()
 

@@ -226,9 +226,34 @@ def main():
     high_resolution(results, args.teacher)
     input_errors(results, args.teacher)
     data_pipeline(results, args.teacher, args.data)
+    torch_attention(results, args.data)
     inference(results)
     Path(args.out).write_text(json.dumps(results, indent=1))
     distributed.destroy()
+
+
+def torch_attention(results, prefix):
+    """transformer_impl "torch": the same weights give the same per-token losses as megatron-core's
+    local attention, with packed samples as THD + cu_seqlens and as a block mask."""
+    from megatron_eve.data.dataset import DataConfig, build_datasets
+    from megatron_eve.data.loader import collate, model_inputs
+
+    cfg = tiny_config(None, {"aligner.enabled": False})
+    torch.manual_seed(5)
+    local = build_model(cfg, ParallelConfig(), RuntimeConfig(use_cpu_initialization=True, transformer_impl="local"))
+    fused = build_model(cfg, ParallelConfig(), RuntimeConfig(use_cpu_initialization=True, transformer_impl="torch"))
+    fused.load_state_dict(local.state_dict())
+    packed = build_datasets(DataConfig(blend=[(1.0, prefix)], seq_length=640, split="1,0,0", seed=3))["train"]
+    batch = collate([packed[0], packed[1]])
+    with torch.no_grad():
+        reference = local.eval()(**model_inputs(batch, cfg.vision, "cpu"))[0]
+        masked = fused.eval()(**model_inputs(batch, cfg.vision, "cpu"))[0]
+        thd_inputs = model_inputs(batch, cfg.vision, "cpu", thd=True)
+        thd = fused(**thd_inputs)[0].view_as(reference)
+    results["torch_attention_core"] = type(fused.decoder.layers[0].self_attention.core_attention).__name__
+    results["torch_attention_mask_diff"] = float((masked - reference).abs().max())
+    results["torch_attention_thd_diff"] = float((thd - reference).abs().max())
+    results["torch_attention_thd_rows"] = list(thd_inputs["input_ids"].shape)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,122 @@
+"""Local scorers for answer files: VQA accuracy (the official normalisation and 10-annotator
+formula), POPE accuracy / precision / recall / F1 / yes-ratio, multiple-choice letter accuracy."""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable, List, Optional, Sequence
+
+# The VQA evaluation's normalisation tables (vqaEval.py of the VQA API).
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                "?", "!"]
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+
+
+def _punctuation(text: str) -> str:
+    out = text
+    for p in _PUNCTUATION:
+        if (p + " " in text or " " + p in text) or (re.search(_COMMA_STRIP, text) is not None):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out, re.UNICODE)
+
+
+def _digits_and_articles(text: str) -> str:
+    words = []
+    for word in text.lower().split():
+        word = _NUMBERS.get(word, word)
+        if word not in _ARTICLES:
+            words.append(_CONTRACTIONS.get(word, word))
+    return " ".join(words)
+
+
+def normalize_vqa_answer(text: str) -> str:
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return _digits_and_articles(_punctuation(text))
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The official VQA accuracy: mean over the annotators of min(1, matches among the others / 3)."""
+    prediction = normalize_vqa_answer(prediction)
+    gold = [normalize_vqa_answer(a) for a in answers]
+    if len(gold) == 1:
+        return float(prediction == gold[0])
+    scores = []
+    for i in range(len(gold)):
+        others = gold[:i] + gold[i + 1:]
+        scores.append(min(1.0, sum(1 for a in others if a == prediction) / 3.0))
+    return sum(scores) / len(scores)
+
+
+def yes_no(text: str) -> str:
+    """POPE's reading of an answer (LLaVA's eval_pope): the first sentence; "no" / "not" → no."""
+    first = text.split(".")[0].replace(",", "")
+    words = first.split()
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def pope_metrics(predictions: Iterable[str], labels: Iterable[str]) -> Dict[str, float]:
+    predictions = [yes_no(p) for p in predictions]
+    labels = [label.strip().lower() for label in labels]
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(predictions, labels))
+    tn = sum(p == "no" and g == "no" for p, g in zip(predictions, labels))
+    fp = sum(p == "yes" and g == "no" for p, g in zip(predictions, labels))
+    fn = sum(p == "no" and g == "yes" for p, g in zip(predictions, labels))
+    total = max(len(labels), 1)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / total, "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": predictions.count("yes") / total}
+
+
+def choice_letter(text: str, letters: str = "ABCDEFGH") -> Optional[str]:
+    """The option letter an answer gives: "B", "B.", "(B)", "B) ...", "The answer is B"."""
+    text = text.strip()
+    match = re.match(rf"^\(?([{letters}])(?:[\).:,\s]|$)", text)
+    if match:
+        return match.group(1)
+    match = re.search(rf"\b([{letters}])\b", text)
+    return match.group(1) if match else None
+
+
+def multiple_choice_accuracy(predictions: Iterable[str], answers: Iterable[str]) -> float:
+    pairs = list(zip(predictions, answers))
+    return sum(choice_letter(p) == a.strip().upper() for p, a in pairs) / max(len(pairs), 1)
+
+
+def mean(values: List[float]) -> float:
+    return sum(values) / max(len(values), 1)

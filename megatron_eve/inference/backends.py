@@ -1,0 +1,124 @@
+"""One answering interface over a megatron checkpoint (any TP / PP under torchrun) or an HF
+export (plain transformers), used by tools/generate.py, tools/eval_vqa.py and tools/app.py."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from megatron_eve.data.tokenizer import Tokenizer
+from megatron_eve.inference.generate import Generator, Prompt, PromptError, Sampling, build_prompt
+
+
+@dataclass
+class Request:
+    prompt: str  # the full template text, "<image>" where each image goes
+    image_paths: Sequence[str] = ()
+
+
+def open_images(paths: Sequence[str]):
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise PromptError(f"image {path} does not exist")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as error:
+            raise PromptError(f"image {path} cannot be read: {error}") from None
+    return images
+
+
+class MegatronBackend:
+    def __init__(self, load: str, tokenizer_model: str, parallel, use_cache: bool = True,
+                 transformer_impl: str = "local"):
+        from megatron_eve.inference.generate import load_model_for_inference
+
+        self.model, self.config = load_model_for_inference(load, parallel, transformer_impl)
+        self.tokenizer = Tokenizer(tokenizer_model)
+        self.generator = Generator(self.model, use_cache=use_cache, vocab_size=self.tokenizer.vocab_size)
+        self.max_length = self.config.language.max_position_embeddings
+
+    def prepare(self, request: Request) -> Prompt:
+        images = open_images(request.image_paths)
+        return build_prompt(request.prompt, images, self.tokenizer, self.config.vision, self.max_length)
+
+    def answer(self, requests: List[Request], sampling: Sampling) -> List[Union[str, PromptError]]:
+        """Answers in order; a request that cannot be answered gets its PromptError instead."""
+        prepared: List[Union[Prompt, PromptError]] = []
+        for request in requests:
+            try:
+                prompt = self.prepare(request)
+                if len(prompt.tokens) + sampling.max_new_tokens > self.max_length:
+                    raise PromptError(f"prompt of {len(prompt.tokens)} positions + {sampling.max_new_tokens} new "
+                                      f"tokens exceeds the model's {self.max_length}")
+                prepared.append(prompt)
+            except PromptError as error:
+                prepared.append(error)
+        good = [p for p in prepared if isinstance(p, Prompt)]
+        outputs = iter(self.generator.generate(good, sampling)) if good else iter(())
+        return [p if isinstance(p, PromptError) else self._text(next(outputs), sampling) for p in prepared]
+
+    def stream(self, request: Request, sampling: Sampling) -> Iterator[str]:
+        """Text deltas of one answer as it is generated."""
+        prompt = self.prepare(request)
+        ids: List[int] = []
+        shown = ""
+        for step in self.generator.stream([prompt], sampling):
+            if step[0] is None or step[0] == sampling.eos_id:
+                break
+            ids.append(step[0])
+            text = self.tokenizer.decode(ids)
+            if len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+
+    def _text(self, ids: List[int], sampling: Sampling) -> str:
+        if sampling.eos_id in ids:
+            ids = ids[: ids.index(sampling.eos_id)]
+        return self.tokenizer.decode(ids).strip()
+
+
+class HFBackend:
+    """An exported folder under transformers (its own modeling_eve.py)."""
+
+    def __init__(self, folder: str, dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval()
+        self.tokenizer = Tokenizer(folder)
+        self.max_length = self.model.config.max_position_embeddings
+
+    def answer(self, requests: List[Request], sampling: Sampling) -> List[Union[str, PromptError]]:
+        from megatron_eve.data.templates import tokenize_with_images
+
+        out = []
+        for request in requests:  # one at a time: transformers pads EVE's expanded rows itself
+            try:
+                images = open_images(request.image_paths)
+                ids = torch.tensor([tokenize_with_images(request.prompt, self.tokenizer)])
+                kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=sampling.eos_id, pad_token_id=0,
+                              do_sample=sampling.temperature > 0)
+                if sampling.temperature > 0:
+                    kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+                pixels = self.model.process_images(images) if images else None
+                generated = self.model.generate(ids, images=pixels, **kwargs)
+                new = generated[0].tolist() if pixels is not None else generated[0, ids.shape[1]:].tolist()
+                if sampling.eos_id in new:
+                    new = new[: new.index(sampling.eos_id)]
+                out.append(self.tokenizer.decode(new).strip())
+            except PromptError as error:
+                out.append(error)
+        return out
+
+
+def make_backend(args, parallel=None):
+    """--load (megatron, with --tokenizer-model) or --hf (an export)."""
+    if getattr(args, "hf", None):
+        return HFBackend(args.hf)
+    return MegatronBackend(args.load, args.tokenizer_model, parallel, use_cache=not args.no_kv_cache)

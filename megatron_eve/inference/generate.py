@@ -1,0 +1,198 @@
+"""Text generation with the megatron EVE model: a KV cache (megatron-core's static inference
+context), greedy or temperature / top-p sampling, stop at </s>, any TP / PP.
+
+Prompts of a batch are left-padded; an explicit mask hides the padding from every query, and since
+RoPE scores depend only on relative positions, a padded row gives the same tokens as alone.
+Every stage runs the same loop; the last pipeline stage picks the tokens and broadcasts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_eve.config import VisionConfig
+from megatron_eve.data.images import preprocess_image, token_grid, tokens_per_image
+from megatron_eve.data.templates import VICUNA_SYSTEM, tokenize_with_images
+from megatron_eve.data.tokenizer import Tokenizer
+from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
+from megatron_eve.platform import current_device
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    eos_id: int = 2
+    seed: int = 0
+
+
+@dataclass
+class Prompt:
+    tokens: List[int]  # IMAGE_TOKEN_INDEX expanded to each image's run
+    images: List[torch.Tensor] = field(default_factory=list)  # [4, S, S] each
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be answered (bad image, too long); the message says why."""
+
+
+def chat_prompt(question: str, with_image: bool) -> str:
+    """The vicuna_v1 prompt EVE was fine-tuned with, ending where the assistant speaks."""
+    text = ("<image>\n" + question) if with_image else question
+    return f"{VICUNA_SYSTEM} USER: {text} ASSISTANT:"
+
+
+def build_prompt(text: str, images, tokenizer: Tokenizer, vision: VisionConfig, max_length: int) -> Prompt:
+    """Text with one "<image>" per PIL image → a Prompt with expanded image runs."""
+    ids = tokenize_with_images(text, tokenizer)
+    if ids.count(IMAGE_TOKEN_INDEX) != len(images):
+        raise PromptError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} <image> placeholders for {len(images)} images")
+    tokens, pixels, image = [], [], 0
+    for token in ids:
+        if token == IMAGE_TOKEN_INDEX:
+            width, height = images[image].size
+            tokens += [IMAGE_TOKEN_INDEX] * tokens_per_image(*token_grid(width, height, vision))
+            pixels.append(preprocess_image(images[image], vision)[0])
+            image += 1
+        else:
+            tokens.append(token)
+    if len(tokens) >= max_length:
+        raise PromptError(f"the prompt takes {len(tokens)} positions; the model allows {max_length}")
+    return Prompt(tokens, pixels)
+
+
+def _stage_flags():
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+
+
+class Generator:
+    """Generates with one model stage per rank (build it with parallel_output=False)."""
+
+    def __init__(self, model, use_cache: bool = True, vocab_size: Optional[int] = None):
+        """vocab_size: the tokenizer's; ids beyond it (vocabulary padding) are never produced."""
+        self.model = model.eval()
+        self.use_cache = use_cache
+        self.vocab_size = vocab_size
+        self.device = current_device()
+
+    @torch.no_grad()
+    def generate(self, prompts: List[Prompt], sampling: Sampling) -> List[List[int]]:
+        """New tokens for each prompt (the final </s> included when produced)."""
+        out: List[List[int]] = [[] for _ in prompts]
+        for step_tokens in self.stream(prompts, sampling):
+            for row, token in enumerate(step_tokens):
+                if token is not None:
+                    out[row].append(token)
+        return out
+
+    @torch.no_grad()
+    def stream(self, prompts: List[Prompt], sampling: Sampling) -> Iterator[List[Optional[int]]]:
+        """Yields, per step, each row's new token (None once a row has finished)."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        batch, longest = len(prompts), max(len(p.tokens) for p in prompts)
+        total = longest + sampling.max_new_tokens
+        tokens = torch.zeros(batch, total, dtype=torch.long)
+        valid = torch.zeros(batch, total, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):  # left padding
+            tokens[row, longest - len(prompt.tokens) : longest] = torch.tensor(prompt.tokens)
+            valid[row, longest - len(prompt.tokens) : longest] = True
+        images = [image for prompt in prompts for image in prompt.images]
+        images = torch.stack(images).to(self.device) if images else None
+        context = StaticInferenceContext(batch, total) if self.use_cache else None
+        generator = torch.Generator().manual_seed(sampling.seed)
+        done = torch.zeros(batch, dtype=torch.bool)
+        length = longest
+        for _ in range(sampling.max_new_tokens):
+            start = context.sequence_len_offset if context is not None else 0
+            step_ids = tokens[:, start:length]
+            keys = valid[:, :length]
+            causal = torch.ones(length - start, length, dtype=torch.bool).tril(diagonal=start)
+            mask = ~(causal[None] & keys[:, None, :])  # True = masked
+            logits = self._forward(step_ids, mask[:, None], images if start == 0 else None, context)
+            if context is not None:
+                context.sequence_len_offset = length
+            chosen = self._choose(logits, sampling, generator, batch)
+            chosen = torch.where(done, torch.zeros_like(chosen), chosen)
+            tokens[:, length], valid[:, length] = chosen, True
+            length += 1
+            yield [None if done[row] else int(chosen[row]) for row in range(batch)]
+            done |= chosen == sampling.eos_id
+            if bool(done.all()):
+                break
+
+    def _forward(self, ids, mask, images, context) -> Optional[torch.Tensor]:
+        """Last-position logits [b, V] on the last stage (None elsewhere), through the schedule."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        captured = {}
+        batch = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                 "images": images, "inference_context": context}
+
+        def forward_step(data_iterator, model):
+            logits = model(**next(data_iterator))
+
+            def keep(output):
+                captured["logits"] = output[:, -1].float()
+                return output.new_zeros(()), {}
+            return logits, keep
+
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=[self.model],
+                                    num_microbatches=1, seq_length=ids.shape[1], micro_batch_size=ids.shape[0],
+                                    forward_only=True)
+        return captured.get("logits")
+
+    def _choose(self, logits, sampling: Sampling, generator, batch: int) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        chosen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        if logits is not None:
+            if self.vocab_size is not None:
+                logits = logits[:, : self.vocab_size]
+            if sampling.temperature <= 0:
+                chosen = logits.argmax(dim=-1)
+            else:
+                probs = torch.softmax(logits / sampling.temperature, dim=-1).cpu()
+                if sampling.top_p < 1.0:
+                    sorted_probs, order = probs.sort(dim=-1, descending=True)
+                    keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p
+                    probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+                chosen = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(self.device)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(chosen, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return chosen.cpu()
+
+
+def load_model_for_inference(root: str, parallel, transformer_impl: str = "local", iteration: Optional[int] = None):
+    """The EVE stage of this rank from a megatron checkpoint (its recorded configuration),
+    weights only, gathering logits over TP for generation. → (model, EVEModelConfig)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_eve.config import ConfigError, RuntimeConfig, model_config_from_dict
+    from megatron_eve.model.build import build_model
+    from megatron_eve.training.checkpoint import checkpoint_dir, latest_iteration
+
+    iteration = iteration if iteration is not None else latest_iteration(root)
+    if iteration is None:
+        raise ConfigError(f"{root}: no latest_checkpointed_iteration.txt")
+    directory = checkpoint_dir(root, iteration)
+    cfg = model_config_from_dict(dist_checkpointing.load_common_state_dict(directory)["model_config"])
+    cfg.aligner.teacher_path = None  # inference never needs the teacher
+    model = build_model(cfg, parallel, RuntimeConfig(transformer_impl=transformer_impl), load_teacher=False,
+                        parallel_output=False)
+    sharded = model.sharded_state_dict()
+    available = set(dist_checkpointing.load_tensors_metadata(directory))
+    present = {k: v for k, v in sharded.items() if getattr(v, "key", k) in available}
+    missing = [k for k in set(sharded) - set(present) if "_extra_state" not in k and not k.startswith("aligner.")]
+    if missing:
+        raise ConfigError(f"{directory} lacks model tensors: {', '.join(sorted(missing))}")
+    model.load_state_dict(dist_checkpointing.load(present, directory), strict=False)
+    return model.eval(), cfg

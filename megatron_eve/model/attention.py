@@ -1,0 +1,148 @@
+"""Core attention on torch's own fused kernels, as a megatron-core core-attention module.
+
+megatron-core's local DotProductAttention materialises the full score matrix (and refuses packed
+THD batches); Transformer Engine is the usual way out, but is not always installed. This module
+keeps the local spec's projections and swaps only the core attention:
+
+  THD (packed samples, PackedSeqParams):
+    "varlen"  torch.nn.attention.varlen.varlen_attn — the flash-attention varlen kernel (CUDA)
+    "flash"   flash_attn.flash_attn_varlen_func when the flash-attn package is installed (CUDA)
+    "flex"    FlexAttention with a document-causal block mask, compiled (CUDA)
+    "sdpa"    scaled_dot_product_attention with the block-diagonal mask made from cu_seqlens
+              (any device; the CPU path of the packed code)
+  [s, b] batches: scaled_dot_product_attention (flash / memory-efficient / math kernels).
+
+"auto" takes the first of varlen, flash, flex that works here, else sdpa.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+BACKENDS = ("auto", "varlen", "flash", "flex", "sdpa")
+
+
+@functools.lru_cache(maxsize=None)
+def available_backends() -> tuple:
+    found = []
+    if torch.cuda.is_available():
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+
+            found.append("varlen")
+        except ImportError:
+            pass
+        try:
+            import flash_attn  # noqa: F401
+
+            found.append("flash")
+        except ImportError:
+            pass
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
+            found.append("flex")
+        except ImportError:
+            pass
+    found.append("sdpa")
+    return tuple(found)
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return available_backends()[0]
+    if name not in available_backends():
+        raise ValueError(f"attention backend {name!r} is not available here (available: "
+                         f"{', '.join(available_backends())})")
+    return name
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total, total] bool, True where a query may attend: same sample and not in the future."""
+    segment = torch.zeros(total, dtype=torch.long, device=cu_seqlens.device)
+    segment[cu_seqlens[1:-1].long()] = 1
+    segment = segment.cumsum(0)
+    position = torch.arange(total, device=cu_seqlens.device)
+    return (segment[:, None] == segment[None, :]) & (position[None, :] <= position[:, None])
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+class TorchAttention(DotProductAttention):
+    """Drop-in for DotProductAttention (same construction); the kernel is chosen by `backend`."""
+
+    backend = "auto"
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        """query [sq, b, np, hn]; key / value [sk, b, ng, hn] → context [sq, b, np * hn]. With THD
+        megatron-core passes [t, np, hn] (batch squeezed) and takes [t, np, hn] back."""
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return self._packed(query, key, value, packed_seq_params, dropout)
+        sq, batch, heads, head_dim = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        causal = attention_mask is None and (attn_mask_type is None or attn_mask_type.name == "causal") and sq == k.shape[2]
+        mask = None if attention_mask is None else ~attention_mask  # megatron: True = masked
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                             scale=self.softmax_scale, enable_gqa=k.shape[1] != heads)
+        return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * head_dim)
+
+    def _packed(self, q, k, v, params, dropout: float) -> torch.Tensor:
+        """THD tensors [t, heads, hn] of samples delimited by cu_seqlens."""
+        backend = resolve_backend(self.backend)
+        cu_q, cu_k = params.cu_seqlens_q, params.cu_seqlens_kv
+        if backend == "varlen":
+            from torch.nn.attention.varlen import varlen_attn
+
+            groups = q.shape[1] // k.shape[1]
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            try:  # causal as flash's sliding window (-1, 0) (torch 2.13)
+                return varlen_attn(q, k, v, cu_q, cu_k, params.max_seqlen_q, params.max_seqlen_kv,
+                                   scale=self.softmax_scale, window_size=(-1, 0))
+            except TypeError:  # releases that spell it is_causal
+                return varlen_attn(q, k, v, cu_q, cu_k, params.max_seqlen_q, params.max_seqlen_kv,
+                                   is_causal=True, scale=self.softmax_scale)
+        if backend == "flash":
+            from flash_attn import flash_attn_varlen_func
+
+            return flash_attn_varlen_func(q, k, v, cu_q, cu_k, params.max_seqlen_q, params.max_seqlen_kv,
+                                          dropout_p=dropout, softmax_scale=self.softmax_scale, causal=True)
+        total = q.shape[0]
+        if backend == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            segment = torch.zeros(total, dtype=torch.long, device=q.device)
+            segment[cu_q[1:-1].long()] = 1
+            segment = segment.cumsum(0)
+
+            def document_causal(b, h, q_idx, kv_idx):
+                return (segment[q_idx] == segment[kv_idx]) & (kv_idx <= q_idx)
+
+            block = create_block_mask(document_causal, None, None, total, total, device=q.device)
+            out = _compiled_flex()(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                   block_mask=block, scale=self.softmax_scale,
+                                   enable_gqa=k.shape[1] != q.shape[1])
+            return out[0].transpose(0, 1)
+        mask = block_causal_mask(cu_q, total)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                             attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        return out[0].transpose(0, 1)
+
+
+def torch_attention(backend: str):
+    """A TorchAttention subclass bound to one backend (specs take classes)."""
+    return type(f"TorchAttention_{backend}", (TorchAttention,), {"backend": backend})

@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""Training throughput of megatron_eve vs the reference's stack, on the same synthetic samples.
+
+ours:      EVE on megatron-core (this repo's layer spec: Transformer Engine, or torch's fused
+           attention kernels, or the local path), packed sequences, bf16, megatron-core DDP and
+           Adam, one GPU.
+--baseline hf: the same model in Hugging Face transformers (modeling_eve: LlamaForCausalLM with
+           SDPA) on pad-to-longest micro-batches of the same samples, torch AdamW — the EVE
+           reference's stack without DeepSpeed.
+
+Both are timed on real (non-padding) tokens; TFLOP/s and MFU count the model FLOPs of real tokens
+only, the peak looked up from the device name (H100 / H200: 989 dense bf16). The aligner is off
+in both (it needs the 304M CLIP teacher; pass --aligner to time ours with a random teacher).
+
+  python tools/bench_train.py --layers 4 --seq-length 4096 --steps 10 --baseline hf      # GPU
+  python tools/bench_train.py --preset tiny --layers 2 --seq-length 512 --steps 2 --baseline hf  # CPU smoke
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def sample_stream(count, model, rng):
+    """LLaVA-mix-665K-like samples: lognormal text, ~85% with one image of random aspect ratio."""
+    from megatron_eve.data.images import image_layout, teacher_layout, token_grid, tokens_per_image
+    from megatron_eve.model.visual_layout import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+    vision, vocab = model.vision, model.language.vocab_size
+    samples = []
+    for _ in range(count):
+        text = int(np.clip(rng.lognormal(4.8, 0.8), 16, 1500))
+        tokens = [1] + rng.integers(3, vocab, text).tolist()
+        labels = [IGNORE_INDEX] * (text // 3) + tokens[text // 3 + 1:] + [IGNORE_INDEX]
+        sample = {"image": None}
+        if rng.random() < 0.85:
+            width, height = int(rng.integers(200, 1000)), int(rng.integers(200, 1000))
+            layout = image_layout(width, height, vision)
+            run = tokens_per_image(*token_grid(width, height, vision))
+            sample["image"] = rng.integers(0, 256, (layout.height, layout.width, 3), dtype=np.uint8)
+            base = teacher_layout(width, height, vision)
+            sample["teacher"] = rng.integers(0, 256, (base.height, base.width, 3), dtype=np.uint8)
+            sample["grid"] = token_grid(width, height, vision)
+            tokens = tokens[:6] + [IMAGE_TOKEN_INDEX] * run + tokens[6:]
+            labels = [IGNORE_INDEX] * (6 + run) + labels[6:]
+        sample["tokens"], sample["labels"] = np.asarray(tokens), np.asarray(labels)
+        samples.append(sample)
+    return samples
+
+
+def as_row_sample(s):
+    has = s["image"] is not None
+    return {"tokens": s["tokens"], "labels": s["labels"], "image_grids": [s["grid"]] if has else [],
+            "images": [s["image"]] if has else [], "teacher_images": [s["teacher"]] if has else []}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_memory() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+def run_ours(args, model_cfg, samples, job_runtime):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_eve.data.dataset import assemble_sequence
+    from megatron_eve.data.loader import collate, model_inputs
+    from megatron_eve.data.packing import pack
+    from megatron_eve.model.build import build_model
+    from megatron_eve.platform import current_device
+    from megatron_eve.training.arguments import OptimConfig, ScheduleConfig, TrainingJob
+    from megatron_eve.training.metrics import BatchWork, micro_batch_work
+    from megatron_eve.training.optim import build_optimizer, wrap_model
+    from megatron_eve.training.step import forward_step
+    from megatron_eve.config import ParallelConfig
+
+    model = build_model(model_cfg, ParallelConfig(), job_runtime, load_teacher=args.aligner)
+    job = TrainingJob(model_cfg, ParallelConfig(), job_runtime, OptimConfig(lr=1e-5), ScheduleConfig(), None, None, None)
+    ddp = wrap_model(model, job)
+    optimizer = build_optimizer(ddp, job)
+    lengths = np.asarray([len(s["tokens"]) for s in samples])
+    plan = pack(lengths, args.seq_length, 10000, np.random.default_rng(0))
+    rows = [collate([assemble_sequence([as_row_sample(samples[i]) for i in plan.sequence(k)], args.seq_length)])
+            for k in range(len(plan))]
+    device, thd = current_device(), job_runtime.uses_thd()
+    batches = [(model_inputs(r, model_cfg.vision, device, dtype=job_runtime.params_dtype, thd=thd), r) for r in rows]
+    fb = get_forward_backward_func()
+    step = lambda it, m: forward_step(1.0 if args.aligner else 0.0, it, m)  # noqa: E731
+    work, seconds, cursor = BatchWork(), 0.0, 0
+    for iteration in range(args.warmup + args.steps):
+        chunk = [batches[(cursor + i) % len(batches)] for i in range(args.micro_batches)]
+        cursor += args.micro_batches
+        sync()
+        start = time.time()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        fb(forward_step_func=step, data_iterator=iter([b for b, _ in chunk]), model=[ddp],
+           num_microbatches=len(chunk), seq_length=args.seq_length, micro_batch_size=1, forward_only=False)
+        optimizer.step()
+        sync()
+        if iteration >= args.warmup:
+            seconds += time.time() - start
+            for _, raw in chunk:
+                work.add(micro_batch_work(raw, model_cfg, args.aligner))
+    return work, seconds, peak_memory(), len(plan)
+
+
+def run_hf(args, model_cfg, samples):
+    from megatron_eve.checkpoint.hf_eve import hf_config
+    from megatron_eve.data.images import compose_squares
+    from megatron_eve.hf.modeling_eve import EVEConfig, EVELlamaForCausalLM
+    from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
+    from megatron_eve.platform import current_device
+    from megatron_eve.training.metrics import BatchWork
+
+    device = current_device()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    config = hf_config(model_cfg, dtype)
+    config.pop("auto_map")
+    config["requires_cliploss"] = False
+    config["attn_implementation"] = "sdpa"
+    model = EVELlamaForCausalLM(EVEConfig(**config)).to(device=device, dtype=dtype).train()
+    model.gradient_checkpointing_enable() if args.hf_gradient_checkpointing else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=torch.cuda.is_available())
+    vision = model_cfg.vision
+    order = np.random.default_rng(0).permutation(len(samples))
+    batches = [order[i : i + args.hf_micro_batch_size] for i in range(0, len(order), args.hf_micro_batch_size)]
+    work, seconds, cursor, real_total = BatchWork(), 0.0, 0, 0
+    tokens_per_step = args._ours_tokens_per_step
+    for iteration in range(args.warmup + args.steps):
+        sync()
+        start = time.time()
+        optimizer.zero_grad(set_to_none=True)
+        real = 0
+        # As many micro-batches as it takes to process the tokens one of our steps processes.
+        while True:
+            members = [samples[i] for i in batches[cursor % len(batches)]]
+            cursor += 1
+            ids, label_rows, images = [], [], []
+            for s in members:
+                tokens, labels = s["tokens"].tolist(), s["labels"].tolist()
+                if s["image"] is not None:  # collapse the run back to one placeholder, as HF EVE takes it
+                    first = tokens.index(IMAGE_TOKEN_INDEX)
+                    run = tokens.count(IMAGE_TOKEN_INDEX)
+                    tokens = tokens[:first + 1] + tokens[first + run:]
+                    images.append(torch.from_numpy(s["image"]).permute(2, 0, 1))
+                ids.append(tokens)
+                label_rows.append(labels)
+            longest = max(map(len, ids))
+            ids = torch.tensor([t + [0] * (longest - len(t)) for t in ids], device=device)
+            pixels = compose_squares(images, vision.image_size, vision.patch_size * 2, device, dtype) if images else None
+            embeds, mask = model.embed_with_images(ids, pixels) if pixels is not None else (
+                model.get_input_embeddings()(ids.clamp(min=0)), (ids != 0).long())
+            width = embeds.shape[1]
+            labels = torch.tensor([row + [-100] * (width - len(row)) for row in label_rows], device=device)
+            loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            real += sum(len(s["tokens"]) for s in members)
+            if real >= tokens_per_step:
+                break
+        optimizer.step()
+        sync()
+        if iteration >= args.warmup:
+            seconds += time.time() - start
+            real_total += real
+    flops_per_token = args._ours_flops_per_token
+    work.real_tokens, work.flops = real_total, flops_per_token * real_total
+    return work, seconds, peak_memory()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="eve-7b")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden-size", type=int, default=None)
+    parser.add_argument("--ffn-hidden-size", type=int, default=None)
+    parser.add_argument("--num-attention-heads", type=int, default=None)
+    parser.add_argument("--seq-length", type=int, default=4096)
+    parser.add_argument("--micro-batches", type=int, default=4, help="packed sequences per step")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=400)
+    parser.add_argument("--bf16", action="store_true", default=torch.cuda.is_available())
+    parser.add_argument("--transformer-impl", default="auto")
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
+    parser.add_argument("--aligner", action="store_true")
+    parser.add_argument("--baseline", choices=("none", "hf"), default="none")
+    parser.add_argument("--hf-micro-batch-size", type=int, default=4)
+    parser.add_argument("--hf-gradient-checkpointing", action="store_true")
+    args = parser.parse_args()
+
+    from megatron_eve import distributed
+    from megatron_eve.config import ParallelConfig, RuntimeConfig, get_preset, replace
+    from megatron_eve.model.specs import resolve_transformer_impl
+    from megatron_eve.training.metrics import peak_tflops
+
+    distributed.initialize(ParallelConfig())
+    model_cfg = get_preset(args.preset)
+    changes = {"language.num_layers": args.layers, "aligner.enabled": args.aligner,
+               "aligner.tap_interval": max(1, args.layers // 8) if args.layers % 8 else None}
+    for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads"):
+        if getattr(args, name):
+            changes[f"language.{name}"] = getattr(args, name)
+            if name == "num_attention_heads":
+                changes["language.num_query_groups"] = getattr(args, name)
+    model_cfg = replace(model_cfg, **changes)
+    if args.aligner:
+        from tools.make_synthetic_corpus import save_random_teacher
+
+        model_cfg.aligner.teacher_path = tempfile.mkdtemp(prefix="teacher_")
+        save_random_teacher(model_cfg.aligner.teacher_path, args.preset, 0)
+    runtime = RuntimeConfig(transformer_impl=args.transformer_impl, attention_backend=args.attention_backend,
+                            bf16=args.bf16, recompute_granularity=None if args.recompute == "none" else args.recompute,
+                            recompute_method="uniform" if args.recompute == "full" else None,
+                            recompute_num_layers=1 if args.recompute == "full" else None)
+    samples = sample_stream(args.samples, model_cfg, np.random.default_rng(0))
+    peak = peak_tflops()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    lm = model_cfg.language
+    print(f"{device}: {lm.num_layers} layers, hidden {lm.hidden_size}, FFN {lm.ffn_hidden_size}, "
+          f"{lm.num_attention_heads} heads, seq {args.seq_length}, {'bf16' if args.bf16 else 'fp32'}, "
+          f"impl {resolve_transformer_impl(args.transformer_impl)}, {len(samples)} samples "
+          f"(mean {np.mean([len(s['tokens']) for s in samples]):.0f} positions)")
+
+    def report(name, work, seconds, memory):
+        tokens = work.real_tokens / max(seconds, 1e-9)
+        tflops = work.flops / max(seconds, 1e-9) / 1e12
+        mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
+        print(f"  {name:28s} {tokens:10.0f} tokens/s/GPU  {tflops:7.2f} TFLOP/s/GPU  MFU {mfu:>6s}  "
+              f"peak memory {memory:6.1f} GiB")
+        return tokens
+
+    work, seconds, memory, sequences = run_ours(args, model_cfg, samples, runtime)
+    ours = report(f"megatron_eve (packed, {sequences} seq)", work, seconds, memory)
+    if args.baseline == "hf":
+        args._ours_flops_per_token = work.flops / max(work.real_tokens, 1)
+        args._ours_tokens_per_step = work.real_tokens / args.steps
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        work, seconds, memory = run_hf(args, model_cfg, samples)
+        theirs = report("HF transformers (padded)", work, seconds, memory)
+        print(f"  speed-up over the HF baseline: {ours / max(theirs, 1e-9):.2f}x tokens/s")
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Chat with an EVE model: an image (or none) and a question, answered with the vicuna_v1 template.
+
+  # a megatron checkpoint, any TP / PP
+  torchrun --nproc-per-node 2 tools/generate.py --load checkpoints/eve-7b-sft-672 \\
+      --tokenizer-model vicuna-7b-v1.5 --tensor-model-parallel-size 2 --image cat.jpg --prompt "What is this?"
+  # an HF export under plain transformers
+  python tools/generate.py --hf exports/eve-7b --image cat.jpg --prompt "What is this?"
+
+Greedy by default (--temperature / --top-p to sample), stops at </s>, uses a KV cache
+(--no-kv-cache recomputes the whole sequence each step). Without --prompt, reads questions
+from standard input, one per line.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_eve.inference.generate import PromptError, Sampling, chat_prompt  # noqa: E402
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--load", help="megatron checkpoint root (launch with torchrun)")
+    g.add_argument("--hf", help="HF export folder (python, one process)")
+    g.add_argument("--tokenizer-model", help="with --load: tokenizer.model or a folder holding one")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--no-kv-cache", action="store_true")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def setup(args):
+    """The backend, and whether this process prints (rank 0 of a megatron launch)."""
+    from megatron_eve.inference.backends import make_backend
+
+    if bool(args.load) == bool(args.hf):
+        raise SystemExit("error: give exactly one of --load (with --tokenizer-model) and --hf")
+    if args.hf:
+        return make_backend(args), True
+    if not args.tokenizer_model:
+        raise SystemExit("error: --load needs --tokenizer-model")
+    import torch.distributed as dist
+
+    from megatron_eve import distributed
+    from megatron_eve.config import ParallelConfig
+
+    parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    distributed.initialize(parallel)
+    return make_backend(args, parallel), dist.get_rank() == 0
+
+
+def sampling(args) -> Sampling:
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    p.add_argument("--prompt", default=None, help="the question; omitted: read questions from stdin")
+    args = p.parse_args(argv)
+    from megatron_eve.inference.backends import Request
+
+    backend, printer = setup(args)
+    questions = [args.prompt] if args.prompt is not None else (line.strip() for line in sys.stdin)
+    status = 0
+    for question in questions:
+        if not question:
+            continue
+        text = chat_prompt(question, with_image=False)
+        if args.image:
+            text = chat_prompt("<image>\n" * (len(args.image) - 1) + question, with_image=True)
+        answer = backend.answer([Request(text, args.image)], sampling(args))[0]
+        if printer:
+            if isinstance(answer, PromptError):
+                print(f"error: {answer}", file=sys.stderr)
+                status = 1
+            else:
+                print(answer, flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
