@@ -11,28 +11,14 @@ TP / PP; the target sizes are checked against the model and set the vocabulary p
 """
 
 import argparse
-import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
-from megatron_eve.checkpoint.dcp_writer import write_checkpoint  # noqa: E402
-from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
-    CheckpointFormatError,
-    HFWeights,
-    check_keys,
-    check_padded_vocab,
-    check_shapes,
-    megatron_plan,
-    model_config,
-    read_hf_config,
-)
-from megatron_eve.checkpoint.megatron_dirs import finish_checkpoint, parse_dtype  # noqa: E402
-from megatron_eve.config import ConfigError, ParallelConfig, RuntimeConfig, validate  # noqa: E402
+from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, HFWeights, model_config, read_hf_config  # noqa: E402
+from megatron_eve.checkpoint.megatron_dirs import write_megatron  # noqa: E402
+from megatron_eve.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,18 +33,12 @@ def main(argv=None) -> int:
     try:
         hf = HFWeights(args.hf)
         model = model_config(read_hf_config(args.hf), hf, args.image_size)
-        validate(model, ParallelConfig(args.target_tensor_parallel_size, args.target_pipeline_parallel_size),
-                 RuntimeConfig())
-        check_keys(hf, model.language, need_vision=True)
-        check_shapes(hf, model)
-        padded = check_padded_vocab(model, args.target_tensor_parallel_size)
-        plan = megatron_plan(hf, model, padded, parse_dtype(args.dtype))
-        common = {"converted_from": os.path.abspath(args.hf), "model_config": asdict(model)}
-        directory = finish_checkpoint(args.out, lambda d: write_checkpoint(d, plan, common), plan)
+        directory, count = write_megatron(hf, model, args.out, args.target_tensor_parallel_size,
+                                          args.target_pipeline_parallel_size, args.dtype, need_vision=True)
     except (CheckpointFormatError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {directory}: {len(plan)} tensors, {model.language.num_layers} layers, "
+    print(f"wrote {directory}: {count} tensors, {model.language.num_layers} layers, "
           f"{'with' if model.aligner.enabled else 'without'} the aligner; start training from it with "
           f"--pretrained-checkpoint {args.out}")
     return 0

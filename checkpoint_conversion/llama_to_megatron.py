@@ -8,27 +8,20 @@ aligner freshly initialised as the reference does (PyTorch defaults, CLS / split
 """
 
 import argparse
-import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eve.checkpoint.dcp_writer import write_checkpoint  # noqa: E402
 from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
     CheckpointFormatError,
     HFWeights,
-    check_keys,
-    check_padded_vocab,
-    check_shapes,
     fresh_vision_tensors,
     language_config,
-    megatron_plan,
     read_hf_config,
 )
-from megatron_eve.checkpoint.megatron_dirs import finish_checkpoint, parse_dtype  # noqa: E402
-from megatron_eve.config import PRESETS, ConfigError, ParallelConfig, RuntimeConfig, get_preset, replace, validate  # noqa: E402
+from megatron_eve.checkpoint.megatron_dirs import write_megatron  # noqa: E402
+from megatron_eve.config import PRESETS, ConfigError, get_preset, replace  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,14 +43,9 @@ def main(argv=None) -> int:
             model = replace(model, **{"vision.image_size": args.image_size})
         if any(k.startswith(("model.vision_tower.", "model.mm_projector.")) for k in hf.keys()):
             raise CheckpointFormatError(f"{args.hf} already holds EVE vision weights: use hf_to_megatron.py")
-        validate(model, ParallelConfig(args.target_tensor_parallel_size, args.target_pipeline_parallel_size),
-                 RuntimeConfig())
-        check_keys(hf, model.language, need_vision=False)
-        check_shapes(hf, model)
-        padded = check_padded_vocab(model, args.target_tensor_parallel_size)
-        plan = megatron_plan(hf, model, padded, parse_dtype(args.dtype), extra=fresh_vision_tensors(model, args.seed))
-        common = {"converted_from": os.path.abspath(args.hf), "model_config": asdict(model)}
-        directory = finish_checkpoint(args.out, lambda d: write_checkpoint(d, plan, common), plan)
+        directory, _ = write_megatron(hf, model, args.out, args.target_tensor_parallel_size,
+                                      args.target_pipeline_parallel_size, args.dtype, need_vision=False,
+                                      extra=fresh_vision_tensors(model, args.seed))
     except (CheckpointFormatError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

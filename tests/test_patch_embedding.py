@@ -13,36 +13,16 @@ VISION = VisionConfig(hidden_size=32, num_heads=8, image_size=224, teacher_image
 
 
 def per_image_reference(pel: PatchEmbeddingLayer, images: torch.Tensor):
-    """One image at a time, as the reference VisionTokenizer loops."""
-    width, heads, scale = pel.class_embedding.numel(), 8, pel.class_embedding.numel() ** -0.5
-    grids = F.conv2d(images[:, :3], pel.patch_embedding.weight, stride=14)
-    masks = F.avg_pool2d(images[:, 3:], 14)
-    outputs = []
-    for i in range(images.shape[0]):
-        if masks[i, 0].sum() == 0:
-            grid = grids[i, :, :16, :16]
-        else:
-            nz = torch.nonzero(masks[i, 0])
-            (r1, c1), (r2, c2) = nz[0].tolist(), nz[-1].tolist()
-            grid = grids[i, :, r1 : r2 + 1, c1 : c2 + 1]
-        la = pel.local_attention
-        reduced = F.avg_pool2d(grid[None], 2)
-        h, w = reduced.shape[-2:]
-        reduced = reduced.flatten(2).transpose(1, 2)[0]  # [hw, C]
-        q = la.q(reduced).view(h * w, heads, 1, -1)
-        win = grid.unfold(1, 2, 2).unfold(2, 2, 2).reshape(width, h * w, 4).permute(1, 2, 0)
-        kv = la.kv(win).view(h * w, 4, 2, heads, -1).permute(2, 0, 3, 1, 4)  # [2, hw, heads, 4, d]
-        attn = (q * scale * kv[0]).sum(-1).softmax(-1)
-        merged = reduced + la.proj((attn[..., None] * kv[1]).sum(-2).reshape(h * w, width))
-        ga = pel.global_attention
-        gq = ga.q(pel.class_embedding).view(heads, 1, -1)
-        gkv = ga.kv(merged).view(h * w, 2, heads, -1).permute(1, 2, 0, 3)  # [2, heads, hw, d]
-        gattn = (gq * scale * gkv[0]).sum(-1).softmax(-1)
-        cls = pel.class_embedding + ga.proj((gattn[..., None] * gkv[1]).sum(-2).reshape(width))
-        rows = merged.T.reshape(width, h, w)
-        rows = torch.cat([rows, pel.split_embedding[:, None, None].expand(width, h, 1)], dim=2)
-        outputs.append(torch.cat([cls[None], rows.flatten(1).T]))
-    return torch.cat(outputs)
+    """One image at a time, as the reference VisionTokenizer loops: the transcription shipped in
+    every HF export (modeling_eve.py), given the same weights."""
+    from types import SimpleNamespace
+
+    from megatron_eve.hf.modeling_eve import VisionTokenizer
+
+    reference = VisionTokenizer(SimpleNamespace(mm_hidden_size=pel.class_embedding.numel(), patch_stride=14,
+                                                conv_stride=2, mm_vision_heads=8))
+    reference.load_state_dict(pel.state_dict())
+    return torch.cat(reference(images))
 
 
 def batch_of(sizes, seed=0):

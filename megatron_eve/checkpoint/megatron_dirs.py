@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from dataclasses import asdict
+from typing import Callable, Iterable, Sequence, Tuple
 
 import torch
 
+from megatron_eve.config import EVEModelConfig, ParallelConfig, RuntimeConfig, validate
 from megatron_eve.training.checkpoint import TRACKER, checkpoint_dir
 
 
@@ -42,3 +44,19 @@ def _counted(make, bar):
         bar.update(1)
         return out
     return wrapped
+
+
+def write_megatron(hf, model: EVEModelConfig, root: str, tensor_parallel: int, pipeline_parallel: int, dtype: str,
+                   need_vision: bool, extra: Iterable[Tuple[str, torch.Tensor]] = ()) -> Tuple[str, int]:
+    """HF tensors (+ `extra` made ones) → ROOT/iter_0000000, after every check that can fail:
+    the model fits the target layout, no tensor is unknown, missing or of the wrong shape."""
+    from megatron_eve.checkpoint.dcp_writer import write_checkpoint
+    from megatron_eve.checkpoint.hf_eve import check_keys, check_padded_vocab, check_shapes, megatron_plan
+
+    validate(model, ParallelConfig(tensor_parallel, pipeline_parallel), RuntimeConfig())
+    check_keys(hf, model.language, need_vision=need_vision)
+    check_shapes(hf, model)
+    padded = check_padded_vocab(model, tensor_parallel)
+    plan = megatron_plan(hf, model, padded, parse_dtype(dtype), extra=extra)
+    common = {"converted_from": os.path.abspath(hf.folder), "model_config": asdict(model)}
+    return finish_checkpoint(root, lambda d: write_checkpoint(d, plan, common), plan), len(plan)
