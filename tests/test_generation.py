@@ -151,3 +151,24 @@ def test_chat_demo_streams_answers(model):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_generate_cli_megatron_and_hf_export_agree(model, tmp_path):
+    """tools/generate.py answers from the megatron checkpoint and from its HF export alike."""
+    export = tmp_path / "export"
+    out = subprocess.run([sys.executable, str(ROOT / "checkpoint_conversion" / "megatron_to_hf.py"), "--megatron",
+                          model["load"], "--out", export, "--dtype", "float32", "--tokenizer-model", model["tokenizer"],
+                          "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    answers = {}
+    for name, source in (("megatron", ["--load", model["load"], "--tokenizer-model", model["tokenizer"]]),
+                         ("hf", ["--hf", export])):
+        run = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), *map(str, source), "--image",
+                              model["images"][0], "--prompt", "What is in the picture?", "--max-new-tokens", "6"],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        answers[name] = run.stdout.strip().splitlines()[-1]
+    assert answers["megatron"] == answers["hf"] and answers["megatron"]
+    missing = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--hf", export, "--image",
+                              tmp_path / "nowhere.png", "--prompt", "Hi"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and "nowhere.png does not exist" in missing.stderr
