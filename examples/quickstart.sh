@@ -11,7 +11,7 @@ CAPTIONS=${CAPTIONS:-2000}
 QA=${QA:-2000}
 
 if [ ! -x .venv/bin/python ]; then  # first run: the install of README.md
-  PYTHON=${PYTHON:-$(command -v python3.12 || echo "$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12")}
+  PYTHON=$(bash tools/find_python312.sh)
   "$PYTHON" -m venv .venv
   .venv/bin/pip install --upgrade pip
   .venv/bin/pip install torch==2.13.0 -e ".[dev]"
