@@ -103,6 +103,7 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    distributed_timeout_minutes: int = 10  # how long a collective may wait for its peers
 
 
 @dataclass
@@ -252,6 +253,9 @@ def validate(model: EVEModelConfig, parallel: ParallelConfig, runtime: RuntimeCo
         problems.append("sequence-parallel needs tensor-model-parallel-size > 1")
     if runtime.bf16 and runtime.fp16:
         problems.append("choose one of bf16 and fp16")
+    if parallel.distributed_timeout_minutes < 1:
+        problems.append(f"--distributed-timeout-minutes {parallel.distributed_timeout_minutes} must be >= 1")
+    problems += _kernel_problems(runtime)
 
     if vis.hidden_size % vis.num_heads:
         problems.append(f"vision num_heads {vis.num_heads} does not divide {vis.hidden_size}")
@@ -309,6 +313,35 @@ def validate(model: EVEModelConfig, parallel: ParallelConfig, runtime: RuntimeCo
                 )
     if problems:
         raise ConfigError("invalid EVE configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _kernel_problems(runtime: RuntimeConfig) -> List[str]:
+    """Kernel choices that would run but compute the wrong thing, or crash mid-run."""
+    from megatron_eve.model.specs import resolve_transformer_impl
+
+    try:
+        impl = resolve_transformer_impl(runtime.transformer_impl)
+    except ConfigError as error:
+        return [str(error)]
+    problems = []
+    if runtime.packed_attention == "mask" and impl == "transformer_engine":
+        problems.append("--packed-attention mask with Transformer Engine: TE ignores the mask of a causal "
+                        "layer, so packed samples would attend across their boundaries; use "
+                        "--packed-attention thd (or auto)")
+    if runtime.packed_attention == "thd" and impl == "local":
+        problems.append("--packed-attention thd needs --transformer-impl transformer_engine or torch: the "
+                        "local attention cannot take packed THD batches")
+    backend = runtime.attention_backend
+    if backend != "auto" and impl != "torch":
+        problems.append(f"--attention-backend {backend} only applies to --transformer-impl torch (here: {impl})")
+    elif impl == "torch":
+        from megatron_eve.model.attention import resolve_backend
+
+        try:
+            resolve_backend(backend, runtime.params_dtype)
+        except ValueError as error:
+            problems.append(str(error))
+    return problems
 
 
 def transformer_config(

@@ -1,5 +1,10 @@
-"""Process-group setup: torch.distributed (NCCL on GPU, gloo on CPU) + megatron-core's parallel
-state + seeds. Launched by torchrun, which sets RANK / WORLD_SIZE / MASTER_ADDR / LOCAL_RANK."""
+"""Process-group setup: torch.distributed + megatron-core's parallel state + seeds. Launched by
+torchrun, which sets RANK / WORLD_SIZE / MASTER_ADDR / LOCAL_RANK.
+
+On GPU machines every group gets two backends, "cpu:gloo,cuda:nccl": our own collectives keep
+their tensors on the GPU (NCCL), while the CPU-side collectives that megatron-core's
+dist-checkpointing and object exchanges may issue still find a backend (gloo). On CPU, gloo alone.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,10 @@ from megatron_eve.config import ConfigError, ParallelConfig
 from megatron_eve.platform import apply_cpu_shim, distributed_backend, has_cuda
 
 
-def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10) -> None:
-    """Join the process group and build TP / PP / DP groups; idempotent within a process."""
+def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
+    """Join the process group and build TP / PP / DP groups; idempotent within a process.
+    parallel.distributed_timeout_minutes bounds every collective (a hung peer fails the job)."""
+    timeout = timedelta(minutes=parallel.distributed_timeout_minutes)
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python tool.py`: a one-process group
             import socket
@@ -26,9 +33,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
                               MASTER_PORT=str(port))
         if has_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(
-            backend=distributed_backend(), timeout=timedelta(minutes=timeout_minutes)
-        )
+        dist.init_process_group(backend=distributed_backend(), timeout=timeout)
     apply_cpu_shim()
     world = dist.get_world_size()
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
@@ -40,7 +45,8 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=parallel.distributed_timeout_minutes,
         )
     set_seed(seed)
 

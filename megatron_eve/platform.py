@@ -23,7 +23,8 @@ def has_cuda() -> bool:
 
 
 def distributed_backend() -> str:
-    return "nccl" if has_cuda() else "gloo"
+    """NCCL for CUDA tensors plus gloo for CPU ones on GPU machines (see distributed.py)."""
+    return "cpu:gloo,cuda:nccl" if has_cuda() else "gloo"
 
 
 def current_device() -> torch.device:

@@ -24,3 +24,18 @@ def corpus(tmp_path_factory):
     records = json.load(open(captions)) + json.load(open(qa))
     tokenizer = train_tokenizer(list(tokenizer_texts(records)) * 3, str(root / "tokenizer"), 400)
     return {"root": str(root), "captions": captions, "qa": qa, "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, corpus, teacher_path):
+    """The corpus preprocessed for the tiny preset: captions (plain) and Q&A (vicuna_v1) prefixes."""
+    from megatron_eve.data.preprocess import PreprocessJob, run
+    from megatron_eve.data.records import RecordConfig
+
+    root = tmp_path_factory.mktemp("train_data")
+    vision = tiny_config().vision
+    for kind, template in (("captions", "plain"), ("qa", "vicuna_v1")):
+        run(PreprocessJob([corpus[kind]], str(root / kind), corpus["tokenizer"],
+                          RecordConfig(template, vision, image_folder=corpus["root"]), progress=False))
+    return {"captions": str(root / "captions"), "qa": str(root / "qa"), "teacher": teacher_path,
+            "tokenizer": corpus["tokenizer"]}

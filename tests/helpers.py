@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -141,16 +142,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(script: str, nproc: int, args: Sequence[str], timeout: int = 300) -> None:
-    """Run tests/parallel/<script> under torchrun on CPU; fail with its output if it fails."""
+def _environment(cuda: bool) -> Dict[str, str]:
+    """Child processes run on CPU (CUDA hidden) unless a test asks for the GPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def torchrun(script: str, nproc: int, args: Sequence[str], timeout: int = 300, cuda: bool = False) -> None:
+    """Run tests/parallel/<script> under torchrun (on CPU unless cuda); fail with its output if it fails."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
         "--master-addr=127.0.0.1", f"--master-port={free_port()}",
         str(ROOT / "tests" / "parallel" / script), *map(str, args),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_environment(cuda), cwd=ROOT)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
@@ -160,3 +167,34 @@ def torchrun(script: str, nproc: int, args: Sequence[str], timeout: int = 300) -
 
 def read_json(path) -> Dict:
     return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------------------ pretrain_eve.py runs
+LINE = re.compile(r"iteration +(\d+)/ *\d+ .*? lm loss: (\S+) \| align loss: (\S+) \| grad norm: (\S+)")
+
+
+def base_args(data: Dict, stage: str = "prealign", kind: str = "captions") -> List[str]:
+    """pretrain_eve.py flags for the tiny preset on the `data` fixture's preprocessed corpus."""
+    return ["--stage", stage, "--preset", "tiny", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--seq-length", "512", "--lr", "1e-3", "--log-interval", "1", "--data-path", data[kind],
+            "--split", "90,10,0", "--vision-teacher-path", data["teacher"], "--num-workers", "1",
+            "--tokenizer-model", data["tokenizer"]]
+
+
+def launch(args: Sequence, nproc: int = 2, cuda: bool = False) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(ROOT / "pretrain_eve.py"), *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_environment(cuda), cwd=ROOT)
+
+
+def train(args: Sequence, nproc: int = 2, timeout: int = 300, cuda: bool = False):
+    """Run pretrain_eve.py to completion → ({iteration: (lm, align, grad norm)}, output)."""
+    proc = launch(args, nproc, cuda)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-6000:]
+    return losses(out), out
+
+
+def losses(text: str) -> Dict[int, Tuple[float, ...]]:
+    return {int(m[0]): tuple(float(x) for x in m[1:]) for m in LINE.findall(text)}

@@ -45,3 +45,23 @@ def tiny_hf_eve(folder: str, fmt: str = "bin", seed: int = 0, with_teacher_keys:
     with open(os.path.join(folder, "config.json"), "w") as handle:
         json.dump(config, handle)
     return state
+
+
+def converted_tiny_eve(root, tokenizer: str) -> dict:
+    """tiny_hf_eve converted to a megatron checkpoint (fp32) by the real converter, plus three
+    images of different shapes: what generation tests load."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, random_image
+
+    tiny_hf_eve(str(root / "hf"), fmt="safetensors", with_teacher_keys=False)
+    out = subprocess.run([sys.executable, str(ROOT / "checkpoint_conversion" / "hf_to_megatron.py"), "--hf",
+                          root / "hf", "--out", root / "ckpt", "--dtype", "float32"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    images = []
+    for i, size in enumerate([(200, 120), (90, 180), (160, 160)]):
+        path = root / f"image{i}.png"
+        random_image(*size, seed=i).save(path)
+        images.append(str(path))
+    return {"root": root, "load": str(root / "ckpt"), "tokenizer": tokenizer, "images": images}

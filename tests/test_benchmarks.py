@@ -1,5 +1,7 @@
 """The benchmark scripts run end to end (small sizes); their figures come from real runs."""
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -33,3 +35,40 @@ def test_bench_train_runs_on_cpu():
     theirs = re.search(r"HF transformers \(padded\)\s+(\d+) tokens/s/GPU", out.stdout)
     assert ours and theirs and int(ours.group(1)) > 0 and int(theirs.group(1)) > 0, out.stdout
     assert re.search(r"speed-up over the HF baseline: [\d.]+x", out.stdout)
+
+
+def make_wheel(folder, name: str) -> str:
+    """A minimal pure-Python wheel of an empty package (for the installer path)."""
+    import zipfile
+
+    path = os.path.join(folder, f"{name}-0.0.1-py3-none-any.whl")
+    info = f"{name}-0.0.1.dist-info"
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr(f"{name}/__init__.py", "VALUE = 7\n")
+        wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.0.1\n")
+        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def test_gpu_check_script_writes_its_summary(tmp_path):
+    """tools/gpu_check.sh end to end on the CPU (EVE_GPU_TIER_ON_CPU=1, a slice of the tier, a
+    tiny benchmark): missing wheels installed aside, logs and summary.json written."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    make_wheel(str(wheels), "eve_check_probe")
+    out = tmp_path / "out"
+    env = {**os.environ, "EVE_GPU_TIER_ON_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
+           "GPU_CHECK_SITE": str(tmp_path / "site"), "TIER_ARGS": "-k attention",
+           "BENCH_ARGS": "--preset tiny --layers 2 --seq-length 512 --steps 1 --warmup 1 --samples 40 --baseline hf"}
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(wheels), str(out)],
+                          capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert (tmp_path / "site" / "eve_check_probe" / "__init__.py").is_file()
+    assert "eve_check_probe-0.0.1-py3-none-any.whl" in (out / "env.txt").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tests"]["passed"] >= 2 and summary["tests"]["failed"] == 0 and summary["tests"]["exit_code"] == 0
+    assert summary["tokens_per_s_per_gpu"] > 0 and summary["speedup_vs_hf"] > 0
+    assert summary["bench"]["figures"]["hf"]["real_tokens"] > 0
+    for name in ("gpu_tests.log", "gpu_tests.xml", "bench.log", "bench.json"):
+        assert (out / name).stat().st_size > 0

@@ -1,6 +1,7 @@
 """Configuration errors are clear and raised before anything is built."""
 
 import pytest
+import torch
 
 from megatron_eve.config import (
     ConfigError,
@@ -82,7 +83,10 @@ def test_uniform_recompute_must_not_hide_taps():
 
 def test_transformer_impl_choice():
     assert resolve_transformer_impl("local") == "local"
-    assert resolve_transformer_impl("auto") in ("local", "transformer_engine")
+    # auto: TE when installed with CUDA, torch's kernels on CUDA without TE, local on CPU.
+    assert resolve_transformer_impl("auto") in ("local", "torch", "transformer_engine")
+    if not torch.cuda.is_available():
+        assert resolve_transformer_impl("auto") == "local"
     with pytest.raises(ConfigError, match="unknown transformer_impl 'fast'"):
         resolve_transformer_impl("fast")
 
@@ -100,3 +104,58 @@ def test_vocab_padding_follows_megatron():
     assert padded_vocab_size(32000, 128, 1) == 32000
     assert padded_vocab_size(32000, 128, 4) == 32256
     assert padded_vocab_size(1000, 128, 2) == 1024
+
+
+@pytest.fixture
+def gpu_kernels(monkeypatch):
+    """Pretend Transformer Engine and every torch attention kernel are usable (validation only)."""
+    from megatron_eve.model import attention, specs
+
+    monkeypatch.setattr(specs, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(attention, "available_backends", lambda: ("varlen", "flash", "flex", "sdpa"))
+    attention.resolve_backend.cache_clear()
+    yield
+    attention.resolve_backend.cache_clear()
+
+
+def test_packed_mask_with_transformer_engine_is_refused(gpu_kernels):
+    with pytest.raises(ConfigError, match="TE ignores the mask of a causal layer"):
+        check(get_preset("tiny"), transformer_impl="transformer_engine", packed_attention="mask", bf16=True)
+    check(get_preset("tiny"), transformer_impl="transformer_engine", packed_attention="thd", bf16=True)
+    check(get_preset("tiny"), transformer_impl="torch", packed_attention="mask", bf16=True)
+
+
+def test_thd_with_the_local_impl_is_refused():
+    with pytest.raises(ConfigError, match="--packed-attention thd needs --transformer-impl transformer_engine or torch"):
+        check(get_preset("tiny"), transformer_impl="local", packed_attention="thd")
+    check(get_preset("tiny"), transformer_impl="torch", packed_attention="thd")
+
+
+def test_fp32_with_flash_kernels_is_refused_and_auto_falls_back(gpu_kernels):
+    from megatron_eve.model.attention import resolve_backend
+
+    for backend in ("varlen", "flash"):
+        with pytest.raises(ConfigError, match=f"attention backend '{backend}' takes fp16 / bf16 tensors"):
+            check(get_preset("tiny"), transformer_impl="torch", attention_backend=backend)
+        check(get_preset("tiny"), transformer_impl="torch", attention_backend=backend, bf16=True)
+    check(get_preset("tiny"), transformer_impl="torch", attention_backend="auto")  # fp32: no error
+    assert resolve_backend("auto", torch.float32) == "flex"
+    assert resolve_backend("auto", torch.bfloat16) == "varlen"
+    assert resolve_backend("auto", torch.float16) == "varlen"
+
+
+def test_attention_backend_needs_the_torch_impl(gpu_kernels):
+    with pytest.raises(ConfigError, match="--attention-backend flex only applies to --transformer-impl torch"):
+        check(get_preset("tiny"), transformer_impl="transformer_engine", attention_backend="flex", bf16=True)
+
+
+def test_unavailable_attention_backend_is_refused_before_work():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA kernels are available here")
+    with pytest.raises(ConfigError, match="attention backend 'varlen' is not available here"):
+        check(get_preset("tiny"), transformer_impl="torch", attention_backend="varlen", bf16=True)
+
+
+def test_distributed_timeout_must_be_positive():
+    with pytest.raises(ConfigError, match="--distributed-timeout-minutes 0 must be >= 1"):
+        validate(get_preset("tiny"), ParallelConfig(distributed_timeout_minutes=0), RuntimeConfig())

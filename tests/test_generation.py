@@ -18,24 +18,14 @@ from megatron_eve.eval.scorers import (
     pope_metrics,
     vqa_accuracy,
 )
-from tests.helpers import ROOT, random_image, read_json, torchrun
-from tests.hf_fixtures import tiny_hf_eve
+from tests.helpers import ROOT, read_json, torchrun
+from tests.hf_fixtures import converted_tiny_eve
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, corpus):
     """A converted tiny random EVE checkpoint, the corpus tokenizer, and three images."""
-    root = tmp_path_factory.mktemp("generation")
-    tiny_hf_eve(str(root / "hf"), fmt="safetensors", with_teacher_keys=False)
-    out = subprocess.run([sys.executable, str(ROOT / "checkpoint_conversion" / "hf_to_megatron.py"), "--hf",
-                          root / "hf", "--out", root / "ckpt", "--dtype", "float32"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    images = []
-    for i, size in enumerate([(200, 120), (90, 180), (160, 160)]):
-        path = root / f"image{i}.png"
-        random_image(*size, seed=i).save(path)
-        images.append(str(path))
-    return {"root": root, "load": str(root / "ckpt"), "tokenizer": corpus["tokenizer"], "images": images}
+    return converted_tiny_eve(tmp_path_factory.mktemp("generation"), corpus["tokenizer"])
 
 
 @pytest.fixture(scope="module")

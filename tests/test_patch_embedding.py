@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_eve.config import VisionConfig
 from megatron_eve.data.images import preprocess_image, token_grid

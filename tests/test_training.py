@@ -2,7 +2,6 @@
 resume at another layout, SIGTERM, TensorBoard scalars, frozen LLM in prealign, config errors."""
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,49 +14,7 @@ import pytest
 from megatron_eve.config import ConfigError
 from megatron_eve.training.arguments import parse_args
 from megatron_eve.training.loop import check_job
-from tests.helpers import ROOT, free_port
-
-LINE = re.compile(r"iteration +(\d+)/ *\d+ .*? lm loss: (\S+) \| align loss: (\S+) \| grad norm: (\S+)")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, corpus, teacher_path):
-    from megatron_eve.data.preprocess import PreprocessJob, run
-    from megatron_eve.data.records import RecordConfig
-    from tests.helpers import tiny_config
-
-    root = tmp_path_factory.mktemp("train_data")
-    vision = tiny_config().vision
-    for kind, template in (("captions", "plain"), ("qa", "vicuna_v1")):
-        run(PreprocessJob([corpus[kind]], str(root / kind), corpus["tokenizer"],
-                          RecordConfig(template, vision, image_folder=corpus["root"]), progress=False))
-    return {"captions": str(root / "captions"), "qa": str(root / "qa"), "teacher": teacher_path,
-            "tokenizer": corpus["tokenizer"]}
-
-
-def base_args(data, stage="prealign", kind="captions"):
-    return ["--stage", stage, "--preset", "tiny", "--micro-batch-size", "2", "--global-batch-size", "4",
-            "--seq-length", "512", "--lr", "1e-3", "--log-interval", "1", "--data-path", data[kind],
-            "--split", "90,10,0", "--vision-teacher-path", data["teacher"], "--num-workers", "1",
-            "--tokenizer-model", data["tokenizer"]]
-
-
-def launch(args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", str(ROOT / "pretrain_eve.py"), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-
-
-def train(args, nproc=2, timeout=300):
-    proc = launch(args, nproc)
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-6000:]
-    return losses(out), out
-
-
-def losses(text):
-    return {int(m[0]): tuple(float(x) for x in m[1:]) for m in LINE.findall(text)}
+from tests.helpers import ROOT, base_args, launch, train
 
 
 def checkpoint_diff(a, b):
@@ -126,6 +83,13 @@ def test_kill_and_resume_gives_the_same_losses(data, tmp_path):
     for iteration in (5, 6):
         assert resumed[iteration] == full[iteration]  # identical to the printed digit
 
+    # Run again once finished: nothing to train, so nothing is saved (the final checkpoint stays as is).
+    final = tmp_path / "killed" / "iter_0000006"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in final.iterdir())
+    again, out = train(args + ["--save", tmp_path / "killed", "--load", tmp_path / "killed"])
+    assert again == {} and "nothing to do: the checkpoint is at iteration 6 of 6" in out
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in final.iterdir()) == before
+
 
 
 def test_resume_at_another_tensor_parallel_size(data, tmp_path):
@@ -179,14 +143,6 @@ def test_bad_config_exit_status(data, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "pretrain_eve.py"), *base_args(data, "pretrain"),
                           "--train-iters", "2", "--seq-length", "32"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "error: cannot start training" in out.stderr and "--seq-length 32" in out.stderr
-
-
-def test_non_finite_loss_or_gradient_is_detected():
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel" / "nan_check.py")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
-        "finite": True, "nan_loss": False, "inf_loss": False, "nan_grad": False}
 
 
 def test_torch_kernels_and_thd_train_like_the_local_path(data, tmp_path):

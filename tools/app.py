@@ -14,7 +14,6 @@ of megatron_eve. API (what the page uses):
 
 import argparse
 import base64
-import io
 import json
 import os
 import sys

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ def write_release_like(folder: str, preset: str) -> int:
     model = get_preset(preset)
     shapes = expected_shapes(model)
     keys = [k for k in shapes if not k.startswith("lm_head")] + ["lm_head.weight"]  # release order: lm_head last
-    shards, current, size = [[]], 0, 0
+    shards, current = [[]], 0
     for key in keys:
         nbytes = 2 * int(torch.Size(shapes[key]).numel())
         if current + nbytes > FIRST_SHARD_BYTES and len(shards) == 1:

@@ -17,6 +17,7 @@ in both (it needs the 304M CLIP teacher; pass --aligner to time ours with a rand
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -203,6 +204,7 @@ def main():
     parser.add_argument("--baseline", choices=("none", "hf"), default="none")
     parser.add_argument("--hf-micro-batch-size", type=int, default=4)
     parser.add_argument("--hf-gradient-checkpointing", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     from megatron_eve import distributed
@@ -238,24 +240,34 @@ def main():
           f"impl {resolve_transformer_impl(args.transformer_impl)}, {len(samples)} samples "
           f"(mean {np.mean([len(s['tokens']) for s in samples]):.0f} positions)")
 
-    def report(name, work, seconds, memory):
+    figures = {"device": device, "layers": lm.num_layers, "hidden_size": lm.hidden_size,
+               "seq_length": args.seq_length, "bf16": args.bf16,
+               "transformer_impl": resolve_transformer_impl(args.transformer_impl), "peak_tflops": peak}
+
+    def report(key, name, work, seconds, memory):
         tokens = work.real_tokens / max(seconds, 1e-9)
         tflops = work.flops / max(seconds, 1e-9) / 1e12
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
         print(f"  {name:28s} {tokens:10.0f} tokens/s/GPU  {tflops:7.2f} TFLOP/s/GPU  MFU {mfu:>6s}  "
               f"peak memory {memory:6.1f} GiB")
+        figures[key] = {"tokens_per_s_per_gpu": tokens, "tflops_per_gpu": tflops,
+                        "mfu": tflops / peak if peak else None, "peak_memory_gib": memory,
+                        "real_tokens": work.real_tokens, "seconds": seconds}
         return tokens
 
     work, seconds, memory, sequences = run_ours(args, model_cfg, samples, runtime)
-    ours = report(f"megatron_eve (packed, {sequences} seq)", work, seconds, memory)
+    ours = report("ours", f"megatron_eve (packed, {sequences} seq)", work, seconds, memory)
     if args.baseline == "hf":
         args._ours_flops_per_token = work.flops / max(work.real_tokens, 1)
         args._ours_tokens_per_step = work.real_tokens / args.steps
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         work, seconds, memory = run_hf(args, model_cfg, samples)
-        theirs = report("HF transformers (padded)", work, seconds, memory)
-        print(f"  speed-up over the HF baseline: {ours / max(theirs, 1e-9):.2f}x tokens/s")
+        theirs = report("hf", "HF transformers (padded)", work, seconds, memory)
+        figures["speedup"] = ours / max(theirs, 1e-9)
+        print(f"  speed-up over the HF baseline: {figures['speedup']:.2f}x tokens/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
     distributed.destroy()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -107,9 +107,6 @@ class PackedSequences:
         epoch = int(np.searchsorted(self.epoch_starts, index, side="right")) - 1
         return self.sample_ids[self.plans[epoch].sequence(index - self.epoch_starts[epoch])]
 
-    def real_tokens(self, index: int) -> int:
-        return int(self.samples.lengths[self.sample_indices(index)].sum())
-
     def __getitem__(self, index: int) -> Dict:
         return assemble_sequence(
             [self.samples.get(int(i), self.config.read_pixels, self.config.read_teacher)
@@ -188,10 +185,6 @@ class BlendedSequences:
     def __getitem__(self, index: int) -> Dict:
         dataset, inner = self.locate(index)
         return dataset[inner]
-
-    def real_tokens(self, index: int) -> int:
-        dataset, inner = self.locate(index)
-        return dataset.real_tokens(inner)
 
 
 def build_datasets(config: DataConfig, sizes: Sequence[Optional[int]] = (None, None, None)

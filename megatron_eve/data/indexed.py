@@ -19,7 +19,7 @@ import array
 import io
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -198,7 +198,6 @@ class IndexedSamples:
         self._ends = index.document_indices[1:]
         # Length of each sample in the model = length of its TOKENS item.
         self.lengths = index.sequence_lengths[starts].astype(np.int64)
-        self.num_images = ((self._ends - starts - 3) // 2).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self._starts)

@@ -8,7 +8,7 @@ Megatron: a run resumed at `consumed` sees exactly the micro-batches an uninterr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 import numpy as np
 import torch
@@ -113,22 +113,19 @@ def model_inputs(batch: Dict, vision: VisionConfig, device, *, thd: bool = False
     """
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
-    segments = batch["segment_ids"].to(device, non_blocking=True)
     out = {"image_grid_hw": batch["image_grid_hw"]}
     if thd:
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        # Segment boundaries over the flattened rows (a new row always starts a new segment).
-        rows, length = segments.shape
-        flat = (segments + torch.arange(rows, device=device)[:, None] * (segments.max() + 1)).flatten()
-        starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1)).flatten()
-        cu = torch.cat([starts, torch.tensor([flat.numel()], device=device)]).to(torch.int32)
-        longest = int((cu[1:] - cu[:-1]).max())
+        # Built from the host copy of the segments: no device round trip, no host sync.
+        cu, longest = thd_boundaries(batch["segment_ids"])
+        cu = cu.to(device, non_blocking=True)
         out["packed_seq_params"] = PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
         )
         tokens, labels = tokens.view(1, -1), labels.view(1, -1)
-    elif bool((segments != segments[:, :1]).any()) and _has_packed_rows(batch):
+    elif _has_packed_rows(batch):
+        segments = batch["segment_ids"].to(device, non_blocking=True)
         same = segments[:, :, None] == segments[:, None, :]
         causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=device).tril()
         out["attention_mask"] = (~(same & causal)).unsqueeze(1)
@@ -139,6 +136,16 @@ def model_inputs(batch: Dict, vision: VisionConfig, device, *, thd: bool = False
         out["teacher_images"] = compose_squares(batch["teacher_images"], vision.teacher_image_size,
                                                 vision.patch_size, device, dtype)
     return out
+
+
+def thd_boundaries(segments: torch.Tensor):
+    """Segment ids [rows, length] → (cu_seqlens int32 over the flattened rows, longest segment).
+    A new row always starts a new segment; padding is a segment of its own."""
+    rows, length = segments.shape
+    flat = (segments.long() + torch.arange(rows)[:, None] * (int(segments.max()) + 1)).flatten()
+    starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1)).flatten()
+    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def _has_packed_rows(batch: Dict) -> bool:

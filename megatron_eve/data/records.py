@@ -13,7 +13,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
 
@@ -89,7 +89,7 @@ def _open_image(path: str):
         raise TemplateError(reason, f"{path}: {error}") from None
 
 
-def _crop(image, layout) -> "Image.Image":
+def _crop(image, layout):
     """The resized image exactly as EVE pastes it (PIL bicubic), without the padding."""
     from PIL import Image
 

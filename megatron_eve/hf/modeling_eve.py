@@ -13,7 +13,7 @@ needed: it only serves training.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch

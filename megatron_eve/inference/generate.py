@@ -9,7 +9,7 @@ Every stage runs the same loop; the last pipeline stage picks the tokens and bro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist

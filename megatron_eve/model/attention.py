@@ -12,13 +12,14 @@ keeps the local spec's projections and swaps only the core attention:
               (any device; the CPU path of the packed code)
   [s, b] batches: scaled_dot_product_attention (flash / memory-efficient / math kernels).
 
-"auto" takes the first of varlen, flash, flex that works here, else sdpa.
+"auto" takes the first of varlen, flash, flex that works here for the tensors' dtype (the varlen
+and flash kernels take fp16 / bf16 only: an fp32 model gets flex on CUDA, else sdpa).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 BACKENDS = ("auto", "varlen", "flash", "flex", "sdpa")
+HALF_ONLY = ("varlen", "flash")  # flash-attention kernels: fp16 / bf16 tensors only
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,13 +56,40 @@ def available_backends() -> tuple:
     return tuple(found)
 
 
-def resolve_backend(name: str) -> str:
+def supports_dtype(backend: str, dtype: torch.dtype) -> bool:
+    return backend not in HALF_ONLY or dtype in (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_backend(name: str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The kernel `name` stands for here, for tensors of `dtype`."""
     if name == "auto":
-        return available_backends()[0]
+        return next(b for b in available_backends() if supports_dtype(b, dtype))
     if name not in available_backends():
         raise ValueError(f"attention backend {name!r} is not available here (available: "
                          f"{', '.join(available_backends())})")
+    if not supports_dtype(name, dtype):
+        raise ValueError(f"attention backend {name!r} takes fp16 / bf16 tensors, not {dtype}: train with "
+                         "--bf16, or choose --attention-backend flex or sdpa")
     return name
+
+
+@functools.lru_cache(maxsize=None)
+def varlen_call_options() -> dict:
+    """How this torch's varlen_attn is asked for causal attention (and whether it repeats K/V
+    itself), read once from its signature: releases spell causal as a flash-style window (-1, 0)
+    or as is_causal=True. A TypeError at call time then means a real error, never a spelling."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    parameters = inspect.signature(varlen_attn).parameters
+    if "window_size" in parameters:
+        options = {"window_size": (-1, 0)}
+    elif "is_causal" in parameters:
+        options = {"is_causal": True}
+    else:
+        raise RuntimeError("torch.nn.attention.varlen.varlen_attn takes neither window_size nor is_causal: "
+                           "this torch release is not supported; use --attention-backend flex or sdpa")
+    return {"causal": options, "native_gqa": "enable_gqa" in parameters}
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -101,20 +130,20 @@ class TorchAttention(DotProductAttention):
 
     def _packed(self, q, k, v, params, dropout: float) -> torch.Tensor:
         """THD tensors [t, heads, hn] of samples delimited by cu_seqlens."""
-        backend = resolve_backend(self.backend)
+        backend = resolve_backend(self.backend, q.dtype)
         cu_q, cu_k = params.cu_seqlens_q, params.cu_seqlens_kv
         if backend == "varlen":
             from torch.nn.attention.varlen import varlen_attn
 
+            options = varlen_call_options()
             groups = q.shape[1] // k.shape[1]
-            if groups > 1:
+            extra = dict(options["causal"])
+            if groups > 1 and options["native_gqa"]:
+                extra["enable_gqa"] = True
+            elif groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            try:  # causal as flash's sliding window (-1, 0) (torch 2.13)
-                return varlen_attn(q, k, v, cu_q, cu_k, params.max_seqlen_q, params.max_seqlen_kv,
-                                   scale=self.softmax_scale, window_size=(-1, 0))
-            except TypeError:  # releases that spell it is_causal
-                return varlen_attn(q, k, v, cu_q, cu_k, params.max_seqlen_q, params.max_seqlen_kv,
-                                   is_causal=True, scale=self.softmax_scale)
+            return varlen_attn(q, k, v, cu_q, cu_k, params.max_seqlen_q, params.max_seqlen_kv,
+                               scale=self.softmax_scale, **extra)
         if backend == "flash":
             from flash_attn import flash_attn_varlen_func
 

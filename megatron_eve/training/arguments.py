@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--overlap-param-gather", action="store_true")
-    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                   help="how long a collective waits for its peers before the job fails")
 
     g = p.add_argument_group("precision and kernels")
     g.add_argument("--bf16", action="store_true")
@@ -239,7 +240,7 @@ def job_from_args(args: argparse.Namespace) -> TrainingJob:
     return TrainingJob(
         model=model,
         parallel=ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                args.sequence_parallel),
+                                args.sequence_parallel, args.distributed_timeout_minutes),
         runtime=RuntimeConfig(
             transformer_impl=args.transformer_impl, attention_backend=args.attention_backend,
             packed_attention=args.packed_attention, bf16=args.bf16, fp16=args.fp16,

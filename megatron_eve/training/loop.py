@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from functools import partial
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from megatron_eve.model.build import build_model
 from megatron_eve.platform import current_device
 from megatron_eve.training import checkpoint
 from megatron_eve.training.arguments import TrainingJob
+from megatron_eve.training.iteration_stats import IterationStats
 from megatron_eve.training.metrics import (
     BatchWork,
     IntervalMeter,
@@ -146,34 +147,13 @@ def _last_rank_of_losses() -> bool:
             and ps.get_data_parallel_rank() == 0)
 
 
-def _reduce_losses(losses: List[Dict], keys=("lm loss", "align loss")) -> Dict[str, float]:
-    """Mean over micro-batches and data-parallel ranks (last stage); broadcast to all ranks."""
+def _iteration_stats(**options) -> IterationStats:
+    """One rank per data-parallel replica counts its losses (last stage) and its work (first)."""
     from megatron.core import parallel_state as ps
 
-    values = torch.zeros(len(keys), dtype=torch.float64)
-    if ps.is_pipeline_last_stage() and losses:
-        for i, key in enumerate(keys):
-            values[i] = sum(float(step[key]) for step in losses) / len(losses)
-        dist.all_reduce(values, group=ps.get_data_parallel_group())
-        values /= ps.get_data_parallel_world_size()
-    # Everyone learns the losses (the last stage's ranks hold them; others contribute 0).
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
-    return {key: float(values[i]) for i, key in enumerate(keys)}
-
-
-def _all_finite(ddp, losses: Dict[str, float]) -> bool:
-    local = all(math.isfinite(v) for v in losses.values())
-    local = local and all(bool(torch.isfinite(b.grad_data).all()) for b in ddp.buffers + ddp.expert_parallel_buffers)
-    flag = torch.tensor([1 if local else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _any_rank(value: bool) -> bool:
-    flag = torch.tensor([1 if value else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    tp0 = ps.get_tensor_model_parallel_rank() == 0
+    return IterationStats(current_device(), counts_losses=tp0 and ps.is_pipeline_last_stage(),
+                          counts_work=tp0 and ps.is_pipeline_first_stage(), **options)
 
 
 class _SignalCatcher:
@@ -248,9 +228,11 @@ def run(job: TrainingJob) -> int:
     tensorboard = TensorBoard(log.tensorboard_dir if _last_rank_of_losses() else None)
     catcher = _SignalCatcher(ck.exit_signal_handler)
     peak = peak_tflops(log.peak_tflops)
-    meter = IntervalMeter()
+    stats = _iteration_stats()
+    interval_seconds, grad_norm = 0.0, None
     started = time.time()
     exit_code, reason = 0, "finished"
+    first_iteration = state.iteration
 
     while state.iteration < s.train_iters:
         ddp.train()
@@ -261,9 +243,11 @@ def run(job: TrainingJob) -> int:
         losses = fb(forward_step_func=step, data_iterator=train_batches, model=[ddp],
                     num_microbatches=num_microbatches, seq_length=s.seq_length,
                     micro_batch_size=s.micro_batch_size, forward_only=False)
-        reduced = _reduce_losses(losses)
-        grad_norm = None
-        if _all_finite(ddp, reduced):
+        flags = stats.reduce(
+            losses, [b.grad_data for b in ddp.buffers + ddp.expert_parallel_buffers], train_batches.work,
+            sigterm=catcher.caught,
+            over_time=bool(ck.exit_duration_in_mins) and (time.time() - started) / 60 > ck.exit_duration_in_mins)
+        if flags["finite"]:
             updated, grad_norm, _ = optimizer.step()
             if updated:
                 scheduler.step(increment=s.global_batch_size)
@@ -272,8 +256,8 @@ def run(job: TrainingJob) -> int:
         else:
             state.nan_iterations += 1
             if rank == 0:
-                logger.error("iteration %d: non-finite loss or gradient (%s); %s", state.iteration + 1, reduced,
-                             "stopping" if s.nan_action == "stop" else "update skipped")
+                logger.error("iteration %d: non-finite loss or gradient (%s); %s", state.iteration + 1,
+                             stats.last_losses(), "stopping" if s.nan_action == "stop" else "update skipped")
             if s.nan_action == "stop":
                 exit_code, reason = 1, "non-finite loss"
                 state.iteration += 1
@@ -281,22 +265,19 @@ def run(job: TrainingJob) -> int:
             state.skipped_iterations += 1
         state.iteration += 1
         state.consumed_samples += s.global_batch_size
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        work = _global_work(train_batches.work)
-        meter.iterations += 1
-        meter.seconds += time.time() - tick
-        meter.work.add(work)
+        interval_seconds += time.time() - tick  # the flags' read above waited for this iteration's work
 
-        if state.iteration % log.log_interval == 0 or state.iteration in (1, s.train_iters):
-            scalars = {**reduced, "learning-rate": _current_lr(optimizer), "grad-norm": float(grad_norm or 0.0),
-                       **meter.scalars(dist.get_world_size(), peak), **memory_scalars(),
-                       "batch-size": s.global_batch_size}
+        if state.iteration % log.log_interval == 0 or state.iteration in (first_iteration + 1, s.train_iters):
+            interval = stats.read_interval()
+            meter = IntervalMeter(interval.iterations, interval_seconds, interval.work)
+            scalars = {**interval.losses, "learning-rate": _current_lr(optimizer),
+                       "grad-norm": float(grad_norm or 0.0), **meter.scalars(dist.get_world_size(), peak),
+                       **memory_scalars(), "batch-size": s.global_batch_size}
             if _last_rank_of_losses():
-                print(_log_line(state, s, scalars, peak), flush=True)
+                print(_log_line(state, s, scalars), flush=True)
             tensorboard.write(scalars, state.iteration, state.consumed_samples,
                               vs_samples=("lm loss", "align loss", "learning-rate"))
-            meter = IntervalMeter()
+            interval_seconds = 0.0
 
         if valid_batches is not None and state.iteration % log.eval_interval == 0:
             value = _evaluate(fb, step, ddp, valid_batches, log.eval_iters, num_microbatches, s)
@@ -311,11 +292,11 @@ def run(job: TrainingJob) -> int:
             checkpoint.save(job, ddp, optimizer, scheduler, state)
             saved = True
         stop = None
-        if _any_rank(catcher.caught):
+        if flags["sigterm"]:
             stop = "SIGTERM"
         elif ck.exit_interval and state.iteration % ck.exit_interval == 0:
             stop = "--exit-interval"
-        elif ck.exit_duration_in_mins and _any_rank((time.time() - started) / 60 > ck.exit_duration_in_mins):
+        elif flags["over_time"]:
             stop = "--exit-duration-in-mins"
         if stop:
             if ck.save and not saved:
@@ -324,7 +305,10 @@ def run(job: TrainingJob) -> int:
             reason = f"{stop} at iteration {state.iteration}"
             break
 
-    if reason == "finished" and ck.save and (not ck.save_interval or state.iteration % ck.save_interval):
+    trained = state.iteration > first_iteration
+    if not trained:
+        reason = f"nothing to do: the checkpoint is at iteration {state.iteration} of {s.train_iters}"
+    elif reason == "finished" and ck.save and (not ck.save_interval or state.iteration % ck.save_interval):
         checkpoint.save(job, ddp, optimizer, scheduler, state)
     tensorboard.close()
     if rank == 0:
@@ -332,16 +316,6 @@ def run(job: TrainingJob) -> int:
                     state.nan_iterations)
     distributed.destroy()
     return exit_code
-
-
-def _global_work(work: BatchWork) -> BatchWork:
-    """Sum this iteration's work over data-parallel replicas (each counted once)."""
-    from megatron.core import parallel_state as ps
-
-    values = torch.tensor([work.real_tokens, work.positions, work.samples, work.images, work.flops],
-                          dtype=torch.float64)
-    dist.all_reduce(values, group=ps.get_data_parallel_group())
-    return BatchWork(int(values[0]), int(values[1]), int(values[2]), int(values[3]), float(values[4]))
 
 
 def _current_lr(optimizer) -> float:
@@ -352,19 +326,20 @@ def _current_lr(optimizer) -> float:
 
 
 def _evaluate(fb, step, ddp, batches, iters: int, num_microbatches: int, s) -> float:
+    """Mean validation LM loss over `iters` global batches (one collective each, one host read)."""
     ddp.eval()
-    total = 0.0
+    stats = _iteration_stats(drop_nonfinite_losses=False)
     with torch.no_grad():
         for _ in range(iters):
             losses = fb(forward_step_func=step, data_iterator=batches, model=[ddp],
                         num_microbatches=num_microbatches, seq_length=s.seq_length,
                         micro_batch_size=s.micro_batch_size, forward_only=True)
-            total += _reduce_losses(losses)["lm loss"]
+            stats.reduce(losses)
     ddp.train()
-    return total / max(iters, 1)
+    return stats.read_interval().losses["lm loss"]
 
 
-def _log_line(state, s, scalars: Dict[str, float], peak: Optional[float]) -> str:
+def _log_line(state, s, scalars: Dict[str, float]) -> str:
     mfu = f"{100 * scalars['mfu']:.1f}%" if "mfu" in scalars else "n/a"
     return (
         f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {state.iteration:8d}/{s.train_iters:8d} |"

@@ -1,0 +1,27 @@
+"""The GPU tier: every module here is marked `gpu` (pytestmark) and its tests skip without CUDA.
+On a GPU machine: `pytest -m gpu tests/gpu`.
+
+EVE_GPU_TIER_ON_CPU=1 runs the tier on the CPU instead (gloo, SDPA only): it checks the tier's own
+code before device time is spent on it, and proves nothing about GPUs.
+"""
+
+import os
+
+import pytest
+import torch
+
+ON_CPU = os.environ.get("EVE_GPU_TIER_ON_CPU") == "1"
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if ON_CPU:
+        return torch.device("cpu")
+    pytest.skip("needs a CUDA device: run `pytest -m gpu tests/gpu` on a GPU machine")
+
+
+@pytest.fixture(scope="session")
+def on_gpu(device) -> bool:
+    return device.type == "cuda"

@@ -1,0 +1,23 @@
+"""Checkpoints: across layer specs, replacement without a window of loss, no restart over unmarked ones."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+
+def test_checkpoints_across_specs_and_safe_replacement(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("RANK", None)
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel" / "checkpoint_worker.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-4000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["plain_to_te"] == {"iteration": 1, "weights_equal": True, "extra_state_loaded": None}
+    assert r["te_to_plain"] == {"iteration": 2, "weights_equal": True}
+    assert r["te_to_te"] == {"extra_state_loaded": {"fp8_meta": 1}}
+    assert r["resaved_entries"] == ["iter_0000001", "latest_checkpointed_iteration.txt"]
+    assert r["recovered_iteration"] == 1 and r["recovered_entries"] == r["resaved_entries"]
+    assert "holds" in r["unmarked"] and "iter_0000001 but no latest_checkpointed_iteration.txt" in r["unmarked"]

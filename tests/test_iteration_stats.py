@@ -1,0 +1,44 @@
+"""The trainer's per-iteration scalars: one collective per iteration, on the rank's device."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+from megatron_eve.training.iteration_stats import nonfinite_count
+from tests.helpers import ROOT, free_port
+
+
+def test_nonfinite_count_reads_each_buffer_without_a_mask():
+    device = torch.device("cpu")
+    assert nonfinite_count([], device).item() == 0
+    buffers = [torch.ones(8), torch.tensor([1.0, float("nan")]), torch.tensor([float("-inf")]),
+               torch.full((4,), 3e38)]  # finite, but its sum overflows: counted, as a broken gradient
+    assert nonfinite_count(buffers, device).item() == 3
+    assert nonfinite_count([torch.ones(3, dtype=torch.bfloat16)], device).dtype == torch.float64
+
+
+def test_one_collective_per_iteration_agrees_on_every_rank():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(ROOT / "tests" / "parallel" / "iteration_stats_worker.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-4000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["dp_flags"] == {"finite": True, "sigterm": True, "over_time": False}
+    # Mean over 4 micro-batches (2 per rank): lm (1+3+2+4)/4, align (2+4+3+5)/4.
+    assert r["dp_last"] == {"lm loss": 2.5, "align loss": 3.5}
+    assert r["dp_nan_grad_flags"]["finite"] is False
+    assert r["dp_inf_loss_flags"]["finite"] is False
+    # The two non-finite iterations leave the losses alone but their work still counts.
+    assert r["dp_interval"]["losses"] == {"lm loss": 2.5, "align loss": 3.5}
+    assert r["dp_interval"]["iterations"] == 3
+    assert r["dp_interval"]["real_tokens"] == 3 * (10 + 20) and r["dp_interval"]["samples"] == 3 * 4
+    assert r["dp_interval"]["flops"] == 6e15
+    assert r["dp_after_read"] == 0
+    assert r["tp_interval"] == {"losses": {"lm loss": 2.0, "align loss": 0.5}, "real_tokens": 10}
+    assert math.isnan(r["eval_nan"])
+    assert r["collectives"] == 5 and r["collective_devices"] == ["cpu"]

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One command for a fresh GPU machine that has torch but no network (see README, "GPU tier"):
+#   bash tools/gpu_check.sh WHEEL_DIR OUT_DIR
+# 1. installs the wheels in WHEEL_DIR whose packages are missing here (megatron-core at least),
+#    into a private folder put first on PYTHONPATH: nothing already installed is replaced;
+# 2. runs the GPU test tier (pytest -m gpu tests/gpu) and tools/bench_train.py with its HF baseline;
+# 3. writes into OUT_DIR: env.txt, gpu_tests.log, gpu_tests.xml, bench.log, bench.json and
+#    summary.json (tests passed / failed, tokens/s, TFLOP/s, MFU, peak memory, speed-up).
+# Each step has a time limit so that the whole check ends within about 8 minutes on one H100.
+# Overrides: TIER_TIMEOUT, BENCH_TIMEOUT (seconds), TIER_ARGS (extra pytest args), BENCH_ARGS.
+set -uo pipefail
+[ $# -eq 2 ] || { echo "usage: bash tools/gpu_check.sh WHEEL_DIR OUT_DIR" >&2; exit 2; }
+WHEELS=$(cd "$1" && pwd) || { echo "no wheel folder $1" >&2; exit 2; }
+mkdir -p "$2" && OUT=$(cd "$2" && pwd)
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+SITE=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
+started=$(date +%s)
+
+missing=$("$PYTHON" - "$WHEELS" <<'PY'
+import importlib.metadata as md, pathlib, re, sys
+for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    name = re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+    try:
+        md.distribution(name)
+    except md.PackageNotFoundError:
+        print(wheel)
+PY
+)
+if [ -n "$missing" ]; then
+  echo "installing: $missing"
+  # shellcheck disable=SC2086
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $missing \
+    || { echo "wheel install failed" >&2; exit 1; }
+fi
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+{ date -u; echo "installed from $WHEELS: ${missing:-nothing (all present)}"; nvidia-smi 2>&1 | head -20
+  "$PYTHON" -c 'import torch, megatron.core as m; print("torch", torch.__version__, "cuda", torch.version.cuda,
+"megatron-core", m.__version__, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+tier_start=$(date +%s)
+# shellcheck disable=SC2086
+timeout "${TIER_TIMEOUT:-300}" "$PYTHON" -m pytest -m gpu tests/gpu -v -rA -p no:cacheprovider \
+  --junitxml="$OUT/gpu_tests.xml" ${TIER_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log"
+tier_rc=${PIPESTATUS[0]}
+tier_seconds=$(( $(date +%s) - tier_start ))
+
+bench_start=$(date +%s)
+# shellcheck disable=SC2086
+timeout "${BENCH_TIMEOUT:-180}" "$PYTHON" tools/bench_train.py \
+  ${BENCH_ARGS:---layers 4 --seq-length 4096 --steps 10 --baseline hf} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+bench_seconds=$(( $(date +%s) - bench_start ))
+
+"$PYTHON" tools/gpu_check_summary.py "$OUT" --tier-rc "$tier_rc" --tier-seconds "$tier_seconds" \
+  --bench-rc "$bench_rc" --bench-seconds "$bench_seconds" --total-seconds $(( $(date +%s) - started ))
+[ "$tier_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

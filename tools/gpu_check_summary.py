@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""summary.json for tools/gpu_check.sh: the GPU tier's test counts (from its JUnit XML) and
+tools/bench_train.py's figures (from its JSON), with exit codes and times. Prints the summary."""
+
+import argparse
+import json
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+
+def test_counts(xml_path: Path) -> dict:
+    if not xml_path.is_file():
+        return {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "failures": [], "report": "missing"}
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "failures": []}
+    for case in ElementTree.parse(xml_path).getroot().iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        outcome = {child.tag for child in case}
+        if "failure" in outcome or "error" in outcome:
+            counts["failed" if "failure" in outcome else "errors"] += 1
+            counts["failures"].append(name)
+        elif "skipped" in outcome:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return counts
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out", type=Path)
+    for name in ("tier-rc", "tier-seconds", "bench-rc", "bench-seconds", "total-seconds"):
+        parser.add_argument(f"--{name}", type=int, required=True)
+    args = parser.parse_args()
+    bench_file = args.out / "bench.json"
+    bench = json.loads(bench_file.read_text()) if bench_file.is_file() else None
+    summary = {
+        "device": (bench or {}).get("device"),
+        "tests": {**test_counts(args.out / "gpu_tests.xml"), "exit_code": args.tier_rc, "seconds": args.tier_seconds},
+        "bench": {"exit_code": args.bench_rc, "seconds": args.bench_seconds, "figures": bench},
+        "total_seconds": args.total_seconds,
+    }
+    if bench and "ours" in bench:
+        ours = bench["ours"]
+        summary.update(tokens_per_s_per_gpu=ours["tokens_per_s_per_gpu"], tflops_per_gpu=ours["tflops_per_gpu"],
+                       mfu=ours["mfu"], peak_memory_gib=ours["peak_memory_gib"], speedup_vs_hf=bench.get("speedup"))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
