@@ -31,6 +31,9 @@ setup(
         # Transformer Engine (fused kernels, THD packed attention) and flash-attn build against the
         # local CUDA toolkit; NGC PyTorch containers ship both (and apex) preinstalled.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        # tools/app.py, the local chat demo (the EVE reference's demo uses Gradio too)
+        "demo": ["gradio>=5"],
+        # selenium drives Debian's chromium + chromium-driver in the demo's browser test
+        "dev": ["pytest>=8", "pytest-timeout", "gradio>=5", "selenium>=4"],
     },
 )

@@ -28,13 +28,16 @@ def main(argv=None) -> int:
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     p.add_argument("--image-size", type=int, default=None, help="override the PEL resolution read from config.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds files that are not an earlier conversion")
     p.add_argument("--dtype", default="bfloat16", help="stored dtype: bfloat16, float16 or float32")
     args = p.parse_args(argv)
     try:
         hf = HFWeights(args.hf)
         model = model_config(read_hf_config(args.hf), hf, args.image_size)
         directory, count = write_megatron(hf, model, args.out, args.target_tensor_parallel_size,
-                                          args.target_pipeline_parallel_size, args.dtype, need_vision=True)
+                                          args.target_pipeline_parallel_size, args.dtype, need_vision=True,
+                                          overwrite=args.overwrite)
     except (CheckpointFormatError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

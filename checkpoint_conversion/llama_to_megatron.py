@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds files that are not an earlier conversion")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=1234, help="seed of the fresh vision modules")
     args = p.parse_args(argv)
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
             raise CheckpointFormatError(f"{args.hf} already holds EVE vision weights: use hf_to_megatron.py")
         directory, _ = write_megatron(hf, model, args.out, args.target_tensor_parallel_size,
                                       args.target_pipeline_parallel_size, args.dtype, need_vision=False,
-                                      extra=fresh_vision_tensors(model, args.seed))
+                                      extra=fresh_vision_tensors(model, args.seed), overwrite=args.overwrite)
     except (CheckpointFormatError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_eve.atomic import check_output_dir, replace_directory  # noqa: E402
 from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, MegatronCheckpoint, hf_config, hf_tensors  # noqa: E402
 from megatron_eve.checkpoint.hf_writer import copy_tokenizer, write_tensors  # noqa: E402
 from megatron_eve.checkpoint.megatron_dirs import parse_dtype  # noqa: E402
@@ -27,6 +28,17 @@ from megatron_eve.config import ConfigError, model_config_from_dict  # noqa: E40
 from megatron_eve.training.checkpoint import checkpoint_dir, latest_iteration  # noqa: E402
 
 MODELING = Path(__file__).resolve().parents[1] / "megatron_eve" / "hf" / "modeling_eve.py"
+
+
+def is_export(folder: str) -> bool:
+    """An HF folder this script wrote: our modeling file, registered by config.json's auto_map."""
+    try:
+        with open(os.path.join(folder, "config.json")) as handle:
+            auto_map = json.load(handle).get("auto_map", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return os.path.isfile(os.path.join(folder, "modeling_eve.py")) and any(
+        str(v).startswith("modeling_eve.") for v in auto_map.values())
 
 
 def main(argv=None) -> int:
@@ -39,8 +51,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds files that are not an earlier export")
     args = p.parse_args(argv)
     try:
+        check_output_dir(args.out, is_export, args.overwrite, "an earlier export of megatron_eve")
         iteration = args.iteration if args.iteration is not None else latest_iteration(args.megatron)
         if iteration is None:
             raise CheckpointFormatError(f"{args.megatron}: no latest_checkpointed_iteration.txt")
@@ -64,8 +79,7 @@ def main(argv=None) -> int:
         shutil.copyfile(MODELING, os.path.join(staging, "modeling_eve.py"))
         if args.tokenizer_model:
             copy_tokenizer(args.tokenizer_model, staging)
-        shutil.rmtree(args.out, ignore_errors=True)
-        os.replace(staging, args.out)
+        replace_directory(staging, args.out.rstrip("/"))
     except (CheckpointFormatError, ConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

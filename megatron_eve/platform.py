@@ -144,5 +144,12 @@ def apply_cpu_shim() -> None:
     )
 
     # Everything else that names "cuda" (see _CudaToCpu). The mode stays entered for the life of
-    # the process; it is thread-local, and megatron-core's CPU work all runs on the main thread.
+    # the process; it is thread-local: a thread that runs the model calls shim_this_thread().
     _CudaToCpu().__enter__()
+
+
+def shim_this_thread() -> None:
+    """Enter the CPU shim's tensor-creation mode in the calling thread too (torch function modes are
+    thread-local); a no-op with CUDA or before apply_cpu_shim()."""
+    if _SHIM_APPLIED and not has_cuda():
+        _CudaToCpu().__enter__()

@@ -198,3 +198,27 @@ def train(args: Sequence, nproc: int = 2, timeout: int = 300, cuda: bool = False
 
 def losses(text: str) -> Dict[int, Tuple[float, ...]]:
     return {int(m[0]): tuple(float(x) for x in m[1:]) for m in LINE.findall(text)}
+
+
+def damaged_png(path, seed: int = 0) -> None:
+    """A PNG whose image data goes on in a second chunk with a damaged chunk name: Pillow opens it,
+    then raises SyntaxError (not OSError) while decoding."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    random_image(50, 40, seed).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    start = data.find(b"IDAT")
+    length = struct.unpack(">I", data[start - 4:start])[0]
+    payload = data[start + 4:start + 4 + length]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    half = len(payload) // 2
+    second = bytearray(chunk(b"IDAT", payload[half:]))
+    second[4:8] = b"\x00\x01\x02\x03"
+    Path(path).write_bytes(data[:start - 4] + chunk(b"IDAT", payload[:half]) + bytes(second)
+                           + data[start + 4 + length + 4:])

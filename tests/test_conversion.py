@@ -146,3 +146,61 @@ def test_bin_files_are_read_without_executing_pickles(tmp_path):
     torch.save(state, first)
     out = convert("hf_to_megatron.py", "--hf", tmp_path / "hf", "--out", tmp_path / "m")
     assert out.returncode == 1 and "cannot be read as a weights-only checkpoint" in out.stderr
+
+
+def test_outputs_we_did_not_write_are_not_replaced(release, tmp_path):
+    """--out holding someone's files (or a training run's checkpoints) is refused without
+    --overwrite; our own earlier output is replaced, never deleted before the new one is in place."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    for script, source in (("megatron_to_hf.py", ["--megatron", release / "megatron"]),
+                           ("hf_to_megatron.py", ["--hf", release / "hf"])):
+        out = convert(script, *source, "--out", precious, "--dtype", "float32")
+        assert out.returncode == 1 and "holds files that are not" in out.stderr and "--overwrite" in out.stderr
+        assert (precious / "notes.txt").read_text() == "mine" and sorted(os.listdir(precious)) == ["notes.txt"]
+
+    # A training root (later iterations, its own marker) is not a conversion either.
+    training = tmp_path / "training"
+    training.mkdir()
+    (training / "iter_0000100").mkdir()
+    (training / "latest_checkpointed_iteration.txt").write_text("100")
+    out = convert("hf_to_megatron.py", "--hf", release / "hf", "--out", training, "--dtype", "float32")
+    assert out.returncode == 1 and (training / "latest_checkpointed_iteration.txt").read_text() == "100"
+
+    # Our own outputs are converted again in place; --overwrite replaces anything.
+    export = tmp_path / "export"
+    ok(convert("megatron_to_hf.py", "--megatron", release / "megatron", "--out", export, "--dtype", "float32"))
+    ok(convert("megatron_to_hf.py", "--megatron", release / "megatron", "--out", export, "--dtype", "float32"))
+    assert not os.path.exists(f"{export}.replaced") and (export / "config.json").is_file()
+    for _ in range(2):
+        ok(convert("hf_to_megatron.py", "--hf", release / "hf", "--out", tmp_path / "converted", "--dtype", "float32"))
+    ok(convert("megatron_to_hf.py", "--megatron", release / "megatron", "--out", precious, "--dtype", "float32",
+               "--overwrite"))
+    assert not (precious / "notes.txt").exists() and (precious / "modeling_eve.py").is_file()
+
+
+def test_damaged_inputs_get_one_line_naming_the_file(tmp_path):
+    import shutil
+
+    tiny_hf_eve(str(tmp_path / "st"), fmt="safetensors")
+    tiny_hf_eve(str(tmp_path / "bin"), fmt="bin")
+    cases = {}
+    shutil.copytree(tmp_path / "st", tmp_path / "config")
+    (tmp_path / "config" / "config.json").write_text("{ not json")
+    cases["config"] = "config.json: not valid JSON"
+    shutil.copytree(tmp_path / "st", tmp_path / "safetensors")
+    data = (tmp_path / "st" / "model.safetensors").read_bytes()
+    (tmp_path / "safetensors" / "model.safetensors").write_bytes(data[:1000])
+    cases["safetensors"] = "model.safetensors: cannot be read as safetensors"
+    shutil.copytree(tmp_path / "bin", tmp_path / "shard")
+    index_path = tmp_path / "shard" / "pytorch_model.bin.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"]["lm_head.weight"] = next(s for s in shards if s != index["weight_map"]["lm_head.weight"])
+    index_path.write_text(json.dumps(index))
+    cases["shard"] = "tensor lm_head.weight is not in this shard, though the index says it is"
+    for name, message in cases.items():
+        out = convert("hf_to_megatron.py", "--hf", tmp_path / name, "--out", tmp_path / f"out_{name}")
+        assert out.returncode == 1 and message in out.stderr, (name, out.stderr[-2000:])
+        assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr

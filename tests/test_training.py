@@ -133,6 +133,11 @@ def job_args(data, *extra):
     (["--vision-teacher-path", ""], 1, "--vision-teacher-path is not set"),
     (["--data-path", "/nonexistent/prefix"], 1, "--data-path /nonexistent/prefix"),
     (["--image-size", "448"], 1, "holds 224/112-px images but the model takes 448/112"),
+    (["--micro-batch-size", "0"], 2, "--micro-batch-size 0 must be at least 1"),
+    (["--tensor-model-parallel-size", "0"], 2, "--tensor-model-parallel-size 0 must be at least 1"),
+    (["--log-interval", "0"], 1, "--log-interval 0 must be at least 1"),
+    (["--save-interval", "0"], 1, "--save-interval 0 must be at least 1"),
+    (["--num-workers", "-1"], 1, "--num-workers -1 must not be negative"),
 ])
 def test_bad_configs_are_refused_before_work(data, extra, world, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -178,3 +183,32 @@ def test_distributed_optimizer_with_overlap_matches_plain_data_parallel(data, tm
     for iteration in (1, 2, 3):
         for ours, theirs in zip(sharded[iteration][:2], plain[iteration][:2]):
             assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs))
+
+
+def test_a_streak_of_non_finite_iterations_stops_without_saving(data, tmp_path):
+    """An absurd learning rate breaks the weights after one update: every later iteration is
+    non-finite, skipped and not saved, and the streak ends the run with exit 1."""
+    args = base_args(data, "pretrain") + ["--train-iters", 10, "--lr", "1e20", "--clip-grad", 0, "--save",
+                                          tmp_path / "ck", "--save-interval", 1, "--max-consecutive-nan-iterations", 2]
+    proc = launch(args, nproc=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-4000:]
+    assert "2 non-finite iterations in a row (the weights or the data are broken); not saving" in out
+    assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
+
+
+def test_verify_checkpoint_refuses_a_damaged_file(data, tmp_path):
+    args = base_args(data, "pretrain") + ["--train-iters", 2, "--save", tmp_path / "ck", "--save-interval", 1]
+    train(args, nproc=1)
+    directory = tmp_path / "ck" / "iter_0000002"
+    recorded = json.loads((directory / "checksums.json").read_text())["files"]
+    assert any(name.endswith(".distcp") for name in recorded) and ".metadata" in recorded
+    shard = next(p for p in sorted(directory.iterdir()) if p.suffix == ".distcp")
+    with open(shard, "r+b") as handle:  # random bytes inside, the size unchanged
+        handle.seek(shard.stat().st_size // 2)
+        handle.write(bytes(range(256)) * 4)
+    proc = launch(args + ["--load", tmp_path / "ck", "--train-iters", 3, "--verify-checkpoint"], nproc=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-4000:]  # torchrun reports the worker's exit 2 as 1
+    assert f"error: {directory} is damaged: {shard.name} does not match its checksum" in out

@@ -1,50 +1,35 @@
 #!/usr/bin/env python3
-"""A local web chat with an EVE model: upload an image, ask, watch the answer stream in.
+"""A local web chat with an EVE model (Gradio, as the EVE reference's demo): upload an image, ask,
+watch the answer stream in.
 
   python tools/app.py --load checkpoints/eve-7b-sft-672 --tokenizer-model vicuna-7b-v1.5
   # then open http://127.0.0.1:7860
 
-Listens on loopback unless --host says otherwise. Needs only the Python standard library on top
-of megatron_eve. API (what the page uses):
-  GET  /api/health                       → {"status": "ok", "model": ...}
-  POST /api/chat   {"messages": [{"role": "user"|"assistant", "content": "..."}],
-                    "image": "<base64 PNG/JPEG>" (optional), "max_new_tokens", "temperature", "top_p"}
-                   → text/event-stream: "data: {"text": "..."}" per piece, then "data: [DONE]"
+Listens on loopback unless --host says otherwise. The model is loaded once and generates in one
+thread of its own, one answer at a time; Gradio's queue holds the other requests, and its
+asynchronous server never lets a slow or idle client block anyone. Bad input (an unreadable
+upload, an out-of-range sampling value, a prompt too long for the model) gets a clear message in
+the chat, which never shows server paths.
+
+API (gradio_client): Client(url).predict({"text": "...", "files": [handle_file(path)]}, max_new_tokens,
+temperature, top_p, api_name="/chat") → the answer.
 """
 
 import argparse
-import base64
-import json
+import math
 import os
+import queue
 import sys
-import tempfile
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import threading
 from pathlib import Path
+from typing import Iterator, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_eve.data.templates import VICUNA_SYSTEM  # noqa: E402
 from megatron_eve.inference.generate import PromptError, Sampling  # noqa: E402
 
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>EVE chat</title><style>
-body{font-family:sans-serif;max-width:760px;margin:2em auto}#log div{margin:.5em 0;white-space:pre-wrap}
-.user{color:#124}.assistant{color:#241}img{max-width:320px;display:block}textarea{width:100%}</style></head><body>
-<h2>EVE</h2><input type="file" id="file" accept="image/*"><img id="preview"><div id="log"></div>
-<textarea id="text" rows="3" placeholder="Ask about the image"></textarea><button id="send">Send</button>
-<script>
-let messages=[], image=null;
-file.onchange=()=>{const r=new FileReader();r.onload=()=>{image=r.result.split(',')[1];preview.src=r.result;
-  messages=[];log.innerHTML='';};r.readAsDataURL(file.files[0]);};
-function add(role,text){const d=document.createElement('div');d.className=role;d.textContent=text;log.appendChild(d);return d;}
-send.onclick=async()=>{const q=text.value.trim();if(!q)return;text.value='';add('user',q);messages.push({role:'user',content:q});
-  const out=add('assistant','');const resp=await fetch('/api/chat',{method:'POST',headers:{'Content-Type':'application/json'},
-  body:JSON.stringify({messages,image})});const reader=resp.body.getReader();const dec=new TextDecoder();let buf='';
-  while(true){const {value,done}=await reader.read();if(done)break;buf+=dec.decode(value,{stream:true});
-    let i;while((i=buf.indexOf('\\n\\n'))>=0){const line=buf.slice(0,i);buf=buf.slice(i+2);if(!line.startsWith('data: '))continue;
-      const data=line.slice(6);if(data==='[DONE]')continue;const m=JSON.parse(data);if(m.error)out.textContent='error: '+m.error;
-      else out.textContent+=m.text;}}
-  messages.push({role:'assistant',content:out.textContent});};
-</script></body></html>"""
+_DONE = object()
 
 
 def conversation_prompt(messages, with_image: bool) -> str:
@@ -61,67 +46,148 @@ def conversation_prompt(messages, with_image: bool) -> str:
     return text + "ASSISTANT:"
 
 
-class ChatHandler(BaseHTTPRequestHandler):
-    backend = None
-    model_name = ""
-    default_max_new_tokens = 256
+class ModelThread:
+    """Owns the backend: answers run here one at a time, their pieces handed back by queue."""
 
-    def log_message(self, *args):  # quiet
-        pass
+    def __init__(self, backend):
+        self.backend = backend
+        self.requests: "queue.Queue" = queue.Queue()
+        threading.Thread(target=self._serve, name="eve-model", daemon=True).start()
 
-    def _json(self, code: int, payload) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def _serve(self) -> None:
+        from megatron_eve.platform import shim_this_thread
 
-    def do_GET(self):  # noqa: N802
-        if self.path == "/api/health":
-            return self._json(200, {"status": "ok", "model": self.model_name})
-        if self.path in ("/", "/index.html"):
-            body = PAGE.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            return self.wfile.write(body)
-        return self._json(404, {"error": "not found"})
-
-    def do_POST(self):  # noqa: N802
-        if self.path != "/api/chat":
-            return self._json(404, {"error": "not found"})
-        try:
-            request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            messages = request["messages"]
-            if not messages or messages[-1]["role"] != "user":
-                raise ValueError("messages must end with a user message")
-        except (ValueError, KeyError, TypeError) as error:
-            return self._json(400, {"error": f"bad request: {error}"})
-        sampling = Sampling(max_new_tokens=int(request.get("max_new_tokens", self.default_max_new_tokens)),
-                            temperature=float(request.get("temperature", 0.0)), top_p=float(request.get("top_p", 1.0)))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = []
-            if request.get("image"):
-                path = os.path.join(tmp, "image")
-                with open(path, "wb") as handle:
-                    handle.write(base64.b64decode(request["image"]))
-                paths.append(path)
-            from megatron_eve.inference.backends import Request
-
+        shim_this_thread()
+        while True:
+            request, sampling, pieces = self.requests.get()
             try:
-                for piece in self.backend.stream(Request(conversation_prompt(messages, bool(paths)), paths), sampling):
-                    self.wfile.write(f"data: {json.dumps({'text': piece})}\n\n".encode())
-                    self.wfile.flush()
+                for piece in self.backend.stream(request, sampling):
+                    pieces.put(piece)
             except PromptError as error:
-                self.wfile.write(f"data: {json.dumps({'error': str(error)})}\n\n".encode())
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+                pieces.put(error)
+            except Exception as error:  # noqa: BLE001 — one failed answer must not stop the demo
+                pieces.put(PromptError(f"the model failed on this request ({type(error).__name__})"))
+            pieces.put(_DONE)
+
+    def stream(self, request, sampling: Sampling) -> Iterator:
+        pieces: "queue.Queue" = queue.Queue()
+        self.requests.put((request, sampling, pieces))
+        while (piece := pieces.get()) is not _DONE:
+            yield piece
+
+
+def parse_sampling(max_new_tokens, temperature, top_p, limit: int) -> Sampling:
+    """Sampling from what a client sent (the sliders, or anything through the API)."""
+    def number(name, value, kind):
+        try:
+            parsed = kind(float(value)) if kind is int and not isinstance(value, bool) else kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, not {value!r}") from None
+        if not math.isfinite(parsed):
+            raise ValueError(f"{name} must be a finite number, not {value!r}")
+        return parsed
+
+    new = number("max_new_tokens", max_new_tokens, int)
+    temp, p = number("temperature", temperature, float), number("top_p", top_p, float)
+    if not 1 <= new <= limit:
+        raise ValueError(f"max_new_tokens must be between 1 and {limit}, not {new}")
+    if temp < 0:
+        raise ValueError(f"temperature must be 0 (greedy) or more, not {temp}")
+    if not 0 < p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], not {p}")
+    return Sampling(max_new_tokens=new, temperature=temp, top_p=p)
+
+
+def _paths(content) -> List[str]:
+    """File paths inside a Gradio message content (a dict, a tuple of paths, or nested lists)."""
+    if isinstance(content, str):
+        return [content] if os.path.isfile(content) else []
+    if isinstance(content, dict):
+        found = [content["path"]] if isinstance(content.get("path"), str) else []
+        return found + [p for key in ("file", "files", "content") for p in _paths(content.get(key))]
+    if isinstance(content, (list, tuple)):
+        return [p for item in content for p in _paths(item)]
+    return []
+
+
+def _text(content) -> Optional[str]:
+    if isinstance(content, str) and not os.path.isfile(content):
+        return content
+    if isinstance(content, dict) and isinstance(content.get("text"), str):
+        return content["text"]
+    if isinstance(content, list):
+        parts = [t for t in (_text(item) for item in content) if t]
+        return " ".join(parts) if parts else None
+    return None
+
+
+def make_chat(model: ModelThread, max_length: int):
+    def chat(message, history, max_new_tokens, temperature, top_p):
+        message = message if isinstance(message, dict) else {"text": str(message or ""), "files": []}
+        files = _paths(message.get("files") or [])
+        turns, image = [], None
+        for entry in history or []:
+            role, content = entry.get("role"), entry.get("content")
+            image = (_paths(content) or [image])[-1] if role == "user" else image
+            text = _text(content)
+            if text:
+                turns.append({"role": role, "content": text})
+        image = files[-1] if files else image
+        question = (message.get("text") or "").strip()
+        if not question:
+            yield "Please ask a question (an image alone is not a question)."
+            return
+        try:
+            sampling = parse_sampling(max_new_tokens, temperature, top_p, max_length)
+        except ValueError as error:
+            yield f"⚠ {error}"
+            return
+        from megatron_eve.inference.backends import Request
+
+        request = Request(conversation_prompt(turns + [{"role": "user", "content": question}], image is not None),
+                          [image] if image else [])
+        answer = ""
+        for piece in model.stream(request, sampling):
+            if isinstance(piece, PromptError):
+                yield f"⚠ {_without_paths(str(piece), request.image_paths)}"
+                return
+            answer += piece
+            yield answer
+        if not answer:
+            yield "(the model gave an empty answer)"
+    return chat
+
+
+def _without_paths(text: str, paths: List[str]) -> str:
+    """Server-side paths out of a message: each upload is named by its file name only."""
+    for path in paths:
+        text = text.replace(path, os.path.basename(path))
+    return text
+
+
+def build_demo(model: ModelThread, model_name: str, max_length: int, default_max_new_tokens: int):
+    import gradio as gr
+
+    def setting(*args, **kwargs):
+        """A slider whose value reaches the chat function as sent (an API client may send anything):
+        the chat validates it and answers with a message instead of a server error. (Set on the
+        instance: a Slider subclass would make Gradio write a .pyi stub beside this file.)"""
+        slider = gr.Slider(*args, **kwargs)
+        slider.preprocess = lambda payload: payload
+        return slider
+
+    return gr.ChatInterface(
+        make_chat(model, max_length),
+        multimodal=True,
+        textbox=gr.MultimodalTextbox(file_types=["image"], placeholder="Upload an image and ask about it"),
+        additional_inputs=[
+            setting(1, max_length, value=default_max_new_tokens, step=1, label="max new tokens"),
+            setting(0.0, 2.0, value=0.0, step=0.05, label="temperature (0: greedy)"),
+            setting(0.05, 1.0, value=1.0, step=0.05, label="top p"),
+        ],
+        title=f"EVE · {model_name}",
+        api_name="chat",
+    )
 
 
 def main(argv=None) -> int:
@@ -131,22 +197,19 @@ def main(argv=None) -> int:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-queue", type=int, default=32, help="requests waiting at most; more are turned away")
     args = p.parse_args(argv)
     if args.hf or args.tensor_model_parallel_size * args.pipeline_model_parallel_size != 1:
-        raise SystemExit("error: the demo serves a megatron checkpoint in one process (TP = PP = 1)")
+        raise SystemExit("error: the demo serves a megatron checkpoint (--load) in one process (TP = PP = 1)")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls out of this machine
     from tools.generate import setup
 
-    ChatHandler.backend, _ = setup(args)
-    ChatHandler.model_name = os.path.basename(os.path.normpath(args.load))
-    ChatHandler.default_max_new_tokens = args.max_new_tokens
-    # One thread: generation runs where the CPU shim (thread-local) and the model live, and
-    # requests are answered one after another anyway.
-    server = HTTPServer((args.host, args.port), ChatHandler)
-    print(f"EVE chat on http://{args.host}:{server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    backend, _ = setup(args)
+    name = os.path.basename(os.path.normpath(args.load))
+    demo = build_demo(ModelThread(backend), name, backend.max_length, args.max_new_tokens)
+    demo.queue(default_concurrency_limit=1, max_size=args.max_queue)
+    print(f"EVE chat on http://{args.host}:{args.port}", flush=True)
+    demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=False, quiet=True)
     return 0
 
 

@@ -31,7 +31,7 @@ from megatron_eve.config import (  # noqa: E402
     VisionConfig,
     validate,
 )
-from megatron_eve.data.preprocess import PreprocessJob, run  # noqa: E402
+from megatron_eve.data.preprocess import PreprocessJob, WorkerPoolError, run  # noqa: E402
 from megatron_eve.data.records import RecordConfig  # noqa: E402
 from megatron_eve.data.sources import InputError  # noqa: E402
 from megatron_eve.data.templates import TEMPLATES  # noqa: E402
@@ -43,6 +43,8 @@ def parse_args(argv=None):
     io.add_argument("--input", action="append", required=True,
                     help="JSON list or JSON Lines file; repeat for several (processed in order)")
     io.add_argument("--image-folder", default="", help="root that record 'image' paths are relative to")
+    io.add_argument("--allow-images-outside-folder", action="store_true",
+                    help="accept absolute image paths and paths with '..' that leave --image-folder")
     io.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, .idx, .meta.json, .rejects.jsonl")
     text = p.add_argument_group("text")
     text.add_argument("--tokenizer-model", required=True,
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
         tokenizer_model=args.tokenizer_model,
         record=RecordConfig(
             template=args.template, vision=vision, image_folder=args.image_folder,
+            allow_images_outside_folder=args.allow_images_outside_folder,
             max_length=args.max_length, over_length=args.over_length, max_images=args.max_images,
             image_codec=args.image_codec, jpeg_quality=args.jpeg_quality,
         ),
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     )
     try:
         summary = run(job)
-    except (InputError, FileNotFoundError) as error:
+    except (InputError, FileNotFoundError, WorkerPoolError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(summary.line())

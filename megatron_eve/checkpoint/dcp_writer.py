@@ -23,6 +23,8 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
+from megatron_eve.atomic import replace_directory
+
 
 @dataclass
 class GlobalTensor:
@@ -96,5 +98,4 @@ def write_checkpoint(directory: str, tensors: Sequence[GlobalTensor], common: Di
     dcp_save({}, storage_writer=writer, planner=_LazyPlanner(tensors, common or {}), no_dist=True)
     with open(os.path.join(staging, "metadata.json"), "w") as handle:  # megatron-core's marker
         json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, handle)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(staging, directory)
+    replace_directory(staging, directory)

@@ -50,8 +50,11 @@ class HFWeights:
         index = next((os.path.join(folder, n) for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
                       if os.path.isfile(os.path.join(folder, n))), None)
         if index:
-            with open(index) as handle:
-                self.files = dict(json.load(handle)["weight_map"])
+            try:
+                with open(index) as handle:
+                    self.files = dict(json.load(handle)["weight_map"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise CheckpointFormatError(f"{index}: not a shard index with a weight_map ({error})") from None
             missing = sorted({f for f in self.files.values() if not os.path.isfile(os.path.join(folder, f))})
             if missing:
                 raise CheckpointFormatError(f"{folder}: shards named in {os.path.basename(index)} are missing: "
@@ -68,7 +71,10 @@ class HFWeights:
             if name.endswith(".safetensors"):
                 from safetensors import safe_open
 
-                handle = safe_open(path, framework="pt")
+                try:
+                    handle = safe_open(path, framework="pt")
+                except Exception as error:  # noqa: BLE001 - SafetensorError, OSError: name the file
+                    raise CheckpointFormatError(f"{path}: cannot be read as safetensors ({error})") from None
             else:  # weights_only: no pickled code runs; mmap: tensors stay on disk until used
                 try:
                     handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -83,8 +89,16 @@ class HFWeights:
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
-    def shape(self, key: str) -> Tuple[int, ...]:
+    def _in_shard(self, key: str):
+        """The open shard that the index says holds `key`, checked to hold it."""
         handle = self._open(self.files[key])
+        if key not in handle.keys():
+            raise CheckpointFormatError(f"{os.path.join(self.folder, self.files[key])}: tensor {key} is not in "
+                                        "this shard, though the index says it is")
+        return handle
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        handle = self._in_shard(key)
         if hasattr(handle, "get_slice"):
             return tuple(handle.get_slice(key).get_shape())
         return tuple(handle[key].shape)  # memory-mapped: no data is read
@@ -92,7 +106,7 @@ class HFWeights:
     def get(self, key: str) -> torch.Tensor:
         if key not in self.files:
             raise CheckpointFormatError(f"{self.folder}: tensor {key} is missing")
-        handle = self._open(self.files[key])
+        handle = self._in_shard(key)
         return handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key]
 
 
@@ -100,8 +114,14 @@ def read_hf_config(folder: str) -> Dict:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise CheckpointFormatError(f"{folder}: no config.json")
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointFormatError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointFormatError(f"{path}: not a JSON object")
+    return config
 
 
 def _image_size_from(config: Dict) -> int:
@@ -279,6 +299,9 @@ class MegatronCheckpoint:
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+        from megatron_eve.checkpoint import safe_metadata
+
+        safe_metadata.install()
         self.directory = directory
         self.reader = FileSystemReader(directory)
         self.metadata = self.reader.read_metadata()

@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Sequence, Tuple
 
 import torch
 
+from megatron_eve.atomic import check_output_dir, entries, write_text
 from megatron_eve.config import EVEModelConfig, ParallelConfig, RuntimeConfig, validate
 from megatron_eve.training.checkpoint import TRACKER, checkpoint_dir
 
@@ -31,10 +32,7 @@ def finish_checkpoint(root: str, write: Callable[[str], None], plan: Sequence = 
         for tensor in plan:  # count chunks as the writer makes them
             tensor.chunks = [(offsets, _counted(make, bar)) for offsets, make in tensor.chunks]
         write(directory)
-    marker = os.path.join(root, TRACKER)
-    with open(marker + ".tmp", "w") as handle:
-        handle.write("0")
-    os.replace(marker + ".tmp", marker)
+    write_text(os.path.join(root, TRACKER), "0")
     return directory
 
 
@@ -46,13 +44,32 @@ def _counted(make, bar):
     return wrapped
 
 
+def is_converted_root(root: str) -> bool:
+    """A checkpoint root as our converters write it: iter_0000000 (made from HF weights) and the
+    marker, nothing else (a training run's root has later iterations)."""
+    names = entries(root)
+    if not names:
+        return True  # nothing, or only what an interrupted conversion left
+    if "iter_0000000" not in names or not names <= {"iter_0000000", TRACKER}:
+        return False
+    from megatron.core import dist_checkpointing
+
+    try:
+        return "converted_from" in dist_checkpointing.load_common_state_dict(checkpoint_dir(root, 0))
+    except Exception:  # noqa: BLE001 — unreadable: not provably ours
+        return False
+
+
 def write_megatron(hf, model: EVEModelConfig, root: str, tensor_parallel: int, pipeline_parallel: int, dtype: str,
-                   need_vision: bool, extra: Iterable[Tuple[str, torch.Tensor]] = ()) -> Tuple[str, int]:
+                   need_vision: bool, extra: Iterable[Tuple[str, torch.Tensor]] = (),
+                   overwrite: bool = False) -> Tuple[str, int]:
     """HF tensors (+ `extra` made ones) → ROOT/iter_0000000, after every check that can fail:
-    the model fits the target layout, no tensor is unknown, missing or of the wrong shape."""
+    the output is free (or our own earlier conversion, or `overwrite`), the model fits the target
+    layout, no tensor is unknown, missing or of the wrong shape."""
     from megatron_eve.checkpoint.dcp_writer import write_checkpoint
     from megatron_eve.checkpoint.hf_eve import check_keys, check_padded_vocab, check_shapes, megatron_plan
 
+    check_output_dir(root, is_converted_root, overwrite, "an earlier conversion (a training run's checkpoints?)")
     validate(model, ParallelConfig(tensor_parallel, pipeline_parallel), RuntimeConfig())
     check_keys(hf, model.language, need_vision=need_vision)
     check_shapes(hf, model)

@@ -9,8 +9,11 @@ One document per sample, its items in this order (int32 items; the mode says wha
   ID       the record's id, UTF-8, same packing
 The TOKENS item's length is the sample's length in the model, so packing reads only the .idx.
 
-Writing is atomic: everything goes to *.tmp names and is renamed at the end, the sidecar last; a
-reader refuses a prefix without a sidecar whose counts match the index.
+Writing is atomic: everything goes to *.tmp names and is renamed at the end. Replacing a dataset
+removes its sidecar first and writes the new one last, so no mix of old and new files ever reads as
+complete. The sidecar records the sizes of .bin and .idx; a reader refuses a prefix without a
+sidecar, or whose files have other sizes (truncated or replaced), or whose counts differ from the
+index.
 """
 
 from __future__ import annotations
@@ -133,9 +136,13 @@ class SampleWriter:
 
     def finalize(self, extra: Optional[Dict] = None) -> Dict:
         self._builder.finalize(self._tmp[".idx"])
-        metadata = {"format": FORMAT, **self.metadata, **(extra or {}), "counts": self.counts}
+        files = {suffix: os.path.getsize(self._tmp[suffix]) for suffix in (".bin", ".idx")}
+        metadata = {"format": FORMAT, **self.metadata, **(extra or {}), "counts": self.counts, "files": files}
         with open(self._tmp[SIDECAR_SUFFIX], "w") as handle:
             json.dump(metadata, handle, indent=1, sort_keys=True)
+        # An older dataset at this prefix stops reading as complete before any of its files is replaced.
+        if os.path.exists(self.prefix + SIDECAR_SUFFIX):
+            os.remove(self.prefix + SIDECAR_SUFFIX)
         for suffix in (".bin", ".idx", SIDECAR_SUFFIX):  # sidecar last: it marks completeness
             os.replace(self._tmp[suffix], self.prefix + suffix)
         return metadata
@@ -163,10 +170,20 @@ def read_metadata(prefix: str) -> Dict:
             f"{prefix}: no {SIDECAR_SUFFIX} sidecar; the dataset is incomplete (an interrupted "
             "preprocessing run?) or not made by tools/preprocess_data.py"
         )
-    with open(path) as handle:
-        meta = json.load(handle)
-    if meta.get("format") != FORMAT:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DatasetFormatError(f"{path} is not a readable sidecar ({error}); preprocess the data again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DatasetFormatError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    for suffix, size in meta.get("files", {}).items():
+        if not os.path.isfile(prefix + suffix):
+            raise DatasetFormatError(f"{prefix}{suffix} is missing")
+        actual = os.path.getsize(prefix + suffix)
+        if actual != size:
+            raise DatasetFormatError(f"{prefix}{suffix} holds {actual} bytes but its sidecar says {size}: "
+                                     "truncated, or replaced by another run; preprocess it again")
     return meta
 
 

@@ -20,8 +20,8 @@ from itertools import islice
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from megatron_eve.data.indexed import SampleWriter, dataset_complete, read_metadata
-from megatron_eve.data.records import RecordConfig, Rejection, Sample, process_record
-from megatron_eve.data.sources import Broken, count_records, iter_records, parse
+from megatron_eve.data.records import RecordConfig, Rejection, Sample, process_record, record_id
+from megatron_eve.data.sources import Broken, InputError, count_records, iter_records, parse
 from megatron_eve.data.tokenizer import Tokenizer
 
 REJECTS_SUFFIX = ".rejects.jsonl"
@@ -85,10 +85,75 @@ def _process_chunk(chunk: List[Tuple[int, object]]):
     for index, raw in chunk:
         record = parse(raw)
         if isinstance(record, Broken):
-            out.append(Rejection(f"#{index}", "invalid_json", record.detail))
-        else:
+            out.append(Rejection(f"#{index}", record.reason, record.detail))
+            continue
+        try:
             out.append(process_record(record, index, _WORKER["config"], _WORKER["tokenizer"]))
+        except Exception as error:  # noqa: BLE001 — one record's unforeseen failure costs that record only
+            out.append(Rejection(record_id(record, index), "unexpected_error", f"{type(error).__name__}: {error}"))
     return out
+
+
+class WorkerPoolError(RuntimeError):
+    """Preprocessing workers keep dying; the message says what to change."""
+
+
+class _WorkerPool:
+    """Worker processes that may die (the OS kills one when memory runs out): the chunks in flight
+    are redone in a fresh pool, and the chunk that was being waited for is redone one record at a
+    time, so that a record which kills a worker on its own is rejected ("worker_died") and every
+    other record survives."""
+
+    max_restarts = 8
+
+    def __init__(self, workers: int, init_args):
+        self.workers, self.init_args, self.restarts = workers, init_args, 0
+        self.executor = self._start()
+
+    def _start(self):
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: no inherited state (CUDA, threads) in workers
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=self.init_args)
+
+    def submit(self, chunk: List) -> List:
+        return [chunk, self.executor.submit(_process_chunk, chunk)]
+
+    def next_results(self, pending: deque) -> List:
+        """The results of the oldest chunk in flight (removed from `pending`)."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        chunk, future = pending.popleft()
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            self._restart(pending)
+        out = []
+        for index, raw in chunk:
+            try:
+                out += self.executor.submit(_process_chunk, [(index, raw)]).result()
+            except BrokenProcessPool:
+                out.append(Rejection(f"#{index}", "worker_died", "a preprocessing worker died on this record "
+                                     "(killed by the operating system: out of memory?)"))
+                self._restart(pending)
+        return out
+
+    def _restart(self, pending: deque) -> None:
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise WorkerPoolError(
+                f"preprocessing workers died {self.restarts} times (killed by the operating system: out of "
+                f"memory?); rerun with fewer --workers, or on a machine with more memory")
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor = self._start()
+        for entry in pending:
+            future = entry[1]
+            if not (future.done() and not future.cancelled() and future.exception() is None):
+                entry[1] = self.executor.submit(_process_chunk, entry[0])
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _ordered_results(chunks: Iterable[List], workers: int, init_args) -> Iterator:
@@ -98,15 +163,17 @@ def _ordered_results(chunks: Iterable[List], workers: int, init_args) -> Iterato
         for chunk in chunks:
             yield from _process_chunk(chunk)
         return
-    context = multiprocessing.get_context("spawn")  # no inherited state (CUDA, threads) in workers
-    with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+    pool = _WorkerPool(workers, init_args)
+    try:
         pending = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_process_chunk, (chunk,)))
+            pending.append(pool.submit(chunk))
             if len(pending) >= 4 * workers:
-                yield from pending.popleft().get()
+                yield from pool.next_results(pending)
         while pending:
-            yield from pending.popleft().get()
+            yield from pool.next_results(pending)
+    finally:
+        pool.close()
 
 
 def _chunks(records: Iterator, size: int) -> Iterator[List]:
@@ -131,11 +198,31 @@ def _metadata(job: PreprocessJob, tokenizer: Tokenizer) -> Dict:
         "tokenizer_sha256": tokenizer.checksum,
         "tokenizer_vocab_size": tokenizer.vocab_size,
         "inputs": [os.path.abspath(p) for p in job.inputs],
+        # What a partition kept from an interrupted run must have been made from.
+        "input_files": [_file_identity(p) for p in job.inputs],
+        "image_folder": os.path.abspath(job.record.image_folder) if job.record.image_folder else "",
     }
 
 
+def _file_identity(path: str) -> Dict:
+    try:
+        stat = os.stat(path)
+    except OSError as error:
+        raise InputError(f"cannot read input {path}: {error}") from None
+    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _reusable(prefix: str, metadata: Dict, records: List[int]) -> bool:
+    """A partition left by an earlier run counts only if it is complete and was made from the
+    same input files (paths, sizes, times), options, tokenizer and record range."""
+    if not dataset_complete(prefix):
+        return False
+    meta = read_metadata(prefix)
+    return meta.get("records") == records and all(meta.get(k) == v for k, v in metadata.items())
+
+
 def _write_slice(job: PreprocessJob, prefix: str, first: int, last: Optional[int],
-                 metadata: Dict, total: Optional[int]) -> Summary:
+                 metadata: Dict, total: Optional[int], extra: Optional[Dict] = None) -> Summary:
     from tqdm import tqdm
 
     summary = Summary()
@@ -153,7 +240,7 @@ def _write_slice(job: PreprocessJob, prefix: str, first: int, last: Optional[int
                 summary.rejected[result.reason] += 1
                 rejects.write(json.dumps(asdict(result)) + "\n")
         summary.seconds = time.time() - start
-        meta = writer.finalize({"rejected": dict(summary.rejected)})
+        meta = writer.finalize({"rejected": dict(summary.rejected), **(extra or {})})
     os.replace(rejects_tmp, prefix + REJECTS_SUFFIX)
     _add_counts(summary, meta["counts"])
     return summary
@@ -183,13 +270,15 @@ def run(job: PreprocessJob) -> Summary:
     summary = Summary()
     for k in indices:
         prefix = partition_prefix(job.output_prefix, k, job.partitions)
-        if dataset_complete(prefix):  # finished by an earlier, interrupted run
+        records = [bounds[k], bounds[k + 1]]
+        if _reusable(prefix, metadata, records):  # finished by an earlier, interrupted run
             meta = read_metadata(prefix)
             done = Summary(rejected=Counter(meta.get("rejected", {})))
             _add_counts(done, meta["counts"])
             summary.add(done)
             continue
-        part = _write_slice(job, prefix, bounds[k], bounds[k + 1], metadata, bounds[k + 1] - bounds[k])
+        part = _write_slice(job, prefix, bounds[k], bounds[k + 1], metadata, bounds[k + 1] - bounds[k],
+                            {"records": records})
         summary.add(part)
     if job.partition_index is None:
         merge([partition_prefix(job.output_prefix, k, job.partitions) for k in range(job.partitions)],
@@ -205,7 +294,7 @@ def merge(prefixes: List[str], output_prefix: str) -> Dict:
         different = [k for k in keys if meta.get(k) != metas[0].get(k)]
         if different:
             raise ValueError(f"cannot merge {prefix} into {prefixes[0]}: they differ in {different}")
-    base = {k: v for k, v in metas[0].items() if k not in ("counts", "rejected", "format")}
+    base = {k: v for k, v in metas[0].items() if k not in ("counts", "rejected", "format", "records", "files")}
     rejected = Counter()
     for meta in metas:
         rejected.update(meta.get("rejected", {}))

@@ -34,6 +34,8 @@ class RecordConfig:
     max_images: int = 1  # EVE trains with one image per sample
     image_codec: str = "jpeg"  # or "png"
     jpeg_quality: int = 95
+    # Image paths must stay inside image_folder (no absolute paths, no "..") unless this is set.
+    allow_images_outside_folder: bool = False
 
 
 @dataclass
@@ -69,6 +71,22 @@ def _image_paths(record: Dict) -> List[str]:
     raise TemplateError("malformed_record", f"'image' must be a path or a list of paths, got {type(image).__name__}")
 
 
+def _resolve_image(folder: str, path: str, allow_outside: bool) -> str:
+    """The file a record's image path names. With an image folder, a path that leaves it (an
+    absolute path, or ".." above it) is refused: data files must not reach elsewhere on disk."""
+    if not folder or allow_outside:
+        return os.path.join(folder, path)
+    if os.path.isabs(path):
+        raise TemplateError("image_outside_folder", f"{path}: absolute image path; images must be inside "
+                            f"--image-folder (or pass --allow-images-outside-folder)")
+    root = os.path.normpath(os.path.abspath(folder))
+    full = os.path.normpath(os.path.join(root, path))
+    if os.path.commonpath([root, full]) != root:
+        raise TemplateError("image_outside_folder", f"{path}: leaves --image-folder (or pass "
+                            "--allow-images-outside-folder)")
+    return full
+
+
 def _open_image(path: str):
     from PIL import Image, UnidentifiedImageError
 
@@ -79,7 +97,9 @@ def _open_image(path: str):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
             image.load()  # decodes now: truncated files fail here, not later in a loader
-        return image.convert("RGB")
+        return to_rgb(image, path)
+    except TemplateError:
+        raise
     except UnidentifiedImageError as error:
         raise TemplateError("corrupt_image", f"{path}: not a readable image ({error})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -87,6 +107,23 @@ def _open_image(path: str):
     except OSError as error:
         reason = "truncated_image" if "truncated" in str(error).lower() else "corrupt_image"
         raise TemplateError(reason, f"{path}: {error}") from None
+    except Exception as error:  # noqa: BLE001 — Pillow raises SyntaxError, ValueError, ... on damaged files
+        raise TemplateError("corrupt_image", f"{path}: {type(error).__name__}: {error}") from None
+
+
+def to_rgb(image, path: str = "image"):
+    """8-bit RGB as EVE sees it. Pillow's convert("RGB") clips 16- and 32-bit integer pixels at 255
+    (a 16-bit grey image turns white): those are scaled to 8 bits first; float pixels, whose range
+    is unknown, are refused."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image, dtype=np.float64)
+        full_scale = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(np.rint(pixels * (255.0 / full_scale)), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise TemplateError("unsupported_image", f"{path}: floating-point pixels (mode F) have no known range")
+    return image.convert("RGB")
 
 
 def _crop(image, layout):
@@ -165,7 +202,8 @@ def process_record(record: Any, index: int, config: RecordConfig, tokenizer: Tok
         tokenized = apply_template(config.template, record["conversations"], tokenizer, len(paths))
 
         vision = config.vision
-        images = [_open_image(os.path.join(config.image_folder, p)) for p in paths]
+        images = [_open_image(_resolve_image(config.image_folder, p, config.allow_images_outside_folder))
+                  for p in paths]
         layouts = [image_layout(*im.size, vision) for im in images]
         counts = [tokens_per_image(lay.height // vision.token_cell, lay.width // vision.token_cell) for lay in layouts]
         tokens, labels = _expand(tokenized.tokens, tokenized.labels, counts)

@@ -1,12 +1,15 @@
 """Streaming readers for LLaVA-format inputs: a JSON list (however large) or JSON Lines.
 
 Records come out one at a time with their position in the input, so memory stays bounded and a
-broken record is reported by position instead of ending the run.
+broken record is reported by position instead of ending the run. Text is read tolerantly: bytes
+that are not UTF-8 never stop the run; the record holding them is reported broken, with its own
+reason, instead of being kept with replacement characters.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Iterator, List, Tuple, Union
 
@@ -15,6 +18,10 @@ _CHUNK = 1 << 20
 # merely cut by the read buffer); bounds what a broken element makes the reader hold.
 _MAX_RECORD_CHARS = 64 << 20
 _WHITESPACE = " \t\r\n"
+# Undecodable bytes, as Python's "surrogateescape" error handler maps them.
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+# How far back from a candidate "{" the reader keeps text to see the "," before it.
+_LOOKBEHIND = 4096
 
 
 @dataclass
@@ -26,9 +33,10 @@ class Unparsed:
 
 @dataclass
 class Broken:
-    """Input that is not valid JSON; `detail` says where and why."""
+    """Input that cannot become a record; `reason` classifies it, `detail` says where and why."""
 
     detail: str
+    reason: str = "invalid_json"
 
 
 Record = Union[dict, list, str, int, float, None, Unparsed, Broken]
@@ -38,64 +46,110 @@ class InputError(OSError):
     """An input that cannot be read at all."""
 
 
+def _open(path: str):
+    return open(path, "r", encoding="utf-8", errors="surrogateescape")
+
+
+def _not_utf8(text: str) -> bool:
+    return _NOT_UTF8.search(text) is not None
+
+
 def _is_json_list(path: str) -> bool:
     try:
-        with open(path, "r", encoding="utf-8") as handle:
+        with _open(path) as handle:
             while True:
                 char = handle.read(1)
                 if char == "":
                     return False
                 if char not in _WHITESPACE:
                     return char == "["
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
         raise InputError(f"cannot read input {path}: {error}") from None
+
+
+class _Window:
+    """A sliding window over a text file: `text` holds the file from some point on."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.text = handle.read(_CHUNK)
+        self.eof = self.text == ""
+
+    def more(self, keep_from: int) -> int:
+        """Drop the text before keep_from and read on; returns by how much indices shifted."""
+        extra = self.handle.read(max(_CHUNK, len(self.text) - keep_from))
+        self.eof = extra == ""
+        self.text = self.text[keep_from:] + extra
+        return keep_from
+
+    def skip(self, position: int, chars: str) -> int:
+        """The first index at or after position whose character is not in chars (reading on);
+        len(text) only at the end of the input."""
+        while True:
+            while position < len(self.text) and self.text[position] in chars:
+                position += 1
+            if position < len(self.text) or self.eof:
+                return position
+            position -= self.more(position)
+
+    def at_end(self, position: int) -> bool:
+        return self.skip(position, _WHITESPACE) >= len(self.text)
+
+    def next_element(self, start: int) -> int:
+        """Where the next list element begins after a broken one: the first "{" at or after
+        start that follows a "," (nested objects that open a list follow a "["); len(text) if
+        none is left. Text before `start` parsed, so the objects nested there are closed."""
+        while True:
+            found = self.text.find("{", start)
+            while found >= 0:
+                before = found - 1
+                while before >= 0 and self.text[before] in _WHITESPACE:
+                    before -= 1
+                if before >= 0 and self.text[before] == ",":
+                    return found
+                found = self.text.find("{", found + 1)
+            if self.eof:
+                return len(self.text)
+            searched = len(self.text)
+            keep = max(0, searched - _LOOKBEHIND)
+            start = searched - self.more(keep)
 
 
 def _iter_json_list(path: str) -> Iterator[Record]:
     decoder = json.JSONDecoder()
-    with open(path, "r", encoding="utf-8", errors="replace") as handle:
-        buffer, eof = handle.read(_CHUNK), False
-        position = buffer.index("[") + 1
-
-        def read_more(keep_from: int):
-            nonlocal buffer, eof
-            more = handle.read(max(_CHUNK, len(buffer) - keep_from))
-            eof = more == ""
-            buffer = buffer[keep_from:] + more
-            return 0
-
+    with _open(path) as handle:
+        window = _Window(handle)
+        position = window.text.index("[") + 1
         while True:
-            while True:  # skip separators, reading on when the buffer runs out
-                while position < len(buffer) and buffer[position] in _WHITESPACE + ",":
-                    position += 1
-                if position < len(buffer) or eof:
-                    break
-                position = read_more(position)
-            if position >= len(buffer) or buffer[position] == "]":
+            position = window.skip(position, _WHITESPACE + ",")
+            if position >= len(window.text):
                 return
+            if window.text[position] == "]":
+                if window.at_end(position + 1):  # the list's end
+                    return
+                # A nested list of an element broken earlier closes here: look further.
+                position = window.next_element(position + 1)
+                continue
             try:
-                record, end = decoder.raw_decode(buffer, position)
+                record, end = decoder.raw_decode(window.text, position)
             except json.JSONDecodeError as error:
-                if not eof and len(buffer) - position < _MAX_RECORD_CHARS:
-                    position = read_more(position)  # maybe only cut by the buffer: read on
+                if not window.eof and len(window.text) - position < _MAX_RECORD_CHARS:
+                    position -= window.more(position)  # maybe only cut by the buffer: read on
                     continue
                 yield Broken(f"{error.msg} at character {error.pos - position} of a list element")
-                next_start = buffer.find("{", position + 1)  # resynchronise at the next object
-                while next_start < 0 and not eof:
-                    position = read_more(position)
-                    next_start = buffer.find("{", position + 1)
-                if next_start < 0:
-                    return
-                position = next_start
+                position = window.next_element(max(error.pos, position + 1))
                 continue
-            yield record
+            if _not_utf8(window.text[position:end]):
+                yield Broken("bytes that are not UTF-8 inside a list element", "invalid_utf8")
+            else:
+                yield record
             position = end
-            if len(buffer) - position < _CHUNK // 2 and not eof:
-                position = read_more(position)
+            if len(window.text) - position < _CHUNK // 2 and not window.eof:
+                position -= window.more(position)
 
 
 def _iter_json_lines(path: str) -> Iterator[Record]:
-    with open(path, "r", encoding="utf-8", errors="replace") as handle:
+    with _open(path) as handle:
         for line in handle:
             if line.strip():
                 yield Unparsed(line)
@@ -116,8 +170,10 @@ def count_records(paths: List[str]) -> int:
 
 
 def parse(record: Record) -> Record:
-    """Decode an Unparsed line (a Broken marker if it is not JSON); other records pass through."""
+    """Decode an Unparsed line (a Broken marker if it is not UTF-8 JSON); other records pass through."""
     if isinstance(record, Unparsed):
+        if _not_utf8(record.text):
+            return Broken("bytes that are not UTF-8 on this line", "invalid_utf8")
         try:
             return json.loads(record.text)
         except json.JSONDecodeError as error:

@@ -9,6 +9,7 @@ from typing import Iterator, List, Sequence, Union
 
 import torch
 
+from megatron_eve.data.records import to_rgb
 from megatron_eve.data.tokenizer import Tokenizer
 from megatron_eve.inference.generate import Generator, Prompt, PromptError, Sampling, build_prompt
 
@@ -20,7 +21,11 @@ class Request:
 
 
 def open_images(paths: Sequence[str]):
-    from PIL import Image, UnidentifiedImageError
+    """8-bit RGB images (as preprocessing makes them); a file that is missing or damaged becomes
+    a PromptError for its request alone."""
+    from PIL import Image
+
+    from megatron_eve.data.templates import TemplateError
 
     images = []
     for path in paths:
@@ -28,9 +33,12 @@ def open_images(paths: Sequence[str]):
             raise PromptError(f"image {path} does not exist")
         try:
             with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as error:
-            raise PromptError(f"image {path} cannot be read: {error}") from None
+                image.load()
+                images.append(to_rgb(image, path))
+        except TemplateError as error:
+            raise PromptError(str(error)) from None
+        except Exception as error:  # noqa: BLE001 — Pillow raises OSError, SyntaxError, ValueError, ...
+            raise PromptError(f"image {path} cannot be read: {type(error).__name__}: {error}") from None
     return images
 
 
@@ -54,9 +62,7 @@ class MegatronBackend:
         for request in requests:
             try:
                 prompt = self.prepare(request)
-                if len(prompt.tokens) + sampling.max_new_tokens > self.max_length:
-                    raise PromptError(f"prompt of {len(prompt.tokens)} positions + {sampling.max_new_tokens} new "
-                                      f"tokens exceeds the model's {self.max_length}")
+                self._check_length(prompt, sampling)
                 prepared.append(prompt)
             except PromptError as error:
                 prepared.append(error)
@@ -64,9 +70,15 @@ class MegatronBackend:
         outputs = iter(self.generator.generate(good, sampling)) if good else iter(())
         return [p if isinstance(p, PromptError) else self._text(next(outputs), sampling) for p in prepared]
 
+    def _check_length(self, prompt: Prompt, sampling: Sampling) -> None:
+        if len(prompt.tokens) + sampling.max_new_tokens > self.max_length:
+            raise PromptError(f"prompt of {len(prompt.tokens)} positions + {sampling.max_new_tokens} new "
+                              f"tokens exceeds the model's {self.max_length}")
+
     def stream(self, request: Request, sampling: Sampling) -> Iterator[str]:
-        """Text deltas of one answer as it is generated."""
+        """Text deltas of one answer as it is generated (the same length limit as answer())."""
         prompt = self.prepare(request)
+        self._check_length(prompt, sampling)
         ids: List[int] = []
         shown = ""
         for step in self.generator.stream([prompt], sampling):

@@ -53,6 +53,7 @@ class ScheduleConfig:
     train_iters: int = 1
     seed: int = 1234
     nan_action: str = "skip"  # or "stop"
+    max_consecutive_nan_iterations: int = 5  # then stop without saving: weights or data are broken
 
 
 @dataclass
@@ -78,6 +79,7 @@ class CheckpointConfig:
     exit_signal_handler: bool = False
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None
+    verify_checkpoint: bool = False  # check every file's CRC-32 before loading
 
 
 @dataclass
@@ -163,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--nan-action", choices=("skip", "stop"), default="skip",
                    help="a NaN/Inf loss or gradient skips the update (and is counted), or stops the run")
+    g.add_argument("--max-consecutive-nan-iterations", type=int, default=5,
+                   help="with --nan-action skip: this many non-finite iterations in a row stop the run "
+                        "(exit 1) without saving; no interval checkpoint is written during such a streak")
 
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--lr", type=float, required=True)
@@ -199,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "yet; a rerun resumes from --load instead")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--verify-checkpoint", action="store_true",
+                   help="check every file of the checkpoint to load against the CRC-32 sums recorded at save "
+                        "(each rank reads its share) and refuse a damaged one")
     g.add_argument("--ckpt-keep-last", type=int, default=None, help="keep only the newest K checkpoints")
     g.add_argument("--exit-signal-handler", action="store_true", help="on SIGTERM: save, then exit 0")
     g.add_argument("--exit-interval", type=int, default=None, help="save and exit at a multiple of this iteration")
@@ -234,6 +242,8 @@ def job_from_args(args: argparse.Namespace) -> TrainingJob:
 
     if (args.train_iters is None) == (args.train_samples is None):
         raise ConfigError("give exactly one of --train-iters and --train-samples")
+    if args.train_samples is not None and args.global_batch_size < 1:
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} must be at least 1")
     train_iters = args.train_iters if args.train_iters is not None else args.train_samples // args.global_batch_size
     if args.recompute_granularity == "full" and args.recompute_method is None:
         raise ConfigError("--recompute-granularity full needs --recompute-method uniform or block")
@@ -260,6 +270,7 @@ def job_from_args(args: argparse.Namespace) -> TrainingJob:
         schedule=ScheduleConfig(
             stage=args.stage, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
             seq_length=args.seq_length, train_iters=train_iters, seed=args.seed, nan_action=args.nan_action,
+            max_consecutive_nan_iterations=args.max_consecutive_nan_iterations,
         ),
         data=DataArgs(
             data_path=args.data_path, split=args.split, tokenizer_model=args.tokenizer_model,
@@ -270,7 +281,7 @@ def job_from_args(args: argparse.Namespace) -> TrainingJob:
             pretrained_checkpoint=args.pretrained_checkpoint,
             no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, keep_last=args.ckpt_keep_last,
             exit_signal_handler=args.exit_signal_handler, exit_interval=args.exit_interval,
-            exit_duration_in_mins=args.exit_duration_in_mins,
+            exit_duration_in_mins=args.exit_duration_in_mins, verify_checkpoint=args.verify_checkpoint,
         ),
         logging=LoggingConfig(
             log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,

@@ -13,10 +13,14 @@ model) keep their initialisation.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import random
+import re
 import shutil
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -24,12 +28,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_eve.atomic import recover_replaced, replace_directory, write_text
+from megatron_eve.checkpoint import safe_metadata
 from megatron_eve.config import ConfigError
 from megatron_eve.model.specs import resolve_transformer_impl
 from megatron_eve.training.arguments import TrainingJob
 
 logger = logging.getLogger(__name__)
+safe_metadata.install()  # every load in this process reads .metadata without running its code
 TRACKER = "latest_checkpointed_iteration.txt"
+CHECKSUMS = "checksums.json"  # CRC-32 of every file of a checkpoint, written by save()
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -47,6 +55,38 @@ def checkpoint_dir(root: str, iteration: int) -> str:
 EXTRA_STATE = "_extra_state"  # Transformer Engine modules' non-tensor state (FP8 metadata)
 
 
+class CheckpointLoadError(ConfigError):
+    """A checkpoint directory whose files cannot be read (truncated, damaged, incomplete)."""
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost cause's message, on one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    failures = getattr(error, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        error = inner[0] if isinstance(inner, tuple) else inner
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def reading(directory: str):
+    """Turn whatever a damaged checkpoint file raises deep inside dist-checkpointing into one line
+    that names the directory and says what to do."""
+    try:
+        yield
+    except (ConfigError, KeyboardInterrupt, SystemExit):
+        raise
+    # torch's CheckpointException (a BaseException) wraps the ranks' read errors.
+    except BaseException as error:  # noqa: BLE001 — torch / megatron-core raise many kinds here
+        detail = _first_line(error)
+        raise CheckpointLoadError(
+            f"{directory} cannot be loaded ({detail}): a file is truncated, damaged or "
+            f"missing; resume from an earlier iteration by writing its number into {TRACKER}") from error
+
+
 def latest_iteration(root: str) -> Optional[int]:
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
@@ -56,7 +96,7 @@ def latest_iteration(root: str) -> Optional[int]:
     if not text.isdigit():
         raise ConfigError(f"{path} holds {text!r}, not an iteration number")
     iteration = int(text)
-    _recover_replaced(checkpoint_dir(root, iteration))
+    recover_replaced(checkpoint_dir(root, iteration))
     return iteration
 
 
@@ -70,27 +110,6 @@ def complete_iterations(root: str) -> List[int]:
                 os.path.join(root, name, "metadata.json")):
             found.append(int(name[5:]))
     return sorted(found)
-
-
-def _aside(directory: str) -> str:
-    return directory + ".replaced"
-
-
-def _recover_replaced(directory: str) -> None:
-    """A save killed between moving the old directory aside and renaming the new one in place
-    leaves only the old copy: put it back."""
-    if not os.path.isdir(directory) and os.path.isdir(_aside(directory)):
-        os.replace(_aside(directory), directory)
-
-
-def _move_into_place(staging: str, final: str) -> None:
-    """Rename staging to final; an existing final is moved aside first and removed only once
-    the new one is in place, so some complete copy exists at every instant."""
-    if os.path.isdir(final):
-        shutil.rmtree(_aside(final), ignore_errors=True)
-        os.replace(final, _aside(final))
-    os.replace(staging, final)
-    shutil.rmtree(_aside(final), ignore_errors=True)
 
 
 @dataclass
@@ -170,15 +189,73 @@ def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> st
     }
     dist_checkpointing.save(sharded, staging, content_metadata=OPTIMIZER_METADATA)
     dist.barrier()
+    record_checksums(staging)
+    dist.barrier()
     if dist.get_rank() == 0:
-        _move_into_place(staging, final)
-        marker = os.path.join(root, TRACKER)
-        with open(marker + ".tmp", "w") as handle:
-            handle.write(str(state.iteration))
-        os.replace(marker + ".tmp", marker)  # only now is this checkpoint the latest
+        replace_directory(staging, final)
+        write_text(os.path.join(root, TRACKER), str(state.iteration))  # only now is this checkpoint the latest
         _prune(root, job.checkpoint.keep_last, keep=state.iteration)
     dist.barrier()
     return final
+
+
+def _crc32(path: str) -> str:
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _my_share(names: List[str]) -> List[str]:
+    """The files this rank hashes: its own shards ("__<rank>_<n>.distcp") where it has them, the
+    rest spread over ranks; every rank together covers every name once."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = []
+    for position, name in enumerate(names):
+        owner = re.match(r"__(\d+)_", name)
+        if (int(owner.group(1)) if owner else position) % world == rank:
+            mine.append(name)
+    return mine
+
+
+def record_checksums(directory: str) -> None:
+    """Write DIRECTORY/checksums.json: each rank hashes its share (mostly its own files, still in
+    the page cache), rank 0 writes the union."""
+    names = sorted(n for n in os.listdir(directory) if n != CHECKSUMS and os.path.isfile(os.path.join(directory, n)))
+    mine = {name: _crc32(os.path.join(directory, name)) for name in _my_share(names)}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() == 0:
+        files = {name: crc for part in gathered for name, crc in part.items()}
+        with open(os.path.join(directory, CHECKSUMS), "w") as handle:
+            json.dump({"algorithm": "crc32", "files": files}, handle, indent=1, sort_keys=True)
+
+
+def verify_checksums(directory: str) -> bool:
+    """Check every file against checksums.json (each rank a share); raise CheckpointLoadError
+    naming the damaged files. False when the checkpoint records no checksums (older, converted)."""
+    path = os.path.join(directory, CHECKSUMS)
+    if not os.path.isfile(path):
+        return False
+    with reading(directory):
+        with open(path) as handle:
+            recorded = json.load(handle)["files"]
+    problems = []
+    for name in _my_share(sorted(recorded)):
+        file = os.path.join(directory, name)
+        if not os.path.isfile(file):
+            problems.append(f"{name} is missing")
+        elif _crc32(file) != recorded[name]:
+            problems.append(f"{name} does not match its checksum")
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, problems)
+    problems = sorted(p for part in gathered for p in part)
+    if problems:
+        raise CheckpointLoadError(f"{directory} is damaged: {'; '.join(problems[:5])}"
+                                  f"{' …' if len(problems) > 5 else ''}; resume from an earlier iteration by "
+                                  f"writing its number into {TRACKER}")
+    return True
 
 
 def _prune(root: str, keep_last: Optional[int], keep: int) -> None:
@@ -214,8 +291,11 @@ def load(job: TrainingJob, model, optimizer, scheduler) -> TrainState:
     if iteration is None:
         raise ConfigError(f"{source}: no {TRACKER} (no complete checkpoint there)")
     directory = checkpoint_dir(source, iteration)
-    present, missing = split_by_presence(model.sharded_state_dict(), directory)
-    loaded = dist_checkpointing.load({"model": present}, directory)["model"]
+    if ck.verify_checkpoint:
+        verify_checksums(directory)
+    with reading(directory):
+        present, missing = split_by_presence(model.sharded_state_dict(), directory)
+        loaded = dist_checkpointing.load({"model": present}, directory)["model"]
     model.load_state_dict(loaded, strict=False)
     missing = [k for k in missing if not k.endswith(EXTRA_STATE)]
     optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the loaded weights
@@ -250,11 +330,15 @@ def split_by_presence(sharded: Dict, directory: str) -> Tuple[Dict, List[str]]:
 def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> TrainState:
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(directory)
+    if job.checkpoint.verify_checkpoint and not verify_checksums(directory) and dist.get_rank() == 0:
+        logger.warning("%s records no checksums: loaded unverified", directory)
+    with reading(directory):
+        common = dist_checkpointing.load_common_state_dict(directory)
     model_sd = model.sharded_state_dict()
     # A checkpoint saved under another layer spec lacks (or has extra) `_extra_state` entries:
     # resume without them; every weight must still be there.
-    present, lacking = split_by_presence(model_sd, directory)
+    with reading(directory):
+        present, lacking = split_by_presence(model_sd, directory)
     weights_lacking = [k for k in lacking if not k.endswith(EXTRA_STATE)]
     if weights_lacking:
         raise ConfigError(f"{directory} lacks model tensors: {', '.join(weights_lacking[:8])}"
@@ -269,7 +353,8 @@ def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> Tr
     same_layout = common.get("layout") == _layout()
     if same_layout and not job.checkpoint.no_load_rng:
         template["rng_state"] = _rng_object(_rng_state())
-    state = dist_checkpointing.load(template, directory)
+    with reading(directory):
+        state = dist_checkpointing.load(template, directory)
     model.load_state_dict(state["model"], strict=not lacking)
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])

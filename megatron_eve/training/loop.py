@@ -46,7 +46,9 @@ def check_job(job: TrainingJob, world_size: int) -> None:
     """Everything that can be known wrong before a process group or a model exists."""
     tp, pp = job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size
     s, model = job.schedule, job.model
-    problems = []
+    problems = _non_positive(job)
+    if problems:  # the checks below divide by these
+        raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
     if world_size % (tp * pp):
         problems.append(f"tensor ({tp}) x pipeline ({pp}) parallel sizes do not divide the world size {world_size}")
     else:
@@ -78,6 +80,28 @@ def check_job(job: TrainingJob, world_size: int) -> None:
     problems += _check_data(job)
     if problems:
         raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
+
+
+def _non_positive(job: TrainingJob) -> List[str]:
+    """Counts and intervals that must be at least 1 (0 would divide by zero, or loop forever)."""
+    s, ck, log, data = job.schedule, job.checkpoint, job.logging, job.data
+    at_least_one = {
+        "--tensor-model-parallel-size": job.parallel.tensor_model_parallel_size,
+        "--pipeline-model-parallel-size": job.parallel.pipeline_model_parallel_size,
+        "--micro-batch-size": s.micro_batch_size, "--global-batch-size": s.global_batch_size,
+        "--seq-length": s.seq_length, "--log-interval": log.log_interval,
+        "--packing-buffer-size": data.packing_buffer_size,
+        "--distributed-timeout-minutes": job.parallel.distributed_timeout_minutes,
+        "--max-consecutive-nan-iterations": s.max_consecutive_nan_iterations,
+    }
+    optional = {"--save-interval": ck.save_interval, "--eval-interval": log.eval_interval,
+                "--exit-interval": ck.exit_interval, "--ckpt-keep-last": ck.keep_last}
+    problems = [f"{flag} {value} must be at least 1" for flag, value in at_least_one.items() if value < 1]
+    problems += [f"{flag} {value} must be at least 1" for flag, value in optional.items()
+                 if value is not None and value < 1]
+    problems += [f"{flag} {value} must not be negative" for flag, value in
+                 (("--num-workers", data.num_workers), ("--eval-iters", log.eval_iters)) if value < 0]
+    return problems
 
 
 def _check_data(job: TrainingJob) -> List[str]:
@@ -233,6 +257,7 @@ def run(job: TrainingJob) -> int:
     started = time.time()
     exit_code, reason = 0, "finished"
     first_iteration = state.iteration
+    nan_streak = 0  # non-finite iterations in a row
 
     while state.iteration < s.train_iters:
         ddp.train()
@@ -247,6 +272,7 @@ def run(job: TrainingJob) -> int:
             losses, [b.grad_data for b in ddp.buffers + ddp.expert_parallel_buffers], train_batches.work,
             sigterm=catcher.caught,
             over_time=bool(ck.exit_duration_in_mins) and (time.time() - started) / 60 > ck.exit_duration_in_mins)
+        nan_streak = 0 if flags["finite"] else nan_streak + 1
         if flags["finite"]:
             updated, grad_norm, _ = optimizer.step()
             if updated:
@@ -263,6 +289,12 @@ def run(job: TrainingJob) -> int:
                 state.iteration += 1
                 break
             state.skipped_iterations += 1
+            if nan_streak >= s.max_consecutive_nan_iterations:
+                exit_code = 1
+                reason = (f"{nan_streak} non-finite iterations in a row (the weights or the data are broken); "
+                          "not saving")
+                state.iteration += 1
+                break
         state.iteration += 1
         state.consumed_samples += s.global_batch_size
         interval_seconds += time.time() - tick  # the flags' read above waited for this iteration's work
@@ -288,7 +320,8 @@ def run(job: TrainingJob) -> int:
                               vs_samples=("lm loss validation",))
 
         saved = False
-        if ck.save and ck.save_interval and state.iteration % ck.save_interval == 0:
+        # During a non-finite streak the state may be broken: no interval checkpoint replaces a good one.
+        if ck.save and ck.save_interval and state.iteration % ck.save_interval == 0 and not nan_streak:
             checkpoint.save(job, ddp, optimizer, scheduler, state)
             saved = True
         stop = None
@@ -299,7 +332,7 @@ def run(job: TrainingJob) -> int:
         elif flags["over_time"]:
             stop = "--exit-duration-in-mins"
         if stop:
-            if ck.save and not saved:
+            if ck.save and not saved and not nan_streak:
                 checkpoint.save(job, ddp, optimizer, scheduler, state)
                 saved = True
             reason = f"{stop} at iteration {state.iteration}"
@@ -308,7 +341,8 @@ def run(job: TrainingJob) -> int:
     trained = state.iteration > first_iteration
     if not trained:
         reason = f"nothing to do: the checkpoint is at iteration {state.iteration} of {s.train_iters}"
-    elif reason == "finished" and ck.save and (not ck.save_interval or state.iteration % ck.save_interval):
+    elif reason == "finished" and ck.save and not nan_streak and (
+            not ck.save_interval or state.iteration % ck.save_interval):
         checkpoint.save(job, ddp, optimizer, scheduler, state)
     tensorboard.close()
     if rank == 0:
@@ -362,6 +396,10 @@ def main(argv=None) -> int:
         job = parse_args(argv)
         return run(job)
     except ConfigError as error:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {error}", file=sys.stderr, flush=True)
+        rank = int(os.environ.get("RANK", "0"))
+        # Checks before work agree on every rank: rank 0 speaks for all. A damaged checkpoint
+        # file may be read by one rank only: that rank says so.
+        if rank == 0 or isinstance(error, checkpoint.CheckpointLoadError):
+            prefix = f"[rank {rank}] " if rank and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
         return 2

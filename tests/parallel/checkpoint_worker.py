@@ -80,6 +80,17 @@ def main(root: str):
     checkpoint.load(job, ddp, opt, sched)
     out["te_to_te"] = {"extra_state_loaded": te2.te_probe.loaded}
 
+    # A damaged file: one line naming the checkpoint, not a traceback from deep inside.
+    shard = next(p for p in sorted(os.listdir(checkpoint.checkpoint_dir(te_dir, 2))) if p.endswith(".distcp"))
+    path = os.path.join(checkpoint.checkpoint_dir(te_dir, 2), shard)
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 3)
+    try:
+        checkpoint.load(job, ddp, opt, sched)
+        out["damaged"] = "loaded"
+    except checkpoint.CheckpointLoadError as error:
+        out["damaged"] = str(error)
+
     # Saving over an existing iteration moves the old copy aside until the new one is in place.
     job, plain3, ddp, opt, sched = trainer(plain_dir, seed=5)
     checkpoint.save(job, ddp, opt, sched, checkpoint.TrainState(iteration=1, consumed_samples=4))

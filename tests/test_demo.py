@@ -1,0 +1,158 @@
+"""The Gradio chat demo (tools/app.py) used as a person uses it, in headless Chromium, and as an
+API client would abuse it: slow and idle clients, bad values, non-image uploads, huge lengths."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import ROOT, free_port
+from tests.hf_fixtures import converted_tiny_eve
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, corpus):
+    """The demo serving a converted tiny checkpoint on a loopback port, and a gradio_client on it."""
+    from gradio_client import Client
+
+    model = converted_tiny_eve(tmp_path_factory.mktemp("demo"), corpus["tokenizer"])
+    port = free_port()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "app.py"), "--load", model["load"],
+                             "--tokenizer-model", model["tokenizer"], "--port", str(port), "--max-new-tokens", "6"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    address = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            time.sleep(0.5)
+    client = None
+    while client is None and time.time() < deadline:
+        try:
+            client = Client(address + "/", verbose=False)
+        except Exception:  # noqa: BLE001 — the app is still starting
+            time.sleep(0.5)
+    assert client is not None, "the demo did not start"
+    yield {**model, "address": address, "client": client, "proc": proc}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def ask(demo, text, files=(), max_new_tokens=6, temperature=0.0, top_p=1.0):
+    """One question in a new session (a client's session keeps its chat history)."""
+    from gradio_client import Client, handle_file
+
+    message = {"text": text, "files": [handle_file(f) for f in files]}
+    client = Client(demo["address"] + "/", verbose=False)
+    return client.predict(message, max_new_tokens, temperature, top_p, api_name="/chat")
+
+
+def test_streams_an_answer_about_an_image(demo):
+    from gradio_client import handle_file
+
+    job = demo["client"].submit({"text": "What is in the picture?", "files": [handle_file(demo["images"][0])]},
+                                6, 0.0, 1.0, api_name="/chat")
+    final = job.result(timeout=120)
+    steps = job.outputs()
+    assert final and not final.startswith("⚠")
+    assert len(steps) > 1 and all(final.startswith(step) for step in steps)  # streamed, piece by piece
+
+
+@pytest.mark.parametrize("values, message", [
+    ((6, "nan", 1.0), "temperature must be a finite number, not 'nan'"),
+    ((6, 0.0, 0), "top_p must be in (0, 1], not 0.0"),
+    (("many", 0.0, 1.0), "max_new_tokens must be a number, not 'many'"),
+    ((100000, 0.0, 1.0), "max_new_tokens must be between 1 and 2048, not 100000"),
+    ((-3, 0.0, 1.0), "max_new_tokens must be between 1 and 2048, not -3"),
+])
+def test_bad_values_get_a_message_in_the_chat(demo, values, message):
+    assert ask(demo, "Hello?", (), *values) == f"⚠ {message}"
+
+
+def test_a_non_image_upload_gets_a_message_without_server_paths(demo, tmp_path):
+    fake = tmp_path / "holiday.png"
+    fake.write_bytes(b"this is not an image")
+    answer = ask(demo, "What is this?", [str(fake)])
+    assert answer.startswith("⚠ image holiday.png cannot be read")
+    assert "/tmp" not in answer and "gradio" not in answer.lower() and str(tmp_path) not in answer
+
+
+def test_streaming_keeps_the_length_limit_of_answer(demo):
+    """Within the slider's range but beyond what the prompt leaves: the same refusal as answer()."""
+    answer = ask(demo, "word " * 30, (), 2047)
+    assert re.fullmatch(r"⚠ prompt of \d+ positions \+ 2047 new tokens exceeds the model's 2048", answer)
+
+
+def test_slow_and_idle_clients_do_not_block_others(demo):
+    port = int(demo["address"].rsplit(":", 1)[1])
+    stalled = []
+    for request in (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # headers never finished
+                    b"POST /gradio_api/queue/join HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+                    b"Content-Type: application/json\r\n\r\n{\"data\": [",  # a body that never comes
+                    b"POST /gradio_api/queue/join HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n"):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(request)
+        stalled.append(sock)
+    try:
+        started = time.time()
+        answer = ask(demo, "Are you there?")
+        assert answer and not answer.startswith("⚠") and time.time() - started < 60
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_person_chats_in_headless_chromium(demo):
+    """Open the page, attach an image, type a question, press Enter: the streamed answer appears in
+    the chat, the same as an API client gets for the same question."""
+    driver_path = shutil.which("chromedriver")
+    if driver_path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium and chromium-driver (see .ci/run)")
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = Options()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic"):
+        options.add_argument(flag)
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser:
+        options.binary_location = browser
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(demo["address"] + "/")
+        wait = WebDriverWait(driver, 90)
+        upload = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=file]"))[0]
+        upload.send_keys(demo["images"][1])
+        box = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "textarea"))[0]
+        box.send_keys("What shape is it?")
+        box.send_keys(Keys.ENTER)
+
+        def answered(d):
+            bots = d.find_elements(By.CSS_SELECTOR, '[data-testid="bot"]')
+            return bots and bots[-1].text.strip() or False
+
+        shown = wait.until(answered)
+        time.sleep(1.0)  # let the stream finish
+        shown = answered(driver)
+        users = driver.find_elements(By.CSS_SELECTOR, '[data-testid="user"]')
+        assert any("What shape is it?" in u.text for u in users)
+        assert driver.find_elements(By.CSS_SELECTOR, '[data-testid="user"] img')  # the image is in the chat
+    finally:
+        driver.quit()
+    assert shown == ask(demo, "What shape is it?", [demo["images"][1]]).strip()
