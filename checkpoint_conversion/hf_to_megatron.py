@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=None, help="override the PEL resolution read from config.json")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds files that are not an earlier conversion")
-    p.add_argument("--dtype", default="bfloat16", help="stored dtype: bfloat16, float16 or float32")
+    p.add_argument("--dtype", default=None, help="stored dtype: bfloat16, float16 or float32 (default: the source's)")
     args = p.parse_args(argv)
     try:
         hf = HFWeights(args.hf)

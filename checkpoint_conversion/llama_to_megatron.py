@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds files that are not an earlier conversion")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default=None, help="stored dtype: bfloat16, float16 or float32 (default: the source's)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the fresh vision modules")
     args = p.parse_args(argv)
     try:

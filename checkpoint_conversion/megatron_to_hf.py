@@ -6,12 +6,16 @@
 
   AutoModelForCausalLM.from_pretrained("exports/eve-7b", trust_remote_code=True)
 
-Writes config.json (EVE's fields and values), generation_config.json, safetensors shards and index
-(or `.bin` shards like the release with --format bin), modeling_eve.py (registered via auto_map)
-and the tokenizer files. Tensors are read a layer at a time and written a shard at a time.
+Writes config.json (EVE's fields and values), preprocessor_config.json (EVE's any-resolution
+processor, which config.json's mm_vision_tower names, so the original EVE code finds it),
+generation_config.json, safetensors shards and index (or `.bin` shards like the release with
+--format bin), modeling_eve.py (registered via auto_map) and the tokenizer files; --with-teacher
+adds the CLIP teacher's weights as the release stores them. Tensors keep the checkpoint's dtype
+unless --dtype says otherwise; they are read a layer at a time and written a shard at a time.
 """
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -21,13 +25,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_eve.atomic import check_output_dir, replace_directory  # noqa: E402
-from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, MegatronCheckpoint, hf_config, hf_tensors  # noqa: E402
+from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
+    CheckpointFormatError,
+    MegatronCheckpoint,
+    hf_config,
+    hf_tensors,
+    preprocessor_config,
+)
 from megatron_eve.checkpoint.hf_writer import copy_tokenizer, write_tensors  # noqa: E402
 from megatron_eve.checkpoint.megatron_dirs import parse_dtype  # noqa: E402
 from megatron_eve.config import ConfigError, model_config_from_dict  # noqa: E402
 from megatron_eve.training.checkpoint import checkpoint_dir, latest_iteration  # noqa: E402
 
 MODELING = Path(__file__).resolve().parents[1] / "megatron_eve" / "hf" / "modeling_eve.py"
+
+
+def teacher_tensors(teacher: str, dtype):
+    """The CLIP teacher's weights under the release's keys (model.vision_clip.backbone.*)."""
+    if not teacher or not os.path.isfile(os.path.join(teacher, "config.json")):
+        raise ConfigError(f"--with-teacher needs the teacher's local HF folder (--teacher); {teacher!r} is not one")
+    from transformers import CLIPVisionModel
+
+    for key, tensor in CLIPVisionModel.from_pretrained(teacher).state_dict().items():
+        if not key.endswith("position_ids"):
+            # transformers 5 names the module's own keys without the "vision_model." that 4.x (and
+            # every saved CLIP file) has.
+            key = key if key.startswith("vision_model.") else f"vision_model.{key}"
+            yield f"model.vision_clip.backbone.{key}", tensor.to(dtype)
 
 
 def is_export(folder: str) -> bool:
@@ -48,7 +72,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="HF folder to write")
     p.add_argument("--tokenizer-model", default=None, help="tokenizer.model or an HF folder holding one")
     p.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's own)")
+    p.add_argument("--teacher", default=None,
+                   help="the CLIP teacher to name in mm_vision_tower_clip (default: the --vision-teacher-path "
+                        "the checkpoint was trained with, else the release's openai/clip-vit-large-patch14-336)")
+    p.add_argument("--with-teacher", action="store_true",
+                   help="also store the teacher's weights as model.vision_clip.backbone.* (the release layout), "
+                        "so the original EVE code can go on training from the export")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true",
@@ -66,24 +96,34 @@ def main(argv=None) -> int:
         if "model_config" not in common:
             raise CheckpointFormatError(f"{directory} does not record its model configuration")
         model = model_config_from_dict(common["model_config"])
-        dtype = parse_dtype(args.dtype)
         ckpt = MegatronCheckpoint(directory)
-        staging = args.out.rstrip("/") + ".tmp"
+        dtype = parse_dtype(args.dtype) if args.dtype else ckpt.shapes["embedding.word_embeddings.weight"][1]
+        teacher = args.teacher or model.aligner.teacher_path
+        tensors = hf_tensors(ckpt, model, dtype)
+        if args.with_teacher:
+            tensors = itertools.chain(tensors, teacher_tensors(teacher, dtype))
+        final = os.path.abspath(args.out.rstrip("/"))
+        staging = final + ".tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        write_tensors(staging, hf_tensors(ckpt, model, dtype), args.format, int(args.max_shard_size_gb * (1 << 30)),
+        write_tensors(staging, tensors, args.format, int(args.max_shard_size_gb * (1 << 30)),
                       progress=not args.no_progress)
+        # The original code builds its vision tokenizer from the folder mm_vision_tower names (its
+        # preprocessor_config.json): the export carries one and names itself.
+        with open(os.path.join(staging, "preprocessor_config.json"), "w") as handle:
+            json.dump(preprocessor_config(model), handle, indent=2)
         with open(os.path.join(staging, "config.json"), "w") as handle:
-            json.dump(hf_config(model, dtype), handle, indent=2)
+            json.dump(hf_config(model, dtype, vision_tower=final, teacher=teacher), handle, indent=2)
         with open(os.path.join(staging, "generation_config.json"), "w") as handle:
             json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}, handle, indent=2)
         shutil.copyfile(MODELING, os.path.join(staging, "modeling_eve.py"))
         if args.tokenizer_model:
             copy_tokenizer(args.tokenizer_model, staging)
-        replace_directory(staging, args.out.rstrip("/"))
+        replace_directory(staging, final)
     except (CheckpointFormatError, ConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out} from {directory} ({args.format}, {args.dtype})")
+    print(f"wrote {args.out} from {directory} ({args.format}, {str(dtype).replace('torch.', '')}"
+          f"{', with the teacher' if args.with_teacher else ''})")
     return 0
 
 

@@ -11,7 +11,7 @@ import torch
 
 from megatron_eve.checkpoint.hf_eve import HFWeights
 from tests.helpers import ROOT, read_json, torchrun
-from tests.hf_fixtures import tiny_hf_eve
+from tests.hf_fixtures import release_like_eve, tiny_hf_eve
 
 CONVERT = ROOT / "checkpoint_conversion"
 
@@ -204,3 +204,88 @@ def test_damaged_inputs_get_one_line_naming_the_file(tmp_path):
         out = convert("hf_to_megatron.py", "--hf", tmp_path / name, "--out", tmp_path / f"out_{name}")
         assert out.returncode == 1 and message in out.stderr, (name, out.stderr[-2000:])
         assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+
+
+def test_a_release_with_distinct_widths_round_trips_bit_exactly(tmp_path):
+    """A bf16 checkpoint saved the release's way (its key names, its config.json fields only) whose
+    vision tokenizer (64) and teacher (32) widths differ: converts without --dtype (stays bf16),
+    loads at TP=2 and PP=2, exports back bit-exactly, with a config.json and processor config the
+    original EVE code can load, and the teacher's weights with --with-teacher."""
+    from megatron_eve.checkpoint.hf_eve import MegatronCheckpoint
+    from tests.helpers import save_tiny_teacher, tiny_config
+
+    model = tiny_config(changes={"aligner.hidden_size": 32, "vision.image_size": 672, "vision.teacher_image_size": 336})
+    source = release_like_eve(str(tmp_path / "release"), model)
+    ok(convert("hf_to_megatron.py", "--hf", tmp_path / "release", "--out", tmp_path / "megatron",
+               "--target-tensor-parallel-size", 2, "--target-pipeline-parallel-size", 2))
+    stored = MegatronCheckpoint(str(tmp_path / "megatron" / "iter_0000000"))
+    assert stored.shapes["aligner.input_layer.weight"] == ((32, 128), torch.bfloat16)
+    assert stored.shapes["vision_model.patch_embedding.weight"][0] == (64, 3, 14, 14)
+
+    teacher = save_tiny_teacher(str(tmp_path / "teacher"), model)
+    original = {k: v for k, v in source.items() if "vision_clip" not in k and "inv_freq" not in k}
+    export = tmp_path / "export"
+    ok(convert("megatron_to_hf.py", "--megatron", tmp_path / "megatron", "--out", export, "--format", "bin",
+               "--with-teacher", "--teacher", teacher, "--no-progress"))  # no --dtype: stays bf16
+    exported = model_tensors(export)
+    assert set(exported) == set(original)
+    assert all(exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], original[k]) for k in original)
+    for layout in (["--tp", "2"], ["--pp", "2"]):  # loaded by the real model at another layout (fp32 there)
+        relaid = tmp_path / f"relaid{layout[0]}"
+        torchrun("conversion_worker.py", 2, ["relayout", "--src", tmp_path / "megatron", "--dst", relaid, *layout])
+        again = tmp_path / f"export{layout[0]}"
+        ok(convert("megatron_to_hf.py", "--megatron", relaid, "--out", again, "--dtype", "bfloat16", "--no-progress"))
+        exported = model_tensors(again)
+        assert set(exported) == set(original) and all(torch.equal(exported[k], original[k]) for k in original)
+
+    config = json.loads((export / "config.json").read_text())
+    assert config["mm_hidden_size"] == 64 and config["mm_hidden_size_clip"] == 32
+    assert config["torch_dtype"] == "bfloat16" and config["requires_cliploss"] is True
+    assert config["mm_use_im_patch_token"] is False and config["mm_use_im_start_end"] is False
+    assert config["mm_vision_tower"] == str(export) and config["mm_vision_tower_clip"] == teacher
+    processor = json.loads((export / "preprocessor_config.json").read_text())
+    assert (processor["image_size"], processor["image_size_clip"], processor["patch_stride"], processor["conv_stride"]) \
+        == (672, 336, 14, 2)
+    assert processor["do_resize"] is False and processor["image_mean"][0] == pytest.approx(0.48145466)
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor.from_pretrained(str(export))  # what the original code calls on mm_vision_tower
+    teacher_keys = [k for k in HFWeights(str(export)).keys() if k.startswith("model.vision_clip.backbone.vision_model.")]
+    # The release names them as transformers 4.x's CLIPVisionModel does: vision_model.<module key>
+    # (transformers 5 saves the same tensors without the prefix).
+    saved = [k for k in HFWeights(teacher).keys() if not k.endswith("position_ids")]
+    expected = [k if k.startswith("vision_model.") else f"vision_model.{k}" for k in saved]
+    assert len(expected) > 20 and sorted(teacher_keys) == sorted(f"model.vision_clip.backbone.{k}" for k in expected)
+
+
+def test_a_teacher_width_that_contradicts_the_weights_is_an_error(tmp_path):
+    from tests.helpers import tiny_config
+
+    model = tiny_config(changes={"aligner.hidden_size": 32})
+    release_like_eve(str(tmp_path / "release"), model, dtype=torch.float32)
+    config_path = tmp_path / "release" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["mm_hidden_size_clip"] = 64
+    config_path.write_text(json.dumps(config))
+    out = convert("hf_to_megatron.py", "--hf", tmp_path / "release", "--out", tmp_path / "m")
+    assert out.returncode == 1
+    assert "mm_hidden_size_clip 64, but model.vision_tower_compressor.input_layer.weight has 32 rows" in out.stderr
+
+
+def test_rope_base_and_scaling_as_transformers_writes_them(tmp_path):
+    """transformers 5 stores RoPE's base under rope_parameters: it must be read, not defaulted."""
+    from transformers import LlamaConfig
+
+    from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, language_config, read_hf_config
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=256, rope_theta=500000.0).save_pretrained(tmp_path / "base")
+    written = read_hf_config(str(tmp_path / "base"))
+    assert language_config(written).rotary_base == 500000
+    assert language_config({**written, "rope_parameters": None, "rope_theta": 10000.0}).rotary_base == 10000
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+                rope_scaling={"rope_type": "linear", "factor": 2.0}).save_pretrained(tmp_path / "scaled")
+    with pytest.raises(CheckpointFormatError, match="'linear' RoPE scaling"):
+        language_config(read_hf_config(str(tmp_path / "scaled")))
+    with pytest.raises(CheckpointFormatError, match="disagree"):
+        language_config({**written, "rope_theta": 10000.0, "rope_parameters": {"rope_theta": 500000.0}})

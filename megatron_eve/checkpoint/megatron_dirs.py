@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from typing import Callable, Iterable, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
 from megatron_eve.atomic import check_output_dir, entries, write_text
-from megatron_eve.config import EVEModelConfig, ParallelConfig, RuntimeConfig, validate
+from megatron_eve.config import ConfigError, EVEModelConfig, ParallelConfig, RuntimeConfig, validate
 from megatron_eve.training.checkpoint import TRACKER, checkpoint_dir
 
 
@@ -17,7 +17,7 @@ def parse_dtype(name: str) -> torch.dtype:
     dtypes = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
               "float32": torch.float32, "fp32": torch.float32}
     if name not in dtypes:
-        raise ValueError(f"unknown dtype {name!r}: choose one of {', '.join(dtypes)}")
+        raise ConfigError(f"--dtype {name!r} is not one of {', '.join(dtypes)}")
     return dtypes[name]
 
 
@@ -60,7 +60,8 @@ def is_converted_root(root: str) -> bool:
         return False
 
 
-def write_megatron(hf, model: EVEModelConfig, root: str, tensor_parallel: int, pipeline_parallel: int, dtype: str,
+def write_megatron(hf, model: EVEModelConfig, root: str, tensor_parallel: int, pipeline_parallel: int,
+                   dtype: Optional[str],
                    need_vision: bool, extra: Iterable[Tuple[str, torch.Tensor]] = (),
                    overwrite: bool = False) -> Tuple[str, int]:
     """HF tensors (+ `extra` made ones) → ROOT/iter_0000000, after every check that can fail:
@@ -74,6 +75,8 @@ def write_megatron(hf, model: EVEModelConfig, root: str, tensor_parallel: int, p
     check_keys(hf, model.language, need_vision=need_vision)
     check_shapes(hf, model)
     padded = check_padded_vocab(model, tensor_parallel)
-    plan = megatron_plan(hf, model, padded, parse_dtype(dtype), extra=extra)
+    # The source's own dtype unless asked otherwise: a bf16 release stays bf16, fp32 is not rounded.
+    stored = parse_dtype(dtype) if dtype else hf.dtype("model.embed_tokens.weight")
+    plan = megatron_plan(hf, model, padded, stored, extra=extra)
     common = {"converted_from": os.path.abspath(hf.folder), "model_config": asdict(model)}
     return finish_checkpoint(root, lambda d: write_checkpoint(d, plan, common), plan), len(plan)
