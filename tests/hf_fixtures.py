@@ -11,6 +11,18 @@ from megatron_eve.checkpoint.hf_eve import hf_config
 from tests.helpers import tiny_config
 
 
+def write_bin_shards(folder: str, state: dict) -> None:
+    """Two pytorch_model-*.bin shards and their index, as the release ships its weights."""
+    keys = sorted(state)
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    names = [f"pytorch_model-0000{i + 1}-of-00002.bin" for i in range(2)]
+    for name, part in zip(names, halves):
+        torch.save({k: state[k] for k in part}, os.path.join(folder, name))
+    index = {"metadata": {"total_size": 0}, "weight_map": {k: names[i] for i, part in enumerate(halves) for k in part}}
+    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as handle:
+        json.dump(index, handle)
+
+
 def tiny_hf_eve(folder: str, fmt: str = "bin", seed: int = 0, with_teacher_keys: bool = True) -> dict:
     """A random tiny EVE in HF format: two `.bin` shards + index (or safetensors), config.json with
     EVE's fields, and — as the release has — the CLIP teacher's keys, which converters skip."""
@@ -29,15 +41,8 @@ def tiny_hf_eve(folder: str, fmt: str = "bin", seed: int = 0, with_teacher_keys:
         for name in ("model.vision_clip.backbone.vision_model.embeddings.class_embedding",
                      "model.vision_tower_compressor.clip_layer.backbone.vision_model.embeddings.class_embedding"):
             state[name] = torch.randn(64)
-    keys = sorted(state)
-    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
     if fmt == "bin":
-        names = [f"pytorch_model-0000{i + 1}-of-00002.bin" for i in range(2)]
-        for name, part in zip(names, halves):
-            torch.save({k: state[k] for k in part}, os.path.join(folder, name))
-        index = {"metadata": {"total_size": 0}, "weight_map": {k: names[i] for i, part in enumerate(halves) for k in part}}
-        with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as handle:
-            json.dump(index, handle)
+        write_bin_shards(folder, state)
     else:
         from safetensors.torch import save_file
 
@@ -105,14 +110,7 @@ def release_like_eve(folder: str, model, dtype=torch.bfloat16, seed: int = 0) ->
         state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(head // 2, generator=generator)
     width = model.aligner.hidden_size
     state["model.vision_clip.backbone.vision_model.embeddings.class_embedding"] = torch.randn(width).to(dtype)
-    keys = sorted(state)
-    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
-    names = [f"pytorch_model-0000{i + 1}-of-00002.bin" for i in range(2)]
-    for name, part in zip(names, halves):
-        torch.save({k: state[k] for k in part}, os.path.join(folder, name))
-    index = {"metadata": {"total_size": 0}, "weight_map": {k: names[i] for i, part in enumerate(halves) for k in part}}
-    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as handle:
-        json.dump(index, handle)
+    write_bin_shards(folder, state)
     with open(os.path.join(folder, "config.json"), "w") as handle:
         json.dump(release_config(model, str(dtype).replace("torch.", "")), handle, indent=2)
     return state
