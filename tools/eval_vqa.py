@@ -10,9 +10,10 @@ answer: question jsonl ({"question_id", "image", "text"}) → answer jsonl ({"qu
         image, too long, a malformed line) gets an empty answer and metadata.error, and a line
         that is not JSON is reported as file:line; the others are still answered. The answer
         file is written under a temporary name and renamed into place when complete.
-score:  an answer file against ground truth ({"question_id", "answers": [...]} or "answer"):
-        --kind vqa (VQA accuracy, standard normalisation), pope (accuracy, precision, recall,
-        F1, yes-ratio) or choice (option-letter accuracy). Every annotated question counts:
+score:  an answer file against ground truth, by the rules of EVE's evaluation code: --kind vqa
+        (m4c / EvalAI accuracy, EvalAI's tokenisation first), pope (accuracy, precision, recall, F1,
+        yes-ratio, per category and overall; POPE's own label files load) or choice (ScienceQA's
+        parser: a bare letter, "X. ...", or one "The answer is X."). --lenient parses friendlier. Every annotated question counts:
         one without an answer scores as wrong (and is counted); duplicate answers are flagged
         and the first is scored.
 
@@ -24,6 +25,7 @@ score:  an answer file against ground truth ({"question_id", "answers": [...]} o
 import argparse
 import json
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -118,9 +120,34 @@ def answer(args) -> int:
     return 0
 
 
+def _annotations(paths):
+    """Ground truth from one or more files → ({question_id: row}, problems). Each row keeps where it
+    came from, so POPE's per-category label files (coco_pope_<category>.json) name their category."""
+    truth, problems = {}, []
+    for path in paths:
+        rows, bad = read_jsonl(path, required=("question_id",))
+        problems += bad
+        category = re.search(r"pope_(\w+?)\.jsonl?$", os.path.basename(path))
+        for row in rows:
+            row.setdefault("category", category.group(1) if category else None)
+            truth[row["question_id"]] = row
+    return truth, problems
+
+
+def _gold(row, kind):
+    """The reference answer(s) of one annotation row: VQA's answer list, POPE's "label", or the
+    option letter (a ScienceQA "answer" index into "choices" becomes its letter)."""
+    if kind == "vqa":
+        return row.get("answers") or ([row["answer"]] if "answer" in row else None)
+    value = row.get("label", row.get("answer")) if kind == "pope" else row.get("answer")
+    if kind == "choice" and isinstance(value, int) and not isinstance(value, bool):
+        return "ABCDE"[value] if 0 <= value < 5 else None
+    return value if isinstance(value, str) else None
+
+
 def score(args) -> int:
     answer_rows, problems = read_jsonl(args.answers_file, required=("question_id", "text"))
-    truth_rows, truth_problems = read_jsonl(args.annotations, required=("question_id",))
+    truth_rows, truth_problems = _annotations(args.annotations)
     report(problems + truth_problems)
     answers, duplicates = {}, []
     for row in answer_rows:
@@ -128,10 +155,10 @@ def score(args) -> int:
             duplicates.append(row["question_id"])
             continue
         answers[row["question_id"]] = row["text"] if isinstance(row.get("text"), str) else ""
-    gold = lambda row: row.get("answers") or ([row["answer"]] if "answer" in row else None)  # noqa: E731
-    truth = {row["question_id"]: gold(row) for row in truth_rows if gold(row)}
+    truth = {i: row for i, row in truth_rows.items() if _gold(row, args.kind) is not None}
     if not truth:
-        print(f"error: {args.annotations} holds no question with an answer", file=sys.stderr)
+        print(f"error: {', '.join(args.annotations)} hold no question with a usable answer for --kind {args.kind}",
+              file=sys.stderr)
         return 1
     ids = list(truth)
     missing = [i for i in ids if i not in answers]
@@ -141,16 +168,25 @@ def score(args) -> int:
     if missing:
         print(f"warning: {len(missing)} of {len(ids)} annotated questions have no answer and score as wrong, "
               f"e.g. question_id {', '.join(map(str, missing[:5]))}", file=sys.stderr)
-    given = [answers.get(i, "") for i in ids]
+    given = {i: answers.get(i, "") for i in ids}
+    gold = {i: _gold(truth[i], args.kind) for i in ids}
     if args.kind == "vqa":
-        result = {"accuracy": mean([vqa_accuracy(a, truth[i]) for a, i in zip(given, ids)])}
+        result = {"accuracy": mean([vqa_accuracy(given[i], gold[i], args.lenient) for i in ids])}
     elif args.kind == "pope":
-        result = pope_metrics(given, [truth[i][0] for i in ids])
+        result = pope_metrics([given[i] for i in ids], [gold[i] for i in ids], args.lenient)
+        categories = sorted({truth[i]["category"] for i in ids if truth[i].get("category")})
+        if categories:  # EVE reports each POPE split on its own
+            result["categories"] = {c: pope_metrics([given[i] for i in ids if truth[i]["category"] == c],
+                                                    [gold[i] for i in ids if truth[i]["category"] == c], args.lenient)
+                                    for c in categories}
     else:
-        result = {"accuracy": multiple_choice_accuracy(given, [truth[i][0] for i in ids])}
+        counts = [len(truth[i]["choices"]) if isinstance(truth[i].get("choices"), list) else None for i in ids]
+        result = {"accuracy": multiple_choice_accuracy([given[i] for i in ids], [gold[i] for i in ids], counts,
+                                                       args.lenient)}
     result.update(questions=len(ids), answered=len(ids) - len(missing), missing=len(missing),
                   duplicates=len(duplicates), not_annotated=sum(1 for i in answers if i not in truth),
-                  unreadable_lines=len(problems) + len(truth_problems))
+                  unreadable_lines=len(problems) + len(truth_problems),
+                  rules="lenient (not EVE's)" if args.lenient else "EVE's")
     print(json.dumps(result))
     return 0
 
@@ -172,8 +208,15 @@ def main(argv=None) -> int:
     a.add_argument("--chunk-idx", type=int, default=0)
     s = sub.add_parser("score", help="score an answer file")
     s.add_argument("--answers-file", required=True)
-    s.add_argument("--annotations", required=True, help='jsonl: {"question_id", "answers": [...]} or "answer"')
-    s.add_argument("--kind", choices=("vqa", "pope", "choice"), default="vqa")
+    s.add_argument("--annotations", required=True, nargs="+",
+                   help='jsonl: {"question_id", "answers": [...]} or "answer" (a letter, or an index into '
+                        '"choices"), or POPE\'s label files {"question_id", "label", "category"}; POPE\'s '
+                        'coco_pope_<category>.json files name their category')
+    s.add_argument("--kind", choices=("vqa", "pope", "choice"), default="vqa",
+                   help="vqa: TextVQA / VQAv2 accuracy; pope: per category and overall; choice: ScienceQA-style "
+                        "option letters")
+    s.add_argument("--lenient", action="store_true",
+                   help="friendlier answer parsing than EVE's evaluation code (reported as such)")
     args = p.parse_args(argv)
     if args.command == "answer":
         return answer(args)

@@ -1,5 +1,14 @@
-"""Local scorers for answer files: VQA accuracy (the official normalisation and 10-annotator
-formula), POPE accuracy / precision / recall / F1 / yes-ratio, multiple-choice letter accuracy."""
+"""Local scorers for answer files, by the rules of EVE's own evaluation code (LLaVA-1.5's):
+
+  VQA-style (TextVQA, VQAv2 val): m4c's TextVQAAccuracyEvaluator with EvalAI's answer processor,
+    whose first step (word_tokenize) lowercases, deletes "," and "?" and splits "'s" into " 's";
+  POPE: eval_pope.py reads the first sentence, deletes ",", splits on the space character only and
+    answers "no" when "No", "no" or "not" is a word; metrics per category and overall;
+  ScienceQA: eval_science_qa.py accepts a bare option letter, "X. ...", or exactly one
+    "The answer is X." match; anything else (and an unanswered question) is wrong.
+
+`lenient=True` gives friendlier parsing (whitespace splits, more option formats, no tokenisation
+step); results computed so must be reported as such."""
 
 from __future__ import annotations
 
@@ -63,15 +72,24 @@ def _digits_and_articles(text: str) -> str:
     return " ".join(words)
 
 
-def normalize_vqa_answer(text: str) -> str:
+def _word_tokenize(text: str) -> str:
+    """EvalAIAnswerProcessor.word_tokenize, the step EVE's evaluator runs first."""
+    return text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+
+
+def normalize_vqa_answer(text: str, lenient: bool = False) -> str:
+    """EvalAIAnswerProcessor.__call__ (lenient: without its word_tokenize step)."""
+    if not lenient:
+        text = _word_tokenize(text)
     text = text.replace("\n", " ").replace("\t", " ").strip()
     return _digits_and_articles(_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """The official VQA accuracy: mean over the annotators of min(1, matches among the others / 3)."""
-    prediction = normalize_vqa_answer(prediction)
-    gold = [normalize_vqa_answer(a) for a in answers]
+def vqa_accuracy(prediction: str, answers: Sequence[str], lenient: bool = False) -> float:
+    """The official VQA accuracy: mean over the annotators of min(1, matches among the others / 3)
+    (m4c's formula); a single reference answer is an exact match."""
+    prediction = normalize_vqa_answer(prediction, lenient)
+    gold = [normalize_vqa_answer(a, lenient) for a in answers]
     if len(gold) == 1:
         return float(prediction == gold[0])
     scores = []
@@ -81,15 +99,16 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return sum(scores) / len(scores)
 
 
-def yes_no(text: str) -> str:
-    """POPE's reading of an answer (LLaVA's eval_pope): the first sentence; "no" / "not" → no."""
+def yes_no(text: str, lenient: bool = False) -> str:
+    """POPE's reading of an answer (eval_pope.py): the first sentence, commas deleted, words split
+    on " " alone (so "No\n" is not the word "No"); "No" / "no" / "not" → no, anything else → yes."""
     first = text.split(".")[0].replace(",", "")
-    words = first.split()
+    words = first.split() if lenient else first.split(" ")
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
-def pope_metrics(predictions: Iterable[str], labels: Iterable[str]) -> Dict[str, float]:
-    predictions = [yes_no(p) for p in predictions]
+def pope_metrics(predictions: Iterable[str], labels: Iterable[str], lenient: bool = False) -> Dict[str, float]:
+    predictions = [yes_no(p, lenient) for p in predictions]
     labels = [label.strip().lower() for label in labels]
     tp = sum(p == "yes" and g == "yes" for p, g in zip(predictions, labels))
     tn = sum(p == "no" and g == "no" for p, g in zip(predictions, labels))
@@ -103,8 +122,27 @@ def pope_metrics(predictions: Iterable[str], labels: Iterable[str]) -> Dict[str,
             "yes_ratio": predictions.count("yes") / total}
 
 
+SQA_OPTIONS = ("A", "B", "C", "D", "E")
+_SQA_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+
+
+def sqa_letter(text: str, num_choices: Optional[int] = None) -> Optional[str]:
+    """The option eval_science_qa.py reads from an answer: the text is exactly a letter, or starts
+    "X. ", or holds exactly one "The answer is X." (any character after X); the letter must be one
+    of the question's options. None: no valid option (scored wrong)."""
+    if text in SQA_OPTIONS:
+        answer = text
+    elif len(text) >= 3 and text[0] in SQA_OPTIONS and text[1:3] == ". ":
+        answer = text[0]
+    else:
+        found = _SQA_ANSWER_IS.findall(text)
+        answer = found[0] if len(found) == 1 else None
+    allowed = SQA_OPTIONS[:num_choices] if num_choices else SQA_OPTIONS
+    return answer if answer in allowed else None
+
+
 def choice_letter(text: str, letters: str = "ABCDEFGH") -> Optional[str]:
-    """The option letter an answer gives: "B", "B.", "(B)", "B) ...", "The answer is B"."""
+    """Lenient reading of an option letter: "B", "B.", "(B)", "B) ...", "The answer is B"."""
     text = text.strip()
     match = re.match(rf"^\(?([{letters}])(?:[\).:,\s]|$)", text)
     if match:
@@ -113,9 +151,14 @@ def choice_letter(text: str, letters: str = "ABCDEFGH") -> Optional[str]:
     return match.group(1) if match else None
 
 
-def multiple_choice_accuracy(predictions: Iterable[str], answers: Iterable[str]) -> float:
+def multiple_choice_accuracy(predictions: Iterable[str], answers: Iterable[str],
+                             num_choices: Optional[Sequence[Optional[int]]] = None, lenient: bool = False) -> float:
+    """Share of questions whose answer gives the right option letter (EVE's ScienceQA parser, or
+    the lenient one)."""
     pairs = list(zip(predictions, answers))
-    return sum(choice_letter(p) == a.strip().upper() for p, a in pairs) / max(len(pairs), 1)
+    counts = list(num_choices) if num_choices is not None else [None] * len(pairs)
+    read = (lambda text, n: choice_letter(text)) if lenient else sqa_letter
+    return sum(read(p, n) == a.strip().upper() for (p, a), n in zip(pairs, counts)) / max(len(pairs), 1)
 
 
 def mean(values: List[float]) -> float:

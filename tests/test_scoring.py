@@ -1,0 +1,110 @@
+"""tools/eval_vqa.py score by the rules of EVE's own evaluation code (m4c / EvalAI for VQA-style,
+eval_pope.py, eval_science_qa.py). Every expected number below was worked out by hand from those
+rules (the reasoning is in the comments), not produced by the scorer under test."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+def score(tmp_path, answers, annotations, kind, *extra):
+    (tmp_path / "answers.jsonl").write_text("\n".join(json.dumps({"question_id": i, "text": t}) for i, t in answers))
+    paths = []
+    for name, rows in annotations.items():
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows))
+        paths.append(str(tmp_path / name))
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_vqa.py"), "score", "--answers-file",
+                          tmp_path / "answers.jsonl", "--annotations", *paths, "--kind", kind, *extra],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+# (prediction, the 10 reference answers, EVE's score, lenient score)
+VQA_CASES = [
+    # "what's" → tokenised "what 's"; "whats" → contraction table → "what's": different words.
+    ("whats", ["what's"] * 10, 0.0, 1.0),
+    # EVE deletes the comma ("redblue"); the lenient processor turns it into a space ("red blue").
+    ("red,blue", ["red blue"] * 10, 0.0, 1.0),
+    # EVE: commas deleted first → "5000-6000" → "-" becomes a space → "5000 6000". Lenient: the
+    # digit-comma rule fires, so every punctuation mark is deleted → "50006000".
+    ("5,000-6,000", ["5000 6000"] * 10, 1.0, 0.0),
+    # "?" is deleted by the tokeniser; "Two" → "2", the period stripped.
+    ("yes?", ["yes"] * 10, 1.0, 1.0),
+    ("Two dogs.", ["2 dogs"] * 10, 1.0, 1.0),
+    # 2 of 10 annotators say "red": for each of those 2, 1 of the other 9 matches (1/3); for each of
+    # the other 8, 2 match (2/3): (2/3 + 16/3) / 10 = 0.6.
+    ("Red", ["red"] * 2 + ["dark red"] * 8, 0.6, 0.6),
+    # Whitespace and case: "  Dark  RED\n" → "dark red"; the 8 "dark red" annotators see 7 matches
+    # among the others (1 each), the 2 "red" ones see 8 (1 each): 1.0.
+    ("  Dark  RED\n", ["red"] * 2 + ["dark red"] * 8, 1.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("lenient", [False, True], ids=["eve", "lenient"])
+def test_vqa_accuracy_follows_eve(tmp_path, lenient):
+    answers = [(i, case[0]) for i, case in enumerate(VQA_CASES)]
+    truth = [{"question_id": i, "answers": case[1]} for i, case in enumerate(VQA_CASES)]
+    truth.append({"question_id": 99, "answers": ["cat"] * 10})  # never answered: scores 0
+    result = score(tmp_path, answers, {"truth.jsonl": truth}, "vqa", *(["--lenient"] if lenient else []))
+    column = 3 if lenient else 2
+    assert result["accuracy"] == pytest.approx(sum(case[column] for case in VQA_CASES) / (len(VQA_CASES) + 1))
+    assert result["missing"] == 1 and result["rules"] == ("lenient (not EVE's)" if lenient else "EVE's")
+
+
+def test_pope_per_category_with_its_own_label_files(tmp_path):
+    random = [  # label, answer, EVE's reading
+        (1, "no", "No\n", "yes"),  # split on " " only: the word is "No\n", not "No"
+        (2, "yes", "Yes, there is a dog.", "yes"),
+        (3, "no", "No, there is not.", "no"),  # first sentence, commas deleted: "No there is not"
+        (4, "no", "There is\nno dog", "yes"),  # words: "There", "is\nno", "dog"
+    ]
+    popular = [
+        (5, "yes", "No\xa0dog", "yes"),  # a no-break space does not split words
+        (6, "no", "not sure", "no"),
+    ]
+    annotations = {f"coco_pope_{name}.json": [{"question_id": q, "image": f"{q}.jpg", "text": "Is there a dog?",
+                                               "label": label} for q, label, _, _ in rows]
+                   for name, rows in (("random", random), ("popular", popular))}
+    answers = [(q, text) for q, _, text, _ in random + popular]
+    result = score(tmp_path, answers, annotations, "pope")
+    # random: predictions yes, yes, no, yes vs labels no, yes, no, no → TP 1, FP 2, TN 1, FN 0.
+    assert result["categories"]["random"] == pytest.approx(
+        {"accuracy": 0.5, "precision": 1 / 3, "recall": 1.0, "f1": 0.5, "yes_ratio": 0.75})
+    # popular: yes / yes and no / no → everything right.
+    assert result["categories"]["popular"] == pytest.approx(
+        {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.5})
+    # overall: TP 2, FP 2, TN 2, FN 0 → accuracy 4/6, precision 1/2, recall 1, F1 2/3.
+    assert result["accuracy"] == pytest.approx(4 / 6) and result["f1"] == pytest.approx(2 / 3)
+    # Lenient (whitespace splits): q1 and q4 become "no" (right), q5 becomes "no" (wrong): 5/6.
+    assert score(tmp_path, answers, annotations, "pope", "--lenient")["accuracy"] == pytest.approx(5 / 6)
+
+
+SQA_CASES = [  # answer text, gold letter, number of choices, EVE right?, lenient right?
+    ("B", "B", 3, True, True),
+    ("C. a cat", "C", 3, True, True),
+    ("The answer is A.", "A", 2, True, True),
+    ("The answer is A", "A", 2, False, True),  # EVE's pattern needs a character after the letter
+    ("A", "B", 3, False, False),
+    ("A dog", "A", 3, False, True),  # an article is not an option (lenient reads it as A)
+    ("(B)", "B", 3, False, True),
+    ("The answer is B. The answer is C.", "B", 3, False, True),  # two matches: not exactly one
+    ("D", "C", 3, False, False),  # D is not among 3 options
+    (None, "A", 2, False, False),  # unanswered: wrong, still counted
+]
+
+
+@pytest.mark.parametrize("lenient", [False, True], ids=["eve", "lenient"])
+def test_science_qa_parser_follows_eve(tmp_path, lenient):
+    answers = [(i, case[0]) for i, case in enumerate(SQA_CASES) if case[0] is not None]
+    # Gold as ScienceQA stores it: an index into the choices.
+    truth = [{"question_id": i, "answer": "ABCDE".index(case[1]), "choices": [f"c{k}" for k in range(case[2])]}
+             for i, case in enumerate(SQA_CASES)]
+    result = score(tmp_path, answers, {"problems.jsonl": truth}, "choice", *(["--lenient"] if lenient else []))
+    right = sum(case[4 if lenient else 3] for case in SQA_CASES)
+    assert (right, result["questions"], result["missing"]) == ((7 if lenient else 3), 10, 1)
+    assert result["accuracy"] == pytest.approx(right / 10)
