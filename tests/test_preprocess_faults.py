@@ -51,10 +51,10 @@ BREAKAGES = {
 
 
 @pytest.mark.parametrize("breakage", sorted(BREAKAGES))
-@pytest.mark.parametrize("chunk", [1 << 20, 97], ids=["one-read", "tiny-reads"])
+@pytest.mark.parametrize("chunk", [1 << 20, 31, 97, 211], ids=["one-read", "reads-31", "reads-97", "reads-211"])
 def test_a_broken_list_element_costs_only_itself(tmp_path, monkeypatch, breakage, chunk):
     monkeypatch.setattr(sources, "_CHUNK", chunk)
-    monkeypatch.setattr(sources, "_MAX_RECORD_CHARS", 4 * chunk)
+    monkeypatch.setattr(sources, "_MAX_RECORD_CHARS", max(4 * chunk, 1024))  # above one record
     monkeypatch.setattr(sources, "_LOOKBEHIND", 64)
     elements = [json.dumps(conversation(i), indent=2) for i in range(8)]
     elements[2] = BREAKAGES[breakage](elements[2])
@@ -232,3 +232,18 @@ def test_image_paths_may_not_leave_the_image_folder(corpus, tmp_path):
     summary = preprocess(tmp_path / "strict", False)
     assert summary.samples == 1 and dict(summary.rejected) == {"image_outside_folder": 3}
     assert preprocess(tmp_path / "allowed", True).samples == 4
+
+
+def test_resynchronisation_at_every_read_boundary(tmp_path, monkeypatch):
+    """The same broken lists read in windows of every size from 16 to 200 characters, so that each
+    step of the resynchronisation (a nested "]", the "," before a "{") meets a buffer edge."""
+    monkeypatch.setattr(sources, "_MAX_RECORD_CHARS", 1024)
+    monkeypatch.setattr(sources, "_LOOKBEHIND", 16)
+    for breakage in sorted(BREAKAGES):
+        elements = [json.dumps(conversation(i), indent=2) for i in range(5)]
+        elements[2] = BREAKAGES[breakage](elements[2])
+        path = tmp_path / f"{breakage}.json"
+        path.write_text("[\n" + ",\n".join(elements) + "\n]\n")
+        for chunk in range(16, 201):
+            monkeypatch.setattr(sources, "_CHUNK", chunk)
+            assert parsed(path)[0] == ["r0", "r1", "r3", "r4"], (breakage, chunk)

@@ -92,9 +92,6 @@ class _Window:
                 return position
             position -= self.more(position)
 
-    def at_end(self, position: int) -> bool:
-        return self.skip(position, _WHITESPACE) >= len(self.text)
-
     def next_element(self, start: int) -> int:
         """Where the next list element begins after a broken one: the first "{" at or after
         start that follows a "," (nested objects that open a list follow a "["); len(text) if
@@ -125,10 +122,11 @@ def _iter_json_list(path: str) -> Iterator[Record]:
             if position >= len(window.text):
                 return
             if window.text[position] == "]":
-                if window.at_end(position + 1):  # the list's end
+                after = window.skip(position + 1, _WHITESPACE)  # may read on: indices move
+                if after >= len(window.text):  # the list's end
                     return
                 # A nested list of an element broken earlier closes here: look further.
-                position = window.next_element(position + 1)
+                position = window.next_element(after)
                 continue
             try:
                 record, end = decoder.raw_decode(window.text, position)
