@@ -310,7 +310,7 @@ def _refuse_unmarked(*roots: Optional[str]) -> None:
     """Complete iter_* directories without a marker: starting from scratch would overwrite them."""
     for root in dict.fromkeys(r for r in roots if r):
         done = complete_iterations(root)
-        if done:
+        if done and not os.path.isfile(os.path.join(root, TRACKER)):
             raise ConfigError(
                 f"{root} holds {checkpoint_dir(root, done[-1])} but no {TRACKER}: write {done[-1]} into "
                 f"{os.path.join(root, TRACKER)} to resume from it, or train into an empty --save directory")
