@@ -156,3 +156,26 @@ def test_a_person_chats_in_headless_chromium(demo):
     finally:
         driver.quit()
     assert shown == ask(demo, "What shape is it?", [demo["images"][1]]).strip()
+
+
+def test_only_uploads_are_ever_opened(tmp_path):
+    """A request naming a server file (not an upload), or history text that happens to be a path,
+    never reaches the model: typed text is text, and images must come from Gradio's upload cache."""
+    from tools.app import make_chat
+
+    class Model:
+        requests = []
+
+        def stream(self, request, sampling):
+            self.requests.append(request)
+            yield "fine"
+
+    model = Model()
+    chat = make_chat(model, 2048)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not for the web")
+    assert list(chat({"text": "Describe it", "files": [str(secret)]}, [], 6, 0.0, 1.0)) == [
+        "⚠ images must be uploaded through the page"]
+    history = [{"role": "user", "content": str(secret)}, {"role": "assistant", "content": "ok"}]
+    assert list(chat({"text": "And now?", "files": []}, history, 6, 0.0, 1.0)) == ["fine"]
+    assert model.requests[-1].image_paths == [] and str(secret) in model.requests[-1].prompt

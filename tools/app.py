@@ -20,6 +20,7 @@ import math
 import os
 import queue
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -99,19 +100,27 @@ def parse_sampling(max_new_tokens, temperature, top_p, limit: int) -> Sampling:
 
 
 def _paths(content) -> List[str]:
-    """File paths inside a Gradio message content (a dict, a tuple of paths, or nested lists)."""
-    if isinstance(content, str):
-        return [content] if os.path.isfile(content) else []
+    """Uploaded files inside a Gradio message content (a file dict, a (path, alt) tuple, or lists of
+    those). Plain strings are text, never paths: typed text cannot name a server file."""
     if isinstance(content, dict):
         found = [content["path"]] if isinstance(content.get("path"), str) else []
         return found + [p for key in ("file", "files", "content") for p in _paths(content.get(key))]
-    if isinstance(content, (list, tuple)):
+    if isinstance(content, tuple):
+        return [item for item in content if isinstance(item, str) and os.path.isfile(item)]
+    if isinstance(content, list):
         return [p for item in content for p in _paths(item)]
     return []
 
 
+def _uploaded(path: str) -> bool:
+    """Whether `path` is one of Gradio's uploads (its cache folder): nothing else is ever opened."""
+    cache = os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio")
+    root = os.path.realpath(cache)
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+
 def _text(content) -> Optional[str]:
-    if isinstance(content, str) and not os.path.isfile(content):
+    if isinstance(content, str):
         return content
     if isinstance(content, dict) and isinstance(content.get("text"), str):
         return content["text"]
@@ -124,7 +133,9 @@ def _text(content) -> Optional[str]:
 def make_chat(model: ModelThread, max_length: int):
     def chat(message, history, max_new_tokens, temperature, top_p):
         message = message if isinstance(message, dict) else {"text": str(message or ""), "files": []}
-        files = _paths(message.get("files") or [])
+        # The upload box hands over its files as paths (strings here are paths, not typed text).
+        uploads = message.get("files") or []
+        files = [f for f in uploads if isinstance(f, str)] + _paths([f for f in uploads if not isinstance(f, str)])
         turns, image = [], None
         for entry in history or []:
             role, content = entry.get("role"), entry.get("content")
@@ -133,6 +144,9 @@ def make_chat(model: ModelThread, max_length: int):
             if text:
                 turns.append({"role": role, "content": text})
         image = files[-1] if files else image
+        if image is not None and not _uploaded(image):
+            yield "⚠ images must be uploaded through the page"
+            return
         question = (message.get("text") or "").strip()
         if not question:
             yield "Please ask a question (an image alone is not a question)."
