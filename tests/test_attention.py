@@ -59,3 +59,31 @@ def test_varlen_call_is_chosen_from_the_signature(monkeypatch):
             attention.varlen_call_options()
     finally:
         attention.varlen_call_options.cache_clear()
+
+
+def test_flex_block_mask_is_built_once_per_micro_batch(monkeypatch):
+    """Every layer of a micro-batch (and its recomputation) reuses the block mask carried on its
+    PackedSeqParams; a new micro-batch gets its own."""
+    import torch.nn.attention.flex_attention as flex
+
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_eve.model.attention import document_block_mask
+
+    built = []
+
+    def fake_create_block_mask(mask_mod, b, h, q_len, kv_len, device=None, _compile=False):
+        built.append((q_len, _compile))
+        q, kv = torch.arange(q_len)[:, None], torch.arange(kv_len)[None, :]
+        return mask_mod(0, 0, q, kv)
+
+    monkeypatch.setattr(flex, "create_block_mask", fake_create_block_mask)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=3, max_seqlen_kv=3)
+    masks = [document_block_mask(params, 5, "cpu") for _ in range(8)]  # 8 layers
+    assert len(built) == 1 and all(m is masks[0] for m in masks)
+    assert torch.equal(masks[0], block_causal_mask(cu, 5))  # the document-causal pattern
+    other = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.clone(), cu_seqlens_kv=cu, max_seqlen_q=3,
+                            max_seqlen_kv=3)
+    document_block_mask(other, 5, "cpu")
+    assert len(built) == 2 and built[0] == (5, False)

@@ -151,16 +151,7 @@ class TorchAttention(DotProductAttention):
                                           dropout_p=dropout, softmax_scale=self.softmax_scale, causal=True)
         total = q.shape[0]
         if backend == "flex":
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            segment = torch.zeros(total, dtype=torch.long, device=q.device)
-            segment[cu_q[1:-1].long()] = 1
-            segment = segment.cumsum(0)
-
-            def document_causal(b, h, q_idx, kv_idx):
-                return (segment[q_idx] == segment[kv_idx]) & (kv_idx <= q_idx)
-
-            block = create_block_mask(document_causal, None, None, total, total, device=q.device)
+            block = document_block_mask(params, total, q.device)
             out = _compiled_flex()(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                    block_mask=block, scale=self.softmax_scale,
                                    enable_gqa=k.shape[1] != q.shape[1])
@@ -170,6 +161,28 @@ class TorchAttention(DotProductAttention):
                                              attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale,
                                              enable_gqa=k.shape[1] != q.shape[1])
         return out[0].transpose(0, 1)
+
+
+def document_block_mask(params, total: int, device):
+    """FlexAttention's document-causal block mask of a packed micro-batch, built once and carried
+    on its PackedSeqParams: every layer (and every recomputation) of the micro-batch reuses it."""
+    cached = getattr(params, "_eve_block_mask", None)
+    if cached is not None and cached[0] is params.cu_seqlens_q and cached[1] == total:
+        return cached[2]
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segment = torch.zeros(total, dtype=torch.long, device=device)
+    segment[params.cu_seqlens_q[1:-1].long()] = 1
+    segment = segment.cumsum(0)
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (segment[q_idx] == segment[kv_idx]) & (kv_idx <= q_idx)
+
+    # Compiled on CUDA: the mask is made block by block instead of as a dense t x t tensor.
+    block = create_block_mask(document_causal, None, None, total, total, device=device,
+                              _compile=torch.device(device).type == "cuda")
+    params._eve_block_mask = (params.cu_seqlens_q, total, block)
+    return block
 
 
 def torch_attention(backend: str):
