@@ -31,6 +31,7 @@ from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
     hf_config,
     hf_tensors,
     preprocessor_config,
+    read_hf_config,
 )
 from megatron_eve.checkpoint.hf_writer import copy_tokenizer, write_tensors  # noqa: E402
 from megatron_eve.checkpoint.megatron_dirs import parse_dtype  # noqa: E402
@@ -57,11 +58,10 @@ def teacher_tensors(teacher: str, dtype):
 def is_export(folder: str) -> bool:
     """An HF folder this script wrote: our modeling file, registered by config.json's auto_map."""
     try:
-        with open(os.path.join(folder, "config.json")) as handle:
-            auto_map = json.load(handle).get("auto_map", {})
-    except (OSError, ValueError, AttributeError):
+        auto_map = read_hf_config(folder).get("auto_map") or {}
+    except CheckpointFormatError:
         return False
-    return os.path.isfile(os.path.join(folder, "modeling_eve.py")) and any(
+    return isinstance(auto_map, dict) and os.path.isfile(os.path.join(folder, "modeling_eve.py")) and any(
         str(v).startswith("modeling_eve.") for v in auto_map.values())
 
 

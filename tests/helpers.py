@@ -142,27 +142,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _environment(cuda: bool) -> Dict[str, str]:
-    """Child processes run on CPU (CUDA hidden) unless a test asks for the GPU."""
+def child_environment(cuda: bool = False) -> Dict[str, str]:
+    """Child processes run on CPU (CUDA hidden) unless a test asks for the GPU; a one-process
+    child makes its own process group (torchrun sets RANK for its own children)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RANK", None)
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
-def torchrun(script: str, nproc: int, args: Sequence[str], timeout: int = 300, cuda: bool = False) -> None:
-    """Run tests/parallel/<script> under torchrun (on CPU unless cuda); fail with its output if it fails."""
+def torchrun(script: str, nproc: int, args: Sequence[str] = (), timeout: int = 300,
+             cuda: bool = False) -> subprocess.CompletedProcess:
+    """Run tests/parallel/<script> under torchrun (on CPU unless cuda); fail with its output if it
+    fails, else return the finished process (its stdout)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
         "--master-addr=127.0.0.1", f"--master-port={free_port()}",
         str(ROOT / "tests" / "parallel" / script), *map(str, args),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_environment(cuda), cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_environment(cuda), cwd=ROOT)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
             f"\n--- stderr ---\n{proc.stderr[-6000:]}"
         )
+    return proc
 
 
 def read_json(path) -> Dict:
@@ -185,7 +190,7 @@ def launch(args: Sequence, nproc: int = 2, cuda: bool = False) -> subprocess.Pop
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", str(ROOT / "pretrain_eve.py"), *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_environment(cuda), cwd=ROOT)
+                            env=child_environment(cuda), cwd=ROOT)
 
 
 def train(args: Sequence, nproc: int = 2, timeout: int = 300, cuda: bool = False):

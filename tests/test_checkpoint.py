@@ -1,18 +1,15 @@
 """Checkpoints: across layer specs, replacement without a window of loss, no restart over unmarked ones."""
 
 import json
-import os
 import subprocess
 import sys
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, child_environment
 
 
 def test_checkpoints_across_specs_and_safe_replacement(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("RANK", None)
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel" / "checkpoint_worker.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+                         capture_output=True, text=True, timeout=300, env=child_environment(), cwd=ROOT)
     assert out.returncode == 0, out.stderr[-4000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["plain_to_te"] == {"iteration": 1, "weights_equal": True, "extra_state_loaded": None}

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, child_environment, free_port
 from tests.hf_fixtures import converted_tiny_eve
 
 
@@ -22,7 +22,7 @@ def demo(tmp_path_factory, corpus):
 
     model = converted_tiny_eve(tmp_path_factory.mktemp("demo"), corpus["tokenizer"])
     port = free_port()
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**child_environment(), "GRADIO_ANALYTICS_ENABLED": "False"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "app.py"), "--load", model["load"],
                              "--tokenizer-model", model["tokenizer"], "--port", str(port), "--max-new-tokens", "6"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -2,14 +2,11 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import torch
 
 from megatron_eve.training.iteration_stats import nonfinite_count
-from tests.helpers import ROOT, free_port
+from tests.helpers import torchrun
 
 
 def test_nonfinite_count_reads_each_buffer_without_a_mask():
@@ -22,11 +19,7 @@ def test_nonfinite_count_reads_each_buffer_without_a_mask():
 
 
 def test_one_collective_per_iteration_agrees_on_every_rank():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", str(ROOT / "tests" / "parallel" / "iteration_stats_worker.py")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-4000:]
+    out = torchrun("iteration_stats_worker.py", 2, timeout=180)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["dp_flags"] == {"finite": True, "sigterm": True, "over_time": False}
     # Mean over 4 micro-batches (2 per rank): lm (1+3+2+4)/4, align (2+4+3+5)/4.

@@ -189,8 +189,7 @@ def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> st
     }
     dist_checkpointing.save(sharded, staging, content_metadata=OPTIMIZER_METADATA)
     dist.barrier()
-    record_checksums(staging)
-    dist.barrier()
+    record_checksums(staging)  # its gather is the barrier before rank 0 renames
     if dist.get_rank() == 0:
         replace_directory(staging, final)
         write_text(os.path.join(root, TRACKER), str(state.iteration))  # only now is this checkpoint the latest
@@ -332,13 +331,12 @@ def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> Tr
 
     if job.checkpoint.verify_checkpoint and not verify_checksums(directory) and dist.get_rank() == 0:
         logger.warning("%s records no checksums: loaded unverified", directory)
-    with reading(directory):
-        common = dist_checkpointing.load_common_state_dict(directory)
     model_sd = model.sharded_state_dict()
     # A checkpoint saved under another layer spec lacks (or has extra) `_extra_state` entries:
     # resume without them; every weight must still be there.
     with reading(directory):
-        present, lacking = split_by_presence(model_sd, directory)
+        common = dist_checkpointing.load_common_state_dict(directory)
+        _, lacking = split_by_presence(model_sd, directory)
     weights_lacking = [k for k in lacking if not k.endswith(EXTRA_STATE)]
     if weights_lacking:
         raise ConfigError(f"{directory} lacks model tensors: {', '.join(weights_lacking[:8])}"

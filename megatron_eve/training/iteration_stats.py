@@ -51,9 +51,9 @@ class IterationStats:
     reports NaN as it is).
     """
 
-    def __init__(self, device: torch.device, counts_losses: bool, counts_work: bool, group=None,
+    def __init__(self, device: torch.device, counts_losses: bool, counts_work: bool,
                  drop_nonfinite_losses: bool = True):
-        self.device, self.counts_losses, self.counts_work, self.group = device, counts_losses, counts_work, group
+        self.device, self.counts_losses, self.counts_work = device, counts_losses, counts_work
         self.total = torch.zeros(SIZE, dtype=torch.float64, device=device)
         self.iterations = 0
         # Which entries a finite / non-finite iteration adds to the interval (work always counts;
@@ -81,7 +81,7 @@ class IterationStats:
             if self.counts_losses:
                 vector[LOSS_SUMS] += stacked.sum(0).to(torch.float64)
         vector[NONFINITE] += bad
-        dist.all_reduce(vector, group=self.group)
+        dist.all_reduce(vector)  # the default group: every rank of the job
         nonfinite, sigterm_any, over_time_any = vector[:3].tolist()
         self.total += torch.where(self._keep[nonfinite == 0], vector, 0.0)  # inf * 0 would be NaN
         self.iterations += 1

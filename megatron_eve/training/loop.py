@@ -91,7 +91,6 @@ def _non_positive(job: TrainingJob) -> List[str]:
         "--micro-batch-size": s.micro_batch_size, "--global-batch-size": s.global_batch_size,
         "--seq-length": s.seq_length, "--log-interval": log.log_interval,
         "--packing-buffer-size": data.packing_buffer_size,
-        "--distributed-timeout-minutes": job.parallel.distributed_timeout_minutes,
         "--max-consecutive-nan-iterations": s.max_consecutive_nan_iterations,
     }
     optional = {"--save-interval": ck.save_interval, "--eval-interval": log.eval_interval,

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import ROOT, _environment
+from tests.helpers import ROOT, child_environment
 
 pytestmark = pytest.mark.gpu
 
@@ -20,9 +20,7 @@ def forward(tmp_path, teacher, name: str, cuda: bool, impl: str):
     out = tmp_path / f"{name}.pt"
     cmd = [sys.executable, str(ROOT / "tests" / "parallel" / "forward_worker.py"), "--weights",
            str(tmp_path / "weights"), "--teacher", teacher, "--out", str(out), "--transformer-impl", impl]
-    env = _environment(cuda)
-    env.pop("RANK", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_environment(cuda), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=True)
 
