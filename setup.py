@@ -26,6 +26,7 @@ setup(
         "transformers>=4.45",
         "safetensors",
         "tqdm",
+        "openpyxl",  # MMBench's upload file (.xlsx)
     ],
     extras_require={
         # Transformer Engine (fused kernels, THD packed attention) and flash-attn build against the

@@ -9,15 +9,33 @@ are never overwritten without the user saying so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-from typing import Callable, Iterable, Optional
+from typing import IO, Callable, Iterable, Iterator, Optional
 
 from megatron_eve.config import ConfigError
 
 ASIDE_SUFFIX = ".replaced"
+
+
+@contextlib.contextmanager
+def replacing(path: str, mode: str = "w") -> Iterator[IO]:
+    """A handle on a temporary file beside `path`, fsynced and renamed over `path` when the block
+    completes: an interrupted write leaves the previous file whole."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(temporary, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def write_text(path: str, text: str) -> None:
@@ -25,21 +43,16 @@ def write_text(path: str, text: str) -> None:
     write_lines(path, [text], newline="")
 
 
+def write_bytes(path: str, data: bytes) -> None:
+    with replacing(path, "wb") as handle:
+        handle.write(data)
+
+
 def write_lines(path: str, lines: Iterable[str], newline: str = "\n") -> None:
-    """Each line (plus `newline`) to a temporary file beside `path`, renamed over it when complete:
-    an interrupted run leaves the previous file whole."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            for line in lines:
-                handle.write(line + newline)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    """Each line (plus `newline`), replacing the file at `path` atomically."""
+    with replacing(path) as handle:
+        for line in lines:
+            handle.write(line + newline)
 
 
 def write_jsonl(path: str, rows: Iterable[dict]) -> None:

@@ -211,6 +211,34 @@ def model_config_from_dict(values: Dict) -> EVEModelConfig:
     )
 
 
+# Fields that only steer a run (resolution of this stage, whether / how strongly to align, where the
+# teacher lives, how weights were initialised): everything else decides the weights' shapes or values.
+RUN_OPTIONS = ("name", "language.init_method_std", "vision.image_size", "aligner.enabled",
+               "aligner.loss_weight", "aligner.teacher_path")
+
+
+ALIGNER_GEOMETRY = ("vision.teacher_image_size",)  # only shapes anything when the aligner runs
+
+
+def architecture(model: EVEModelConfig) -> Dict[str, object]:
+    """The architecture fields of a model config, flat ("language.hidden_size": 4096, ...); the
+    aligner's (and the teacher's) only when the aligner is enabled."""
+    flat = {}
+    for part in ("language", "vision", "aligner"):
+        for key, value in dataclasses.asdict(getattr(model, part)).items():
+            flat[f"{part}.{key}"] = value
+    flat["aligner.tap_interval"] = model.language.num_layers // 8 if model.aligner.tap_interval is None \
+        else model.aligner.tap_interval  # None means the default interval: compare what it means
+    return {key: value for key, value in flat.items() if key not in RUN_OPTIONS and (
+        model.aligner.enabled or not (key.startswith("aligner.") or key in ALIGNER_GEOMETRY))}
+
+
+def architecture_differences(ours: EVEModelConfig, recorded: EVEModelConfig) -> List[str]:
+    """"field: ours vs recorded" for each architecture field both configs state and differ on."""
+    a, b = architecture(ours), architecture(recorded)
+    return [f"{key}: {a[key]} vs {b[key]}" for key in a if key in b and a[key] != b[key]]
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
     """Megatron's rule: round up to a multiple of divisible_by * TP."""
     multiple = divisible_by * tensor_parallel_size

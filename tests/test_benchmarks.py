@@ -23,18 +23,22 @@ def test_bench_data_runs(tmp_path):
     assert re.search(r"KiB/image", out.stdout)
 
 
-def test_bench_train_runs_on_cpu():
+def test_bench_train_runs_on_cpu(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_train.py"), "--preset", "tiny", "--layers", "2",
          "--seq-length", "512", "--micro-batches", "2", "--steps", "2", "--warmup", "1", "--samples", "40",
-         "--baseline", "hf", "--hf-micro-batch-size", "4"],
+         "--baseline", "hf", "--hf-micro-batch-size", "4", "--profile", str(tmp_path)],
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     ours = re.search(r"megatron_eve \(packed, \d+ seq\)\s+(\d+) tokens/s/GPU\s+([\d.]+) TFLOP/s/GPU\s+MFU\s+n/a", out.stdout)
-    theirs = re.search(r"HF transformers \(padded\)\s+(\d+) tokens/s/GPU", out.stdout)
-    assert ours and theirs and int(ours.group(1)) > 0 and int(theirs.group(1)) > 0, out.stdout
-    assert re.search(r"speed-up over the HF baseline: [\d.]+x", out.stdout)
+    theirs = re.findall(r"HF transformers \(padded, (random|length-grouped)\)\s+(\d+) tokens/s/GPU", out.stdout)
+    assert ours and int(ours.group(1)) > 0, out.stdout
+    assert sorted(order for order, _ in theirs) == ["length-grouped", "random"], out.stdout
+    assert all(int(tokens) > 0 for _, tokens in theirs)
+    assert re.search(r"speed-up over the faster HF baseline: [\d.]+x", out.stdout)
+    profile = (tmp_path / "profile.txt").read_text()
+    assert profile.startswith("2 steps: wall") and "aten::" in profile
 
 
 def make_wheel(folder, name: str) -> str:
@@ -70,5 +74,5 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     assert summary["tests"]["passed"] >= 2 and summary["tests"]["failed"] == 0 and summary["tests"]["exit_code"] == 0
     assert summary["tokens_per_s_per_gpu"] > 0 and summary["speedup_vs_hf"] > 0
     assert summary["bench"]["figures"]["hf"]["real_tokens"] > 0
-    for name in ("gpu_tests.log", "gpu_tests.xml", "bench.log", "bench.json"):
+    for name in ("gpu_tests.log", "gpu_tests.xml", "bench.log", "bench.json", "profile.txt"):
         assert (out / name).stat().st_size > 0

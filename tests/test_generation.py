@@ -52,6 +52,46 @@ def test_tensor_and_pipeline_parallel_generate_the_same_tokens(generations):
     assert generations["pp2"]["cached"] == generations["tp1"]["cached"]
 
 
+def test_bf16_generation_follows_fp32(generations):
+    run = generations["tp1"]
+    assert run["bf16_dtype"] == "torch.bfloat16"
+    assert run["bf16_logits_rel_error"] < 3e-2  # bf16 rounding of a random tiny model (fp32 = 0)
+    for name in ("tp1", "tp2", "pp2"):
+        texts = generations[name]["bf16_texts"]
+        assert len(texts) == 4 and not any(t.startswith("the prompt") for t in texts)
+
+
+@pytest.fixture(scope="module")
+def export(model, tmp_path_factory):
+    """The converted checkpoint exported back to an HF folder (fp32)."""
+    folder = tmp_path_factory.mktemp("export") / "hf"
+    out = subprocess.run([sys.executable, str(ROOT / "checkpoint_conversion" / "megatron_to_hf.py"), "--megatron",
+                          model["load"], "--out", folder, "--dtype", "float32", "--tokenizer-model", model["tokenizer"],
+                          "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return folder
+
+
+def test_hf_backend_answers_a_batch_as_one_by_one(model, export):
+    """Left-padded together (images of different sizes, a text-only prompt, a bad image among
+    them), the HF export answers each request as it does alone."""
+    from megatron_eve.inference.backends import HFBackend, Request
+    from megatron_eve.inference.generate import PromptError, Sampling, chat_prompt
+
+    backend = HFBackend(str(export))
+    requests = [Request(chat_prompt("What is in the picture?", True), [model["images"][0]]),
+                Request(chat_prompt("Describe the shape and its colour in detail, please.", True), [model["images"][1]]),
+                Request(chat_prompt("What is two plus three?", False)),
+                Request(chat_prompt("Where is it?", True), [str(model["root"] / "nowhere.png")]),
+                Request(chat_prompt("Where is it?", True), [model["images"][2]])]
+    sampling = Sampling(max_new_tokens=6)
+    together = backend.answer(requests, sampling)
+    alone = [backend.answer([r], sampling)[0] for r in requests]
+    assert isinstance(together[3], PromptError) and "nowhere.png does not exist" in str(together[3])
+    assert [str(t) for t in together] == [str(a) for a in alone]
+    assert all(isinstance(t, str) and t for i, t in enumerate(together) if i != 3)
+
+
 def test_answer_file_with_bad_questions(model, tmp_path):
     """Missing and damaged images, an over-long prompt, a line that is not JSON and a question
     without text each cost that question only; the file replaces an older one whole."""
@@ -159,13 +199,8 @@ def test_choice_letters():
     assert multiple_choice_accuracy(["A", "B.", "(C)"], ["A", "C", "C"], lenient=True) == pytest.approx(2 / 3)
 
 
-def test_generate_cli_megatron_and_hf_export_agree(model, tmp_path):
+def test_generate_cli_megatron_and_hf_export_agree(model, export, tmp_path):
     """tools/generate.py answers from the megatron checkpoint and from its HF export alike."""
-    export = tmp_path / "export"
-    out = subprocess.run([sys.executable, str(ROOT / "checkpoint_conversion" / "megatron_to_hf.py"), "--megatron",
-                          model["load"], "--out", export, "--dtype", "float32", "--tokenizer-model", model["tokenizer"],
-                          "--no-progress"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
     answers = {}
     for name, source in (("megatron", ["--load", model["load"], "--tokenizer-model", model["tokenizer"]]),
                          ("hf", ["--hf", export])):

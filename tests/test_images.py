@@ -101,3 +101,18 @@ def test_square_images_are_unpadded():
 def test_degenerate_image_rejected():
     with pytest.raises(ValueError, match="no pixels"):
         teacher_layout(0, 10, VisionConfig())
+
+
+def test_teacher_patch_index_planned_on_the_host_equals_the_masks():
+    """The valid teacher patches found from the crop sizes alone are those whose mask average is
+    positive (the device-side rule), for crops of whole patches, partial patches and full sides."""
+    from megatron_eve.data.images import compose_squares, square_patch_index
+
+    sizes = [(28, 112), (112, 56), (30, 45), (112, 112), (14, 13), (100, 1)]
+    crops = [torch.zeros(3, h, w, dtype=torch.uint8) for h, w in sizes]
+    squares = compose_squares(crops, 112, 14, "cpu")
+    valid = torch.nn.functional.avg_pool2d(squares[:, 3:], kernel_size=14) > 0
+    expected = torch.nonzero(valid.flatten()).flatten()
+    planned = square_patch_index(sizes, 112, 14, 14)
+    assert torch.equal(planned, expected)
+    assert planned[:8].tolist() == [24, 25, 26, 27, 28, 29, 30, 31]  # 2 x 8 patches from row 3 (top 42 px)

@@ -35,3 +35,24 @@ def test_one_collective_per_iteration_agrees_on_every_rank():
     assert r["tp_interval"] == {"losses": {"lm loss": 2.0, "align loss": 0.5}, "real_tokens": 10}
     assert math.isnan(r["eval_nan"])
     assert r["collectives"] == 5 and r["collective_devices"] == ["cpu"]
+
+
+def test_flops_of_a_micro_batch_count_frozen_matmuls_twice_and_the_pel_global_keys():
+    """Prealign's frozen LLM costs forward + input gradient (2x its forward, not 3x); the PEL's
+    CLS attention projects every merged token to a key and a value."""
+    from megatron_eve.model.size import parameter_counts
+    from megatron_eve.training.metrics import micro_batch_work
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config()  # hidden 128, 8 layers, vocab 1024; PEL width 64, patch 14
+    image = {"sample_lengths": torch.tensor([10, 6]), "image_grid_hw": torch.tensor([[2, 3]]),
+             "tokens": torch.zeros(1, 16), "num_samples": torch.tensor(2)}
+    text = {**image, "image_grid_hw": torch.zeros(0, 2, dtype=torch.long)}
+    trained = micro_batch_work(image, cfg, align=False).flops
+    frozen = micro_batch_work(image, cfg, align=False, llm_trains=False).flops
+    matmul_weights = parameter_counts(cfg)["decoder"] - 8 * 2 * 128 - 128
+    assert trained - frozen == 2.0 * 16 * (matmul_weights + 128 * 1024)
+    # 6 merged tokens (2 x 3), 1 + 2 x (3 + 1) = 9 visual tokens, one image.
+    pel = 6 * (4 * 2 * 3 * 14**2 * 64 + 2 * 64**2 + 16 * 64**2 + 2 * 64**2 + 4 * 64**2) + 4 * 64**2
+    projector = 9 * 2 * (64 * 128 + 128 * 128)
+    assert trained - micro_batch_work(text, cfg, align=False).flops == 3.0 * (pel + projector)

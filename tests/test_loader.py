@@ -1,12 +1,13 @@
 """Collation and model inputs: masks for packed rows, THD boundaries, stage-dependent reads."""
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_eve.config import VisionConfig
 from megatron_eve.data.dataset import assemble_sequence
-from megatron_eve.data.loader import collate, model_inputs
-from megatron_eve.model.visual_layout import IGNORE_INDEX
+from megatron_eve.data.loader import BatchPlan, LoaderConfig, build_loader, collate, model_inputs
+from megatron_eve.model.visual_layout import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VisualLayout, VisualLayoutError
 
 VISION = VisionConfig(image_size=224, teacher_image_size=112)
 
@@ -49,11 +50,56 @@ def test_thd_boundaries_over_flattened_rows():
     assert params.max_seqlen_q == 4 and inputs["input_ids"].shape == (1, 12)
 
 
+def image_sample(grid=(2, 4), text=4):
+    """A sample whose placeholder run fits its grid (1 + h(w + 1) positions), with its crops."""
+    h, w = grid
+    tokens = np.concatenate([[1, 2], np.full(1 + h * (w + 1), IMAGE_TOKEN_INDEX), np.arange(10, 10 + text)])
+    crop = np.full((h * 28, w * 28, 3), 200, dtype=np.uint8)
+    teacher = np.full((h * 14, w * 28, 3), 200, dtype=np.uint8)
+    return {"tokens": tokens.astype(np.int32), "labels": tokens.astype(np.int32), "images": [crop],
+            "teacher_images": [teacher], "image_grids": [grid]}
+
+
+def assert_same_layout(a: VisualLayout, b: VisualLayout):
+    for name in ("positions", "cell_positions", "cell_index", "cell_image", "grid_hw"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (a.num_cells, a.num_images, a.pool) == (b.num_cells, b.num_images, b.pool)
+
+
+def test_loader_workers_plan_the_batch_the_model_reads():
+    """The index plan (THD boundaries, visual layout) is made in the workers from host tensors and
+    equals what the model would build from the same micro-batch on its device."""
+    rows = [assemble_sequence([image_sample((2, 4)), sample(3)], pad_to=40),
+            assemble_sequence([sample(5), image_sample((1, 2), 2)], pad_to=40)]
+    plan = BatchPlan.of(VISION, thd=True)
+    loader = build_loader(rows, LoaderConfig(micro_batch_size=2, num_workers=1, plan=plan))
+    planned = next(iter(loader))
+    assert planned["plan"] == plan and planned["max_seqlen"] == 27
+    assert planned["cu_seqlens"].tolist() == [0, 17, 20, 40, 45, 53, 80]
+    flat = planned["tokens"].view(1, -1)
+    assert_same_layout(planned["visual_layout"], VisualLayout.build(flat, planned["image_grid_hw"], VISION.align_pool))
+    assert planned["visual_layout"].positions.numel() == 11 + 4
+
+    inputs = model_inputs(planned, VISION, "cpu", thd=True)
+    assert_same_layout(inputs["visual_layout"], planned["visual_layout"])
+    masks = torch.nn.functional.avg_pool2d(inputs["teacher_images"][:, 3:], kernel_size=VISION.patch_size) > 0
+    assert torch.equal(inputs["teacher_patches"], torch.nonzero(masks.flatten()).flatten())
+    assert inputs["packed_seq_params"].cu_seqlens_q.tolist() == planned["cu_seqlens"].tolist()
+    # Planned for THD, read as [b, s]: the plan is made again for that layout.
+    rows_first = model_inputs(planned, VISION, "cpu", thd=False)["visual_layout"]
+    assert_same_layout(rows_first, VisualLayout.build(planned["tokens"], planned["image_grid_hw"], VISION.align_pool))
+    text_only = model_inputs(collate([assemble_sequence([sample(4)], None)]), VISION, "cpu")
+    assert text_only["visual_layout"].positions.numel() == 0 and text_only["visual_layout"].num_images == 0
+
+
+def test_a_run_that_does_not_fit_its_grid_fails_in_the_plan():
+    row = assemble_sequence([{**sample(4), "image_grids": [(2, 4)]}], None)
+    with pytest.raises(VisualLayoutError, match="0 image-token positions but its 1 images need 11"):
+        collate([row], plan=BatchPlan.of(VISION, thd=False))
+
+
 def test_images_become_crops_and_teacher_squares():
-    crop = np.full((56, 112, 3), 200, dtype=np.uint8)
-    teacher = np.full((28, 112, 3), 200, dtype=np.uint8)
-    row = assemble_sequence([{**sample(4), "images": [crop], "teacher_images": [teacher],
-                              "image_grids": [(2, 4)]}], None)
+    row = assemble_sequence([image_sample((2, 4))], None)
     inputs = model_inputs(collate([row]), VISION, "cpu")
     assert inputs["images"][0].shape == (3, 56, 112) and inputs["image_grid_hw"].tolist() == [[2, 4]]
     squares = inputs["teacher_images"]

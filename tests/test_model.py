@@ -106,4 +106,6 @@ def test_torch_attention_kernels_match_local_attention(checks):
     assert checks["torch_attention_core"].startswith("TorchAttention")
     assert checks["torch_attention_mask_diff"] <= 1e-4
     assert checks["torch_attention_thd_diff"] <= 1e-4
+    # RoPE over the packed row's flat positions (torch impl) = megatron-core's per-sample THD RoPE.
+    assert checks["torch_attention_flat_rotary"] and checks["torch_attention_flat_rope_diff"] <= 1e-5
     assert checks["torch_attention_thd_rows"][0] == 1  # two packed rows flattened into one THD row

@@ -2,6 +2,7 @@
 resume at another layout, SIGTERM, TensorBoard scalars, frozen LLM in prealign, config errors."""
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from megatron_eve.config import ConfigError
 from megatron_eve.training.arguments import parse_args
@@ -27,7 +29,8 @@ def checkpoint_diff(a, b):
 def test_three_stages(data, tmp_path):
     """prealign (TP=2) → pretrain (PP=2, from prealign) → finetune (TP=2 + SP, from pretrain)."""
     pre, out = train(base_args(data) + ["--tensor-model-parallel-size", 2, "--train-iters", 4, "--save",
-                                        tmp_path / "pre", "--save-interval", 2, "--tensorboard-dir", tmp_path / "tb"])
+                                        tmp_path / "pre", "--save-interval", 2, "--tensorboard-dir", tmp_path / "tb",
+                                        "--vision-lr", "5e-4"])
     assert sorted(pre) == [1, 2, 3, 4]
     assert pre[4][1] < pre[1][1]  # the aligner learns
     # Prealign trains the PEL, projector and aligner; the language model stays bit-identical.
@@ -55,14 +58,29 @@ def test_three_stages(data, tmp_path):
     # TensorBoard holds the console's figures under Megatron's names.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "tb"))
+    from tensorboard.compat.proto import types_pb2
+    from tensorboard.util import tensor_util
+
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
     events.Reload()
-    tags = set(events.Tags()["scalars"])
+    tags = set(events.Tags()["tensors"])
     for tag in ("lm loss", "align loss", "lm loss vs samples", "learning-rate", "grad-norm", "throughput",
                 "tokens-per-sec-per-gpu", "packing-efficiency", "iteration-time", "mem-rss-bytes"):
         assert tag in tags, (tag, sorted(tags))
-    assert [e.step for e in events.Scalars("lm loss")] == [1, 2, 3, 4]
-    assert abs(events.Scalars("lm loss")[0].value - pre[1][0]) < 1e-5
+
+    def scalars(tag):
+        return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+
+    assert [step for step, _ in scalars("lm loss")] == [1, 2, 3, 4]
+    assert abs(scalars("lm loss")[0][1] - pre[1][0]) < 1e-5
+    # Grad norms as doubles; the console prints them with 7 significant digits.
+    assert events.Tensors("grad-norm")[0].tensor_proto.dtype == types_pb2.DT_DOUBLE
+    assert abs(scalars("grad-norm")[0][1] - pre[1][2]) <= 1e-6 * pre[1][2]
+    # Prealign trains only what --vision-lr steers: that is the learning rate reported.
+    assert "vision-learning-rate" not in tags
+    rates = [lr for _, lr in scalars("learning-rate")]
+    # Cosine over 4 iterations from --vision-lr 5e-4 (the base --lr 1e-3 would give 8.54e-4 first).
+    assert abs(rates[0] - 5e-4 * 0.5 * (1 + math.cos(math.pi / 4))) < 1e-9 and max(rates) <= 5e-4
 
 
 def test_kill_and_resume_gives_the_same_losses(data, tmp_path):
@@ -212,3 +230,38 @@ def test_verify_checkpoint_refuses_a_damaged_file(data, tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out[-4000:]  # torchrun reports the worker's exit 2 as 1
     assert f"error: {directory} is damaged: {shard.name} does not match its checksum" in out
+
+
+def test_use_checkpoint_args_trains_a_converted_release_of_another_geometry(data, tmp_path):
+    """A release whose PEL width, aligner width and tap interval match no preset: converted, it
+    trains with --use-checkpoint-args; without it the preset's architecture is refused by name."""
+    from tests.helpers import save_tiny_teacher, tiny_config
+    from tests.hf_fixtures import release_like_eve
+
+    model = tiny_config(changes={"vision.hidden_size": 48, "aligner.hidden_size": 32, "aligner.tap_interval": 2})
+    release_like_eve(str(tmp_path / "release"), model, dtype=torch.float32)
+    config = json.loads((tmp_path / "release" / "config.json").read_text())
+    config["image_size_clip"] = 112  # the tiny teacher's square (the release's default is 336)
+    (tmp_path / "release" / "config.json").write_text(json.dumps(config))
+    out = subprocess.run([sys.executable, str(ROOT / "checkpoint_conversion" / "hf_to_megatron.py"), "--hf",
+                          tmp_path / "release", "--out", tmp_path / "converted"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    args = base_args(data, "pretrain") + ["--train-iters", 2, "--pretrained-checkpoint", tmp_path / "converted",
+                                          "--save", tmp_path / "run"]
+    args[args.index("--vision-teacher-path") + 1] = save_tiny_teacher(str(tmp_path / "teacher"), model)
+
+    refused = launch(args)
+    text, _ = refused.communicate(timeout=300)
+    assert refused.returncode != 0, text[-3000:]  # the ranks exit 2; torchrun reports 1
+    assert "holds a different architecture (this run vs the checkpoint)" in text, text[-4000:]
+    assert "vision.hidden_size: 64 vs 48" in text and "aligner.hidden_size: 64 vs 32" in text
+    assert "aligner.tap_interval: 1 vs 2" in text and "--use-checkpoint-args" in text
+
+    trained, _ = train(args + ["--use-checkpoint-args"])
+    assert sorted(trained) == [1, 2] and all(math.isfinite(v) for row in trained.values() for v in row)
+    assert trained[1][1] > 0  # the aligner ran, with the recorded width and taps
+
+    with pytest.raises(ConfigError, match=r"--vision-hidden-size 64 \(the checkpoint: 48\)"):
+        parse_args([str(a) for a in args] + ["--use-checkpoint-args", "--vision-hidden-size", "64"])
+    job = parse_args([str(a) for a in args] + ["--use-checkpoint-args", "--aligner-tap-interval", "2"])
+    assert (job.model.vision.hidden_size, job.model.aligner.hidden_size, job.model.aligner.tap_interval) == (48, 32, 2)

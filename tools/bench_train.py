@@ -5,11 +5,14 @@ ours:      EVE on megatron-core (this repo's layer spec: Transformer Engine, or 
            attention kernels, or the local path), packed sequences, bf16, megatron-core DDP and
            Adam, one GPU.
 --baseline hf: the same model in Hugging Face transformers (modeling_eve: LlamaForCausalLM with
-           SDPA) on pad-to-longest micro-batches of the same samples, torch AdamW — the EVE
-           reference's stack without DeepSpeed.
+           SDPA) on pad-to-longest micro-batches of the same samples, in random order and
+           length-grouped (HF's group_by_length, as LLaVA's SFT samples), pure bf16 with torch's fused
+           AdamW — the EVE reference's stack without DeepSpeed (and without the fp32 master weights
+           that ours and DeepSpeed's bf16 keep: the baseline's optimizer step is the cheaper one).
+           Its batches are built on the device before timing, as ours are.
 
 Both are timed on real (non-padding) tokens; TFLOP/s and MFU count the model FLOPs of real tokens
-only, the peak looked up from the device name (H100 / H200: 989 dense bf16). The aligner is off
+only, each side's from its own samples, the peak looked up from the device name (H100 / H200: 989 dense bf16). The aligner is off
 in both (it needs the 304M CLIP teacher; pass --aligner to time ours with a random teacher).
 
   python tools/bench_train.py --layers 4 --seq-length 4096 --steps 10 --baseline hf      # GPU
@@ -102,30 +105,90 @@ def run_ours(args, model_cfg, samples, job_runtime):
     batches = [(model_inputs(r, model_cfg.vision, device, dtype=job_runtime.params_dtype, thd=thd), r) for r in rows]
     fb = get_forward_backward_func()
     step = lambda it, m: forward_step(1.0 if args.aligner else 0.0, it, m)  # noqa: E731
-    work, seconds, cursor = BatchWork(), 0.0, 0
-    for iteration in range(args.warmup + args.steps):
+    cursor = 0
+
+    def train_step():
+        nonlocal cursor
         chunk = [batches[(cursor + i) % len(batches)] for i in range(args.micro_batches)]
         cursor += args.micro_batches
-        sync()
-        start = time.time()
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         fb(forward_step_func=step, data_iterator=iter([b for b, _ in chunk]), model=[ddp],
            num_microbatches=len(chunk), seq_length=args.seq_length, micro_batch_size=1, forward_only=False)
         optimizer.step()
+        return chunk
+
+    work, seconds = BatchWork(), 0.0
+    for iteration in range(args.warmup + args.steps):
+        sync()
+        start = time.time()
+        chunk = train_step()
         sync()
         if iteration >= args.warmup:
             seconds += time.time() - start
             for _, raw in chunk:
                 work.add(micro_batch_work(raw, model_cfg, args.aligner))
-    return work, seconds, peak_memory(), len(plan)
+    memory = peak_memory()
+    if args.profile:
+        profile_ours(args, train_step, args.profile)
+    return work, seconds, memory, len(plan)
 
 
-def run_hf(args, model_cfg, samples):
-    from megatron_eve.checkpoint.hf_eve import hf_config
+def hf_order(samples, batch_size, grouped, rng):
+    """Micro-batches of sample indices: random order, or length-grouped as HF Trainer's
+    `group_by_length` / LLaVA's `group_by_modality_length` build them (modalities apart, megabatches of
+    50 micro-batches sorted by length, longest first, megabatches shuffled)."""
+    order = rng.permutation(len(samples))
+    if not grouped:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = []
+    for with_image in (True, False):
+        members = [i for i in order if (samples[i]["image"] is not None) == with_image]
+        mega = 50 * batch_size
+        for i in range(0, len(members), mega):
+            chunk = sorted(members[i : i + mega], key=lambda k: -len(samples[k]["tokens"]))
+            batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def hf_micro_batch(members, model_cfg, device, dtype):
+    """One padded HF micro-batch, on the device, and its work counted from its own samples."""
     from megatron_eve.data.images import compose_squares
-    from megatron_eve.hf.modeling_eve import EVEConfig, EVELlamaForCausalLM
     from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
+    from megatron_eve.training.metrics import micro_batch_work
+
+    vision = model_cfg.vision
+    ids, label_rows, images, grids, runs = [], [], [], [], []
+    for s in members:
+        tokens, labels = s["tokens"].tolist(), s["labels"].tolist()
+        run = tokens.count(IMAGE_TOKEN_INDEX)
+        if s["image"] is not None:  # collapse the run back to one placeholder, as HF EVE takes it
+            first = tokens.index(IMAGE_TOKEN_INDEX)
+            tokens = tokens[:first + 1] + tokens[first + run:]
+            images.append(torch.from_numpy(s["image"]).permute(2, 0, 1))
+            grids.append(s["grid"])
+        ids.append(tokens)
+        label_rows.append(labels)
+        runs.append(max(run - 1, 0))
+    longest = max(map(len, ids))
+    width = longest + max(runs)  # HF EVE pads each row to `longest` before it expands the placeholder
+    batch = {
+        "ids": torch.tensor([t + [0] * (longest - len(t)) for t in ids], device=device),
+        "pixels": compose_squares(images, vision.image_size, vision.patch_size * 2, device, dtype) if images else None,
+        "labels": torch.tensor([row + [-100] * (width - len(row)) for row in label_rows], device=device),
+    }
+    counted = {"sample_lengths": torch.tensor([len(s["tokens"]) for s in members]),
+               "image_grid_hw": torch.tensor(grids, dtype=torch.long).view(-1, 2),
+               "tokens": torch.empty(len(members), width), "num_samples": len(members)}
+    return batch, micro_batch_work(counted, model_cfg, align=False)
+
+
+def run_hf(args, model_cfg, samples, grouped):
+    """The reference's stack: HF EVE in pure bf16 with torch's fused AdamW (no fp32 master weights:
+    cheaper per step than ours, which keeps fp32 main parameters and gradients). Its batches are
+    built on the device before timing, as ours are; its FLOPs are counted from its own samples."""
+    from megatron_eve.checkpoint.hf_eve import hf_config
+    from megatron_eve.hf.modeling_eve import EVEConfig, EVELlamaForCausalLM
     from megatron_eve.platform import current_device
     from megatron_eve.training.metrics import BatchWork
 
@@ -135,53 +198,78 @@ def run_hf(args, model_cfg, samples):
     config.pop("auto_map")
     config["requires_cliploss"] = False
     config["attn_implementation"] = "sdpa"
+    torch.manual_seed(0)
     model = EVELlamaForCausalLM(EVEConfig(**config)).to(device=device, dtype=dtype).train()
     model.gradient_checkpointing_enable() if args.hf_gradient_checkpointing else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=torch.cuda.is_available())
-    vision = model_cfg.vision
-    order = np.random.default_rng(0).permutation(len(samples))
-    batches = [order[i : i + args.hf_micro_batch_size] for i in range(0, len(order), args.hf_micro_batch_size)]
-    work, seconds, cursor, real_total = BatchWork(), 0.0, 0, 0
+    order = hf_order(samples, args.hf_micro_batch_size, grouped, np.random.default_rng(0))
+    batches = [hf_micro_batch([samples[i] for i in members], model_cfg, device, dtype) for members in order]
+    work, seconds, cursor = BatchWork(), 0.0, 0
     tokens_per_step = args._ours_tokens_per_step
     for iteration in range(args.warmup + args.steps):
         sync()
         start = time.time()
         optimizer.zero_grad(set_to_none=True)
-        real = 0
+        step_work = BatchWork()
         # As many micro-batches as it takes to process the tokens one of our steps processes.
-        while True:
-            members = [samples[i] for i in batches[cursor % len(batches)]]
+        while step_work.real_tokens < tokens_per_step:
+            batch, counted = batches[cursor % len(batches)]
             cursor += 1
-            ids, label_rows, images = [], [], []
-            for s in members:
-                tokens, labels = s["tokens"].tolist(), s["labels"].tolist()
-                if s["image"] is not None:  # collapse the run back to one placeholder, as HF EVE takes it
-                    first = tokens.index(IMAGE_TOKEN_INDEX)
-                    run = tokens.count(IMAGE_TOKEN_INDEX)
-                    tokens = tokens[:first + 1] + tokens[first + run:]
-                    images.append(torch.from_numpy(s["image"]).permute(2, 0, 1))
-                ids.append(tokens)
-                label_rows.append(labels)
-            longest = max(map(len, ids))
-            ids = torch.tensor([t + [0] * (longest - len(t)) for t in ids], device=device)
-            pixels = compose_squares(images, vision.image_size, vision.patch_size * 2, device, dtype) if images else None
-            embeds, mask = model.embed_with_images(ids, pixels) if pixels is not None else (
-                model.get_input_embeddings()(ids.clamp(min=0)), (ids != 0).long())
-            width = embeds.shape[1]
-            labels = torch.tensor([row + [-100] * (width - len(row)) for row in label_rows], device=device)
-            loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            real += sum(len(s["tokens"]) for s in members)
-            if real >= tokens_per_step:
-                break
+            if batch["pixels"] is not None:
+                embeds, mask = model.embed_with_images(batch["ids"], batch["pixels"])
+            else:
+                embeds, mask = model.get_input_embeddings()(batch["ids"]), (batch["ids"] != 0).long()
+            model(inputs_embeds=embeds, attention_mask=mask, labels=batch["labels"]).loss.backward()
+            step_work.add(counted)
         optimizer.step()
         sync()
         if iteration >= args.warmup:
             seconds += time.time() - start
-            real_total += real
-    flops_per_token = args._ours_flops_per_token
-    work.real_tokens, work.flops = real_total, flops_per_token * real_total
+            work.add(step_work)
+    del model, optimizer, batches
     return work, seconds, peak_memory()
+
+
+def profile_ours(args, step_fn, folder):
+    """Profiles two more of our steps: the kernels and host ops that cost most, the share of the
+    wall time the GPU spends in kernels, and every host synchronisation inside a step (by source
+    line; CUDA only)."""
+    import collections
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(folder, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    step_fn()
+    sync()
+    start = time.time()
+    with profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(2):
+            step_fn()
+        sync()
+    wall = time.time() - start
+    averages = prof.key_averages()
+    # Kernels only (the ops that launch them report the same device time again).
+    kernel_us = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
+    lines = [f"2 steps: wall {wall * 1e3:.1f} ms, GPU kernel time {kernel_us / 1e3:.1f} ms "
+             f"({100 * kernel_us / 1e6 / max(wall, 1e-9):.1f}% busy)"]
+    syncs = collections.Counter()
+    if torch.cuda.is_available():
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step_fn()
+            sync()
+        torch.cuda.set_sync_debug_mode("default")
+        syncs.update(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+        lines.append(f"host synchronisations in one step: {sum(syncs.values())}")
+        lines += [f"  {count:5d}  {where}" for where, count in syncs.most_common(25)]
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    lines += ["", averages.table(sort_by=sort, row_limit=30, max_name_column_width=70),
+              "", averages.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)]
+    Path(folder, "profile.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:2 + min(len(syncs), 25)]))
 
 
 def main():
@@ -204,6 +292,12 @@ def main():
     parser.add_argument("--baseline", choices=("none", "hf"), default="none")
     parser.add_argument("--hf-micro-batch-size", type=int, default=4)
     parser.add_argument("--hf-gradient-checkpointing", action="store_true")
+    parser.add_argument("--hf-order", choices=("random", "length-grouped", "both"), default="both",
+                        help="the HF baseline's sampling: random, length-grouped (HF's group_by_length, as "
+                             "LLaVA's SFT uses), or both (the speed-up is then against the faster)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after timing, profile two of our steps into DIR/profile.txt (top kernels, "
+                             "host ops, GPU busy share, host synchronisations per step)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
@@ -248,7 +342,7 @@ def main():
         tokens = work.real_tokens / max(seconds, 1e-9)
         tflops = work.flops / max(seconds, 1e-9) / 1e12
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
-        print(f"  {name:28s} {tokens:10.0f} tokens/s/GPU  {tflops:7.2f} TFLOP/s/GPU  MFU {mfu:>6s}  "
+        print(f"  {name:42s} {tokens:10.0f} tokens/s/GPU  {tflops:7.2f} TFLOP/s/GPU  MFU {mfu:>6s}  "
               f"peak memory {memory:6.1f} GiB")
         figures[key] = {"tokens_per_s_per_gpu": tokens, "tflops_per_gpu": tflops,
                         "mfu": tflops / peak if peak else None, "peak_memory_gib": memory,
@@ -258,14 +352,18 @@ def main():
     work, seconds, memory, sequences = run_ours(args, model_cfg, samples, runtime)
     ours = report("ours", f"megatron_eve (packed, {sequences} seq)", work, seconds, memory)
     if args.baseline == "hf":
-        args._ours_flops_per_token = work.flops / max(work.real_tokens, 1)
         args._ours_tokens_per_step = work.real_tokens / args.steps
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        work, seconds, memory = run_hf(args, model_cfg, samples)
-        theirs = report("hf", "HF transformers (padded)", work, seconds, memory)
-        figures["speedup"] = ours / max(theirs, 1e-9)
-        print(f"  speed-up over the HF baseline: {figures['speedup']:.2f}x tokens/s")
+        orders = ("random", "length-grouped") if args.hf_order == "both" else (args.hf_order,)
+        best = 0.0
+        for order in orders:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            hf_work, hf_seconds, hf_memory = run_hf(args, model_cfg, samples, order == "length-grouped")
+            key = "hf" if order == "random" else "hf_length_grouped"
+            best = max(best, report(key, f"HF transformers (padded, {order})", hf_work, hf_seconds, hf_memory))
+        figures["speedup"] = ours / max(best, 1e-9)
+        print(f"  speed-up over the faster HF baseline: {figures['speedup']:.2f}x tokens/s")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
     distributed.destroy()

@@ -29,6 +29,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--no-kv-cache", action="store_true")
+    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations (default fp32)")
+    g.add_argument("--transformer-impl", choices=("auto", "transformer_engine", "torch", "local"), default="auto",
+                   help="with --load: the layer spec (auto: Transformer Engine, else torch's kernels on CUDA, "
+                        "else local)")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

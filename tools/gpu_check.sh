@@ -4,7 +4,7 @@
 # 1. installs the wheels in WHEEL_DIR whose packages are missing here (megatron-core at least),
 #    into a private folder put first on PYTHONPATH: nothing already installed is replaced;
 # 2. runs the GPU test tier (pytest -m gpu tests/gpu) and tools/bench_train.py with its HF baseline;
-# 3. writes into OUT_DIR: env.txt, gpu_tests.log, gpu_tests.xml, bench.log, bench.json and
+# 3. writes into OUT_DIR: env.txt, gpu_tests.log, gpu_tests.xml, bench.log, bench.json, profile.txt and
 #    summary.json (tests passed / failed, tokens/s, TFLOP/s, MFU, peak memory, speed-up).
 # Each step has a time limit so that the whole check ends within about 8 minutes on one H100.
 # Overrides: TIER_TIMEOUT, BENCH_TIMEOUT (seconds), TIER_ARGS (extra pytest args), BENCH_ARGS.
@@ -43,7 +43,7 @@ cat "$OUT/env.txt"
 
 tier_start=$(date +%s)
 # shellcheck disable=SC2086
-timeout "${TIER_TIMEOUT:-300}" "$PYTHON" -m pytest -m gpu tests/gpu -v -rA -p no:cacheprovider \
+timeout "${TIER_TIMEOUT:-300}" "$PYTHON" -m pytest -m gpu tests/gpu -v -rfEs -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests.xml" ${TIER_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log"
 tier_rc=${PIPESTATUS[0]}
 tier_seconds=$(( $(date +%s) - tier_start ))
@@ -51,7 +51,7 @@ tier_seconds=$(( $(date +%s) - tier_start ))
 bench_start=$(date +%s)
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT:-180}" "$PYTHON" tools/bench_train.py \
-  ${BENCH_ARGS:---layers 4 --seq-length 4096 --steps 10 --baseline hf} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  ${BENCH_ARGS:---layers 4 --seq-length 4096 --steps 10 --baseline hf} --json "$OUT/bench.json" --profile "$OUT" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 bench_seconds=$(( $(date +%s) - bench_start ))
 

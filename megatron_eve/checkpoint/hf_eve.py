@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
 from megatron_eve.checkpoint.dcp_writer import GlobalTensor, layer_chunks
-from megatron_eve.checkpoint.llama_layout import fuse_qkv, split_qkv
+from megatron_eve.checkpoint.llama_layout import LAYER_RULES, OUTER_KEYS, hf_layer_shapes, pad_vocab
 from megatron_eve.config import (
     AlignerConfig,
     ConfigError,
@@ -214,27 +214,16 @@ def model_config(config: Dict, weights: Optional[HFWeights] = None, image_size: 
 
 
 # ------------------------------------------------------------------------------ HF → megatron
-def _layer_key_map(lm: LanguageModelConfig) -> Dict[str, Tuple[Tuple[str, ...], Callable]]:
-    """megatron stacked key → (HF per-layer suffixes, combine(*tensors))."""
-    return {
-        "decoder.layers.self_attention.linear_qkv.weight": (
-            ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-            lambda q, k, v: fuse_qkv(q, k, v, lm)),
-        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (("input_layernorm.weight",), lambda w: w),
-        "decoder.layers.self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), lambda w: w),
-        "decoder.layers.mlp.linear_fc1.layer_norm_weight": (("post_attention_layernorm.weight",), lambda w: w),
-        "decoder.layers.mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-                                                 lambda g, u: torch.cat([g, u])),
-        "decoder.layers.mlp.linear_fc2.weight": (("mlp.down_proj.weight",), lambda w: w),
-    }
+# Module prefixes outside the decoder: megatron ↔ HF (same sub-names below them).
+VISION_PREFIXES = (("vision_model.", "model.vision_tower."), ("vision_projection.", "model.mm_projector."),
+                   ("aligner.", "model.vision_tower_compressor."))
 
 
-def _plain_key_map(hf: HFWeights) -> Dict[str, str]:
-    """megatron key → HF key for the non-decoder tensors present in the folder."""
-    out = {"decoder.final_layernorm.weight": "model.norm.weight"}
+def _vision_key_map(hf: HFWeights) -> Dict[str, str]:
+    """megatron key → HF key for the vision tensors present in the folder."""
+    out = {}
     for key in hf.keys():
-        for src, dst in (("model.vision_tower.", "vision_model."), ("model.mm_projector.", "vision_projection."),
-                         ("model.vision_tower_compressor.", "aligner.")):
+        for dst, src in VISION_PREFIXES:
             if key.startswith(src) and not key.startswith(SKIPPED_PREFIXES):
                 out[dst + key[len(src):]] = key
     return out
@@ -242,11 +231,10 @@ def _plain_key_map(hf: HFWeights) -> Dict[str, str]:
 
 def check_keys(hf: HFWeights, lm: LanguageModelConfig, need_vision: bool) -> None:
     """Every HF tensor is either used or knowingly skipped, and every needed one is there."""
-    expected = {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+    expected = {hf_key for _, hf_key, _ in OUTER_KEYS}
     for i in range(lm.num_layers):
-        for suffixes, _ in _layer_key_map(lm).values():
-            expected.update(f"model.layers.{i}.{s}" for s in suffixes)
-    known_prefixes = ("model.vision_tower.", "model.mm_projector.", "model.vision_tower_compressor.")
+        expected.update(f"model.layers.{i}.{s}" for s in hf_layer_shapes(lm))
+    known_prefixes = tuple(src for _, src in VISION_PREFIXES)
     unknown = sorted(k for k in hf.keys() if k not in expected and not k.startswith(known_prefixes + SKIPPED_PREFIXES)
                      and not k.endswith(SKIPPED_SUFFIXES))
     missing = sorted(k for k in expected if k not in hf)
@@ -265,20 +253,13 @@ def expected_shapes(model: EVEModelConfig) -> Dict[str, Tuple[int, ...]]:
     """Shape of every HF EVE tensor the configuration implies (vision modules measured on the
     meta device, so nothing is allocated)."""
     lm = model.language
-    h, f, d = lm.hidden_size, lm.ffn_hidden_size, lm.hidden_size // lm.num_attention_heads
-    shapes = {"model.embed_tokens.weight": (lm.vocab_size, h), "lm_head.weight": (lm.vocab_size, h),
-              "model.norm.weight": (h,)}
-    per_layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-                 "self_attn.q_proj.weight": (lm.num_attention_heads * d, h),
-                 "self_attn.k_proj.weight": (lm.num_query_groups * d, h),
-                 "self_attn.v_proj.weight": (lm.num_query_groups * d, h), "self_attn.o_proj.weight": (h, h),
-                 "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)}
+    shapes = {hf_key: (lm.vocab_size, lm.hidden_size) if padded else (lm.hidden_size,)
+              for _, hf_key, padded in OUTER_KEYS}
     for i in range(lm.num_layers):
-        shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+        shapes.update({f"model.layers.{i}.{k}": v for k, v in hf_layer_shapes(lm).items()})
     with torch.device("meta"):
         for key, tensor in fresh_vision_tensors(model, seed=0):
-            for dst, src in (("vision_model.", "model.vision_tower."), ("vision_projection.", "model.mm_projector."),
-                             ("aligner.", "model.vision_tower_compressor.")):
+            for dst, src in VISION_PREFIXES:
                 if key.startswith(dst):
                     shapes[src + key[len(dst):]] = tuple(tensor.shape)
     return shapes
@@ -308,17 +289,20 @@ def megatron_plan(hf: HFWeights, model: EVEModelConfig, padded_vocab: int, dtype
             weight = hf.get(key)
             if weight.shape[0] != vocab:
                 raise CheckpointFormatError(f"{key} has {weight.shape[0]} rows, config.json says vocab {vocab}")
-            return torch.cat([weight, weight.new_zeros(padded_vocab - vocab, weight.shape[1])])
+            return pad_vocab(weight, padded_vocab)
         return make
 
-    plan = [GlobalTensor("embedding.word_embeddings.weight", (padded_vocab, h), dtype, [((), padded("model.embed_tokens.weight"))]),
-            GlobalTensor("output_layer.weight", (padded_vocab, h), dtype, [((), padded("lm_head.weight"))])]
-    for key, (suffixes, combine) in _layer_key_map(lm).items():
-        def make_layer(i, suffixes=suffixes, combine=combine):
-            return combine(*(hf.get(f"model.layers.{i}.{s}") for s in suffixes))
+    plan = []
+    for key, hf_key, is_padded in OUTER_KEYS:
+        make = padded(hf_key) if is_padded else (lambda hf_key=hf_key: hf.get(hf_key))
+        plan.append(GlobalTensor(key, (padded_vocab, h) if is_padded else (h,), dtype, [((), make)]))
+    for rule in LAYER_RULES:
+        def make_layer(i, rule=rule):
+            return rule.join(lm, *(hf.get(f"model.layers.{i}.{s}") for s in rule.hf))
         shape = tuple(make_layer(0).shape)
-        plan.append(GlobalTensor(key, (lm.num_layers, *shape), dtype, layer_chunks(lm.num_layers, make_layer)))
-    for dst, src in _plain_key_map(hf).items():
+        plan.append(GlobalTensor(f"decoder.layers.{rule.megatron}", (lm.num_layers, *shape), dtype,
+                                 layer_chunks(lm.num_layers, make_layer)))
+    for dst, src in _vision_key_map(hf).items():
         plan.append(GlobalTensor(dst, tuple(hf.get(src).shape), dtype, [((), lambda src=src: hf.get(src))]))
     for key, tensor in extra:
         plan.append(GlobalTensor(key, tuple(tensor.shape), dtype, [((), lambda t=tensor: t)]))
@@ -403,27 +387,23 @@ class _RegionLoadPlanner:
 def hf_tensors(ckpt: MegatronCheckpoint, model: EVEModelConfig, dtype: torch.dtype) -> Iterator[Tuple[str, torch.Tensor]]:
     """HF EVE tensors in a natural order, a decoder layer at a time."""
     lm = model.language
-    for key, hf_key in (("embedding.word_embeddings.weight", "model.embed_tokens.weight"),):
-        yield hf_key, ckpt.tensor(key)[: lm.vocab_size].to(dtype)
+    outer = {hf_key: (key, is_padded) for key, hf_key, is_padded in OUTER_KEYS}
+
+    def outer_tensor(hf_key):
+        key, is_padded = outer[hf_key]
+        tensor = ckpt.tensor(key)
+        return (tensor[: lm.vocab_size] if is_padded else tensor).to(dtype)
+
+    yield "model.embed_tokens.weight", outer_tensor("model.embed_tokens.weight")
     for i in range(lm.num_layers):
-        src = f"model.layers.{i}."
-        q, k, v = split_qkv(ckpt.layer("decoder.layers.self_attention.linear_qkv.weight", i), lm)
-        gate, up = ckpt.layer("decoder.layers.mlp.linear_fc1.weight", i).chunk(2)
-        for name, tensor in (
-            ("input_layernorm.weight", ckpt.layer("decoder.layers.self_attention.linear_qkv.layer_norm_weight", i)),
-            ("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", k), ("self_attn.v_proj.weight", v),
-            ("self_attn.o_proj.weight", ckpt.layer("decoder.layers.self_attention.linear_proj.weight", i)),
-            ("post_attention_layernorm.weight", ckpt.layer("decoder.layers.mlp.linear_fc1.layer_norm_weight", i)),
-            ("mlp.gate_proj.weight", gate), ("mlp.up_proj.weight", up),
-            ("mlp.down_proj.weight", ckpt.layer("decoder.layers.mlp.linear_fc2.weight", i)),
-        ):
-            yield src + name, tensor.to(dtype).contiguous()
-    yield "model.norm.weight", ckpt.tensor("decoder.final_layernorm.weight").to(dtype)
-    for prefix, hf_prefix in (("vision_model.", "model.vision_tower."), ("vision_projection.", "model.mm_projector."),
-                              ("aligner.", "model.vision_tower_compressor.")):
+        for rule in LAYER_RULES:
+            for name, tensor in zip(rule.hf, rule.split(lm, ckpt.layer(f"decoder.layers.{rule.megatron}", i))):
+                yield f"model.layers.{i}.{name}", tensor.to(dtype).contiguous()
+    yield "model.norm.weight", outer_tensor("model.norm.weight")
+    for prefix, hf_prefix in VISION_PREFIXES:
         for key in sorted(k for k in ckpt.shapes if k.startswith(prefix)):
             yield hf_prefix + key[len(prefix):], ckpt.tensor(key).to(dtype)
-    yield "lm_head.weight", ckpt.tensor("output_layer.weight")[: lm.vocab_size].to(dtype)
+    yield "lm_head.weight", outer_tensor("lm_head.weight")
 
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
@@ -134,6 +134,13 @@ def normalise_crops(crops, device, dtype=torch.float32):
     return [_normalise(crop.to(device, non_blocking=True), dtype) for crop in crops]
 
 
+def _placement(height: int, width: int, side: int, unit: int) -> Tuple[int, int]:
+    """Where compose_squares pastes a crop: (top, left), whole `unit`s of padding before it."""
+    top = (side // unit - height // unit) // 2 * unit if height < side else 0
+    left = (side // unit - width // unit) // 2 * unit if width < side else 0
+    return top, left
+
+
 def compose_squares(crops, side: int, unit: int, device, dtype=torch.float32) -> torch.Tensor:
     """uint8 [3, h, w] crops → the reference's [N, 4, side, side] input: each crop centred on
     a mean-colour square (pad before = whole `unit`s, as EVE pastes it), mask as channel 3."""
@@ -142,8 +149,22 @@ def compose_squares(crops, side: int, unit: int, device, dtype=torch.float32) ->
     mask = torch.zeros(len(crops), 1, side, side, device=device)
     for index, crop in enumerate(crops):
         height, width = crop.shape[1:]
-        top = (side // unit - height // unit) // 2 * unit if height < side else 0
-        left = (side // unit - width // unit) // 2 * unit if width < side else 0
+        top, left = _placement(height, width, side, unit)
         canvas[index, :, top : top + height, left : left + width] = crop.to(device, non_blocking=True)
         mask[index, :, top : top + height, left : left + width] = 1
     return torch.cat([_normalise(canvas, dtype), mask.to(dtype)], dim=1)
+
+
+def square_patch_index(sizes: Sequence[Tuple[int, int]], side: int, unit: int, patch: int) -> torch.Tensor:
+    """Flat indices (image-major, row-major over the side // patch grid) of the patches of
+    compose_squares' squares that hold crop pixels, i.e. where avg_pool2d(mask, patch) > 0 —
+    computed on the host from the crop sizes, so the teacher selects them without a device sync."""
+    grid = side // patch
+    picked = []
+    for image, (height, width) in enumerate(sizes):
+        top, left = _placement(height, width, side, unit)
+        bottom, right = min(top + height, grid * patch), min(left + width, grid * patch)
+        rows = torch.arange(top // patch, -(-bottom // patch))
+        cols = torch.arange(left // patch, -(-right // patch))
+        picked.append(image * grid * grid + (rows[:, None] * grid + cols[None, :]).flatten())
+    return torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long)

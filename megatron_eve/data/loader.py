@@ -1,21 +1,26 @@
 """From packed-sequence datasets to model inputs: a resumable data-parallel sampler, collation,
 the DataLoader, and the device-side step that turns a collated batch into EVEModel arguments.
 
+The index plan of a micro-batch (THD boundaries, where its visual tokens and aligner cells sit) is
+computed from host tensors in the loader workers and shipped (pinned) with the batch, so the
+training step never waits on the device to learn a shape or an index.
+
 Sampler state is the number of sequences consumed (all data-parallel ranks together), as in
 Megatron: a run resumed at `consumed` sees exactly the micro-batches an uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 
 from megatron_eve.config import VisionConfig
-from megatron_eve.data.images import compose_squares, normalise_crops
-from megatron_eve.model.visual_layout import IGNORE_INDEX
+from megatron_eve.data.images import compose_squares, normalise_crops, square_patch_index
+from megatron_eve.model.visual_layout import IGNORE_INDEX, VisualLayout
 
 
 class MicroBatchSampler:
@@ -41,9 +46,39 @@ class MicroBatchSampler:
             yield list(range(first, first + self.micro_batch_size))
 
 
-def collate(rows: List[Dict]) -> Dict:
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the model will read a micro-batch: what its index plan depends on."""
+
+    align_pool: int  # VisionConfig.align_pool
+    thd: bool  # rows flattened to one THD sequence (RuntimeConfig.uses_thd())
+    teacher_image_size: int  # the teacher's square side
+    patch_size: int
+
+    @staticmethod
+    def of(vision: VisionConfig, thd: bool) -> "BatchPlan":
+        return BatchPlan(vision.align_pool, thd, vision.teacher_image_size, vision.patch_size)
+
+
+def plan_batch(batch: Dict, plan: BatchPlan) -> Dict:
+    """Adds the micro-batch's index plan, from its host tensors: cu_seqlens and the longest sample
+    (THD), the VisualLayout of its image tokens as the model will see them ([b, s], or one flattened
+    row with THD; an empty layout for text-only batches), and which teacher patches hold pixels."""
+    tokens = batch["tokens"]
+    if plan.thd:
+        batch["cu_seqlens"], batch["max_seqlen"] = thd_boundaries(batch["segment_ids"])
+        tokens = tokens.view(1, -1)
+    batch["visual_layout"] = VisualLayout.build(tokens, batch["image_grid_hw"], plan.align_pool)
+    if "teacher_images" in batch:
+        sizes = [tuple(crop.shape[1:]) for crop in batch["teacher_images"]]
+        batch["teacher_patches"] = square_patch_index(sizes, plan.teacher_image_size, plan.patch_size, plan.patch_size)
+    batch["plan"] = plan
+    return batch
+
+
+def collate(rows: List[Dict], plan: Optional[BatchPlan] = None) -> Dict:
     """Rows (assembled sequences) → a micro-batch; rows are padded to the longest (a no-op for
-    packed rows, which all have seq-length positions)."""
+    packed rows, which all have seq-length positions). With a plan, its index plan too."""
     length = max(len(r["tokens"]) for r in rows)
 
     def padded(key, value):
@@ -66,7 +101,7 @@ def collate(rows: List[Dict]) -> Dict:
         crops = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for r in rows for im in r[key]]
         if crops:
             batch[key] = crops
-    return batch
+    return plan_batch(batch, plan) if plan is not None else batch
 
 
 @dataclass
@@ -77,6 +112,7 @@ class LoaderConfig:
     dp_size: int = 1
     num_workers: int = 2
     pin_memory: bool = False
+    plan: Optional[BatchPlan] = None  # index plans built in the workers (else in model_inputs)
 
 
 def _ignore_sigterm(worker_id: int) -> None:  # noqa: ARG001
@@ -93,7 +129,7 @@ def build_loader(dataset, config: LoaderConfig) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, plan=config.plan),
         num_workers=config.num_workers,
         pin_memory=config.pin_memory,
         persistent_workers=config.num_workers > 0,
@@ -111,15 +147,16 @@ def model_inputs(batch: Dict, vision: VisionConfig, device, *, thd: bool = False
     Pixels present become normalised crops (the PEL's input); teacher views become the reference's
     padded squares with their masks.
     """
+    if batch.get("plan") != BatchPlan.of(vision, thd):  # not planned in a worker, or differently
+        batch = plan_batch(dict(batch), BatchPlan.of(vision, thd))
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
-    out = {"image_grid_hw": batch["image_grid_hw"]}
+    out = {"image_grid_hw": batch["image_grid_hw"],
+           "visual_layout": batch["visual_layout"].to(device, non_blocking=True)}
     if thd:
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        # Built from the host copy of the segments: no device round trip, no host sync.
-        cu, longest = thd_boundaries(batch["segment_ids"])
-        cu = cu.to(device, non_blocking=True)
+        cu, longest = batch["cu_seqlens"].to(device, non_blocking=True), batch["max_seqlen"]
         out["packed_seq_params"] = PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
         )
@@ -135,6 +172,7 @@ def model_inputs(batch: Dict, vision: VisionConfig, device, *, thd: bool = False
     if "teacher_images" in batch:
         out["teacher_images"] = compose_squares(batch["teacher_images"], vision.teacher_image_size,
                                                 vision.patch_size, device, dtype)
+        out["teacher_patches"] = batch["teacher_patches"].to(device, non_blocking=True)
     return out
 
 

@@ -5,7 +5,16 @@
   POPE: eval_pope.py reads the first sentence, deletes ",", splits on the space character only and
     answers "no" when "No", "no" or "not" is a word; metrics per category and overall;
   ScienceQA: eval_science_qa.py accepts a bare option letter, "X. ...", or exactly one
-    "The answer is X." match; anything else (and an unanswered question) is wrong.
+    "The answer is X." match; anything else (and an unanswered question) is wrong;
+  SEED-Bench: convert_seed_for_submission.py compares the answer text, untouched, to the option
+    letter (`text == answer`);
+  GQA: convert_gqa_for_eval.py turns an answer into `text.rstrip('.').lower()` and GQA's eval.py
+    compares that to the question's answer exactly;
+  MME: convert_answer_to_mme.py finds the question by its prompt, and the official eval_tool's
+    calculation.py reads the answer lower-cased: "yes" / "no" when "yes" (first) or "no" occurs in
+    its first 4 characters, else "other" (always wrong);
+  TextVQA: eval_textvqa.py finds an answer's annotation by (question_id = image id, the question
+    its prompt_processor reads from the prompt), then scores as VQA-style above.
 
 `lenient=True` gives friendlier parsing (whitespace splits, more option formats, no tokenisation
 step); results computed so must be reported as such."""
@@ -163,3 +172,76 @@ def multiple_choice_accuracy(predictions: Iterable[str], answers: Iterable[str],
 
 def mean(values: List[float]) -> float:
     return sum(values) / max(len(values), 1)
+
+
+def seed_correct(text: str, answer: str, lenient: bool = False) -> bool:
+    """SEED-Bench: the answer text as the model wrote it equals the option letter (nothing is
+    stripped: "A." or " A" is wrong). Lenient: the option letter read by `choice_letter`."""
+    if lenient:
+        return choice_letter(text, "ABCD") == answer
+    return text == answer
+
+
+def gqa_prediction(text: str, lenient: bool = False) -> str:
+    """GQA: what convert_gqa_for_eval.py writes for an answer: trailing periods removed, then
+    lower-cased; whitespace is kept ("Yes. " stays "yes. "). Lenient: whitespace stripped too."""
+    if lenient:
+        return text.strip().rstrip(".").strip().lower()
+    return text.rstrip(".").lower()
+
+
+SHORT_SUFFIX = "Answer the question using a single word or phrase."
+MME_YES_NO = "Please answer yes or no."
+
+
+def mme_question_candidates(prompt: str) -> List[str]:
+    """The question text(s) under which convert_answer_to_mme.py looks an answer's prompt up in
+    MME's ground-truth files: the short-answer suffix removed (and only then stripped); without
+    "Please answer yes or no." it adds " Please answer yes or no.", and when that is not found, the
+    same with two spaces (some of MME's files have two). The first candidate found is used."""
+    question = prompt
+    if SHORT_SUFFIX in question:
+        question = question.replace(SHORT_SUFFIX, "").strip()
+    if MME_YES_NO in question:
+        return [question]
+    question = question + " " + MME_YES_NO
+    return [question, question.replace(" " + MME_YES_NO, "  " + MME_YES_NO)]
+
+
+def mme_label(text: str, lenient: bool = False) -> str:
+    """MME: "yes", "no" or "other" as calculation.py reads the answer: lower-cased, "yes" when its
+    first 4 characters contain "yes", else "no" when they contain "no" (so "nope", "(no)" and "snow"
+    are "no", "eyes" is "yes", "   no" and "The answer is no" are "other"). Lenient: the first word
+    "yes" or "no" anywhere in the answer."""
+    if lenient:
+        words = [w for w in re.findall(r"[a-z]+", text.lower()) if w in ("yes", "no")]
+        return words[0] if words else "other"
+    prefix = text.lower()[:4]
+    if "yes" in prefix:
+        return "yes"
+    return "no" if "no" in prefix else "other"
+
+
+_TEXTVQA_BLIP_QUESTION = re.compile(r"Question: (.*?) Short answer:", re.DOTALL)
+
+
+def textvqa_question(prompt: str) -> Optional[str]:
+    """eval_textvqa.py's prompt_processor: the question an answer's prompt asks, lower-cased.
+    A BLIP-style prompt ("OCR tokens: ... Question: <q> Short answer:") gives <q>; a 3-line prompt
+    holding "Reference OCR token: " gives line 2 when it starts with "Reference OCR token:", else
+    line 1; any other 2-line prompt gives line 1 (the question before the instruction). Nothing is
+    stripped. None where the script stops the run: any other prompt (its `assert False`), or an
+    "OCR tokens: " prompt without "Question: ... Short answer:" (its match is None)."""
+    lines = prompt.split("\n")
+    if prompt.startswith("OCR tokens: "):
+        match = _TEXTVQA_BLIP_QUESTION.search(prompt)
+        if match is None:
+            return None
+        question = match.group(1)
+    elif "Reference OCR token: " in prompt and len(lines) == 3:
+        question = lines[1] if prompt.startswith("Reference OCR token:") else lines[0]
+    elif len(lines) == 2:
+        question = lines[0]
+    else:
+        return None
+    return question.lower()

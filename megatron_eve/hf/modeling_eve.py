@@ -13,7 +13,7 @@ needed: it only serves training.
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -170,13 +170,17 @@ class EVELlamaForCausalLM(LlamaForCausalLM):
             out.append(torch.cat([pixels, mask]))
         return torch.stack(out)
 
-    def embed_with_images(self, input_ids: torch.Tensor, images: torch.Tensor, left_pad: bool = False):
+    def embed_with_images(self, input_ids: torch.Tensor, images: torch.Tensor, left_pad: bool = False,
+                          attention_mask: Optional[torch.Tensor] = None):
         """input_ids with one IMAGE_TOKEN_INDEX per image → (inputs_embeds, attention_mask), each
-        placeholder replaced by its image's tokens; rows padded to the longest."""
+        placeholder replaced by its image's tokens; rows padded to the longest. Positions the given
+        attention_mask hides (padding of a batch) are dropped first, as LLaVA / EVE do."""
         embed = self.get_input_embeddings()
         features = [self.model.mm_projector(f) for f in self.model.vision_tower(images.to(embed.weight.device))]
         rows, image = [], 0
-        for ids in input_ids:
+        for index, ids in enumerate(input_ids):
+            if attention_mask is not None:
+                ids = ids[attention_mask[index].bool()]
             pieces, start = [], 0
             for pos in torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist():
                 pieces += [embed(ids[start:pos]), features[image].to(embed.weight.dtype)]
@@ -193,13 +197,14 @@ class EVELlamaForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids=None, images=None, inputs_embeds=None, attention_mask=None, **kwargs):
         if images is not None and input_ids is not None and bool((input_ids == IMAGE_TOKEN_INDEX).any()):
-            inputs_embeds, attention_mask = self.embed_with_images(input_ids, images)
+            inputs_embeds, attention_mask = self.embed_with_images(input_ids, images, attention_mask=attention_mask)
             input_ids = None
         return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
     def generate(self, inputs=None, images=None, **kwargs):
         if images is not None and inputs is not None:
-            embeds, mask = self.embed_with_images(inputs, images, left_pad=True)
+            embeds, mask = self.embed_with_images(inputs, images, left_pad=True,
+                                                  attention_mask=kwargs.pop("attention_mask", None))
             return super().generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
         return super().generate(inputs, **kwargs)

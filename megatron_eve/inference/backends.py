@@ -44,10 +44,10 @@ def open_images(paths: Sequence[str]):
 
 class MegatronBackend:
     def __init__(self, load: str, tokenizer_model: str, parallel, use_cache: bool = True,
-                 transformer_impl: str = "local"):
+                 transformer_impl: str = "auto", bf16: bool = False):
         from megatron_eve.inference.generate import load_model_for_inference
 
-        self.model, self.config = load_model_for_inference(load, parallel, transformer_impl)
+        self.model, self.config = load_model_for_inference(load, parallel, transformer_impl, bf16=bf16)
         self.tokenizer = Tokenizer(tokenizer_model)
         self.generator = Generator(self.model, use_cache=use_cache, vocab_size=self.tokenizer.vocab_size)
         self.max_length = self.config.language.max_position_embeddings
@@ -97,40 +97,70 @@ class MegatronBackend:
 
 
 class HFBackend:
-    """An exported folder under transformers (its own modeling_eve.py)."""
+    """An exported folder under transformers (its own modeling_eve.py); a batch of requests is
+    answered together, left-padded (the padding masked, as EVE's own batched evaluation does)."""
 
     def __init__(self, folder: str, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval()
+        from megatron_eve.platform import current_device
+
+        self.device = current_device()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
+        self.model = self.model.to(self.device).eval()
         self.tokenizer = Tokenizer(folder)
         self.max_length = self.model.config.max_position_embeddings
 
     def answer(self, requests: List[Request], sampling: Sampling) -> List[Union[str, PromptError]]:
         from megatron_eve.data.templates import tokenize_with_images
+        from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
 
-        out = []
-        for request in requests:  # one at a time: transformers pads EVE's expanded rows itself
+        out: List[Union[str, PromptError, None]] = [None] * len(requests)
+        ready = []  # (index, ids, images) of the requests that can be answered
+        for index, request in enumerate(requests):
             try:
                 images = open_images(request.image_paths)
-                ids = torch.tensor([tokenize_with_images(request.prompt, self.tokenizer)])
-                kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=sampling.eos_id, pad_token_id=0,
-                              do_sample=sampling.temperature > 0)
-                if sampling.temperature > 0:
-                    kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
-                pixels = self.model.process_images(images) if images else None
-                generated = self.model.generate(ids, images=pixels, **kwargs)
-                new = generated[0].tolist() if pixels is not None else generated[0, ids.shape[1]:].tolist()
-                if sampling.eos_id in new:
-                    new = new[: new.index(sampling.eos_id)]
-                out.append(self.tokenizer.decode(new).strip())
+                ids = tokenize_with_images(request.prompt, self.tokenizer)
+                if ids.count(IMAGE_TOKEN_INDEX) != len(images):
+                    raise PromptError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} <image> placeholders "
+                                      f"for {len(images)} images")
+                ready.append((index, ids, images))
             except PromptError as error:
-                out.append(error)
+                out[index] = error
+        if ready:
+            texts = self._generate([ids for _, ids, _ in ready], [im for _, _, ims in ready for im in ims], sampling)
+            for (index, _, _), text in zip(ready, texts):
+                out[index] = text
         return out
+
+    def _generate(self, rows: List[List[int]], images, sampling: Sampling) -> List[str]:
+        longest = max(map(len, rows))
+        ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=sampling.eos_id, pad_token_id=0,
+                      do_sample=sampling.temperature > 0, attention_mask=mask)
+        if sampling.temperature > 0:
+            torch.manual_seed(sampling.seed)
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        if self.model.config.vocab_size > self.tokenizer.vocab_size:  # vocabulary padding: never an answer
+            kwargs["suppress_tokens"] = list(range(self.tokenizer.vocab_size, self.model.config.vocab_size))
+        if images:
+            pixels = self.model.process_images(images).to(self.device, self.model.dtype)
+            new_tokens = self.model.generate(ids, images=pixels, **kwargs)  # from embeddings: new tokens only
+        else:
+            new_tokens = self.model.generate(ids, **kwargs)[:, longest:]
+        texts = []
+        for row in new_tokens.tolist():
+            if sampling.eos_id in row:
+                row = row[: row.index(sampling.eos_id)]
+            texts.append(self.tokenizer.decode(row).strip())
+        return texts
 
 
 def make_backend(args, parallel=None):
-    """--load (megatron, with --tokenizer-model) or --hf (an export)."""
+    """--load (megatron, with --tokenizer-model) or --hf (an export), fp32 or --bf16."""
+    bf16 = getattr(args, "bf16", False)
     if getattr(args, "hf", None):
-        return HFBackend(args.hf)
-    return MegatronBackend(args.load, args.tokenizer_model, parallel, use_cache=not args.no_kv_cache)
+        return HFBackend(args.hf, torch.bfloat16 if bf16 else torch.float32)
+    return MegatronBackend(args.load, args.tokenizer_model, parallel, use_cache=not args.no_kv_cache,
+                           transformer_impl=getattr(args, "transformer_impl", "auto"), bf16=bf16)

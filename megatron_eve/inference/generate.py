@@ -171,9 +171,11 @@ class Generator:
         return chosen.cpu()
 
 
-def load_model_for_inference(root: str, parallel, transformer_impl: str = "local", iteration: Optional[int] = None):
+def load_model_for_inference(root: str, parallel, transformer_impl: str = "auto", iteration: Optional[int] = None,
+                             bf16: bool = False):
     """The EVE stage of this rank from a megatron checkpoint (its recorded configuration),
-    weights only, gathering logits over TP for generation. → (model, EVEModelConfig)."""
+    weights only, gathering logits over TP for generation. → (model, EVEModelConfig). With bf16
+    the loaded stage is wrapped in megatron-core's Float16Module, as training runs it."""
     from megatron.core import dist_checkpointing
 
     from megatron_eve.config import ConfigError, RuntimeConfig, model_config_from_dict
@@ -195,4 +197,11 @@ def load_model_for_inference(root: str, parallel, transformer_impl: str = "local
     if missing:
         raise ConfigError(f"{directory} lacks model tensors: {', '.join(sorted(missing))}")
     model.load_state_dict(dist_checkpointing.load(present, directory), strict=False)
+    if bf16:
+        import dataclasses
+
+        from megatron.core.transformer.module import Float16Module
+
+        half = dataclasses.replace(model.config, bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
+        model = Float16Module(half, model)  # its config (bf16 between pipeline stages too) drives the schedule
     return model.eval(), cfg

@@ -68,5 +68,6 @@ def alignment_loss(prediction: Tensor, target: Tensor, cell_image: Tensor, num_i
     per_image_sum = cosine.new_zeros(num_images).index_add(0, cell_image, cosine)
     cells = torch.bincount(cell_image, minlength=num_images).to(cosine.dtype)
     present = cells > 0
-    loss = (1.0 - per_image_sum[present] / cells[present]).sum()
+    # Masked by where, not indexed by `present`: a boolean index would wait on the device.
+    loss = torch.where(present, 1.0 - per_image_sum / cells.clamp(min=1), 0.0).sum()
     return loss, present.sum().to(loss.dtype)

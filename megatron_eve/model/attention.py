@@ -12,6 +12,8 @@ keeps the local spec's projections and swaps only the core attention:
               (any device; the CPU path of the packed code)
   [s, b] batches: scaled_dot_product_attention (flash / memory-efficient / math kernels).
 
+With THD, RoPE is applied here over the packed row's flat positions (see carry_flat_rotary).
+
 "auto" takes the first of varlen, flash, flex that works here for the tensors' dtype (the varlen
 and flash kernels take fp16 / bf16 only: an fp32 model gets flex on CUDA, else sdpa).
 """
@@ -24,6 +26,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 BACKENDS = ("auto", "varlen", "flash", "flex", "sdpa")
@@ -119,6 +122,10 @@ class TorchAttention(DotProductAttention):
         megatron-core passes [t, np, hn] (batch squeezed) and takes [t, np, hn] back."""
         dropout = self.config.attention_dropout if self.training else 0.0
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            rotary = getattr(packed_seq_params, "_eve_flat_rotary", None)
+            if rotary is not None:
+                query, key = (apply_rotary_pos_emb(t.unsqueeze(1), rotary[: t.shape[0]], config=self.config).squeeze(1)
+                              for t in (query, key))
             return self._packed(query, key, value, packed_seq_params, dropout)
         sq, batch, heads, head_dim = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
@@ -161,6 +168,15 @@ class TorchAttention(DotProductAttention):
                                              attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale,
                                              enable_gqa=k.shape[1] != q.shape[1])
         return out[0].transpose(0, 1)
+
+
+def carry_flat_rotary(params, rotary: torch.Tensor) -> None:
+    """Hands TorchAttention the RoPE table of the packed row's flat positions [t, 1, 1, d] (the
+    decoder then gets rotary_pos_emb=None). RoPE is relative and packed samples never attend across
+    their boundaries, so rotating by flat positions equals restarting positions at every sample,
+    without megatron-core's per-sample THD loop (a .tolist(), an .item() and one launch per sample,
+    for q and k in every layer)."""
+    params._eve_flat_rotary = rotary
 
 
 def document_block_mask(params, total: int, device):

@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_eve.config import ConfigError, EVEModelConfig, padded_vocab_size
 from megatron_eve.model.aligner import PatchAligner, alignment_loss
+from megatron_eve.model.attention import TorchAttention, carry_flat_rotary
 from megatron_eve.model.patch_embedding import PatchEmbeddingLayer, VisionProjection
 from megatron_eve.model.specs import decoder_block_spec
 from megatron_eve.model.teacher import CLIPTeacher
@@ -96,6 +97,9 @@ class EVEModel(LanguageModule):
             post_process=post_process,
             vp_stage=vp_stage,
         )
+        # torch's kernels take RoPE over flat THD positions from the packed params (one launch per
+        # layer, no host sync) instead of megatron-core's per-sample THD loop.
+        self.flat_rotary = any(isinstance(m, TorchAttention) for m in self.decoder.modules())
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 lm.hidden_size,
@@ -181,12 +185,14 @@ class EVEModel(LanguageModule):
         return received[:local_len], list(carried.view(count, num_cells, width).unbind(0))
 
     # ------------------------------------------------------------------------------ first stage
-    def _embed(self, input_ids: Tensor, images, grid_hw: Optional[Tensor], layout_pool: int):
-        """Token embeddings with visual tokens spliced in → ([s, b, H], layout or None)."""
+    def _embed(self, input_ids: Tensor, images, grid_hw: Optional[Tensor], layout_pool: int,
+               layout: Optional[VisualLayout]):
+        """Token embeddings with visual tokens spliced in → ([s, b, H], layout or None). A layout
+        planned on the host (the loader's) spares the device syncs of building one here."""
         is_visual = input_ids == IMAGE_TOKEN_INDEX
         embeddings = self.embedding(input_ids=input_ids.masked_fill(is_visual, 0), position_ids=None)
         if images is None:
-            if bool(is_visual.any()):
+            if layout.positions.numel() if layout is not None else bool(is_visual.any()):
                 raise VisualLayoutError("the micro-batch has image-token positions but no images")
             return embeddings, None
         tokens, pel_grid = self.vision_model(images)
@@ -195,7 +201,13 @@ class EVEModel(LanguageModule):
                 f"image grids from the pixels' masks {pel_grid.tolist()} differ from the "
                 f"batch's image_grid_hw {grid_hw.view(-1, 2).tolist()}"
             )
-        layout = VisualLayout.build(input_ids, pel_grid, layout_pool)
+        if layout is None:
+            layout = VisualLayout.build(input_ids, pel_grid, layout_pool)
+        elif not torch.equal(layout.grid_hw, pel_grid):
+            raise VisualLayoutError(
+                f"image grids from the pixels' masks {pel_grid.tolist()} differ from the batch's "
+                f"planned layout {layout.grid_hw.tolist()}"
+            )
         return layout.splice(embeddings, self.vision_projection(tokens)), layout
 
     # ---------------------------------------------------------------------------------- forward
@@ -211,6 +223,8 @@ class EVEModel(LanguageModule):
         teacher_images: Optional[Tensor] = None,
         packed_seq_params: Optional[PackedSeqParams] = None,
         inference_context=None,
+        visual_layout: Optional[VisualLayout] = None,
+        teacher_patches: Optional[Tensor] = None,
     ) -> Union[Tensor, EVELosses]:
         """One micro-batch through this stage.
 
@@ -226,6 +240,9 @@ class EVEModel(LanguageModule):
           aligner under PP>1), teacher_images [N, 4, L, L] (last stage when training the aligner).
         inference_context: a megatron-core StaticInferenceContext holding the KV cache; the
           caller advances its sequence_len_offset after each call.
+        visual_layout: where the image tokens and aligner cells sit, planned on the host by the
+          loader (data.loader.plan_batch) for input_ids as given; built here when absent.
+        teacher_patches: flat indices of the teacher squares' valid patches (planned likewise).
 
         Returns the activation for the next stage, or on the last stage logits [b, s, V] without
         labels, and (lm_loss [b, s], align_loss_sum, align_images) with labels.
@@ -246,14 +263,16 @@ class EVEModel(LanguageModule):
         carried: List[Tensor] = []
         layout = None
         if self.pre_process:
-            hidden, layout = self._embed(input_ids, images, image_grid_hw, vision.align_pool)
+            hidden, layout = self._embed(input_ids, images, image_grid_hw, vision.align_pool, visual_layout)
             aligning = wants_align and layout is not None and layout.num_cells > 0
             if aligning:
                 carried.append(self.aligner.project(self.taps.index(0), layout.cells(hidden)))
             if self.config.sequence_parallel:
                 hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
         else:
-            if wants_align and image_grid_hw is not None and image_grid_hw.numel():
+            if wants_align and visual_layout is not None:
+                layout = visual_layout
+            elif wants_align and image_grid_hw is not None and image_grid_hw.numel():
                 layout = VisualLayout.build(input_ids, image_grid_hw, vision.align_pool)
             aligning = layout is not None and layout.num_cells > 0
             hidden, carried = self._detach_carried(
@@ -265,10 +284,14 @@ class EVEModel(LanguageModule):
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         # With a KV cache, attention picks each step's slice of the rotary table by offset.
         rotary_len = inference_context.max_sequence_length if inference_context is not None else seq_len
+        rotary = self.rotary_pos_emb(rotary_len, packed_seq=thd)
+        if thd and self.flat_rotary:
+            carry_flat_rotary(packed_seq_params, rotary)
+            rotary = None
         out = self.decoder(
             hidden_states=hidden,
             attention_mask=attention_mask,
-            rotary_pos_emb=self.rotary_pos_emb(rotary_len, packed_seq=thd),
+            rotary_pos_emb=rotary,
             packed_seq_params=packed_seq_params,
             inference_context=inference_context,
             extract_layer_indices=extract,
@@ -295,7 +318,7 @@ class EVEModel(LanguageModule):
         lm_loss = self.compute_language_model_loss(labels.clamp(min=0), logits) * supervised
         if not aligning:
             return lm_loss, lm_loss.new_zeros(()), lm_loss.new_zeros(())
-        return (lm_loss, *self._align_loss(hidden, carried, layout, teacher_images))
+        return (lm_loss, *self._align_loss(hidden, carried, layout, teacher_images, teacher_patches))
 
     # ------------------------------------------------------------------------------- last stage
     def _mask_padded_vocab(self, logits: Tensor) -> Tensor:
@@ -310,7 +333,7 @@ class EVEModel(LanguageModule):
         is_pad = torch.arange(local, device=logits.device) >= max(first_pad, 0)
         return logits.masked_fill(is_pad, torch.finfo(logits.dtype).min)
 
-    def _align_loss(self, final_hidden, carried, layout: VisualLayout, teacher_images):
+    def _align_loss(self, final_hidden, carried, layout: VisualLayout, teacher_images, teacher_patches=None):
         if self.teacher is None:
             raise ConfigError(
                 "the aligner is enabled but no vision teacher is loaded: pass the CLIP teacher's "
@@ -322,7 +345,7 @@ class EVEModel(LanguageModule):
         query = self.aligner.project(self.taps.index(self.eve_config.language.num_layers), final_cells)
         keys = torch.stack(carried[::-1], dim=1)  # carried ascend in depth; slots descend
         prediction = self.aligner.predict(final_cells, query, keys)
-        target = self.teacher.patch_features(teacher_images)
+        target = self.teacher.patch_features(teacher_images, teacher_patches)
         return alignment_loss(prediction, target, layout.cell_image, layout.num_images)
 
 

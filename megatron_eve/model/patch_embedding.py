@@ -174,7 +174,9 @@ class PatchEmbeddingLayer(nn.Module):
             outputs.append(tokens.flatten(0, 1))
             destinations.append((starts[ids][:, None] + torch.arange(tokens.shape[1])).flatten())
         out = torch.cat(outputs)
-        order = torch.cat(destinations).to(out.device)
+        order = torch.cat(destinations)
+        # A pinned host copy goes to the GPU without stalling the host (a pageable one would not).
+        order = order.pin_memory().to(out.device, non_blocking=True) if out.is_cuda else order.to(out.device)
         return torch.empty_like(out).index_copy(0, order, out), grid_hw
 
     def _square_groups(self, images: Union[Tensor, List[Tensor]]) -> List[Tuple[Tensor, Tensor]]:

@@ -7,6 +7,7 @@ saved: it is not a submodule of the model, so it stays out of checkpoints, optim
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +54,14 @@ class CLIPTeacher:
         self.patch_size = vision.patch_size
 
     @torch.no_grad()
-    def patch_features(self, images: Tensor) -> Tensor:
+    def patch_features(self, images: Tensor, patches: Optional[Tensor] = None) -> Tensor:
         """images [N, 4, L, L] (RGB + mask) → features of the valid patches [V, C], image-major,
-        row-major inside each image (the order the aligner's cells use)."""
+        row-major inside each image (the order the aligner's cells use). `patches`: their flat
+        indices, planned on the host (data.images.square_patch_index); else read from the masks,
+        which waits on the device."""
         dtype = next(self.model.parameters()).dtype
         hidden = self.model(pixel_values=images[:, :3].to(dtype)).last_hidden_state[:, 1:]
+        if patches is not None:
+            return hidden.reshape(-1, hidden.shape[-1]).index_select(0, patches)
         valid = F.avg_pool2d(images[:, 3:].float(), kernel_size=self.patch_size) > 0
         return hidden[valid.flatten(1)]

@@ -11,6 +11,7 @@ excluded) and group them into the teacher's grid cells — what the aligner comp
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +37,16 @@ class VisualLayout:
     num_cells: int  # V
     num_images: int
     pool: int  # patch tokens per cell side (1 at 672 px, 2 at 1344 px)
+    grid_hw: Tensor  # [N, 2] the grids it was built from, kept on the host
 
     @staticmethod
     def build(input_ids: Tensor, grid_hw: Tensor, pool: int) -> "VisualLayout":
-        """input_ids [b, s] with IMAGE_TOKEN_INDEX runs; grid_hw [N, 2] token grids in image order."""
+        """input_ids [b, s] with IMAGE_TOKEN_INDEX runs; grid_hw [N, 2] token grids in image order.
+        Built from host tensors (the loader workers do, see data.loader.BatchPlan) it costs the
+        device nothing; built from device tensors it reads counts back to the host."""
         batch = input_ids.shape[0]
         device = input_ids.device
+        host_grid = grid_hw.detach().to("cpu", torch.long).view(-1, 2)
         grid_hw = grid_hw.to(device=device, dtype=torch.long).view(-1, 2)
         rows, cols = grid_hw[:, 0], grid_hw[:, 1]
         counts = 1 + rows * (cols + 1)
@@ -81,7 +86,20 @@ class VisualLayout:
             num_cells=num_cells,
             num_images=grid_hw.shape[0],
             pool=pool,
+            grid_hw=host_grid,
         )
+
+    def _map(self, move) -> "VisualLayout":
+        moved = {name: move(getattr(self, name)) for name in ("positions", "cell_positions", "cell_index", "cell_image")}
+        return dataclasses.replace(self, **moved)
+
+    def to(self, device, non_blocking: bool = False) -> "VisualLayout":
+        """The index tensors on `device` (grid_hw stays on the host, where checks read it)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "VisualLayout":
+        """Called by the DataLoader's pin-memory thread, so the copy to the GPU can be asynchronous."""
+        return self._map(lambda t: t.pin_memory())
 
     def cells(self, hidden: Tensor) -> Tensor:
         """hidden [s, b, H] → per-cell mean of its patch tokens [V, H] (the reference pools first)."""

@@ -22,6 +22,31 @@ from megatron_eve.config import (
 
 STAGES = ("prealign", "pretrain", "finetune")
 
+# Architecture flags (overrides of the preset, or checked against --use-checkpoint-args): flag → field.
+ARCHITECTURE_FLAGS = {
+    "--num-layers": ("language.num_layers", int, None),
+    "--hidden-size": ("language.hidden_size", int, None),
+    "--ffn-hidden-size": ("language.ffn_hidden_size", int, None),
+    "--num-attention-heads": ("language.num_attention_heads", int, None),
+    "--num-query-groups": ("language.num_query_groups", int, None),
+    "--max-position-embeddings": ("language.max_position_embeddings", int, None),
+    "--vocab-size": ("language.vocab_size", int, None),
+    "--make-vocab-size-divisible-by": ("language.make_vocab_size_divisible_by", int, None),
+    "--rotary-base": ("language.rotary_base", int, None),
+    "--norm-epsilon": ("language.norm_epsilon", float, None),
+    "--vision-hidden-size": ("vision.hidden_size", int, "PEL width (the release's mm_hidden_size)"),
+    "--vision-num-attention-heads": ("vision.num_heads", int, "heads of the PEL's local and global attention"),
+    "--teacher-image-size": ("vision.teacher_image_size", int, "side of the CLIP teacher's square (image_size_clip)"),
+    "--aligner-hidden-size": ("aligner.hidden_size", int, "aligner width = the CLIP teacher's hidden size"),
+    "--aligner-num-attention-heads": ("aligner.num_heads", int, "heads of the aligner's attention across taps"),
+    "--aligner-tap-interval": ("aligner.tap_interval", int, "decoder layers between aligner taps "
+                                                             "(default num-layers / 8)"),
+}
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
 
 @dataclass
 class OptimConfig:
@@ -123,11 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vision-lr", type=float, default=None,
                    help="learning rate of PEL, projector and aligner (default: --lr)")
 
-    g = p.add_argument_group("model size (overrides the preset)")
-    for flag in ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
-                 "--num-query-groups", "--max-position-embeddings", "--vocab-size"):
-        g.add_argument(flag, type=int, default=None)
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g = p.add_argument_group("architecture (overrides of the preset; default: the preset's)")
+    for flag, (_, kind, help_text) in ARCHITECTURE_FLAGS.items():
+        g.add_argument(flag, type=kind, default=None, help=help_text)
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="build the model the checkpoint records (--load's latest, else --pretrained-checkpoint; "
+                        "converted checkpoints included) instead of --preset; architecture flags given must agree")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -227,12 +253,33 @@ def parse_args(argv=None) -> TrainingJob:
     return job_from_args(args)
 
 
+def _base_model(args: argparse.Namespace, changes: dict) -> EVEModelConfig:
+    """The preset, or with --use-checkpoint-args the model recorded by the checkpoint training will
+    load first (flags given must agree with it)."""
+    if not args.use_checkpoint_args:
+        return get_preset(args.preset)
+    from megatron_eve.training.checkpoint import checkpoint_to_load, recorded_model_config
+
+    source = checkpoint_to_load(args.load, args.pretrained_checkpoint)
+    if source is None:
+        raise ConfigError("--use-checkpoint-args: neither --load nor --pretrained-checkpoint holds a checkpoint")
+    recorded = recorded_model_config(source)
+    flags = {field: flag for flag, (field, _, _) in ARCHITECTURE_FLAGS.items()}
+    conflicts = []
+    for key, value in changes.items():
+        part, name = key.split(".")
+        if getattr(getattr(recorded, part), name) != value:
+            conflicts.append(f"{flags[key]} {value} (the checkpoint: {getattr(getattr(recorded, part), name)})")
+    if conflicts:
+        raise ConfigError(f"--use-checkpoint-args: {source} records another architecture than "
+                          f"{', '.join(conflicts)}")
+    return recorded
+
+
 def job_from_args(args: argparse.Namespace) -> TrainingJob:
-    model = get_preset(args.preset)
-    changes = {f"language.{name}": getattr(args, name) for name in (
-        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-        "max_position_embeddings", "vocab_size") if getattr(args, name) is not None}
-    changes["language.make_vocab_size_divisible_by"] = args.make_vocab_size_divisible_by
+    changes = {field: getattr(args, _dest(flag)) for flag, (field, _, _) in ARCHITECTURE_FLAGS.items()
+               if getattr(args, _dest(flag)) is not None}
+    model = _base_model(args, changes)
     if args.image_size is not None:
         changes["vision.image_size"] = args.image_size
     changes["aligner.enabled"] = not args.disable_aligner and args.align_loss_weight > 0

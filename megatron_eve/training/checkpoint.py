@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from megatron_eve.atomic import recover_replaced, replace_directory, write_text
 from megatron_eve.checkpoint import safe_metadata
-from megatron_eve.config import ConfigError
+from megatron_eve.config import ConfigError, EVEModelConfig, architecture_differences, model_config_from_dict
 from megatron_eve.model.specs import resolve_transformer_impl
 from megatron_eve.training.arguments import TrainingJob
 
@@ -85,6 +85,38 @@ def reading(directory: str):
         raise CheckpointLoadError(
             f"{directory} cannot be loaded ({detail}): a file is truncated, damaged or "
             f"missing; resume from an earlier iteration by writing its number into {TRACKER}") from error
+
+
+def recorded_model_config(root: str) -> EVEModelConfig:
+    """The model configuration the latest checkpoint under `root` recorded (at save or conversion)."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise ConfigError(f"{root}: no {TRACKER} (no complete checkpoint there)")
+    directory = checkpoint_dir(root, iteration)
+    with reading(directory):
+        common = dist_checkpointing.load_common_state_dict(directory)
+    if "model_config" not in common:
+        raise ConfigError(f"{directory} records no model configuration: build the model from flags instead")
+    return model_config_from_dict(common["model_config"])
+
+
+def checkpoint_to_load(load: Optional[str], pretrained_checkpoint: Optional[str]) -> Optional[str]:
+    """The root load() reads first: --load when it holds a checkpoint (resume, or --finetune's
+    weights), else --pretrained-checkpoint."""
+    if load and latest_iteration(load) is not None:
+        return load
+    return pretrained_checkpoint
+
+
+def check_architecture(job: TrainingJob, root: str) -> None:
+    """Refuse, naming each field, a checkpoint whose recorded architecture is not the model built."""
+    differences = architecture_differences(job.model, recorded_model_config(root))
+    if differences:
+        raise ConfigError(
+            f"{root} holds a different architecture (this run vs the checkpoint): {'; '.join(differences)}; "
+            "pass --use-checkpoint-args to build the model the checkpoint records")
 
 
 def latest_iteration(root: str) -> Optional[int]:

@@ -20,7 +20,7 @@ from megatron_eve.config import ConfigError, validate
 from megatron_eve.data.dataset import DataConfig, build_datasets, parse_data_path
 from megatron_eve.data.images import tokens_per_image
 from megatron_eve.data.indexed import DatasetFormatError, read_metadata
-from megatron_eve.data.loader import LoaderConfig, build_loader, model_inputs
+from megatron_eve.data.loader import BatchPlan, LoaderConfig, build_loader, model_inputs
 from megatron_eve.model.build import build_model
 from megatron_eve.platform import current_device
 from megatron_eve.training import checkpoint
@@ -78,6 +78,12 @@ def check_job(job: TrainingJob, world_size: int) -> None:
     except ConfigError as error:
         problems.append(str(error).replace("invalid EVE configuration:\n  - ", ""))
     problems += _check_data(job)
+    source = checkpoint.checkpoint_to_load(job.checkpoint.load, job.checkpoint.pretrained_checkpoint)
+    if source is not None:
+        try:
+            checkpoint.check_architecture(job, source)
+        except ConfigError as error:
+            problems.append(str(error))
     if problems:
         raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
 
@@ -157,7 +163,8 @@ class MicroBatches:
         except StopIteration:  # evaluation cycles through its split
             self.iterator = iter(self.loader)
             batch = next(self.iterator)
-        self.work.add(micro_batch_work(batch, self.job.model, self.align, self.teacher_params))
+        self.work.add(micro_batch_work(batch, self.job.model, self.align, self.teacher_params,
+                                       llm_trains=self.job.schedule.stage != "prealign"))
         runtime = self.job.runtime
         return model_inputs(batch, self.job.model.vision, current_device(), dtype=runtime.params_dtype,
                             thd=runtime.uses_thd())
@@ -237,13 +244,14 @@ def run(job: TrainingJob) -> int:
     if data["train"] is None or len(data["train"]) == 0:
         raise ConfigError("no training sequence: the train split is empty or no sample fits --seq-length")
     pin = torch.cuda.is_available()
+    plan = BatchPlan.of(job.model.vision, job.runtime.uses_thd())
     train_batches = MicroBatches(build_loader(data["train"], LoaderConfig(
-        s.micro_batch_size, state.consumed_samples, dp_rank, dp_size, job.data.num_workers, pin)),
+        s.micro_batch_size, state.consumed_samples, dp_rank, dp_size, job.data.num_workers, pin, plan)),
         job, align, teacher_params)
     valid_batches = None
     if data["valid"] is not None and log.eval_interval and log.eval_iters:
         valid_batches = MicroBatches(build_loader(data["valid"], LoaderConfig(
-            s.micro_batch_size, 0, dp_rank, dp_size, min(job.data.num_workers, 1), pin)), job, False, 0)
+            s.micro_batch_size, 0, dp_rank, dp_size, min(job.data.num_workers, 1), pin, plan)), job, False, 0)
 
     num_microbatches = s.global_batch_size // (s.micro_batch_size * dp_size)
     fb = get_forward_backward_func()
@@ -301,13 +309,13 @@ def run(job: TrainingJob) -> int:
         if state.iteration % log.log_interval == 0 or state.iteration in (first_iteration + 1, s.train_iters):
             interval = stats.read_interval()
             meter = IntervalMeter(interval.iterations, interval_seconds, interval.work)
-            scalars = {**interval.losses, "learning-rate": _current_lr(optimizer),
+            scalars = {**interval.losses, **_learning_rates(optimizer),
                        "grad-norm": float(grad_norm or 0.0), **meter.scalars(dist.get_world_size(), peak),
                        **memory_scalars(), "batch-size": s.global_batch_size}
             if _last_rank_of_losses():
                 print(_log_line(state, s, scalars), flush=True)
             tensorboard.write(scalars, state.iteration, state.consumed_samples,
-                              vs_samples=("lm loss", "align loss", "learning-rate"))
+                              vs_samples=("lm loss", "align loss", "learning-rate", "vision-learning-rate"))
             interval_seconds = 0.0
 
         if valid_batches is not None and state.iteration % log.eval_interval == 0:
@@ -351,11 +359,19 @@ def run(job: TrainingJob) -> int:
     return exit_code
 
 
-def _current_lr(optimizer) -> float:
+def _learning_rates(optimizer) -> Dict[str, float]:
+    """The learning rate in force for the trained parameters: "learning-rate" is the rate of the
+    groups under --lr, or where none is trained (prealign) of those under --vision-lr; with both
+    trained, "vision-learning-rate" too."""
+    rates = {}
     for group in optimizer.param_groups:
-        if group.get("default_config", True):
-            return float(group["lr"])
-    return float(optimizer.param_groups[0]["lr"])
+        if group["params"]:
+            rates.setdefault("base" if group.get("default_config", True) else "vision", float(group["lr"]))
+    if not rates:
+        return {"learning-rate": float(optimizer.param_groups[0]["lr"])}
+    if "base" not in rates:
+        return {"learning-rate": rates["vision"]}
+    return {"learning-rate": rates["base"], **({"vision-learning-rate": rates["vision"]} if "vision" in rates else {})}
 
 
 def _evaluate(fb, step, ddp, batches, iters: int, num_microbatches: int, s) -> float:
@@ -378,9 +394,11 @@ def _log_line(state, s, scalars: Dict[str, float]) -> str:
         f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {state.iteration:8d}/{s.train_iters:8d} |"
         f" consumed samples: {state.consumed_samples:12d} |"
         f" elapsed time per iteration (ms): {scalars['iteration-time']:.1f} |"
-        f" learning rate: {scalars['learning-rate']:.6E} | global batch size: {s.global_batch_size:5d} |"
+        f" learning rate: {scalars['learning-rate']:.6E} |"
+        + (f" vision learning rate: {scalars['vision-learning-rate']:.6E} |" if "vision-learning-rate" in scalars else "")
+        + f" global batch size: {s.global_batch_size:5d} |"
         f" lm loss: {scalars['lm loss']:.6E} | align loss: {scalars['align loss']:.6E} |"
-        f" grad norm: {scalars['grad-norm']:.3f} | tokens/s/GPU: {scalars['tokens-per-sec-per-gpu']:.1f} |"
+        f" grad norm: {scalars['grad-norm']:.6E} | tokens/s/GPU: {scalars['tokens-per-sec-per-gpu']:.1f} |"
         f" throughput (TFLOP/s/GPU): {scalars['throughput']:.2f} | MFU: {mfu} |"
         f" packing efficiency: {100 * scalars['packing-efficiency']:.1f}% |"
         f" number of skipped iterations: {state.skipped_iterations:3d} |"

@@ -13,8 +13,9 @@ from megatron_eve.config import EVEModelConfig
 from megatron_eve.model.size import parameter_counts
 
 # Dense bf16 peaks per device, TFLOP/s (sparsity excluded).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "A100": 312.0, "A800": 312.0,
-               "B200": 2250.0, "GB200": 2450.0, "L40S": 362.0}
+# The longest key found in the device name wins ("H100 PCIe" before "H100", the SXM part).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H800": 989.0,
+               "GH200": 989.0, "A100": 312.0, "A800": 312.0, "B200": 2250.0, "GB200": 2450.0, "L40S": 362.0}
 
 
 def peak_tflops(override: Optional[float] = None) -> Optional[float]:
@@ -47,32 +48,40 @@ class BatchWork:
         self.flops += other.flops
 
 
-def micro_batch_work(batch: Dict, model: EVEModelConfig, align: bool, teacher_params: int = 0) -> BatchWork:
-    """Training FLOPs (forward + backward = 3 x forward; the teacher forward only) of a collated
-    micro-batch: decoder matmuls and causal attention within each sample, LM head, PEL, projector,
-    aligner and teacher, all from real tokens (padding is not work)."""
+def micro_batch_work(batch: Dict, model: EVEModelConfig, align: bool, teacher_params: int = 0,
+                     llm_trains: bool = True) -> BatchWork:
+    """Training FLOPs of a collated micro-batch, from real tokens (padding is not work): decoder
+    matmuls, causal attention within each sample, LM head, PEL, projector, aligner and teacher.
+    A trained matmul costs 3 x its forward (forward, input and weight gradients); a frozen one that
+    gradients still pass through (the LLM in prealign) 2 x; attention's score products 3 x either
+    way; the teacher its forward only."""
     lm, vision = model.language, model.vision
     h, c = lm.hidden_size, vision.hidden_size
     counts = parameter_counts(model)
     lengths = batch["sample_lengths"].double()
     tokens = float(lengths.sum())
     decoder_weights = counts["decoder"] - lm.num_layers * 2 * h - h  # matmul weights, norms excluded
-    forward = 2.0 * tokens * (decoder_weights + lm.hidden_size * lm.vocab_size)
-    forward += lm.num_layers * 2.0 * h * float((lengths * (lengths + 1)).sum())  # QK^T and AV, causal
+    llm_matmuls = 2.0 * tokens * (decoder_weights + lm.hidden_size * lm.vocab_size)
+    scores = lm.num_layers * 2.0 * h * float((lengths * (lengths + 1)).sum())  # QK^T and AV, causal
+    trained = 0.0  # forward FLOPs of trained modules outside the LLM
     grids = batch["image_grid_hw"].double()
     if grids.numel():
         rows, cols = grids[:, 0], grids[:, 1]
         merged = float((rows * cols).sum())
         visual = float((1 + rows * (cols + 1)).sum())
-        pel = merged * (4 * 2 * 3 * vision.patch_size**2 * c + 2 * c * c + 4 * 2 * 2 * c * c + 2 * c * c)
-        forward += pel + visual * 2 * (c * h + h * h)
+        images = float(grids.shape[0])
+        conv = 4 * 2 * 3 * vision.patch_size**2 * c  # four patches per merged token
+        local = 2 * c * c + 4 * 2 * 2 * c * c + 2 * c * c  # window query, its 4 pixels' keys / values, proj
+        global_kv = 2 * 2 * c * c  # every merged token is a key / value of the CLS query
+        trained += merged * (conv + local + global_kv) + images * 2 * (2 * c * c)  # + CLS query, proj
+        trained += visual * 2 * (c * h + h * h)  # projector
         if align:
             a = model.aligner.hidden_size
             pool = vision.align_pool
             cells = float(((rows // pool) * (cols // pool)).sum())
             taps = len(model.aligner.taps(lm.num_layers))
-            forward += cells * 2 * (taps * h * a + h * a + a * a)
-    flops = 3.0 * forward
+            trained += cells * 2 * (taps * h * a + h * a + a * a)
+    flops = (3.0 if llm_trains else 2.0) * llm_matmuls + 3.0 * scores + 3.0 * trained
     images = int(grids.shape[0])
     if align and images:
         flops += 2.0 * teacher_params * images * (vision.teacher_grid**2 + 1)
@@ -125,9 +134,10 @@ class TensorBoard:
         if self.writer is None:
             return
         for name, value in scalars.items():
-            self.writer.add_scalar(name, value, iteration)
+            # Stored as doubles: a grad norm or loss compared across runs keeps all its digits.
+            self.writer.add_scalar(name, value, iteration, new_style=True, double_precision=True)
             if name in vs_samples:
-                self.writer.add_scalar(f"{name} vs samples", value, consumed)
+                self.writer.add_scalar(f"{name} vs samples", value, consumed, new_style=True, double_precision=True)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+
+import torch
+
 from megatron_eve.training.arguments import TrainingJob
 from megatron_eve.training.stages import vision_name_patterns
 
@@ -37,12 +41,43 @@ def wrap_model(model, job: TrainingJob):
     return ddp
 
 
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for amp_C.multi_tensor_l2norm (total norm only): stays on the device."""
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1).float(), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for amp_C.multi_tensor_scale: targets = sources * scale."""
+    sources, targets = tensor_lists
+    if sources is targets:
+        torch._foreach_mul_(targets, scale)
+    else:
+        torch._foreach_copy_(targets, sources if scale == 1.0 else torch._foreach_mul(sources, scale))
+
+
+def use_foreach_multi_tensor_ops() -> None:
+    """Without Transformer Engine or apex, megatron-core's multi-tensor fallbacks loop over tensors
+    in Python, and its gradient-norm fallback reads each gradient's norm to the host: one device
+    synchronisation per parameter tensor, every step. torch's foreach kernels do the same arithmetic
+    on the device (the clipping decision still reads the one total norm, as with apex)."""
+    from megatron.core import utils
+
+    for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
+        module = importlib.import_module(name)
+        if getattr(module, "l2_norm_impl", None) is utils.local_multi_tensor_l2_norm:
+            module.l2_norm_impl = _foreach_l2_norm
+        if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = _foreach_scale
+
+
 def build_optimizer(ddp, job: TrainingJob):
     """AdamW (megatron-core, optionally distributed), with the vision parameters in their own
     group when --vision-lr differs from --lr."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer.optimizer_config import ParamKey
 
+    use_foreach_multi_tensor_ops()
     o, r = job.optim, job.runtime
     config = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,

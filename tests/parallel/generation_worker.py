@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_eve import distributed  # noqa: E402
@@ -38,10 +39,22 @@ def main():
     uncached = Generator(backend.model, False, backend.tokenizer.vocab_size).generate(prompts, sampling)
     single = [Generator(backend.model, True, backend.tokenizer.vocab_size).generate([p], sampling)[0] for p in prompts]
     texts = backend.answer(requests, sampling)
+    results = {"cached": cached, "uncached": uncached, "single": single, "texts": [str(t) for t in texts],
+               "prompt_lengths": [len(p.tokens) for p in prompts]}
+    # --bf16: the stage runs in bf16 (Float16Module, as in training) and follows the fp32 logits.
+    half = MegatronBackend(args.load, args.tokenizer, parallel, bf16=True)
+    results["bf16_dtype"] = str(next(half.model.parameters()).dtype)
+    results["bf16_texts"] = [str(t) for t in half.answer(requests, sampling)]
+    if dist.get_world_size() == 1:
+        first = prompts[3]
+        ids = torch.tensor([first.tokens])
+        mask = ~torch.ones(1, 1, len(first.tokens), len(first.tokens), dtype=torch.bool).tril()
+        images = torch.stack(first.images)
+        full = Generator(backend.model, False)._forward(ids, mask, images, None)
+        reduced = Generator(half.model, False)._forward(ids, mask, images.bfloat16(), None)
+        results["bf16_logits_rel_error"] = float((reduced - full).norm() / full.norm())
     if dist.get_rank() == 0:
-        Path(args.out).write_text(json.dumps({"cached": cached, "uncached": uncached, "single": single,
-                                              "texts": [str(t) for t in texts],
-                                              "prompt_lengths": [len(p.tokens) for p in prompts]}))
+        Path(args.out).write_text(json.dumps(results))
     distributed.destroy()
 
 

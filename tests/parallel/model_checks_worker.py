@@ -250,6 +250,10 @@ def torch_attention(results, prefix):
         masked = fused.eval()(**model_inputs(batch, cfg.vision, "cpu"))[0]
         thd_inputs = model_inputs(batch, cfg.vision, "cpu", thd=True)
         thd = fused(**thd_inputs)[0].view_as(reference)
+        results["torch_attention_flat_rotary"] = fused.flat_rotary and not local.flat_rotary
+        fused.flat_rotary = False  # megatron-core's per-sample THD RoPE, the reference for flat RoPE
+        per_sample_rope = fused(**model_inputs(batch, cfg.vision, "cpu", thd=True))[0].view_as(reference)
+    results["torch_attention_flat_rope_diff"] = float((thd - per_sample_rope).abs().max())
     results["torch_attention_core"] = type(fused.decoder.layers[0].self_attention.core_attention).__name__
     results["torch_attention_mask_diff"] = float((masked - reference).abs().max())
     results["torch_attention_thd_diff"] = float((thd - reference).abs().max())
