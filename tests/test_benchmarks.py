@@ -19,8 +19,16 @@ def test_bench_data_runs(tmp_path):
     packed = float(re.search(r"packed:\s+([\d.]+)% real tokens", out.stdout).group(1))
     padded = float(re.search(r"pad-to-longest:\s+([\d.]+)% real tokens", out.stdout).group(1))
     assert 0 < padded < packed <= 100  # the 98% target is asserted on a full stream in test_packing
+    grouped = float(re.search(r"pad-to-longest, length-grouped:\s+([\d.]+)% real tokens", out.stdout).group(1))
+    assert padded < grouped <= 100  # grouping pads less than random order
     assert re.search(r"jpeg:\s+[\d.]+ samples/s per worker", out.stdout)
     assert re.search(r"KiB/image", out.stdout)
+    # A real dataset's lengths (here the run's own preprocessed stream), all of them, packing only.
+    real = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_data.py"), "--lengths-from",
+                           str(tmp_path / "stream_jpeg")], capture_output=True, text=True, timeout=300)
+    assert real.returncode == 0, real.stderr[-3000:]
+    assert re.search(r"\n  24 sample lengths of .*stream_jpeg", real.stdout) and "length-grouped" in real.stdout
+    assert "loader" not in real.stdout
 
 
 def test_bench_train_runs_on_cpu(tmp_path):

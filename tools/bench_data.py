@@ -8,8 +8,10 @@ Prints, measured in this run:
   3. loader throughput (samples/s and sequences/s per worker) at 672 px, decoding both views.
 
 The images are photo-like (smooth colour fields, texture noise, shapes; COCO-sized JPEG sources),
-so storage and decode costs resemble real data. Example:
+so storage and decode costs resemble real data. Pad-to-longest is reported in random order and
+length-grouped (HF's group_by_length). Examples:
   python tools/bench_data.py --images 400 --workers 1
+  python tools/bench_data.py --lengths-from data/llava_mix665k   # packing on a real dataset's lengths
 """
 
 import argparse
@@ -71,6 +73,18 @@ def llava_like_records(root, count, rng, vocabulary):
     return path
 
 
+def pad_to_longest(lengths, micro_batch, grouped, rng):
+    """Real tokens / positions of pad-to-longest micro-batches in random order, or length-grouped as
+    HF Trainer's group_by_length (and LLaVA's SFT) builds them: megabatches of 50 micro-batches,
+    each sorted longest first."""
+    order = lengths[rng.permutation(len(lengths))]
+    if grouped:
+        mega = 50 * micro_batch
+        order = np.concatenate([np.sort(order[i : i + mega])[::-1] for i in range(0, len(order), mega)])
+    batches = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
+    return lengths.sum() / sum(len(b) * b.max() for b in batches)
+
+
 def packing_report(lengths, seq_length, micro_batch, buffer):
     from megatron_eve.data.packing import efficiency, pack
 
@@ -80,10 +94,21 @@ def packing_report(lengths, seq_length, micro_batch, buffer):
     pack_seconds = time.time() - t
     packed = efficiency(plan, lengths, seq_length)
     fits = lengths[lengths <= seq_length]
-    order = fits[np.random.default_rng(0).permutation(len(fits))]
-    batches = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
-    padded = fits.sum() / sum(len(b) * b.max() for b in batches)
-    return packed, padded, len(plan), pack_seconds / len(lengths) * 1e6
+    padded = pad_to_longest(fits, micro_batch, False, np.random.default_rng(0))
+    grouped = pad_to_longest(fits, micro_batch, True, np.random.default_rng(0))
+    return packed, padded, grouped, len(plan), pack_seconds / len(lengths) * 1e6
+
+
+def print_packing(lengths, what, args):
+    packed, padded, grouped, sequences, us = packing_report(lengths, args.seq_length, args.micro_batch_size,
+                                                            args.packing_buffer_size)
+    print(f"  {len(lengths)} sample lengths {what} (mean {lengths.mean():.0f}, max {lengths.max()} positions)")
+    print(f"  packed:          {100 * packed:6.2f}% real tokens in {sequences} sequences "
+          f"({us:.2f} us/sample to plan)")
+    print(f"  pad-to-longest:  {100 * padded:6.2f}% real tokens")
+    print(f"  pad-to-longest, length-grouped: {100 * grouped:6.2f}% real tokens")
+    print(f"  compute saved by packing: {100 * (1 - padded / packed):.1f}% of pad-to-longest's positions, "
+          f"{100 * (1 - grouped / packed):.1f}% of length-grouped's")
 
 
 def main():
@@ -97,7 +122,17 @@ def main():
     parser.add_argument("--workers", type=int, default=1, help="preprocessing / loader workers")
     parser.add_argument("--loader-batches", type=int, default=0, help="micro-batches to time (0: all)")
     parser.add_argument("--workdir", default=None, help="keep files here (default: a temporary folder)")
+    parser.add_argument("--lengths-from", default=None, metavar="PREFIX",
+                        help="a preprocessed dataset (PREFIX.idx): compare packing on its real sample lengths, "
+                             "all of them, and skip the synthetic stream")
     args = parser.parse_args()
+    if args.lengths_from:
+        from megatron_eve.data.indexed import IndexedSamples
+
+        print(f"\n== packing into seq-length {args.seq_length} vs pad-to-longest "
+              f"(micro-batch {args.micro_batch_size})")
+        print_packing(np.asarray(IndexedSamples(args.lengths_from).lengths), f"of {args.lengths_from}", args)
+        return
 
     from megatron_eve.config import VisionConfig
     from megatron_eve.data.dataset import DataConfig, build_datasets
@@ -139,14 +174,7 @@ def main():
 
     measured = IndexedSamples(prefixes["jpeg"]).lengths
     draws = np.random.default_rng(1).choice(measured, args.length_samples)
-    packed, padded, sequences, us = packing_report(draws, args.seq_length, args.micro_batch_size,
-                                                   args.packing_buffer_size)
-    print(f"  {args.length_samples} sample lengths drawn from the preprocessed stream "
-          f"(mean {draws.mean():.0f}, max {draws.max()} positions)")
-    print(f"  packed:          {100 * packed:6.2f}% real tokens in {sequences} sequences "
-          f"({us:.2f} us/sample to plan)")
-    print(f"  pad-to-longest:  {100 * padded:6.2f}% real tokens")
-    print(f"  compute saved by packing: {100 * (1 - padded / packed):.1f}% of pad-to-longest's positions")
+    print_packing(draws, "drawn from the preprocessed stream", args)
 
     print(f"\n== loader at 672 px (PEL and teacher views decoded), DataLoader with {args.workers} worker(s)")
     for codec, prefix in prefixes.items():
