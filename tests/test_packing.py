@@ -89,3 +89,12 @@ def test_sampler_ranks_are_disjoint_and_resume_is_exact():
         assert list(MicroBatchSampler(100, 24, 2, r, 4)) == full[r][3:]
     with pytest.raises(ValueError, match="consumed 200"):
         MicroBatchSampler(100, 200, 2, 0, 1)
+
+
+def test_group_by_length_sorts_each_megabatch_longest_first():
+    from megatron_eve.data.packing import group_by_length
+
+    lengths = np.array([5, 9, 1, 7, 3, 8])
+    # Megabatches of 1 x 2 samples: [0, 1], [2, 3], [4, 5], each longest first.
+    assert group_by_length(np.arange(6), lengths, batch_size=2, megabatch=1).tolist() == [1, 0, 3, 2, 5, 4]
+    assert group_by_length([4, 2, 0], lengths, batch_size=2).tolist() == [0, 4, 2]  # one megabatch

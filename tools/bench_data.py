@@ -77,10 +77,12 @@ def pad_to_longest(lengths, micro_batch, grouped, rng):
     """Real tokens / positions of pad-to-longest micro-batches in random order, or length-grouped as
     HF Trainer's group_by_length (and LLaVA's SFT) builds them: megabatches of 50 micro-batches,
     each sorted longest first."""
-    order = lengths[rng.permutation(len(lengths))]
+    from megatron_eve.data.packing import group_by_length
+
+    order = rng.permutation(len(lengths))
     if grouped:
-        mega = 50 * micro_batch
-        order = np.concatenate([np.sort(order[i : i + mega])[::-1] for i in range(0, len(order), mega)])
+        order = group_by_length(order, lengths, micro_batch)
+    order = lengths[order]
     batches = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
     return lengths.sum() / sum(len(b) * b.max() for b in batches)
 

@@ -141,13 +141,14 @@ def hf_order(samples, batch_size, grouped, rng):
     order = rng.permutation(len(samples))
     if not grouped:
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    from megatron_eve.data.packing import group_by_length
+
+    lengths = np.asarray([len(s["tokens"]) for s in samples])
     batches = []
     for with_image in (True, False):
-        members = [i for i in order if (samples[i]["image"] is not None) == with_image]
-        mega = 50 * batch_size
-        for i in range(0, len(members), mega):
-            chunk = sorted(members[i : i + mega], key=lambda k: -len(samples[k]["tokens"]))
-            batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+        members = group_by_length([i for i in order if (samples[i]["image"] is not None) == with_image],
+                                  lengths, batch_size)
+        batches += [members[j : j + batch_size] for j in range(0, len(members), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
 

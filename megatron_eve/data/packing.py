@@ -86,3 +86,13 @@ def efficiency(plan: PackingPlan, lengths: np.ndarray, capacity: int) -> float:
     if len(plan) == 0:
         return 0.0
     return float(np.asarray(lengths)[plan.order].sum()) / (len(plan) * capacity)
+
+
+def group_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int, megabatch: int = 50) -> np.ndarray:
+    """`order` (sample indices) regrouped as HF Trainer's group_by_length sampler (and LLaVA's SFT)
+    does: megabatches of `megabatch` micro-batches, each sorted longest first — what a padded
+    baseline gets instead of packing."""
+    order = np.asarray(order)
+    size = megabatch * batch_size
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    return np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks]) if chunks else order
