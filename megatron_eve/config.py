@@ -104,6 +104,16 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     distributed_timeout_minutes: int = 10  # how long a collective may wait for its peers
+    # Interleaved 1F1B: each pipeline rank holds several chunks of this many decoder layers.
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+
+    def virtual_pipeline_size(self, num_layers: int) -> Optional[int]:
+        """Model chunks per pipeline rank (megatron-core's virtual_pipeline_model_parallel_size),
+        None without interleaving."""
+        per_stage = self.num_layers_per_virtual_pipeline_stage
+        if per_stage is None:
+            return None
+        return num_layers // (self.pipeline_model_parallel_size * per_stage)
 
 
 @dataclass
@@ -245,6 +255,23 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: 
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def _interleaving_problems(num_layers: int, parallel: ParallelConfig) -> List[str]:
+    per_stage, pp = parallel.num_layers_per_virtual_pipeline_stage, parallel.pipeline_model_parallel_size
+    if per_stage is None:
+        return []
+    if per_stage < 1:
+        return [f"--num-layers-per-virtual-pipeline-stage {per_stage} must be at least 1"]
+    if pp < 2:
+        return ["--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"]
+    if num_layers % (pp * per_stage):
+        return [f"--num-layers-per-virtual-pipeline-stage {per_stage} x pipeline-model-parallel-size {pp} "
+                f"does not divide num_layers {num_layers}"]
+    if num_layers == pp * per_stage:
+        return [f"--num-layers-per-virtual-pipeline-stage {per_stage} gives one chunk per pipeline stage "
+                "(no interleaving): drop the flag or use fewer layers per virtual stage"]
+    return []
+
+
 def validate(model: EVEModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig) -> None:
     """Raise ConfigError naming every problem found, before any module is built."""
     lm, vis, pal = model.language, model.vision, model.aligner
@@ -267,6 +294,7 @@ def validate(model: EVEModelConfig, parallel: ParallelConfig, runtime: RuntimeCo
             problems.append(
                 f"pipeline-model-parallel-size {pp} does not divide num_layers {lm.num_layers}"
             )
+        problems += _interleaving_problems(lm.num_layers, parallel)
     if lm.num_attention_heads % lm.num_query_groups:
         problems.append(
             f"num_query_groups {lm.num_query_groups} does not divide num_attention_heads "
@@ -402,6 +430,7 @@ def transformer_config(
         init_method_std=lm.init_method_std,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_size(lm.num_layers),
         sequence_parallel=parallel.sequence_parallel,
         # Stages exchange [tokens + carried aligner features] whose length varies per micro-batch.
         variable_seq_lengths=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -18,9 +19,10 @@ from megatron_eve.config import ConfigError, ParallelConfig
 from megatron_eve.platform import apply_cpu_shim, distributed_backend, has_cuda
 
 
-def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
+def initialize(parallel: ParallelConfig, seed: int = 1234, virtual_pipeline_size: Optional[int] = None) -> None:
     """Join the process group and build TP / PP / DP groups; idempotent within a process.
-    parallel.distributed_timeout_minutes bounds every collective (a hung peer fails the job)."""
+    parallel.distributed_timeout_minutes bounds every collective (a hung peer fails the job);
+    virtual_pipeline_size (parallel.virtual_pipeline_size(num_layers)) selects interleaved 1F1B."""
     timeout = timedelta(minutes=parallel.distributed_timeout_minutes)
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python tool.py`: a one-process group
@@ -46,6 +48,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_size,
             distributed_timeout_minutes=parallel.distributed_timeout_minutes,
         )
     set_seed(seed)

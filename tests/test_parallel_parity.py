@@ -11,7 +11,11 @@ import pytest
 
 from tests.helpers import read_json, torchrun
 
-LAYOUTS = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"], "tp2_sp": ["--tp", "2", "--sp"]}
+LAYOUTS = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"], "tp2_sp": ["--tp", "2", "--sp"],
+           # Interleaved 1F1B: 4 chunks of 2 layers on 2 ranks (chunk v of rank r holds layers
+           # 4v + 2r, 4v + 2r + 1), taps on every chunk; a packed fourth micro-batch (the schedule
+           # takes a multiple of PP micro-batches).
+           "pp2_vpp2": ["--pp", "2", "--vpp", "2", "--packed"]}
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +27,17 @@ def runs(tmp_path_factory, teacher_path):
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_reference(runs, teacher_path, layout):
+    packed = "--packed" in LAYOUTS[layout]
+    reference_dir = runs / ("reference_packed" if packed else "reference")
+    if packed and not reference_dir.exists():
+        torchrun("eve_worker.py", 1, ["reference", "--packed", "--out", reference_dir, "--teacher", teacher_path])
     torchrun("eve_worker.py", 2, ["layout", "--out", runs / layout, "--teacher", teacher_path, *LAYOUTS[layout]])
-    reference = read_json(runs / "reference" / "losses.json")
+    reference = read_json(reference_dir / "losses.json")
     other = read_json(runs / layout / "losses.json")
-    assert len(reference) == len(other) == 3
+    assert len(reference) == len(other) == (4 if packed else 3)
     assert reference[0]["align loss"] > 0.1 and reference[2]["align loss"] == 0.0
+    if packed:
+        assert reference[3]["align loss"] > 0.1
     for ref_step, step in zip(reference, other):
         for key in ("lm loss", "align loss"):
             assert abs(ref_step[key] - step[key]) <= 1e-5, (key, ref_step, step)

@@ -307,6 +307,25 @@ def test_mme_acc_and_acc_plus_per_subtask(tmp_path):
         "10002.txt\tIs this artwork created by Gentile da Fabriano?  Please answer yes or no.\tYes\tYes")
 
 
+def test_mme_converted_output_never_writes_into_a_foreign_folder(tmp_path):
+    answers = [{"question_id": "existence/000000006040.jpg", "prompt": "Is there a train in this image?" + SHORT,
+                "text": "Yes"}]
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    args = ["score", "--kind", "mme", "--answers-file", answers_file(tmp_path, answers),
+            "--annotations", mme_release(tmp_path), "--converted-output", folder]
+    code, _, err = run(*args)
+    assert code == 1 and "holds files that are not MME answer files" in err and "--overwrite" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    code, _, err = run(*args, "--overwrite")
+    assert code == 0, err
+    assert (folder / "notes.txt").read_text() == "keep me" and (folder / "existence.txt").is_file()
+    (folder / "notes.txt").unlink()
+    code, _, err = run(*args)  # an earlier conversion is ours to replace
+    assert code == 0, err
+
+
 def test_mme_questions_round_trip(tmp_path):
     root = mme_release(tmp_path)
     code, _, err = run("questions", "--benchmark", "mme", "--source", root, "--question-file", tmp_path / "q.jsonl")

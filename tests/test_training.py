@@ -156,6 +156,14 @@ def job_args(data, *extra):
     (["--log-interval", "0"], 1, "--log-interval 0 must be at least 1"),
     (["--save-interval", "0"], 1, "--save-interval 0 must be at least 1"),
     (["--num-workers", "-1"], 1, "--num-workers -1 must not be negative"),
+    (["--num-layers-per-virtual-pipeline-stage", "2"], 2, "needs --pipeline-model-parallel-size > 1"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2,
+     "--num-layers-per-virtual-pipeline-stage 3 x pipeline-model-parallel-size 2 does not divide num_layers 8"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "4"], 2,
+     "gives one chunk per pipeline stage"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2",
+      "--micro-batch-size", "1", "--global-batch-size", "3"], 2,
+     "interleaved pipelining needs a multiple of pipeline-model-parallel-size 2 micro-batches per step"),
 ])
 def test_bad_configs_are_refused_before_work(data, extra, world, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -201,6 +209,26 @@ def test_distributed_optimizer_with_overlap_matches_plain_data_parallel(data, tm
     for iteration in (1, 2, 3):
         for ours, theirs in zip(sharded[iteration][:2], plain[iteration][:2]):
             assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs))
+
+
+def test_interleaved_pipeline_trains_and_checkpoints_like_the_plain_pipeline(data, tmp_path):
+    """PP=2 with two model chunks per rank (--num-layers-per-virtual-pipeline-stage 2: layers 0-1,
+    4-5 on rank 0, 2-3, 6-7 on rank 1; aligner taps on every chunk) from the same weights as PP=2
+    without interleaving: the same losses step for step; its checkpoint (model0/model1) resumes
+    without interleaving and continues as the plain run does."""
+    args = base_args(data, "pretrain") + ["--lr-decay-iters", 3]
+    start = tmp_path / "start"
+    train(args + ["--train-iters", 1, "--save", start], nproc=1)
+    pipeline = args + ["--pipeline-model-parallel-size", 2, "--pretrained-checkpoint", start]
+    plain, _ = train(pipeline + ["--train-iters", 3])
+    interleaved, out = train(pipeline + ["--train-iters", 2, "--num-layers-per-virtual-pipeline-stage", 2,
+                                         "--save", tmp_path / "vpp"])
+    resumed, _ = train(pipeline + ["--train-iters", 3, "--load", tmp_path / "vpp", "--save", tmp_path / "vpp"])
+    assert sorted(interleaved) == [1, 2] and sorted(resumed) == [3], out[-3000:]
+    for iteration, run in ((1, interleaved), (2, interleaved), (3, resumed)):
+        assert run[iteration][1] > 0.1  # the aligner trained
+        for ours, theirs in zip(run[iteration][:2], plain[iteration][:2]):
+            assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs)), (iteration, run[iteration], plain[iteration])
 
 
 def test_a_streak_of_non_finite_iterations_stops_without_saving(data, tmp_path):

@@ -54,6 +54,22 @@ def test_cells_match_reference(pool):
     assert layout.cell_image.tolist() == sum(([i] * n for i, n in enumerate(per_image)), [])
 
 
+@pytest.mark.parametrize("pool", [1, 2])
+@pytest.mark.parametrize("shards", [2, 3])
+def test_cells_of_sequence_shards_sum_to_the_whole(pool, shards):
+    """Sequence parallelism: each rank pools the cell tokens of its rows; the shards' parts sum to
+    the cells of the whole sequence (shard borders cut through images and through 2x2 cells)."""
+    input_ids = tokens_with_images(GRIDS, LAYOUT)
+    length = -(-input_ids.shape[1] // shards) * shards
+    input_ids = F.pad(input_ids, (0, length - input_ids.shape[1]))
+    hidden = torch.randn(length, input_ids.shape[0], 5, dtype=torch.float64)
+    layout = VisualLayout.build(input_ids, torch.tensor(GRIDS), pool)
+    rows = length // shards
+    parts = [layout.cells(hidden[r * rows:(r + 1) * rows], first_row=r * rows) for r in range(shards)]
+    assert all(p.abs().sum() > 0 for p in parts)  # every shard holds part of some cell
+    torch.testing.assert_close(sum(parts), reference_cells(hidden, input_ids, GRIDS, pool))
+
+
 def test_splice_writes_tokens_in_image_order():
     input_ids = tokens_with_images(GRIDS, LAYOUT)
     s, b = input_ids.shape[1], input_ids.shape[0]

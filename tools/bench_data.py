@@ -5,18 +5,22 @@ Prints, measured in this run:
   1. packing efficiency (real tokens / capacity) of packed sequences vs pad-to-longest micro-batches
      over the same stream of sample lengths;
   2. preprocessing throughput (images/s per worker) and bytes per stored image, JPEG vs PNG;
-  3. loader throughput (samples/s and sequences/s per worker) at 672 px, decoding both views.
+  3. loader throughput (samples/s and sequences/s per worker) at 672 px, decoding both views;
+or, with --plan-cache, only the packing plan's time at 33 M samples: without a cache, with an empty
+one (plan and write), with a filled one (read and check), and the cache's size on disk.
 
 The images are photo-like (smooth colour fields, texture noise, shapes; COCO-sized JPEG sources),
 so storage and decode costs resemble real data. Pad-to-longest is reported in random order and
 length-grouped (HF's group_by_length). Examples:
   python tools/bench_data.py --images 400 --workers 1
   python tools/bench_data.py --lengths-from data/llava_mix665k   # packing on a real dataset's lengths
+  python tools/bench_data.py --plan-cache    # packing-plan time at 33 M samples, without / with the cache
 """
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -113,6 +117,54 @@ def print_packing(lengths, what, args):
           f"{100 * (1 - grouped / packed):.1f}% of length-grouped's")
 
 
+def llava_like_lengths(count, seed=0):
+    """Sample lengths mixed like LLaVA-mix-665K (as tests/test_packing.py draws them): lognormal
+    text, ~85% of samples with one 672-px image's tokens."""
+    rng = np.random.default_rng(seed)
+    text = np.clip(rng.lognormal(4.8, 0.9, count).astype(np.int64), 16, 2500)
+    return text + np.where(rng.random(count) < 0.85, rng.choice([601, 576, 526, 451, 376, 301], count), 0)
+
+
+def plan_cache_report(lengths, what, args):
+    """One epoch's plan as PackedSequences gets it: planned with no cache, then a first run with an
+    empty cache (plan, write), then a later run (read, check); the plans must be identical."""
+    from megatron_eve.data.packing import plan_epochs
+    from megatron_eve.data.plan_cache import PlanKey, cached_plans, lengths_sha256
+
+    print(f"\n== packing plan of {len(lengths):,} sample lengths {what} (mean {lengths.mean():.0f}), "
+          f"seq-length {args.seq_length}, buffer {args.packing_buffer_size}, one epoch")
+    root = args.workdir or tempfile.mkdtemp(prefix="bench_plan_cache_")
+    directory = os.path.join(root, "plan_cache")
+    shutil.rmtree(directory, ignore_errors=True)  # a cold first run, even in a kept --workdir
+
+    def cached():
+        key = PlanKey("train", 0, len(lengths), lengths_sha256(lengths), 1234, 0, args.seq_length, True,
+                      args.packing_buffer_size)
+        return cached_plans(lengths, key, None, directory, "bench.train")
+
+    timed = []
+    for label, build in (("no cache", lambda: plan_epochs(lengths, args.seq_length, args.packing_buffer_size,
+                                                           (1234, 0), None)),
+                         ("first run, cache empty (plan, write)", cached),
+                         ("later run, cache filled (read, check)", cached)):
+        start = time.time()
+        plans = build()
+        timed.append((label, time.time() - start, plans))
+    reference = timed[0][2]
+    for _, _, plans in timed[1:]:
+        if not all(np.array_equal(a.order, b.order) and np.array_equal(a.offsets, b.offsets)
+                   for a, b in zip(reference, plans)) or len(plans) != len(reference):
+            raise SystemExit("the cached plan differs from the planned one")
+    for label, seconds, _ in timed:
+        print(f"  {label + ':':40s} {seconds:7.2f} s")
+    files = os.listdir(directory)
+    size = sum(os.path.getsize(os.path.join(directory, name)) for name in files)
+    print(f"  cache on disk: {size / 2**20:.1f} MiB in {len(files)} files ({len(reference[0]):,} sequences), "
+          f"plans identical with and without it")
+    if not args.workdir:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=300, help="records in the preprocessed stream")
@@ -127,7 +179,19 @@ def main():
     parser.add_argument("--lengths-from", default=None, metavar="PREFIX",
                         help="a preprocessed dataset (PREFIX.idx): compare packing on its real sample lengths, "
                              "all of them, and skip the synthetic stream")
+    parser.add_argument("--plan-cache", action="store_true",
+                        help="only time the packing plan without / with its cache, on --plan-samples LLaVA-like "
+                             "lengths (or all of --lengths-from's)")
+    parser.add_argument("--plan-samples", type=int, default=33_000_000, help="sample lengths for --plan-cache")
     args = parser.parse_args()
+    if args.plan_cache:
+        if args.lengths_from:
+            from megatron_eve.data.indexed import IndexedSamples
+
+            plan_cache_report(np.asarray(IndexedSamples(args.lengths_from).lengths), f"of {args.lengths_from}", args)
+        else:
+            plan_cache_report(llava_like_lengths(args.plan_samples), "drawn LLaVA-like", args)
+        return
     if args.lengths_from:
         from megatron_eve.data.indexed import IndexedSamples
 

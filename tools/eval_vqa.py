@@ -56,7 +56,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eve.atomic import write_bytes, write_jsonl, write_text  # noqa: E402
+from megatron_eve.atomic import check_output_dir, entries, write_bytes, write_jsonl, write_text  # noqa: E402
+from megatron_eve.config import ConfigError  # noqa: E402
 from megatron_eve.eval import benchmarks as bench  # noqa: E402
 from megatron_eve.eval import submissions  # noqa: E402
 from megatron_eve.eval.scorers import (mean, mme_question_candidates, multiple_choice_accuracy,  # noqa: E402
@@ -239,6 +240,9 @@ def score_benchmark(args, answer_rows, problems) -> int:
         if args.converted_output:
             write_text(args.converted_output, json.dumps(bench.gqa_predictions(_answer_pairs(answer_rows))))
     else:
+        if args.converted_output:  # before the work: a folder of someone else's files is not ours to write into
+            check_output_dir(args.converted_output, _holds_mme_answers, args.overwrite,
+                             "MME answer files (<subtask>.txt)")
         questions = bench.load_mme(path)
         truth = {(q.category, q.file, q.question): q for q in questions}
 
@@ -266,6 +270,12 @@ def score_benchmark(args, answer_rows, problems) -> int:
                   unreadable_lines=len(problems), rules="lenient (not EVE's)" if args.lenient else "EVE's")
     print(json.dumps(result))
     return 0
+
+
+def _holds_mme_answers(folder) -> bool:
+    """Whether `folder` holds only what _write_mme_answers writes (an earlier conversion)."""
+    subtasks = {f"{name}.txt" for name in bench.MME_PERCEPTION + bench.MME_COGNITION}
+    return entries(folder) <= subtasks
 
 
 def _write_mme_answers(folder, answers, truth) -> None:
@@ -516,6 +526,8 @@ def main(argv=None) -> int:
     s.add_argument("--converted-output", default=None,
                    help="seed: the upload jsonl; gqa: the predictions json GQA's eval.py reads; mme: a folder "
                         "of <subtask>.txt for MME's calculation.py (as LLaVA's converters write them)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="mme: write --converted-output into a folder that holds other files")
     s.add_argument("--lenient", action="store_true",
                    help="friendlier answer parsing than EVE's evaluation code (reported as such)")
     u = sub.add_parser("submit", help="write the file a benchmark server or grader takes")
@@ -538,7 +550,7 @@ def main(argv=None) -> int:
         return answer(args)
     try:
         return {"score": score, "submit": submit, "questions": questions}[args.command](args)
-    except bench.BenchmarkFileError as error:
+    except (bench.BenchmarkFileError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:

@@ -2,9 +2,10 @@
 
 `--data-path 0.7 A 0.3 B --split 98,2,0`: each prefix's samples are split into contiguous
 train / valid / test ranges; within a split, samples are shuffled and packed per epoch (seeded by
-seed, prefix, split and epoch, so every rank and every resumed run builds the same plan); the
-prefixes' sequences are interleaved by megatron-core's blending helper in proportion to the
-weights. A dataset item is one packed sequence, ready for collation.
+seed, prefix, split and epoch, so every rank and every resumed run builds the same plan, which is
+cached beside the data: plan_cache.py); the prefixes' sequences are interleaved by megatron-core's
+blending helper in proportion to the weights. A dataset item is one packed sequence, ready for
+collation.
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_eve.data.indexed import IndexedSamples
-from megatron_eve.data.packing import PackingPlan, one_per_sequence, pack
+from megatron_eve.data.packing import PackingPlan
+from megatron_eve.data.plan_cache import PlanKey, cached_plans, lengths_sha256
 from megatron_eve.model.visual_layout import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
+PLANS_SUFFIX = ".plans"  # PREFIX.plans/: the packing-plan cache beside the data, by default
 
 
 @dataclass
@@ -33,6 +37,8 @@ class DataConfig:
     seed: int = 1234
     pack: bool = True
     packing_buffer_size: int = 10000
+    # --data-cache-path: where packing plans are cached (None: PREFIX.plans/ beside each prefix).
+    cache_path: Optional[str] = None
     # What this pipeline stage reads: the first needs pixels, the last the teacher's view (when
     # it trains the aligner); middle stages only need tokens and image grids.
     read_pixels: bool = True
@@ -82,19 +88,15 @@ class PackedSequences:
         self.samples, self.config = samples, config
         self.sample_ids = np.arange(first, last, dtype=np.int64)
         lengths = samples.lengths[first:last]
-        seed = int.from_bytes(hashlib.sha256(f"{samples.prefix}|{split}".encode()).digest()[:4], "little")
-        self.plans: List[PackingPlan] = []
+        stream = int.from_bytes(hashlib.sha256(f"{samples.prefix}|{split}".encode()).digest()[:4], "little")
+        key = PlanKey(split, first, last, lengths_sha256(lengths), config.seed, stream, config.seq_length,
+                      config.pack, config.packing_buffer_size if config.pack else 0)
+        self.plans: List[PackingPlan] = cached_plans(
+            lengths, key, minimum, config.cache_path or samples.prefix + PLANS_SUFFIX,
+            f"{os.path.basename(samples.prefix)}.{split}")
         self.epoch_starts = [0]
-        while True:
-            rng = np.random.default_rng([config.seed, seed, len(self.plans)])
-            plan = (pack(lengths, config.seq_length, config.packing_buffer_size, rng) if config.pack
-                    else one_per_sequence(lengths, config.seq_length, rng))
-            if len(plan) == 0:
-                break
-            self.plans.append(plan)
+        for plan in self.plans:
             self.epoch_starts.append(self.epoch_starts[-1] + len(plan))
-            if minimum is None or self.epoch_starts[-1] >= minimum:
-                break
         self.too_long = self.plans[0].too_long if self.plans else 0
         if self.too_long:
             logger.warning("%s (%s): %d samples longer than seq-length %d are left out", samples.prefix,

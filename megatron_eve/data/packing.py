@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -71,6 +71,35 @@ def one_per_sequence(lengths: np.ndarray, capacity: int, rng: np.random.Generato
     lengths = np.asarray(lengths, dtype=np.int64)
     fits = np.nonzero(lengths <= capacity)[0]
     return _plan([np.asarray([i]) for i in fits[rng.permutation(len(fits))]], len(lengths) - len(fits))
+
+
+def plan_epochs(lengths: np.ndarray, capacity: int, buffer_size: Optional[int], seed: Sequence[int],
+                minimum: Optional[int], plans: Sequence[PackingPlan] = ()) -> List[PackingPlan]:
+    """Epoch after epoch of plans until `minimum` sequences are planned (None: one epoch); epoch e
+    is shuffled by default_rng([*seed, e]), so any epoch can be planned alone. `plans` are epochs
+    already planned (read from a cache): they are kept and continued. buffer_size None: no packing.
+    An empty epoch (no sample fits) ends the list."""
+    plans = list(plans)
+    total = sum(len(p) for p in plans)
+    while not plans or (minimum is not None and total < minimum):
+        rng = np.random.default_rng([*seed, len(plans)])
+        plan = (pack(lengths, capacity, buffer_size, rng) if buffer_size is not None
+                else one_per_sequence(lengths, capacity, rng))
+        if len(plan) == 0:
+            break
+        plans.append(plan)
+        total += len(plan)
+    return plans
+
+
+def epochs_needed(sizes: Sequence[int], minimum: Optional[int]) -> int:
+    """How many of epochs with these sequence counts `plan_epochs` keeps for `minimum`."""
+    total = 0
+    for count, size in enumerate(sizes, 1):
+        total += size
+        if minimum is None or total >= minimum:
+            return count
+    return len(sizes)
 
 
 def _plan(sequences, too_long: int) -> PackingPlan:

@@ -145,17 +145,18 @@ class EVEModel(LanguageModule):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
 
-    def _full_sequence(self, hidden: Tensor) -> Tensor:
-        """Gather a sequence-parallel shard to the whole sequence for the (replicated) aligner.
+    def _cells(self, layout: VisualLayout, hidden: Tensor) -> Tensor:
+        """The aligner cells [V, H] of a decoder output [s, b, H], or of this rank's
+        sequence-parallel shard [s/tp, b, H]: each rank pools the cells' tokens it holds and one
+        all-reduce of [V, H] completes them — instead of gathering the whole sequence per tap.
 
-        Every TP rank then computes the same aligner terms, so the backward takes this rank's
-        slice of the gradient instead of summing identical copies.
-        """
+        Every TP rank then holds the same cells and computes the same aligner terms; the
+        all-reduce's backward is the identity, so each rank's tokens get their cells' gradient
+        once (not summed over identical copies)."""
         if not self.config.sequence_parallel:
-            return hidden
-        return tensor_parallel.gather_from_sequence_parallel_region(
-            hidden, tensor_parallel_output_grad=False
-        )
+            return layout.cells(hidden)
+        first_row = hidden.shape[0] * self.tp_group.rank()
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(layout.cells(hidden, first_row))
 
     def _attach_carried(self, hidden: Tensor, carried: List[Tensor]) -> Tensor:
         if not carried:
@@ -248,9 +249,7 @@ class EVEModel(LanguageModule):
         labels, and (lm_loss [b, s], align_loss_sum, align_images) with labels.
         """
         del position_ids
-        vision = self.eve_config.vision
         seq_len = input_ids.shape[1]
-        sp_shards = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
         wants_align = self.training and self.eve_config.aligner.enabled
         if wants_align and images is not None and image_grid_hw is None and not (
             self.pre_process and self.post_process
@@ -259,28 +258,51 @@ class EVEModel(LanguageModule):
                 "under pipeline parallelism every stage needs image_grid_hw to find the aligner's "
                 "patch tokens; pass it with the micro-batch"
             )
+        hidden, carried, layout = self._preprocess(input_ids, images, image_grid_hw, visual_layout, wants_align)
+        hidden = self._decode(hidden, carried, layout, seq_len, attention_mask, packed_seq_params,
+                              inference_context)
+        if not self.post_process:
+            return self._attach_carried(hidden, carried)
+        return self._postprocess(hidden, carried, layout, labels, teacher_images, teacher_patches)
 
-        carried: List[Tensor] = []
-        layout = None
+    def _preprocess(self, input_ids: Tensor, images, image_grid_hw: Optional[Tensor],
+                    visual_layout: Optional[VisualLayout], wants_align: bool
+                    ) -> Tuple[Tensor, List[Tensor], Optional[VisualLayout]]:
+        """This stage's input → (hidden states [s/sp, b, H], aligner taps carried so far, the
+        layout when the aligner has cells to align in this micro-batch, else None).
+
+        First stage: embeddings with the visual tokens spliced in (tap 0 projected), scattered to
+        the sequence-parallel regions. Later stages: the previous stage's activation, split into
+        hidden states and the carried taps."""
+        vision = self.eve_config.vision
         if self.pre_process:
             hidden, layout = self._embed(input_ids, images, image_grid_hw, vision.align_pool, visual_layout)
-            aligning = wants_align and layout is not None and layout.num_cells > 0
-            if aligning:
+            carried = []
+            if wants_align and layout is not None and layout.num_cells > 0:
                 carried.append(self.aligner.project(self.taps.index(0), layout.cells(hidden)))
+            else:
+                layout = None
             if self.config.sequence_parallel:
                 hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
-        else:
-            if wants_align and visual_layout is not None:
-                layout = visual_layout
-            elif wants_align and image_grid_hw is not None and image_grid_hw.numel():
-                layout = VisualLayout.build(input_ids, image_grid_hw, vision.align_pool)
-            aligning = layout is not None and layout.num_cells > 0
-            hidden, carried = self._detach_carried(
-                self.input_tensor, seq_len // sp_shards, layout.num_cells if aligning else 0
-            )
-            self.decoder.set_input_tensor(hidden)
+            return hidden, carried, layout
+        layout = None
+        if wants_align and visual_layout is not None:
+            layout = visual_layout
+        elif wants_align and image_grid_hw is not None and image_grid_hw.numel():
+            layout = VisualLayout.build(input_ids, image_grid_hw, vision.align_pool)
+        if layout is not None and layout.num_cells == 0:
+            layout = None
+        sp_shards = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        hidden, carried = self._detach_carried(
+            self.input_tensor, input_ids.shape[1] // sp_shards, layout.num_cells if layout is not None else 0
+        )
+        self.decoder.set_input_tensor(hidden)
+        return hidden, carried, layout
 
-        extract = {t - 1 for _, t in self.inner_taps} if aligning else None
+    def _decode(self, hidden: Tensor, carried: List[Tensor], layout: Optional[VisualLayout], seq_len: int,
+                attention_mask, packed_seq_params, inference_context) -> Tensor:
+        """This stage's decoder layers; the taps among them are projected and appended to `carried`."""
+        extract = {t - 1 for _, t in self.inner_taps} if layout is not None else None
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         # With a KV cache, attention picks each step's slice of the rotary table by offset.
         rotary_len = inference_context.max_sequence_length if inference_context is not None else seq_len
@@ -296,27 +318,28 @@ class EVEModel(LanguageModule):
             inference_context=inference_context,
             extract_layer_indices=extract,
         )
-        if extract:
-            hidden, intermediates = out
-            if len(intermediates) != len(self.inner_taps):
-                raise RuntimeError(
-                    f"decoder returned {len(intermediates)} of {len(self.inner_taps)} aligner taps"
-                )
-            for (slot, _), tapped in zip(self.inner_taps, intermediates):
-                carried.append(self.aligner.project(slot, layout.cells(self._full_sequence(tapped))))
-        else:
-            hidden = out
+        if not extract:
+            return out
+        hidden, intermediates = out
+        if len(intermediates) != len(self.inner_taps):
+            raise RuntimeError(
+                f"decoder returned {len(intermediates)} of {len(self.inner_taps)} aligner taps"
+            )
+        for (slot, _), tapped in zip(self.inner_taps, intermediates):
+            carried.append(self.aligner.project(slot, self._cells(layout, tapped)))
+        return hidden
 
-        if not self.post_process:
-            return self._attach_carried(hidden, carried)
-
+    def _postprocess(self, hidden: Tensor, carried: List[Tensor], layout: Optional[VisualLayout],
+                     labels: Optional[Tensor], teacher_images, teacher_patches) -> Union[Tensor, EVELosses]:
+        """Last stage: logits [b, s, V] without labels; else (per-token LM loss, align loss sum,
+        images aligned)."""
         logits, _ = self.output_layer(hidden)
         logits = self._mask_padded_vocab(logits)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         supervised = labels >= 0
         lm_loss = self.compute_language_model_loss(labels.clamp(min=0), logits) * supervised
-        if not aligning:
+        if layout is None:
             return lm_loss, lm_loss.new_zeros(()), lm_loss.new_zeros(())
         return (lm_loss, *self._align_loss(hidden, carried, layout, teacher_images, teacher_patches))
 
@@ -341,11 +364,13 @@ class EVEModel(LanguageModule):
             )
         if teacher_images is None:
             raise VisualLayoutError("training the aligner needs teacher_images on the last stage")
-        final_cells = layout.cells(self._full_sequence(final_hidden))
+        final_cells = self._cells(layout, final_hidden)
         query = self.aligner.project(self.taps.index(self.eve_config.language.num_layers), final_cells)
         keys = torch.stack(carried[::-1], dim=1)  # carried ascend in depth; slots descend
         prediction = self.aligner.predict(final_cells, query, keys)
-        target = self.teacher.patch_features(teacher_images, teacher_patches)
+        # Every TP rank needs the same targets: each encodes 1/TP of the images.
+        split = self.tp_group if self.config.tensor_model_parallel_size > 1 else None
+        target = self.teacher.patch_features(teacher_images, teacher_patches, split_over=split)
         return alignment_loss(prediction, target, layout.cell_image, layout.num_images)
 
 

@@ -2,13 +2,20 @@
 
 conv 14x14 → crop to the valid patches → 2x2 local cross-attention → CLS by global attention →
 a split token after every row → projector, giving 1 + h(w + 1) tokens per image of any aspect
-ratio. Images whose valid region has the same shape and place run through every step together,
-so a micro-batch costs one pass per distinct shape, not one per image.
+ratio.
+
+Two equivalent paths. The flat one (the default) runs all patches of the micro-batch together in a
+fixed number of kernels whatever the mix of shapes: one gather patchifies every crop, the conv is
+one matmul, the 2x2 windows are consecutive patch rows, the CLS attention is a softmax segmented
+by image, and one index_copy lays the tokens out. Its index tensors (a FlatPlan) depend on the
+crops' shapes alone, so they are built on the host with no device sync. The per-shape path runs
+one pass per distinct crop shape; it is kept as the parity reference.
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple, Union
+import dataclasses
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,17 +50,23 @@ class LocalAttention(nn.Module):
     def forward(self, grid: Tensor) -> Tensor:
         """[n, C, H, W] → [n, h*w, C] with h, w = H // stride, W // stride."""
         n, c, _, _ = grid.shape
-        s, heads = self.stride, self.num_heads
+        s = self.stride
         reduced = F.avg_pool2d(grid, kernel_size=s, stride=s)
         h, w = reduced.shape[-2:]
-        reduced = reduced.flatten(2).transpose(1, 2)  # [n, hw, C]
-        q = self.q(reduced).view(n, h * w, 1, heads, -1)
-        # The s*s pixels of every window, row-major: [n, hw, s*s, C].
+        reduced = reduced.flatten(2).transpose(1, 2).reshape(n * h * w, c)
+        # The s*s pixels of every window, row-major: [n*hw, s*s, C].
         windows = grid[:, :, : h * s, : w * s].reshape(n, c, h, s, w, s)
-        windows = windows.permute(0, 2, 4, 3, 5, 1).reshape(n, h * w, s * s, c)
-        k, v = self.kv(windows).view(n, h * w, s * s, 2, heads, -1).unbind(3)
-        attn = ((q * self.scale) * k).sum(-1).softmax(dim=2)  # [n, hw, s*s, heads]
-        merged = (attn.unsqueeze(-1) * v).sum(2).reshape(n, h * w, c)
+        windows = windows.permute(0, 2, 4, 3, 5, 1).reshape(n * h * w, s * s, c)
+        return self.attend(reduced, windows).view(n, h * w, c)
+
+    def attend(self, reduced: Tensor, windows: Tensor) -> Tensor:
+        """Window averages [m, C] and their pixels [m, s*s, C] (row-major) → merged [m, C]."""
+        m, c = reduced.shape
+        heads = self.num_heads
+        q = self.q(reduced).view(m, 1, heads, -1)
+        k, v = self.kv(windows).view(m, windows.shape[1], 2, heads, -1).unbind(2)
+        attn = ((q * self.scale) * k).sum(-1).softmax(dim=1)  # [m, s*s, heads]
+        merged = (attn.unsqueeze(-1) * v).sum(1).reshape(m, c)
         return reduced + self.proj(merged)
 
 
@@ -77,6 +90,122 @@ class GlobalAttention(nn.Module):
         attn = ((q * self.scale) * k).sum(-1).softmax(dim=1)  # [n, L, heads]
         pooled = (attn.unsqueeze(-1) * v).sum(1).reshape(n, 1, c)
         return cls.view(1, 1, c) + self.proj(pooled)
+
+    def forward_segments(self, cls: Tensor, tokens: Tensor, image: Tensor, num_images: int) -> Tensor:
+        """cls [C], tokens [M, C] of all images back to back, image [M] (whose token) → [N, C].
+
+        The softmax over each image's tokens is segmented: per-image max, exp, per-image sums. Its
+        sums accumulate in at least fp32 (what softmax and sum do internally) so bf16 stays close
+        to the per-image path.
+        """
+        m, c = tokens.shape
+        heads = self.num_heads
+        q = self.q(cls).view(1, heads, -1)
+        k, v = self.kv(tokens).view(m, 2, heads, -1).unbind(1)  # [M, heads, d]
+        accumulate = torch.promote_types(tokens.dtype, torch.float32)
+        logits = ((q * self.scale) * k).sum(-1).to(accumulate)  # [M, heads]
+        by_head = image.view(m, 1).expand(m, heads)
+        # The max only keeps exp in range; the softmax does not depend on it, so no gradient.
+        peak = logits.new_full((num_images, heads), float("-inf"))
+        peak = peak.scatter_reduce(0, by_head, logits.detach(), "amax")
+        weights = (logits - peak.index_select(0, image)).exp()
+        totals = logits.new_zeros(num_images, heads).index_add(0, image, weights)
+        attn = weights / totals.index_select(0, image)
+        pooled = logits.new_zeros(num_images, heads, c // heads)
+        pooled = pooled.index_add(0, image, attn.unsqueeze(-1) * v.to(accumulate))
+        return cls.view(1, c) + self.proj(pooled.to(tokens.dtype).view(num_images, c))
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatPlan:
+    """The flat PEL's index tensors for one micro-batch: a pure function of the crops' shapes.
+
+    The crops are read as one image-major buffer of HWC pixels (the loader's crops are HWC views
+    of the decoded arrays, so flattening them copies nothing), cut into runs of 3*patch values:
+    one patch's pixel row. Patches are ordered by merged cell (image-major, row-major) and, within
+    a cell, row-major over its 2x2 window, so every window is s*s consecutive patch rows. Built on
+    the host (a loader worker can build it too) and moved once; nothing waits on the device.
+    """
+
+    shapes: Tuple[Tuple[int, int], ...]  # (height, width) px per crop
+    patch_size: int
+    grid_hw: Tensor  # [N, 2] token rows, cols per image
+    first_runs: Tensor  # [P]: the run number of each patch's first pixel row in the buffer
+    row_runs: Tensor  # [P]: runs per pixel row of each patch's image (the step to its next row)
+    cell_image: Tensor  # [M]: the image of every merged cell
+    token_positions: Tensor  # [N + M + splits]: output row of each of cat(CLS, cells, splits)
+
+    @classmethod
+    def of(cls, shapes: Sequence[Tuple[int, int]], patch_size: int, conv_stride: int) -> "FlatPlan":
+        """shapes: (height, width) px per crop, whole patches and at least one token cell each."""
+        p, s = patch_size, conv_stride
+        for index, (height, width) in enumerate(shapes):
+            if height % p or width % p or min(height, width) < p * s:
+                raise ImageInputError(
+                    f"image {index}: a {height}x{width} px crop is not whole {p}-px patches of at "
+                    f"least one {p * s}-px token cell"
+                )
+        sides = torch.tensor([tuple(shape) for shape in shapes], dtype=torch.long).view(-1, 2)
+        patch_cols = sides[:, 1] // p
+        rows, cols = sides[:, 0] // (p * s), patch_cols // s
+        cells, num_images = rows * cols, len(shapes)
+
+        def exclusive_cumsum(counts: Tensor) -> Tensor:
+            return torch.cumsum(counts, 0) - counts
+
+        # Merged cells, image-major then row-major.
+        cell_image = torch.repeat_interleave(torch.arange(num_images), cells)
+        local = torch.arange(int(cells.sum())) - exclusive_cumsum(cells)[cell_image]
+        cell_cols = cols[cell_image]
+        cell_row, cell_col = local // cell_cols, local % cell_cols
+        # Each cell's s*s patches, row-major, and the run of each patch's first pixel row. An
+        # image holds height * patch_cols runs, patch_cols per pixel row.
+        offsets = torch.arange(s)
+        patch_row = cell_row[:, None, None] * s + offsets[None, :, None]  # [M, s, 1]
+        patch_col = cell_col[:, None, None] * s + offsets[None, None, :]  # [M, 1, s]
+        row_runs = patch_cols[cell_image].view(-1, 1, 1)
+        image_runs = exclusive_cumsum(sides[:, 0] * patch_cols)[cell_image].view(-1, 1, 1)
+        first_runs = image_runs + patch_row * p * row_runs + patch_col  # [M, s, s]
+        # Tokens per image: CLS, then every row's cells followed by a split token.
+        start = exclusive_cumsum(1 + rows * (cols + 1))
+        row_start = start[cell_image] + 1 + cell_row * (cell_cols + 1)
+        split_image = torch.repeat_interleave(torch.arange(num_images), rows)
+        split_row = torch.arange(int(rows.sum())) - exclusive_cumsum(rows)[split_image]
+        split_position = start[split_image] + 1 + split_row * (cols[split_image] + 1) + cols[split_image]
+        return cls(
+            shapes=tuple((int(h), int(w)) for h, w in shapes),
+            patch_size=p,
+            grid_hw=torch.stack([rows, cols], dim=1),
+            first_runs=first_runs.flatten(),
+            row_runs=row_runs.expand(-1, s, s).flatten(),
+            cell_image=cell_image,
+            token_positions=torch.cat([start, row_start + cell_col, split_position]),
+        )
+
+    def pixel_runs(self) -> Tensor:
+        """[P, patch]: every patch's pixel rows as run numbers, expanded where the plan lives
+        (patch-fold fewer values to build on the host and to copy)."""
+        rows = torch.arange(self.patch_size, device=self.first_runs.device)
+        return self.first_runs[:, None] + self.row_runs[:, None] * rows
+
+    @property
+    def num_splits(self) -> int:
+        return self.token_positions.numel() - self.grid_hw.shape[0] - self.cell_image.numel()
+
+    def to(self, device: torch.device) -> "FlatPlan":
+        """The index tensors on `device`; grid_hw stays on the host, where the model checks it."""
+        if device.type == "cuda":
+            # A pinned host copy goes to the GPU without stalling the host (a pageable one would not).
+            move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+        else:
+            move = lambda t: t.to(device)  # noqa: E731
+        return dataclasses.replace(
+            self,
+            first_runs=move(self.first_runs),
+            row_runs=move(self.row_runs),
+            cell_image=move(self.cell_image),
+            token_positions=move(self.token_positions),
+        )
 
 
 class PatchEmbeddingLayer(nn.Module):
@@ -149,28 +278,40 @@ class PatchEmbeddingLayer(nn.Module):
         rows = torch.cat([merged.view(n, h, w, c), split], dim=2).reshape(n, h * (w + 1), c)
         return torch.cat([cls, rows], dim=1)
 
-    def forward(self, images: Union[Tensor, List[Tensor]]) -> Tuple[Tensor, Tensor]:
-        """Images → (tokens [ΣT_i, C] concatenated in image order, grid_hw [N, 2] per image).
+    def encode_flat(self, crops: Sequence[Tensor], plan: FlatPlan) -> Tensor:
+        """All crops [3, H_i, W_i] at once, whatever their shapes → tokens [ΣT_i, C] in image order."""
+        p, s = self.patch_size, self.conv_stride
+        width = self.class_embedding.numel()
+        # One buffer of every crop's HWC pixels (views for HWC-strided crops) cut into pixel rows.
+        pixels = torch.cat([crop.permute(1, 2, 0).reshape(-1) for crop in crops])
+        pixels = pixels.to(self.patch_embedding.weight.dtype).view(-1, 3 * p)
+        plan = plan.to(pixels.device)
+        patches = pixels.index_select(0, plan.pixel_runs().view(-1)).view(-1, p * p * 3)
+        # The conv (no bias) as one matmul; its weight reordered to the patches' (dy, dx, rgb).
+        kernel = self.patch_embedding.weight.permute(0, 2, 3, 1).reshape(width, -1)
+        windows = F.linear(patches, kernel).view(-1, s * s, width)  # [M, s*s, C]
+        merged = self.local_attention.attend(windows.mean(dim=1), windows)
+        cls = self.global_attention.forward_segments(
+            self.class_embedding, merged, plan.cell_image, len(plan.shapes)
+        )
+        splits = self.split_embedding.view(1, width).expand(plan.num_splits, width)
+        tokens = torch.cat([cls, merged, splits])
+        return torch.empty_like(tokens).index_copy(0, plan.token_positions, tokens)
 
-        images: the reference's masked squares, [N, 4, S, S] or a list of [4, S_i, S_i]; or the
-        valid crops themselves, a list of normalised [3, H_i, W_i] (H, W whole token cells), which
-        is what the data pipeline supplies — the same tokens without building the padded squares.
-        """
-        if isinstance(images, Tensor) or images[0].shape[0] == 4:
-            groups = self._square_groups(images)
-        else:
-            groups = self._crop_groups(images)
-        num_images = sum(len(ids) for ids, _ in groups)
-        s = self.conv_stride * self.patch_size
-        grid_hw = torch.zeros(num_images, 2, dtype=torch.long)
-        for ids, pixels in groups:
-            grid_hw[ids] = torch.tensor([pixels.shape[-2] // s, pixels.shape[-1] // s])
+    def encode_by_shape(self, crops: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+        """The parity reference for encode_flat: one encode_group per distinct crop shape.
+        Returns (tokens [ΣT_i, C] in image order, grid_hw [N, 2])."""
+        by_shape = {}
+        for index, crop in enumerate(crops):
+            by_shape.setdefault(tuple(crop.shape), []).append(index)
+        cell = self.conv_stride * self.patch_size
+        grid_hw = torch.tensor([[crop.shape[1] // cell, crop.shape[2] // cell] for crop in crops])
         counts = 1 + grid_hw[:, 0] * (grid_hw[:, 1] + 1)
         starts = torch.cumsum(counts, 0) - counts
         dtype = self.patch_embedding.weight.dtype
         outputs, destinations = [], []
-        for ids, pixels in groups:
-            tokens = self.encode_group(pixels.to(dtype))  # [n, T, C]
+        for ids in by_shape.values():
+            tokens = self.encode_group(torch.stack([crops[i] for i in ids]).to(dtype))  # [n, T, C]
             outputs.append(tokens.flatten(0, 1))
             destinations.append((starts[ids][:, None] + torch.arange(tokens.shape[1])).flatten())
         out = torch.cat(outputs)
@@ -179,8 +320,32 @@ class PatchEmbeddingLayer(nn.Module):
         order = order.pin_memory().to(out.device, non_blocking=True) if out.is_cuda else order.to(out.device)
         return torch.empty_like(out).index_copy(0, order, out), grid_hw
 
-    def _square_groups(self, images: Union[Tensor, List[Tensor]]) -> List[Tuple[Tensor, Tensor]]:
-        """(image ids, cropped pixels [n, 3, H, W]) per distinct valid box."""
+    def forward(
+        self, images: Union[Tensor, List[Tensor]], plan: Optional[FlatPlan] = None, flat: bool = True
+    ) -> Tuple[Tensor, Tensor]:
+        """Images → (tokens [ΣT_i, C] concatenated in image order, grid_hw [N, 2] per image).
+
+        images: the reference's masked squares, [N, 4, S, S] or a list of [4, S_i, S_i]; or the
+        valid crops themselves, a list of normalised [3, H_i, W_i] (H, W whole token cells), which
+        is what the data pipeline supplies — the same tokens without building the padded squares.
+        plan: FlatPlan.of the crops' shapes, when built ahead (e.g. by the loader). flat=False runs
+        the per-shape reference path instead (and takes no plan).
+        """
+        if isinstance(images, Tensor) or images[0].shape[0] == 4:
+            crops = self._square_crops(images)
+        else:
+            crops = self._checked_crops(images)
+        if not flat:
+            return self.encode_by_shape(crops)
+        shapes = tuple((crop.shape[1], crop.shape[2]) for crop in crops)
+        if plan is None:
+            plan = FlatPlan.of(shapes, self.patch_size, self.conv_stride)
+        elif plan.shapes != shapes:
+            raise ImageInputError(f"the plan is for crops {list(plan.shapes)}, not {list(shapes)}")
+        return self.encode_flat(crops, plan), plan.grid_hw
+
+    def _square_crops(self, images: Union[Tensor, List[Tensor]]) -> List[Tensor]:
+        """Each masked square's valid region [3, h, w] (a view), in image order."""
         if isinstance(images, Tensor):
             batches = [(list(range(images.shape[0])), images)]
         else:  # differently sized squares: one batch per size
@@ -189,21 +354,15 @@ class PatchEmbeddingLayer(nn.Module):
                 by_size.setdefault(tuple(image.shape), []).append(index)
             batches = [(members, torch.stack([images[i] for i in members])) for members in by_size.values()]
         p = self.patch_size
-        groups = []
+        crops = [None] * sum(len(members) for members, _ in batches)
         for members, batch in batches:
-            by_box = {}
-            for pos, box in enumerate(self.valid_patch_boxes(batch, members[0])):
-                by_box.setdefault(box, []).append(pos)
-            for (r0, r1, c0, c1), positions in by_box.items():
-                picked = batch.index_select(0, torch.tensor(positions, device=batch.device))
-                ids = torch.tensor([members[pos] for pos in positions])
-                groups.append((ids, picked[:, :3, r0 * p : r1 * p, c0 * p : c1 * p]))
-        return groups
+            for pos, (r0, r1, c0, c1) in enumerate(self.valid_patch_boxes(batch, members[0])):
+                crops[members[pos]] = batch[pos, :3, r0 * p : r1 * p, c0 * p : c1 * p]
+        return crops
 
-    def _crop_groups(self, crops: List[Tensor]) -> List[Tuple[Tensor, Tensor]]:
-        """(image ids, stacked crops) per distinct crop shape."""
+    def _checked_crops(self, crops: List[Tensor]) -> List[Tensor]:
+        """The crops, once each is known to be [3, H, W] of whole token cells."""
         cell = self.patch_size * self.conv_stride
-        by_shape = {}
         for index, crop in enumerate(crops):
             if crop.dim() != 3 or crop.shape[0] != 3:
                 raise ImageInputError(f"image {index}: expected a [3, H, W] crop, got {list(crop.shape)}")
@@ -213,8 +372,7 @@ class PatchEmbeddingLayer(nn.Module):
                     f"image {index}: a {height}x{width} px crop is not a whole number of {cell}-px "
                     "token cells"
                 )
-            by_shape.setdefault(tuple(crop.shape), []).append(index)
-        return [(torch.tensor(ids), torch.stack([crops[i] for i in ids])) for ids in by_shape.values()]
+        return crops
 
 
 class VisionProjection(nn.Sequential):

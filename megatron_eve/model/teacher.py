@@ -54,14 +54,32 @@ class CLIPTeacher:
         self.patch_size = vision.patch_size
 
     @torch.no_grad()
-    def patch_features(self, images: Tensor, patches: Optional[Tensor] = None) -> Tensor:
+    def patch_features(self, images: Tensor, patches: Optional[Tensor] = None, split_over=None) -> Tensor:
         """images [N, 4, L, L] (RGB + mask) → features of the valid patches [V, C], image-major,
         row-major inside each image (the order the aligner's cells use). `patches`: their flat
         indices, planned on the host (data.images.square_patch_index); else read from the masks,
-        which waits on the device."""
-        dtype = next(self.model.parameters()).dtype
-        hidden = self.model(pixel_values=images[:, :3].to(dtype)).last_hidden_state[:, 1:]
+        which waits on the device. `split_over`: a process group (tensor-parallel ranks, which all
+        need the same targets) whose ranks each encode a share of the images and exchange them."""
+        hidden = self._encode(images, split_over)
         if patches is not None:
             return hidden.reshape(-1, hidden.shape[-1]).index_select(0, patches)
         valid = F.avg_pool2d(images[:, 3:].float(), kernel_size=self.patch_size) > 0
         return hidden[valid.flatten(1)]
+
+    def _encode(self, images: Tensor, group) -> Tensor:
+        """Penultimate-layer patch features [N, G, C] (CLS dropped)."""
+        dtype = next(self.model.parameters()).dtype
+        if group is None or group.size() == 1:
+            return self.model(pixel_values=images[:, :3].to(dtype)).last_hidden_state[:, 1:]
+        import torch.distributed as dist
+
+        size, count = group.size(), images.shape[0]
+        share = -(-count // size)
+        first = group.rank() * share
+        mine = images[first:first + share, :3].to(dtype)
+        if mine.shape[0] < share:  # the last ranks get fewer images, or none: zero squares fill in
+            mine = torch.cat([mine, mine.new_zeros(share - mine.shape[0], *mine.shape[1:])])
+        local = self.model(pixel_values=mine).last_hidden_state[:, 1:].contiguous()
+        gathered = local.new_empty((size * share, *local.shape[1:]))
+        dist.all_gather_into_tensor(gathered, local, group=group)
+        return gathered[:count]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -101,17 +102,24 @@ class VisualLayout:
         """Called by the DataLoader's pin-memory thread, so the copy to the GPU can be asynchronous."""
         return self._map(lambda t: t.pin_memory())
 
-    def cells(self, hidden: Tensor) -> Tensor:
-        """hidden [s, b, H] → per-cell mean of its patch tokens [V, H] (the reference pools first)."""
+    def cells(self, hidden: Tensor, first_row: Optional[int] = None) -> Tensor:
+        """hidden [s, b, H] → per-cell mean of its patch tokens [V, H] (the reference pools first).
+
+        With first_row, hidden holds only rows first_row.. of the sequence (a sequence-parallel
+        shard): the result holds those rows' share of every cell (zero elsewhere), so the shards'
+        results sum to the whole; the indices are masked, not filtered (no device sync)."""
         flat = hidden.reshape(-1, hidden.shape[-1])
-        picked = flat.index_select(0, self.cell_positions)
-        if self.pool == 1:
-            # One token per cell; positions are already in cell order.
-            return picked
-        summed = picked.new_zeros(self.num_cells, flat.shape[-1]).index_add(
-            0, self.cell_index, picked
-        )
-        return summed / (self.pool * self.pool)
+        if first_row is None:
+            picked = flat.index_select(0, self.cell_positions)
+            if self.pool == 1:
+                # One token per cell; positions are already in cell order.
+                return picked
+        else:
+            local = self.cell_positions - first_row * hidden.shape[1]
+            held = (local >= 0) & (local < flat.shape[0])
+            picked = flat.index_select(0, local.clamp(0, flat.shape[0] - 1)) * held.unsqueeze(1).to(flat.dtype)
+        summed = picked.new_zeros(self.num_cells, flat.shape[-1]).index_add(0, self.cell_index, picked)
+        return summed / (self.pool * self.pool) if self.pool > 1 else summed
 
     def splice(self, embeddings: Tensor, visual_tokens: Tensor) -> Tensor:
         """embeddings [s, b, H] with visual_tokens [T, H] written at the visual positions."""

@@ -89,6 +89,7 @@ class DataArgs:
     num_workers: int = 2
     pack: bool = True
     packing_buffer_size: int = 10000
+    data_cache_path: Optional[str] = None  # packing-plan cache (None: beside the data)
 
 
 @dataclass
@@ -105,6 +106,11 @@ class CheckpointConfig:
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None
     verify_checkpoint: bool = False  # check every file's CRC-32 before loading
+    async_save: bool = False  # write in a background process; the next save / exit waits for it
+    # The distributed optimizer's state in model space (gathered at save; loads at any TP / PP)
+    # instead of each data-parallel rank's own shard (no gather; loads at the saved TP / PP only).
+    dist_ckpt_optim_fully_reshardable: bool = False
+    ckpt_fully_parallel_save: bool = True  # data-parallel replicas share the writing of the weights
 
 
 @dataclass
@@ -158,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved 1F1B: each pipeline rank holds num-layers / (PP x this) model chunks, "
+                        "shrinking the pipeline bubble by that factor")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
@@ -218,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
     g.add_argument("--no-pack", action="store_true", help="one sample per row, padded to the longest")
     g.add_argument("--packing-buffer-size", type=int, default=10000, help="samples packed together")
+    g.add_argument("--data-cache-path", default=None, metavar="DIR",
+                   help="where packing plans are cached (default: PREFIX.plans/ beside each dataset)")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None)
@@ -234,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every file of the checkpoint to load against the CRC-32 sums recorded at save "
                         "(each rank reads its share) and refuse a damaged one")
     g.add_argument("--ckpt-keep-last", type=int, default=None, help="keep only the newest K checkpoints")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in a background process while training goes on; a checkpoint is "
+                        "marked the latest once every rank has written it, and the next save or the exit waits")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save the distributed optimizer's state in model space (gathered over data-parallel "
+                        "ranks at every save), loadable at any TP / PP; by default each rank writes its own "
+                        "shard, which loads at the saved TP / PP only (any data-parallel size)")
+    g.add_argument("--ckpt-fully-parallel-save", action=argparse.BooleanOptionalAction, default=True,
+                   help="spread the writing of data-parallel replicas (the weights) over the replicas")
     g.add_argument("--exit-signal-handler", action="store_true", help="on SIGTERM: save, then exit 0")
     g.add_argument("--exit-interval", type=int, default=None, help="save and exit at a multiple of this iteration")
     g.add_argument("--exit-duration-in-mins", type=float, default=None, help="save and exit after this long")
@@ -297,7 +317,8 @@ def job_from_args(args: argparse.Namespace) -> TrainingJob:
     return TrainingJob(
         model=model,
         parallel=ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                args.sequence_parallel, args.distributed_timeout_minutes),
+                                args.sequence_parallel, args.distributed_timeout_minutes,
+                                args.num_layers_per_virtual_pipeline_stage),
         runtime=RuntimeConfig(
             transformer_impl=args.transformer_impl, attention_backend=args.attention_backend,
             packed_attention=args.packed_attention, bf16=args.bf16, fp16=args.fp16,
@@ -322,6 +343,7 @@ def job_from_args(args: argparse.Namespace) -> TrainingJob:
         data=DataArgs(
             data_path=args.data_path, split=args.split, tokenizer_model=args.tokenizer_model,
             num_workers=args.num_workers, pack=not args.no_pack, packing_buffer_size=args.packing_buffer_size,
+            data_cache_path=args.data_cache_path,
         ),
         checkpoint=CheckpointConfig(
             save=args.save, load=args.load, save_interval=args.save_interval, finetune=args.finetune,
@@ -329,6 +351,8 @@ def job_from_args(args: argparse.Namespace) -> TrainingJob:
             no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, keep_last=args.ckpt_keep_last,
             exit_signal_handler=args.exit_signal_handler, exit_interval=args.exit_interval,
             exit_duration_in_mins=args.exit_duration_in_mins, verify_checkpoint=args.verify_checkpoint,
+            async_save=args.async_save, dist_ckpt_optim_fully_reshardable=args.dist_ckpt_optim_fully_reshardable,
+            ckpt_fully_parallel_save=args.ckpt_fully_parallel_save,
         ),
         logging=LoggingConfig(
             log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,

@@ -1,11 +1,17 @@
 """Checkpoints with megatron-core dist-checkpointing (Megatron-LM's directory conventions).
 
-SAVE/iter_0000100/ holds model, optimizer (fully reshardable), scheduler, iteration, consumed
-samples and per-rank RNG; SAVE/latest_checkpointed_iteration.txt names the newest complete one.
-A checkpoint is written under a temporary name and renamed when every rank has finished, and the
-marker is replaced only after that, so an interrupted save never looks like the latest; a directory
-being replaced is moved aside, never deleted, until its replacement is in place.
-Loading reshards to any TP / PP and across layer specs (Transformer Engine's `_extra_state` is
+SAVE/iter_0000100/ holds model, optimizer, scheduler, iteration, consumed samples and per-rank RNG;
+SAVE/latest_checkpointed_iteration.txt names the newest complete one. A checkpoint is written under
+a temporary name and renamed when every rank has finished, and the marker is replaced only after
+that, so an interrupted save (killed, or still writing in the background with --async-save) never
+looks like the latest; a directory being replaced is moved aside, never deleted, until its
+replacement is in place.
+The distributed optimizer's state is saved as each data-parallel rank holds it ("dp_reshardable":
+every rank writes its own shard, nothing is gathered); it loads at any data-parallel size but only
+at the tensor / pipeline sizes it was saved at. --dist-ckpt-optim-fully-reshardable saves it in
+model space instead ("fully_reshardable": gathered over data-parallel ranks at every save), which
+loads at any layout. The plain optimizer's state follows the model's sharding and loads anywhere.
+Model weights reshard to any TP / PP and across layer specs (Transformer Engine's `_extra_state` is
 loaded where both sides have it, left alone where one lacks it); --finetune loads model weights
 only (a new stage), and weights missing from the checkpoint (e.g. a fresh PEL on top of a language
 model) keep their initialisation.
@@ -14,6 +20,7 @@ model) keep their initialisation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -38,14 +45,23 @@ logger = logging.getLogger(__name__)
 safe_metadata.install()  # every load in this process reads .metadata without running its code
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKSUMS = "checksums.json"  # CRC-32 of every file of a checkpoint, written by save()
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Optimizer state formats (megatron-core's DistributedOptimizer sharding types, and the plain optimizer's).
+DP_RESHARDABLE, FULLY_RESHARDABLE, PLAIN = "dp_reshardable", "fully_reshardable", "plain"
+PARTIAL_CHECKSUMS = ".crc32.rank{}.json"  # one rank's checksums of its shards, written by its writer
 
 
-def unwrap(model):
-    """The EVEModel inside DDP / Float16Module: checkpoints use its keys, whatever the wrapping."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+def model_states(model) -> Dict[str, Dict]:
+    """The sharded state dicts of the EVEModels inside DDP / Float16Module (checkpoints use their
+    keys, whatever the wrapping), under Megatron-LM's names: "model", or with several model chunks
+    per rank (interleaved pipeline) "model0", "model1", ... Tensors inside are keyed by global
+    layer number, so a checkpoint of any chunking loads into any other."""
+    chunks = []
+    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+        while hasattr(chunk, "module"):
+            chunk = chunk.module
+        chunks.append(chunk)
+    names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    return {name: (chunk, chunk.sharded_state_dict()) for name, chunk in zip(names, chunks)}
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -155,7 +171,15 @@ class TrainState:
 def _layout() -> Dict[str, int]:
     from megatron.core import parallel_state as ps
 
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()}
+    layout = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()}
+    chunks = ps.get_virtual_pipeline_model_parallel_world_size()
+    if chunks:  # interleaved: the distributed optimizer's buckets follow the chunks too
+        layout["vpp"] = chunks
+    return layout
+
+
+def _describe(layout: Dict[str, int]) -> str:
+    return " ".join(f"{key.upper()}={value}" for key, value in layout.items())
 
 
 def _rng_object(data):
@@ -196,21 +220,61 @@ def _set_rng_state(state: Dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def optimizer_format(job: TrainingJob) -> str:
+    """The format save() writes the optimizer state in."""
+    if not job.optim.use_distributed_optimizer:
+        return PLAIN
+    return FULLY_RESHARDABLE if job.checkpoint.dist_ckpt_optim_fully_reshardable else DP_RESHARDABLE
+
+
+def _optimizer_metadata(fmt: str) -> Dict[str, str]:
+    # The plain optimizer ignores it; a plain checkpoint loads into the distributed one from model space.
+    return {"distrib_optim_sharding_type": DP_RESHARDABLE if fmt == DP_RESHARDABLE else FULLY_RESHARDABLE}
+
+
+_async_queue = None  # megatron-core's AsyncCallsQueue, made at the first --async-save
+
+
+def finalize_async_saves(blocking: bool) -> None:
+    """Publish the background saves every rank has finished writing (checksums, rename, marker);
+    with `blocking`, wait for all of them first. A collective: every rank calls it at the same
+    point (each iteration without blocking; before the next save and at exit blocking)."""
+    if _async_queue is not None and _async_queue.get_num_unfinalized_calls():
+        _async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+
+def _save_strategy(job: TrainingJob):
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    strategy = get_default_save_sharded_strategy()
+    if job.checkpoint.ckpt_fully_parallel_save:
+        # Data-parallel replicas of a tensor (the weights) are written by one of them each, spread evenly.
+        strategy = FullyParallelSaveStrategyWrapper(strategy, ps.get_data_parallel_group())
+    return strategy
+
+
 def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> str:
-    """Write a complete checkpoint of `state.iteration`; returns its directory."""
+    """Write a complete checkpoint of `state.iteration`; returns its directory. With --async-save
+    the files are written by a background process and this returns once the state is captured;
+    finalize_async_saves() publishes the checkpoint when every rank has written its part."""
     from megatron.core import dist_checkpointing
 
+    finalize_async_saves(blocking=True)  # one save in flight at a time, published in order
     root = job.checkpoint.save
     final = checkpoint_dir(root, state.iteration)
     staging = final + ".tmp"
     if dist.get_rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_stale_staging(root)
         os.makedirs(staging)
     dist.barrier()
-    model_sd = unwrap(model).sharded_state_dict()
+    fmt = optimizer_format(job)
+    models = {name: sharded for name, (_, sharded) in model_states(model).items()}
     sharded = {
-        "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA),
+        **models,
+        "optimizer": optimizer.sharded_state_dict(models, metadata=_optimizer_metadata(fmt)),
+        "optimizer_format": fmt,
         "opt_param_scheduler": scheduler.state_dict(),
         "train_state": asdict(state),
         "layout": _layout(),
@@ -219,15 +283,55 @@ def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> st
         "transformer_impl": resolve_transformer_impl(job.runtime.transformer_impl),
         "rng_state": _rng_object(_rng_state()),
     }
-    dist_checkpointing.save(sharded, staging, content_metadata=OPTIMIZER_METADATA)
-    dist.barrier()
+    # The same request either way: written here (sync) or by a forked process (async), then the
+    # finalize functions (megatron-core's metadata, then ours) run on every rank once all have written.
+    request = dist_checkpointing.save(sharded, staging, sharded_strategy=_save_strategy(job),
+                                      async_sharded_save=True, async_strategy="mcore",
+                                      content_metadata={**_optimizer_metadata(fmt), "optimizer_format": fmt})
+    if request.async_fn is not None:
+        request = request._replace(async_fn=functools.partial(_write_then_hash, request.async_fn, staging,
+                                                              dist.get_rank()))
+    request.add_finalize_fn(functools.partial(_publish, root, staging, final, state.iteration,
+                                              job.checkpoint.keep_last))
+    if job.checkpoint.async_save:
+        global _async_queue
+        if _async_queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            _async_queue = AsyncCallsQueue()
+        _async_queue.schedule_async_request(request)
+    else:
+        request.execute_sync()
+    return final
+
+
+def _remove_stale_staging(root: str) -> None:
+    """Temporary directories of saves that never completed (killed): incomplete by construction,
+    and no save is in flight now (save() waited for the previous one)."""
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if re.fullmatch(r"iter_\d+\.tmp", name):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _write_then_hash(write, staging: str, rank: int, *args, **kwargs) -> None:
+    """Runs where the shards are written (the background process with --async-save): write this
+    rank's files, then checksum them while they are still in the page cache."""
+    write(*args, **kwargs)
+    mine = {name: _crc32(os.path.join(staging, name)) for name in sorted(os.listdir(staging))
+            if name.startswith(f"__{rank}_")}
+    write_text(os.path.join(staging, PARTIAL_CHECKSUMS.format(rank)), json.dumps(mine))
+
+
+def _publish(root: str, staging: str, final: str, iteration: int, keep_last: Optional[int]) -> None:
+    """Every rank has written its part: record the checksums, rename the checkpoint into place and
+    only then mark it the latest."""
     record_checksums(staging)  # its gather is the barrier before rank 0 renames
     if dist.get_rank() == 0:
         replace_directory(staging, final)
-        write_text(os.path.join(root, TRACKER), str(state.iteration))  # only now is this checkpoint the latest
-        _prune(root, job.checkpoint.keep_last, keep=state.iteration)
+        write_text(os.path.join(root, TRACKER), str(iteration))  # only now is this checkpoint the latest
+        _prune(root, keep_last, keep=iteration)
     dist.barrier()
-    return final
 
 
 def _crc32(path: str) -> str:
@@ -251,16 +355,24 @@ def _my_share(names: List[str]) -> List[str]:
 
 
 def record_checksums(directory: str) -> None:
-    """Write DIRECTORY/checksums.json: each rank hashes its share (mostly its own files, still in
-    the page cache), rank 0 writes the union."""
+    """Write DIRECTORY/checksums.json: the sums the writers recorded for their shards, and for the
+    rest (metadata, shards without a record) each rank hashes its share; rank 0 writes the union."""
     names = sorted(n for n in os.listdir(directory) if n != CHECKSUMS and os.path.isfile(os.path.join(directory, n)))
-    mine = {name: _crc32(os.path.join(directory, name)) for name in _my_share(names)}
+    partial = [n for n in names if re.fullmatch(r"\.crc32\.rank\d+\.json", n)]
+    known = {}
+    for name in partial:
+        with open(os.path.join(directory, name)) as handle:
+            known.update(json.load(handle))
+    rest = [n for n in names if n not in partial and n not in known]
+    mine = {name: _crc32(os.path.join(directory, name)) for name in _my_share(rest)}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     if dist.get_rank() == 0:
-        files = {name: crc for part in gathered for name, crc in part.items()}
+        files = {name: crc for part in [known, *gathered] for name, crc in part.items() if name in names}
         with open(os.path.join(directory, CHECKSUMS), "w") as handle:
             json.dump({"algorithm": "crc32", "files": files}, handle, indent=1, sort_keys=True)
+        for name in partial:
+            os.remove(os.path.join(directory, name))
 
 
 def verify_checksums(directory: str) -> bool:
@@ -305,7 +417,6 @@ def load(job: TrainingJob, model, optimizer, scheduler) -> TrainState:
     from megatron.core import dist_checkpointing
 
     ck = job.checkpoint
-    model = unwrap(model)
     resume = latest_iteration(ck.load) if ck.load else None
     if resume is None:
         _refuse_unmarked(ck.load, ck.save)
@@ -324,11 +435,15 @@ def load(job: TrainingJob, model, optimizer, scheduler) -> TrainState:
     directory = checkpoint_dir(source, iteration)
     if ck.verify_checkpoint:
         verify_checksums(directory)
+    chunks, template, missing = {}, {}, []
     with reading(directory):
-        present, missing = split_by_presence(model.sharded_state_dict(), directory)
-        loaded = dist_checkpointing.load({"model": present}, directory)["model"]
-    model.load_state_dict(loaded, strict=False)
-    missing = [k for k in missing if not k.endswith(EXTRA_STATE)]
+        for name, (chunk, sharded) in model_states(model).items():
+            present, lacking = split_by_presence(sharded, directory)
+            chunks[name], template[name] = chunk, present
+            missing += [k for k in lacking if not k.endswith(EXTRA_STATE)]
+        loaded = dist_checkpointing.load(template, directory)  # one call: the access check spans all chunks
+    for name, chunk in chunks.items():
+        chunk.load_state_dict(loaded[name], strict=False)
     optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the loaded weights
     if dist.get_rank() == 0:
         logger.info("initialised from the weights of %s", directory)
@@ -347,6 +462,67 @@ def _refuse_unmarked(*roots: Optional[str]) -> None:
                 f"{os.path.join(root, TRACKER)} to resume from it, or train into an empty --save directory")
 
 
+def _torch_adam_state_made(optimizer) -> None:
+    """With torch's Adam (no apex / Transformer Engine, e.g. on CPU) megatron-core 0.19's
+    DistributedOptimizer.state_dict() reads each parameter's "step", which a fresh optimizer has
+    not made yet: make the state (zeros, step 0) the checkpoint then overwrites."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub, distrib_optimizer.DistributedOptimizer):
+            for group in sub.optimizer.param_groups:
+                for param in group["params"]:
+                    state = sub.optimizer.state[param]
+                    if not state:
+                        state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                     exp_avg_sq=torch.zeros_like(param))
+
+
+@contextlib.contextmanager
+def _step_restored_from_param_groups(optimizer):
+    """torch's Adam (no apex / Transformer Engine, e.g. on CPU) keeps a per-parameter "step" that
+    megatron-core 0.19 restores from the checkpoint's param groups, then overwrites while copying
+    each parameter's state: with the load template's value (data-parallel-sharded format), or
+    failing to find it (fully reshardable: KeyError). A non-tensor entry is skipped there."""
+    patched = [sub for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+               if hasattr(sub, "_set_main_param_and_optimizer_states")]
+    for sub in patched:
+        original = sub._set_main_param_and_optimizer_states
+        sub._set_main_param_and_optimizer_states = (
+            lambda model_param, tensors, original=original: original(model_param, {**tensors, "step": None}))
+    try:
+        yield
+    finally:
+        for sub in patched:
+            del sub._set_main_param_and_optimizer_states  # the class's method again
+
+
+def saved_optimizer_format(common: Dict) -> str:
+    """The optimizer format a checkpoint's common state records (older checkpoints: fully reshardable)."""
+    return common.get("optimizer_format") or (common.get("content_metadata") or {}).get(
+        "distrib_optim_sharding_type", FULLY_RESHARDABLE)
+
+
+def _check_optimizer_format(job: TrainingJob, directory: str, saved: str, layout: Optional[Dict]) -> None:
+    """The data-parallel-sharded format follows the distributed optimizer's buckets of one TP x PP
+    layout: refuse, in one line, what it cannot be loaded into (the weights still reshard)."""
+    if saved != DP_RESHARDABLE:
+        return
+    here = _layout()
+    if not job.optim.use_distributed_optimizer:
+        problem = "into the plain optimizer (no --use-distributed-optimizer)"
+    elif layout is not None and layout != here:
+        problem = f"at {_describe(here)} (saved at {_describe(layout)})"
+    else:
+        return
+    raise ConfigError(
+        f"{directory} holds the distributed optimizer's state sharded by data-parallel rank, which cannot be "
+        f"loaded {problem}: pass --no-load-optim to load the weights only, or resume as saved and save "
+        "again with --dist-ckpt-optim-fully-reshardable")
+
+
 def split_by_presence(sharded: Dict, directory: str) -> Tuple[Dict, List[str]]:
     """A model's sharded state dict → (the entries `directory` holds, the keys it lacks).
     Tensors and objects (such as `_extra_state`) alike."""
@@ -363,12 +539,16 @@ def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> Tr
 
     if job.checkpoint.verify_checkpoint and not verify_checksums(directory) and dist.get_rank() == 0:
         logger.warning("%s records no checksums: loaded unverified", directory)
-    model_sd = model.sharded_state_dict()
     # A checkpoint saved under another layer spec lacks (or has extra) `_extra_state` entries:
     # resume without them; every weight must still be there.
+    chunks, template, lacking = {}, {}, []
     with reading(directory):
         common = dist_checkpointing.load_common_state_dict(directory)
-        _, lacking = split_by_presence(model_sd, directory)
+        for name, (chunk, sharded) in model_states(model).items():
+            _, chunk_lacking = split_by_presence(sharded, directory)
+            chunks[name] = chunk
+            template[name] = {k: v for k, v in sharded.items() if k not in chunk_lacking}
+            lacking += chunk_lacking
     weights_lacking = [k for k in lacking if not k.endswith(EXTRA_STATE)]
     if weights_lacking:
         raise ConfigError(f"{directory} lacks model tensors: {', '.join(weights_lacking[:8])}"
@@ -376,18 +556,25 @@ def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> Tr
     if lacking and dist.get_rank() == 0:
         logger.info("%s was saved under the %s layer spec: %d %s entries are not restored", directory,
                     common.get("transformer_impl", "local"), len(lacking), EXTRA_STATE)
-    model_sd = {k: v for k, v in model_sd.items() if k not in lacking}
-    template = {"model": model_sd}
-    if not job.checkpoint.no_load_optim:
-        template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
+    models = dict(template)
     same_layout = common.get("layout") == _layout()
+    if not job.checkpoint.no_load_optim:
+        saved = saved_optimizer_format(common)
+        _check_optimizer_format(job, directory, saved, common.get("layout"))
+        _torch_adam_state_made(optimizer)
+        template["optimizer"] = optimizer.sharded_state_dict(models, is_loading=True,
+                                                             metadata=_optimizer_metadata(saved))
     if same_layout and not job.checkpoint.no_load_rng:
         template["rng_state"] = _rng_object(_rng_state())
     with reading(directory):
         state = dist_checkpointing.load(template, directory)
-    model.load_state_dict(state["model"], strict=not lacking)
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
+    for name, chunk in chunks.items():
+        chunk.load_state_dict(state[name], strict=not lacking)
+    if "optimizer" in template:  # (the result holds the checkpoint's common optimizer entries either way)
+        # megatron-core copies the data-parallel-sharded state into the main parameters in place
+        # without no_grad: in fp32 training those are views of the model's leaf parameters.
+        with torch.no_grad(), _step_restored_from_param_groups(optimizer):
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(common["opt_param_scheduler"])
     else:
         optimizer.reload_model_params()

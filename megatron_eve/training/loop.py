@@ -3,6 +3,7 @@ and the exits (end of training, --exit-interval, --exit-duration-in-mins, SIGTER
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ from megatron_eve.data.dataset import DataConfig, build_datasets, parse_data_pat
 from megatron_eve.data.images import tokens_per_image
 from megatron_eve.data.indexed import DatasetFormatError, read_metadata
 from megatron_eve.data.loader import BatchPlan, LoaderConfig, build_loader, model_inputs
-from megatron_eve.model.build import build_model
+from megatron_eve.model.build import build_model_chunks
 from megatron_eve.platform import current_device
 from megatron_eve.training import checkpoint
 from megatron_eve.training.arguments import TrainingJob
@@ -34,7 +35,7 @@ from megatron_eve.training.metrics import (
     micro_batch_work,
     peak_tflops,
 )
-from megatron_eve.training.optim import build_optimizer, build_scheduler, wrap_model
+from megatron_eve.training.optim import build_optimizer, build_scheduler, wrap_model_chunks
 from megatron_eve.training.stages import apply_stage
 from megatron_eve.training.step import forward_step
 
@@ -56,6 +57,13 @@ def check_job(job: TrainingJob, world_size: int) -> None:
         if s.global_batch_size % (s.micro_batch_size * dp):
             problems.append(f"--global-batch-size {s.global_batch_size} is not divisible by --micro-batch-size "
                             f"{s.micro_batch_size} x data-parallel size {dp}")
+        elif job.parallel.num_layers_per_virtual_pipeline_stage and pp > 1 and (
+                s.global_batch_size // (s.micro_batch_size * dp)) % pp:
+            # megatron-core's interleaved schedule runs micro-batches in groups of PP per chunk.
+            problems.append(f"interleaved pipelining needs a multiple of pipeline-model-parallel-size {pp} "
+                            f"micro-batches per step; --global-batch-size {s.global_batch_size} / (--micro-batch-size "
+                            f"{s.micro_batch_size} x data-parallel size {dp}) gives "
+                            f"{s.global_batch_size // (s.micro_batch_size * dp)}")
     if s.train_iters < 1:
         problems.append("nothing to train: --train-iters (or --train-samples / --global-batch-size) is 0")
     grid = model.vision.image_size // model.vision.token_cell
@@ -147,27 +155,62 @@ def _check_data(job: TrainingJob) -> List[str]:
 # ---------------------------------------------------------------------------------- helpers
 class MicroBatches:
     """Micro-batches for the schedule: collated batches → model inputs on this rank's device,
-    counting the work each represents."""
+    counting the work each represents.
 
-    def __init__(self, loader, job: TrainingJob, align: bool, teacher_params: int):
-        self.iterator = iter(loader)
-        self.loader, self.job, self.align, self.teacher_params = loader, job, align, teacher_params
+    feed (a data.broadcast.GroupFeed, tensor parallelism only): with a loader this rank reads and
+    sends each collated batch to its TP group; without one it receives them. Every TP rank then
+    makes the same model inputs from the same host batch."""
+
+    def __init__(self, loader, job: TrainingJob, align: bool, teacher_params: int, feed=None):
+        self.iterator = iter(loader) if loader is not None else None
+        self.loader, self.feed, self.job, self.align, self.teacher_params = loader, feed, job, align, teacher_params
         self.work = BatchWork()
+
+    @classmethod
+    def over(cls, dataset, config: LoaderConfig, job: TrainingJob, align: bool, teacher_params: int) -> "MicroBatches":
+        """This rank's micro-batches of `dataset`. Under tensor parallelism only TP rank 0 builds a
+        loader (and its worker processes) and reads, as Megatron-LM's broadcast_data does."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_eve.data.broadcast import GroupFeed
+
+        if ps.get_tensor_model_parallel_world_size() == 1:
+            return cls(build_loader(dataset, config), job, align, teacher_params)
+        feed = GroupFeed(ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank(),
+                         pin=config.pin_memory)
+        reads = ps.get_tensor_model_parallel_rank() == 0
+        return cls(build_loader(dataset, config) if reads else None, job, align, teacher_params, feed)
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> Dict:
+    def _read(self) -> Dict:
         try:
-            batch = next(self.iterator)
+            return next(self.iterator)
         except StopIteration:  # evaluation cycles through its split
             self.iterator = iter(self.loader)
-            batch = next(self.iterator)
+            return next(self.iterator)
+
+    def __next__(self) -> Dict:
+        if self.loader is None:
+            batch = self.feed.receive()  # StopIteration too when the reader ran out
+        elif self.feed is None:
+            batch = self._read()
+        else:
+            batch = self.feed.send(self._read)
+        # Receivers count too (cheap); only the counts_work rank's total is reduced (_iteration_stats).
         self.work.add(micro_batch_work(batch, self.job.model, self.align, self.teacher_params,
                                        llm_trains=self.job.schedule.stage != "prealign"))
         runtime = self.job.runtime
         return model_inputs(batch, self.job.model.vision, current_device(), dtype=runtime.params_dtype,
                             thd=runtime.uses_thd())
+
+
+def per_chunk(batches: MicroBatches, num_chunks: int) -> List:
+    """One iterator per model chunk, all yielding the same micro-batches: under interleaved 1F1B
+    every chunk of this rank runs each micro-batch, in its own order; each is read from the loader
+    once and kept only until the last chunk has taken it."""
+    return [batches] if num_chunks == 1 else list(itertools.tee(batches, num_chunks))
 
 
 def _last_rank_of_losses() -> bool:
@@ -208,7 +251,8 @@ def _data_sizes(job: TrainingJob):
 def run(job: TrainingJob) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_job(job, world_size)
-    distributed.initialize(job.parallel, seed=job.schedule.seed)
+    distributed.initialize(job.parallel, seed=job.schedule.seed,
+                           virtual_pipeline_size=job.parallel.virtual_pipeline_size(job.model.language.num_layers))
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -220,13 +264,15 @@ def run(job: TrainingJob) -> int:
     align = job.model.aligner.enabled
 
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-    model = build_model(job.model, job.parallel, job.runtime, load_teacher=align)
-    trainable, frozen = apply_stage(model, s.stage)
-    if trainable == 0:
-        raise ConfigError(f"pipeline stage {ps.get_pipeline_model_parallel_rank()} has nothing to train in "
+    chunks = build_model_chunks(job.model, job.parallel, job.runtime, load_teacher=align)
+    counts = [apply_stage(chunk, s.stage) for chunk in chunks]
+    trainable, frozen = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    if min(c[0] for c in counts) == 0:
+        where = f" (model chunk {[c[0] for c in counts].index(0)})" if len(chunks) > 1 else ""
+        raise ConfigError(f"pipeline stage {ps.get_pipeline_model_parallel_rank()}{where} has nothing to train in "
                           f"stage {s.stage}: use fewer pipeline stages")
-    teacher_params = sum(p.numel() for p in model.teacher.model.parameters()) if model.teacher else 0
-    ddp = wrap_model(model, job)
+    teacher_params = sum(p.numel() for c in chunks if c.teacher for p in c.teacher.model.parameters())
+    ddp = wrap_model_chunks(chunks, job)  # DDP per model chunk
     optimizer = build_optimizer(ddp, job)
     scheduler = build_scheduler(optimizer, job)
     state = checkpoint.load(job, ddp, optimizer, scheduler)
@@ -239,19 +285,19 @@ def run(job: TrainingJob) -> int:
     data = build_datasets(DataConfig(
         blend=parse_data_path(job.data.data_path), seq_length=s.seq_length, split=job.data.split,
         seed=s.seed, pack=job.data.pack, packing_buffer_size=job.data.packing_buffer_size,
-        read_pixels=first, read_teacher=last and align,
+        read_pixels=first, read_teacher=last and align, cache_path=job.data.data_cache_path,
     ), sizes=_data_sizes(job))
     if data["train"] is None or len(data["train"]) == 0:
         raise ConfigError("no training sequence: the train split is empty or no sample fits --seq-length")
     pin = torch.cuda.is_available()
     plan = BatchPlan.of(job.model.vision, job.runtime.uses_thd())
-    train_batches = MicroBatches(build_loader(data["train"], LoaderConfig(
-        s.micro_batch_size, state.consumed_samples, dp_rank, dp_size, job.data.num_workers, pin, plan)),
+    train_batches = MicroBatches.over(data["train"], LoaderConfig(
+        s.micro_batch_size, state.consumed_samples, dp_rank, dp_size, job.data.num_workers, pin, plan),
         job, align, teacher_params)
     valid_batches = None
     if data["valid"] is not None and log.eval_interval and log.eval_iters:
-        valid_batches = MicroBatches(build_loader(data["valid"], LoaderConfig(
-            s.micro_batch_size, 0, dp_rank, dp_size, min(job.data.num_workers, 1), pin, plan)), job, False, 0)
+        valid_batches = MicroBatches.over(data["valid"], LoaderConfig(
+            s.micro_batch_size, 0, dp_rank, dp_size, min(job.data.num_workers, 1), pin, plan), job, False, 0)
 
     num_microbatches = s.global_batch_size // (s.micro_batch_size * dp_size)
     fb = get_forward_backward_func()
@@ -266,17 +312,20 @@ def run(job: TrainingJob) -> int:
     first_iteration = state.iteration
     nan_streak = 0  # non-finite iterations in a row
 
+    train_iterators = per_chunk(train_batches, len(ddp))
+    valid_iterators = per_chunk(valid_batches, len(ddp)) if valid_batches is not None else None
     while state.iteration < s.train_iters:
-        ddp.train()
         tick = time.time()
-        ddp.zero_grad_buffer()
+        for chunk in ddp:
+            chunk.train()
+            chunk.zero_grad_buffer()
         optimizer.zero_grad()
         train_batches.work = BatchWork()
-        losses = fb(forward_step_func=step, data_iterator=train_batches, model=[ddp],
+        losses = fb(forward_step_func=step, data_iterator=train_iterators, model=ddp,
                     num_microbatches=num_microbatches, seq_length=s.seq_length,
                     micro_batch_size=s.micro_batch_size, forward_only=False)
         flags = stats.reduce(
-            losses, [b.grad_data for b in ddp.buffers + ddp.expert_parallel_buffers], train_batches.work,
+            losses, [b.grad_data for c in ddp for b in c.buffers + c.expert_parallel_buffers], train_batches.work,
             sigterm=catcher.caught,
             over_time=bool(ck.exit_duration_in_mins) and (time.time() - started) / 60 > ck.exit_duration_in_mins)
         nan_streak = 0 if flags["finite"] else nan_streak + 1
@@ -319,13 +368,14 @@ def run(job: TrainingJob) -> int:
             interval_seconds = 0.0
 
         if valid_batches is not None and state.iteration % log.eval_interval == 0:
-            value = _evaluate(fb, step, ddp, valid_batches, log.eval_iters, num_microbatches, s)
+            value = _evaluate(fb, step, ddp, valid_iterators, log.eval_iters, num_microbatches, s)
             if _last_rank_of_losses():
                 print(f" validation at iteration {state.iteration} | lm loss: {value:.6E} | "
                       f"lm loss PPL: {math.exp(min(value, 20)):.6E}", flush=True)
             tensorboard.write({"lm loss validation": value}, state.iteration, state.consumed_samples,
                               vs_samples=("lm loss validation",))
 
+        checkpoint.finalize_async_saves(blocking=False)  # publish a background save all ranks have written
         saved = False
         # During a non-finite streak the state may be broken: no interval checkpoint replaces a good one.
         if ck.save and ck.save_interval and state.iteration % ck.save_interval == 0 and not nan_streak:
@@ -351,6 +401,7 @@ def run(job: TrainingJob) -> int:
     elif reason == "finished" and ck.save and not nan_streak and (
             not ck.save_interval or state.iteration % ck.save_interval):
         checkpoint.save(job, ddp, optimizer, scheduler, state)
+    checkpoint.finalize_async_saves(blocking=True)  # an exit waits for the save in flight to be published
     tensorboard.close()
     if rank == 0:
         logger.info("exiting: %s (%d skipped, %d non-finite iterations)", reason, state.skipped_iterations,
@@ -374,17 +425,19 @@ def _learning_rates(optimizer) -> Dict[str, float]:
     return {"learning-rate": rates["base"], **({"vision-learning-rate": rates["vision"]} if "vision" in rates else {})}
 
 
-def _evaluate(fb, step, ddp, batches, iters: int, num_microbatches: int, s) -> float:
+def _evaluate(fb, step, chunks, iterators, iters: int, num_microbatches: int, s) -> float:
     """Mean validation LM loss over `iters` global batches (one collective each, one host read)."""
-    ddp.eval()
+    for chunk in chunks:
+        chunk.eval()
     stats = _iteration_stats(drop_nonfinite_losses=False)
     with torch.no_grad():
         for _ in range(iters):
-            losses = fb(forward_step_func=step, data_iterator=batches, model=[ddp],
+            losses = fb(forward_step_func=step, data_iterator=iterators, model=chunks,
                         num_microbatches=num_microbatches, seq_length=s.seq_length,
                         micro_batch_size=s.micro_batch_size, forward_only=True)
             stats.reduce(losses)
-    ddp.train()
+    for chunk in chunks:
+        chunk.train()
     return stats.read_interval().losses["lm loss"]
 
 

@@ -3,42 +3,61 @@
 from __future__ import annotations
 
 import importlib
+from typing import List
 
 import torch
 
 from megatron_eve.training.arguments import TrainingJob
+from megatron_eve.training.pipeline_p2p import pair_two_rank_interleaving
 from megatron_eve.training.stages import vision_name_patterns
 
 
 def wrap_model(model, job: TrainingJob):
     """Float16Module for bf16 / fp16, then megatron-core's DistributedDataParallel."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    return wrap_model_chunks([model], job)[0]
+
+
+def wrap_model_chunks(chunks: List, job: TrainingJob) -> List:
+    """Each model chunk (one, or one per virtual pipeline stage) in Float16Module for bf16 / fp16,
+    then megatron-core's DistributedDataParallel; the schedule's hooks set on the first chunk's
+    config, which is the one the schedules read."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.transformer.module import Float16Module
 
-    config = model.config
-    if job.runtime.bf16 or job.runtime.fp16:
-        model = Float16Module(config, model)
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=job.optim.overlap_grad_reduce,
-            overlap_param_gather=job.optim.overlap_param_gather,
-            use_distributed_optimizer=job.optim.use_distributed_optimizer,
-            bucket_size=None if not job.optim.overlap_grad_reduce else 40_000_000,
-        ),
-        model,
-    )
-    # Schedules call these to overlap gradient reduction with the last micro-batch's backward.
-    config.no_sync_func = ddp.no_sync
-    if job.optim.overlap_grad_reduce:
-        config.grad_sync_func = ddp.start_grad_sync
-    if job.optim.overlap_param_gather and job.optim.use_distributed_optimizer:
-        config.param_sync_func = ddp.start_param_sync
-    from megatron.core.distributed import finalize_model_grads
+    wrapped = []
+    for index, model in enumerate(chunks):
+        config = model.config
+        if job.runtime.bf16 or job.runtime.fp16:
+            model = Float16Module(config, model)
+        wrapped.append(DistributedDataParallel(
+            config,
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=job.optim.overlap_grad_reduce,
+                overlap_param_gather=job.optim.overlap_param_gather,
+                use_distributed_optimizer=job.optim.use_distributed_optimizer,
+                bucket_size=None if not job.optim.overlap_grad_reduce else 40_000_000,
+            ),
+            model,
+            # As Megatron-LM: later chunks reduce in one bucket, launched once their backward ends.
+            disable_bucketing=index > 0,
+        ))
+    config = wrapped[0].config
 
+    def per_chunk(method: str):
+        hooks = [getattr(ddp, method) for ddp in wrapped]
+        return hooks[0] if len(hooks) == 1 else hooks
+
+    # Schedules call these to overlap gradient reduction with the last micro-batch's backward.
+    config.no_sync_func = per_chunk("no_sync")
+    if job.optim.overlap_grad_reduce:
+        config.grad_sync_func = per_chunk("start_grad_sync")
+    if job.optim.overlap_param_gather and job.optim.use_distributed_optimizer:
+        config.param_sync_func = per_chunk("start_param_sync")
     config.finalize_model_grads_func = finalize_model_grads
-    return ddp
+    if len(wrapped) > 1:
+        pair_two_rank_interleaving(config)
+    return wrapped
 
 
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -72,8 +91,8 @@ def use_foreach_multi_tensor_ops() -> None:
 
 
 def build_optimizer(ddp, job: TrainingJob):
-    """AdamW (megatron-core, optionally distributed), with the vision parameters in their own
-    group when --vision-lr differs from --lr."""
+    """AdamW (megatron-core, optionally distributed) over a DDP model or a list of chunks, with the
+    vision parameters in their own group when --vision-lr differs from --lr."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer.optimizer_config import ParamKey
 
@@ -90,7 +109,7 @@ def build_optimizer(ddp, job: TrainingJob):
     if o.vision_lr is not None and o.vision_lr != o.lr:
         ratio = o.vision_lr / o.lr
         overrides = {ParamKey(name=tuple(vision_name_patterns())): {"max_lr": o.vision_lr, "min_lr": o.min_lr * ratio}}
-    return get_megatron_optimizer(config, [ddp], config_overrides=overrides)
+    return get_megatron_optimizer(config, ddp if isinstance(ddp, list) else [ddp], config_overrides=overrides)
 
 
 def build_scheduler(optimizer, job: TrainingJob):

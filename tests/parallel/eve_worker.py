@@ -1,8 +1,9 @@
 """Multi-process worker for layout-parity tests (launched by tests/test_parallel_parity.py).
 
-reference: TP=1, PP=1 — initialise weights, save them (dist-checkpointing), run one step of two
-           micro-batches, save losses and gradients.
-layout:    any TP / PP / SP — load those weights, run the same step, save losses and gradients.
+reference: TP=1, PP=1 — initialise weights, save them (dist-checkpointing), run one step of the
+           test micro-batches (--packed: and a packed one), save losses and gradients.
+layout:    any TP / PP / SP, or interleaved PP (--vpp chunks per rank) — load those weights, run the
+           same step, save losses and gradients.
 Gradients are saved as a dist checkpoint of the model's sharded state dict, so they are compared in
 one global layout whatever layout produced them.
 """
@@ -15,37 +16,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from types import SimpleNamespace  # noqa: E402
+
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_eve import distributed  # noqa: E402
 from megatron_eve.config import ParallelConfig, RuntimeConfig  # noqa: E402
-from megatron_eve.model.build import build_model  # noqa: E402
+from megatron_eve.model.build import build_model_chunks  # noqa: E402
+from megatron_eve.training.arguments import OptimConfig  # noqa: E402
+from megatron_eve.training.loop import per_chunk  # noqa: E402
+from megatron_eve.training.optim import wrap_model_chunks  # noqa: E402
 from megatron_eve.training.step import forward_step  # noqa: E402
-from tests.helpers import micro_batches, tiny_config  # noqa: E402
+from tests.helpers import collate, make_sample, micro_batches, tiny_config  # noqa: E402
+
+# A packed row: an image sample, a text-only one and a portrait image, one block-diagonal mask.
+PACKED_SPECS = [((200, 100), 5, 12), (None, 3, 9), ((90, 180), 2, 7)]
 
 
-def run_step(model, cfg, batches):
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
+def run_step(chunks, cfg, batches):
+    """One training step's forward and backward through the trainer's own wrapping and iterators."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    config = model.config
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
-        model,
-    )
-    config.finalize_model_grads_func = finalize_model_grads
-    ddp.train()
-    ddp.zero_grad_buffer()
+    ddp = wrap_model_chunks(chunks, SimpleNamespace(runtime=RuntimeConfig(), optim=OptimConfig()))
+    for chunk in ddp:
+        chunk.train()
+        chunk.zero_grad_buffer()
     losses = get_forward_backward_func()(
         forward_step_func=partial(forward_step, cfg.aligner.loss_weight),
-        data_iterator=iter(batches),
-        model=[ddp],
+        data_iterator=per_chunk(iter(batches), len(ddp)),
+        model=ddp,
         num_microbatches=len(batches),
         seq_length=batches[0]["input_ids"].shape[1],
         micro_batch_size=batches[0]["input_ids"].shape[0],
@@ -74,13 +74,16 @@ def check_replicated_grads_agree(model):
 
 
 def save_gradients(ddp, directory):
+    """Each chunk's gradients under its own entry (their dict keys count layers from 0 per chunk;
+    the sharded keys inside are global, which is what the comparison reads)."""
     from megatron.core import dist_checkpointing
 
-    for param in ddp.module.parameters():
-        if param.requires_grad:
-            param.data.copy_(param.main_grad)
+    for chunk in ddp:
+        for param in chunk.module.parameters():
+            if param.requires_grad:
+                param.data.copy_(param.main_grad)
     Path(directory).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(ddp.module.sharded_state_dict(), str(directory))
+    dist_checkpointing.save({f"chunk{i}": c.module.sharded_state_dict() for i, c in enumerate(ddp)}, str(directory))
 
 
 def compare_gradients(reference_dir, directory):
@@ -108,32 +111,44 @@ def main():
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--vpp", type=int, default=None, help="model chunks per pipeline rank (interleaved 1F1B)")
+    parser.add_argument("--packed", action="store_true", help="a fourth micro-batch: three samples packed in one row")
     args = parser.parse_args()
 
     from megatron.core import dist_checkpointing, parallel_state
 
     # Vocab 1000 pads to 1024 at TP=1 and TP=2: the padded-vocab mask runs on a TP shard too.
     cfg = tiny_config(args.teacher, {"language.vocab_size": 1000})
-    parallel = ParallelConfig(args.tp, args.pp, args.sp)
-    distributed.initialize(parallel, seed=1234)
-    model = build_model(cfg, parallel, RuntimeConfig(use_cpu_initialization=True))
+    per_stage = cfg.language.num_layers // (args.pp * args.vpp) if args.vpp else None
+    parallel = ParallelConfig(args.tp, args.pp, args.sp, num_layers_per_virtual_pipeline_stage=per_stage)
+    distributed.initialize(parallel, seed=1234, virtual_pipeline_size=args.vpp)
+    chunks = build_model_chunks(cfg, parallel, RuntimeConfig(use_cpu_initialization=True))
     out = Path(args.out)
     if args.mode == "reference":
         (out / "weights").mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), str(out / "weights"))
+        dist_checkpointing.save(chunks[0].sharded_state_dict(), str(out / "weights"))
     else:
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(out.parent / "reference" / "weights"))
-        model.load_state_dict(state, strict=True)
+        reference = out.parent / ("reference_packed" if args.packed else "reference")
+        # One load for all chunks: dist-checkpointing checks the access pattern across ranks per call.
+        state = dist_checkpointing.load({i: c.sharded_state_dict() for i, c in enumerate(chunks)},
+                                        str(reference / "weights"))
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(state[i], strict=True)
 
-    ddp, losses = run_step(model, cfg, micro_batches(cfg))
-    check_replicated_grads_agree(ddp.module)
+    batches = micro_batches(cfg)
+    if args.packed:
+        samples = [make_sample(cfg, spec, 100 + i) for i, spec in enumerate(PACKED_SPECS)]
+        batches.append(collate(samples, pack=True, pad_to=-(-sum(len(s["tokens"]) for s in samples) // 8) * 8))
+    ddp, losses = run_step(chunks, cfg, batches)
+    for chunk in ddp:
+        check_replicated_grads_agree(chunk.module)
     save_gradients(ddp, out / "grads")
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
         (out / "losses.json").write_text(json.dumps(
             [{k: float(v) for k, v in step.items()} for step in losses]
         ))
     if args.mode == "layout":
-        differences = compare_gradients(out.parent / "reference" / "grads", out / "grads")
+        differences = compare_gradients(reference / "grads", out / "grads")
         if dist.get_rank() == 0:
             (out / "grad_differences.json").write_text(json.dumps(differences, indent=1))
     distributed.destroy()

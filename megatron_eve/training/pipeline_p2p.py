@@ -1,0 +1,91 @@
+"""Interleaved 1F1B on two pipeline ranks with variable-length micro-batches.
+
+megatron-core (0.19) exchanges each tensor's shape before the tensor when lengths vary (ours do:
+an activation carries the aligner taps computed so far). With two ranks a rank's previous and next
+stage are the same peer, and point-to-point messages between two ranks pair in the order they are
+posted, so the exchange goes wrong in two ways there:
+- its shape exchange posts (send_prev, recv_prev, send_next, recv_next) on both ranks, so an
+  activation's shape lands where a gradient's is expected and vice versa (NVIDIA/Megatron-LM#5100,
+  fixed upstream in #5271, not in 0.19);
+- the interleaved schedule's calls are not symmetric (one rank's send_forward_recv_forward meets
+  the other's four-way exchange), and a completed shape phase waits for a tensor that the peer
+  sends only after its own shape phase, which waits for this rank's next call: a deadlock.
+Here each direction of traffic (activations forward, gradients backward) has its own process
+group, every send (shape, then tensor) is posted at once, and each receive takes its shape then
+its tensor from its own stream, so messages pair by stream whatever the calls look like.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+# Per pipeline group (its global ranks): (activation group, gradient group).
+_streams: Dict[Tuple[int, ...], Tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+_original_communicate = None
+
+
+def _make_streams() -> None:
+    """Two new groups over every pipeline group's ranks; collective: every rank calls it once."""
+    from megatron.core import parallel_state
+
+    mine = tuple(dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group()))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for ranks in sorted(set(everyone)):  # the same order on every rank
+        pair = (dist.new_group(list(ranks)), dist.new_group(list(ranks)))
+        if ranks == mine:
+            _streams[mine] = pair
+
+
+def _receive(source: int, group, dtype: torch.dtype, device) -> torch.Tensor:
+    shape = torch.empty(3, dtype=torch.int64, device=device)
+    dist.irecv(shape, source, group=group).wait()
+    tensor = torch.empty(shape.tolist(), requires_grad=True, device=device, dtype=dtype)
+    dist.irecv(tensor, source, group=group).wait()
+    return tensor
+
+
+def _communicate(self, *, tensor_send_next: Optional[torch.Tensor], tensor_send_prev: Optional[torch.Tensor],
+                 recv_prev: bool, recv_next: bool, tensor_shape, wait_on_reqs: bool = True):
+    """P2PCommunicator._communicate for two-rank pipelines set up by pair_two_rank_interleaving."""
+    streams = _streams.get(tuple(dist.get_process_group_ranks(self.pp_group)))
+    if streams is None or not getattr(self.config, "two_rank_streams", False):
+        return _original_communicate(self, tensor_send_next=tensor_send_next, tensor_send_prev=tensor_send_prev,
+                                     recv_prev=recv_prev, recv_next=recv_next, tensor_shape=tensor_shape,
+                                     wait_on_reqs=wait_on_reqs)
+    from megatron_eve.platform import current_device
+
+    forward, backward = streams
+    device = current_device()
+    sends, payloads = [], []  # the payloads stay referenced until their sends complete
+    for tensor, peer, group in ((tensor_send_next, self.next_rank, forward), (tensor_send_prev, self.prev_rank, backward)):
+        if tensor is not None:
+            payloads += [torch.tensor(tensor.size(), dtype=torch.int64, device=device), tensor.contiguous()]
+            sends += [dist.isend(payload, peer, group=group) for payload in payloads[-2:]]
+    dtype = self.config.pipeline_dtype
+    received_prev = _receive(self.prev_rank, forward, dtype, device) if recv_prev else None
+    received_next = _receive(self.next_rank, backward, dtype, device) if recv_next else None
+    for request in sends:
+        request.wait()
+    return received_prev, received_next, None
+
+
+def pair_two_rank_interleaving(config) -> None:
+    """Route the interleaved schedule's exchange through per-direction streams on a two-rank
+    pipeline (other sizes have distinct prev and next peers and keep megatron-core's exchange).
+    Collective on first use: every rank must call it."""
+    global _original_communicate
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    if parallel_state.get_pipeline_model_parallel_world_size() != 2:
+        return
+    if not _streams:
+        _make_streams()
+    if _original_communicate is None:
+        _original_communicate = P2PCommunicator._communicate
+        P2PCommunicator._communicate = _communicate
+    config.two_rank_streams = True
