@@ -40,6 +40,7 @@ from megatron_eve.training.stages import apply_stage
 from megatron_eve.training.step import forward_step
 
 logger = logging.getLogger("megatron_eve")
+SILENT_RANK_GRACE_SECONDS = 30  # how long a rank that does not report a start-up error outlives rank 0
 
 
 # ------------------------------------------------------------------------ checks before work
@@ -467,9 +468,13 @@ def main(argv=None) -> int:
         return run(job)
     except ConfigError as error:
         rank = int(os.environ.get("RANK", "0"))
-        # Checks before work agree on every rank: rank 0 speaks for all. A damaged checkpoint
-        # file may be read by one rank only: that rank says so.
-        if rank == 0 or isinstance(error, checkpoint.CheckpointLoadError):
+        # Checks before work (before the process group) agree on every rank: rank 0 speaks for
+        # all. Later errors may be this rank's own (its stage, a checkpoint file it read): it says so.
+        if rank == 0 or dist.is_initialized() or isinstance(error, checkpoint.CheckpointLoadError):
             prefix = f"[rank {rank}] " if rank and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
             print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
+        else:
+            # torchrun stops every rank as soon as one exits: a silent rank that exits first could
+            # cut rank 0 off before it says why. Rank 0's exit ends this wait (torchrun stops us).
+            time.sleep(SILENT_RANK_GRACE_SECONDS)
         return 2
