@@ -40,6 +40,7 @@ from megatron_eve.checkpoint import safe_metadata
 from megatron_eve.config import ConfigError, EVEModelConfig, architecture_differences, model_config_from_dict
 from megatron_eve.model.specs import resolve_transformer_impl
 from megatron_eve.training.arguments import TrainingJob
+from megatron_eve.training.optim import step_restored_from_param_groups, torch_adam_state_made
 
 logger = logging.getLogger(__name__)
 safe_metadata.install()  # every load in this process reads .metadata without running its code
@@ -462,43 +463,6 @@ def _refuse_unmarked(*roots: Optional[str]) -> None:
                 f"{os.path.join(root, TRACKER)} to resume from it, or train into an empty --save directory")
 
 
-def _torch_adam_state_made(optimizer) -> None:
-    """With torch's Adam (no apex / Transformer Engine, e.g. on CPU) megatron-core 0.19's
-    DistributedOptimizer.state_dict() reads each parameter's "step", which a fresh optimizer has
-    not made yet: make the state (zeros, step 0) the checkpoint then overwrites."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(sub, distrib_optimizer.DistributedOptimizer):
-            for group in sub.optimizer.param_groups:
-                for param in group["params"]:
-                    state = sub.optimizer.state[param]
-                    if not state:
-                        state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
-                                     exp_avg_sq=torch.zeros_like(param))
-
-
-@contextlib.contextmanager
-def _step_restored_from_param_groups(optimizer):
-    """torch's Adam (no apex / Transformer Engine, e.g. on CPU) keeps a per-parameter "step" that
-    megatron-core 0.19 restores from the checkpoint's param groups, then overwrites while copying
-    each parameter's state: with the load template's value (data-parallel-sharded format), or
-    failing to find it (fully reshardable: KeyError). A non-tensor entry is skipped there."""
-    patched = [sub for sub in getattr(optimizer, "chained_optimizers", [optimizer])
-               if hasattr(sub, "_set_main_param_and_optimizer_states")]
-    for sub in patched:
-        original = sub._set_main_param_and_optimizer_states
-        sub._set_main_param_and_optimizer_states = (
-            lambda model_param, tensors, original=original: original(model_param, {**tensors, "step": None}))
-    try:
-        yield
-    finally:
-        for sub in patched:
-            del sub._set_main_param_and_optimizer_states  # the class's method again
-
-
 def saved_optimizer_format(common: Dict) -> str:
     """The optimizer format a checkpoint's common state records (older checkpoints: fully reshardable)."""
     return common.get("optimizer_format") or (common.get("content_metadata") or {}).get(
@@ -561,7 +525,7 @@ def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> Tr
     if not job.checkpoint.no_load_optim:
         saved = saved_optimizer_format(common)
         _check_optimizer_format(job, directory, saved, common.get("layout"))
-        _torch_adam_state_made(optimizer)
+        torch_adam_state_made(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(models, is_loading=True,
                                                              metadata=_optimizer_metadata(saved))
     if same_layout and not job.checkpoint.no_load_rng:
@@ -573,7 +537,7 @@ def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> Tr
     if "optimizer" in template:  # (the result holds the checkpoint's common optimizer entries either way)
         # megatron-core copies the data-parallel-sharded state into the main parameters in place
         # without no_grad: in fp32 training those are views of the model's leaf parameters.
-        with torch.no_grad(), _step_restored_from_param_groups(optimizer):
+        with torch.no_grad(), step_restored_from_param_groups(optimizer):
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(common["opt_param_scheduler"])
     else:

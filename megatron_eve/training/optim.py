@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import List
 
@@ -88,6 +89,43 @@ def use_foreach_multi_tensor_ops() -> None:
             module.l2_norm_impl = _foreach_l2_norm
         if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
             module.multi_tensor_scale_impl = _foreach_scale
+
+
+def torch_adam_state_made(optimizer) -> None:
+    """With torch's Adam (no apex / Transformer Engine, e.g. on CPU) megatron-core 0.19's
+    DistributedOptimizer.state_dict() reads each parameter's "step", which a fresh optimizer has
+    not made yet: make the state (zeros, step 0) the checkpoint then overwrites."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub, distrib_optimizer.DistributedOptimizer):
+            for group in sub.optimizer.param_groups:
+                for param in group["params"]:
+                    state = sub.optimizer.state[param]
+                    if not state:
+                        state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                     exp_avg_sq=torch.zeros_like(param))
+
+
+@contextlib.contextmanager
+def step_restored_from_param_groups(optimizer):
+    """torch's Adam (no apex / Transformer Engine, e.g. on CPU) keeps a per-parameter "step" that
+    megatron-core 0.19 restores from the checkpoint's param groups, then overwrites while copying
+    each parameter's state: with the load template's value (data-parallel-sharded format), or
+    failing to find it (fully reshardable: KeyError). A non-tensor entry is skipped there."""
+    patched = [sub for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+               if hasattr(sub, "_set_main_param_and_optimizer_states")]
+    for sub in patched:
+        original = sub._set_main_param_and_optimizer_states
+        sub._set_main_param_and_optimizer_states = (
+            lambda model_param, tensors, original=original: original(model_param, {**tensors, "step": None}))
+    try:
+        yield
+    finally:
+        for sub in patched:
+            del sub._set_main_param_and_optimizer_states  # the class's method again
 
 
 def build_optimizer(ddp, job: TrainingJob):
