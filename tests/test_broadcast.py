@@ -13,6 +13,7 @@ import torch
 from megatron_eve.data.broadcast import BatchBroadcastError, decode, encode
 from megatron_eve.data.dataset import assemble_sequence
 from megatron_eve.data.loader import BatchPlan, collate, model_inputs
+from megatron_eve.model.patch_embedding import FlatPlan
 from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
 from tests.helpers import base_args, launch, losses, torchrun, train
 from tests.test_loader import VISION, image_sample, sample
@@ -72,8 +73,9 @@ def test_batches_cover_what_the_loader_makes():
     all_batches = batches()
     planned = all_batches["images, thd"]
     assert {"images", "teacher_images", "cu_seqlens", "max_seqlen", "visual_layout", "teacher_patches",
-            "plan"} <= set(planned)
+            "plan", "pel_plan"} <= set(planned)
     assert [tuple(c.shape) for c in planned["images"]] == [(3, 56, 112), (3, 28, 56), (3, 84, 84)]
+    assert planned["pel_plan"].shapes == ((56, 112), (28, 56), (84, 84))
     assert not planned["images"][0].is_contiguous()  # permuted HWC crops travel as they are
     assert "images" not in all_batches["text only, thd"]
     assert (all_batches["images, no plan"]["tokens"] == IMAGE_TOKEN_INDEX).any()
@@ -81,9 +83,25 @@ def test_batches_cover_what_the_loader_makes():
 
 def test_scalars_and_other_dtypes_round_trip():
     batch = {"ratio": 0.1, "flag": True, "count": -3, "half": torch.randn(2, 3).bfloat16(),
-             "mask": torch.tensor([True, False]), "empty": torch.zeros(0, 4, dtype=torch.int16), "nested": [[]], "größe": 2}
+             "mask": torch.tensor([True, False]), "empty": torch.zeros(0, 4, dtype=torch.int16), "nested": [[]],
+             "größe": 2, "pairs": ((1, 2), [(3,)], ())}
     header, buffers = encode(batch)
     assert_same(decode(header, buffers), batch)
+
+
+def test_the_pel_plan_travels_in_the_buffers():
+    """Receivers get the worker's FlatPlan as sent (shapes as tuples, as the PEL compares them), its
+    index tensors views of the received int64 buffer: pinned where the feed pins, and nothing to
+    build or to read back from the device."""
+    batch = batches()["images, bs"]
+    header, buffers = encode(batch)
+    received = decode(header, buffers)["pel_plan"]
+    assert isinstance(received, FlatPlan)
+    assert_same(received, batch["pel_plan"])
+    int64_buffer, = [b for b in buffers if b.dtype == torch.int64]
+    for name in ("grid_hw", "first_runs", "row_runs", "cell_image", "token_positions"):
+        tensor = getattr(received, name)
+        assert tensor.untyped_storage().data_ptr() == int64_buffer.untyped_storage().data_ptr(), name
 
 
 def test_what_cannot_travel_is_named():
@@ -104,6 +122,8 @@ def test_two_ranks_make_the_same_model_inputs(tmp_path):
         ours, theirs = (torch.load(tmp_path / f"{name}_{rank}.pt", weights_only=False) for rank in (0, 1))
         assert len(ours) == (len(batches()) if name == "direct" else 7)
         assert_same(theirs, ours, name)
+        assert all(("pel_plan" in inputs) == ("images" in inputs) for inputs in ours)
+    assert all("pel_plan" in inputs for inputs in ours)  # every row of these micro-batches has an image
     assert_same(ours[3], ours[0], "the fourth read starts the split again")
 
 

@@ -1,12 +1,18 @@
 """Collation and model inputs: masks for packed rows, THD boundaries, stage-dependent reads."""
 
+import dataclasses
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from megatron_eve.config import VisionConfig
 from megatron_eve.data.dataset import assemble_sequence
-from megatron_eve.data.loader import BatchPlan, LoaderConfig, build_loader, collate, model_inputs
+from megatron_eve.data.loader import BatchPlan, build_loader, collate, model_inputs
+from megatron_eve.model.patch_embedding import FlatPlan, PatchEmbeddingLayer
 from megatron_eve.model.visual_layout import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VisualLayout, VisualLayoutError
 
 VISION = VisionConfig(image_size=224, teacher_image_size=112)
@@ -72,7 +78,7 @@ def test_loader_workers_plan_the_batch_the_model_reads():
     rows = [assemble_sequence([image_sample((2, 4)), sample(3)], pad_to=40),
             assemble_sequence([sample(5), image_sample((1, 2), 2)], pad_to=40)]
     plan = BatchPlan.of(VISION, thd=True)
-    loader = build_loader(rows, LoaderConfig(micro_batch_size=2, num_workers=1, plan=plan))
+    loader = build_loader(rows, 2, num_workers=1, plan=plan)
     planned = next(iter(loader))
     assert planned["plan"] == plan and planned["max_seqlen"] == 27
     assert planned["cu_seqlens"].tolist() == [0, 17, 20, 40, 45, 53, 80]
@@ -107,3 +113,118 @@ def test_images_become_crops_and_teacher_squares():
     mask = squares[0, 3]
     assert mask[42:70].eq(1).all() and mask[:42].eq(0).all() and mask[70:].eq(0).all()
     assert torch.allclose(squares[0, :3, 50, 50], inputs["images"][0][:, 0, 0])
+
+
+def pel_rows():
+    """Two packed rows with crops of distinct, non-square shapes: wide, small, tall."""
+    return [assemble_sequence([image_sample((2, 4)), sample(3)], pad_to=48),
+            assemble_sequence([sample(5), image_sample((1, 2), 2), image_sample((3, 1), 1)], pad_to=48)]
+
+
+def assert_same_flat_plan(ours: FlatPlan, theirs: FlatPlan):
+    for field in dataclasses.fields(FlatPlan):
+        a, b = getattr(ours, field.name), getattr(theirs, field.name)
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b), field.name
+        else:
+            assert a == b, field.name
+
+
+def recording_pel_plans(monkeypatch) -> list:
+    """Every FlatPlan the PEL's flat path runs with, from now on, in call order."""
+    plans = []
+    encode_flat = PatchEmbeddingLayer.encode_flat
+    monkeypatch.setattr(PatchEmbeddingLayer, "encode_flat",
+                        lambda pel, crops, plan: plans.append(plan) or encode_flat(pel, crops, plan))
+    return plans
+
+
+def test_loader_workers_plan_the_pel_like_the_model(monkeypatch):
+    """The PEL's FlatPlan made in a worker equals the one the PEL builds from the crops the model
+    receives; model_inputs hands that very plan on, and the PEL runs with it."""
+    loader = build_loader(pel_rows(), 2, num_workers=1, plan=BatchPlan.of(VISION, thd=False))
+    planned = next(iter(loader))
+    worker_plan = planned["pel_plan"]
+    assert worker_plan.shapes == ((56, 112), (28, 56), (84, 28))  # (height, width) of each crop
+    inputs = model_inputs(planned, VISION, "cpu")
+    assert inputs["pel_plan"].first_runs is worker_plan.first_runs  # not planned again
+
+    plans = recording_pel_plans(monkeypatch)
+    pel = PatchEmbeddingLayer(VISION)
+    with torch.no_grad():
+        planned_tokens, planned_grid = pel(inputs["images"], plan=inputs["pel_plan"])
+        own_tokens, own_grid = pel(inputs["images"])
+    given, own = plans
+    assert given is inputs["pel_plan"] and own is not given
+    assert_same_flat_plan(worker_plan, own)
+    assert torch.equal(planned_tokens, own_tokens) and torch.equal(planned_grid, own_grid)
+    assert torch.equal(planned_grid, planned["image_grid_hw"])
+    text_only = collate([assemble_sequence([sample(4)], None)], BatchPlan.of(VISION, thd=False))
+    assert "pel_plan" not in text_only and "pel_plan" not in model_inputs(text_only, VISION, "cpu")
+
+
+def test_unplanned_batches_get_their_pel_plan_in_model_inputs():
+    batch = collate(pel_rows())
+    assert "pel_plan" not in batch
+    plan = model_inputs(batch, VISION, "cpu")["pel_plan"]
+    assert_same_flat_plan(plan, FlatPlan.of([(56, 112), (28, 56), (84, 28)], VISION.patch_size, VISION.conv_stride))
+
+
+def test_the_model_runs_on_the_loaders_pel_plan(tmp_path):
+    """EVEModel (tiny preset) on a micro-batch planned as a loader worker plans it, in a process of
+    its own (see model_reads_the_pel_plan; its assertions fail the child)."""
+    from tests.helpers import ROOT, child_environment
+
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "tests.test_loader", str(report_path)], capture_output=True,
+                          text=True, timeout=240, env=child_environment(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["loader_vs_own_max_abs_diff"] == 0.0
+    assert report["scrambled_plan_max_abs_diff"] > 1e-3  # the plan given is the plan used
+    assert report["later_stage_max_abs_diff"] == 0.0
+
+
+def model_reads_the_pel_plan(report_path: str):
+    """The PEL runs with the loader's FlatPlan when given it and builds an equal one when not;
+    the logits agree exactly; a plan with the tokens' positions scrambled changes them; a later
+    pipeline stage handed the same inputs ignores the plan. Runs in a child process, so that
+    megatron-core's process group and CPU shims stay out of pytest's."""
+    from megatron_eve import distributed
+    from megatron_eve.config import ParallelConfig, RuntimeConfig, get_preset, transformer_config
+    from megatron_eve.model.build import build_model
+    from megatron_eve.model.eve import EVEModel
+
+    parallel, runtime = ParallelConfig(), RuntimeConfig(use_cpu_initialization=True)
+    distributed.initialize(parallel)
+    cfg = get_preset("tiny")
+    model = build_model(cfg, parallel, runtime, load_teacher=False).eval()
+    # What a loader worker makes (test_loader_workers_plan_the_pel_like_the_model); no worker
+    # process here, which an assertion failing would leave the child waiting on at exit.
+    inputs = model_inputs(collate(pel_rows(), BatchPlan.of(cfg.vision, thd=False)), cfg.vision, "cpu")
+    del inputs["labels"]  # logits, which every visual token reaches
+    given = inputs["pel_plan"]
+    own = {key: value for key, value in inputs.items() if key != "pel_plan"}
+    scrambled = {**inputs, "pel_plan": dataclasses.replace(given, token_positions=given.token_positions.flip(0))}
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        plans = recording_pel_plans(patch)
+        logits, own_logits, scrambled_logits = model(**inputs), model(**own), model(**scrambled)
+    assert plans[0] is given and plans[1] is not given
+    assert_same_flat_plan(plans[1], given)
+
+    # A later stage: the same inputs, its hidden states from upstream instead of the PEL.
+    later = EVEModel(cfg, transformer_config(cfg, parallel, runtime), pre_process=False, load_teacher=False).eval()
+    later.set_input_tensor(torch.randn(inputs["input_ids"].shape[1], 2, cfg.language.hidden_size))
+    with torch.no_grad():
+        later_logits, later_own_logits = later(**inputs), later(**own)
+    with open(report_path, "w") as report:
+        json.dump({
+            "loader_vs_own_max_abs_diff": float((logits - own_logits).abs().max()),
+            "scrambled_plan_max_abs_diff": float((logits - scrambled_logits).abs().max()),
+            "later_stage_max_abs_diff": float((later_logits - later_own_logits).abs().max()),
+        }, report)
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    model_reads_the_pel_plan(sys.argv[1])

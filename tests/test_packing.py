@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from megatron_eve.data.dataset import BlendedSequences, parse_data_path, split_ranges
+from megatron_eve.config import parse_data_path
+from megatron_eve.data.dataset import BlendedSequences, split_ranges
 from megatron_eve.data.loader import MicroBatchSampler
 from megatron_eve.data.packing import efficiency, one_per_sequence, pack
 

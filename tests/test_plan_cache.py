@@ -3,6 +3,7 @@ warned about and planned again, no cache where none can be written, and rank 0 p
 
 Also a torchrun worker (`python -m tests.test_plan_cache PREFIX OUT` under torchrun, gloo)."""
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,13 +15,15 @@ import sys
 import numpy as np
 import pytest
 
+from megatron_eve.config import DataConfig
 from megatron_eve.data import packing, plan_cache
-from megatron_eve.data.dataset import DataConfig, PackedSequences, build_datasets
+from megatron_eve.data.dataset import PackedSequences, build_datasets
 from megatron_eve.data.indexed import IndexedSamples, SampleWriter
 from megatron_eve.data.records import Sample
 
 SEQ = 1024
-CONFIG = DataConfig(blend=[], seq_length=SEQ, split="9,1,0", seed=5, packing_buffer_size=300)
+CONFIG = DataConfig(seq_length=SEQ, split="9,1,0", packing_buffer_size=300)
+SEED = 5
 MINIMUM = 1200  # three epochs of the train split's ~587 sequences
 
 
@@ -41,19 +44,19 @@ def prefix(tmp_path):
     return write_prefix(tmp_path / "data")
 
 
-def train_split(prefix, config=CONFIG, minimum=MINIMUM):
+def train_split(prefix, config=CONFIG, minimum=MINIMUM, seed=SEED):
     samples = IndexedSamples(prefix)
-    return PackedSequences(samples, 0, int(len(samples) * 0.9), config, "train", minimum)
+    return PackedSequences(samples, 0, int(len(samples) * 0.9), config, seed, "train", minimum)
 
 
-def planned_without_cache(prefix, config=CONFIG, minimum=MINIMUM):
+def planned_without_cache(prefix, config=CONFIG, minimum=MINIMUM, seed=SEED):
     """The plans as dataset.py made them before the cache (its loop, verbatim)."""
     samples = IndexedSamples(prefix)
     lengths = samples.lengths[: int(len(samples) * 0.9)]
-    seed = int.from_bytes(hashlib.sha256(f"{samples.prefix}|train".encode()).digest()[:4], "little")
+    stream = int.from_bytes(hashlib.sha256(f"{samples.prefix}|train".encode()).digest()[:4], "little")
     plans = []
     while True:
-        rng = np.random.default_rng([config.seed, seed, len(plans)])
+        rng = np.random.default_rng([seed, stream, len(plans)])
         plan = (packing.pack(lengths, config.seq_length, config.packing_buffer_size, rng) if config.pack
                 else packing.one_per_sequence(lengths, config.seq_length, rng))
         if len(plan) == 0:
@@ -117,19 +120,20 @@ def test_a_changed_setting_misses(prefix, planned, change):
     train_split(prefix)
     before = cache_files(prefix)
     value = {"seed": 6, "seq_length": SEQ + 64, "packing_buffer_size": 200, "pack": False}[change]
-    config = DataConfig(**{**CONFIG.__dict__, change: value})
+    config = CONFIG if change == "seed" else dataclasses.replace(CONFIG, **{change: value})
+    seed = value if change == "seed" else SEED
     planned.clear()
-    changed = train_split(prefix, config)
+    changed = train_split(prefix, config, seed=seed)
     assert len(planned) == len(changed.plans) >= 1  # planned, not read
-    assert_identical(changed.plans, planned_without_cache(prefix, config))
+    assert_identical(changed.plans, planned_without_cache(prefix, config, seed=seed))
     assert set(before) < set(cache_files(prefix))  # an entry of its own beside the first
 
 
 def test_buffer_size_plays_no_part_without_packing(prefix, planned):
-    unpacked = DataConfig(**{**CONFIG.__dict__, "pack": False})
+    unpacked = dataclasses.replace(CONFIG, pack=False)
     train_split(prefix, unpacked, minimum=None)
     planned.clear()
-    train_split(prefix, DataConfig(**{**unpacked.__dict__, "packing_buffer_size": 7}), minimum=None)
+    train_split(prefix, dataclasses.replace(unpacked, packing_buffer_size=7), minimum=None)
     assert not planned
 
 
@@ -237,7 +241,7 @@ def test_damaged_cache_is_warned_about_and_planned_again(prefix, planned, caplog
 # ------------------------------------------------------------------------------------- where
 def test_unwritable_default_place_means_no_cache(prefix, planned, caplog):
     open(prefix + ".plans", "w").close()  # a file where the folder would go: unwritable, even for root
-    datasets = build_datasets(DataConfig(**{**CONFIG.__dict__, "blend": [(1.0, prefix)]}))
+    datasets = build_datasets(dataclasses.replace(CONFIG, data_path=[prefix]), SEED)
     assert len(datasets["train"]) and len(datasets["valid"])
     (warning,) = warnings_of(caplog)  # one line for the place, not one per split
     assert f"{prefix}.plans cannot be written" in warning and "planning without a cache" in warning
@@ -262,7 +266,7 @@ def test_readable_but_unwritable_cache_is_still_read(prefix, planned, caplog, mo
 
 def test_data_cache_path_holds_the_cache(prefix, tmp_path, planned):
     elsewhere = str(tmp_path / "cache")
-    config = DataConfig(**{**CONFIG.__dict__, "cache_path": elsewhere})
+    config = dataclasses.replace(CONFIG, data_cache_path=elsewhere)
     train_split(prefix, config)
     assert not cache_files(prefix) and len(os.listdir(elsewhere)) == 7
     assert all(name.startswith("data.train.") for name in os.listdir(elsewhere))
@@ -363,12 +367,12 @@ def _worker(prefix, out):
     result = {}
     blocked = os.path.join(out, "blocked")
     open(blocked, "w").close()  # a file: the cache folder cannot be made there
-    for name, config in (("cached", CONFIG), ("unwritable", DataConfig(**{**CONFIG.__dict__, "cache_path": blocked}))):
+    for name, config in (("cached", CONFIG), ("unwritable", dataclasses.replace(CONFIG, data_cache_path=blocked))):
         calls.clear()
         plans = train_split(prefix, config).plans
         result[name] = {"planned": len(calls), "digest": _digest(plans)}
     # Whole blends (train and valid splits, one barrier each): every rank gets the same sequences.
-    data = build_datasets(DataConfig(**{**CONFIG.__dict__, "blend": [(1.0, prefix)]}), sizes=(500, 50, None))
+    data = build_datasets(dataclasses.replace(CONFIG, data_path=[prefix]), SEED, sizes=(500, 50, None))
     result["blend"] = [data["train"].locate(i)[1] for i in range(0, 500, 7)]
     (open(os.path.join(out, f"rank{rank}.json"), "w")).write(json.dumps(result))
     dist.barrier()

@@ -83,11 +83,10 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from megatron_eve import distributed
-    from megatron_eve.config import ParallelConfig, RuntimeConfig, replace
+    from megatron_eve.config import (CheckpointConfig, DataConfig, LoggingConfig, OptimConfig, ParallelConfig,
+                                     RuntimeConfig, ScheduleConfig, TrainingJob, replace)
     from megatron_eve.model.build import build_model
     from megatron_eve.training import checkpoint
-    from megatron_eve.training.arguments import (CheckpointConfig, DataArgs, LoggingConfig, OptimConfig,
-                                                 ScheduleConfig, TrainingJob)
     from megatron_eve.training.optim import build_optimizer, build_scheduler, wrap_model
     from tests.helpers import tiny_config
 
@@ -101,7 +100,7 @@ def worker(args) -> None:
                                     "language.vocab_size": args.vocab_size})
     model = build_model(cfg, ParallelConfig(), RuntimeConfig(use_cpu_initialization=True), load_teacher=False)
     job = TrainingJob(cfg, ParallelConfig(), RuntimeConfig(), OptimConfig(lr=1e-4, use_distributed_optimizer=True),
-                      ScheduleConfig(train_iters=10), DataArgs(), CheckpointConfig(), LoggingConfig())
+                      ScheduleConfig(train_iters=10), DataConfig(), CheckpointConfig(), LoggingConfig())
     ddp = wrap_model(model, job)
     optimizer = build_optimizer(ddp, job)
     scheduler = build_scheduler(optimizer, job)

@@ -200,9 +200,9 @@ def main():
         print_packing(np.asarray(IndexedSamples(args.lengths_from).lengths), f"of {args.lengths_from}", args)
         return
 
-    from megatron_eve.config import VisionConfig
-    from megatron_eve.data.dataset import DataConfig, build_datasets
-    from megatron_eve.data.loader import LoaderConfig, build_loader
+    from megatron_eve.config import DataConfig, VisionConfig
+    from megatron_eve.data.dataset import build_datasets
+    from megatron_eve.data.loader import build_loader
     from megatron_eve.data.preprocess import PreprocessJob, run
     from megatron_eve.data.records import RecordConfig
     from megatron_eve.data.tokenizer import train_tokenizer
@@ -244,8 +244,9 @@ def main():
 
     print(f"\n== loader at 672 px (PEL and teacher views decoded), DataLoader with {args.workers} worker(s)")
     for codec, prefix in prefixes.items():
-        data = build_datasets(DataConfig(blend=[(1.0, prefix)], seq_length=args.seq_length, split="1,0,0"))["train"]
-        loader = build_loader(data, LoaderConfig(micro_batch_size=1, num_workers=args.workers))
+        data = build_datasets(DataConfig(data_path=[prefix], seq_length=args.seq_length, split="1,0,0"),
+                              seed=1234)["train"]
+        loader = build_loader(data, 1, num_workers=args.workers)
         iterator = iter(loader)
         next(iterator)  # worker start-up is not throughput
         samples = sequences = 0

@@ -5,8 +5,10 @@
 Crops are made as the loader makes them (uint8 HWC arrays → normalised [3, H, W] views): random
 aspect ratios, the long side image_size px, the short side whole 28-px token cells, so nearly every
 image has its own shape. Prints, measured in this run on each device: milliseconds per micro-batch
-of each path and their ratio (flat / per-shape), the host time to build the flat plan, the two
-ways of patchifying (one gather vs a reshape per crop), and on CUDA the kernels launched per step.
+of each path and their ratio (flat / per-shape), the flat path also given its plan already on the
+device (as the loader ships it) instead of building and moving it itself, the host time to build
+the flat plan, the two ways of patchifying (one gather vs a reshape per crop), and on CUDA the
+kernels launched per step.
 
   python tools/bench_pel.py                                   # EVE-7B PEL width, CPU and CUDA
   python tools/bench_pel.py --devices cpu --images 8 --hidden 256 --steps 2 --json pel.json
@@ -98,22 +100,23 @@ def bench_device(device, args, vision, shapes_per_batch):
     rng = np.random.default_rng(args.seed)
     batches = [loader_crops(shapes, device, dtype, rng) for shapes in shapes_per_batch]
     p, s = vision.patch_size, vision.conv_stride
+    # As the loader ships them: built ahead on the host, on the device before the step.
+    plans = [FlatPlan.of(shapes, p, s).to(device) for shapes in shapes_per_batch]
 
-    def step(flat, crops_list):
+    def step(flat, crops_list, plans_list=None):
         def run():
-            for crops in crops_list:
-                tokens, _ = pel(crops, flat=flat)
+            for crops, plan in zip(crops_list, plans_list or [None] * len(crops_list)):
+                tokens, _ = pel(crops, plan=plan, flat=flat)
                 if not args.forward_only:
                     tokens.float().square().mean().backward()
         return run
 
     grad = torch.no_grad if args.forward_only else torch.enable_grad
     with grad():
-        paths = timed({"per_shape": step(False, batches), "flat": step(True, batches)}, device,
-                      args.steps, args.warmup)
+        paths = timed({"per_shape": step(False, batches), "flat": step(True, batches),
+                       "flat_loader_plan": step(True, batches, plans)}, device, args.steps, args.warmup)
     plan_build = timed({"plan": lambda: [FlatPlan.of(shapes, p, s) for shapes in shapes_per_batch]},
                        torch.device("cpu"), args.steps, 1)
-    plans = [FlatPlan.of(shapes, p, s).to(device) for shapes in shapes_per_batch]
     for crops, plan in zip(batches, plans):
         assert torch.equal(gathered_patches(crops, plan, p), per_crop_patches(crops, p, s))
     patchify = timed({"gather": lambda: [gathered_patches(c, plan, p) for c, plan in zip(batches, plans)],
@@ -126,6 +129,7 @@ def bench_device(device, args, vision, shapes_per_batch):
         "per_shape_ms": ms(paths["per_shape"]),
         "flat_ms": ms(paths["flat"]),
         "flat_over_per_shape": paths["flat"] / paths["per_shape"],
+        "flat_loader_plan_ms": ms(paths["flat_loader_plan"]),
         "plan_build_ms": ms(plan_build["plan"]),
         "patchify_gather_ms": ms(patchify["gather"]),
         "patchify_per_crop_ms": ms(patchify["per_crop"]),
@@ -134,6 +138,7 @@ def bench_device(device, args, vision, shapes_per_batch):
         with grad():
             result["per_shape_kernels"] = cuda_kernels(step(False, batches[:1]))
             result["flat_kernels"] = cuda_kernels(step(True, batches[:1]))
+            result["flat_loader_plan_kernels"] = cuda_kernels(step(True, batches[:1], plans[:1]))
     return result
 
 
@@ -170,11 +175,12 @@ def main():
         report["results"].append(result)
         print(f"{result['device']} ({result['dtype']}): per-shape {result['per_shape_ms']:.1f} ms, flat "
               f"{result['flat_ms']:.1f} ms per micro-batch → flat/per-shape {result['flat_over_per_shape']:.2f}; "
+              f"flat with the loader's plan {result['flat_loader_plan_ms']:.1f} ms; "
               f"plan build {result['plan_build_ms']:.2f} ms (host); patchify gather "
               f"{result['patchify_gather_ms']:.2f} ms vs per-crop {result['patchify_per_crop_ms']:.2f} ms")
         if "flat_kernels" in result:
             print(f"  CUDA kernels per micro-batch: per-shape {result['per_shape_kernels']}, "
-                  f"flat {result['flat_kernels']}")
+                  f"flat {result['flat_kernels']}, flat with the loader's plan {result['flat_loader_plan_kernels']}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

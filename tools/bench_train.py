@@ -87,14 +87,14 @@ def run_ours(args, model_cfg, samples, job_runtime):
     from megatron_eve.data.packing import pack
     from megatron_eve.model.build import build_model
     from megatron_eve.platform import current_device
-    from megatron_eve.training.arguments import OptimConfig, ScheduleConfig, TrainingJob
     from megatron_eve.training.metrics import BatchWork, micro_batch_work
     from megatron_eve.training.optim import build_optimizer, wrap_model
     from megatron_eve.training.step import forward_step
-    from megatron_eve.config import ParallelConfig
+    from megatron_eve.config import OptimConfig, ParallelConfig, ScheduleConfig, TrainingJob
 
     model = build_model(model_cfg, ParallelConfig(), job_runtime, load_teacher=args.aligner)
-    job = TrainingJob(model_cfg, ParallelConfig(), job_runtime, OptimConfig(lr=1e-5), ScheduleConfig(), None, None, None)
+    job = TrainingJob(model_cfg, ParallelConfig(), job_runtime, OptimConfig(lr=1e-5), ScheduleConfig(train_iters=1),
+                      None, None, None)
     ddp = wrap_model(model, job)
     optimizer = build_optimizer(ddp, job)
     lengths = np.asarray([len(s["tokens"]) for s in samples])

@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_eve.config import ParallelConfig, RuntimeConfig  # noqa: E402
+from megatron_eve.config.options import add_flags  # noqa: E402
 from megatron_eve.inference.generate import PromptError, Sampling, chat_prompt  # noqa: E402
 
 
@@ -26,13 +28,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load", help="megatron checkpoint root (launch with torchrun)")
     g.add_argument("--hf", help="HF export folder (python, one process)")
     g.add_argument("--tokenizer-model", help="with --load: tokenizer.model or a folder holding one")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    add_flags(g, ParallelConfig, only=("tensor_model_parallel_size", "pipeline_model_parallel_size"))
     g.add_argument("--no-kv-cache", action="store_true")
-    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations (default fp32)")
-    g.add_argument("--transformer-impl", choices=("auto", "transformer_engine", "torch", "local"), default="auto",
-                   help="with --load: the layer spec (auto: Transformer Engine, else torch's kernels on CUDA, "
-                        "else local)")
+    add_flags(g, RuntimeConfig, only=("bf16", "transformer_impl"))  # the layer spec matters with --load only
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -53,7 +51,6 @@ def setup(args):
     import torch.distributed as dist
 
     from megatron_eve import distributed
-    from megatron_eve.config import ParallelConfig
 
     parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     distributed.initialize(parallel)

@@ -3,11 +3,14 @@
 #   bash tools/gpu_check.sh WHEEL_DIR OUT_DIR
 # 1. installs the wheels in WHEEL_DIR whose packages are missing here (megatron-core at least),
 #    into a private folder put first on PYTHONPATH: nothing already installed is replaced;
-# 2. runs the GPU test tier (pytest -m gpu tests/gpu) and tools/bench_train.py with its HF baseline;
-# 3. writes into OUT_DIR: env.txt, gpu_tests.log, gpu_tests.xml, bench.log, bench.json, profile.txt and
-#    summary.json (tests passed / failed, tokens/s, TFLOP/s, MFU, peak memory, speed-up).
-# Each step has a time limit so that the whole check ends within about 8 minutes on one H100.
-# Overrides: TIER_TIMEOUT, BENCH_TIMEOUT (seconds), TIER_ARGS (extra pytest args), BENCH_ARGS.
+# 2. runs the GPU test tier (pytest -m gpu tests/gpu), tools/bench_train.py with its HF baseline and
+#    tools/bench_pel.py (the PEL's flat path vs per-shape, and given the loader's plan);
+# 3. writes into OUT_DIR: env.txt, gpu_tests.log, gpu_tests.xml, bench.log, bench.json, profile.txt,
+#    pel.log, pel.json and summary.json (tests passed / failed, tokens/s, TFLOP/s, MFU, peak memory,
+#    speed-up; the PEL figures under "pel_bench").
+# Each step has a time limit so that the whole check ends within about 9 minutes on one H100.
+# Overrides: TIER_TIMEOUT, BENCH_TIMEOUT, PEL_TIMEOUT (seconds), TIER_ARGS (extra pytest args),
+# BENCH_ARGS, PEL_ARGS.
 set -uo pipefail
 [ $# -eq 2 ] || { echo "usage: bash tools/gpu_check.sh WHEEL_DIR OUT_DIR" >&2; exit 2; }
 WHEELS=$(cd "$1" && pwd) || { echo "no wheel folder $1" >&2; exit 2; }
@@ -55,6 +58,16 @@ timeout "${BENCH_TIMEOUT:-180}" "$PYTHON" tools/bench_train.py \
 bench_rc=${PIPESTATUS[0]}
 bench_seconds=$(( $(date +%s) - bench_start ))
 
+pel_start=$(date +%s)
+# EVE-7B's PEL (width 1024, 672 px), 2 micro-batches of 24 crops, 5 timed steps: sized to end well
+# under a minute on an H100 (the CPU path is skipped: too slow at this width).
+# shellcheck disable=SC2086
+timeout "${PEL_TIMEOUT:-90}" "$PYTHON" tools/bench_pel.py \
+  ${PEL_ARGS:---devices cuda --images 24 --batches 2 --steps 5} --json "$OUT/pel.json" 2>&1 | tee "$OUT/pel.log"
+pel_rc=${PIPESTATUS[0]}
+pel_seconds=$(( $(date +%s) - pel_start ))
+
 "$PYTHON" tools/gpu_check_summary.py "$OUT" --tier-rc "$tier_rc" --tier-seconds "$tier_seconds" \
-  --bench-rc "$bench_rc" --bench-seconds "$bench_seconds" --total-seconds $(( $(date +%s) - started ))
-[ "$tier_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+  --bench-rc "$bench_rc" --bench-seconds "$bench_seconds" --pel-rc "$pel_rc" --pel-seconds "$pel_seconds" \
+  --total-seconds $(( $(date +%s) - started ))
+[ "$tier_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$pel_rc" -eq 0 ]

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""summary.json for tools/gpu_check.sh: the GPU tier's test counts (from its JUnit XML) and
-tools/bench_train.py's figures (from its JSON), with exit codes and times. Prints the summary."""
+"""summary.json for tools/gpu_check.sh: the GPU tier's test counts (from its JUnit XML),
+tools/bench_train.py's and tools/bench_pel.py's figures (from their JSON), with exit codes and
+times. Prints the summary."""
 
 import argparse
 import json
@@ -28,15 +29,16 @@ def test_counts(xml_path: Path) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
-    for name in ("tier-rc", "tier-seconds", "bench-rc", "bench-seconds", "total-seconds"):
+    for name in ("tier-rc", "tier-seconds", "bench-rc", "bench-seconds", "pel-rc", "pel-seconds", "total-seconds"):
         parser.add_argument(f"--{name}", type=int, required=True)
     args = parser.parse_args()
-    bench_file = args.out / "bench.json"
-    bench = json.loads(bench_file.read_text()) if bench_file.is_file() else None
+    bench, pel = (json.loads(f.read_text()) if f.is_file() else None
+                  for f in (args.out / "bench.json", args.out / "pel.json"))
     summary = {
         "device": (bench or {}).get("device"),
         "tests": {**test_counts(args.out / "gpu_tests.xml"), "exit_code": args.tier_rc, "seconds": args.tier_seconds},
         "bench": {"exit_code": args.bench_rc, "seconds": args.bench_seconds, "figures": bench},
+        "pel_bench": {"exit_code": args.pel_rc, "seconds": args.pel_seconds, "figures": pel},
         "total_seconds": args.total_seconds,
     }
     if bench and "ours" in bench:

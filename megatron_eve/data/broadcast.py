@@ -10,9 +10,9 @@ header lists the buffers (dtype code, element count), then the batch's entries: 
 value, encoded recursively as a kind code and
   tensor:    dtype code, ndim, shape in memory order, dim order (its elements: the next ones of
              its dtype's buffer; the receiver's view has the sender's strides)
-  list:      length, the items
+  list:      length, the items; tuple: likewise
   int/bool:  the value; float: its float64 bits
-  dataclass: class code, its fields in declaration order (VisualLayout, BatchPlan).
+  dataclass: class code, its fields in declaration order (VisualLayout, BatchPlan, FlatPlan).
 The tensors stay on the host, so on GPU machines they travel over the group's gloo backend and the
 training step never waits on the device for its data.
 """
@@ -27,14 +27,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_eve.data.loader import BatchPlan
+from megatron_eve.model.patch_embedding import FlatPlan
 from megatron_eve.model.visual_layout import VisualLayout
 
 # Status values other than a header length.
 END, FAILED = 0, -1
-TENSOR, LIST, INT, BOOL, FLOAT, DATACLASS = range(6)
+TENSOR, LIST, INT, BOOL, FLOAT, DATACLASS, TUPLE = range(7)
 DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
           torch.float16, torch.bfloat16, torch.float32, torch.float64)
-DATACLASSES = (VisualLayout, BatchPlan)
+DATACLASSES = (VisualLayout, BatchPlan, FlatPlan)
 
 
 class BatchBroadcastError(RuntimeError):
@@ -55,8 +56,8 @@ def encode(batch: Dict) -> Tuple[torch.Tensor, List[torch.Tensor]]:
             dense = item.permute(order)
             entries.extend([TENSOR, DTYPES.index(item.dtype), item.dim(), *dense.shape, *order])
             tensors.setdefault(item.dtype, []).append(dense)
-        elif isinstance(item, list):
-            entries.extend([LIST, len(item)])
+        elif isinstance(item, list) or type(item) is tuple:  # a namedtuple would come back a plain tuple
+            entries.extend([LIST if isinstance(item, list) else TUPLE, len(item)])
             for element in item:
                 value(key, element)
         elif isinstance(item, bool):  # before int: bool is an int
@@ -105,6 +106,8 @@ def decode(header: torch.Tensor, buffers: List[torch.Tensor]) -> Dict:
             return by_dtype[dtype][start:offsets[dtype]].view(shape).permute(dims_back)
         if kind == LIST:
             return [value() for _ in range(take(1)[0])]
+        if kind == TUPLE:
+            return tuple(value() for _ in range(take(1)[0]))
         if kind == INT:
             return take(1)[0]
         if kind == BOOL:

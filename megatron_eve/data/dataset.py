@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_eve.config import DataConfig
 from megatron_eve.data.indexed import IndexedSamples
 from megatron_eve.data.packing import PackingPlan
 from megatron_eve.data.plan_cache import PlanKey, cached_plans, lengths_sha256
@@ -29,40 +30,13 @@ SPLITS = ("train", "valid", "test")
 PLANS_SUFFIX = ".plans"  # PREFIX.plans/: the packing-plan cache beside the data, by default
 
 
-@dataclass
-class DataConfig:
-    blend: List[Tuple[float, str]]  # (weight, prefix)
-    seq_length: int
-    split: str = "969,30,1"  # Megatron's default
-    seed: int = 1234
-    pack: bool = True
-    packing_buffer_size: int = 10000
-    # --data-cache-path: where packing plans are cached (None: PREFIX.plans/ beside each prefix).
-    cache_path: Optional[str] = None
-    # What this pipeline stage reads: the first needs pixels, the last the teacher's view (when
-    # it trains the aligner); middle stages only need tokens and image grids.
-    read_pixels: bool = True
-    read_teacher: bool = True
+@dataclass(frozen=True)
+class StageReads:
+    """What this pipeline stage reads (derived per rank, not an option): the first needs pixels, the
+    last the teacher's views (when it trains the aligner); middle stages only tokens and image grids."""
 
-
-def parse_data_path(values: Sequence[str]) -> List[Tuple[float, str]]:
-    """Megatron's --data-path: "A B" (weights by size) or "0.7 A 0.3 B"."""
-    values = list(values)
-    if not values:
-        raise ValueError("--data-path needs at least one dataset prefix")
-    try:
-        float(values[0])
-        weighted = True
-    except ValueError:
-        weighted = False
-    if not weighted:
-        return [(float("nan"), path) for path in values]
-    if len(values) % 2:
-        raise ValueError(f"--data-path {' '.join(values)}: weights and prefixes must alternate")
-    pairs = [(float(values[i]), values[i + 1]) for i in range(0, len(values), 2)]
-    if any(w < 0 for w, _ in pairs) or sum(w for w, _ in pairs) <= 0:
-        raise ValueError(f"--data-path {' '.join(values)}: weights must be >= 0 and not all 0")
-    return pairs
+    pixels: bool = True
+    teacher: bool = True
 
 
 def split_ranges(count: int, split: str) -> List[Tuple[int, int]]:
@@ -83,16 +57,16 @@ def split_ranges(count: int, split: str) -> List[Tuple[int, int]]:
 class PackedSequences:
     """One prefix's split as packed sequences, epoch after epoch until `minimum` are planned."""
 
-    def __init__(self, samples: IndexedSamples, first: int, last: int, config: DataConfig,
-                 split: str, minimum: Optional[int] = None):
-        self.samples, self.config = samples, config
+    def __init__(self, samples: IndexedSamples, first: int, last: int, config: DataConfig, seed: int,
+                 split: str, minimum: Optional[int] = None, reads: StageReads = StageReads()):
+        self.samples, self.config, self.reads = samples, config, reads
         self.sample_ids = np.arange(first, last, dtype=np.int64)
         lengths = samples.lengths[first:last]
         stream = int.from_bytes(hashlib.sha256(f"{samples.prefix}|{split}".encode()).digest()[:4], "little")
-        key = PlanKey(split, first, last, lengths_sha256(lengths), config.seed, stream, config.seq_length,
+        key = PlanKey(split, first, last, lengths_sha256(lengths), seed, stream, config.seq_length,
                       config.pack, config.packing_buffer_size if config.pack else 0)
         self.plans: List[PackingPlan] = cached_plans(
-            lengths, key, minimum, config.cache_path or samples.prefix + PLANS_SUFFIX,
+            lengths, key, minimum, config.data_cache_path or samples.prefix + PLANS_SUFFIX,
             f"{os.path.basename(samples.prefix)}.{split}")
         self.epoch_starts = [0]
         for plan in self.plans:
@@ -111,7 +85,7 @@ class PackedSequences:
 
     def __getitem__(self, index: int) -> Dict:
         return assemble_sequence(
-            [self.samples.get(int(i), self.config.read_pixels, self.config.read_teacher)
+            [self.samples.get(int(i), self.reads.pixels, self.reads.teacher)
              for i in self.sample_indices(index)],
             self.config.seq_length if self.config.pack else None,
         )
@@ -189,9 +163,10 @@ class BlendedSequences:
         return dataset[inner]
 
 
-def build_datasets(config: DataConfig, sizes: Sequence[Optional[int]] = (None, None, None)
-                   ) -> Dict[str, Optional[BlendedSequences]]:
-    """train / valid / test datasets of `sizes` sequences (None: one epoch of every prefix)."""
+def build_datasets(config: DataConfig, seed: int, sizes: Sequence[Optional[int]] = (None, None, None),
+                   reads: StageReads = StageReads()) -> Dict[str, Optional[BlendedSequences]]:
+    """train / valid / test datasets of `sizes` sequences (None: one epoch of every prefix), shuffled
+    and packed by `seed` (the run's --seed)."""
     sources = [(w, IndexedSamples(prefix)) for w, prefix in config.blend]
     _check_compatible([s for _, s in sources])
     out = {}
@@ -206,7 +181,7 @@ def build_datasets(config: DataConfig, sizes: Sequence[Optional[int]] = (None, N
         # Megatron's surplus keeps rounding in the blend from running a dataset dry.
         minimum = [None if size is None else int(math.ceil(size * w / total_weight * 1.005)) + 1
                    for w in weights]
-        parts = [PackedSequences(s, first, last, config, name, m)
+        parts = [PackedSequences(s, first, last, config, seed, name, m, reads)
                  for (_, s), (first, last), m in zip(sources, ranges, minimum)]
         keep = [i for i, p in enumerate(parts) if len(p) and weights[i] > 0]
         if not keep:

@@ -1,8 +1,8 @@
 """From packed-sequence datasets to model inputs: a resumable data-parallel sampler, collation,
 the DataLoader, and the device-side step that turns a collated batch into EVEModel arguments.
 
-The index plan of a micro-batch (THD boundaries, where its visual tokens and aligner cells sit) is
-computed from host tensors in the loader workers and shipped (pinned) with the batch, so the
+The index plan of a micro-batch (THD boundaries, where its visual tokens and aligner cells sit, the
+PEL's FlatPlan of its crops) is computed from host tensors in the loader workers and shipped (pinned) with the batch, so the
 training step never waits on the device to learn a shape or an index.
 
 Sampler state is the number of sequences consumed (all data-parallel ranks together), as in
@@ -20,6 +20,7 @@ import torch
 
 from megatron_eve.config import VisionConfig
 from megatron_eve.data.images import compose_squares, normalise_crops, square_patch_index
+from megatron_eve.model.patch_embedding import FlatPlan
 from megatron_eve.model.visual_layout import IGNORE_INDEX, VisualLayout
 
 
@@ -54,21 +55,26 @@ class BatchPlan:
     thd: bool  # rows flattened to one THD sequence (RuntimeConfig.uses_thd())
     teacher_image_size: int  # the teacher's square side
     patch_size: int
+    conv_stride: int  # VisionConfig.conv_stride: the PEL's merge window side, in patches
 
     @staticmethod
     def of(vision: VisionConfig, thd: bool) -> "BatchPlan":
-        return BatchPlan(vision.align_pool, thd, vision.teacher_image_size, vision.patch_size)
+        return BatchPlan(vision.align_pool, thd, vision.teacher_image_size, vision.patch_size, vision.conv_stride)
 
 
 def plan_batch(batch: Dict, plan: BatchPlan) -> Dict:
     """Adds the micro-batch's index plan, from its host tensors: cu_seqlens and the longest sample
     (THD), the VisualLayout of its image tokens as the model will see them ([b, s], or one flattened
-    row with THD; an empty layout for text-only batches), and which teacher patches hold pixels."""
+    row with THD; an empty layout for text-only batches), the PEL's FlatPlan of its crops, and
+    which teacher patches hold pixels."""
     tokens = batch["tokens"]
     if plan.thd:
         batch["cu_seqlens"], batch["max_seqlen"] = thd_boundaries(batch["segment_ids"])
         tokens = tokens.view(1, -1)
     batch["visual_layout"] = VisualLayout.build(tokens, batch["image_grid_hw"], plan.align_pool)
+    if "images" in batch:
+        shapes = [tuple(crop.shape[1:]) for crop in batch["images"]]  # crops are [3, H, W]
+        batch["pel_plan"] = FlatPlan.of(shapes, plan.patch_size, plan.conv_stride)
     if "teacher_images" in batch:
         sizes = [tuple(crop.shape[1:]) for crop in batch["teacher_images"]]
         batch["teacher_patches"] = square_patch_index(sizes, plan.teacher_image_size, plan.patch_size, plan.patch_size)
@@ -104,17 +110,6 @@ def collate(rows: List[Dict], plan: Optional[BatchPlan] = None) -> Dict:
     return plan_batch(batch, plan) if plan is not None else batch
 
 
-@dataclass
-class LoaderConfig:
-    micro_batch_size: int
-    consumed: int = 0
-    dp_rank: int = 0
-    dp_size: int = 1
-    num_workers: int = 2
-    pin_memory: bool = False
-    plan: Optional[BatchPlan] = None  # index plans built in the workers (else in model_inputs)
-
-
 def _ignore_sigterm(worker_id: int) -> None:  # noqa: ARG001
     """Schedulers send SIGTERM to every process of a job; a worker's death would fail the loader
     before the trainer could save. Workers leave on the trainer's own shutdown instead."""
@@ -123,18 +118,21 @@ def _ignore_sigterm(worker_id: int) -> None:  # noqa: ARG001
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def build_loader(dataset, config: LoaderConfig) -> torch.utils.data.DataLoader:
-    sampler = MicroBatchSampler(len(dataset), config.consumed, config.micro_batch_size,
-                                config.dp_rank, config.dp_size)
+def build_loader(dataset, micro_batch_size: int, num_workers: int, *, consumed: int = 0, dp_rank: int = 0,
+                 dp_size: int = 1, pin_memory: bool = False, plan: Optional[BatchPlan] = None
+                 ) -> torch.utils.data.DataLoader:
+    """This data-parallel rank's micro-batches of `dataset` from sequence `consumed` on (all ranks
+    together); with `plan`, index plans are built in the `num_workers` worker processes."""
+    sampler = MicroBatchSampler(len(dataset), consumed, micro_batch_size, dp_rank, dp_size)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=functools.partial(collate, plan=config.plan),
-        num_workers=config.num_workers,
-        pin_memory=config.pin_memory,
-        persistent_workers=config.num_workers > 0,
+        collate_fn=functools.partial(collate, plan=plan),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
         worker_init_fn=_ignore_sigterm,
-        prefetch_factor=4 if config.num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None,
     )
 
 
@@ -144,8 +142,8 @@ def model_inputs(batch: Dict, vision: VisionConfig, device, *, thd: bool = False
 
     Packed rows attend within their segments: a block-diagonal causal mask on the local path, or
     (thd=True, Transformer Engine) the rows flattened to one THD sequence with cu_seqlens.
-    Pixels present become normalised crops (the PEL's input); teacher views become the reference's
-    padded squares with their masks.
+    Pixels present become normalised crops (the PEL's input) with the PEL's index plan (pel_plan);
+    teacher views become the reference's padded squares with their masks.
     """
     if batch.get("plan") != BatchPlan.of(vision, thd):  # not planned in a worker, or differently
         batch = plan_batch(dict(batch), BatchPlan.of(vision, thd))
@@ -169,6 +167,7 @@ def model_inputs(batch: Dict, vision: VisionConfig, device, *, thd: bool = False
     out["input_ids"], out["labels"] = tokens, labels
     if "images" in batch:
         out["images"] = normalise_crops(batch["images"], device, dtype)
+        out["pel_plan"] = batch["pel_plan"].to(device)
     if "teacher_images" in batch:
         out["teacher_images"] = compose_squares(batch["teacher_images"], vision.teacher_image_size,
                                                 vision.patch_size, device, dtype)

@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_eve.config import ConfigError, EVEModelConfig, padded_vocab_size
 from megatron_eve.model.aligner import PatchAligner, alignment_loss
 from megatron_eve.model.attention import TorchAttention, carry_flat_rotary
-from megatron_eve.model.patch_embedding import PatchEmbeddingLayer, VisionProjection
+from megatron_eve.model.patch_embedding import FlatPlan, PatchEmbeddingLayer, VisionProjection
 from megatron_eve.model.specs import decoder_block_spec
 from megatron_eve.model.teacher import CLIPTeacher
 from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX, VisualLayout, VisualLayoutError
@@ -187,16 +187,17 @@ class EVEModel(LanguageModule):
 
     # ------------------------------------------------------------------------------ first stage
     def _embed(self, input_ids: Tensor, images, grid_hw: Optional[Tensor], layout_pool: int,
-               layout: Optional[VisualLayout]):
+               layout: Optional[VisualLayout], pel_plan: Optional[FlatPlan]):
         """Token embeddings with visual tokens spliced in → ([s, b, H], layout or None). A layout
-        planned on the host (the loader's) spares the device syncs of building one here."""
+        and a PEL plan made by the loader spare building them here, in the per-micro-batch path
+        (and the layout's build would wait on the device)."""
         is_visual = input_ids == IMAGE_TOKEN_INDEX
         embeddings = self.embedding(input_ids=input_ids.masked_fill(is_visual, 0), position_ids=None)
         if images is None:
             if layout.positions.numel() if layout is not None else bool(is_visual.any()):
                 raise VisualLayoutError("the micro-batch has image-token positions but no images")
             return embeddings, None
-        tokens, pel_grid = self.vision_model(images)
+        tokens, pel_grid = self.vision_model(images, plan=pel_plan)
         if grid_hw is not None and not torch.equal(grid_hw.cpu().view(-1, 2), pel_grid):
             raise VisualLayoutError(
                 f"image grids from the pixels' masks {pel_grid.tolist()} differ from the "
@@ -226,6 +227,7 @@ class EVEModel(LanguageModule):
         inference_context=None,
         visual_layout: Optional[VisualLayout] = None,
         teacher_patches: Optional[Tensor] = None,
+        pel_plan: Optional[FlatPlan] = None,
     ) -> Union[Tensor, EVELosses]:
         """One micro-batch through this stage.
 
@@ -244,6 +246,8 @@ class EVEModel(LanguageModule):
         visual_layout: where the image tokens and aligner cells sit, planned on the host by the
           loader (data.loader.plan_batch) for input_ids as given; built here when absent.
         teacher_patches: flat indices of the teacher squares' valid patches (planned likewise).
+        pel_plan: the PEL's FlatPlan of the crops' shapes (first stage; planned likewise); built
+          by the PEL when absent.
 
         Returns the activation for the next stage, or on the last stage logits [b, s, V] without
         labels, and (lm_loss [b, s], align_loss_sum, align_images) with labels.
@@ -258,7 +262,8 @@ class EVEModel(LanguageModule):
                 "under pipeline parallelism every stage needs image_grid_hw to find the aligner's "
                 "patch tokens; pass it with the micro-batch"
             )
-        hidden, carried, layout = self._preprocess(input_ids, images, image_grid_hw, visual_layout, wants_align)
+        hidden, carried, layout = self._preprocess(input_ids, images, image_grid_hw, visual_layout, pel_plan,
+                                                   wants_align)
         hidden = self._decode(hidden, carried, layout, seq_len, attention_mask, packed_seq_params,
                               inference_context)
         if not self.post_process:
@@ -266,7 +271,7 @@ class EVEModel(LanguageModule):
         return self._postprocess(hidden, carried, layout, labels, teacher_images, teacher_patches)
 
     def _preprocess(self, input_ids: Tensor, images, image_grid_hw: Optional[Tensor],
-                    visual_layout: Optional[VisualLayout], wants_align: bool
+                    visual_layout: Optional[VisualLayout], pel_plan: Optional[FlatPlan], wants_align: bool
                     ) -> Tuple[Tensor, List[Tensor], Optional[VisualLayout]]:
         """This stage's input → (hidden states [s/sp, b, H], aligner taps carried so far, the
         layout when the aligner has cells to align in this micro-batch, else None).
@@ -276,7 +281,7 @@ class EVEModel(LanguageModule):
         hidden states and the carried taps."""
         vision = self.eve_config.vision
         if self.pre_process:
-            hidden, layout = self._embed(input_ids, images, image_grid_hw, vision.align_pool, visual_layout)
+            hidden, layout = self._embed(input_ids, images, image_grid_hw, vision.align_pool, visual_layout, pel_plan)
             carried = []
             if wants_align and layout is not None and layout.num_cells > 0:
                 carried.append(self.aligner.project(self.taps.index(0), layout.cells(hidden)))

@@ -124,7 +124,8 @@ class FlatPlan:
     of the decoded arrays, so flattening them copies nothing), cut into runs of 3*patch values:
     one patch's pixel row. Patches are ordered by merged cell (image-major, row-major) and, within
     a cell, row-major over its 2x2 window, so every window is s*s consecutive patch rows. Built on
-    the host (a loader worker can build it too) and moved once; nothing waits on the device.
+    the host (by the loader workers, data.loader.plan_batch) and moved once; nothing waits on the
+    device.
     """
 
     shapes: Tuple[Tuple[int, int], ...]  # (height, width) px per crop
@@ -192,20 +193,28 @@ class FlatPlan:
     def num_splits(self) -> int:
         return self.token_positions.numel() - self.grid_hw.shape[0] - self.cell_image.numel()
 
-    def to(self, device: torch.device) -> "FlatPlan":
-        """The index tensors on `device`; grid_hw stays on the host, where the model checks it."""
-        if device.type == "cuda":
-            # A pinned host copy goes to the GPU without stalling the host (a pageable one would not).
-            move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
-        else:
-            move = lambda t: t.to(device)  # noqa: E731
-        return dataclasses.replace(
-            self,
-            first_runs=move(self.first_runs),
-            row_runs=move(self.row_runs),
-            cell_image=move(self.cell_image),
-            token_positions=move(self.token_positions),
-        )
+    def _map(self, move) -> "FlatPlan":
+        """The plan with `move` applied to the index tensors the device reads (not grid_hw)."""
+        names = ("first_runs", "row_runs", "cell_image", "token_positions")
+        return dataclasses.replace(self, **{name: move(getattr(self, name)) for name in names})
+
+    def pin_memory(self) -> "FlatPlan":
+        """Called by the DataLoader's pin-memory thread, so the copy to the GPU can be asynchronous."""
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device) -> "FlatPlan":
+        """The index tensors on `device` (a no-op where they already are); grid_hw stays on the
+        host, where the model checks it. A host plan goes to the GPU without stalling the host:
+        pinned first unless it already is (the loader's and the TP feed's are when they pin)."""
+        device = torch.device(device)
+
+        def move(tensor: Tensor) -> Tensor:
+            if device.type == "cuda" and tensor.device.type == "cpu":
+                pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
+                return pinned.to(device, non_blocking=True)
+            return tensor.to(device)
+
+        return self._map(move)
 
 
 class PatchEmbeddingLayer(nn.Module):

@@ -37,9 +37,9 @@ import torch.distributed as dist
 
 from megatron_eve.atomic import recover_replaced, replace_directory, write_text
 from megatron_eve.checkpoint import safe_metadata
-from megatron_eve.config import ConfigError, EVEModelConfig, architecture_differences, model_config_from_dict
+from megatron_eve.config import (ConfigError, EVEModelConfig, TrainingJob, architecture_differences,
+                                 model_config_from_dict)
 from megatron_eve.model.specs import resolve_transformer_impl
-from megatron_eve.training.arguments import TrainingJob
 from megatron_eve.training.optim import step_restored_from_param_groups, torch_adam_state_made
 
 logger = logging.getLogger(__name__)

@@ -17,15 +17,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_eve import distributed
-from megatron_eve.config import ConfigError, validate
-from megatron_eve.data.dataset import DataConfig, build_datasets, parse_data_path
-from megatron_eve.data.images import tokens_per_image
+from megatron_eve.config import ConfigError, TrainingJob, job_problems
+from megatron_eve.data.dataset import StageReads, build_datasets
 from megatron_eve.data.indexed import DatasetFormatError, read_metadata
-from megatron_eve.data.loader import BatchPlan, LoaderConfig, build_loader, model_inputs
+from megatron_eve.data.loader import BatchPlan, build_loader, model_inputs
 from megatron_eve.model.build import build_model_chunks
 from megatron_eve.platform import current_device
 from megatron_eve.training import checkpoint
-from megatron_eve.training.arguments import TrainingJob
 from megatron_eve.training.iteration_stats import IterationStats
 from megatron_eve.training.metrics import (
     BatchWork,
@@ -45,48 +43,11 @@ SILENT_RANK_GRACE_SECONDS = 30  # how long a rank that does not report a start-u
 
 # ------------------------------------------------------------------------ checks before work
 def check_job(job: TrainingJob, world_size: int) -> None:
-    """Everything that can be known wrong before a process group or a model exists."""
-    tp, pp = job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size
-    s, model = job.schedule, job.model
-    problems = _non_positive(job)
-    if problems:  # the checks below divide by these
-        raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
-    if world_size % (tp * pp):
-        problems.append(f"tensor ({tp}) x pipeline ({pp}) parallel sizes do not divide the world size {world_size}")
-    else:
-        dp = world_size // (tp * pp)
-        if s.global_batch_size % (s.micro_batch_size * dp):
-            problems.append(f"--global-batch-size {s.global_batch_size} is not divisible by --micro-batch-size "
-                            f"{s.micro_batch_size} x data-parallel size {dp}")
-        elif job.parallel.num_layers_per_virtual_pipeline_stage and pp > 1 and (
-                s.global_batch_size // (s.micro_batch_size * dp)) % pp:
-            # megatron-core's interleaved schedule runs micro-batches in groups of PP per chunk.
-            problems.append(f"interleaved pipelining needs a multiple of pipeline-model-parallel-size {pp} "
-                            f"micro-batches per step; --global-batch-size {s.global_batch_size} / (--micro-batch-size "
-                            f"{s.micro_batch_size} x data-parallel size {dp}) gives "
-                            f"{s.global_batch_size // (s.micro_batch_size * dp)}")
-    if s.train_iters < 1:
-        problems.append("nothing to train: --train-iters (or --train-samples / --global-batch-size) is 0")
-    grid = model.vision.image_size // model.vision.token_cell
-    square = tokens_per_image(grid, grid)
-    if s.seq_length < square:
-        problems.append(f"--seq-length {s.seq_length} is below one square image's {square} tokens at "
-                        f"{model.vision.image_size} px")
-    if s.seq_length > model.language.max_position_embeddings:
-        problems.append(f"--seq-length {s.seq_length} exceeds --max-position-embeddings "
-                        f"{model.language.max_position_embeddings}")
-    if job.parallel.sequence_parallel and s.seq_length % tp:
-        problems.append(f"--seq-length {s.seq_length} must be divisible by TP {tp} for --sequence-parallel")
-    if model.aligner.enabled and not model.aligner.teacher_path:
-        problems.append("the aligner is on (EVE trains with it in every stage) but --vision-teacher-path is not "
-                        "set: pass the CLIP teacher's local folder, or --disable-aligner")
-    if job.checkpoint.exit_signal_handler and not job.checkpoint.save:
-        problems.append("--exit-signal-handler saves a checkpoint: it needs --save")
-    try:
-        validate(model, job.parallel, job.runtime)
-    except ConfigError as error:
-        problems.append(str(error).replace("invalid EVE configuration:\n  - ", ""))
-    problems += _check_data(job)
+    """Everything that can be known wrong before a process group or a model exists: the options
+    together (config.validate_job), the data's files and the checkpoint to load; one error."""
+    problems = job_problems(job, world_size)
+    if not any(p.startswith("--data-path") for p in problems):
+        problems += _check_data(job)
     source = checkpoint.checkpoint_to_load(job.checkpoint.load, job.checkpoint.pretrained_checkpoint)
     if source is not None:
         try:
@@ -97,34 +58,8 @@ def check_job(job: TrainingJob, world_size: int) -> None:
         raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
 
 
-def _non_positive(job: TrainingJob) -> List[str]:
-    """Counts and intervals that must be at least 1 (0 would divide by zero, or loop forever)."""
-    s, ck, log, data = job.schedule, job.checkpoint, job.logging, job.data
-    at_least_one = {
-        "--tensor-model-parallel-size": job.parallel.tensor_model_parallel_size,
-        "--pipeline-model-parallel-size": job.parallel.pipeline_model_parallel_size,
-        "--micro-batch-size": s.micro_batch_size, "--global-batch-size": s.global_batch_size,
-        "--seq-length": s.seq_length, "--log-interval": log.log_interval,
-        "--packing-buffer-size": data.packing_buffer_size,
-        "--max-consecutive-nan-iterations": s.max_consecutive_nan_iterations,
-    }
-    optional = {"--save-interval": ck.save_interval, "--eval-interval": log.eval_interval,
-                "--exit-interval": ck.exit_interval, "--ckpt-keep-last": ck.keep_last}
-    problems = [f"{flag} {value} must be at least 1" for flag, value in at_least_one.items() if value < 1]
-    problems += [f"{flag} {value} must be at least 1" for flag, value in optional.items()
-                 if value is not None and value < 1]
-    problems += [f"{flag} {value} must not be negative" for flag, value in
-                 (("--num-workers", data.num_workers), ("--eval-iters", log.eval_iters)) if value < 0]
-    return problems
-
-
 def _check_data(job: TrainingJob) -> List[str]:
-    problems = []
-    try:
-        blend = parse_data_path(job.data.data_path)
-    except ValueError as error:
-        return [str(error)]
-    checksum = None
+    problems, checksum = [], None
     if job.data.tokenizer_model:
         from megatron_eve.data.tokenizer import Tokenizer
 
@@ -133,7 +68,7 @@ def _check_data(job: TrainingJob) -> List[str]:
         except (OSError, RuntimeError) as error:
             problems.append(f"--tokenizer-model: {error}")
     vision, lm = job.model.vision, job.model.language
-    for _, prefix in blend:
+    for _, prefix in job.data.blend:
         try:
             meta = read_metadata(prefix)
         except (DatasetFormatError, OSError, ValueError) as error:
@@ -168,19 +103,27 @@ class MicroBatches:
         self.work = BatchWork()
 
     @classmethod
-    def over(cls, dataset, config: LoaderConfig, job: TrainingJob, align: bool, teacher_params: int) -> "MicroBatches":
-        """This rank's micro-batches of `dataset`. Under tensor parallelism only TP rank 0 builds a
-        loader (and its worker processes) and reads, as Megatron-LM's broadcast_data does."""
+    def over(cls, dataset, job: TrainingJob, align: bool, teacher_params: int, *, num_workers: int,
+             consumed: int = 0) -> "MicroBatches":
+        """This rank's micro-batches of `dataset` from sequence `consumed` on. Under tensor
+        parallelism only TP rank 0 builds a loader (and its worker processes) and reads, as
+        Megatron-LM's broadcast_data does."""
         from megatron.core import parallel_state as ps
 
         from megatron_eve.data.broadcast import GroupFeed
 
+        pin = torch.cuda.is_available()
+
+        def loader():
+            return build_loader(dataset, job.schedule.micro_batch_size, num_workers, consumed=consumed,
+                                dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+                                pin_memory=pin, plan=BatchPlan.of(job.model.vision, job.runtime.uses_thd()))
+
         if ps.get_tensor_model_parallel_world_size() == 1:
-            return cls(build_loader(dataset, config), job, align, teacher_params)
-        feed = GroupFeed(ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank(),
-                         pin=config.pin_memory)
+            return cls(loader(), job, align, teacher_params)
+        feed = GroupFeed(ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank(), pin=pin)
         reads = ps.get_tensor_model_parallel_rank() == 0
-        return cls(build_loader(dataset, config) if reads else None, job, align, teacher_params, feed)
+        return cls(loader() if reads else None, job, align, teacher_params, feed)
 
     def __iter__(self):
         return self
@@ -242,8 +185,8 @@ class _SignalCatcher:
 
 def _data_sizes(job: TrainingJob):
     s, log = job.schedule, job.logging
-    train = s.train_iters * s.global_batch_size
-    evals = (s.train_iters // log.eval_interval + 1) if log.eval_interval else 0
+    train = s.iterations * s.global_batch_size
+    evals = (s.iterations // log.eval_interval + 1) if log.eval_interval else 0
     valid = evals * log.eval_iters * s.global_batch_size if log.eval_iters else 0
     return train, valid or None, None
 
@@ -282,24 +225,16 @@ def run(job: TrainingJob) -> int:
                     "%d samples consumed", s.stage, f"{trainable:,}", f"{frozen:,}", state.iteration,
                     state.consumed_samples)
 
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    data = build_datasets(DataConfig(
-        blend=parse_data_path(job.data.data_path), seq_length=s.seq_length, split=job.data.split,
-        seed=s.seed, pack=job.data.pack, packing_buffer_size=job.data.packing_buffer_size,
-        read_pixels=first, read_teacher=last and align, cache_path=job.data.data_cache_path,
-    ), sizes=_data_sizes(job))
+    data = build_datasets(job.data, s.seed, _data_sizes(job), StageReads(pixels=first, teacher=last and align))
     if data["train"] is None or len(data["train"]) == 0:
         raise ConfigError("no training sequence: the train split is empty or no sample fits --seq-length")
-    pin = torch.cuda.is_available()
-    plan = BatchPlan.of(job.model.vision, job.runtime.uses_thd())
-    train_batches = MicroBatches.over(data["train"], LoaderConfig(
-        s.micro_batch_size, state.consumed_samples, dp_rank, dp_size, job.data.num_workers, pin, plan),
-        job, align, teacher_params)
+    train_batches = MicroBatches.over(data["train"], job, align, teacher_params, num_workers=job.data.num_workers,
+                                      consumed=state.consumed_samples)
     valid_batches = None
     if data["valid"] is not None and log.eval_interval and log.eval_iters:
-        valid_batches = MicroBatches.over(data["valid"], LoaderConfig(
-            s.micro_batch_size, 0, dp_rank, dp_size, min(job.data.num_workers, 1), pin, plan), job, False, 0)
+        valid_batches = MicroBatches.over(data["valid"], job, False, 0, num_workers=min(job.data.num_workers, 1))
 
+    dp_size = ps.get_data_parallel_world_size()
     num_microbatches = s.global_batch_size // (s.micro_batch_size * dp_size)
     fb = get_forward_backward_func()
     step = partial(forward_step, job.model.aligner.loss_weight if align else 0.0)
@@ -315,7 +250,7 @@ def run(job: TrainingJob) -> int:
 
     train_iterators = per_chunk(train_batches, len(ddp))
     valid_iterators = per_chunk(valid_batches, len(ddp)) if valid_batches is not None else None
-    while state.iteration < s.train_iters:
+    while state.iteration < s.iterations:
         tick = time.time()
         for chunk in ddp:
             chunk.train()
@@ -323,7 +258,7 @@ def run(job: TrainingJob) -> int:
         optimizer.zero_grad()
         train_batches.work = BatchWork()
         losses = fb(forward_step_func=step, data_iterator=train_iterators, model=ddp,
-                    num_microbatches=num_microbatches, seq_length=s.seq_length,
+                    num_microbatches=num_microbatches, seq_length=job.data.seq_length,
                     micro_batch_size=s.micro_batch_size, forward_only=False)
         flags = stats.reduce(
             losses, [b.grad_data for c in ddp for b in c.buffers + c.expert_parallel_buffers], train_batches.work,
@@ -356,7 +291,7 @@ def run(job: TrainingJob) -> int:
         state.consumed_samples += s.global_batch_size
         interval_seconds += time.time() - tick  # the flags' read above waited for this iteration's work
 
-        if state.iteration % log.log_interval == 0 or state.iteration in (first_iteration + 1, s.train_iters):
+        if state.iteration % log.log_interval == 0 or state.iteration in (first_iteration + 1, s.iterations):
             interval = stats.read_interval()
             meter = IntervalMeter(interval.iterations, interval_seconds, interval.work)
             scalars = {**interval.losses, **_learning_rates(optimizer),
@@ -369,7 +304,7 @@ def run(job: TrainingJob) -> int:
             interval_seconds = 0.0
 
         if valid_batches is not None and state.iteration % log.eval_interval == 0:
-            value = _evaluate(fb, step, ddp, valid_iterators, log.eval_iters, num_microbatches, s)
+            value = _evaluate(fb, step, ddp, valid_iterators, log.eval_iters, num_microbatches, job)
             if _last_rank_of_losses():
                 print(f" validation at iteration {state.iteration} | lm loss: {value:.6E} | "
                       f"lm loss PPL: {math.exp(min(value, 20)):.6E}", flush=True)
@@ -398,7 +333,7 @@ def run(job: TrainingJob) -> int:
 
     trained = state.iteration > first_iteration
     if not trained:
-        reason = f"nothing to do: the checkpoint is at iteration {state.iteration} of {s.train_iters}"
+        reason = f"nothing to do: the checkpoint is at iteration {state.iteration} of {s.iterations}"
     elif reason == "finished" and ck.save and not nan_streak and (
             not ck.save_interval or state.iteration % ck.save_interval):
         checkpoint.save(job, ddp, optimizer, scheduler, state)
@@ -426,7 +361,7 @@ def _learning_rates(optimizer) -> Dict[str, float]:
     return {"learning-rate": rates["base"], **({"vision-learning-rate": rates["vision"]} if "vision" in rates else {})}
 
 
-def _evaluate(fb, step, chunks, iterators, iters: int, num_microbatches: int, s) -> float:
+def _evaluate(fb, step, chunks, iterators, iters: int, num_microbatches: int, job: TrainingJob) -> float:
     """Mean validation LM loss over `iters` global batches (one collective each, one host read)."""
     for chunk in chunks:
         chunk.eval()
@@ -434,8 +369,8 @@ def _evaluate(fb, step, chunks, iterators, iters: int, num_microbatches: int, s)
     with torch.no_grad():
         for _ in range(iters):
             losses = fb(forward_step_func=step, data_iterator=iterators, model=chunks,
-                        num_microbatches=num_microbatches, seq_length=s.seq_length,
-                        micro_batch_size=s.micro_batch_size, forward_only=True)
+                        num_microbatches=num_microbatches, seq_length=job.data.seq_length,
+                        micro_batch_size=job.schedule.micro_batch_size, forward_only=True)
             stats.reduce(losses)
     for chunk in chunks:
         chunk.train()
@@ -445,7 +380,7 @@ def _evaluate(fb, step, chunks, iterators, iters: int, num_microbatches: int, s)
 def _log_line(state, s, scalars: Dict[str, float]) -> str:
     mfu = f"{100 * scalars['mfu']:.1f}%" if "mfu" in scalars else "n/a"
     return (
-        f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {state.iteration:8d}/{s.train_iters:8d} |"
+        f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {state.iteration:8d}/{s.iterations:8d} |"
         f" consumed samples: {state.consumed_samples:12d} |"
         f" elapsed time per iteration (ms): {scalars['iteration-time']:.1f} |"
         f" learning rate: {scalars['learning-rate']:.6E} |"

@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-from megatron_eve.training.arguments import TrainingJob
+from megatron_eve.config import TrainingJob
 from megatron_eve.training.pipeline_p2p import pair_two_rank_interleaving
 from megatron_eve.training.stages import vision_name_patterns
 
@@ -155,7 +155,7 @@ def build_scheduler(optimizer, job: TrainingJob):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o, s = job.optim, job.schedule
-    decay_iters = o.lr_decay_iters or s.train_iters
+    decay_iters = o.lr_decay_iters or s.iterations
     decay_steps = decay_iters * s.global_batch_size
     if o.lr_warmup_fraction is not None:
         warmup_steps = int(o.lr_warmup_fraction * decay_steps)

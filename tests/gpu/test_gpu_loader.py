@@ -4,8 +4,9 @@ model inputs equal those of a single-process, unpinned loader."""
 import pytest
 import torch
 
-from megatron_eve.data.dataset import DataConfig, build_datasets, parse_data_path
-from megatron_eve.data.loader import LoaderConfig, build_loader, model_inputs
+from megatron_eve.config import DataConfig
+from megatron_eve.data.dataset import build_datasets
+from megatron_eve.data.loader import BatchPlan, build_loader, model_inputs
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.gpu
@@ -13,13 +14,15 @@ pytestmark = pytest.mark.gpu
 
 def inputs_of(data, device, workers: int, pin: bool, count: int = 4):
     vision = tiny_config().vision
-    sets = build_datasets(DataConfig(blend=parse_data_path([data["captions"]]), seq_length=512, split="100,0,0",
-                                     seed=3, pack=True, packing_buffer_size=100))
-    loader = build_loader(sets["train"], LoaderConfig(micro_batch_size=1, num_workers=workers, pin_memory=pin))
+    sets = build_datasets(DataConfig(data_path=[data["captions"]], seq_length=512, split="100,0,0",
+                                     packing_buffer_size=100), seed=3)
+    loader = build_loader(sets["train"], 1, num_workers=workers, pin_memory=pin,
+                          plan=BatchPlan.of(vision, thd=True))
     out = []
     for _, batch in zip(range(count), loader):
         if pin:
             assert batch["tokens"].is_pinned() and batch["images"][0].is_pinned()
+            assert batch["pel_plan"].first_runs.is_pinned()  # planned in a worker, pinned by the loader
         out.append(model_inputs(batch, vision, device, thd=True, dtype=torch.bfloat16))
     return out
 
@@ -36,5 +39,7 @@ def test_workers_and_pinned_memory_feed_the_device(device, on_gpu, data):
         for a, b in zip(ours["images"], theirs["images"]):
             assert torch.equal(a.cpu(), b)
         assert torch.equal(ours["teacher_images"].cpu(), theirs["teacher_images"])
+        assert ours["pel_plan"].token_positions.device.type == device.type
+        assert torch.equal(ours["pel_plan"].token_positions.cpu(), theirs["pel_plan"].token_positions)
         p, q = ours["packed_seq_params"], theirs["packed_seq_params"]
         assert torch.equal(p.cu_seqlens_q.cpu(), q.cu_seqlens_q) and p.max_seqlen_q == q.max_seqlen_q

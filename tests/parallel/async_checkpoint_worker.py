@@ -35,10 +35,9 @@ def trainer(directory, tp=1, seed=0, steps=2, **checkpoint_options):
     """A model, DDP, distributed optimizer (with Adam state from `steps` random-gradient steps)."""
     import torch
 
-    from megatron_eve.config import ParallelConfig, RuntimeConfig
+    from megatron_eve.config import (CheckpointConfig, DataConfig, LoggingConfig, OptimConfig, ParallelConfig,
+                                     RuntimeConfig, ScheduleConfig, TrainingJob)
     from megatron_eve.model.build import build_model
-    from megatron_eve.training.arguments import (CheckpointConfig, DataArgs, LoggingConfig, OptimConfig,
-                                                 ScheduleConfig, TrainingJob)
     from megatron_eve.training.optim import build_optimizer, build_scheduler, wrap_model
     from tests.helpers import tiny_config
 
@@ -47,7 +46,7 @@ def trainer(directory, tp=1, seed=0, steps=2, **checkpoint_options):
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
     model = build_model(cfg, parallel, RuntimeConfig(use_cpu_initialization=True), load_teacher=False)
     job = TrainingJob(cfg, parallel, RuntimeConfig(), OptimConfig(lr=1e-3, use_distributed_optimizer=True),
-                      ScheduleConfig(train_iters=10), DataArgs(),
+                      ScheduleConfig(train_iters=10), DataConfig(),
                       CheckpointConfig(save=directory, load=directory, **checkpoint_options), LoggingConfig())
     ddp = wrap_model(model, job)
     optimizer = build_optimizer(ddp, job)

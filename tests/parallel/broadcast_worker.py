@@ -20,7 +20,7 @@ def main():
     from megatron_eve.config import ParallelConfig
     from megatron_eve.data.broadcast import GroupFeed
     from megatron_eve.data.dataset import assemble_sequence
-    from megatron_eve.data.loader import BatchPlan, LoaderConfig, model_inputs
+    from megatron_eve.data.loader import model_inputs
     from megatron_eve.training.arguments import parse_args
     from megatron_eve.training.loop import MicroBatches
     from tests.test_broadcast import batches
@@ -42,14 +42,13 @@ def main():
     job = parse_args(["--preset", "tiny", "--tensor-model-parallel-size", "2", "--micro-batch-size", "2",
                       "--global-batch-size", "2", "--seq-length", "48", "--train-iters", "1", "--lr", "1e-3",
                       "--data-path", "unused", "--transformer-impl", "torch", "--packed-attention", "thd"])
-    plan = BatchPlan.of(job.model.vision, job.runtime.uses_thd())
     rows = [assemble_sequence([image_sample((1 + i % 3, 2)), sample(3 + i)], pad_to=48) for i in range(6)]
-    batches_of_rows = MicroBatches.over(rows, LoaderConfig(2, num_workers=1, plan=plan), job, True, 1000)
+    batches_of_rows = MicroBatches.over(rows, job, True, 1000, num_workers=1)
     torch.save([next(batches_of_rows) for _ in range(7)], out / f"micro_batches_{rank}.pt")
     work = list(dataclasses.astuple(batches_of_rows.work))
 
     # Fewer rows than a micro-batch: rank 0 runs out at once, and so does rank 1.
-    empty = MicroBatches.over(rows[:1], LoaderConfig(2, num_workers=0, plan=plan), job, False, 0)
+    empty = MicroBatches.over(rows[:1], job, False, 0, num_workers=0)
     try:
         next(empty)
         stopped = False
@@ -58,7 +57,7 @@ def main():
 
     # A row whose placeholders do not fit its grid fails rank 0's collation; rank 1 hears of it.
     broken = [assemble_sequence([{**sample(4), "image_grids": [(2, 4)]}], None)] * 2
-    failing = MicroBatches.over(broken, LoaderConfig(2, num_workers=0, plan=plan), job, False, 0)
+    failing = MicroBatches.over(broken, job, False, 0, num_workers=0)
     try:
         next(failing)
         failed = None

@@ -15,11 +15,10 @@ def main(root: str):
     import torch
 
     from megatron_eve import distributed
-    from megatron_eve.config import ConfigError, ParallelConfig, RuntimeConfig
+    from megatron_eve.config import (CheckpointConfig, ConfigError, DataConfig, LoggingConfig, OptimConfig,
+                                     ParallelConfig, RuntimeConfig, ScheduleConfig, TrainingJob)
     from megatron_eve.model.build import build_model
     from megatron_eve.training import checkpoint
-    from megatron_eve.training.arguments import (CheckpointConfig, DataArgs, LoggingConfig, OptimConfig,
-                                                 ScheduleConfig, TrainingJob)
     from megatron_eve.training.optim import build_optimizer, build_scheduler, wrap_model
     from tests.helpers import tiny_config
 
@@ -44,8 +43,8 @@ def main(root: str):
         model = build_model(cfg, ParallelConfig(), RuntimeConfig(use_cpu_initialization=True), load_teacher=False)
         if extra_state is not None:
             model.te_probe = ExtraState(extra_state)
-        job = TrainingJob(cfg, ParallelConfig(), RuntimeConfig(), OptimConfig(lr=1e-3), ScheduleConfig(),
-                          DataArgs(), CheckpointConfig(save=directory, load=directory), LoggingConfig())
+        job = TrainingJob(cfg, ParallelConfig(), RuntimeConfig(), OptimConfig(lr=1e-3), ScheduleConfig(train_iters=1),
+                          DataConfig(), CheckpointConfig(save=directory, load=directory), LoggingConfig())
         ddp = wrap_model(model, job)
         optimizer = build_optimizer(ddp, job)
         ddp.zero_grad_buffer()

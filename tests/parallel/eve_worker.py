@@ -22,9 +22,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_eve import distributed  # noqa: E402
-from megatron_eve.config import ParallelConfig, RuntimeConfig  # noqa: E402
+from megatron_eve.config import OptimConfig, ParallelConfig, RuntimeConfig  # noqa: E402
 from megatron_eve.model.build import build_model_chunks  # noqa: E402
-from megatron_eve.training.arguments import OptimConfig  # noqa: E402
 from megatron_eve.training.loop import per_chunk  # noqa: E402
 from megatron_eve.training.optim import wrap_model_chunks  # noqa: E402
 from megatron_eve.training.step import forward_step  # noqa: E402

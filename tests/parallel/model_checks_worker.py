@@ -155,14 +155,15 @@ def input_errors(results, teacher):
 def data_pipeline(results, teacher, prefix):
     """Preprocessed data → packed and unpadded micro-batches → the model: per-sample losses of
     the packed row equal those of the same samples one per row."""
-    from megatron_eve.data.dataset import DataConfig, assemble_sequence, build_datasets
+    from megatron_eve.config import DataConfig
+    from megatron_eve.data.dataset import assemble_sequence, build_datasets
     from megatron_eve.data.indexed import IndexedSamples
-    from megatron_eve.data.loader import LoaderConfig, build_loader, collate, model_inputs
+    from megatron_eve.data.loader import build_loader, collate, model_inputs
 
     cfg = tiny_config(teacher)
     model = build_model(cfg, ParallelConfig(), RUNTIME).train()
-    config = DataConfig(blend=[(1.0, prefix)], seq_length=640, split="1,0,0", seed=3)
-    packed = build_datasets(config)["train"]
+    config = DataConfig(data_path=[prefix], seq_length=640, split="1,0,0")
+    packed = build_datasets(config, seed=3)["train"]
     # A packed sequence with several samples, and those samples one per row.
     index = next(i for i in range(len(packed)) if len(packed.locate(i)[0].sample_indices(packed.locate(i)[1])) >= 3)
     dataset, inner = packed.locate(index)
@@ -181,7 +182,7 @@ def data_pipeline(results, teacher, prefix):
     results["pipeline_per_sample_losses"] = [per_sample_packed, per_sample_single]
     results["pipeline_align"] = [float(align_packed), float(align_single), float(n_packed), float(n_single)]
     # The loader end to end: two micro-batches of two packed rows each.
-    loader = build_loader(packed, LoaderConfig(micro_batch_size=2, num_workers=0))
+    loader = build_loader(packed, 2, num_workers=0)
     totals = []
     with torch.no_grad():
         for _, batch in zip(range(2), loader):
@@ -235,7 +236,8 @@ def main():
 def torch_attention(results, prefix):
     """transformer_impl "torch": the same weights give the same per-token losses as megatron-core's
     local attention, with packed samples as THD + cu_seqlens and as a block mask."""
-    from megatron_eve.data.dataset import DataConfig, build_datasets
+    from megatron_eve.config import DataConfig
+    from megatron_eve.data.dataset import build_datasets
     from megatron_eve.data.loader import collate, model_inputs
 
     cfg = tiny_config(None, {"aligner.enabled": False})
@@ -243,7 +245,7 @@ def torch_attention(results, prefix):
     local = build_model(cfg, ParallelConfig(), RuntimeConfig(use_cpu_initialization=True, transformer_impl="local"))
     fused = build_model(cfg, ParallelConfig(), RuntimeConfig(use_cpu_initialization=True, transformer_impl="torch"))
     fused.load_state_dict(local.state_dict())
-    packed = build_datasets(DataConfig(blend=[(1.0, prefix)], seq_length=640, split="1,0,0", seed=3))["train"]
+    packed = build_datasets(DataConfig(data_path=[prefix], seq_length=640, split="1,0,0"), seed=3)["train"]
     batch = collate([packed[0], packed[1]])
     with torch.no_grad():
         reference = local.eval()(**model_inputs(batch, cfg.vision, "cpu"))[0]

@@ -1,0 +1,77 @@
+"""How the model is laid out over devices and how it computes: parallel sizes, kernels, precision,
+recompute. Fields declared with `option` are also command-line flags (options.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+from megatron_eve.config.options import option
+
+TransformerImpl = Literal["auto", "transformer_engine", "torch", "local"]
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = option(1, help="tensor-parallel ranks per layer")
+    pipeline_model_parallel_size: int = option(1, help="pipeline stages")
+    sequence_parallel: bool = option(False, help="with TP: shard norms and dropout along the sequence")
+    distributed_timeout_minutes: int = option(
+        10, help="how long a collective waits for its peers before the job fails")
+    # Interleaved 1F1B: each pipeline rank holds several chunks of this many decoder layers.
+    num_layers_per_virtual_pipeline_stage: Optional[int] = option(
+        None, help="interleaved 1F1B: each pipeline rank holds num-layers / (PP x this) model chunks, "
+                   "shrinking the pipeline bubble by that factor")
+
+    def virtual_pipeline_size(self, num_layers: int) -> Optional[int]:
+        """Model chunks per pipeline rank (megatron-core's virtual_pipeline_model_parallel_size),
+        None without interleaving."""
+        per_stage = self.num_layers_per_virtual_pipeline_stage
+        if per_stage is None:
+            return None
+        return num_layers // (self.pipeline_model_parallel_size * per_stage)
+
+
+@dataclass
+class RuntimeConfig:
+    """How the model computes: kernels, precision, recompute."""
+
+    transformer_impl: TransformerImpl = option(
+        "auto", help="auto: Transformer Engine if installed with CUDA, else torch's fused attention kernels "
+                     "on CUDA, else megatron-core's local modules")
+    attention_backend: Literal["auto", "varlen", "flash", "flex", "sdpa"] = option(
+        "auto", help="core attention of --transformer-impl torch")
+    packed_attention: Literal["auto", "thd", "mask"] = option(
+        "auto", help="packed samples kept apart by THD + cu_seqlens (TE / torch kernels) or a block mask")
+    bf16: bool = option(False, help="bf16 weights and activations (fp32 master weights in the optimizer)")
+    fp16: bool = option(False, help="fp16 weights and activations, with loss scaling")
+    recompute_granularity: Optional[Literal["full", "selective"]] = option(
+        None, help="recompute activations in the backward pass instead of keeping them")
+    recompute_method: Optional[Literal["uniform", "block"]] = option(
+        None, help="with full recompute: layers in uniform chunks, or the first N layers of each stage")
+    recompute_num_layers: Optional[int] = option(
+        None, help="layers per recompute chunk (uniform) or recomputed layers per stage (block); "
+                   "default 1 with full recompute")
+    use_cpu_initialization: bool = option(False, help="initialise weights on the CPU, then move them")
+
+    def __post_init__(self):
+        if self.recompute_granularity == "full" and self.recompute_num_layers is None:
+            self.recompute_num_layers = 1  # megatron-core needs a count with full recompute
+
+    def uses_thd(self) -> bool:
+        """Whether packed samples go to attention as THD + cu_seqlens (else a block mask)."""
+        if self.packed_attention != "auto":
+            return self.packed_attention == "thd"
+        from megatron_eve.model.specs import resolve_transformer_impl
+
+        return torch.cuda.is_available() and resolve_transformer_impl(self.transformer_impl) != "local"
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        if self.bf16:
+            return torch.bfloat16
+        if self.fp16:
+            return torch.float16
+        return torch.float32

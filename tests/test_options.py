@@ -1,0 +1,161 @@
+"""Command-line flags are derived from the config fields: defaults come from the dataclasses, every
+option field has a flag that sets exactly it, names follow Megatron-LM, and every problem of a run's
+options is reported together in one error."""
+
+import dataclasses
+import re
+import typing
+
+import pytest
+
+from megatron_eve.config import (AlignerConfig, CheckpointConfig, ConfigError, DataConfig, LanguageModelConfig,
+                                 LoggingConfig, OptimConfig, ParallelConfig, RuntimeConfig, ScheduleConfig,
+                                 VisionConfig, get_preset, validate_job)
+from megatron_eve.config.options import flag_of, flagged_fields
+from megatron_eve.training.arguments import MODEL_PARTS, build_parser, parse_args
+
+REQUIRED = ["--micro-batch-size", "2", "--global-batch-size", "8", "--seq-length", "2048", "--lr", "1e-3",
+            "--data-path", "corpus"]
+SECTIONS = {"parallel": ParallelConfig, "runtime": RuntimeConfig, "optim": OptimConfig,
+            "schedule": ScheduleConfig, "data": DataConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+
+
+def test_unset_flags_take_the_dataclass_defaults():
+    job = parse_args(REQUIRED + ["--train-iters", "5"])
+    assert job.parallel == ParallelConfig() and job.runtime == RuntimeConfig()
+    assert job.optim == OptimConfig(lr=1e-3)
+    assert job.schedule == ScheduleConfig(micro_batch_size=2, global_batch_size=8, train_iters=5)
+    assert job.data == DataConfig(data_path=["corpus"], seq_length=2048)
+    assert job.checkpoint == CheckpointConfig() and job.logging == LoggingConfig()
+    assert job.model == get_preset("eve-7b")
+
+
+def _other_value(field: dataclasses.Field, kind, default):
+    """A command-line value for `field` that differs from its default, and the value it parses to."""
+    kind = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+    if typing.get_origin(kind) is typing.Literal:
+        value = next(c for c in reversed(typing.get_args(kind)) if c != default)
+        return [value], value
+    if typing.get_origin(kind) is list:
+        return ["a", "b"], ["a", "b"]
+    if kind is bool:
+        return [], not default
+    if kind is int:
+        return [str((default or 0) + 3)], (default or 0) + 3
+    if kind is float:
+        return ["0.125"], 0.125
+    return ["somewhere"], "somewhere"
+
+
+def _cases():
+    for section, cls in [*SECTIONS.items(), *MODEL_PARTS.items()]:
+        hints = typing.get_type_hints(cls)
+        for field in flagged_fields(cls):
+            yield pytest.param(section, cls, field, hints[field.name], id=flag_of(field))
+
+
+@pytest.mark.parametrize("section, cls, field, kind", list(_cases()))
+def test_each_flag_sets_its_field_and_nothing_else(section, cls, field, kind):
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    if section in MODEL_PARTS and field.name != "enabled":
+        default = getattr(getattr(get_preset("eve-7b"), section), field.name)
+    values, expected = _other_value(field, kind, default)
+    flag = flag_of(field)
+    if flag == "--ckpt-fully-parallel-save":
+        flag = "--no-ckpt-fully-parallel-save"  # on by default: the switch turns it off
+    argv = REQUIRED + ["--train-iters", "5"]
+    if flag in argv:  # a required flag: replace its value
+        i = argv.index(flag)
+        argv[i + 1:i + 2] = values
+    else:
+        argv += [flag, *values]
+    job, base = parse_args(argv), parse_args(REQUIRED + ["--train-iters", "5"])
+    if section in MODEL_PARTS:
+        got, before = getattr(job.model, section), getattr(base.model, section)
+    else:
+        got, before = getattr(job, section), getattr(base, section)
+    assert getattr(got, field.name) == expected
+    assert dataclasses.replace(got, **{field.name: getattr(before, field.name)}) == before  # nothing else moved
+
+
+MEGATRON_LM_FLAGS = """--tensor-model-parallel-size --pipeline-model-parallel-size --num-layers-per-virtual-pipeline-stage
+--sequence-parallel --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather --micro-batch-size
+--global-batch-size --seq-length --train-iters --train-samples --lr --min-lr --lr-decay-style --lr-warmup-fraction
+--lr-warmup-iters --lr-decay-iters --weight-decay --clip-grad --adam-beta1 --adam-beta2 --adam-eps --bf16 --fp16
+--initial-loss-scale --loss-scale --recompute-granularity --recompute-method --recompute-num-layers --data-path
+--split --num-workers --data-cache-path --tokenizer-model --save --load --save-interval --finetune
+--pretrained-checkpoint --no-load-optim --no-load-rng --exit-signal-handler --exit-interval --exit-duration-in-mins
+--async-save --ckpt-fully-parallel-save --dist-ckpt-optim-fully-reshardable --log-interval --tensorboard-dir
+--eval-interval --eval-iters --num-layers --hidden-size --ffn-hidden-size --num-attention-heads --num-query-groups
+--max-position-embeddings --make-vocab-size-divisible-by --rotary-base --norm-epsilon --init-method-std --vocab-size
+--distributed-timeout-minutes --use-cpu-initialization --transformer-impl --seed --use-checkpoint-args""".split()
+
+
+def test_flags_keep_megatron_lm_names():
+    known = {s for action in build_parser()._actions for s in action.option_strings}
+    assert not [flag for flag in MEGATRON_LM_FLAGS if flag not in known]
+
+
+def test_model_flags_without_a_value_keep_the_preset():
+    hd = parse_args(REQUIRED + ["--train-iters", "1", "--preset", "eve-7b-hd"]).model
+    assert hd.vision.image_size == 1344 == get_preset("eve-7b-hd").vision.image_size
+    tiny = parse_args(REQUIRED + ["--train-iters", "1", "--preset", "tiny", "--num-layers", "16"]).model
+    assert tiny.language.num_layers == 16 and tiny.language.hidden_size == get_preset("tiny").language.hidden_size
+
+
+def test_a_zero_align_weight_turns_the_aligner_off():
+    assert not parse_args(REQUIRED + ["--train-iters", "1", "--align-loss-weight", "0"]).model.aligner.enabled
+    assert not parse_args(REQUIRED + ["--train-iters", "1", "--disable-aligner"]).model.aligner.enabled
+    assert parse_args(REQUIRED + ["--train-iters", "1"]).model.aligner.enabled
+
+
+def test_every_problem_of_a_run_is_reported_in_one_error():
+    job = parse_args(REQUIRED + ["--train-iters", "5", "--train-samples", "80", "--global-batch-size", "6",
+                                 "--recompute-granularity", "full", "--finetune", "--save-interval", "10",
+                                 "--data-path", "0.5", "a", "b", "--sequence-parallel",
+                                 "--vision-teacher-path", "clip"])
+    with pytest.raises(ConfigError) as caught:
+        validate_job(job, world_size=2)
+    message = str(caught.value)
+    for part in ("give exactly one of --train-iters and --train-samples",
+                 "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2",
+                 "--recompute-granularity full needs --recompute-method",
+                 "--finetune starts from loaded weights", "--save-interval needs --save",
+                 "weights and prefixes must alternate", "sequence-parallel needs tensor-model-parallel-size > 1"):
+        assert part in message
+    assert message.startswith("cannot start training:") and message.count("\n  - ") == 7
+
+
+def test_train_samples_set_the_steps():
+    job = parse_args(REQUIRED + ["--train-samples", "100", "--vision-teacher-path", "clip"])
+    assert job.schedule.iterations == 12  # whole global batches of 8
+    validate_job(job, world_size=4)
+
+
+def test_model_fields_without_flags_are_fixed_by_eve():
+    """The PEL's patch, its 2x2 window and the projector are EVE's design, not options."""
+    unflagged = {f"{part}.{f.name}" for part, cls in MODEL_PARTS.items() for f in dataclasses.fields(cls)
+                 if f not in flagged_fields(cls)}
+    assert unflagged == {"vision.patch_size", "vision.conv_stride", "vision.projector_type",
+                         "aligner.teacher_select_layer"}
+    assert LanguageModelConfig().num_layers == 32 and VisionConfig().image_size == 672  # eve-7b's values
+    assert AlignerConfig().hidden_size == 1024
+
+
+@pytest.mark.parametrize("extra, idle", [
+    (["--preset", "tiny", "--pipeline-model-parallel-size", "2", "--disable-aligner"], ["pipeline stage 1"]),
+    # eve-7b taps every 4 of 32 layers: 16 stages of 2 layers leave every other stage without a tap.
+    (["--pipeline-model-parallel-size", "16"], [f"pipeline stage {c}" for c in range(2, 15, 2)]),
+    (["--preset", "tiny", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2",
+      "--disable-aligner"], ["pipeline stage 1 (model chunk 0)", "pipeline stage 0 (model chunk 1)",
+                             "pipeline stage 1 (model chunk 1)"]),
+])
+def test_prealign_refuses_pipeline_stages_with_nothing_to_train(extra, idle):
+    argv = REQUIRED + ["--train-iters", "1", "--stage", "prealign", "--vision-teacher-path", "clip",
+                       "--seq-length", "1024", "--global-batch-size", "32", *extra]
+    world = 16 if "16" in extra else 2
+    with pytest.raises(ConfigError) as caught:
+        validate_job(parse_args(argv), world)
+    (listed,) = re.findall(r"stage prealign trains only .*? taps: (.*) would have nothing to train", str(caught.value))
+    assert listed.split(", ") == idle
+    validate_job(parse_args([a if a != "prealign" else "pretrain" for a in argv]), world)  # all train in pretrain
