@@ -1,8 +1,13 @@
 """pretrain_eve.py with --async-save and the distributed optimizer (2 CPU processes): checkpoints
 written in the background are published by the loop (each iteration's poll, the exit's wait),
-verify, and resume."""
+verify, and resume; a resume that lengthens the run says which learning-rate schedule to follow."""
 
-from tests.helpers import base_args, train
+import math
+import re
+import subprocess
+import sys
+
+from tests.helpers import ROOT, base_args, train
 
 
 def test_async_save_is_published_and_resumes(data, tmp_path):
@@ -12,6 +17,18 @@ def test_async_save_is_published_and_resumes(data, tmp_path):
     assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text() == "4"  # the exit waited
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
         "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
-    resumed, _ = train(args + ["--train-iters", 6, "--load", tmp_path / "ck", "--verify-checkpoint"])
+
+    # 6 iterations instead of 4: the cosine decay's length differs from the checkpoint's (Megatron-LM refuses).
+    longer = args + ["--train-iters", 6, "--load", tmp_path / "ck", "--verify-checkpoint"]
+    refused = subprocess.run([sys.executable, str(ROOT / "pretrain_eve.py"), *map(str, longer)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "was trained on another learning-rate schedule" in refused.stderr
+    assert "lr_decay_steps: checkpoint 16, flags 24" in refused.stderr and "--override-opt-param-scheduler" in refused.stderr
+
+    resumed, out = train(longer + ["--override-opt-param-scheduler"])
     assert sorted(resumed) == [5, 6]
     assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text() == "6"
+    # The flags' schedule from the checkpoint's step: after 5 steps of 4 samples, cosine over 24 (the
+    # checkpoint's own schedule had decayed to 0 at 16).
+    lr = float(re.search(r"iteration +5/ +6 \|.*? learning rate: (\S+) \|", out)[1])
+    assert abs(lr - 1e-3 * 0.5 * (1 + math.cos(math.pi * 20 / 24))) < 1e-9

@@ -43,3 +43,29 @@ def test_the_optimizer_uses_them_without_te_or_apex():
         assert clip_grads.l2_norm_impl is _foreach_l2_norm
         assert clip_grads.multi_tensor_scale_impl is _foreach_scale
         assert megatron_optimizer.multi_tensor_scale_impl is _foreach_scale
+
+
+def test_schedule_differences_against_megatron_cores_saved_scheduler():
+    """A resumed run's schedule flags are compared with the scheduler state megatron-core saves:
+    same flags, nothing; a longer run or another lr, each named with the flags that set it; the
+    choice of which to follow reaches megatron-core's scheduler."""
+    from megatron_eve.training.arguments import parse_args
+    from megatron_eve.training.optim import build_scheduler, schedule_differences
+
+    argv = ["--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "1024", "--lr", "1e-3",
+            "--data-path", "x", "--train-iters", "4", "--lr-warmup-fraction", "0.25"]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
+    saved = build_scheduler(optimizer, parse_args(argv)).state_dict()
+    assert schedule_differences(parse_args(argv), saved) == []
+    longer = schedule_differences(parse_args(argv[:-4] + ["--train-iters", "6", "--lr-warmup-fraction", "0.25"]),
+                                  saved)
+    assert [d.split(":")[0] for d in longer] == ["lr_warmup_steps", "lr_decay_steps", "wd_incr_steps"]
+    assert "lr_decay_steps: checkpoint 16, flags 24 (--lr-decay-iters (default --train-iters)" in longer[1]
+    (lr,) = schedule_differences(parse_args(argv + ["--lr", "2e-3"]), saved)
+    assert lr == "max_lr: checkpoint 0.001, flags 0.002 (--lr)"
+
+    for flag, follows_flags in (("--override-opt-param-scheduler", True),
+                                ("--use-checkpoint-opt_param-scheduler", False)):  # Megatron-LM's spelling too
+        scheduler = build_scheduler(optimizer, parse_args(argv + ["--lr", "2e-3", flag]))
+        scheduler.load_state_dict(saved)
+        assert scheduler.max_lr == (2e-3 if follows_flags else 1e-3)

@@ -159,3 +159,25 @@ def test_prealign_refuses_pipeline_stages_with_nothing_to_train(extra, idle):
     (listed,) = re.findall(r"stage prealign trains only .*? taps: (.*) would have nothing to train", str(caught.value))
     assert listed.split(", ") == idle
     validate_job(parse_args([a if a != "prealign" else "pretrain" for a in argv]), world)  # all train in pretrain
+
+
+@pytest.mark.parametrize("script", ["eve7b_prealign.sh", "eve7b_pretrain.sh", "eve7b_finetune.sh",
+                                    "eve7b_finetune_hd.sh"])
+def test_example_launch_scripts_pass_every_check(script, tmp_path):
+    """The EVE-7B stage scripts, run with a torchrun that only records its arguments: their flags
+    parse and pass every combination check at the scripts' default 4 nodes x 8 GPUs."""
+    import json
+    import os
+    import subprocess
+
+    from tests.helpers import ROOT
+
+    recorder = tmp_path / "torchrun"
+    recorder.write_text("#!/usr/bin/env python3\nimport json, os, sys\n"
+                        "json.dump(sys.argv[1:], open(os.environ['ARGS_OUT'], 'w'))\n")
+    recorder.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "ARGS_OUT": str(tmp_path / "args.json")}
+    subprocess.run(["bash", str(ROOT / "examples" / script)], env=env, check=True, timeout=60)
+    argv = json.loads((tmp_path / "args.json").read_text())
+    argv = argv[argv.index(str(ROOT / "pretrain_eve.py")) + 1:]
+    validate_job(parse_args(argv), world_size=4 * 8)

@@ -2,28 +2,24 @@
 eval_pope.py, eval_science_qa.py). Every expected number below was worked out by hand from those
 rules (the reasoning is in the comments), not produced by the scorer under test."""
 
-import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
-from tools.eval_vqa import main
+from tests.eval_cli import run
 
 
 def score(tmp_path, answers, annotations, kind, *extra):
-    """`tools/eval_vqa.py score`, run in this process (tests/test_generation.py runs the script)."""
+    """`score --kind kind` of (question_id, text) answers against {file name: annotation rows}."""
     (tmp_path / "answers.jsonl").write_text("\n".join(json.dumps({"question_id": i, "text": t}) for i, t in answers))
     paths = []
     for name, rows in annotations.items():
         (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows))
         paths.append(str(tmp_path / name))
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(["score", "--answers-file", str(tmp_path / "answers.jsonl"), "--annotations", *paths,
-                     "--kind", kind, *extra])
-    assert code == 0, err.getvalue()
-    return json.loads(out.getvalue())
+    code, out, err = run("score", "--answers-file", tmp_path / "answers.jsonl", "--annotations", *paths,
+                         "--kind", kind, *extra)
+    assert code == 0, err
+    return json.loads(out)
 
 
 # (prediction, the 10 reference answers, EVE's score, lenient score)

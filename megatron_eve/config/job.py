@@ -35,6 +35,15 @@ class OptimConfig:
                                                     "parameters during the next forward pass")
     initial_loss_scale: float = option(2.0**32, help="fp16: the dynamic loss scale's start")
     loss_scale: Optional[float] = option(None, help="static fp16 loss scale (default dynamic)")
+    # A resumed run whose schedule flags differ from the checkpoint's is refused unless one of these says
+    # which to follow (Megatron-LM's rule: it asserts).
+    override_opt_param_scheduler: bool = option(
+        False, aliases=("--override-opt_param-scheduler",),
+        help="on resume, follow this run's learning-rate and weight-decay schedule flags (from the "
+             "checkpoint's step) where they differ from the checkpoint's")
+    use_checkpoint_opt_param_scheduler: bool = option(
+        False, aliases=("--use-checkpoint-opt_param-scheduler",),
+        help="on resume, keep the checkpoint's learning-rate and weight-decay schedule whatever the flags say")
 
 
 @dataclass

@@ -33,7 +33,7 @@ class LanguageModelConfig:
     ffn_hidden_size: int = _arch(default=11008)
     num_attention_heads: int = _arch(default=32)
     # = heads: Vicuna-7B is plain multi-head attention
-    num_query_groups: int = _arch("key/value heads (grouped-query attention)", default=32)
+    num_query_groups: int = _arch("key/value heads (grouped-query attention; = heads: multi-head)", default=32)
     vocab_size: int = _arch(default=32000)
     max_position_embeddings: int = _arch(default=4096)
     norm_epsilon: float = _arch(default=1e-5)
@@ -80,10 +80,10 @@ class AlignerConfig:
     # Decoder depth between taps; None means num_layers / 8, i.e. 9 taps (EVE: every 4 of 32).
     tap_interval: Optional[int] = _arch("decoder layers between aligner taps (default num-layers / 8)",
                                         "--aligner-tap-interval")
-    # heads of the parameter-free attention across taps
-    num_heads: int = _arch("heads of the aligner's attention across taps", "--aligner-num-attention-heads", 8)
-    # teacher width (CLIP ViT-L/14: 1024)
-    hidden_size: int = _arch("aligner width = the CLIP teacher's hidden size", "--aligner-hidden-size", 1024)
+    num_heads: int = _arch("heads of the aligner's parameter-free attention across taps",
+                           "--aligner-num-attention-heads", 8)
+    hidden_size: int = _arch("aligner width = the CLIP teacher's hidden size (ViT-L/14: 1024)",
+                             "--aligner-hidden-size", 1024)
     loss_weight: float = option(1.0, flag="--align-loss-weight", help="total loss = LM + w * align; 0 turns "
                                 "the aligner off")
     teacher_path: Optional[str] = option(None, flag="--vision-teacher-path", metavar="DIR",

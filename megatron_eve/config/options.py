@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import MISSING
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 _KEY = "megatron_eve.flag"
 
@@ -25,13 +25,14 @@ class Flag:
     negate: bool  # a store_true flag that sets the field False (--no-pack: pack=False)
     from_preset: bool  # unset means "the preset's value" (model fields), not the field default
     metavar: Optional[str]
+    aliases: Tuple[str, ...]  # other spellings Megatron-LM accepts
 
 
 def option(default: Any = MISSING, *, help: str = "", flag: Optional[str] = None,  # noqa: A002
            required: bool = False, negate: bool = False, from_preset: bool = False,
-           metavar: Optional[str] = None, default_factory: Any = MISSING):
+           metavar: Optional[str] = None, aliases: Tuple[str, ...] = (), default_factory: Any = MISSING):
     """A dataclass field that is also a command-line flag."""
-    metadata = {_KEY: Flag(help, flag, required, negate, from_preset, metavar)}
+    metadata = {_KEY: Flag(help, flag, required, negate, from_preset, metavar, aliases)}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -105,7 +106,7 @@ def add_flags(parser, cls, only: Optional[Sequence[str]] = None) -> None:
             kwargs["type"] = kind
         if meta.metavar:
             kwargs["metavar"] = meta.metavar
-        parser.add_argument(flag_of(field), **kwargs)
+        parser.add_argument(flag_of(field), *meta.aliases, **kwargs)
 
 
 def flag_values(cls, args: argparse.Namespace) -> Dict[str, Any]:

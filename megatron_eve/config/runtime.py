@@ -55,6 +55,10 @@ class RuntimeConfig:
         None, help="layers per recompute chunk (uniform) or recomputed layers per stage (block); "
                    "default 1 with full recompute")
     use_cpu_initialization: bool = option(False, help="initialise weights on the CPU, then move them")
+    gradient_accumulation_fusion: bool = option(
+        True, flag="--no-gradient-accumulation-fusion", negate=True,
+        help="do not fuse the weight-gradient GEMM with its accumulation into the fp32 main grads (on by "
+             "default where apex's fused_weight_gradient_mlp_cuda extension and CUDA are present)")
 
     def __post_init__(self):
         if self.recompute_granularity == "full" and self.recompute_num_layers is None:

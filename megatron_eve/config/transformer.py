@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from megatron_eve.config.model import EVEModelConfig
 from megatron_eve.config.runtime import ParallelConfig, RuntimeConfig
 from megatron_eve.config.validate import validate
+
+
+def wgrad_accumulation_fusion_available() -> bool:
+    """megatron-core's own linear layers (the output layer with any impl; all of them with local or
+    torch) fuse the weight-gradient GEMM into main_grad with apex's CUDA extension, and refuse to
+    build without it; Transformer Engine's linears fuse it themselves."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module("fused_weight_gradient_mlp_cuda")
+    except ImportError:
+        return False
+    return True
 
 
 def transformer_config(
@@ -58,6 +73,6 @@ def transformer_config(
         apply_rope_fusion=impl == "transformer_engine",
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=runtime.gradient_accumulation_fusion and wgrad_accumulation_fusion_available(),
         persist_layer_norm=False,
     )

@@ -15,23 +15,6 @@ from megatron_eve.config.model import ConfigError, EVEModelConfig
 from megatron_eve.config.runtime import ParallelConfig, RuntimeConfig
 
 
-def _interleaving_problems(num_layers: int, parallel: ParallelConfig) -> List[str]:
-    per_stage, pp = parallel.num_layers_per_virtual_pipeline_stage, parallel.pipeline_model_parallel_size
-    if per_stage is None:
-        return []
-    if per_stage < 1:
-        return [f"--num-layers-per-virtual-pipeline-stage {per_stage} must be at least 1"]
-    if pp < 2:
-        return ["--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"]
-    if num_layers % (pp * per_stage):
-        return [f"--num-layers-per-virtual-pipeline-stage {per_stage} x pipeline-model-parallel-size {pp} "
-                f"does not divide num_layers {num_layers}"]
-    if num_layers == pp * per_stage:
-        return [f"--num-layers-per-virtual-pipeline-stage {per_stage} gives one chunk per pipeline stage "
-                "(no interleaving): drop the flag or use fewer layers per virtual stage"]
-    return []
-
-
 def validate(model: EVEModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig) -> None:
     """Raise ConfigError naming every problem of the model and its layout, before any module is built."""
     problems = model_problems(model, parallel, runtime)
@@ -139,6 +122,23 @@ def model_problems(model: EVEModelConfig, parallel: ParallelConfig, runtime: Run
     return problems
 
 
+def _interleaving_problems(num_layers: int, parallel: ParallelConfig) -> List[str]:
+    per_stage, pp = parallel.num_layers_per_virtual_pipeline_stage, parallel.pipeline_model_parallel_size
+    if per_stage is None:
+        return []
+    if per_stage < 1:
+        return [f"--num-layers-per-virtual-pipeline-stage {per_stage} must be at least 1"]
+    if pp < 2:
+        return ["--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"]
+    if num_layers % (pp * per_stage):
+        return [f"--num-layers-per-virtual-pipeline-stage {per_stage} x pipeline-model-parallel-size {pp} "
+                f"does not divide num_layers {num_layers}"]
+    if num_layers == pp * per_stage:
+        return [f"--num-layers-per-virtual-pipeline-stage {per_stage} gives one chunk per pipeline stage "
+                "(no interleaving): drop the flag or use fewer layers per virtual stage"]
+    return []
+
+
 def _kernel_problems(runtime: RuntimeConfig) -> List[str]:
     """Kernel choices that would run but compute the wrong thing, or crash mid-run."""
     from megatron_eve.model.specs import resolve_transformer_impl
@@ -215,6 +215,8 @@ def job_problems(job: TrainingJob, world_size: int) -> List[str]:
     if model.aligner.enabled and not model.aligner.teacher_path:
         problems.append("the aligner is on (EVE trains with it in every stage) but --vision-teacher-path is not "
                         "set: pass the CLIP teacher's local folder, or --disable-aligner")
+    if job.optim.override_opt_param_scheduler and job.optim.use_checkpoint_opt_param_scheduler:
+        problems.append("choose one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler")
     ck = job.checkpoint
     if ck.exit_signal_handler and not ck.save:
         problems.append("--exit-signal-handler saves a checkpoint: it needs --save")

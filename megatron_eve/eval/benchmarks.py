@@ -261,6 +261,22 @@ def score_mme(questions: Sequence[MMEQuestion], answers: Dict[Tuple[str, str, st
             "subtasks_absent": [c for c in MME_PERCEPTION + MME_COGNITION if c not in result]}
 
 
+MME_ANSWER_FILES = frozenset(f"{name}.txt" for name in MME_PERCEPTION + MME_COGNITION)
+
+
+def mme_answer_files(answers: Dict[Tuple[str, str, str], str], questions: Sequence[MMEQuestion]
+                     ) -> Dict[str, str]:
+    """convert_answer_to_mme.py's output for MME's own calculation.py: {"<subtask>.txt": text} with
+    "file<TAB>question<TAB>gold<TAB>answer" lines, in answer order; answers: as `score_mme` takes
+    them (an answer to no MME question is left out)."""
+    truth = {(q.category, q.file, q.question): q for q in questions}
+    lines: Dict[str, List[str]] = {}
+    for key, text in answers.items():
+        if key in truth:
+            lines.setdefault(key[0], []).append("\t".join((key[1], key[2], truth[key].answer, text)))
+    return {f"{category}.txt": "".join(row + "\n" for row in rows) for category, rows in lines.items()}
+
+
 def mme_questions(questions: Sequence[MMEQuestion]) -> List[dict]:
     """A question file for MME: question_id "<subtask>/<image>" (what convert_answer_to_mme.py
     splits), the image's path under the release folder, and the question with "Please answer yes

@@ -6,13 +6,24 @@ scripts/convert_*_for_submission.py and convert_*_for_eval.py write them:
   VizWiz (EvalAI): [{"image", "answer"}] for every question of the test file, EvalAI's processor
     applied (it lower-cases, so "Unanswerable" becomes "unanswerable"; nothing else is special);
   MM-Vet (its GPT-4 grader): {"v1_<question_id>": answer text};
-  SEED-Bench (the leaderboard) and GQA (its eval.py), MMBench (.xlsx, the server): see benchmarks.py."""
+  SEED-Bench (the leaderboard) and GQA (its eval.py), MMBench (.xlsx, the server): see benchmarks.py.
+
+SUBMISSIONS maps each benchmark to its writer; `write_submission` is `eval_vqa.py submit`."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+import csv
+import io
+import json
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from megatron_eve.atomic import write_jsonl, write_text
+from megatron_eve.eval.answer_files import answer_pairs, read_jsonl, report, warn
+from megatron_eve.eval.benchmarks import (BenchmarkFileError, gqa_predictions, load_seed, mmbench_table, read_mmbench,
+                                          seed_key, seed_upload)
 from megatron_eve.eval.scorers import normalize_vqa_answer
+from megatron_eve.eval.xlsx import write_xlsx
 
 
 def vqav2_submission(questions: Sequence[dict], answers: Dict[str, str]) -> List[dict]:
@@ -32,3 +43,111 @@ def vizwiz_submission(questions: Sequence[dict], answers: Dict[str, str]) -> Lis
 def mmvet_results(answers: Sequence[Tuple[object, str]]) -> Dict[str, str]:
     """convert_mmvet_for_eval.py: {"v1_<question_id>": text}, the text untouched."""
     return {f"v1_{qid}": text for qid, text in answers}
+
+
+# ------------------------------------------------------------------------- `eval_vqa.py submit`
+
+Written = Tuple[List[str], Dict[str, str]]  # the questions the file holds, and the answers given, by str(id)
+
+
+def _read_question_jsonl(path: str) -> List[dict]:
+    rows, problems = read_jsonl(path, required=("question_id",))
+    report(problems)
+    if not rows:
+        raise BenchmarkFileError(f"{path}: holds no questions (JSON lines with a question_id)")
+    return rows
+
+
+def _by_id(pairs: Sequence[Tuple[object, str]]) -> Dict[str, str]:
+    return {str(qid): text for qid, text in pairs}
+
+
+def _evalai(build: Callable[[Sequence[dict], Dict[str, str]], List[dict]]):
+    """VQAv2's / VizWiz's writer: every question of the test question jsonl, through `build`."""
+    def write(question_file: str, pairs: Sequence[Tuple[object, str]], out: str) -> Written:
+        questions = _read_question_jsonl(question_file)
+        answers = _by_id(pairs)
+        write_text(out, json.dumps(build(questions, answers)))
+        return [str(q["question_id"]) for q in questions], answers
+    return write
+
+
+def _delimited(rows, delimiter) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
+    writer.writerows([["" if cell is None else cell for cell in row] for row in rows])
+    return buffer.getvalue()
+
+
+def _write_mmbench(question_file: str, pairs: Sequence[Tuple[object, str]], out: str) -> Written:
+    """The TSV's rows with the predictions (`mmbench_table`): .xlsx, or .tsv / .csv by `out`'s extension."""
+    answers = _by_id(pairs)
+    header, rows = read_mmbench(question_file)
+    columns, table = mmbench_table(header, rows, answers)
+    if out.lower().endswith((".tsv", ".csv")):
+        delimiter = "\t" if out.lower().endswith(".tsv") else ","
+        write_text(out, _delimited([columns] + table, delimiter))
+    else:
+        write_xlsx(out, columns, table)
+    return [str(r.get("index")) for r in rows], answers
+
+
+def _write_seed(question_file: str, pairs: Sequence[Tuple[object, str]], out: str) -> Written:
+    questions = load_seed(question_file)
+    keyed = {seed_key(qid): text for qid, text in pairs}
+    write_jsonl(out, seed_upload(questions, keyed))
+    return [str(seed_key(q.question_id)) for q in questions], {str(k): v for k, v in keyed.items()}
+
+
+def _write_mmvet(question_file: Optional[str], pairs: Sequence[Tuple[object, str]], out: str) -> Written:
+    write_text(out, json.dumps(mmvet_results(pairs), indent=2))
+    answers = _by_id(pairs)
+    return list(answers), answers  # no question file: the answered questions
+
+
+def _write_gqa(question_file: Optional[str], pairs: Sequence[Tuple[object, str]], out: str) -> Written:
+    write_text(out, json.dumps(gqa_predictions(pairs)))
+    answers = _by_id(pairs)
+    return list(answers), answers  # no question file: the answered questions
+
+
+@dataclass(frozen=True)
+class Submission:
+    # (question file, each question's first (question_id, text), output file) → what was written
+    write: Callable[[Optional[str], Sequence[Tuple[object, str]], str], Written]
+    needs_questions: bool  # every question of the benchmark's --question-file goes into the upload
+
+
+# benchmark → its upload / grader file; "submit --benchmark" choices, in this order
+SUBMISSIONS: Dict[str, Submission] = {
+    "vqav2": Submission(_evalai(vqav2_submission), needs_questions=True),
+    "vizwiz": Submission(_evalai(vizwiz_submission), needs_questions=True),
+    "mmbench": Submission(_write_mmbench, needs_questions=True),
+    "seed": Submission(_write_seed, needs_questions=True),
+    "mmvet": Submission(_write_mmvet, needs_questions=False),
+    "gqa": Submission(_write_gqa, needs_questions=False),
+}
+
+
+def write_submission(benchmark: str, answers_file: str, question_file: Optional[str], out: str) -> Tuple[int, int]:
+    """The upload / grader file of `benchmark` from an answer file (the first answer of each
+    question), warnings for duplicates, unanswered questions (written empty) and answers to no
+    question (left out); (answered, empty) questions."""
+    answer_rows, problems = read_jsonl(answers_file, required=("question_id", "text"))
+    report(problems)
+    pairs = answer_pairs(answer_rows)
+    duplicates = len(answer_rows) - len(pairs)
+    submission = SUBMISSIONS[benchmark]
+    if submission.needs_questions and not question_file:
+        raise BenchmarkFileError(f"--benchmark {benchmark} needs --question-file (the benchmark's "
+                                 f"questions: every one of them goes into the upload)")
+    ids, answers = submission.write(question_file, pairs, out)
+    unanswered = sum(1 for i in ids if i not in answers)
+    extra = len(set(answers) - set(ids))
+    if duplicates:
+        warn(f"{duplicates} duplicate answers (the first of each is used)")
+    if unanswered:
+        warn(f"{unanswered} of {len(ids)} questions have no answer (written empty)")
+    if extra:
+        warn(f"{extra} answers are for questions not in {question_file} (left out)")
+    return len(ids) - unanswered, unanswered

@@ -40,7 +40,7 @@ from megatron_eve.checkpoint import safe_metadata
 from megatron_eve.config import (ConfigError, EVEModelConfig, TrainingJob, architecture_differences,
                                  model_config_from_dict)
 from megatron_eve.model.specs import resolve_transformer_impl
-from megatron_eve.training.optim import step_restored_from_param_groups, torch_adam_state_made
+from megatron_eve.training.optim import schedule_differences, step_restored_from_param_groups, torch_adam_state_made
 
 logger = logging.getLogger(__name__)
 safe_metadata.install()  # every load in this process reads .metadata without running its code
@@ -104,8 +104,8 @@ def reading(directory: str):
             f"missing; resume from an earlier iteration by writing its number into {TRACKER}") from error
 
 
-def recorded_model_config(root: str) -> EVEModelConfig:
-    """The model configuration the latest checkpoint under `root` recorded (at save or conversion)."""
+def _latest_common_state(root: str) -> Tuple[str, Dict]:
+    """(directory, common state: everything but the sharded tensors) of the latest checkpoint under `root`."""
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root)
@@ -113,7 +113,12 @@ def recorded_model_config(root: str) -> EVEModelConfig:
         raise ConfigError(f"{root}: no {TRACKER} (no complete checkpoint there)")
     directory = checkpoint_dir(root, iteration)
     with reading(directory):
-        common = dist_checkpointing.load_common_state_dict(directory)
+        return directory, dist_checkpointing.load_common_state_dict(directory)
+
+
+def recorded_model_config(root: str) -> EVEModelConfig:
+    """The model configuration the latest checkpoint under `root` recorded (at save or conversion)."""
+    directory, common = _latest_common_state(root)
     if "model_config" not in common:
         raise ConfigError(f"{directory} records no model configuration: build the model from flags instead")
     return model_config_from_dict(common["model_config"])
@@ -125,6 +130,22 @@ def checkpoint_to_load(load: Optional[str], pretrained_checkpoint: Optional[str]
     if load and latest_iteration(load) is not None:
         return load
     return pretrained_checkpoint
+
+
+def check_schedule(job: TrainingJob) -> None:
+    """Refuse a resume whose learning-rate / weight-decay schedule flags differ from the
+    checkpoint's unless the run says which to follow (Megatron-LM asserts the same)."""
+    ck, o = job.checkpoint, job.optim
+    if (not ck.load or latest_iteration(ck.load) is None or ck.finetune or ck.no_load_optim
+            or o.override_opt_param_scheduler or o.use_checkpoint_opt_param_scheduler):
+        return  # not a resume that loads the scheduler, or the run chose
+    directory, common = _latest_common_state(ck.load)
+    differences = schedule_differences(job, common.get("opt_param_scheduler", {}))
+    if differences:
+        raise ConfigError(
+            f"{directory} was trained on another learning-rate schedule than these flags give ("
+            f"{'; '.join(differences)}; steps count samples): pass --override-opt-param-scheduler to follow "
+            "the flags from the checkpoint's step, or --use-checkpoint-opt-param-scheduler to keep the checkpoint's")
 
 
 def check_architecture(job: TrainingJob, root: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import List
+from typing import Dict, List
 
 import torch
 
@@ -150,19 +150,45 @@ def build_optimizer(ddp, job: TrainingJob):
     return get_megatron_optimizer(config, ddp if isinstance(ddp, list) else [ddp], config_overrides=overrides)
 
 
-def build_scheduler(optimizer, job: TrainingJob):
-    """Megatron's OptimizerParamScheduler, counted in samples (steps of global-batch-size)."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+# The schedule's settings as megatron-core's OptimizerParamScheduler stores them, and the flags that set each.
+SCHEDULE_FLAGS = {
+    "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-fraction / --lr-warmup-iters",
+    "lr_decay_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size",
+    "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay", "end_wd": "--weight-decay",
+    "wd_incr_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size",
+    "wd_incr_style": "(constant)",
+}
 
+
+def schedule_settings(job: TrainingJob) -> Dict[str, object]:
+    """The learning-rate and weight-decay schedule of the flags, counted in samples (steps of
+    global-batch-size), by megatron-core's names."""
     o, s = job.optim, job.schedule
-    decay_iters = o.lr_decay_iters or s.iterations
-    decay_steps = decay_iters * s.global_batch_size
+    decay_steps = (o.lr_decay_iters or s.iterations) * s.global_batch_size
     if o.lr_warmup_fraction is not None:
         warmup_steps = int(o.lr_warmup_fraction * decay_steps)
     else:
         warmup_steps = o.lr_warmup_iters * s.global_batch_size
-    return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup_steps,
-        lr_decay_steps=decay_steps, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay,
-        end_wd=o.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant",
-    )
+    return {"max_lr": o.lr, "min_lr": o.min_lr, "lr_warmup_steps": warmup_steps, "lr_decay_steps": decay_steps,
+            "lr_decay_style": o.lr_decay_style, "start_wd": o.weight_decay, "end_wd": o.weight_decay,
+            "wd_incr_steps": decay_steps, "wd_incr_style": "constant"}
+
+
+def schedule_differences(job: TrainingJob, saved: Dict[str, object]) -> List[str]:
+    """"what: checkpoint X, flags Y (flag)" for each schedule setting a checkpoint's scheduler state
+    (`saved`, its state_dict) holds with another value than the flags give."""
+    ours = schedule_settings(job)
+    return [f"{name}: checkpoint {saved[name]}, flags {value} ({SCHEDULE_FLAGS[name]})"
+            for name, value in ours.items() if name in saved and saved[name] != value]
+
+
+def build_scheduler(optimizer, job: TrainingJob):
+    """Megatron's OptimizerParamScheduler over the flags' schedule. On resume (load_state_dict) the
+    checkpoint's values are kept unless --override-opt-param-scheduler; a difference without either
+    flag is refused before training (checkpoint.check_schedule)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    override = job.optim.override_opt_param_scheduler
+    return OptimizerParamScheduler(optimizer, init_lr=0.0, **schedule_settings(job),
+                                   override_opt_param_scheduler=override,
+                                   use_checkpoint_opt_param_scheduler=not override)

@@ -1,0 +1,280 @@
+"""An answer file scored against its ground truth (`eval_vqa.py score`), by --kind:
+
+  ANNOTATION_KINDS (vqa, pope, choice): annotation jsonl rows {"question_id", ...}, each kind's
+    reference answer and metric (scorers.py); POPE's coco_pope_<category>.json files name their
+    category; --kind vqa also takes TextVQA's own TextVQA_0.5.1_val.json, matched as
+    eval_textvqa.py matches it;
+  BENCHMARK_KINDS (seed, gqa, mme): the benchmark's own files (benchmarks.py), answers keyed as its
+    scripts key them, and --converted-output: what LLaVA's converter writes for the benchmark's
+    own tool.
+
+Every annotated question counts: one without an answer scores as wrong (and is counted);
+duplicate answers are flagged and the first is scored; lines that cannot be read are reported
+(file:line) and counted. The result is one JSON object: the scores, then those counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+from megatron_eve.atomic import check_output_dir, entries, write_jsonl, write_text
+from megatron_eve.eval import benchmarks as bench
+from megatron_eve.eval.answer_files import answer_pairs, first_answers, read_jsonl, report, warn
+from megatron_eve.eval.scorers import (mean, mme_question_candidates, multiple_choice_accuracy, pope_metrics,
+                                       vqa_accuracy)
+
+
+@dataclass(frozen=True)
+class ScoreRun:
+    answers_file: str
+    annotations: Sequence[str]
+    kind: str
+    lenient: bool = False  # friendlier answer parsing than EVE's (reported as such)
+    converted_output: Optional[str] = None  # BENCHMARK_KINDS only
+    overwrite: bool = False  # mme: write --converted-output into a folder holding other files
+
+
+def score_answer_file(run: ScoreRun) -> dict:
+    """The scores and counts of `run`; problems and coverage are printed as warnings. Raises
+    BenchmarkFileError (a file that is not what the kind takes) and ConfigError (a foreign folder)."""
+    answer_rows, problems = read_jsonl(run.answers_file, required=("question_id", "text"), numbered=True)
+    if run.kind in BENCHMARK_KINDS:
+        return _score_benchmark(run, answer_rows, problems)
+    if run.converted_output:
+        raise bench.BenchmarkFileError(f"--converted-output is for --kind seed, gqa or mme, not {run.kind}")
+    textvqa = _textvqa_annotations(run)
+    if textvqa is not None:
+        return _score_textvqa(run, answer_rows, problems, textvqa)
+    return _score_annotations(run, answer_rows, problems)
+
+
+def _rules(lenient: bool) -> str:
+    return "lenient (not EVE's)" if lenient else "EVE's"
+
+
+def _warn_coverage(duplicates, missing, total) -> None:
+    if duplicates:
+        warn(f"{len(duplicates)} duplicate answers (the first of each is scored), e.g. question_id "
+             f"{', '.join(map(str, duplicates[:5]))}")
+    if missing:
+        warn(f"{len(missing)} of {total} annotated questions have no answer and score as wrong, "
+             f"e.g. question_id {', '.join(map(str, missing[:5]))}")
+
+
+# ------------------------------------------------------------------- annotation jsonl: vqa, pope, choice
+
+def _vqa_gold(row: dict):
+    """VQA's answer list (or its one "answer")."""
+    return row.get("answers") or ([row["answer"]] if "answer" in row else None)
+
+
+def _pope_gold(row: dict) -> Optional[str]:
+    """POPE's "label" (or "answer")."""
+    value = row.get("label", row.get("answer"))
+    return value if isinstance(value, str) else None
+
+
+def _choice_gold(row: dict) -> Optional[str]:
+    """The option letter; ScienceQA's "answer" index into "choices" becomes its letter."""
+    value = row.get("answer")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "ABCDE"[value] if 0 <= value < 5 else None
+    return value if isinstance(value, str) else None
+
+
+def _vqa_scores(given: List[str], gold: list, truth: List[dict], lenient: bool) -> dict:
+    return {"accuracy": mean([vqa_accuracy(text, answers, lenient) for text, answers in zip(given, gold)])}
+
+
+def _pope_scores(given: List[str], gold: list, truth: List[dict], lenient: bool) -> dict:
+    result = pope_metrics(given, gold, lenient)
+    categories = sorted({row["category"] for row in truth if row.get("category")})
+    if categories:  # EVE reports each POPE split on its own
+        result["categories"] = {c: pope_metrics([text for text, row in zip(given, truth) if row["category"] == c],
+                                                [label for label, row in zip(gold, truth) if row["category"] == c],
+                                                lenient)
+                                for c in categories}
+    return result
+
+
+def _choice_scores(given: List[str], gold: list, truth: List[dict], lenient: bool) -> dict:
+    counts = [len(row["choices"]) if isinstance(row.get("choices"), list) else None for row in truth]
+    return {"accuracy": multiple_choice_accuracy(given, gold, counts, lenient)}
+
+
+@dataclass(frozen=True)
+class AnnotationKind:
+    gold: Callable[[dict], object]  # an annotation row's reference answer(s); None: the row is not scored
+    scores: Callable[[List[str], list, List[dict], bool], dict]  # (answers, golds, rows, lenient) → scores
+
+
+ANNOTATION_KINDS: Dict[str, AnnotationKind] = {
+    "vqa": AnnotationKind(_vqa_gold, _vqa_scores),  # TextVQA / VQAv2 accuracy
+    "pope": AnnotationKind(_pope_gold, _pope_scores),  # per category and overall
+    "choice": AnnotationKind(_choice_gold, _choice_scores),  # ScienceQA-style option letters
+}
+
+
+def _annotations(paths):
+    """Ground truth from one or more files → ({question_id: row}, problems). Each row keeps where it
+    came from, so POPE's per-category label files (coco_pope_<category>.json) name their category."""
+    truth, problems = {}, []
+    for path in paths:
+        rows, bad = read_jsonl(path, required=("question_id",))
+        problems += bad
+        category = re.search(r"pope_(\w+?)\.jsonl?$", os.path.basename(path))
+        for row in rows:
+            row.setdefault("category", category.group(1) if category else None)
+            truth[row["question_id"]] = row
+    return truth, problems
+
+
+def _score_annotations(run: ScoreRun, answer_rows, problems) -> dict:
+    kind = ANNOTATION_KINDS[run.kind]
+    truth_rows, truth_problems = _annotations(run.annotations)
+    answers, duplicates = first_answers(answer_rows, lambda r: r["question_id"], problems)
+    report(problems + truth_problems)
+    truth = {i: row for i, row in truth_rows.items() if kind.gold(row) is not None}
+    if not truth:
+        raise bench.BenchmarkFileError(f"{', '.join(run.annotations)} hold no question with a usable answer for "
+                                       f"--kind {run.kind}")
+    ids = list(truth)
+    missing = [i for i in ids if i not in answers]
+    _warn_coverage(duplicates, missing, len(ids))
+    result = kind.scores([answers.get(i, "") for i in ids], [kind.gold(truth[i]) for i in ids],
+                         [truth[i] for i in ids], run.lenient)
+    result.update(questions=len(ids), answered=len(ids) - len(missing), missing=len(missing),
+                  duplicates=len(duplicates), not_annotated=sum(1 for i in answers if i not in truth),
+                  unreadable_lines=len(problems) + len(truth_problems), rules=_rules(run.lenient))
+    return result
+
+
+# ------------------------------------------------------------------------------------- TextVQA
+
+def _textvqa_annotations(run: ScoreRun):
+    """The questions of TextVQA's own annotation file when --annotations is one, else None (jsonl)."""
+    loaded = [(path, bench.load_textvqa(path)) for path in run.annotations]
+    found = [path for path, questions in loaded if questions is not None]
+    if not found:
+        return None
+    if len(loaded) != 1:  # its answers are matched by prompt, the jsonl rows' by question_id
+        raise bench.BenchmarkFileError(f"{found[0]}: TextVQA's annotation file is scored on its own (one "
+                                       f"--annotations path, not {len(loaded)})")
+    if run.kind != "vqa":
+        raise bench.BenchmarkFileError(f"{found[0]}: TextVQA's annotation file; score it with --kind vqa")
+    return loaded[0][1]
+
+
+def _score_textvqa(run: ScoreRun, answer_rows, problems, questions) -> dict:
+    """--kind vqa against TextVQA_0.5.1_val.json, each answer found as eval_textvqa.py finds it.
+    Where that script stops (a prompt its prompt_processor cannot read, an answer with no
+    annotation) the line is reported and left out, and the run goes on."""
+    rows = [(f"{run.answers_file}:{row['_line']}", row) for row in answer_rows]
+    match = bench.match_textvqa(questions, rows)
+    report(problems + match.unkeyed)
+    missing = [q.question_id for q, text in zip(questions, match.given) if text is None]
+    _warn_coverage(match.duplicates, missing, len(questions))
+    if match.not_annotated:
+        warn(f"{len(match.not_annotated)} answers match no annotation by (question_id = image id, the prompt's "
+             f"question) and are not scored, e.g. {', '.join(match.not_annotated[:5])}")
+    shared = len(questions) - len({q.key for q in questions})
+    if shared:
+        warn(f"{shared} annotations share (image id, question) with another; all are scored against the last "
+             f"one's answers, as eval_textvqa.py does")
+    result = bench.score_textvqa(questions, match.given, run.lenient)
+    result.update(questions=len(questions), answered=len(questions) - len(missing), missing=len(missing),
+                  duplicates=len(match.duplicates), not_annotated=len(match.not_annotated),
+                  unkeyed_answers=len(match.unkeyed), unreadable_lines=len(problems), rules=_rules(run.lenient))
+    return result
+
+
+# ------------------------------------------------------------ the benchmarks' own files: seed, gqa, mme
+
+@dataclass
+class _Keyed:
+    """A benchmark's answers keyed as its scripts key them, and its scores."""
+    scores: dict
+    answers: Dict[object, str]  # key → the first answer's text
+    duplicates: List[object]  # question_ids of the later answers
+    ids: List[object]  # the keys of the questions that count
+    name: Callable[[object], object] = lambda key: key  # a question in warnings
+
+
+def _score_seed(path: str, answer_rows, problems, run: ScoreRun) -> _Keyed:
+    """SEED-Bench.json; --converted-output: the upload jsonl."""
+    questions = bench.load_seed(path)
+    answers, duplicates = first_answers(answer_rows, lambda r: bench.seed_key(r["question_id"]), problems)
+    scores = bench.score_seed(questions, answers, run.lenient)
+    if run.converted_output:
+        write_jsonl(run.converted_output, bench.seed_upload(questions, answers))
+    return _Keyed(scores, answers, duplicates, [bench.seed_key(q.question_id) for q in questions])
+
+
+def _score_gqa(path: str, answer_rows, problems, run: ScoreRun) -> _Keyed:
+    """GQA's questions json; --converted-output: the predictions json its eval.py reads."""
+    questions = bench.load_gqa(path)
+    answers, duplicates = first_answers(answer_rows, lambda r: str(r["question_id"]), problems)
+    scores = bench.score_gqa(questions, answers, run.lenient)
+    if run.converted_output:
+        write_text(run.converted_output, json.dumps(bench.gqa_predictions(answer_pairs(answer_rows))))
+    return _Keyed(scores, answers, duplicates, [str(q) for q, v in questions.items() if v.get("isBalanced", True)])
+
+
+def _holds_mme_answers(folder) -> bool:
+    """Whether `folder` holds only what --converted-output writes for MME (an earlier conversion)."""
+    return entries(folder) <= bench.MME_ANSWER_FILES
+
+
+def _score_mme(path: str, answer_rows, problems, run: ScoreRun) -> _Keyed:
+    """MME's release folder, each answer found by its prompt (convert_answer_to_mme.py's lookup);
+    --converted-output: a folder of <subtask>.txt for MME's calculation.py."""
+    if run.converted_output:  # before the work: a folder of someone else's files is not ours to write into
+        check_output_dir(run.converted_output, _holds_mme_answers, run.overwrite, "MME answer files (<subtask>.txt)")
+    questions = bench.load_mme(path)
+    truth = dict.fromkeys((q.category, q.file, q.question) for q in questions)
+
+    def key(row):
+        if not isinstance(row.get("prompt"), str):
+            problems.append(f"{run.answers_file}: question_id {row['question_id']}: no prompt (MME finds the "
+                            f"question by it)")
+            return None
+        category, name = bench.mme_answer_place(row["question_id"])
+        for question in mme_question_candidates(row["prompt"]):
+            if (category, name, question) in truth:
+                return category, name, question
+        return ("not annotated", str(row["question_id"]), row["prompt"])
+
+    answers, duplicates = first_answers(answer_rows, key, problems)
+    scores = bench.score_mme(questions, answers, run.lenient)
+    if run.converted_output:
+        for name, text in bench.mme_answer_files(answers, questions).items():
+            write_text(os.path.join(run.converted_output, name), text)
+    return _Keyed(scores, answers, duplicates, list(truth), name=lambda key: "/".join(key[:2]))
+
+
+# kind → (its one --annotations path, the answer rows, the problems so far, the run) → keyed scores
+BENCHMARK_KINDS: Dict[str, Callable[[str, List[dict], List[str], ScoreRun], _Keyed]] = {
+    "seed": _score_seed,  # SEED-Bench.json
+    "gqa": _score_gqa,  # testdev_balanced_questions.json
+    "mme": _score_mme,  # MME_Benchmark_release_version
+}
+
+KINDS = (*ANNOTATION_KINDS, *BENCHMARK_KINDS)  # the --kind choices
+
+
+def _score_benchmark(run: ScoreRun, answer_rows, problems) -> dict:
+    """--kind seed / gqa / mme: the benchmark's own ground truth, scored as EVE's scripts do."""
+    if len(run.annotations) != 1:
+        raise bench.BenchmarkFileError(f"--kind {run.kind} takes one --annotations path, not {len(run.annotations)}")
+    keyed = BENCHMARK_KINDS[run.kind](run.annotations[0], answer_rows, problems, run)
+    report(problems)
+    missing = [i for i in keyed.ids if i not in keyed.answers]
+    _warn_coverage(keyed.duplicates, [keyed.name(m) for m in missing], len(keyed.ids))
+    result = keyed.scores
+    result.update(questions=len(keyed.ids), answered=len(keyed.ids) - len(missing), missing=len(missing),
+                  duplicates=len(keyed.duplicates), not_annotated=len(set(keyed.answers) - set(keyed.ids)),
+                  unreadable_lines=len(problems), rules=_rules(run.lenient))
+    return result

@@ -1,0 +1,104 @@
+"""SEED-Bench: the per-answer rule, `score --kind seed` (per type, image, video; the upload jsonl) and
+`questions --benchmark seed`, by LLaVA's convert_seed_for_submission.py, on a SEED-Bench.json
+fixture. Every expected value was worked out by hand from those scripts' rules (the reasoning is in
+the comments), never produced by the code under test; the CLI runs in-process
+(tests/test_scoring.py's `run`)."""
+
+import json
+
+import pytest
+
+from megatron_eve.eval.scorers import seed_correct
+from tests.eval_cli import answers_file, run
+
+
+# (text as the model wrote it, the option letter, EVE right?, lenient right?)
+SEED_ITEMS = [
+    ("A", "A", True, True),
+    ("B.", "B", False, True),  # exact match: nothing is stripped
+    (" C", "C", False, True),
+    ("d", "D", False, False),  # case matters, also to the lenient reader
+    ("C) three", "C", False, True),
+    ("The answer is A", "A", False, True),
+    ("", "A", False, False),
+]
+
+
+@pytest.mark.parametrize("text,letter,eve,lenient", SEED_ITEMS)
+def test_seed_item_rule(text, letter, eve, lenient):
+    assert seed_correct(text, letter) is eve
+    assert seed_correct(text, letter, lenient=True) is lenient
+
+
+def seed_bench(tmp_path):
+    """SEED-Bench.json as released: question ids are strings, types named in "question_type"."""
+    def q(qid, answer, data_type, type_id):
+        return {"answer": answer, "choice_a": "one", "choice_b": "two", "choice_c": "three", "choice_d": "four",
+                "data_id": f"{qid}.jpg" if data_type == "image" else f"v{qid}.mp4", "data_type": data_type,
+                "question": f"Question {qid}?", "question_id": qid, "question_type_id": type_id}
+
+    data = {"question_type": {"Scene Understanding": 1, "Instance Counting": 3, "Action Recognition": 10},
+            "questions": [q("101", "A", "image", 1), q("102", "B", "image", 1), q("103", "C", "image", 1),
+                          q("104", "D", "image", 1), q("105", "A", "image", 3), q("106", "B", "image", 3),
+                          q("107", "C", "image", 3), q("108", "B", "image", 3), q("109", "A", "video", 10),
+                          q("110", "B", "video", 10)]}
+    path = tmp_path / "SEED-Bench.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+SEED_ANSWERS = [
+    {"question_id": "101", "text": "A"},  # right
+    {"question_id": "102", "text": "B."},  # wrong (lenient right)
+    {"question_id": "103", "text": " C"},  # wrong (lenient right)
+    {"question_id": "104", "text": "d"},  # wrong, both
+    {"question_id": 105, "text": "A"},  # an int id: the script looks up int(question_id): right
+    # 106 unanswered: wrong, still counted
+    {"question_id": "107", "text": "C) three"},  # wrong (lenient right)
+    {"question_id": "108", "text": "B"},  # right; the later duplicate "A" is not scored
+    {"question_id": "108", "text": "A"},
+    {"question_id": "109", "text": "The answer is A"},  # wrong (lenient right)
+    {"question_id": "110", "text": "B"},  # right
+    {"question_id": "999", "text": "A"},  # not a SEED question
+]
+
+
+def test_seed_scores_per_type_image_video_and_upload(tmp_path):
+    upload = tmp_path / "upload" / "seed.jsonl"
+    code, out, err = run("score", "--kind", "seed", "--answers-file", answers_file(tmp_path, SEED_ANSWERS),
+                         "--annotations", seed_bench(tmp_path), "--converted-output", upload)
+    assert code == 0, err
+    result = json.loads(out)
+    # Scene Understanding 101-104: 1 of 4; Instance Counting 105-108: 105 and 108 of 4; Action
+    # Recognition 109-110: 110 of 2. Image 3 of 8, video 1 of 2, all 4 of 10.
+    assert result["question_types"] == {"Action Recognition": 0.5, "Instance Counting": 0.5,
+                                        "Scene Understanding": 0.25}
+    assert (result["image_accuracy"], result["video_accuracy"], result["accuracy"]) == (0.375, 0.5, 0.4)
+    assert (result["questions"], result["answered"], result["missing"], result["duplicates"],
+            result["not_annotated"]) == (10, 9, 1, 1, 1)
+    assert "1 of 10 annotated questions have no answer" in err and "1 duplicate answers" in err
+    # The upload file: every question of SEED-Bench.json in its order, the text untouched, "" unanswered.
+    rows = [json.loads(line) for line in upload.read_text().splitlines()]
+    assert rows == [{"question_id": "101", "prediction": "A"}, {"question_id": "102", "prediction": "B."},
+                    {"question_id": "103", "prediction": " C"}, {"question_id": "104", "prediction": "d"},
+                    {"question_id": "105", "prediction": "A"}, {"question_id": "106", "prediction": ""},
+                    {"question_id": "107", "prediction": "C) three"}, {"question_id": "108", "prediction": "B"},
+                    {"question_id": "109", "prediction": "The answer is A"}, {"question_id": "110", "prediction": "B"}]
+
+    # Lenient: 102, 103, 107, 109 become right as well: 3/4, 3/4, 2/2; all 8/10.
+    code, out, _ = run("score", "--kind", "seed", "--answers-file", tmp_path / "answers.jsonl", "--annotations",
+                       tmp_path / "SEED-Bench.json", "--lenient")
+    result = json.loads(out)
+    assert result["accuracy"] == 0.8 and result["rules"] == "lenient (not EVE's)"
+    assert result["question_types"]["Scene Understanding"] == 0.75
+
+
+def test_seed_questions_are_the_image_questions_with_the_option_prompt(tmp_path):
+    code, out, err = run("questions", "--benchmark", "seed", "--source", seed_bench(tmp_path), "--question-file",
+                         tmp_path / "q.jsonl")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    assert len(rows) == 8  # the two video questions need extracted frames
+    assert rows[0] == {"question_id": "101", "image": "SEED-Bench-image/101.jpg", "category": "Scene Understanding",
+                       "text": "Question 101?\nA. one\nB. two\nC. three\nD. four\n"
+                               "Answer with the option's letter from the given choices directly."}
