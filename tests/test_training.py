@@ -245,7 +245,8 @@ def test_a_streak_of_non_finite_iterations_stops_without_saving(data, tmp_path):
 
 
 def test_verify_checkpoint_refuses_a_damaged_file(data, tmp_path):
-    args = base_args(data, "pretrain") + ["--train-iters", 2, "--save", tmp_path / "ck", "--save-interval", 1]
+    args = base_args(data, "pretrain") + ["--train-iters", 2, "--save", tmp_path / "ck", "--save-interval", 1,
+                                          "--lr-decay-iters", 3]  # one schedule for both runs
     train(args, nproc=1)
     directory = tmp_path / "ck" / "iter_0000002"
     recorded = json.loads((directory / "checksums.json").read_text())["files"]

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import random
 import re
 import shutil
-import zlib
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -40,15 +38,14 @@ from megatron_eve.checkpoint import safe_metadata
 from megatron_eve.config import (ConfigError, EVEModelConfig, TrainingJob, architecture_differences,
                                  model_config_from_dict)
 from megatron_eve.model.specs import resolve_transformer_impl
+from megatron_eve.training.checksums import damaged_files, record_checksums, record_own_shards
 from megatron_eve.training.optim import schedule_differences, step_restored_from_param_groups, torch_adam_state_made
 
 logger = logging.getLogger(__name__)
 safe_metadata.install()  # every load in this process reads .metadata without running its code
 TRACKER = "latest_checkpointed_iteration.txt"
-CHECKSUMS = "checksums.json"  # CRC-32 of every file of a checkpoint, written by save()
 # Optimizer state formats (megatron-core's DistributedOptimizer sharding types, and the plain optimizer's).
 DP_RESHARDABLE, FULLY_RESHARDABLE, PLAIN = "dp_reshardable", "fully_reshardable", "plain"
-PARTIAL_CHECKSUMS = ".crc32.rank{}.json"  # one rank's checksums of its shards, written by its writer
 
 
 def model_states(model) -> Dict[str, Dict]:
@@ -340,9 +337,19 @@ def _write_then_hash(write, staging: str, rank: int, *args, **kwargs) -> None:
     """Runs where the shards are written (the background process with --async-save): write this
     rank's files, then checksum them while they are still in the page cache."""
     write(*args, **kwargs)
-    mine = {name: _crc32(os.path.join(staging, name)) for name in sorted(os.listdir(staging))
-            if name.startswith(f"__{rank}_")}
-    write_text(os.path.join(staging, PARTIAL_CHECKSUMS.format(rank)), json.dumps(mine))
+    record_own_shards(staging, rank)
+
+
+def verify_checksums(directory: str) -> bool:
+    """Check every file against checksums.json; raise CheckpointLoadError naming the damaged
+    files. False when the checkpoint records no checksums (older, converted)."""
+    with reading(directory):
+        problems = damaged_files(directory)
+    if problems:
+        raise CheckpointLoadError(f"{directory} is damaged: {'; '.join(problems[:5])}"
+                                  f"{' …' if len(problems) > 5 else ''}; resume from an earlier iteration by "
+                                  f"writing its number into {TRACKER}")
+    return problems is not None
 
 
 def _publish(root: str, staging: str, final: str, iteration: int, keep_last: Optional[int]) -> None:
@@ -354,73 +361,6 @@ def _publish(root: str, staging: str, final: str, iteration: int, keep_last: Opt
         write_text(os.path.join(root, TRACKER), str(iteration))  # only now is this checkpoint the latest
         _prune(root, keep_last, keep=iteration)
     dist.barrier()
-
-
-def _crc32(path: str) -> str:
-    crc = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(16 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
-
-
-def _my_share(names: List[str]) -> List[str]:
-    """The files this rank hashes: its own shards ("__<rank>_<n>.distcp") where it has them, the
-    rest spread over ranks; every rank together covers every name once."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = []
-    for position, name in enumerate(names):
-        owner = re.match(r"__(\d+)_", name)
-        if (int(owner.group(1)) if owner else position) % world == rank:
-            mine.append(name)
-    return mine
-
-
-def record_checksums(directory: str) -> None:
-    """Write DIRECTORY/checksums.json: the sums the writers recorded for their shards, and for the
-    rest (metadata, shards without a record) each rank hashes its share; rank 0 writes the union."""
-    names = sorted(n for n in os.listdir(directory) if n != CHECKSUMS and os.path.isfile(os.path.join(directory, n)))
-    partial = [n for n in names if re.fullmatch(r"\.crc32\.rank\d+\.json", n)]
-    known = {}
-    for name in partial:
-        with open(os.path.join(directory, name)) as handle:
-            known.update(json.load(handle))
-    rest = [n for n in names if n not in partial and n not in known]
-    mine = {name: _crc32(os.path.join(directory, name)) for name in _my_share(rest)}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    if dist.get_rank() == 0:
-        files = {name: crc for part in [known, *gathered] for name, crc in part.items() if name in names}
-        with open(os.path.join(directory, CHECKSUMS), "w") as handle:
-            json.dump({"algorithm": "crc32", "files": files}, handle, indent=1, sort_keys=True)
-        for name in partial:
-            os.remove(os.path.join(directory, name))
-
-
-def verify_checksums(directory: str) -> bool:
-    """Check every file against checksums.json (each rank a share); raise CheckpointLoadError
-    naming the damaged files. False when the checkpoint records no checksums (older, converted)."""
-    path = os.path.join(directory, CHECKSUMS)
-    if not os.path.isfile(path):
-        return False
-    with reading(directory):
-        with open(path) as handle:
-            recorded = json.load(handle)["files"]
-    problems = []
-    for name in _my_share(sorted(recorded)):
-        file = os.path.join(directory, name)
-        if not os.path.isfile(file):
-            problems.append(f"{name} is missing")
-        elif _crc32(file) != recorded[name]:
-            problems.append(f"{name} does not match its checksum")
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, problems)
-    problems = sorted(p for part in gathered for p in part)
-    if problems:
-        raise CheckpointLoadError(f"{directory} is damaged: {'; '.join(problems[:5])}"
-                                  f"{' …' if len(problems) > 5 else ''}; resume from an earlier iteration by "
-                                  f"writing its number into {TRACKER}")
-    return True
 
 
 def _prune(root: str, keep_last: Optional[int], keep: int) -> None:

@@ -118,6 +118,7 @@ def formats(root):
 
     from megatron_eve.config import ConfigError
     from megatron_eve.training import checkpoint
+    from megatron_eve.training.checksums import CHECKSUMS
 
     out = {}
     setup(1)
@@ -140,9 +141,9 @@ def formats(root):
     directory = checkpoint.checkpoint_dir(async_dir, 3)
     out["async_published"] = checkpoint.latest_iteration(async_dir) == 3 and sorted(os.listdir(async_dir))
     out["async_verified"] = checkpoint.verify_checksums(directory)
-    with open(os.path.join(directory, checkpoint.CHECKSUMS)) as handle:
+    with open(os.path.join(directory, CHECKSUMS)) as handle:
         recorded = sorted(json.load(handle)["files"])
-    out["checksums_cover_all"] = recorded == sorted(n for n in os.listdir(directory) if n != checkpoint.CHECKSUMS)
+    out["checksums_cover_all"] = recorded == sorted(n for n in os.listdir(directory) if n != CHECKSUMS)
 
     job.checkpoint.save, job.checkpoint.async_save = full_dir, False
     job.checkpoint.dist_ckpt_optim_fully_reshardable = True
