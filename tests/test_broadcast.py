@@ -112,37 +112,64 @@ def test_what_cannot_travel_is_named():
 
 
 def test_two_ranks_make_the_same_model_inputs(tmp_path):
-    """Rank 0 reads and sends, rank 1 receives (tests/parallel/broadcast_worker.py); evaluation's
-    cycling, the end of the data and a failed read reach the receiver too."""
+    """Rank 0 reads and sends, rank 1 receives (tests/parallel/broadcast_worker.py), one batch at a
+    time and with the next one prefetched: the same batches either way; evaluation's cycling, the
+    end of the data and a failed read (at the micro-batch that failed) reach the receiver too."""
     out = torchrun("broadcast_worker.py", 2, [tmp_path], timeout=240)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report == {"rank 0 loader": True, "rank 1 loader": False, "stopped": [True, True],
-                      "failed": ["VisualLayoutError", "BatchBroadcastError"], "same work": True}
-    for name in ("direct", "micro_batches"):
-        ours, theirs = (torch.load(tmp_path / f"{name}_{rank}.pt", weights_only=False) for rank in (0, 1))
-        assert len(ours) == (len(batches()) if name == "direct" else 7)
+                      "failed": [[1, "VisualLayoutError"], [1, "BatchBroadcastError"]], "same work": True}
+    saved = {(name, rank): torch.load(tmp_path / f"{name}_{rank}.pt", weights_only=False)
+             for name in ("direct", "prefetched", "micro_batches", "micro_batches_sync") for rank in (0, 1)}
+    for name in ("direct", "prefetched", "micro_batches", "micro_batches_sync"):
+        ours, theirs = saved[name, 0], saved[name, 1]
+        assert len(ours) == (len(batches()) if name in ("direct", "prefetched") else 7)
         assert_same(theirs, ours, name)
         assert all(("pel_plan" in inputs) == ("images" in inputs) for inputs in ours)
+    for rank in (0, 1):  # prefetching changes nothing a rank receives
+        assert_same(saved["prefetched", rank], saved["direct", rank], f"prefetched on rank {rank}")
+        assert_same(saved["micro_batches", rank], saved["micro_batches_sync", rank], f"micro-batches on rank {rank}")
+    ours = saved["micro_batches", 0]
     assert all("pel_plan" in inputs for inputs in ours)  # every row of these micro-batches has an image
     assert_same(ours[3], ours[0], "the fourth read starts the split again")
+
+
+def test_a_run_that_stops_with_a_prefetch_in_flight_exits_cleanly(tmp_path):
+    """Training stops after 3 micro-batches while the fourth is in flight on both ranks (rank 0
+    still reading it, slowly): destroying the process groups does not wait for it nor break it, the
+    interpreter's exit waits for it on each rank, and it finishes there (matched on both ranks,
+    nobody left in a collective); its batch is dropped."""
+    out = torchrun("broadcast_worker.py", 2, [tmp_path, "exit"], timeout=120)
+    reports = [json.loads((tmp_path / f"exit_{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["in_flight"] for r in reports), reports  # when destroy returned
+    assert all(r["destroy_s"] < 2.5 for r in reports), reports  # the late read (2 x 2.5 s) is not awaited
+    assert "Connection closed" not in out.stderr, out.stderr[-3000:]
+    ours, theirs = (torch.load(tmp_path / f"dropped_{rank}.pt", weights_only=False) for rank in (0, 1))
+    assert ours["error"] is None and theirs["error"] is None, (ours, theirs)
+    assert_same(theirs, ours, "what each rank took and dropped")
+    assert_same(ours["dropped"], ours["taken"][0], "the dropped fourth micro-batch starts the split again")
 
 
 VALIDATION = re.compile(r"validation at iteration +(\d+) \| lm loss: (\S+)")
 
 
 def ranks_and_their_children(proc, seconds: float):
-    """Polls the torchrun launch's rank processes until it ends: {rank: most children seen at once}."""
-    most = {}
+    """Polls the torchrun launch's rank processes until it ends: {rank: most children seen at once},
+    and {rank: {child pid: its command line}} of every child seen (to tell what a stray one was)."""
+    most, seen = {}, {}
     deadline = time.time() + seconds
     while proc.poll() is None and time.time() < deadline:
         try:
             for child in psutil.Process(proc.pid).children():
                 rank = int(child.environ()["RANK"])
-                most[rank] = max(most.get(rank, 0), len(child.children(recursive=True)))
+                grandchildren = child.children(recursive=True)
+                most[rank] = max(most.get(rank, 0), len(grandchildren))
+                for grandchild in grandchildren:
+                    seen.setdefault(rank, {}).setdefault(grandchild.pid, " ".join(grandchild.cmdline()[:6]))
         except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
             pass  # a rank starting or leaving
         time.sleep(0.2)
-    return most
+    return most, seen
 
 
 def test_tensor_parallel_ranks_share_one_loader(data):
@@ -153,10 +180,10 @@ def test_tensor_parallel_ranks_share_one_loader(data):
                                           "--use-cpu-initialization"]
     reference, reference_out = train(args)
     proc = launch(args + ["--tensor-model-parallel-size", 2])
-    children = ranks_and_their_children(proc, 300)
+    children, commands = ranks_and_their_children(proc, 300)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-6000:]
-    assert children[0] >= 1 and children[1] == 0, children  # rank 0: its train and valid loaders' workers
+    assert children[0] >= 1 and children[1] == 0, (children, commands)  # rank 0: its train and valid loaders' workers
     tensor_parallel = losses(out)
     assert sorted(tensor_parallel) == sorted(reference) == [1, 2, 3]
     for iteration in reference:

@@ -49,7 +49,8 @@ def test_three_stages(data, tmp_path):
     # --pretrained-checkpoint starts from the previous stage only while --load holds nothing.
     sft_args = base_args(data, "finetune", "qa") + ["--tensor-model-parallel-size", 2, "--sequence-parallel",
                                                     "--pretrained-checkpoint", tmp_path / "mid", "--load",
-                                                    tmp_path / "sft", "--save", tmp_path / "sft"]
+                                                    tmp_path / "sft", "--save", tmp_path / "sft",
+                                                    "--lr-decay-iters", 3]  # the resume keeps the schedule
     sft, out = train(sft_args + ["--train-iters", 2])
     assert sorted(sft) == [1, 2] and all(v[0] > 0 for v in sft.values())
     more, out = train(sft_args + ["--train-iters", 3])

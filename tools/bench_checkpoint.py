@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -174,30 +173,16 @@ def main():
     if args.worker:
         return worker(args)
 
-    from tests.helpers import child_environment, free_port
+    from tools.torchrun_workers import run_workers
 
     with tempfile.TemporaryDirectory() as scratch:
-        directory = args.directory or scratch
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
-               "--master-addr=127.0.0.1", f"--master-port={free_port()}", __file__, "--worker",
-               "--directory", directory]
+        worker_args = ["--directory", args.directory or scratch]
         for flag in ("hidden_size", "num_layers", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
-            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        env = child_environment(cuda=_has_cuda())
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"bench_checkpoint: the ranks failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    summary = json.loads(lines[-1][len("RESULT "):])
+            worker_args += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+        summary = run_workers(__file__, args.nproc_per_node, worker_args)
     print(report(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -13,15 +13,26 @@ value, encoded recursively as a kind code and
   list:      length, the items; tuple: likewise
   int/bool:  the value; float: its float64 bits
   dataclass: class code, its fields in declaration order (VisualLayout, BatchPlan, FlatPlan).
-The tensors stay on the host, so on GPU machines they travel over the group's gloo backend and the
-training step never waits on the device for its data.
+The tensors stay on the host, so on GPU machines they travel over gloo and the training step never
+waits on the device for its data.
+
+GroupFeed sends and receives one batch on the calling thread. MicroBatchFeed (what training uses)
+keeps the next batch's transfer in flight while the current one is computed: each transfer (the
+source's read, status, header, buffers: the same two-phase exchange) runs on a thread of its own,
+one at a time, over a gloo group of its own (FeedGroup), so its collectives never interleave with
+the training's on the tensor-parallel group nor with another feed's. Every rank of the group asks
+for the same number of batches, so every transfer it starts is matched on the others and finishes
+without them; at exit the interpreter joins the one in flight (its batch is dropped), and
+destroy_process_group does not know the feed's group, so it neither waits for nor breaks it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, List, Tuple
+import threading
+from datetime import timedelta
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -138,8 +149,8 @@ class GroupFeed:
 
     The source sends a status before every batch, so the receivers also stop (StopIteration) when
     it ran out, and fail with an error when its read failed, instead of waiting for a batch that
-    will never come. pin: receive into pinned memory (as the loader pins), for asynchronous
-    host-to-device copies.
+    will never come. group: a torch.distributed group (src: a global rank of it) or a FeedGroup.
+    pin: receive into pinned memory (as the loader pins), for asynchronous host-to-device copies.
     """
 
     def __init__(self, group, src: int, pin: bool = False):
@@ -180,8 +191,112 @@ class GroupFeed:
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.numel():
             # As bytes: gloo need not support every dtype (bool, bfloat16) for this to work.
-            dist.broadcast(tensor.view(-1).view(torch.uint8), self.src, group=self.group)
+            data = tensor.view(-1).view(torch.uint8)
+            if isinstance(self.group, FeedGroup):
+                self.group.broadcast(data, self.src)
+            else:
+                dist.broadcast(data, self.src, group=self.group)
         return tensor
+
+
+class FeedGroup:
+    """A gloo process group of its own for one feed, over `ranks` (global ranks, this one among them).
+
+    Made only by those ranks (a rendezvous in the default store under a prefix of its own), in the
+    same order on each: the n-th FeedGroup of a rank set is the same group on all of its ranks. It is
+    not registered with torch.distributed: destroy_process_group() leaves it alone, so a transfer in
+    flight when training ends finishes instead of being cut off (the group goes with its feed)."""
+
+    _made: Dict[Tuple[int, ...], int] = {}
+
+    def __init__(self, ranks: Sequence[int], timeout: timedelta):
+        self.ranks = tuple(ranks)
+        serial = FeedGroup._made.get(self.ranks, 0)
+        FeedGroup._made[self.ranks] = serial + 1
+        prefix = f"megatron_eve/feed/{'-'.join(map(str, self.ranks))}/{serial}/"
+        store = dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
+        self.backend = dist.ProcessGroupGloo(store, self.ranks.index(dist.get_rank()), len(self.ranks), timeout)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        options = dist.BroadcastOptions()
+        options.rootRank, options.rootTensor = self.ranks.index(src), 0
+        self.backend.broadcast([tensor], options).wait()
+
+
+class MicroBatchFeed:
+    """A group's micro-batch stream as an iterator, the next batch's transfer already in flight.
+
+    On the source rank (`read` given) each transfer reads a batch with `read` and sends it; on the
+    others (`read` None) it receives one. `next()` waits for the transfer started by the previous
+    call (or starts one: the first call), starts the next one and returns its batch; a transfer that
+    ended the stream (the source's read raised StopIteration: END) or failed (its read raised:
+    FAILED; BatchBroadcastError on the receivers) starts none, and raises at the same `next()` as
+    GroupFeed would, on every rank. A later `next()` starts again, as GroupFeed's `send`/`receive`
+    would (evaluation's `read` cycles; an empty one ends again).
+
+    Each transfer runs on a thread of its own (not a daemon: the interpreter waits for the one in
+    flight at exit, which every rank of the group has also started, so it finishes), over a FeedGroup
+    made here: collectively, by every rank of `group`, in the same order. `read` then runs on that
+    thread, never concurrently with another call of it. prefetch=False: the same transfers on the
+    calling thread, nothing in flight between calls. pin: as GroupFeed's (the transfer thread then
+    computes on this thread's CUDA device, not device 0). `read` should not hold the feed (nor what
+    holds it): an error it raises in a transfer nobody takes (at exit) would make a reference cycle."""
+
+    def __init__(self, group, src: int, read: Optional[Callable[[], Dict]] = None, *, pin: bool = False,
+                 timeout: Optional[timedelta] = None, prefetch: bool = True):
+        from torch.distributed.constants import default_pg_timeout
+
+        ranks = dist.get_process_group_ranks(group)
+        self.feed = GroupFeed(FeedGroup(ranks, timeout or default_pg_timeout), src, pin)
+        self.read, self.prefetch = read, prefetch
+        self.device = torch.cuda.current_device() if pin and torch.cuda.is_available() else None
+        self._thread: Optional[threading.Thread] = None
+        self._outcome: Optional[Tuple[Optional[Dict], Optional[BaseException]]] = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict:
+        if self._thread is None:
+            if not self.prefetch:
+                self._transfer()
+            else:
+                self._start()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        (batch, error), self._outcome = self._outcome, None
+        if error is not None:
+            try:
+                raise error  # StopIteration (END), the read's own error (source), BatchBroadcastError (others)
+            finally:
+                del error  # else this frame, in the error's traceback, would hold it: a reference cycle
+        if self.prefetch:
+            self._start()  # the next batch travels while this one is computed
+        return batch
+
+    def close(self) -> None:
+        """Waits for the transfer in flight, if any, and drops its batch. Not needed before exit or
+        destroy_process_group (see the class), but it bounds when the feed's work ends."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread, self._outcome = None, None
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._transfer, name="megatron-eve-feed")
+        self._thread.start()
+
+    def _transfer(self) -> None:
+        try:
+            if self.device is not None and threading.current_thread() is self._thread:
+                torch.cuda.set_device(self.device)  # a new thread starts on device 0
+            batch = self.feed.send(self.read) if self.read is not None else self.feed.receive()
+            self._outcome = batch, None
+        except BaseException as error:  # noqa: BLE001 - handed to next() as it is
+            self._outcome = None, error
+            # The error's traceback holds this frame: without `self` in it, a feed left holding an
+            # error (dropped at exit) is no reference cycle and goes, with what it reads, at once.
+            self = None  # noqa: PLW0642
 
 
 def _flatten(tensors: List[torch.Tensor]) -> torch.Tensor:

@@ -50,10 +50,11 @@ def check_job(job: TrainingJob, world_size: int) -> None:
         problems += _check_data(job)
     source = checkpoint.checkpoint_to_load(job.checkpoint.load, job.checkpoint.pretrained_checkpoint)
     if source is not None:
-        try:
-            checkpoint.check_architecture(job, source)
-        except ConfigError as error:
-            problems.append(str(error))
+        for check in (lambda: checkpoint.check_architecture(job, source), lambda: checkpoint.check_schedule(job)):
+            try:
+                check()
+            except ConfigError as error:
+                problems.append(str(error))
     if problems:
         raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
 
@@ -93,24 +94,44 @@ class MicroBatches:
     """Micro-batches for the schedule: collated batches → model inputs on this rank's device,
     counting the work each represents.
 
-    feed (a data.broadcast.GroupFeed, tensor parallelism only): with a loader this rank reads and
-    sends each collated batch to its TP group; without one it receives them. Every TP rank then
-    makes the same model inputs from the same host batch."""
+    feed (a data.broadcast.MicroBatchFeed, tensor parallelism only): with a loader this rank reads
+    and sends each collated batch to its TP group; without one it receives them. Every TP rank then
+    makes the same model inputs from the same host batch. The feed keeps the next batch's read and
+    transfer in flight while the schedule computes the current one; a run that ends drops it."""
+
+    class Reader:
+        """Reads a loader in a cycle (evaluation cycles through its split). Its own object, holding
+        neither the MicroBatches nor the feed: the feed's transfer thread calls it, and what that
+        leaves behind (an error's traceback) must not make a reference cycle, or the loader's
+        workers (which ignore SIGTERM) would outlive the run and hang the interpreter's exit."""
+
+        def __init__(self, loader):
+            self.loader, self.iterator = loader, iter(loader)
+
+        def __call__(self) -> Dict:
+            try:
+                return next(self.iterator)
+            except StopIteration:
+                self.iterator = iter(self.loader)
+                return next(self.iterator)
 
     def __init__(self, loader, job: TrainingJob, align: bool, teacher_params: int, feed=None):
-        self.iterator = iter(loader) if loader is not None else None
+        self.read = MicroBatches.Reader(loader) if loader is not None else None
         self.loader, self.feed, self.job, self.align, self.teacher_params = loader, feed, job, align, teacher_params
         self.work = BatchWork()
 
     @classmethod
     def over(cls, dataset, job: TrainingJob, align: bool, teacher_params: int, *, num_workers: int,
-             consumed: int = 0) -> "MicroBatches":
+             consumed: int = 0, prefetch: bool = True) -> "MicroBatches":
         """This rank's micro-batches of `dataset` from sequence `consumed` on. Under tensor
         parallelism only TP rank 0 builds a loader (and its worker processes) and reads, as
-        Megatron-LM's broadcast_data does."""
+        Megatron-LM's broadcast_data does; every TP rank calls this, in the same order (the feed's
+        group is made collectively). prefetch=False: each batch read and sent when asked for."""
+        from datetime import timedelta
+
         from megatron.core import parallel_state as ps
 
-        from megatron_eve.data.broadcast import GroupFeed
+        from megatron_eve.data.broadcast import MicroBatchFeed
 
         pin = torch.cuda.is_available()
 
@@ -121,33 +142,30 @@ class MicroBatches:
 
         if ps.get_tensor_model_parallel_world_size() == 1:
             return cls(loader(), job, align, teacher_params)
-        feed = GroupFeed(ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank(), pin=pin)
         reads = ps.get_tensor_model_parallel_rank() == 0
-        return cls(loader() if reads else None, job, align, teacher_params, feed)
+        batches = cls(loader() if reads else None, job, align, teacher_params)
+        batches.feed = MicroBatchFeed(ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank(),
+                                      batches.read, pin=pin, prefetch=prefetch,
+                                      timeout=timedelta(minutes=job.parallel.distributed_timeout_minutes))
+        return batches
 
     def __iter__(self):
         return self
 
-    def _read(self) -> Dict:
-        try:
-            return next(self.iterator)
-        except StopIteration:  # evaluation cycles through its split
-            self.iterator = iter(self.loader)
-            return next(self.iterator)
-
     def __next__(self) -> Dict:
-        if self.loader is None:
-            batch = self.feed.receive()  # StopIteration too when the reader ran out
-        elif self.feed is None:
-            batch = self._read()
-        else:
-            batch = self.feed.send(self._read)
+        # Without a loader the feed receives; StopIteration too when the reader ran out.
+        batch = self.read() if self.feed is None else next(self.feed)
         # Receivers count too (cheap); only the counts_work rank's total is reduced (_iteration_stats).
         self.work.add(micro_batch_work(batch, self.job.model, self.align, self.teacher_params,
                                        llm_trains=self.job.schedule.stage != "prealign"))
         runtime = self.job.runtime
         return model_inputs(batch, self.job.model.vision, current_device(), dtype=runtime.params_dtype,
                             thd=runtime.uses_thd())
+
+    def close(self) -> None:
+        """Waits for the feed's transfer in flight and drops it (optional: see MicroBatchFeed)."""
+        if self.feed is not None:
+            self.feed.close()
 
 
 def per_chunk(batches: MicroBatches, num_chunks: int) -> List:
