@@ -100,7 +100,7 @@ def add_flags(parser, cls, only: Optional[Sequence[str]] = None) -> None:
         elif typing.get_origin(kind) is typing.Literal:
             choices = typing.get_args(kind)
             kwargs.update(type=type(choices[0]), choices=choices)
-        elif typing.get_origin(kind) in (list, List):
+        elif typing.get_origin(kind) is list:
             kwargs.update(type=typing.get_args(kind)[0], nargs="+")
         else:
             kwargs["type"] = kind

@@ -2,8 +2,9 @@
 the DataLoader, and the device-side step that turns a collated batch into EVEModel arguments.
 
 The index plan of a micro-batch (THD boundaries, where its visual tokens and aligner cells sit, the
-PEL's FlatPlan of its crops) is computed from host tensors in the loader workers and shipped (pinned) with the batch, so the
-training step never waits on the device to learn a shape or an index.
+PEL's FlatPlan of its crops) is computed from host tensors in the loader workers and shipped
+(pinned) with the batch, so the training step never waits on the device to learn a shape or an
+index.
 
 Sampler state is the number of sequences consumed (all data-parallel ranks together), as in
 Megatron: a run resumed at `consumed` sees exactly the micro-batches an uninterrupted run would.

@@ -46,8 +46,12 @@ def check_job(job: TrainingJob, world_size: int) -> None:
     """Everything that can be known wrong before a process group or a model exists: the options
     together (config.validate_job), the data's files and the checkpoint to load; one error."""
     problems = job_problems(job, world_size)
-    if not any(p.startswith("--data-path") for p in problems):
-        problems += _check_data(job)
+    try:
+        blend = job.data.blend
+    except ValueError:  # a malformed --data-path: job_problems names it, and there are no files to check
+        blend = None
+    if blend is not None:
+        problems += _check_data(job, blend)
     source = checkpoint.checkpoint_to_load(job.checkpoint.load, job.checkpoint.pretrained_checkpoint)
     if source is not None:
         for check in (lambda: checkpoint.check_architecture(job, source), lambda: checkpoint.check_schedule(job)):
@@ -59,7 +63,7 @@ def check_job(job: TrainingJob, world_size: int) -> None:
         raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
 
 
-def _check_data(job: TrainingJob) -> List[str]:
+def _check_data(job: TrainingJob, blend) -> List[str]:
     problems, checksum = [], None
     if job.data.tokenizer_model:
         from megatron_eve.data.tokenizer import Tokenizer
@@ -69,7 +73,7 @@ def _check_data(job: TrainingJob) -> List[str]:
         except (OSError, RuntimeError) as error:
             problems.append(f"--tokenizer-model: {error}")
     vision, lm = job.model.vision, job.model.language
-    for _, prefix in job.data.blend:
+    for _, prefix in blend:
         try:
             meta = read_metadata(prefix)
         except (DatasetFormatError, OSError, ValueError) as error:
