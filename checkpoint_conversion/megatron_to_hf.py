@@ -36,7 +36,7 @@ from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
 from megatron_eve.checkpoint.hf_writer import copy_tokenizer, write_tensors  # noqa: E402
 from megatron_eve.checkpoint.megatron_dirs import parse_dtype  # noqa: E402
 from megatron_eve.config import ConfigError, model_config_from_dict  # noqa: E402
-from megatron_eve.training.checkpoint import checkpoint_dir, latest_iteration  # noqa: E402
+from megatron_eve.training.checkpoint_records import checkpoint_dir, latest_iteration  # noqa: E402
 
 MODELING = Path(__file__).resolve().parents[1] / "megatron_eve" / "hf" / "modeling_eve.py"
 

@@ -87,3 +87,44 @@ def test_flex_block_mask_is_built_once_per_micro_batch(monkeypatch):
                             max_seqlen_kv=3)
     document_block_mask(other, 5, "cpu")
     assert len(built) == 2 and built[0] == (5, False)
+
+
+def rope_operands(dtype, tokens=24, heads=4, dim=16):
+    """q-like [tokens, heads, dim] and the rotary table as megatron-core's RotaryEmbedding makes it
+    ([tokens, 1, 1, dim] fp32, the angles repeated over both halves)."""
+    inverse = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.outer(torch.arange(tokens, dtype=torch.float32), inverse)
+    freqs = torch.cat((angles, angles), dim=-1)[:, None, None, :]
+    t = torch.randn(tokens, heads, dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    return t, freqs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flat_rope_is_megatron_cores_rope(dtype):
+    """FlatRotary (tables made once per micro-batch) gives megatron-core's unfused RoPE bit for bit,
+    for a slice of the table too (the rows of a shorter tensor)."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from megatron_eve.model.attention import FlatRotary
+
+    t, freqs = rope_operands(dtype)
+    rotary = FlatRotary(freqs)
+    for rows in (t, t[:17]):
+        theirs = _apply_rotary_pos_emb_bshd(rows.unsqueeze(1), freqs[: rows.shape[0]]).squeeze(1)
+        assert torch.equal(rotary.apply(rows, fused=True), theirs)  # fused applies on CUDA only
+    assert list(rotary._tables) == [dtype]  # one cos / sin pair, reused
+
+
+def test_compiled_rope_matches_the_eager_one():
+    """The compiled kernel CUDA runs (compiled here for the CPU): values and gradients as eager."""
+    from megatron_eve.model.attention import _compiled_rotate, rotate
+
+    t, freqs = rope_operands(torch.float32)
+    cos, sin = freqs[:, 0].cos(), freqs[:, 0].sin()
+    eager, compiled = t.clone().requires_grad_(), t.clone().requires_grad_()
+    upstream = torch.randn_like(t)
+    (rotate(eager, cos, sin) * upstream).sum().backward()
+    out = _compiled_rotate()(compiled, cos, sin)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(out, rotate(t, cos, sin), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled.grad, eager.grad, rtol=1e-6, atol=1e-6)

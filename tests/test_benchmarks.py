@@ -35,7 +35,9 @@ def test_bench_train_runs_on_cpu(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_train.py"), "--preset", "tiny", "--layers", "2",
          "--seq-length", "512", "--micro-batches", "2", "--steps", "2", "--warmup", "1", "--samples", "40",
-         "--baseline", "hf", "--hf-micro-batch-size", "4", "--profile", str(tmp_path)],
+         "--baseline", "hf", "--hf-micro-batch-size", "4", "--profile", str(tmp_path),
+         "--ablate", "grad-accumulation-fusion", "fused-adam", "rope-fusion", "--try", "cross-entropy-loss-fusion",
+         "--json", str(tmp_path / "bench.json")],
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -47,6 +49,15 @@ def test_bench_train_runs_on_cpu(tmp_path):
     assert re.search(r"speed-up over the faster HF baseline: [\d.]+x", out.stdout)
     profile = (tmp_path / "profile.txt").read_text()
     assert profile.startswith("2 steps: wall") and "aten::" in profile
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    shares = figures["profile"]["time_shares"]  # of the aten ops' time on the CPU
+    assert shares["gemm"] > 0 and abs(sum(shares.values()) - 1) < 1e-6 and "time shares" in profile
+    # Each lever timed again: the default ones off, the other on.
+    for key in ("without_grad-accumulation-fusion", "without_fused-adam", "without_rope-fusion",
+                "with_cross-entropy-loss-fusion"):
+        assert re.search(rf"{key.replace('_', ' ')}\s+\d+ tokens/s/GPU", out.stdout), out.stdout
+        assert figures[key]["real_tokens"] == figures["ours"]["real_tokens"]
+        assert figures[key]["gain_of_lever"] > 0
 
 
 def make_wheel(folder, name: str) -> str:

@@ -12,7 +12,8 @@ def test_checkpoints_across_specs_and_safe_replacement(tmp_path):
                          capture_output=True, text=True, timeout=300, env=child_environment(), cwd=ROOT)
     assert out.returncode == 0, out.stderr[-4000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["plain_to_te"] == {"iteration": 1, "weights_equal": True, "extra_state_loaded": None}
+    assert r["plain_to_te"] == {"iteration": 1, "weights_equal": True, "extra_state_loaded": None,
+                                "fused_after_load": True, "own_steps": True}
     assert r["te_to_plain"] == {"iteration": 2, "weights_equal": True}
     assert r["te_to_te"] == {"extra_state_loaded": {"fp8_meta": 1}}
     assert "iter_0000002 cannot be loaded" in r["damaged"] and "truncated, damaged or missing" in r["damaged"]
@@ -120,3 +121,121 @@ def test_kill_9_during_async_save_keeps_the_previous_checkpoint(tmp_path):
     r = _worker("after", tmp_path)
     assert r["marked"] == 1 and r["resumed"] == 1 and r["weights"] and r["optimizer"]
     assert r["resaved"] == 2 and r["entries_after"] == ["iter_0000001", "iter_0000002"]
+
+
+# ------------------------------------------------------------------- checks of a resume before work
+RESUME = ["--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "1024", "--data-path", "x",
+          "--train-iters", "4", "--lr", "1e-3", "--min-lr", "1e-4", "--load", "ck"]
+
+
+def _param_groups(lr, min_lr, vision_lr=None):
+    """Param groups of build_optimizer's flags with the fields megatron-core 0.19 saves and pairs
+    groups by (as a saved checkpoint's common state holds them, params aside): weight matrices, and
+    biases / norms without weight decay (megatron-core's standard groups), for the base and, with
+    their own --vision-lr, the vision parameters."""
+    base = {"wd_mult": 1.0, "lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False,
+            "default_config": True, "max_lr": lr, "min_lr": min_lr, "params": [0, 1]}
+    groups = [base, {**base, "default_config": False, "wd_mult": 0.0, "params": [2]}]
+    if vision_lr is None or vision_lr == lr:
+        return groups
+    vision = {**base, "default_config": False, "max_lr": vision_lr, "min_lr": min_lr * (vision_lr / lr)}
+    return groups + [{**vision, "params": [3]}, {**vision, "wd_mult": 0.0, "params": [4]}]
+
+
+def test_resume_refuses_learning_rates_megatron_core_cannot_load_the_optimizer_with():
+    """--lr, --min-lr and --vision-lr set the optimizer's param groups' max_lr / min_lr, by which
+    megatron-core pairs them with the checkpoint's when it loads the optimizer state: a change is
+    refused before work (each named) whichever scheduler flag is given, as megatron-core's pairing
+    fails; the other schedule settings still follow --override-opt-param-scheduler /
+    --use-checkpoint-opt-param-scheduler."""
+    import copy
+
+    import torch
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    from megatron_eve.config import ConfigError
+    from megatron_eve.training.arguments import parse_args
+    from megatron_eve.training.checkpoint_records import CheckpointRecord, check_schedule
+    from megatron_eve.training.optim import build_scheduler
+
+    saved_flags = RESUME + ["--vision-lr", "5e-4"]
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
+    common = {"opt_param_scheduler": build_scheduler(sgd, parse_args(saved_flags)).state_dict(),
+              "optimizer": {"state": {}, "param_groups": _param_groups(1e-3, 1e-4, 5e-4)}}
+    record = CheckpointRecord("ck", "ck/iter_0000004", common)
+
+    def refusal(*flags):
+        try:
+            check_schedule(parse_args(saved_flags + list(flags)), record)
+        except ConfigError as error:
+            return str(error)
+
+    def pairs(*flags):
+        """Whether megatron-core's load pairs the flags' param groups with the checkpoint's."""
+        o = parse_args(saved_flags + list(flags)).optim
+        try:
+            MegatronOptimizer._filter_and_reorder_param_groups(
+                _param_groups(o.lr, o.min_lr, o.vision_lr), copy.deepcopy(common["optimizer"]["param_groups"]))
+        except ValueError:  # "Could not find parameter group with key ..."
+            return False
+        return True
+
+    assert pairs() and refusal() is None
+    for choice in ([], ["--override-opt-param-scheduler"], ["--use-checkpoint-opt-param-scheduler"]):
+        message = refusal("--vision-lr", "2e-4", *choice)
+        assert not pairs("--vision-lr", "2e-4") and "neither --override" in message
+        assert "vision max_lr: checkpoint 0.0005, flags 0.0002 (--vision-lr)" in message
+        assert "vision min_lr: checkpoint 5e-05, flags 2e-05 (--vision-lr x --min-lr / --lr)" in message
+        assert not pairs("--lr", "2e-3") and "max_lr: checkpoint 0.001, flags 0.002 (--lr)" in refusal(
+            "--lr", "2e-3", *choice)
+        assert not pairs("--min-lr", "0") and "min_lr: checkpoint 0.0001, flags 0.0 (--min-lr)" in refusal(
+            "--min-lr", "0", *choice)
+        # --vision-lr as --lr: the vision parameters train at --lr in the base groups (megatron-core's
+        # standard groups then differ too: the resume failed in a real run).
+        assert "vision max_lr: checkpoint 0.0005, flags 0.001 (--vision-lr)" in refusal("--vision-lr", "1e-3", *choice)
+        assert pairs("--train-iters", "6") and (refusal("--train-iters", "6", *choice) is None) == bool(choice)
+    assert "was trained on another learning-rate schedule" in refusal("--train-iters", "6")
+    assert refusal("--vision-lr", "2e-4", "--no-load-optim") is None  # a fresh optimizer: nothing to pair
+
+    # A checkpoint trained without --vision-lr: its vision parameters were in the base groups.
+    common["optimizer"]["param_groups"] = _param_groups(1e-3, 1e-4)
+    assert refusal("--vision-lr", "1e-3") is None
+    message = refusal("--vision-lr", "5e-4", "--override-opt-param-scheduler")
+    assert "vision max_lr: checkpoint 0.001, flags 0.0005 (--vision-lr)" in message
+    assert "vision min_lr: checkpoint 0.0001, flags 5e-05" in message
+    # Converted checkpoints hold no optimizer state.
+    del common["optimizer"]
+    assert refusal("--vision-lr", "2e-4") is None
+
+
+def test_check_job_reads_the_checkpoint_once_for_both_checks(tmp_path, monkeypatch):
+    """check_job reads the latest checkpoint's common state once and gives it to the architecture
+    and the schedule checks, each reporting its own problem."""
+    from dataclasses import asdict
+
+    import torch
+    from megatron.core import dist_checkpointing
+
+    from megatron_eve.config import ConfigError
+    from megatron_eve.training.arguments import parse_args
+    from megatron_eve.training.loop import check_job
+    from megatron_eve.training.optim import build_scheduler
+
+    (tmp_path / "iter_0000004").mkdir()
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("4")
+    flags = RESUME[:-1] + [str(tmp_path), "--preset", "tiny"]
+    saved = parse_args(flags)
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
+    common = {"model_config": asdict(parse_args(flags + ["--num-layers", "3"]).model),
+              "opt_param_scheduler": build_scheduler(sgd, saved).state_dict(),
+              "optimizer": {"state": {}, "param_groups": _param_groups(1e-3, 1e-4)}}
+    reads = []
+    monkeypatch.setattr(dist_checkpointing, "load_common_state_dict",
+                        lambda directory: reads.append(directory) or common)
+    try:
+        check_job(parse_args(flags + ["--vision-lr", "5e-4"]), 1)
+        message = ""
+    except ConfigError as error:
+        message = str(error)
+    assert reads == [str(tmp_path / "iter_0000004")]
+    assert "holds a different architecture" in message and "vision max_lr: checkpoint 0.001, flags 0.0005" in message

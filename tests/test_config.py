@@ -161,21 +161,8 @@ def test_distributed_timeout_must_be_positive():
         validate(get_preset("tiny"), ParallelConfig(distributed_timeout_minutes=0), RuntimeConfig())
 
 
-def test_gradient_accumulation_fusion_where_apex_provides_it(monkeypatch):
-    """On by default (Megatron-LM's default) where megatron-core's linears can fuse it: CUDA and
-    apex's fused_weight_gradient_mlp_cuda; off otherwise, and off on request."""
-    import sys
-    import types
-
-    from megatron_eve.config import transformer_config
-
-    model, parallel = get_preset("tiny"), ParallelConfig()
-    fusion = lambda **runtime: transformer_config(  # noqa: E731
-        model, parallel, RuntimeConfig(transformer_impl="local", **runtime)).gradient_accumulation_fusion
-    monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", None)  # import fails
-    assert not fusion()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert not fusion()
-    monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", types.ModuleType("fused_weight_gradient_mlp_cuda"))
-    assert fusion()
-    assert not fusion(gradient_accumulation_fusion=False)
+def test_transformer_engine_cross_entropy_needs_transformer_engine():
+    runtime = RuntimeConfig(transformer_impl="local", cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="te")
+    with pytest.raises(ConfigError, match="--cross-entropy-fusion-impl te needs Transformer Engine"):
+        validate(get_preset("tiny"), ParallelConfig(), runtime)
+    validate(get_preset("tiny"), ParallelConfig(), RuntimeConfig(transformer_impl="local", cross_entropy_loss_fusion=True))

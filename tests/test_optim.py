@@ -69,3 +69,30 @@ def test_schedule_differences_against_megatron_cores_saved_scheduler():
         scheduler = build_scheduler(optimizer, parse_args(argv + ["--lr", "2e-3", flag]))
         scheduler.load_state_dict(saved)
         assert scheduler.max_lr == (2e-3 if follows_flags else 1e-3)
+
+
+def test_vision_learning_rate_keeps_megatron_cores_weight_decay_rules():
+    """--vision-lr adds the vision parameters' own bounds to megatron-core's standard overrides
+    instead of replacing them (overrides given to get_megatron_optimizer replace its standard ones:
+    biases and norms then got weight decay): a vision norm weight matches both, a decoder norm only
+    the no-weight-decay rule, a vision matrix only the vision bounds."""
+    from megatron.core.optimizer import OptimizerConfig, get_standard_config_overrides
+    from megatron.core.optimizer_param_scheduler import combine_param_group_overrides
+
+    from megatron_eve.config import OptimConfig
+    from megatron_eve.training.optim import param_group_overrides, vision_rates
+
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, min_lr=1e-5, weight_decay=0.1)
+    assert param_group_overrides(config, OptimConfig(lr=1e-3)).keys() == get_standard_config_overrides(config).keys()
+    optim = OptimConfig(lr=1e-3, min_lr=1e-5, vision_lr=2e-4)
+    assert vision_rates(optim) == {"max_lr": 2e-4, "min_lr": 1e-5 * 0.2} and vision_rates(OptimConfig(lr=1e-3)) is None
+    overrides = param_group_overrides(config, optim)
+
+    def override(name, shape):
+        found = [value for key, value in overrides.items() if key.matches(torch.nn.Parameter(torch.zeros(shape)), name)]
+        return combine_param_group_overrides(found) if found else {}
+
+    assert override("module.vision_model.pre_norm.weight", (8,)) == {"wd_mult": 0.0, **vision_rates(optim)}
+    assert override("module.decoder.layers.0.input_layernorm.weight", (8,)) == {"wd_mult": 0.0}
+    assert override("module.vision_model.patch_embedding.weight", (8, 3, 14, 14)) == vision_rates(optim)
+    assert override("module.decoder.layers.0.mlp.linear_fc1.weight", (16, 8)) == {}

@@ -88,7 +88,8 @@ MEGATRON_LM_FLAGS = """--tensor-model-parallel-size --pipeline-model-parallel-si
 --async-save --ckpt-fully-parallel-save --dist-ckpt-optim-fully-reshardable --log-interval --tensorboard-dir
 --eval-interval --eval-iters --num-layers --hidden-size --ffn-hidden-size --num-attention-heads --num-query-groups
 --max-position-embeddings --make-vocab-size-divisible-by --rotary-base --norm-epsilon --init-method-std --vocab-size
---distributed-timeout-minutes --use-cpu-initialization --transformer-impl --seed --use-checkpoint-args""".split()
+--distributed-timeout-minutes --use-cpu-initialization --transformer-impl --seed --use-checkpoint-args
+--no-gradient-accumulation-fusion --cross-entropy-loss-fusion --cross-entropy-fusion-impl --no-rope-fusion""".split()
 
 
 def test_flags_keep_megatron_lm_names():

@@ -15,7 +15,10 @@ LAYOUTS = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"], "tp2_sp": ["--tp", "2", "
            # Interleaved 1F1B: 4 chunks of 2 layers on 2 ranks (chunk v of rank r holds layers
            # 4v + 2r, 4v + 2r + 1), taps on every chunk; a packed fourth micro-batch (the schedule
            # takes a multiple of PP micro-batches).
-           "pp2_vpp2": ["--pp", "2", "--vpp", "2", "--packed"]}
+           "pp2_vpp2": ["--pp", "2", "--vpp", "2", "--packed"],
+           # Weight gradients accumulated into the main grads inside the GEMM (megatron_eve's torch
+           # kernel for apex's extension; on by default on CUDA), over SP's gathered inputs.
+           "tp2_sp_wgrad_fusion": ["--tp", "2", "--sp", "--grad-accumulation-fusion"]}
 
 
 @pytest.fixture(scope="module")

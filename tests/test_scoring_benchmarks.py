@@ -3,7 +3,7 @@ benchmark file that is not what its --kind takes. Each benchmark family has its 
 tests/test_scoring_{seed,gqa,mme,textvqa,mmbench,submissions}.py; tests/test_scoring.py holds
 the annotation-jsonl kinds (VQA, POPE, ScienceQA) and the in-process runner they all use."""
 
-from megatron_eve.eval.prompts import with_suffix
+from megatron_eve.eval.prompts import PROMPT_STYLES, with_suffix
 from tests.eval_cli import answers_file, run
 
 
@@ -13,6 +13,21 @@ def test_prompt_suffix_is_added_once():
     assert with_suffix("What is it?", short) == "What is it?\n" + short
     assert with_suffix("Which?\nA. x\n" + option, short) == "Which?\nA. x\n" + option  # LLaVA's files carry it
     assert with_suffix("Who?", "") == "Who?"
+
+
+def test_prompt_styles_are_eves_instructions():
+    """`answer --prompt-style`'s texts, byte for byte as EVE's / LLaVA-1.5's scripts and question files have them."""
+    short = "Answer the question using a single word or phrase."
+    assert PROMPT_STYLES == {
+        "short": short,
+        "vizwiz": "When the provided information is insufficient, respond with 'Unanswerable'.\n" + short,
+        "option": "Answer with the option's letter from the given choices directly.",
+        "option-cn": "请直接回答选项字母。",
+        "none": ""}
+    # A question already ending with any of them (trailing whitespace aside) is asked as it is.
+    for style, suffix in PROMPT_STYLES.items():
+        if suffix:
+            assert with_suffix("Q?\n" + suffix + " \n", "x") == "Q?\n" + suffix + " \n", style
 
 
 def test_bad_benchmark_files_get_one_line(tmp_path):

@@ -71,3 +71,26 @@ def test_gqa_accuracy_binary_open_and_predictions_file(tmp_path):
                        tmp_path / "testdev_balanced_questions.json", "--lenient")
     result = json.loads(out)
     assert (result["accuracy"], result["binary"], result["open"]) == (0.75, pytest.approx(2 / 3), 0.8)
+
+
+def test_gqa_questions_are_the_balanced_ones_with_the_short_prompt(tmp_path):
+    code, out, err = run("questions", "--benchmark", "gqa", "--source", gqa_questions(tmp_path), "--question-file",
+                         tmp_path / "q.jsonl")
+    assert code == 0 and out.startswith("8 questions"), err
+    rows = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    # LLaVA's GQA question file: "<imageId>.jpg", the question and the short-answer instruction; 208 is
+    # not balanced, so it is left out.
+    assert [r["question_id"] for r in rows] == ["201", "202", "203", "204", "205", "206", "207", "209"]
+    assert rows[0] == {"question_id": "201", "image": "n161313.jpg",
+                       "text": "Q?\nAnswer the question using a single word or phrase."}
+
+
+def test_bad_gqa_files_get_one_line(tmp_path):
+    answers = answers_file(tmp_path, [{"question_id": "1", "text": "yes"}])
+    for name, content, message in [("empty.json", {}, "not a GQA questions file"),
+                                   ("list.json", [1], "not a GQA questions file"),
+                                   ("no_answer.json", {"7": {"question": "Q?"}}, 'question 7 has no "answer"')]:
+        (tmp_path / name).write_text(json.dumps(content))
+        code, out, err = run("score", "--kind", "gqa", "--answers-file", answers, "--annotations", tmp_path / name)
+        assert code == 1 and out == "" and err.startswith(f"error: {tmp_path / name}: {message}"), err
+        assert err.count("\n") == 1, err

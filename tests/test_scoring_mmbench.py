@@ -69,3 +69,19 @@ def test_mmbench_upload_table(tmp_path):
                      "--output-file", tmp_path / "merge.tsv")
     assert (tmp_path / "merge.tsv").read_text().splitlines()[2] == (
         "1\tWhich animal is largest?\tcat\t\tdog\telephant\tThe answer is A.\tA\tdev")
+
+
+def test_bad_mmbench_tsvs_get_one_line(tmp_path):
+    answers = answers_file(tmp_path, [{"question_id": 0, "text": "A"}])
+    (tmp_path / "columns.tsv").write_text("index\tquestion\thint\n0\tWhat?\t\n")
+    (tmp_path / "latin1.tsv").write_bytes("index\tquestion\tA\tB\n0\tCaf\xe9?\tx\ty\n".encode("latin-1"))
+    for name, message in [("columns.tsv", "not an MMBench TSV (no column A, B)"), ("latin1.tsv", "not a TSV file"),
+                          ("absent.tsv", "cannot be read")]:
+        for argv in (("submit", "--benchmark", "mmbench", "--answers-file", answers, "--output-file",
+                      tmp_path / "x.xlsx", "--question-file", tmp_path / name),
+                     ("questions", "--benchmark", "mmbench", "--image-folder", tmp_path / "images", "--question-file",
+                      tmp_path / "q.jsonl", "--source", tmp_path / name)):
+            code, out, err = run(*argv)
+            assert code == 1 and out == "" and err.startswith(f"error: {tmp_path / name}: {message}"), err
+            assert err.count("\n") == 1, err
+    assert not (tmp_path / "x.xlsx").exists() and not (tmp_path / "q.jsonl").exists()

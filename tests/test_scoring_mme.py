@@ -161,3 +161,44 @@ def test_mme_questions_round_trip(tmp_path):
     result = json.loads(out)
     assert result["missing"] == 0 and result["not_annotated"] == 0, err
     assert result["perception"] == pytest.approx(100.0) and result["cognition"] == pytest.approx(50.0)
+
+
+def test_mme_release_folder_oddities(tmp_path):
+    root = mme_release(tmp_path)
+    (root / "readme.txt").write_text("not a subtask")  # a file beside the subtask folders: skipped
+    with open(root / "existence" / "000000006040.txt", "a") as handle:
+        handle.write("\n   \n")  # blank lines: skipped
+    (root / "count").mkdir()
+    (root / "count" / "0001.txt").write_text("Are there two dogs? Please answer yes or no.\tNo\n")  # no image beside it
+    code, out, err = run("questions", "--benchmark", "mme", "--source", root, "--question-file", tmp_path / "q.jsonl")
+    # The 12 questions with an image; count's has none to ask about and is left out.
+    assert code == 0 and out.startswith("12 questions"), err
+    rows = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and "count" not in {r["category"] for r in rows}
+    # It is still scored: its one question answered right is acc 1 + acc+ 1; the other 12 are unanswered.
+    answers = [{"question_id": "count/0001.png", "prompt": "Are there two dogs?" + SHORT, "text": "No"}]
+    code, out, err = run("score", "--kind", "mme", "--answers-file", answers_file(tmp_path, answers),
+                         "--annotations", root)
+    result = json.loads(out)
+    assert result["subtasks"]["count"]["score"] == pytest.approx(200.0), err
+    assert (result["questions"], result["answered"], result["missing"]) == (13, 1, 12)
+
+
+def test_bad_mme_folders_get_one_line(tmp_path):
+    answers = answers_file(tmp_path, [{"question_id": "existence/a.jpg", "prompt": "Q?" + SHORT, "text": "Yes"}])
+    bad_line = tmp_path / "bad_line"
+    (bad_line / "existence").mkdir(parents=True)
+    (bad_line / "existence" / "a.txt").write_text("Is it? Please answer yes or no.\tYes\n"
+                                                  "Is it? Please answer.\tMaybe\n")
+    no_yn = tmp_path / "no_yn"
+    (no_yn / "artwork" / "images").mkdir(parents=True)
+    empty = tmp_path / "empty"
+    (empty / "existence").mkdir(parents=True)
+    (empty / "existence" / "a.jpg").write_bytes(b"jpg")
+    for root, message in [
+            (bad_line, f"{bad_line / 'existence' / 'a.txt'}:2: not 'question<TAB>Yes|No'"),
+            (no_yn, f"{no_yn / 'artwork' / 'questions_answers_YN'}: missing (MME keeps the questions of artwork "
+                    f"there)"),
+            (empty, f"{empty}: no MME questions found")]:
+        code, out, err = run("score", "--kind", "mme", "--answers-file", answers, "--annotations", root)
+        assert code == 1 and out == "" and err.startswith(f"error: {message}") and err.count("\n") == 1, err

@@ -102,3 +102,19 @@ def test_seed_questions_are_the_image_questions_with_the_option_prompt(tmp_path)
     assert rows[0] == {"question_id": "101", "image": "SEED-Bench-image/101.jpg", "category": "Scene Understanding",
                        "text": "Question 101?\nA. one\nB. two\nC. three\nD. four\n"
                                "Answer with the option's letter from the given choices directly."}
+
+
+def test_seed_ids_that_are_not_numbers_and_questions_without_fields(tmp_path):
+    # An id that int() does not parse is looked up as it is ("a1" only; 1 is not "a1").
+    question = {"question_id": "a1", "answer": "A", "data_type": "image", "question_type_id": 1}
+    (tmp_path / "seed.json").write_text(json.dumps({"question_type": {"Scene": 1}, "questions": [question]}))
+    answers = answers_file(tmp_path, [{"question_id": "a1", "text": "A"}, {"question_id": 1, "text": "B"}])
+    code, out, err = run("score", "--kind", "seed", "--answers-file", answers, "--annotations", tmp_path / "seed.json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["accuracy"], result["answered"], result["not_annotated"]) == (1.0, 1, 1)
+    # A question without its answer / data_type / question_type_id: one line naming the file and what is missing.
+    (tmp_path / "bad.json").write_text(json.dumps({"questions": [question, {"question_id": "a2", "answer": "B"}]}))
+    code, out, err = run("score", "--kind", "seed", "--answers-file", answers, "--annotations", tmp_path / "bad.json")
+    assert code == 1 and out == "" and err == (
+        f"error: {tmp_path / 'bad.json'}: questions[1] has no data_type, question_type_id\n")

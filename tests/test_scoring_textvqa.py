@@ -172,6 +172,10 @@ def test_bad_textvqa_files_get_one_line(tmp_path):
                       "data[0] has 9 answers, not the 10"),
         "no_image.json": ({"dataset_name": "textvqa", "data": [entry, dict(entry, image_id=None)]},
                           'data[1] has no "image_id"'),
+        "empty.json": ({"dataset_name": "textvqa", "data": []}, '"data" list is empty'),
+        "not_object.json": ({"dataset_name": "textvqa", "data": [entry, "q?"]}, "data[1] is not an object"),
+        "no_question.json": ({"dataset_name": "textvqa", "data": [dict(entry, question=7)]},
+                             'data[0] has no "question"'),
     }
     for name, (content, message) in cases.items():
         (tmp_path / name).write_text(json.dumps(content))
@@ -183,3 +187,30 @@ def test_bad_textvqa_files_get_one_line(tmp_path):
         code, out, err = run("score", "--answers-file", answers, *argv)
         assert code == 1 and out == "" and err.startswith(f"error: {good}: TextVQA's annotation file"), err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_jsonl_annotations_are_not_taken_for_textvqa_s_file(tmp_path):
+    """Only a JSON object with "data" is TextVQA's file; a jsonl file whose first line does not parse
+    (whether or not it starts with "{") is read as jsonl: that line reported, the rest scored."""
+    answers = answers_file(tmp_path, [{"question_id": 2, "prompt": "q?" + SHORT, "text": "Blue"}])
+    for first in ('{"question_id": 1, "answers": ["red"]', "not json"):
+        (tmp_path / "gt.jsonl").write_text(first + "\n" + json.dumps({"question_id": 2, "answers": ["blue"]}) + "\n")
+        code, out, err = run("score", "--kind", "vqa", "--answers-file", answers, "--annotations",
+                             tmp_path / "gt.jsonl")
+        assert code == 0, err
+        result = json.loads(out)
+        assert (result["accuracy"], result["questions"], result["unreadable_lines"]) == (1.0, 1, 1)
+        assert f"{tmp_path / 'gt.jsonl'}:1: not JSON" in err
+
+
+def test_textvqa_answer_whose_question_id_is_no_key(tmp_path):
+    rows = [{"question_id": True, "prompt": "what year?" + SHORT, "text": "1999"},
+            {"question_id": [1], "prompt": "what year?" + SHORT, "text": "1999"},
+            {"question_id": "005635e119b9f32f", "prompt": "what year?" + SHORT, "text": "1999"}]
+    code, out, err = run("score", "--kind", "vqa", "--answers-file", answers_file(tmp_path, rows), "--annotations",
+                         textvqa_val(tmp_path))
+    assert code == 0, err
+    result = json.loads(out)
+    # Lines 1 and 2 cannot be keyed (eval_textvqa.py needs a string or number); line 3 finds 34606: 1.0 of 8.
+    assert (result["accuracy"], result["answered"], result["unkeyed_answers"]) == (1 / 8, 1, 2)
+    assert "answers.jsonl:1: question_id true is not a string or a number" in err

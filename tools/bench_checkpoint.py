@@ -86,6 +86,7 @@ def worker(args) -> None:
                                      RuntimeConfig, ScheduleConfig, TrainingJob, replace)
     from megatron_eve.model.build import build_model
     from megatron_eve.training import checkpoint
+    from megatron_eve.training.checkpoint_records import checkpoint_dir
     from megatron_eve.training.optim import build_optimizer, build_scheduler, wrap_model
     from tests.helpers import tiny_config
 
@@ -135,7 +136,7 @@ def worker(args) -> None:
         if rank == 0:
             row = {"format": fmt, "mode": "async" if asynchronous else "sync",
                    **{k: max(part[k] for part in gathered) for k in mine},
-                   "checkpoint_bytes": directory_bytes(checkpoint.checkpoint_dir(root, index + 1))}
+                   "checkpoint_bytes": directory_bytes(checkpoint_dir(root, index + 1))}
             results.append(row)
         dist.barrier()
         if rank == 0:

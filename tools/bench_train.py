@@ -20,6 +20,7 @@ in both (it needs the 304M CLIP teacher; pass --aligner to time ours with a rand
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,6 +32,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+
+# Speed levers and whether the trainer pulls them by default (where they apply): --ablate turns
+# a default one off, --try turns another on, one at a time, each timed against the main run.
+# lever: (the RuntimeConfig field that sets it, or None for the optimizer's; on by default)
+LEVERS = {"grad-accumulation-fusion": ("gradient_accumulation_fusion", True), "fused-adam": (None, True),
+          "rope-fusion": ("apply_rope_fusion", True), "cross-entropy-loss-fusion": ("cross_entropy_loss_fusion", False)}
+ABLATIONS = tuple(lever for lever, (_, default) in LEVERS.items() if default)
+TRIALS = tuple(lever for lever, (_, default) in LEVERS.items() if not default)
+
+
+def with_lever(runtime, lever: str, on: bool):
+    """(runtime, fused_adam) of the main run with one lever set."""
+    field = LEVERS[lever][0]
+    if field is None:
+        return runtime, on
+    return dataclasses.replace(runtime, **{field: on}), True
 
 
 def sample_stream(count, model, rng):
@@ -71,6 +89,16 @@ def sync():
         torch.cuda.synchronize()
 
 
+def free_device_memory():
+    """Between runs: the previous run's model and optimizer go, the peak counter restarts."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -79,16 +107,16 @@ def peak_memory() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2**30
 
 
-def run_ours(args, model_cfg, samples, job_runtime):
+def run_ours(args, model_cfg, samples, job_runtime, fused_adam=True):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_eve.data.dataset import assemble_sequence
-    from megatron_eve.data.loader import collate, model_inputs
+    from megatron_eve.data.loader import BatchPlan, collate, model_inputs
     from megatron_eve.data.packing import pack
     from megatron_eve.model.build import build_model
     from megatron_eve.platform import current_device
     from megatron_eve.training.metrics import BatchWork, micro_batch_work
-    from megatron_eve.training.optim import build_optimizer, wrap_model
+    from megatron_eve.training.optim import build_optimizer, use_fused_torch_adam, wrap_model
     from megatron_eve.training.step import forward_step
     from megatron_eve.config import OptimConfig, ParallelConfig, ScheduleConfig, TrainingJob
 
@@ -97,11 +125,15 @@ def run_ours(args, model_cfg, samples, job_runtime):
                       None, None, None)
     ddp = wrap_model(model, job)
     optimizer = build_optimizer(ddp, job)
+    if not fused_adam:
+        use_fused_torch_adam(optimizer, fused=False)
     lengths = np.asarray([len(s["tokens"]) for s in samples])
     plan = pack(lengths, args.seq_length, 10000, np.random.default_rng(0))
-    rows = [collate([assemble_sequence([as_row_sample(samples[i]) for i in plan.sequence(k)], args.seq_length)])
-            for k in range(len(plan))]
     device, thd = current_device(), job_runtime.uses_thd()
+    # Rows with the index plan a loader worker makes, as the trainer feeds them.
+    rows = [collate([assemble_sequence([as_row_sample(samples[i]) for i in plan.sequence(k)], args.seq_length)],
+                    BatchPlan.of(model_cfg.vision, thd=thd))
+            for k in range(len(plan))]
     batches = [(model_inputs(r, model_cfg.vision, device, dtype=job_runtime.params_dtype, thd=thd), r) for r in rows]
     fb = get_forward_backward_func()
     step = lambda it, m: forward_step(1.0 if args.aligner else 0.0, it, m)  # noqa: E731
@@ -129,9 +161,8 @@ def run_ours(args, model_cfg, samples, job_runtime):
             for _, raw in chunk:
                 work.add(micro_batch_work(raw, model_cfg, args.aligner))
     memory = peak_memory()
-    if args.profile:
-        profile_ours(args, train_step, args.profile)
-    return work, seconds, memory, len(plan)
+    profiled = profile_ours(args, train_step, args.profile) if args.profile else None
+    return work, seconds, memory, len(plan), profiled
 
 
 def hf_order(samples, batch_size, grouped, rng):
@@ -231,10 +262,43 @@ def run_hf(args, model_cfg, samples, grouped):
     return work, seconds, peak_memory()
 
 
+# Kernel families by name: CUDA kernels, or on the CPU the aten ops doing the work. First match wins.
+KERNEL_FAMILIES = (
+    ("attention", ("flash", "fmha", "attention", "varlen", "flex")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("communication", ("nccl", "gloo", "allreduce", "all_gather", "allgather", "reduce_scatter")),
+    ("copy", ("memcpy", "memset", "copy")),
+)
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    return next((family for family, marks in KERNEL_FAMILIES if any(m in lowered for m in marks)), "elementwise/other")
+
+
+def time_shares(averages, wall_us: float, on_gpu: bool) -> dict:
+    """Where a profiled stretch's time went, by kernel family. On the GPU as shares of the wall
+    time, the rest being idle (no kernel running: launch gaps, host work, synchronisations); on
+    the CPU as shares of the ops' own time (aten ops only)."""
+    if on_gpu:
+        timed = [(e.key, e.self_device_time_total) for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        timed = [(e.key, e.self_cpu_time_total) for e in averages if e.key.startswith("aten::")]
+    families = {}
+    for name, us in timed:
+        families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + us
+    whole = wall_us if on_gpu else max(sum(families.values()), 1e-9)
+    shares = {family: us / whole for family, us in sorted(families.items(), key=lambda item: -item[1])}
+    if on_gpu:
+        shares["idle"] = max(0.0, 1.0 - sum(shares.values()))
+    return shares
+
+
 def profile_ours(args, step_fn, folder):
     """Profiles two more of our steps: the kernels and host ops that cost most, the share of the
-    wall time the GPU spends in kernels, and every host synchronisation inside a step (by source
-    line; CUDA only)."""
+    wall time each kernel family takes (and the GPU idles), and every host synchronisation inside a
+    step (by source line; CUDA only). Returns the shares and the synchronisation count."""
     import collections
     import warnings
 
@@ -253,8 +317,11 @@ def profile_ours(args, step_fn, folder):
     averages = prof.key_averages()
     # Kernels only (the ops that launch them report the same device time again).
     kernel_us = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
+    shares = time_shares(averages, wall * 1e6, torch.cuda.is_available())
     lines = [f"2 steps: wall {wall * 1e3:.1f} ms, GPU kernel time {kernel_us / 1e3:.1f} ms "
-             f"({100 * kernel_us / 1e6 / max(wall, 1e-9):.1f}% busy)"]
+             f"({100 * kernel_us / 1e6 / max(wall, 1e-9):.1f}% busy)",
+             "time shares" + (" of the wall time: " if torch.cuda.is_available() else " of aten ops' time: ")
+             + ", ".join(f"{family} {100 * share:.1f}%" for family, share in shares.items())]
     syncs = collections.Counter()
     if torch.cuda.is_available():
         torch.cuda.set_sync_debug_mode("warn")
@@ -270,7 +337,9 @@ def profile_ours(args, step_fn, folder):
     lines += ["", averages.table(sort_by=sort, row_limit=30, max_name_column_width=70),
               "", averages.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)]
     Path(folder, "profile.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:2 + min(len(syncs), 25)]))
+    print("\n".join(lines[:3 + min(len(syncs), 25)]))
+    return {"wall_ms_two_steps": wall * 1e3, "time_shares": shares,
+            "host_syncs_per_step": sum(syncs.values()) if torch.cuda.is_available() else None}
 
 
 def main():
@@ -296,6 +365,11 @@ def main():
     parser.add_argument("--hf-order", choices=("random", "length-grouped", "both"), default="both",
                         help="the HF baseline's sampling: random, length-grouped (HF's group_by_length, as "
                              "LLaVA's SFT uses), or both (the speed-up is then against the faster)")
+    parser.add_argument("--ablate", nargs="+", default=[], choices=ABLATIONS, metavar="LEVER",
+                        help="after the main run, time ours again with each of these turned off, one at a "
+                             f"time ({', '.join(ABLATIONS)}): what each is worth, measured in the same run")
+    parser.add_argument("--try", dest="trials", nargs="+", default=[], choices=TRIALS, metavar="LEVER",
+                        help=f"likewise, time ours again with each of these turned on ({', '.join(TRIALS)})")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing, profile two of our steps into DIR/profile.txt (top kernels, "
                              "host ops, GPU busy share, host synchronisations per step)")
@@ -350,16 +424,32 @@ def main():
                         "real_tokens": work.real_tokens, "seconds": seconds}
         return tokens
 
-    work, seconds, memory, sequences = run_ours(args, model_cfg, samples, runtime)
+    work, seconds, memory, sequences, profiled = run_ours(args, model_cfg, samples, runtime)
     ours = report("ours", f"megatron_eve (packed, {sequences} seq)", work, seconds, memory)
+    if profiled:
+        figures["profile"] = profiled
+    variant_args = argparse.Namespace(**{**vars(args), "profile": None})
+    for lever, on in [(lever, False) for lever in args.ablate] + [(lever, True) for lever in args.trials]:
+        free_device_memory()
+        variant_runtime, fused_adam = with_lever(runtime, lever, on)
+        key = f"{'with' if on else 'without'}_{lever}"
+        try:
+            variant = run_ours(variant_args, model_cfg, samples, variant_runtime, fused_adam=fused_adam)
+        except Exception as error:  # one lever that fails here costs its own figure only
+            figures[key] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            print(f"  {key.replace('_', ' ')}: failed: {figures[key]['error']}")
+            continue
+        tokens = report(key, f"  {key.replace('_', ' ')}", *variant[:3])
+        # What pulling the lever gains: > 1 means faster with it on.
+        gain = tokens / max(ours, 1e-9) if on else ours / max(tokens, 1e-9)
+        figures[key]["gain_of_lever"] = gain
+        print(f"    {lever}: {gain:.3f}x tokens/s with it on")
     if args.baseline == "hf":
         args._ours_tokens_per_step = work.real_tokens / args.steps
         orders = ("random", "length-grouped") if args.hf_order == "both" else (args.hf_order,)
         best = 0.0
         for order in orders:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+            free_device_memory()
             hf_work, hf_seconds, hf_memory = run_hf(args, model_cfg, samples, order == "length-grouped")
             key = "hf" if order == "random" else "hf_length_grouped"
             best = max(best, report(key, f"HF transformers (padded, {order})", hf_work, hf_seconds, hf_memory))

@@ -58,7 +58,7 @@ from megatron_eve.atomic import write_jsonl  # noqa: E402
 from megatron_eve.config import ConfigError  # noqa: E402
 from megatron_eve.eval.answer_files import (answer_row, askable, chunk, image_paths, read_jsonl, report,  # noqa: E402
                                             unaskable_reason)
-from megatron_eve.eval.benchmarks import BenchmarkFileError  # noqa: E402
+from megatron_eve.eval.benchmarks.files import BenchmarkFileError  # noqa: E402
 from megatron_eve.eval.prompts import PROMPT_STYLES, with_suffix  # noqa: E402
 from megatron_eve.eval.question_files import QUESTION_SOURCES  # noqa: E402
 from megatron_eve.eval.scoring import KINDS, ScoreRun, score_answer_file  # noqa: E402

@@ -44,7 +44,11 @@ def main():
     if bench and "ours" in bench:
         ours = bench["ours"]
         summary.update(tokens_per_s_per_gpu=ours["tokens_per_s_per_gpu"], tflops_per_gpu=ours["tflops_per_gpu"],
-                       mfu=ours["mfu"], peak_memory_gib=ours["peak_memory_gib"], speedup_vs_hf=bench.get("speedup"))
+                       mfu=ours["mfu"], peak_memory_gib=ours["peak_memory_gib"], speedup_vs_hf=bench.get("speedup"),
+                       time_shares=(bench.get("profile") or {}).get("time_shares"),
+                       host_syncs_per_step=(bench.get("profile") or {}).get("host_syncs_per_step"),
+                       gain_of_lever={key.split("_", 1)[1]: value.get("gain_of_lever", value.get("error"))
+                                      for key, value in bench.items() if key.startswith(("with_", "without_"))})
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 

@@ -10,7 +10,7 @@ import torch
 
 from megatron_eve.atomic import check_output_dir, entries, write_text
 from megatron_eve.config import ConfigError, EVEModelConfig, ParallelConfig, RuntimeConfig, validate
-from megatron_eve.training.checkpoint import TRACKER, checkpoint_dir
+from megatron_eve.training.checkpoint_records import TRACKER, checkpoint_dir
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -55,10 +55,20 @@ class RuntimeConfig:
         None, help="layers per recompute chunk (uniform) or recomputed layers per stage (block); "
                    "default 1 with full recompute")
     use_cpu_initialization: bool = option(False, help="initialise weights on the CPU, then move them")
+    apply_rope_fusion: bool = option(
+        True, flag="--no-rope-fusion", negate=True,
+        help="apply RoPE unfused (fused by default: Transformer Engine's kernel, or with --transformer-impl "
+             "torch on CUDA one compiled kernel for q and one for k)")
+    cross_entropy_loss_fusion: bool = option(
+        False, help="megatron-core's fused cross-entropy: the vocabulary-parallel loss in fewer kernels over the "
+                    "fp32 logits (native: torch-compiled pieces; te: Transformer Engine's); the logits' gradient "
+                    "comes out in bf16 (as a bf16 run's does anyway), so keep it off for fp32 runs")
+    cross_entropy_fusion_impl: Literal["native", "te"] = option(
+        "native", help="with --cross-entropy-loss-fusion: megatron-core's compiled kernels or Transformer Engine's")
     gradient_accumulation_fusion: bool = option(
         True, flag="--no-gradient-accumulation-fusion", negate=True,
         help="do not fuse the weight-gradient GEMM with its accumulation into the fp32 main grads (on by "
-             "default where apex's fused_weight_gradient_mlp_cuda extension and CUDA are present)")
+             "default on CUDA: apex's fused_weight_gradient_mlp_cuda, else torch's addmm with an fp32 output)")
 
     def __post_init__(self):
         if self.recompute_granularity == "full" and self.recompute_num_layers is None:

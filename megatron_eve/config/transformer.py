@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from megatron_eve.config.model import EVEModelConfig
 from megatron_eve.config.runtime import ParallelConfig, RuntimeConfig
 from megatron_eve.config.validate import validate
-
-
-def wgrad_accumulation_fusion_available() -> bool:
-    """megatron-core's own linear layers (the output layer with any impl; all of them with local or
-    torch) fuse the weight-gradient GEMM into main_grad with apex's CUDA extension, and refuse to
-    build without it; Transformer Engine's linears fuse it themselves."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        importlib.import_module("fused_weight_gradient_mlp_cuda")
-    except ImportError:
-        return False
-    return True
 
 
 def transformer_config(
@@ -30,12 +15,16 @@ def transformer_config(
     """megatron-core TransformerConfig for the decoder (Llama: RMSNorm, SwiGLU, RoPE, no bias)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron_eve.model import wgrad_accumulation
     from megatron_eve.model.specs import resolve_transformer_impl
 
     validate(model, parallel, runtime)
     lm = model.language
     impl = resolve_transformer_impl(runtime.transformer_impl)
     fused = impl == "transformer_engine" or (impl == "torch" and torch.cuda.is_available())
+    grad_accumulation_fusion = runtime.gradient_accumulation_fusion and wgrad_accumulation.available()
+    if grad_accumulation_fusion:
+        wgrad_accumulation.install()
     return TransformerConfig(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -68,11 +57,14 @@ def transformer_config(
         recompute_granularity=runtime.recompute_granularity,
         recompute_method=runtime.recompute_method,
         recompute_num_layers=runtime.recompute_num_layers,
-        # Fused SwiGLU (megatron-core's own, compiled) on CUDA; fused RoPE needs Transformer Engine.
+        # Fused SwiGLU (megatron-core's own, compiled) on CUDA; megatron-core's fused RoPE needs
+        # Transformer Engine (the torch impl fuses its own: model/attention.py).
         bias_activation_fusion=fused,
-        apply_rope_fusion=impl == "transformer_engine",
+        apply_rope_fusion=runtime.apply_rope_fusion and impl == "transformer_engine",
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
-        gradient_accumulation_fusion=runtime.gradient_accumulation_fusion and wgrad_accumulation_fusion_available(),
+        gradient_accumulation_fusion=grad_accumulation_fusion,
+        cross_entropy_loss_fusion=runtime.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=runtime.cross_entropy_fusion_impl,
         persist_layer_norm=False,
     )

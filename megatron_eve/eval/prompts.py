@@ -1,19 +1,19 @@
-"""The answer instructions EVE's evaluation scripts add to a question (`answer --prompt-style`):
+"""The answer instructions EVE's evaluation appends to a question, each spelt out here and nowhere else.
 
-  short: "Answer the question using a single word or phrase." (VQAv2, GQA, TextVQA, POPE, MME);
-  vizwiz: "When the provided information is insufficient, respond with 'Unanswerable'." and the short one;
-  option: "Answer with the option's letter from the given choices directly." (ScienceQA, MMBench, SEED);
-  option-cn: MMBench-CN's; none: MM-Vet, LLaVA-Bench.
+`answer --prompt-style` picks one: short (VQAv2, GQA, TextVQA, POPE, MME), vizwiz (VizWiz: its own
+sentence, then the short one), option (ScienceQA, MMBench, SEED), option-cn (MMBench-CN), none
+(MM-Vet, LLaVA-Bench). The question files `questions` writes end with theirs (benchmarks/), and
+MME's question lookup takes SHORT_SUFFIX off again (scorers.py).
 
 A question whose text already ends with one of them (LLaVA's and EVE's question files carry
 theirs) is asked as it is."""
 
 from __future__ import annotations
 
-from megatron_eve.eval.benchmarks import OPTION_SUFFIX, OPTION_SUFFIX_CN
-from megatron_eve.eval.scorers import SHORT_SUFFIX
-
+SHORT_SUFFIX = "Answer the question using a single word or phrase."
 VIZWIZ_SUFFIX = "When the provided information is insufficient, respond with 'Unanswerable'.\n" + SHORT_SUFFIX
+OPTION_SUFFIX = "Answer with the option's letter from the given choices directly."
+OPTION_SUFFIX_CN = "请直接回答选项字母。"
 
 PROMPT_STYLES = {"short": SHORT_SUFFIX, "vizwiz": VIZWIZ_SUFFIX, "option": OPTION_SUFFIX,
                  "option-cn": OPTION_SUFFIX_CN, "none": ""}

@@ -10,8 +10,12 @@ import os
 from typing import Callable, Dict, List, Optional
 
 from megatron_eve.atomic import write_bytes
-from megatron_eve.eval import benchmarks as bench
 from megatron_eve.eval.answer_files import report
+from megatron_eve.eval.benchmarks.files import BenchmarkFileError
+from megatron_eve.eval.benchmarks.gqa import gqa_questions, load_gqa
+from megatron_eve.eval.benchmarks.mmbench import mmbench_prompt, read_mmbench
+from megatron_eve.eval.benchmarks.mme import load_mme, mme_questions
+from megatron_eve.eval.benchmarks.seed import load_seed, seed_key, seed_questions
 
 
 def mmbench_questions(source: str, image_folder: Optional[str], lang: str = "en") -> List[dict]:
@@ -19,9 +23,9 @@ def mmbench_questions(source: str, image_folder: Optional[str], lang: str = "en"
     image written into `image_folder` as <index>.<png|jpg>; a row whose index cannot name a file,
     or whose image is not base64, is reported (file:line) and left out."""
     if not image_folder:
-        raise bench.BenchmarkFileError("--benchmark mmbench needs --image-folder (the TSV's images are "
-                                       "written there)")
-    _, rows = bench.read_mmbench(source)
+        raise BenchmarkFileError("--benchmark mmbench needs --image-folder (the TSV's images are "
+                                 "written there)")
+    _, rows = read_mmbench(source)
     out, problems = [], []
     for number, row in enumerate(rows, 2):
         if not row["index"] or os.path.basename(row["index"]) != row["index"] or row["index"] in (".", ".."):
@@ -31,8 +35,8 @@ def mmbench_questions(source: str, image_folder: Optional[str], lang: str = "en"
         if image is None:
             problems.append(f"{source}:{number}: index {row['index']}: the image is not base64")
             continue
-        text, letters = bench.mmbench_prompt(row, lang)
-        out.append({"question_id": bench.seed_key(row["index"]), "image": image, "text": text,
+        text, letters = mmbench_prompt(row, lang)
+        out.append({"question_id": seed_key(row["index"]), "image": image, "text": text,
                     "option_char": letters, "category": row.get("category")})
     report(problems)
     return out
@@ -54,7 +58,7 @@ def _save_base64_image(data, folder, index):
 # benchmark → its question rows from (source, image folder, language); "questions --benchmark" choices
 QUESTION_SOURCES: Dict[str, Callable[[str, Optional[str], str], List[dict]]] = {
     "mmbench": mmbench_questions,
-    "mme": lambda source, image_folder, lang: bench.mme_questions(bench.load_mme(source)),  # the release folder
-    "gqa": lambda source, image_folder, lang: bench.gqa_questions(bench.load_gqa(source)),  # its questions json
-    "seed": lambda source, image_folder, lang: bench.seed_questions(bench.load_seed(source)),  # SEED-Bench.json
+    "mme": lambda source, image_folder, lang: mme_questions(load_mme(source)),  # the release folder
+    "gqa": lambda source, image_folder, lang: gqa_questions(load_gqa(source)),  # its questions json
+    "seed": lambda source, image_folder, lang: seed_questions(load_seed(source)),  # SEED-Bench.json
 }

@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from megatron_eve.eval.prompts import SHORT_SUFFIX
+
 # The VQA evaluation's normalisation tables (vqaEval.py of the VQA API).
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -174,6 +176,11 @@ def mean(values: List[float]) -> float:
     return sum(values) / max(len(values), 1)
 
 
+def ratio(right: int, total: int) -> Optional[float]:
+    """right / total; None when there is nothing to count."""
+    return right / total if total else None
+
+
 def seed_correct(text: str, answer: str, lenient: bool = False) -> bool:
     """SEED-Bench: the answer text as the model wrote it equals the option letter (nothing is
     stripped: "A." or " A" is wrong). Lenient: the option letter read by `choice_letter`."""
@@ -190,7 +197,6 @@ def gqa_prediction(text: str, lenient: bool = False) -> str:
     return text.rstrip(".").lower()
 
 
-SHORT_SUFFIX = "Answer the question using a single word or phrase."
 MME_YES_NO = "Please answer yes or no."
 
 

@@ -4,7 +4,7 @@
     reference answer and metric (scorers.py); POPE's coco_pope_<category>.json files name their
     category; --kind vqa also takes TextVQA's own TextVQA_0.5.1_val.json, matched as
     eval_textvqa.py matches it;
-  BENCHMARK_KINDS (seed, gqa, mme): the benchmark's own files (benchmarks.py), answers keyed as its
+  BENCHMARK_KINDS (seed, gqa, mme): the benchmark's own files (benchmarks/), answers keyed as its
     scripts key them, and --converted-output: what LLaVA's converter writes for the benchmark's
     own tool.
 
@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 from megatron_eve.atomic import check_output_dir, entries, write_jsonl, write_text
-from megatron_eve.eval import benchmarks as bench
 from megatron_eve.eval.answer_files import answer_pairs, first_answers, read_jsonl, report, warn
+from megatron_eve.eval.benchmarks.files import BenchmarkFileError
+from megatron_eve.eval.benchmarks.gqa import gqa_predictions, load_gqa, score_gqa
+from megatron_eve.eval.benchmarks.mme import MME_ANSWER_FILES, load_mme, mme_answer_files, mme_answer_place, score_mme
+from megatron_eve.eval.benchmarks.seed import load_seed, score_seed, seed_key, seed_upload
+from megatron_eve.eval.benchmarks.textvqa import load_textvqa, match_textvqa, score_textvqa
 from megatron_eve.eval.scorers import (mean, mme_question_candidates, multiple_choice_accuracy, pope_metrics,
                                        vqa_accuracy)
 
@@ -44,7 +48,7 @@ def score_answer_file(run: ScoreRun) -> dict:
     if run.kind in BENCHMARK_KINDS:
         return _score_benchmark(run, answer_rows, problems)
     if run.converted_output:
-        raise bench.BenchmarkFileError(f"--converted-output is for --kind seed, gqa or mme, not {run.kind}")
+        raise BenchmarkFileError(f"--converted-output is for --kind seed, gqa or mme, not {run.kind}")
     textvqa = _textvqa_annotations(run)
     if textvqa is not None:
         return _score_textvqa(run, answer_rows, problems, textvqa)
@@ -139,8 +143,8 @@ def _score_annotations(run: ScoreRun, answer_rows, problems) -> dict:
     report(problems + truth_problems)
     truth = {i: row for i, row in truth_rows.items() if kind.gold(row) is not None}
     if not truth:
-        raise bench.BenchmarkFileError(f"{', '.join(run.annotations)} hold no question with a usable answer for "
-                                       f"--kind {run.kind}")
+        raise BenchmarkFileError(f"{', '.join(run.annotations)} hold no question with a usable answer for "
+                                 f"--kind {run.kind}")
     ids = list(truth)
     missing = [i for i in ids if i not in answers]
     _warn_coverage(duplicates, missing, len(ids))
@@ -156,15 +160,15 @@ def _score_annotations(run: ScoreRun, answer_rows, problems) -> dict:
 
 def _textvqa_annotations(run: ScoreRun):
     """The questions of TextVQA's own annotation file when --annotations is one, else None (jsonl)."""
-    loaded = [(path, bench.load_textvqa(path)) for path in run.annotations]
+    loaded = [(path, load_textvqa(path)) for path in run.annotations]
     found = [path for path, questions in loaded if questions is not None]
     if not found:
         return None
     if len(loaded) != 1:  # its answers are matched by prompt, the jsonl rows' by question_id
-        raise bench.BenchmarkFileError(f"{found[0]}: TextVQA's annotation file is scored on its own (one "
-                                       f"--annotations path, not {len(loaded)})")
+        raise BenchmarkFileError(f"{found[0]}: TextVQA's annotation file is scored on its own (one "
+                                 f"--annotations path, not {len(loaded)})")
     if run.kind != "vqa":
-        raise bench.BenchmarkFileError(f"{found[0]}: TextVQA's annotation file; score it with --kind vqa")
+        raise BenchmarkFileError(f"{found[0]}: TextVQA's annotation file; score it with --kind vqa")
     return loaded[0][1]
 
 
@@ -173,7 +177,7 @@ def _score_textvqa(run: ScoreRun, answer_rows, problems, questions) -> dict:
     Where that script stops (a prompt its prompt_processor cannot read, an answer with no
     annotation) the line is reported and left out, and the run goes on."""
     rows = [(f"{run.answers_file}:{row['_line']}", row) for row in answer_rows]
-    match = bench.match_textvqa(questions, rows)
+    match = match_textvqa(questions, rows)
     report(problems + match.unkeyed)
     missing = [q.question_id for q, text in zip(questions, match.given) if text is None]
     _warn_coverage(match.duplicates, missing, len(questions))
@@ -184,7 +188,7 @@ def _score_textvqa(run: ScoreRun, answer_rows, problems, questions) -> dict:
     if shared:
         warn(f"{shared} annotations share (image id, question) with another; all are scored against the last "
              f"one's answers, as eval_textvqa.py does")
-    result = bench.score_textvqa(questions, match.given, run.lenient)
+    result = score_textvqa(questions, match.given, run.lenient)
     result.update(questions=len(questions), answered=len(questions) - len(missing), missing=len(missing),
                   duplicates=len(match.duplicates), not_annotated=len(match.not_annotated),
                   unkeyed_answers=len(match.unkeyed), unreadable_lines=len(problems), rules=_rules(run.lenient))
@@ -205,27 +209,27 @@ class _Keyed:
 
 def _score_seed(path: str, answer_rows, problems, run: ScoreRun) -> _Keyed:
     """SEED-Bench.json; --converted-output: the upload jsonl."""
-    questions = bench.load_seed(path)
-    answers, duplicates = first_answers(answer_rows, lambda r: bench.seed_key(r["question_id"]), problems)
-    scores = bench.score_seed(questions, answers, run.lenient)
+    questions = load_seed(path)
+    answers, duplicates = first_answers(answer_rows, lambda r: seed_key(r["question_id"]), problems)
+    scores = score_seed(questions, answers, run.lenient)
     if run.converted_output:
-        write_jsonl(run.converted_output, bench.seed_upload(questions, answers))
-    return _Keyed(scores, answers, duplicates, [bench.seed_key(q.question_id) for q in questions])
+        write_jsonl(run.converted_output, seed_upload(questions, answers))
+    return _Keyed(scores, answers, duplicates, [seed_key(q.question_id) for q in questions])
 
 
 def _score_gqa(path: str, answer_rows, problems, run: ScoreRun) -> _Keyed:
     """GQA's questions json; --converted-output: the predictions json its eval.py reads."""
-    questions = bench.load_gqa(path)
+    questions = load_gqa(path)
     answers, duplicates = first_answers(answer_rows, lambda r: str(r["question_id"]), problems)
-    scores = bench.score_gqa(questions, answers, run.lenient)
+    scores = score_gqa(questions, answers, run.lenient)
     if run.converted_output:
-        write_text(run.converted_output, json.dumps(bench.gqa_predictions(answer_pairs(answer_rows))))
+        write_text(run.converted_output, json.dumps(gqa_predictions(answer_pairs(answer_rows))))
     return _Keyed(scores, answers, duplicates, [str(q) for q, v in questions.items() if v.get("isBalanced", True)])
 
 
 def _holds_mme_answers(folder) -> bool:
     """Whether `folder` holds only what --converted-output writes for MME (an earlier conversion)."""
-    return entries(folder) <= bench.MME_ANSWER_FILES
+    return entries(folder) <= MME_ANSWER_FILES
 
 
 def _score_mme(path: str, answer_rows, problems, run: ScoreRun) -> _Keyed:
@@ -233,7 +237,7 @@ def _score_mme(path: str, answer_rows, problems, run: ScoreRun) -> _Keyed:
     --converted-output: a folder of <subtask>.txt for MME's calculation.py."""
     if run.converted_output:  # before the work: a folder of someone else's files is not ours to write into
         check_output_dir(run.converted_output, _holds_mme_answers, run.overwrite, "MME answer files (<subtask>.txt)")
-    questions = bench.load_mme(path)
+    questions = load_mme(path)
     truth = dict.fromkeys((q.category, q.file, q.question) for q in questions)
 
     def key(row):
@@ -241,16 +245,16 @@ def _score_mme(path: str, answer_rows, problems, run: ScoreRun) -> _Keyed:
             problems.append(f"{run.answers_file}: question_id {row['question_id']}: no prompt (MME finds the "
                             f"question by it)")
             return None
-        category, name = bench.mme_answer_place(row["question_id"])
+        category, name = mme_answer_place(row["question_id"])
         for question in mme_question_candidates(row["prompt"]):
             if (category, name, question) in truth:
                 return category, name, question
         return ("not annotated", str(row["question_id"]), row["prompt"])
 
     answers, duplicates = first_answers(answer_rows, key, problems)
-    scores = bench.score_mme(questions, answers, run.lenient)
+    scores = score_mme(questions, answers, run.lenient)
     if run.converted_output:
-        for name, text in bench.mme_answer_files(answers, questions).items():
+        for name, text in mme_answer_files(answers, questions).items():
             write_text(os.path.join(run.converted_output, name), text)
     return _Keyed(scores, answers, duplicates, list(truth), name=lambda key: "/".join(key[:2]))
 
@@ -268,7 +272,7 @@ KINDS = (*ANNOTATION_KINDS, *BENCHMARK_KINDS)  # the --kind choices
 def _score_benchmark(run: ScoreRun, answer_rows, problems) -> dict:
     """--kind seed / gqa / mme: the benchmark's own ground truth, scored as EVE's scripts do."""
     if len(run.annotations) != 1:
-        raise bench.BenchmarkFileError(f"--kind {run.kind} takes one --annotations path, not {len(run.annotations)}")
+        raise BenchmarkFileError(f"--kind {run.kind} takes one --annotations path, not {len(run.annotations)}")
     keyed = BENCHMARK_KINDS[run.kind](run.annotations[0], answer_rows, problems, run)
     report(problems)
     missing = [i for i in keyed.ids if i not in keyed.answers]

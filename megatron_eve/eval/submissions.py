@@ -6,7 +6,7 @@ scripts/convert_*_for_submission.py and convert_*_for_eval.py write them:
   VizWiz (EvalAI): [{"image", "answer"}] for every question of the test file, EvalAI's processor
     applied (it lower-cases, so "Unanswerable" becomes "unanswerable"; nothing else is special);
   MM-Vet (its GPT-4 grader): {"v1_<question_id>": answer text};
-  SEED-Bench (the leaderboard) and GQA (its eval.py), MMBench (.xlsx, the server): see benchmarks.py.
+  SEED-Bench (the leaderboard) and GQA (its eval.py), MMBench (.xlsx, the server): see benchmarks/.
 
 SUBMISSIONS maps each benchmark to its writer; `write_submission` is `eval_vqa.py submit`."""
 
@@ -20,8 +20,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from megatron_eve.atomic import write_jsonl, write_text
 from megatron_eve.eval.answer_files import answer_pairs, read_jsonl, report, warn
-from megatron_eve.eval.benchmarks import (BenchmarkFileError, gqa_predictions, load_seed, mmbench_table, read_mmbench,
-                                          seed_key, seed_upload)
+from megatron_eve.eval.benchmarks.files import BenchmarkFileError
+from megatron_eve.eval.benchmarks.gqa import gqa_predictions
+from megatron_eve.eval.benchmarks.mmbench import mmbench_table, read_mmbench
+from megatron_eve.eval.benchmarks.seed import load_seed, seed_key, seed_upload
 from megatron_eve.eval.scorers import normalize_vqa_answer
 from megatron_eve.eval.xlsx import write_xlsx
 

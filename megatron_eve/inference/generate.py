@@ -180,7 +180,7 @@ def load_model_for_inference(root: str, parallel, transformer_impl: str = "auto"
 
     from megatron_eve.config import ConfigError, RuntimeConfig, model_config_from_dict
     from megatron_eve.model.build import build_model
-    from megatron_eve.training.checkpoint import checkpoint_dir, latest_iteration
+    from megatron_eve.training.checkpoint_records import checkpoint_dir, latest_iteration
 
     iteration = iteration if iteration is not None else latest_iteration(root)
     if iteration is None:

@@ -12,7 +12,8 @@ keeps the local spec's projections and swaps only the core attention:
               (any device; the CPU path of the packed code)
   [s, b] batches: scaled_dot_product_attention (flash / memory-efficient / math kernels).
 
-With THD, RoPE is applied here over the packed row's flat positions (see carry_flat_rotary).
+With THD, RoPE is applied here over the packed row's flat positions (see carry_flat_rotary), its
+cos / sin tables made once per micro-batch, in one compiled kernel per tensor on CUDA (rope_fusion).
 
 "auto" takes the first of varlen, flash, flex that works here for the tensors' dtype (the varlen
 and flash kernels take fp16 / bf16 only: an fp32 model gets flex on CUDA, else sdpa).
@@ -26,8 +27,9 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+from megatron_eve.config import ConfigError
 
 BACKENDS = ("auto", "varlen", "flash", "flex", "sdpa")
 HALF_ONLY = ("varlen", "flash")  # flash-attention kernels: fp16 / bf16 tensors only
@@ -112,9 +114,11 @@ def _compiled_flex():
 
 
 class TorchAttention(DotProductAttention):
-    """Drop-in for DotProductAttention (same construction); the kernel is chosen by `backend`."""
+    """Drop-in for DotProductAttention (same construction); the kernel is chosen by `backend`,
+    RoPE's (THD) by `rope_fusion`."""
 
     backend = "auto"
+    rope_fusion = True
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -124,8 +128,7 @@ class TorchAttention(DotProductAttention):
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             rotary = getattr(packed_seq_params, "_eve_flat_rotary", None)
             if rotary is not None:
-                query, key = (apply_rotary_pos_emb(t.unsqueeze(1), rotary[: t.shape[0]], config=self.config).squeeze(1)
-                              for t in (query, key))
+                query, key = rotary.apply(query, self.rope_fusion), rotary.apply(key, self.rope_fusion)
             return self._packed(query, key, value, packed_seq_params, dropout)
         sq, batch, heads, head_dim = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
@@ -170,13 +173,51 @@ class TorchAttention(DotProductAttention):
         return out[0].transpose(0, 1)
 
 
+def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as megatron-core's unfused path computes it (rotate-half, non-interleaved), in t's
+    dtype: t [tokens, heads, d], cos / sin [tokens, 1, d]."""
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    return t * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_rotate():
+    # One fused kernel forward and one backward instead of about six elementwise passes over
+    # q and k each (negate, cat, two products, sum, and megatron-core's final cat).
+    return torch.compile(rotate, fullgraph=True)
+
+
+class FlatRotary:
+    """RoPE over a packed row's flat positions: the frequency table [t, 1, 1, d] and, made on first
+    use and reused by every layer (and recomputation) of the micro-batch, its cos / sin in the
+    activations' dtype."""
+
+    def __init__(self, freqs: torch.Tensor):
+        self.freqs = freqs
+        self._tables = {}
+
+    def apply(self, t: torch.Tensor, fused: bool) -> torch.Tensor:
+        tables = self._tables.get(t.dtype)
+        if tables is None:
+            freqs = self.freqs[:, 0]
+            tables = self._tables[t.dtype] = (freqs.cos().to(t.dtype), freqs.sin().to(t.dtype))
+        cos, sin = (table[: t.shape[0]] for table in tables)
+        if not (fused and t.is_cuda):
+            return rotate(t, cos, sin)
+        try:
+            return _compiled_rotate()(t, cos, sin)
+        except torch._dynamo.exc.TorchDynamoException as error:  # e.g. no working Triton
+            raise ConfigError(f"RoPE fusion does not compile here ({str(error).splitlines()[0][:200]}): "
+                              "run with --no-rope-fusion") from error
+
+
 def carry_flat_rotary(params, rotary: torch.Tensor) -> None:
     """Hands TorchAttention the RoPE table of the packed row's flat positions [t, 1, 1, d] (the
     decoder then gets rotary_pos_emb=None). RoPE is relative and packed samples never attend across
     their boundaries, so rotating by flat positions equals restarting positions at every sample,
     without megatron-core's per-sample THD loop (a .tolist(), an .item() and one launch per sample,
     for q and k in every layer)."""
-    params._eve_flat_rotary = rotary
+    params._eve_flat_rotary = FlatRotary(rotary)
 
 
 def document_block_mask(params, total: int, device):
@@ -201,6 +242,6 @@ def document_block_mask(params, total: int, device):
     return block
 
 
-def torch_attention(backend: str):
-    """A TorchAttention subclass bound to one backend (specs take classes)."""
-    return type(f"TorchAttention_{backend}", (TorchAttention,), {"backend": backend})
+def torch_attention(backend: str, rope_fusion: bool = True):
+    """A TorchAttention subclass bound to one backend and RoPE path (specs take classes)."""
+    return type(f"TorchAttention_{backend}", (TorchAttention,), {"backend": backend, "rope_fusion": rope_fusion})

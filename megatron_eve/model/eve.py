@@ -51,6 +51,7 @@ class EVEModel(LanguageModule):
         *,
         transformer_impl: str = "auto",
         attention_backend: str = "auto",
+        rope_fusion: bool = True,
         pre_process: bool = True,
         post_process: bool = True,
         parallel_output: bool = True,
@@ -92,7 +93,7 @@ class EVEModel(LanguageModule):
         )
         self.decoder = TransformerBlock(
             config=transformer_config,
-            spec=decoder_block_spec(transformer_config, transformer_impl, vp_stage, attention_backend),
+            spec=decoder_block_spec(transformer_config, transformer_impl, vp_stage, attention_backend, rope_fusion),
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,

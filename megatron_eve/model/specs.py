@@ -58,9 +58,10 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def decoder_block_spec(config, impl: str, vp_stage: Optional[int] = None, attention_backend: str = "auto"):
+def decoder_block_spec(config, impl: str, vp_stage: Optional[int] = None, attention_backend: str = "auto",
+                       rope_fusion: bool = True):
     """Block spec of this stage's Llama decoder layers (RMSNorm, SwiGLU, RoPE self-attention)
-    and the final norm."""
+    and the final norm; attention_backend and rope_fusion choose the torch impl's kernels."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -84,7 +85,7 @@ def decoder_block_spec(config, impl: str, vp_stage: Optional[int] = None, attent
 
             attention = layer.submodules.self_attention
             attention.submodules = dataclasses.replace(
-                attention.submodules, core_attention=torch_attention(attention_backend)
+                attention.submodules, core_attention=torch_attention(attention_backend, rope_fusion)
             )
         final_norm = RMSNorm
     layers = get_num_layers_to_build(config, vp_stage)

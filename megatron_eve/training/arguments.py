@@ -83,7 +83,7 @@ def _base_model(args: argparse.Namespace, changes: dict) -> EVEModelConfig:
     load first (architecture flags given must agree with it)."""
     if not args.use_checkpoint_args:
         return get_preset(args.preset)
-    from megatron_eve.training.checkpoint import checkpoint_to_load, recorded_model_config
+    from megatron_eve.training.checkpoint_records import checkpoint_to_load, recorded_model_config
 
     source = checkpoint_to_load(args.load, args.pretrained_checkpoint)
     if source is None:

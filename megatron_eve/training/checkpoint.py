@@ -1,4 +1,5 @@
-"""Checkpoints with megatron-core dist-checkpointing (Megatron-LM's directory conventions).
+"""Saving and loading checkpoints with megatron-core dist-checkpointing (Megatron-LM's directory
+conventions; checkpoint_records.py reads what a checkpoint root holds before any work).
 
 SAVE/iter_0000100/ holds model, optimizer, scheduler, iteration, consumed samples and per-rank RNG;
 SAVE/latest_checkpointed_iteration.txt names the newest complete one. A checkpoint is written under
@@ -19,7 +20,6 @@ model) keep their initialisation.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -33,19 +33,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_eve.atomic import recover_replaced, replace_directory, write_text
+from megatron_eve.atomic import replace_directory, write_text
 from megatron_eve.checkpoint import safe_metadata
-from megatron_eve.config import (ConfigError, EVEModelConfig, TrainingJob, architecture_differences,
-                                 model_config_from_dict)
+from megatron_eve.config import ConfigError, TrainingJob
 from megatron_eve.model.specs import resolve_transformer_impl
+from megatron_eve.training.checkpoint_records import (DP_RESHARDABLE, FULLY_RESHARDABLE, PLAIN, TRACKER,
+                                                      CheckpointLoadError, checkpoint_dir, complete_iterations,
+                                                      latest_iteration, reading, saved_optimizer_format)
 from megatron_eve.training.checksums import damaged_files, record_checksums, record_own_shards
-from megatron_eve.training.optim import schedule_differences, step_restored_from_param_groups, torch_adam_state_made
+from megatron_eve.training.optim import torch_adam_loading, torch_adam_state_made
 
 logger = logging.getLogger(__name__)
 safe_metadata.install()  # every load in this process reads .metadata without running its code
-TRACKER = "latest_checkpointed_iteration.txt"
-# Optimizer state formats (megatron-core's DistributedOptimizer sharding types, and the plain optimizer's).
-DP_RESHARDABLE, FULLY_RESHARDABLE, PLAIN = "dp_reshardable", "fully_reshardable", "plain"
 
 
 def model_states(model) -> Dict[str, Dict]:
@@ -62,121 +61,7 @@ def model_states(model) -> Dict[str, Dict]:
     return {name: (chunk, chunk.sharded_state_dict()) for name, chunk in zip(names, chunks)}
 
 
-def checkpoint_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
 EXTRA_STATE = "_extra_state"  # Transformer Engine modules' non-tensor state (FP8 metadata)
-
-
-class CheckpointLoadError(ConfigError):
-    """A checkpoint directory whose files cannot be read (truncated, damaged, incomplete)."""
-
-
-def _first_line(error: BaseException) -> str:
-    """The innermost cause's message, on one line."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    failures = getattr(error, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
-    if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        error = inner[0] if isinstance(inner, tuple) else inner
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}".rstrip(": ")
-
-
-@contextlib.contextmanager
-def reading(directory: str):
-    """Turn whatever a damaged checkpoint file raises deep inside dist-checkpointing into one line
-    that names the directory and says what to do."""
-    try:
-        yield
-    except (ConfigError, KeyboardInterrupt, SystemExit):
-        raise
-    # torch's CheckpointException (a BaseException) wraps the ranks' read errors.
-    except BaseException as error:  # noqa: BLE001 — torch / megatron-core raise many kinds here
-        detail = _first_line(error)
-        raise CheckpointLoadError(
-            f"{directory} cannot be loaded ({detail}): a file is truncated, damaged or "
-            f"missing; resume from an earlier iteration by writing its number into {TRACKER}") from error
-
-
-def _latest_common_state(root: str) -> Tuple[str, Dict]:
-    """(directory, common state: everything but the sharded tensors) of the latest checkpoint under `root`."""
-    from megatron.core import dist_checkpointing
-
-    iteration = latest_iteration(root)
-    if iteration is None:
-        raise ConfigError(f"{root}: no {TRACKER} (no complete checkpoint there)")
-    directory = checkpoint_dir(root, iteration)
-    with reading(directory):
-        return directory, dist_checkpointing.load_common_state_dict(directory)
-
-
-def recorded_model_config(root: str) -> EVEModelConfig:
-    """The model configuration the latest checkpoint under `root` recorded (at save or conversion)."""
-    directory, common = _latest_common_state(root)
-    if "model_config" not in common:
-        raise ConfigError(f"{directory} records no model configuration: build the model from flags instead")
-    return model_config_from_dict(common["model_config"])
-
-
-def checkpoint_to_load(load: Optional[str], pretrained_checkpoint: Optional[str]) -> Optional[str]:
-    """The root load() reads first: --load when it holds a checkpoint (resume, or --finetune's
-    weights), else --pretrained-checkpoint."""
-    if load and latest_iteration(load) is not None:
-        return load
-    return pretrained_checkpoint
-
-
-def check_schedule(job: TrainingJob) -> None:
-    """Refuse a resume whose learning-rate / weight-decay schedule flags differ from the
-    checkpoint's unless the run says which to follow (Megatron-LM asserts the same)."""
-    ck, o = job.checkpoint, job.optim
-    if (not ck.load or latest_iteration(ck.load) is None or ck.finetune or ck.no_load_optim
-            or o.override_opt_param_scheduler or o.use_checkpoint_opt_param_scheduler):
-        return  # not a resume that loads the scheduler, or the run chose
-    directory, common = _latest_common_state(ck.load)
-    differences = schedule_differences(job, common.get("opt_param_scheduler", {}))
-    if differences:
-        raise ConfigError(
-            f"{directory} was trained on another learning-rate schedule than these flags give ("
-            f"{'; '.join(differences)}; steps count samples): pass --override-opt-param-scheduler to follow "
-            "the flags from the checkpoint's step, or --use-checkpoint-opt-param-scheduler to keep the checkpoint's")
-
-
-def check_architecture(job: TrainingJob, root: str) -> None:
-    """Refuse, naming each field, a checkpoint whose recorded architecture is not the model built."""
-    differences = architecture_differences(job.model, recorded_model_config(root))
-    if differences:
-        raise ConfigError(
-            f"{root} holds a different architecture (this run vs the checkpoint): {'; '.join(differences)}; "
-            "pass --use-checkpoint-args to build the model the checkpoint records")
-
-
-def latest_iteration(root: str) -> Optional[int]:
-    path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as handle:
-        text = handle.read().strip()
-    if not text.isdigit():
-        raise ConfigError(f"{path} holds {text!r}, not an iteration number")
-    iteration = int(text)
-    recover_replaced(checkpoint_dir(root, iteration))
-    return iteration
-
-
-def complete_iterations(root: str) -> List[int]:
-    """Iterations with a finished checkpoint directory under root (whatever the marker says)."""
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        if name.startswith("iter_") and name[5:].isdigit() and os.path.isfile(
-                os.path.join(root, name, "metadata.json")):
-            found.append(int(name[5:]))
-    return sorted(found)
 
 
 @dataclass
@@ -424,12 +309,6 @@ def _refuse_unmarked(*roots: Optional[str]) -> None:
                 f"{os.path.join(root, TRACKER)} to resume from it, or train into an empty --save directory")
 
 
-def saved_optimizer_format(common: Dict) -> str:
-    """The optimizer format a checkpoint's common state records (older checkpoints: fully reshardable)."""
-    return common.get("optimizer_format") or (common.get("content_metadata") or {}).get(
-        "distrib_optim_sharding_type", FULLY_RESHARDABLE)
-
-
 def _check_optimizer_format(job: TrainingJob, directory: str, saved: str, layout: Optional[Dict]) -> None:
     """The data-parallel-sharded format follows the distributed optimizer's buckets of one TP x PP
     layout: refuse, in one line, what it cannot be loaded into (the weights still reshard)."""
@@ -498,7 +377,7 @@ def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> Tr
     if "optimizer" in template:  # (the result holds the checkpoint's common optimizer entries either way)
         # megatron-core copies the data-parallel-sharded state into the main parameters in place
         # without no_grad: in fp32 training those are views of the model's leaf parameters.
-        with torch.no_grad(), step_restored_from_param_groups(optimizer):
+        with torch.no_grad(), torch_adam_loading(optimizer):
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(common["opt_param_scheduler"])
     else:

@@ -23,7 +23,7 @@ from megatron_eve.data.indexed import DatasetFormatError, read_metadata
 from megatron_eve.data.loader import BatchPlan, build_loader, model_inputs
 from megatron_eve.model.build import build_model_chunks
 from megatron_eve.platform import current_device
-from megatron_eve.training import checkpoint
+from megatron_eve.training import checkpoint, checkpoint_records
 from megatron_eve.training.iteration_stats import IterationStats
 from megatron_eve.training.metrics import (
     BatchWork,
@@ -52,15 +52,27 @@ def check_job(job: TrainingJob, world_size: int) -> None:
         blend = None
     if blend is not None:
         problems += _check_data(job, blend)
-    source = checkpoint.checkpoint_to_load(job.checkpoint.load, job.checkpoint.pretrained_checkpoint)
+    source = checkpoint_records.checkpoint_to_load(job.checkpoint.load, job.checkpoint.pretrained_checkpoint)
     if source is not None:
-        for check in (lambda: checkpoint.check_architecture(job, source), lambda: checkpoint.check_schedule(job)):
-            try:
-                check()
-            except ConfigError as error:
-                problems.append(str(error))
+        problems += _check_checkpoint(job, source)
     if problems:
         raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
+
+
+def _check_checkpoint(job: TrainingJob, source: str) -> List[str]:
+    """The checkpoint training loads first against the flags: its common state is read once (a
+    file over the network for large runs) and given to each check."""
+    try:
+        record = checkpoint_records.latest_record(source)
+    except ConfigError as error:
+        return [str(error)]
+    problems = []
+    for check in (checkpoint_records.check_architecture, checkpoint_records.check_schedule):
+        try:
+            check(job, record)
+        except ConfigError as error:
+            problems.append(str(error))
+    return problems
 
 
 def _check_data(job: TrainingJob, blend) -> List[str]:
@@ -427,7 +439,7 @@ def main(argv=None) -> int:
         rank = int(os.environ.get("RANK", "0"))
         # Checks before work (before the process group) agree on every rank: rank 0 speaks for
         # all. Later errors may be this rank's own (its stage, a checkpoint file it read): it says so.
-        if rank == 0 or dist.is_initialized() or isinstance(error, checkpoint.CheckpointLoadError):
+        if rank == 0 or dist.is_initialized() or isinstance(error, checkpoint_records.CheckpointLoadError):
             prefix = f"[rank {rank}] " if rank and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
             print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
         else:

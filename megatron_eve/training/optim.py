@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
-from megatron_eve.config import TrainingJob
+from megatron_eve.config import OptimConfig, TrainingJob
 from megatron_eve.training.pipeline_p2p import pair_two_rank_interleaving
 from megatron_eve.training.stages import vision_name_patterns
 
@@ -105,16 +105,44 @@ def torch_adam_state_made(optimizer) -> None:
                 for param in group["params"]:
                     state = sub.optimizer.state[param]
                     if not state:
-                        state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                        state.update(step=torch.zeros((), device=param.device), exp_avg=torch.zeros_like(param),
                                      exp_avg_sq=torch.zeros_like(param))
 
 
+def _torch_adams(optimizer) -> List[torch.optim.Optimizer]:
+    """The torch Adam / AdamW instances inside a megatron-core (chained) optimizer."""
+    inner = [getattr(sub, "optimizer", None) for sub in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def use_fused_torch_adam(optimizer, fused: bool = True) -> None:
+    """Without Transformer Engine or apex (their fused Adam), megatron-core builds torch's AdamW with
+    its default multi-tensor implementation: about a dozen kernels over every tensor group, each
+    step (12% of GPU kernel time in a profile of the torch spec). torch's fused AdamW does the same
+    update in one pass (CUDA and CPU). Set after the build, and again after a checkpoint load, which
+    restores the saving run's param groups; its step counters live on the parameters' device as
+    float32, one per parameter (a load may leave one shared host tensor). fused=False: back to
+    foreach (benchmarks compare the two)."""
+    for adam in _torch_adams(optimizer):
+        params = [p for group in adam.param_groups for p in group["params"]]
+        if not all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params):
+            continue
+        for group in adam.param_groups:
+            group.update(fused=fused, foreach=not fused)
+        for param in params:
+            state = adam.state.get(param)
+            if state and "step" in state:
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device, copy=True)
+
+
 @contextlib.contextmanager
-def step_restored_from_param_groups(optimizer):
-    """torch's Adam (no apex / Transformer Engine, e.g. on CPU) keeps a per-parameter "step" that
-    megatron-core 0.19 restores from the checkpoint's param groups, then overwrites while copying
-    each parameter's state: with the load template's value (data-parallel-sharded format), or
-    failing to find it (fully reshardable: KeyError). A non-tensor entry is skipped there."""
+def torch_adam_loading(optimizer):
+    """Around megatron-core's optimizer load, for torch's Adam (no apex / Transformer Engine):
+    its per-parameter "step", which megatron-core 0.19 restores from the checkpoint's param groups,
+    it then overwrites while copying each parameter's state: with the load template's value
+    (data-parallel-sharded format), or failing to find it (fully reshardable: KeyError); a
+    non-tensor entry is skipped there. After the load, the fused implementation again
+    (use_fused_torch_adam)."""
     patched = [sub for sub in getattr(optimizer, "chained_optimizers", [optimizer])
                if hasattr(sub, "_set_main_param_and_optimizer_states")]
     for sub in patched:
@@ -126,13 +154,35 @@ def step_restored_from_param_groups(optimizer):
     finally:
         for sub in patched:
             del sub._set_main_param_and_optimizer_states  # the class's method again
+    use_fused_torch_adam(optimizer)  # the loaded param groups are the saving run's
+
+
+def vision_rates(optim: OptimConfig) -> Optional[Dict[str, float]]:
+    """max_lr / min_lr of the vision parameters' own param groups (min_lr scaled as max_lr is);
+    None when --vision-lr is unset or equals --lr: they train in the base groups."""
+    if optim.vision_lr is None or optim.vision_lr == optim.lr:
+        return None
+    return {"max_lr": optim.vision_lr, "min_lr": optim.min_lr * (optim.vision_lr / optim.lr)}
+
+
+def param_group_overrides(config, optim: OptimConfig) -> Dict:
+    """megatron-core's standard overrides (no weight decay on biases and 1-D parameters: norms)
+    plus the vision parameters' learning rates. Overrides given to get_megatron_optimizer replace
+    its standard ones, so they are merged here (a parameter matching both gets both)."""
+    from megatron.core.optimizer import get_standard_config_overrides
+    from megatron.core.optimizer.optimizer_config import ParamKey
+
+    overrides = get_standard_config_overrides(config)
+    rates = vision_rates(optim)
+    if rates is not None:
+        overrides[ParamKey(name=tuple(vision_name_patterns()))] = rates
+    return overrides
 
 
 def build_optimizer(ddp, job: TrainingJob):
     """AdamW (megatron-core, optionally distributed) over a DDP model or a list of chunks, with the
-    vision parameters in their own group when --vision-lr differs from --lr."""
+    vision parameters in their own groups when --vision-lr differs from --lr."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer.optimizer_config import ParamKey
 
     use_foreach_multi_tensor_ops()
     o, r = job.optim, job.runtime
@@ -143,11 +193,10 @@ def build_optimizer(ddp, job: TrainingJob):
         initial_loss_scale=o.initial_loss_scale, use_distributed_optimizer=o.use_distributed_optimizer,
         overlap_param_gather=o.overlap_param_gather,
     )
-    overrides = None
-    if o.vision_lr is not None and o.vision_lr != o.lr:
-        ratio = o.vision_lr / o.lr
-        overrides = {ParamKey(name=tuple(vision_name_patterns())): {"max_lr": o.vision_lr, "min_lr": o.min_lr * ratio}}
-    return get_megatron_optimizer(config, ddp if isinstance(ddp, list) else [ddp], config_overrides=overrides)
+    optimizer = get_megatron_optimizer(config, ddp if isinstance(ddp, list) else [ddp],
+                                       config_overrides=param_group_overrides(config, o))
+    use_fused_torch_adam(optimizer)
+    return optimizer
 
 
 # The schedule's settings as megatron-core's OptimizerParamScheduler stores them, and the flags that set each.
@@ -185,7 +234,7 @@ def schedule_differences(job: TrainingJob, saved: Dict[str, object]) -> List[str
 def build_scheduler(optimizer, job: TrainingJob):
     """Megatron's OptimizerParamScheduler over the flags' schedule. On resume (load_state_dict) the
     checkpoint's values are kept unless --override-opt-param-scheduler; a difference without either
-    flag is refused before training (checkpoint.check_schedule)."""
+    flag is refused before training (checkpoint_records.check_schedule)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     override = job.optim.override_opt_param_scheduler

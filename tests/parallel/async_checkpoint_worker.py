@@ -118,6 +118,7 @@ def formats(root):
 
     from megatron_eve.config import ConfigError
     from megatron_eve.training import checkpoint
+    from megatron_eve.training.checkpoint_records import TRACKER, checkpoint_dir, latest_iteration
     from megatron_eve.training.checksums import CHECKSUMS
 
     out = {}
@@ -127,19 +128,19 @@ def formats(root):
     job, model, ddp, opt, sched = trainer(sync_dir, seed=1)
     saved_weights, saved_optimizer, saved_scheduler = weights(model), optimizer_state(opt), sched.state_dict()
     checkpoint.save(job, ddp, opt, sched, state)
-    common = common_state(checkpoint.checkpoint_dir(sync_dir, 3))
+    common = common_state(checkpoint_dir(sync_dir, 3))
     out["default_format"] = common["optimizer_format"]
 
     job.checkpoint.save, job.checkpoint.async_save = async_dir, True
     started = time.time()
     checkpoint.save(job, ddp, opt, sched, state)
     out["async_returned_unpublished"] = all_ranks(
-        not os.path.exists(os.path.join(async_dir, checkpoint.TRACKER)))
+        not os.path.exists(os.path.join(async_dir, TRACKER)))
     step(ddp, opt, sched)  # training goes on while the background process writes the captured state
     checkpoint.finalize_async_saves(blocking=True)
     out["async_seconds"] = time.time() - started
-    directory = checkpoint.checkpoint_dir(async_dir, 3)
-    out["async_published"] = checkpoint.latest_iteration(async_dir) == 3 and sorted(os.listdir(async_dir))
+    directory = checkpoint_dir(async_dir, 3)
+    out["async_published"] = latest_iteration(async_dir) == 3 and sorted(os.listdir(async_dir))
     out["async_verified"] = checkpoint.verify_checksums(directory)
     with open(os.path.join(directory, CHECKSUMS)) as handle:
         recorded = sorted(json.load(handle)["files"])
@@ -150,7 +151,7 @@ def formats(root):
     _, model_f, ddp_f, opt_f, sched_f = trainer(full_dir, seed=1)  # the same state as `sync`
     checkpoint.save(job, ddp_f, opt_f, sched_f, state)
     out["reshardable_format"] = common_state(
-        checkpoint.checkpoint_dir(full_dir, 3))["optimizer_format"]
+        checkpoint_dir(full_dir, 3))["optimizer_format"]
 
     # Resume at the same layout (TP1/DP2): sync and async copies give back exactly the saved state.
     for name, directory in (("sync", sync_dir), ("async", async_dir), ("full", full_dir)):
@@ -182,12 +183,12 @@ def formats(root):
     checkpoint.save(job3, ddp3, opt3, sched3, state)
     dist.barrier()
     # Whole global tensors, read back from both layouts' checkpoints: bitwise the same.
-    before = plain_tensors(checkpoint.checkpoint_dir(full_dir, 3))
-    after = plain_tensors(checkpoint.checkpoint_dir(os.path.join(root, "tp2_full"), 3))
+    before = plain_tensors(checkpoint_dir(full_dir, 3))
+    after = plain_tensors(checkpoint_dir(os.path.join(root, "tp2_full"), 3))
     out["tp2_full_tensors_equal"] = sorted(before) == sorted(after) and equal(before, after)
     out["tp2_full_optimizer_tensors"] = sum(k.startswith("optimizer.") for k in after)
     weights_before = {k: v for k, v in before.items() if not k.startswith("optimizer.")}
-    weights_after = {k: v for k, v in plain_tensors(checkpoint.checkpoint_dir(os.path.join(root, "tp2_weights"), 3))
+    weights_after = {k: v for k, v in plain_tensors(checkpoint_dir(os.path.join(root, "tp2_weights"), 3))
                      .items() if not k.startswith("optimizer.")}
     out["tp2_default_weights_equal"] = equal(weights_before, weights_after)
     if dist.get_rank() == 0:
@@ -196,14 +197,15 @@ def formats(root):
 
 def dp1(root):
     from megatron_eve.training import checkpoint
+    from megatron_eve.training.checkpoint_records import checkpoint_dir
 
     setup(1)
     job, model, ddp, opt, sched = trainer(os.path.join(root, "sync"), seed=9, steps=1)
     out = {"iteration": checkpoint.load(job, ddp, opt, sched).iteration}
     job.checkpoint.save, job.checkpoint.dist_ckpt_optim_fully_reshardable = os.path.join(root, "dp1_full"), True
     checkpoint.save(job, ddp, opt, sched, checkpoint.TrainState(iteration=3, consumed_samples=12))
-    before = plain_tensors(checkpoint.checkpoint_dir(os.path.join(root, "full"), 3))
-    after = plain_tensors(checkpoint.checkpoint_dir(os.path.join(root, "dp1_full"), 3))
+    before = plain_tensors(checkpoint_dir(os.path.join(root, "full"), 3))
+    after = plain_tensors(checkpoint_dir(os.path.join(root, "dp1_full"), 3))
     out["tensors_equal"] = sorted(before) == sorted(after) and equal(before, after)
     print(json.dumps(out), flush=True)
 
@@ -246,10 +248,11 @@ def after(root):
     import torch.distributed as dist
 
     from megatron_eve.training import checkpoint
+    from megatron_eve.training.checkpoint_records import latest_iteration
 
     setup(1)
     rank = dist.get_rank()
-    out = {"marked": checkpoint.latest_iteration(root), "entries": sorted(os.listdir(root))}
+    out = {"marked": latest_iteration(root), "entries": sorted(os.listdir(root))}
     job, model, ddp, opt, sched = trainer(root, seed=9, steps=1, verify_checkpoint=True)
     resumed = checkpoint.load(job, ddp, opt, sched)
     reference = torch.load(os.path.join(root, f"ref{rank}.pt"))
@@ -259,7 +262,7 @@ def after(root):
     job.checkpoint.async_save = True
     checkpoint.save(job, ddp, opt, sched, checkpoint.TrainState(iteration=2, consumed_samples=8))
     checkpoint.finalize_async_saves(blocking=True)
-    out["resaved"] = checkpoint.latest_iteration(root)
+    out["resaved"] = latest_iteration(root)
     out["entries_after"] = sorted(n for n in os.listdir(root) if n.startswith("iter_"))
     if rank == 0:
         print(json.dumps(out), flush=True)

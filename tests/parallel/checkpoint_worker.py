@@ -19,7 +19,9 @@ def main(root: str):
                                      ParallelConfig, RuntimeConfig, ScheduleConfig, TrainingJob)
     from megatron_eve.model.build import build_model
     from megatron_eve.training import checkpoint
-    from megatron_eve.training.optim import build_optimizer, build_scheduler, wrap_model
+    from megatron_eve.training.checkpoint_records import TRACKER, CheckpointLoadError, checkpoint_dir, latest_iteration
+    from megatron_eve.training.optim import (_torch_adams, build_optimizer, build_scheduler, use_fused_torch_adam,
+                                             wrap_model)
     from tests.helpers import tiny_config
 
     class ExtraState(torch.nn.Module):
@@ -60,14 +62,21 @@ def main(root: str):
     out = {}
     plain_dir, te_dir = os.path.join(root, "plain"), os.path.join(root, "te")
     job, plain, ddp, opt, sched = trainer(plain_dir, seed=1)
+    use_fused_torch_adam(opt, fused=False)  # saved by a run on torch's foreach AdamW
     checkpoint.save(job, ddp, opt, sched, checkpoint.TrainState(iteration=1, consumed_samples=4))
     saved_plain = weights(plain)
 
-    # plain → a model with _extra_state: weights load, the extra state is left alone.
+    # plain → a model with _extra_state: weights load, the extra state is left alone; the loaded
+    # optimizer runs fused again, a step counter of its own per parameter.
     job, te, ddp, opt, sched = trainer(plain_dir, extra_state=1, seed=2)
     state = checkpoint.load(job, ddp, opt, sched)
+    adams = _torch_adams(opt)
+    steps = [adam.state[p]["step"] for adam in adams for g in adam.param_groups for p in g["params"]]
     out["plain_to_te"] = {"iteration": state.iteration, "weights_equal": same(weights(te), saved_plain),
-                          "extra_state_loaded": te.te_probe.loaded}
+                          "extra_state_loaded": te.te_probe.loaded,
+                          "fused_after_load": bool(adams) and all(g["fused"] and not g["foreach"]
+                                                                  for adam in adams for g in adam.param_groups),
+                          "own_steps": len({id(s) for s in steps}) == len(steps) > 0}
     job.checkpoint.save = te_dir
     checkpoint.save(job, ddp, opt, sched, checkpoint.TrainState(iteration=2, consumed_samples=8))
 
@@ -80,27 +89,27 @@ def main(root: str):
     out["te_to_te"] = {"extra_state_loaded": te2.te_probe.loaded}
 
     # A damaged file: one line naming the checkpoint, not a traceback from deep inside.
-    shard = next(p for p in sorted(os.listdir(checkpoint.checkpoint_dir(te_dir, 2))) if p.endswith(".distcp"))
-    path = os.path.join(checkpoint.checkpoint_dir(te_dir, 2), shard)
+    shard = next(p for p in sorted(os.listdir(checkpoint_dir(te_dir, 2))) if p.endswith(".distcp"))
+    path = os.path.join(checkpoint_dir(te_dir, 2), shard)
     with open(path, "r+b") as handle:
         handle.truncate(os.path.getsize(path) // 3)
     try:
         checkpoint.load(job, ddp, opt, sched)
         out["damaged"] = "loaded"
-    except checkpoint.CheckpointLoadError as error:
+    except CheckpointLoadError as error:
         out["damaged"] = str(error)
 
     # Saving over an existing iteration moves the old copy aside until the new one is in place.
     job, plain3, ddp, opt, sched = trainer(plain_dir, seed=5)
     checkpoint.save(job, ddp, opt, sched, checkpoint.TrainState(iteration=1, consumed_samples=4))
     out["resaved_entries"] = sorted(os.listdir(plain_dir))
-    final = checkpoint.checkpoint_dir(plain_dir, 1)
+    final = checkpoint_dir(plain_dir, 1)
     os.replace(final, final + ".replaced")  # as if killed between the two renames
-    out["recovered_iteration"] = checkpoint.latest_iteration(plain_dir)
+    out["recovered_iteration"] = latest_iteration(plain_dir)
     out["recovered_entries"] = sorted(os.listdir(plain_dir))
 
     # iter_* without a marker: refuse to start over them.
-    os.remove(os.path.join(plain_dir, checkpoint.TRACKER))
+    os.remove(os.path.join(plain_dir, TRACKER))
     try:
         checkpoint.load(job, ddp, opt, sched)
         out["unmarked"] = "started from scratch"

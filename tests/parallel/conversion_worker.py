@@ -21,7 +21,7 @@ import torch.distributed as dist  # noqa: E402
 
 from megatron_eve import distributed  # noqa: E402
 from megatron_eve.config import ParallelConfig  # noqa: E402
-from megatron_eve.training.checkpoint import TRACKER, checkpoint_dir  # noqa: E402
+from megatron_eve.training.checkpoint_records import TRACKER, checkpoint_dir  # noqa: E402
 
 
 def load_model(root, parallel):

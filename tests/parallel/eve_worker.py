@@ -102,6 +102,22 @@ def compare_gradients(reference_dir, directory):
     return differences
 
 
+def fuse_weight_gradients():
+    """Gradient-accumulation fusion on the CPU (megatron_eve enables it on CUDA only): returns a
+    one-element list counting the kernel's calls."""
+    from megatron_eve.model import wgrad_accumulation
+
+    calls, kernel = [0], wgrad_accumulation.wgrad_gemm_accum_fp32
+
+    def counted(*tensors):
+        calls[0] += 1
+        kernel(*tensors)
+
+    wgrad_accumulation.available = lambda: True
+    wgrad_accumulation.wgrad_gemm_accum_fp32 = counted
+    return calls
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["reference", "layout"])
@@ -112,6 +128,9 @@ def main():
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--vpp", type=int, default=None, help="model chunks per pipeline rank (interleaved 1F1B)")
     parser.add_argument("--packed", action="store_true", help="a fourth micro-batch: three samples packed in one row")
+    parser.add_argument("--grad-accumulation-fusion", action="store_true",
+                        help="megatron-core's linears accumulate weight gradients into the main grads with "
+                             "megatron_eve's torch kernel (on by default on CUDA only); counts its calls")
     args = parser.parse_args()
 
     from megatron.core import dist_checkpointing, parallel_state
@@ -121,6 +140,7 @@ def main():
     per_stage = cfg.language.num_layers // (args.pp * args.vpp) if args.vpp else None
     parallel = ParallelConfig(args.tp, args.pp, args.sp, num_layers_per_virtual_pipeline_stage=per_stage)
     distributed.initialize(parallel, seed=1234, virtual_pipeline_size=args.vpp)
+    fused_calls = fuse_weight_gradients() if args.grad_accumulation_fusion else None
     chunks = build_model_chunks(cfg, parallel, RuntimeConfig(use_cpu_initialization=True))
     out = Path(args.out)
     if args.mode == "reference":
@@ -139,6 +159,14 @@ def main():
         samples = [make_sample(cfg, spec, 100 + i) for i, spec in enumerate(PACKED_SPECS)]
         batches.append(collate(samples, pack=True, pad_to=-(-sum(len(s["tokens"]) for s in samples) // 8) * 8))
     ddp, losses = run_step(chunks, cfg, batches)
+    if fused_calls is not None:
+        # Every megatron-core linear of this rank (4 per layer, the output layer), per micro-batch.
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        linears = sum(1 for chunk in chunks for module in chunk.modules()
+                      if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+                      and module.gradient_accumulation_fusion)
+        assert linears and fused_calls == [linears * len(batches)], (fused_calls, linears, len(batches))
     for chunk in ddp:
         check_replicated_grads_agree(chunk.module)
     save_gradients(ddp, out / "grads")

@@ -1,0 +1,233 @@
+"""What a checkpoint root records, read before any work: which iteration is the latest and complete,
+the model configuration, learning-rate schedule and optimizer format it was saved with, and the
+checks that refuse a run whose flags disagree with them (before a process group or a model exists).
+
+Also the directory conventions (Megatron-LM's) and the one-line report of an unreadable checkpoint
+that checkpoint.py, which saves and loads, shares with this module: SAVE/iter_0000100/ is one
+checkpoint, SAVE/latest_checkpointed_iteration.txt names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, List, NamedTuple, Optional
+
+from megatron_eve.atomic import recover_replaced
+from megatron_eve.checkpoint import safe_metadata
+from megatron_eve.config import (ConfigError, EVEModelConfig, TrainingJob, architecture_differences,
+                                 model_config_from_dict)
+from megatron_eve.training.optim import schedule_differences, vision_rates
+
+safe_metadata.install()  # reading a common state reads .metadata: never run code from it
+TRACKER = "latest_checkpointed_iteration.txt"
+# Optimizer state formats (megatron-core's DistributedOptimizer sharding types, and the plain optimizer's).
+DP_RESHARDABLE, FULLY_RESHARDABLE, PLAIN = "dp_reshardable", "fully_reshardable", "plain"
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+class CheckpointLoadError(ConfigError):
+    """A checkpoint directory whose files cannot be read (truncated, damaged, incomplete)."""
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost cause's message, on one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    failures = getattr(error, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        error = inner[0] if isinstance(inner, tuple) else inner
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def reading(directory: str):
+    """Turn whatever a damaged checkpoint file raises deep inside dist-checkpointing into one line
+    that names the directory and says what to do."""
+    try:
+        yield
+    except (ConfigError, KeyboardInterrupt, SystemExit):
+        raise
+    # torch's CheckpointException (a BaseException) wraps the ranks' read errors.
+    except BaseException as error:  # noqa: BLE001 — torch / megatron-core raise many kinds here
+        detail = _first_line(error)
+        raise CheckpointLoadError(
+            f"{directory} cannot be loaded ({detail}): a file is truncated, damaged or "
+            f"missing; resume from an earlier iteration by writing its number into {TRACKER}") from error
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        text = handle.read().strip()
+    if not text.isdigit():
+        raise ConfigError(f"{path} holds {text!r}, not an iteration number")
+    iteration = int(text)
+    recover_replaced(checkpoint_dir(root, iteration))
+    return iteration
+
+
+def complete_iterations(root: str) -> List[int]:
+    """Iterations with a finished checkpoint directory under root (whatever the marker says)."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        if name.startswith("iter_") and name[5:].isdigit() and os.path.isfile(
+                os.path.join(root, name, "metadata.json")):
+            found.append(int(name[5:]))
+    return sorted(found)
+
+
+class CheckpointRecord(NamedTuple):
+    """The latest checkpoint under `root`, read once (the checks before work all use it)."""
+    root: str
+    directory: str
+    common: Dict  # the common state: everything but the sharded tensors
+
+
+def latest_record(root: str) -> CheckpointRecord:
+    """The latest complete checkpoint under `root` with its common state."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise ConfigError(f"{root}: no {TRACKER} (no complete checkpoint there)")
+    directory = checkpoint_dir(root, iteration)
+    with reading(directory):
+        return CheckpointRecord(root, directory, dist_checkpointing.load_common_state_dict(directory))
+
+
+def _model_config(record: CheckpointRecord) -> EVEModelConfig:
+    if "model_config" not in record.common:
+        raise ConfigError(f"{record.directory} records no model configuration: build the model from flags instead")
+    return model_config_from_dict(record.common["model_config"])
+
+
+def recorded_model_config(root: str) -> EVEModelConfig:
+    """The model configuration the latest checkpoint under `root` recorded (at save or conversion)."""
+    return _model_config(latest_record(root))
+
+
+def checkpoint_to_load(load: Optional[str], pretrained_checkpoint: Optional[str]) -> Optional[str]:
+    """The root load() reads first: --load when it holds a checkpoint (resume, or --finetune's
+    weights), else --pretrained-checkpoint."""
+    if load and latest_iteration(load) is not None:
+        return load
+    return pretrained_checkpoint
+
+
+def check_architecture(job: TrainingJob, record: CheckpointRecord) -> None:
+    """Refuse, naming each field, a checkpoint whose recorded architecture is not the model built."""
+    differences = architecture_differences(job.model, _model_config(record))
+    if differences:
+        raise ConfigError(
+            f"{record.root} holds a different architecture (this run vs the checkpoint): {'; '.join(differences)}; "
+            "pass --use-checkpoint-args to build the model the checkpoint records")
+
+
+def saved_optimizer_format(common: Dict) -> str:
+    """The optimizer format a checkpoint's common state records (older checkpoints: fully reshardable)."""
+    return common.get("optimizer_format") or (common.get("content_metadata") or {}).get(
+        "distrib_optim_sharding_type", FULLY_RESHARDABLE)
+
+
+def _param_groups_in(state) -> List[Dict]:
+    """Every optimizer state dict's param groups inside `state` (chained optimizers nest them)."""
+    if not isinstance(state, dict):
+        return []
+    if isinstance(state.get("param_groups"), list):
+        return list(state["param_groups"])
+    return [group for value in state.values() for group in _param_groups_in(value)]
+
+
+def _saved_param_groups(record: CheckpointRecord) -> List[Dict]:
+    """The optimizer's param groups as the checkpoint holds them: in the common state (the plain
+    optimizer's, and the distributed optimizer's in model space), or with the distributed
+    optimizer's data-parallel-sharded format in an object per data-parallel group, which all hold
+    the same groups (megatron-core aligns them over ranks): the first one's are read. None in
+    converted checkpoints."""
+    groups = _param_groups_in(record.common.get("optimizer"))
+    if groups or saved_optimizer_format(record.common) != DP_RESHARDABLE:
+        return groups
+    import io
+
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+
+    with reading(record.directory):
+        keys = [key for key in FileSystemReader(record.directory).read_metadata().state_dict_metadata
+                if key.endswith("optimizer.distributed.dp_group_idx_0.optimizer/shard_0_1")]
+        for key in keys:  # one per chained optimizer
+            # Read as megatron-core's load_common_state_dict reads its object ([data], maybe still bytes).
+            state = {key: io.BytesIO()}
+            dcp_load(state, storage_reader=FileSystemReader(record.directory), no_dist=True)
+            loaded = state[key]
+            if isinstance(loaded, io.BytesIO):
+                loaded.seek(0)
+                loaded = torch.load(loaded, weights_only=True)
+            groups += _param_groups_in(loaded[0])
+    return groups
+
+
+VISION_FLAGS = {"max_lr": "--vision-lr", "min_lr": "--vision-lr x --min-lr / --lr"}
+
+
+def vision_rate_differences(job: TrainingJob, record: CheckpointRecord) -> List[str]:
+    """"vision max_lr: checkpoint X, flags Y (--vision-lr)" for each learning-rate bound of the
+    vision parameters that the checkpoint's optimizer param groups hold with another value (the
+    scheduler's state holds only the base groups' bounds, which schedule_differences compares).
+    The checkpoint's vision bounds are those of its groups whose bounds are not the base ones
+    (megatron-core's no-weight-decay groups share their parameters' bounds); none: the vision
+    parameters trained in the base groups."""
+    groups = [g for g in _saved_param_groups(record) if "max_lr" in g]
+    scheduler = record.common.get("opt_param_scheduler", {})
+    if not groups or "max_lr" not in scheduler:
+        return []  # no optimizer state (converted), or one without per-group bounds
+    base = {"max_lr": scheduler["max_lr"], "min_lr": scheduler["min_lr"]}
+    own = [g for g in groups if (g["max_lr"], g["min_lr"]) != (base["max_lr"], base["min_lr"])]
+    ours = vision_rates(job.optim)
+    if not own and ours is None:
+        return []  # the vision parameters train in the base groups on both sides
+    saved = own[0] if own else base
+    ours = ours or {"max_lr": job.optim.lr, "min_lr": job.optim.min_lr}
+    return [f"vision {name}: checkpoint {saved[name]}, flags {value} ({VISION_FLAGS[name]})"
+            for name, value in ours.items() if saved[name] != value]
+
+
+# megatron-core (0.19) pairs the optimizer's param groups with a checkpoint's by their max_lr /
+# min_lr (among other fields) when it loads the optimizer state: a group whose bounds changed is
+# "not found" (a traceback once the model is built) whichever scheduler flag is given.
+GROUP_BOUNDS = ("max_lr", "min_lr")
+
+
+def check_schedule(job: TrainingJob, record: CheckpointRecord) -> None:
+    """Refuse a resume whose learning-rate / weight-decay schedule flags differ from the
+    checkpoint's unless the run says which to follow (Megatron-LM asserts the same); learning-rate
+    bounds (--lr, --min-lr, --vision-lr) other than the checkpoint's whatever the run says."""
+    ck, o = job.checkpoint, job.optim
+    if record.root != ck.load or ck.finetune or ck.no_load_optim:
+        return  # not a resume that loads the optimizer and the scheduler
+    scheduler = record.common.get("opt_param_scheduler", {})
+    bounds = (schedule_differences(job, {k: v for k, v in scheduler.items() if k in GROUP_BOUNDS})
+              + vision_rate_differences(job, record))
+    if bounds:
+        raise ConfigError(
+            f"{record.directory} was trained with other learning rates than these flags give ({'; '.join(bounds)}): "
+            "megatron-core loads the optimizer state only into parameter groups of the same learning rates, so "
+            "neither --override-opt-param-scheduler nor --use-checkpoint-opt-param-scheduler applies: resume with "
+            "the checkpoint's values, or pass --no-load-optim to start the optimizer and its schedule afresh")
+    differences = schedule_differences(job, {k: v for k, v in scheduler.items() if k not in GROUP_BOUNDS})
+    if differences and not (o.override_opt_param_scheduler or o.use_checkpoint_opt_param_scheduler):
+        raise ConfigError(
+            f"{record.directory} was trained on another learning-rate schedule than these flags give ("
+            f"{'; '.join(differences)}; steps count samples): pass --override-opt-param-scheduler to follow "
+            "the flags from the checkpoint's step, or --use-checkpoint-opt-param-scheduler to keep the checkpoint's")

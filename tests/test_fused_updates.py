@@ -1,0 +1,188 @@
+"""The fused update paths used where Transformer Engine and apex are absent (the GPU image, CPU):
+the weight-gradient GEMM accumulating into the fp32 main grad (megatron_eve.model.wgrad_accumulation,
+for apex's fused_weight_gradient_mlp_cuda) and torch's fused AdamW under megatron-core's optimizer.
+Their training parity: tests/test_parallel_parity.py (tp2_sp_wgrad_fusion) and every training test
+(fused AdamW is the optimizer on CPU too); on CUDA: tests/gpu/test_gpu_fused_updates.py. And
+megatron-core's fused cross-entropy (--cross-entropy-loss-fusion) as the model uses it."""
+
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from megatron_eve.model import wgrad_accumulation
+from megatron_eve.training.optim import use_fused_torch_adam
+from tests.helpers import ROOT, child_environment, micro_batches, tiny_config
+
+
+def wgrad_operands(dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens, inputs, outputs = 96, 40, 24
+    total_input = torch.randn(tokens, inputs, generator=generator).to(dtype)
+    grad_output = torch.randn(tokens, outputs, generator=generator).to(dtype)
+    main_grad = torch.randn(outputs, inputs, generator=generator)
+    exact = main_grad.double() + grad_output.double().t() @ total_input.double()
+    return total_input, grad_output, main_grad, exact
+
+
+def test_wgrad_kernel_accumulates_into_the_main_grad_in_place():
+    total_input, grad_output, main_grad, exact = wgrad_operands(torch.float32)
+    storage = main_grad.data_ptr()
+    wgrad_accumulation.wgrad_gemm_accum_fp32(total_input, grad_output, main_grad)
+    assert main_grad.data_ptr() == storage and main_grad.dtype == torch.float32
+    torch.testing.assert_close(main_grad.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_wgrad_kernel_with_bf16_operands_beats_the_unfused_rounding():
+    """Unfused, the layer's bf16 weight gradient is rounded to bf16 before DDP adds it into the fp32
+    main grad; fused, the products accumulate in fp32: never further from the exact sum."""
+    total_input, grad_output, main_grad, exact = wgrad_operands(torch.bfloat16)
+    unfused = main_grad + (grad_output.t() @ total_input).float()
+    wgrad_accumulation.wgrad_gemm_accum_fp32(total_input, grad_output, main_grad)
+    fused_error = float((main_grad.double() - exact).abs().max())
+    unfused_error = float((unfused.double() - exact).abs().max())
+    assert main_grad.dtype == torch.float32
+    assert fused_error <= unfused_error and fused_error < 1e-4, (fused_error, unfused_error)
+
+
+def test_wgrad_fusion_is_enabled_on_cuda_only_and_on_request(monkeypatch):
+    """megatron-core's linears get the torch kernel when fusion is on (Megatron-LM's default) and
+    apex's extension is absent: where the kernel is available (CUDA: tests/gpu checks that it is);
+    off on the CPU (where a bare model's backward, without DDP's main grads, must keep working) and
+    with --no-gradient-accumulation-fusion."""
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_eve.config import ParallelConfig, RuntimeConfig, get_preset, transformer_config
+
+    def fusion(**runtime):
+        return transformer_config(get_preset("tiny"), ParallelConfig(),
+                                  RuntimeConfig(transformer_impl="local", **runtime)).gradient_accumulation_fusion
+
+    apex = importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    # install() rebinds these two module globals; the monkeypatch puts them back after the test.
+    monkeypatch.setattr(layers, "_grad_accum_fusion_available", apex)
+    monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", getattr(layers, "fused_weight_gradient_mlp_cuda", None),
+                        raising=False)
+    assert not wgrad_accumulation.available() and not fusion()  # no CUDA here
+    monkeypatch.setattr(wgrad_accumulation, "available", lambda: True)  # as on a GPU
+    assert not fusion(gradient_accumulation_fusion=False)
+    assert fusion() and layers._grad_accum_fusion_available
+    if not apex:
+        assert layers.fused_weight_gradient_mlp_cuda is wgrad_accumulation
+
+
+def adam_pair(seed=0):
+    """Two torch AdamWs over equal parameters, as megatron-core builds them without TE / apex."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = ((7, 3), (11,), (2, 5, 4))
+    values = [torch.randn(shape, generator=generator) for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(3)]
+    pair = []
+    for _ in range(2):
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        pair.append(torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}],
+                                      lr=1e-2, weight_decay=0.1))
+    return pair, grads
+
+
+def run(adam, grads):
+    params = [p for group in adam.param_groups for p in group["params"]]
+    for step_grads in grads:
+        for param, grad in zip(params, step_grads):
+            param.grad = grad.clone()
+        adam.step()
+    return params
+
+
+def test_fused_adam_takes_torchs_fused_kernel_and_matches_foreach(monkeypatch):
+    (foreach, fused), grads = adam_pair()
+    use_fused_torch_adam(SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=fused)]))
+    assert all(g["fused"] and not g["foreach"] for g in fused.param_groups)
+    calls = []
+    kernel = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: (calls.append(1), kernel(*a, **k))[1])
+    for ours, theirs in zip(run(fused, grads), run(foreach, grads)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert calls  # the fused kernel did the updates
+    assert all(float(fused.state[p]["step"]) == 3 for g in fused.param_groups for p in g["params"])
+
+
+def test_fused_adam_survives_a_state_load_made_by_a_foreach_run():
+    """A checkpoint's param groups are the saving run's (foreach), and megatron-core restores every
+    parameter's step from one shared host tensor: after the load the groups are fused again and
+    each parameter counts its own steps (a shared counter would advance once per parameter)."""
+    (saving, loading), grads = adam_pair()
+    with torch.no_grad():
+        for ours, theirs in zip(run(loading, []), run(saving, grads[:2])):
+            ours.copy_(theirs)  # the weights a checkpoint restores beside the optimizer state
+    state = copy.deepcopy(saving.state_dict())  # (its entries are the optimizer's own dicts)
+    shared = torch.tensor(2.0)
+    for entry in state["state"].values():
+        entry["step"] = shared
+    loading.load_state_dict(state)
+    use_fused_torch_adam(SimpleNamespace(optimizer=loading))
+    assert all(g["fused"] for g in loading.param_groups)
+    steps = [loading.state[p]["step"] for g in loading.param_groups for p in g["params"]]
+    assert len({s.data_ptr() for s in steps}) == len(steps)
+    assert all(s.dtype == torch.float32 and float(s) == 2 for s in steps)
+    for ours, theirs in zip(run(loading, grads[2:]), run(saving, grads[2:])):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_other_optimizers_are_left_alone():
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    use_fused_torch_adam(SimpleNamespace(optimizer=sgd))
+    assert not sgd.param_groups[0].get("fused")
+
+
+def test_fused_cross_entropy_reaches_the_model(tmp_path):
+    """--cross-entropy-loss-fusion: the model's LM loss goes through megatron-core's fused kernel
+    (its calls counted) and equals the unfused loss (fp32, per token: <= 5e-6); the output layer's gradient
+    differs by the kernel's bf16 rounding of the logits' gradient only (<= 2^-8 of its largest
+    entry, and not zero: it is the fused path). In a process of its own (megatron-core's groups)."""
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "tests.test_fused_updates", str(report_path)], capture_output=True,
+                          text=True, timeout=240, env=child_environment(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["fused_calls"] == 1
+    assert report["lm_loss_max_abs_diff"] <= 5e-6  # losses ~7: a few fp32 ulps
+    assert 0 < report["output_grad_relative_diff"] <= 2 ** -8, report
+
+
+def fused_cross_entropy_report(report_path: str):
+    from megatron.core.models.common.language_module import language_module
+
+    from megatron_eve import distributed
+    from megatron_eve.config import ParallelConfig, RuntimeConfig
+    from megatron_eve.model.build import build_model
+
+    parallel = ParallelConfig()
+    distributed.initialize(parallel)
+    cfg = tiny_config(changes={"aligner.enabled": False})
+    model = build_model(cfg, parallel, RuntimeConfig(use_cpu_initialization=True, cross_entropy_loss_fusion=True),
+                        load_teacher=False)
+    calls, fused = [], language_module.fused_vocab_parallel_cross_entropy
+    language_module.fused_vocab_parallel_cross_entropy = lambda *a: (calls.append(1), fused(*a))[1]
+    batch = {k: v for k, v in micro_batches(cfg)[0].items() if k != "teacher_images"}
+    results = []
+    for fusion in (True, False):
+        model.config.cross_entropy_loss_fusion = fusion
+        model.zero_grad()
+        lm_loss = model(**batch)[0]
+        lm_loss.sum().backward()
+        results.append((lm_loss.detach(), model.output_layer.weight.grad.clone()))
+    (ours, our_grad), (theirs, their_grad) = results
+    with open(report_path, "w") as report:
+        json.dump({"fused_calls": len(calls), "lm_loss_max_abs_diff": float((ours - theirs).abs().max()),
+                   "output_grad_relative_diff": float((our_grad - their_grad).abs().max() / their_grad.abs().max())},
+                  report)
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    fused_cross_entropy_report(sys.argv[1])
