@@ -174,6 +174,15 @@ def read_json(path) -> Dict:
     return json.loads(Path(path).read_text())
 
 
+def child_report(module: str, report_path, timeout: int = 240) -> Dict:
+    """`python -m module REPORT` in a process of its own (megatron-core's process group and CPU
+    shims stay out of pytest's; the child's assertions fail it): the JSON report it wrote."""
+    proc = subprocess.run([sys.executable, "-m", module, str(report_path)], capture_output=True, text=True,
+                          timeout=timeout, env=child_environment(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return read_json(report_path)
+
+
 # ------------------------------------------------------------------------------ pretrain_eve.py runs
 LINE = re.compile(r"iteration +(\d+)/ *\d+ .*? lm loss: (\S+) \| align loss: (\S+) \| grad norm: (\S+)")
 

@@ -8,7 +8,6 @@ megatron-core's fused cross-entropy (--cross-entropy-loss-fusion) as the model u
 import copy
 import importlib.util
 import json
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -16,7 +15,7 @@ import torch
 
 from megatron_eve.model import wgrad_accumulation
 from megatron_eve.training.optim import use_fused_torch_adam
-from tests.helpers import ROOT, child_environment, micro_batches, tiny_config
+from tests.helpers import child_report, micro_batches, tiny_config
 
 
 def wgrad_operands(dtype, seed=0):
@@ -144,11 +143,7 @@ def test_fused_cross_entropy_reaches_the_model(tmp_path):
     (its calls counted) and equals the unfused loss (fp32, per token: <= 5e-6); the output layer's gradient
     differs by the kernel's bf16 rounding of the logits' gradient only (<= 2^-8 of its largest
     entry, and not zero: it is the fused path). In a process of its own (megatron-core's groups)."""
-    report_path = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "tests.test_fused_updates", str(report_path)], capture_output=True,
-                          text=True, timeout=240, env=child_environment(), cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(report_path.read_text())
+    report = child_report("tests.test_fused_updates", tmp_path / "report.json")
     assert report["fused_calls"] == 1
     assert report["lm_loss_max_abs_diff"] <= 5e-6  # losses ~7: a few fp32 ulps
     assert 0 < report["output_grad_relative_diff"] <= 2 ** -8, report

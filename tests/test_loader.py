@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -173,13 +172,9 @@ def test_unplanned_batches_get_their_pel_plan_in_model_inputs():
 def test_the_model_runs_on_the_loaders_pel_plan(tmp_path):
     """EVEModel (tiny preset) on a micro-batch planned as a loader worker plans it, in a process of
     its own (see model_reads_the_pel_plan; its assertions fail the child)."""
-    from tests.helpers import ROOT, child_environment
+    from tests.helpers import child_report
 
-    report_path = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "tests.test_loader", str(report_path)], capture_output=True,
-                          text=True, timeout=240, env=child_environment(), cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(report_path.read_text())
+    report = child_report("tests.test_loader", tmp_path / "report.json")
     assert report["loader_vs_own_max_abs_diff"] == 0.0
     assert report["scrambled_plan_max_abs_diff"] > 1e-3  # the plan given is the plan used
     assert report["later_stage_max_abs_diff"] == 0.0
