@@ -205,7 +205,12 @@ def launch(args: Sequence, nproc: int = 2, cuda: bool = False) -> subprocess.Pop
 def train(args: Sequence, nproc: int = 2, timeout: int = 300, cuda: bool = False):
     """Run pretrain_eve.py to completion → ({iteration: (lm, align, grad norm)}, output)."""
     proc = launch(args, nproc, cuda)
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except BaseException:  # a time limit (ours or pytest's): stop the run, show how far it got
+        proc.kill()
+        print(f"pretrain_eve.py stopped unfinished; its output:\n{proc.communicate()[0][-6000:]}", file=sys.stderr)
+        raise
     assert proc.returncode == 0, out[-6000:]
     return losses(out), out
 

@@ -93,5 +93,6 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     assert summary["tests"]["passed"] >= 2 and summary["tests"]["failed"] == 0 and summary["tests"]["exit_code"] == 0
     assert summary["tokens_per_s_per_gpu"] > 0 and summary["speedup_vs_hf"] > 0
     assert summary["bench"]["figures"]["hf"]["real_tokens"] > 0
-    for name in ("gpu_tests.log", "gpu_tests.xml", "bench.log", "bench.json", "profile.txt"):
+    for name in ("gpu_tests.log", "bench.log", "bench.json", "profile.txt"):
         assert (out / name).stat().st_size > 0
+    assert len(list(out.iterdir())) <= 8  # a device call brings back eight files at most

@@ -29,6 +29,7 @@ def test_counts(xml_path: Path) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--junit", type=Path, required=True, help="the GPU tier's JUnit XML")
     for name in ("tier-rc", "tier-seconds", "bench-rc", "bench-seconds", "pel-rc", "pel-seconds", "total-seconds"):
         parser.add_argument(f"--{name}", type=int, required=True)
     args = parser.parse_args()
@@ -36,7 +37,7 @@ def main():
                   for f in (args.out / "bench.json", args.out / "pel.json"))
     summary = {
         "device": (bench or {}).get("device"),
-        "tests": {**test_counts(args.out / "gpu_tests.xml"), "exit_code": args.tier_rc, "seconds": args.tier_seconds},
+        "tests": {**test_counts(args.junit), "exit_code": args.tier_rc, "seconds": args.tier_seconds},
         "bench": {"exit_code": args.bench_rc, "seconds": args.bench_seconds, "figures": bench},
         "pel_bench": {"exit_code": args.pel_rc, "seconds": args.pel_seconds, "figures": pel},
         "total_seconds": args.total_seconds,
@@ -47,6 +48,7 @@ def main():
                        mfu=ours["mfu"], peak_memory_gib=ours["peak_memory_gib"], speedup_vs_hf=bench.get("speedup"),
                        time_shares=(bench.get("profile") or {}).get("time_shares"),
                        host_syncs_per_step=(bench.get("profile") or {}).get("host_syncs_per_step"),
+                       ours_runs_tokens_per_s=bench.get("ours_runs_tokens_per_s"),
                        gain_of_lever={key.split("_", 1)[1]: value.get("gain_of_lever", value.get("error"))
                                       for key, value in bench.items() if key.startswith(("with_", "without_"))})
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -105,7 +105,7 @@ class Generator:
             tokens[row, longest - len(prompt.tokens) : longest] = torch.tensor(prompt.tokens)
             valid[row, longest - len(prompt.tokens) : longest] = True
         images = [image for prompt in prompts for image in prompt.images]
-        images = torch.stack(images).to(self.device) if images else None
+        images = torch.stack(images) if images else None
         context = StaticInferenceContext(batch, total) if self.use_cache else None
         generator = torch.Generator().manual_seed(sampling.seed)
         done = torch.zeros(batch, dtype=torch.bool)
@@ -134,7 +134,7 @@ class Generator:
 
         captured = {}
         batch = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
-                 "images": images, "inference_context": context}
+                 "images": None if images is None else images.to(self.device), "inference_context": context}
 
         def forward_step(data_iterator, model):
             logits = model(**next(data_iterator))
