@@ -58,6 +58,37 @@ def test_bench_train_runs_on_cpu(tmp_path):
         assert re.search(rf"{key.replace('_', ' ')}\s+\d+ tokens/s/GPU", out.stdout), out.stdout
         assert figures[key]["real_tokens"] == figures["ours"]["real_tokens"]
         assert figures[key]["gain_of_lever"] > 0
+    # ... each between two runs of ours, and compared with their mean.
+    runs = figures["ours_runs_tokens_per_s"]
+    assert len(runs) == 5 and runs[0] == figures["ours"]["tokens_per_s_per_gpu"]
+    for index, key in enumerate(("without_grad-accumulation-fusion", "without_fused-adam")):
+        assert abs(figures[key]["reference_tokens_per_s"] - (runs[index] + runs[index + 1]) / 2) < 1e-6
+
+
+def test_time_shares_count_kernels_not_annotations():
+    """On the GPU the profiler also puts record_function ranges (the optimizer's step) and its own
+    buffer requests on the device timeline: only kernels and copies count, idle is the rest."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tools.bench_train import time_shares, timed_work
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, us, device=cuda, annotation=False):
+        return SimpleNamespace(name=name, self_device_time_total=us, device_type=device, is_user_annotation=annotation)
+
+    prof = SimpleNamespace(events=lambda: [
+        event("nvjet_sm90_tst_256x128_64x4", 600.0), event("multi_tensor_apply_kernel<AdamW>", 100.0),
+        event("Optimizer.step#AdamW.step", 100.0, annotation=True), event("Activity Buffer Request", 50.0),
+        event("aten::mm", 600.0, device=cpu), event("Memcpy DtoD", 50.0), event("flash_fwd_kernel", 100.0)])
+    timed = timed_work(prof, on_gpu=True)
+    assert sorted(name for name, _ in timed) == ["Memcpy DtoD", "flash_fwd_kernel", "multi_tensor_apply_kernel<AdamW>",
+                                                 "nvjet_sm90_tst_256x128_64x4"]
+    shares = time_shares(timed, 1000.0)
+    expected = {"gemm": 0.6, "optimizer": 0.1, "attention": 0.1, "copy": 0.05, "idle": 0.15}
+    assert shares.keys() == expected.keys() and all(abs(shares[k] - v) < 1e-9 for k, v in expected.items())
 
 
 def make_wheel(folder, name: str) -> str:

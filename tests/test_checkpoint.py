@@ -71,6 +71,10 @@ def test_optimizer_formats_async_save_and_resharding(tmp_path):
     assert r["default_format"] == "dp_reshardable" and r["reshardable_format"] == "fully_reshardable"
     same = {"iteration": 3, "consumed": 12, "weights": True, "optimizer": True, "scheduler": True}
     assert r["resume_sync"] == r["resume_async"] == r["resume_full"] == same
+    for name in ("sync", "full"):  # the vision parameters in groups of their own: not in the checkpoint
+        message = r[f"other_groups_{name}"]
+        assert "\n" not in message and f"{name}/iter_0000003: its optimizer state has no parameter group" in message
+        assert "max_lr 0.0005" in message and "--no-load-optim" in message
     assert r["async_returned_unpublished"]  # save() returned before the checkpoint was marked
     assert r["async_published"] == ["iter_0000003", "latest_checkpointed_iteration.txt"]
     assert r["async_verified"] is True and r["checksums_cover_all"]
@@ -206,6 +210,39 @@ def test_resume_refuses_learning_rates_megatron_core_cannot_load_the_optimizer_w
     # Converted checkpoints hold no optimizer state.
     del common["optimizer"]
     assert refusal("--vision-lr", "2e-4") is None
+
+
+def test_a_resume_into_param_groups_the_checkpoint_lacks_is_refused_in_one_line():
+    """megatron-core pairs this run's optimizer param groups with the checkpoint's by its identifier
+    keys; one without a partner fails its load after the tensors are read (the distributed
+    optimizer: a bare KeyError of the key tuple). check_param_groups refuses such a resume in one
+    line: here a checkpoint saved with --vision-lr before the vision parameters kept megatron-core's
+    no-weight-decay groups (one vision group, not two). tests/parallel/async_checkpoint_worker.py
+    does it with real checkpoints of both optimizer formats."""
+    from types import SimpleNamespace
+
+    from megatron_eve.config import ConfigError
+    from megatron_eve.training.checkpoint_records import CheckpointRecord, check_param_groups
+
+    def refusal(ours, saved):
+        optimizer = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=SimpleNamespace(param_groups=ours))])
+        record = CheckpointRecord("ck", "ck/iter_0000004", {"optimizer": {"state": {}, "param_groups": saved}})
+        try:
+            check_param_groups(optimizer, record)
+        except ConfigError as error:
+            return str(error)
+
+    current = _param_groups(1e-3, 1e-4, 5e-4)
+    assert refusal(current, current) is None
+    before_fix = current[:3]  # the vision parameters' one group, weight decay on its norms too
+    assert refusal(current, before_fix) == (
+        "ck/iter_0000004: its optimizer state has no parameter group for this run's (max_lr 0.0005, min_lr 5e-05, "
+        "wd_mult 0.0); it holds (max_lr 0.001, min_lr 0.0001, wd_mult 1.0); (max_lr 0.001, min_lr 0.0001, wd_mult "
+        "0.0); (max_lr 0.0005, min_lr 5e-05, wd_mult 1.0). The groups follow the learning rates, the weight-decay "
+        "rules and which parameters train: pass --no-load-optim to start the optimizer and its schedule afresh")
+    # No optimizer state (a converted checkpoint): nothing to pair.
+    optimizer = SimpleNamespace(optimizer=SimpleNamespace(param_groups=current))
+    assert check_param_groups(optimizer, CheckpointRecord("ck", "ck/iter_0000004", {})) is None
 
 
 def test_check_job_reads_the_checkpoint_once_for_both_checks(tmp_path, monkeypatch):

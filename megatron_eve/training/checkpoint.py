@@ -38,8 +38,9 @@ from megatron_eve.checkpoint import safe_metadata
 from megatron_eve.config import ConfigError, TrainingJob
 from megatron_eve.model.specs import resolve_transformer_impl
 from megatron_eve.training.checkpoint_records import (DP_RESHARDABLE, FULLY_RESHARDABLE, PLAIN, TRACKER,
-                                                      CheckpointLoadError, checkpoint_dir, complete_iterations,
-                                                      latest_iteration, reading, saved_optimizer_format)
+                                                      CheckpointLoadError, CheckpointRecord, check_param_groups,
+                                                      checkpoint_dir, complete_iterations, latest_iteration, reading,
+                                                      saved_optimizer_format)
 from megatron_eve.training.checksums import damaged_files, record_checksums, record_own_shards
 from megatron_eve.training.optim import torch_adam_loading, torch_adam_state_made
 
@@ -365,6 +366,7 @@ def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> Tr
     if not job.checkpoint.no_load_optim:
         saved = saved_optimizer_format(common)
         _check_optimizer_format(job, directory, saved, common.get("layout"))
+        check_param_groups(optimizer, CheckpointRecord(job.checkpoint.load, directory, common))
         torch_adam_state_made(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(models, is_loading=True,
                                                              metadata=_optimizer_metadata(saved))

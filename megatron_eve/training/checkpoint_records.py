@@ -1,6 +1,7 @@
 """What a checkpoint root records, read before any work: which iteration is the latest and complete,
 the model configuration, learning-rate schedule and optimizer format it was saved with, and the
-checks that refuse a run whose flags disagree with them (before a process group or a model exists).
+checks that refuse a run whose flags disagree with them (before a process group or a model exists;
+the optimizer's param groups, once built, before its state is read).
 
 Also the directory conventions (Megatron-LM's) and the one-line report of an unreadable checkpoint
 that checkpoint.py, which saves and loads, shares with this module: SAVE/iter_0000100/ is one
@@ -176,6 +177,45 @@ def _saved_param_groups(record: CheckpointRecord) -> List[Dict]:
                 loaded = torch.load(loaded, weights_only=True)
             groups += _param_groups_in(loaded[0])
     return groups
+
+
+def _group_identifier(group: Dict) -> tuple:
+    """How megatron-core (0.19) tells a param group from another when it pairs this run's groups with
+    a checkpoint's (its `param_group_identifier_keys`; NeMo's pre_ aliases and None as missing)."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    return tuple(group.get(key, group.get(f"pre_{key}")) for key in param_group_identifier_keys)
+
+
+def check_param_groups(optimizer, record: CheckpointRecord) -> None:
+    """Refuse, in one line, to load an optimizer state into parameter groups that megatron-core would
+    not find in it (its load fails only after the checkpoint's tensors are read: with the distributed
+    optimizer a bare KeyError of the key tuple). The learning-rate bounds are compared before work
+    (check_schedule); this catches the rest: groups made by other weight-decay rules or other
+    trainable parameters (e.g. a checkpoint saved with --vision-lr before its parameters kept
+    megatron-core's no-weight-decay groups)."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    saved = [_group_identifier(group) for group in _saved_param_groups(record)]
+    if not saved:
+        return  # converted checkpoints hold no optimizer state
+    ours = [_group_identifier(group) for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+            for group in sub.optimizer.param_groups]
+    missing = [key for key in ours if key not in set(saved)]
+    if not missing:
+        return
+    # Named by the fields on which the groups differ (lr_mult, is_expert_parallel ... rarely do).
+    fields = [(index, name) for index, name in enumerate(param_group_identifier_keys)
+              if len({key[index] for key in saved + ours}) > 1]
+
+    def described(key: tuple) -> str:
+        return "(" + ", ".join(f"{name} {key[index]}" for index, name in fields) + ")"
+
+    raise ConfigError(
+        f"{record.directory}: its optimizer state has no parameter group for this run's {described(missing[0])}"
+        f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; it holds "
+        f"{'; '.join(described(key) for key in saved)}. The groups follow the learning rates, the weight-decay "
+        "rules and which parameters train: pass --no-load-optim to start the optimizer and its schedule afresh")
 
 
 VISION_FLAGS = {"max_lr": "--vision-lr", "min_lr": "--vision-lr x --min-lr / --lr"}

@@ -31,7 +31,7 @@ def setup(tp: int):
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=tp), seed=7)
 
 
-def trainer(directory, tp=1, seed=0, steps=2, **checkpoint_options):
+def trainer(directory, tp=1, seed=0, steps=2, vision_lr=None, **checkpoint_options):
     """A model, DDP, distributed optimizer (with Adam state from `steps` random-gradient steps)."""
     import torch
 
@@ -45,7 +45,7 @@ def trainer(directory, tp=1, seed=0, steps=2, **checkpoint_options):
     torch.manual_seed(seed)
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
     model = build_model(cfg, parallel, RuntimeConfig(use_cpu_initialization=True), load_teacher=False)
-    job = TrainingJob(cfg, parallel, RuntimeConfig(), OptimConfig(lr=1e-3, use_distributed_optimizer=True),
+    job = TrainingJob(cfg, parallel, RuntimeConfig(), OptimConfig(lr=1e-3, vision_lr=vision_lr, use_distributed_optimizer=True),
                       ScheduleConfig(train_iters=10), DataConfig(),
                       CheckpointConfig(save=directory, load=directory, **checkpoint_options), LoggingConfig())
     ddp = wrap_model(model, job)
@@ -163,6 +163,16 @@ def formats(root):
             "optimizer": all_ranks(equal(optimizer_state(opt2), saved_optimizer)),
             "scheduler": sched2.state_dict() == saved_scheduler,
         }
+
+    # Other parameter groups (the vision parameters at their own learning rate): refused in one line
+    # before the checkpoint's tensors are read, with the groups read from either format.
+    for name, directory in (("sync", sync_dir), ("full", full_dir)):
+        job2, _, ddp2, opt2, sched2 = trainer(directory, seed=9, steps=0, vision_lr=5e-4)
+        try:
+            checkpoint.load(job2, ddp2, opt2, sched2)
+            out[f"other_groups_{name}"] = "loaded"
+        except ConfigError as error:
+            out[f"other_groups_{name}"] = str(error)
 
     # TP2/DP1: the default format refuses (one line), weights-only still loads; the reshardable one loads.
     setup(2)
