@@ -37,7 +37,7 @@ def test_bench_train_runs_on_cpu(tmp_path):
          "--seq-length", "512", "--micro-batches", "2", "--steps", "2", "--warmup", "1", "--samples", "40",
          "--baseline", "hf", "--hf-micro-batch-size", "4", "--profile", str(tmp_path),
          "--ablate", "grad-accumulation-fusion", "fused-adam", "rope-fusion", "--try", "cross-entropy-loss-fusion",
-         "--json", str(tmp_path / "bench.json")],
+         "--also-layers", "3", "--json", str(tmp_path / "bench.json")],
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -58,6 +58,9 @@ def test_bench_train_runs_on_cpu(tmp_path):
         assert re.search(rf"{key.replace('_', ' ')}\s+\d+ tokens/s/GPU", out.stdout), out.stdout
         assert figures[key]["real_tokens"] == figures["ours"]["real_tokens"]
         assert figures[key]["gain_of_lever"] > 0
+    # Ours again at another depth, on the same batches.
+    assert re.search(r"megatron_eve at 3 layers\s+\d+ tokens/s/GPU", out.stdout), out.stdout
+    assert figures["ours_3_layers"]["real_tokens"] == figures["ours"]["real_tokens"]
     # ... each between two runs of ours, and compared with their mean.
     runs = figures["ours_runs_tokens_per_s"]
     assert len(runs) == 5 and runs[0] == figures["ours"]["tokens_per_s_per_gpu"]
@@ -114,7 +117,8 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "EVE_GPU_TIER_ON_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
            "GPU_CHECK_SITE": str(tmp_path / "site"), "TIER_ARGS": "-k attention",
-           "BENCH_ARGS": "--preset tiny --layers 2 --seq-length 512 --steps 1 --warmup 1 --samples 40 --baseline hf"}
+           "BENCH_ARGS": "--preset tiny --layers 2 --seq-length 512 --steps 1 --warmup 1 --samples 40 --baseline hf "
+                          "--also-layers 3"}
     proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(wheels), str(out)],
                           capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -124,6 +128,7 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     assert summary["tests"]["passed"] >= 2 and summary["tests"]["failed"] == 0 and summary["tests"]["exit_code"] == 0
     assert summary["tokens_per_s_per_gpu"] > 0 and summary["speedup_vs_hf"] > 0
     assert summary["bench"]["figures"]["hf"]["real_tokens"] > 0
+    assert list(summary["mfu_at_layers"]) == ["3"]  # MFU None on the CPU (no peak)
     for name in ("gpu_tests.log", "bench.log", "bench.json", "profile.txt"):
         assert (out / name).stat().st_size > 0
     assert len(list(out.iterdir())) <= 8  # a device call brings back eight files at most

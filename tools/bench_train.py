@@ -361,6 +361,20 @@ def profile_ours(args, step_fn, folder, timed_step_s: float):
             "host_syncs_per_step": sum(syncs.values()) if on_gpu else None}
 
 
+def bench_model_config(args, layers: int):
+    """The preset at `layers` layers with the width flags applied."""
+    from megatron_eve.config import get_preset, replace
+
+    changes = {"language.num_layers": layers, "aligner.enabled": args.aligner,
+               "aligner.tap_interval": max(1, layers // 8) if layers % 8 else None}
+    for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads"):
+        if getattr(args, name):
+            changes[f"language.{name}"] = getattr(args, name)
+            if name == "num_attention_heads":
+                changes["language.num_query_groups"] = getattr(args, name)
+    return replace(get_preset(args.preset), **changes)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="eve-7b")
@@ -389,6 +403,9 @@ def main():
                              f"time ({', '.join(ABLATIONS)}): what each is worth, measured in the same run")
     parser.add_argument("--try", dest="trials", nargs="+", default=[], choices=TRIALS, metavar="LEVER",
                         help=f"likewise, time ours again with each of these turned on ({', '.join(TRIALS)})")
+    parser.add_argument("--also-layers", nargs="+", type=int, default=[], metavar="N",
+                        help="last, time ours again at each of these depths (same width and batches): a deeper "
+                             "model puts less weight on the LM head, embedding and optimizer")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing, profile two of our steps into DIR/profile.txt (top kernels, "
                              "host ops, GPU busy share, host synchronisations per step)")
@@ -396,20 +413,12 @@ def main():
     args = parser.parse_args()
 
     from megatron_eve import distributed
-    from megatron_eve.config import ParallelConfig, RuntimeConfig, get_preset, replace
+    from megatron_eve.config import ParallelConfig, RuntimeConfig
     from megatron_eve.model.specs import resolve_transformer_impl
     from megatron_eve.training.metrics import peak_tflops
 
     distributed.initialize(ParallelConfig())
-    model_cfg = get_preset(args.preset)
-    changes = {"language.num_layers": args.layers, "aligner.enabled": args.aligner,
-               "aligner.tap_interval": max(1, args.layers // 8) if args.layers % 8 else None}
-    for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads"):
-        if getattr(args, name):
-            changes[f"language.{name}"] = getattr(args, name)
-            if name == "num_attention_heads":
-                changes["language.num_query_groups"] = getattr(args, name)
-    model_cfg = replace(model_cfg, **changes)
+    model_cfg = bench_model_config(args, args.layers)
     if args.aligner:
         from tools.make_synthetic_corpus import save_random_teacher
 
@@ -508,6 +517,17 @@ def main():
         figures["ours_runs_tokens_per_s"] = ours_runs
         save()
         print(f"    {lever}: {gain:.3f}x tokens/s with it on (ours again: {ours_runs[-1]:.0f} tokens/s)")
+    for layers in args.also_layers:
+        deeper = bench_model_config(args, layers)
+        deeper.aligner.teacher_path = model_cfg.aligner.teacher_path
+        free_device_memory()
+        try:
+            report(f"ours_{layers}_layers", f"megatron_eve at {layers} layers",
+                   *run_ours(variant_args, deeper, samples, runtime)[:3])
+        except Exception as error:  # e.g. out of memory: costs this figure only
+            figures[f"ours_{layers}_layers"] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            print(f"  at {layers} layers: failed: {figures[f'ours_{layers}_layers']['error']}")
+            save()
     distributed.destroy()
     if args.baseline == "hf" and "speedup" not in figures:
         sys.exit("the HF baseline failed: no speed-up measured")

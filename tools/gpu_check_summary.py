@@ -49,6 +49,8 @@ def main():
                        time_shares=(bench.get("profile") or {}).get("time_shares"),
                        host_syncs_per_step=(bench.get("profile") or {}).get("host_syncs_per_step"),
                        ours_runs_tokens_per_s=bench.get("ours_runs_tokens_per_s"),
+                       mfu_at_layers={key.split("_")[1]: value.get("mfu", value.get("error"))
+                                      for key, value in bench.items() if key.endswith("_layers")},
                        gain_of_lever={key.split("_", 1)[1]: value.get("gain_of_lever", value.get("error"))
                                       for key, value in bench.items() if key.startswith(("with_", "without_"))})
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
