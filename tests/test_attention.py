@@ -113,6 +113,8 @@ def test_flat_rope_is_megatron_cores_rope(dtype):
         theirs = _apply_rotary_pos_emb_bshd(rows.unsqueeze(1), freqs[: rows.shape[0]]).squeeze(1)
         assert torch.equal(rotary.apply(rows, fused=True), theirs)  # fused applies on CUDA only
     assert list(rotary._tables) == [dtype]  # one cos / sin pair, reused
+    # Made when handed over for the activations' dtype (no layer fills the cache: see compile_layers).
+    assert list(FlatRotary(freqs, dtype)._tables) == [dtype]
 
 
 def test_compiled_rope_matches_the_eager_one():

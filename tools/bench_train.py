@@ -38,7 +38,8 @@ import torch  # noqa: E402
 # a default one off, --try turns another on, one at a time, each timed against the main run.
 # lever: (the RuntimeConfig field that sets it, or None for the optimizer's; on by default)
 LEVERS = {"grad-accumulation-fusion": ("gradient_accumulation_fusion", True), "fused-adam": (None, True),
-          "rope-fusion": ("apply_rope_fusion", True), "cross-entropy-loss-fusion": ("cross_entropy_loss_fusion", False)}
+          "rope-fusion": ("apply_rope_fusion", True), "cross-entropy-loss-fusion": ("cross_entropy_loss_fusion", False),
+          "compile-layers": ("torch_compile_layers", False)}
 ABLATIONS = tuple(lever for lever, (_, default) in LEVERS.items() if default)
 TRIALS = tuple(lever for lever, (_, default) in LEVERS.items() if not default)
 
@@ -404,7 +405,8 @@ def main():
     parser.add_argument("--try", dest="trials", nargs="+", default=[], choices=TRIALS, metavar="LEVER",
                         help=f"likewise, time ours again with each of these turned on ({', '.join(TRIALS)})")
     parser.add_argument("--also-layers", nargs="+", type=int, default=[], metavar="N",
-                        help="last, time ours again at each of these depths (same width and batches): a deeper "
+                        help="before the levers, time ours again at each of these depths (same width and "
+                             "batches): a deeper "
                              "model puts less weight on the LM head, embedding and optimizer")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing, profile two of our steps into DIR/profile.txt (top kernels, "
@@ -489,9 +491,20 @@ def main():
             figures["speedup"] = ours / best
             print(f"  speed-up over the faster HF baseline: {figures['speedup']:.2f}x tokens/s")
             save()
+    variant_args = argparse.Namespace(**{**vars(args), "profile": None})
+    for layers in args.also_layers:
+        deeper = bench_model_config(args, layers)
+        deeper.aligner.teacher_path = model_cfg.aligner.teacher_path
+        free_device_memory()
+        try:
+            report(f"ours_{layers}_layers", f"megatron_eve at {layers} layers",
+                   *run_ours(variant_args, deeper, samples, runtime)[:3])
+        except Exception as error:  # e.g. out of memory: costs this figure only
+            figures[f"ours_{layers}_layers"] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            print(f"  at {layers} layers: failed: {figures[f'ours_{layers}_layers']['error']}")
+            save()
     # Each variant runs between two runs of ours and is compared with their mean: the runs' order
     # (allocator and compile caches warm, clocks) then cancels instead of landing on one lever.
-    variant_args = argparse.Namespace(**{**vars(args), "profile": None})
     ours_runs = [ours]
 
     def timed(variant_runtime, fused_adam):
@@ -517,17 +530,6 @@ def main():
         figures["ours_runs_tokens_per_s"] = ours_runs
         save()
         print(f"    {lever}: {gain:.3f}x tokens/s with it on (ours again: {ours_runs[-1]:.0f} tokens/s)")
-    for layers in args.also_layers:
-        deeper = bench_model_config(args, layers)
-        deeper.aligner.teacher_path = model_cfg.aligner.teacher_path
-        free_device_memory()
-        try:
-            report(f"ours_{layers}_layers", f"megatron_eve at {layers} layers",
-                   *run_ours(variant_args, deeper, samples, runtime)[:3])
-        except Exception as error:  # e.g. out of memory: costs this figure only
-            figures[f"ours_{layers}_layers"] = {"error": f"{type(error).__name__}: {error}"[:500]}
-            print(f"  at {layers} layers: failed: {figures[f'ours_{layers}_layers']['error']}")
-            save()
     distributed.destroy()
     if args.baseline == "hf" and "speedup" not in figures:
         sys.exit("the HF baseline failed: no speed-up measured")

@@ -53,7 +53,7 @@ cat "$OUT/env.txt"
 bench_start=$(date +%s)
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT:-250}" "$PYTHON" tools/bench_train.py \
-  ${BENCH_ARGS:---layers 4 --seq-length 4096 --steps 10 --baseline hf --ablate grad-accumulation-fusion fused-adam rope-fusion --try cross-entropy-loss-fusion --also-layers 8} \
+  ${BENCH_ARGS:---layers 4 --seq-length 4096 --steps 10 --baseline hf --ablate rope-fusion --try cross-entropy-loss-fusion compile-layers --also-layers 8} \
   --json "$OUT/bench.json" --profile "$OUT" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 bench_seconds=$(( $(date +%s) - bench_start ))

@@ -65,6 +65,10 @@ class RuntimeConfig:
                     "comes out in bf16 (as a bf16 run's does anyway), so keep it off for fp32 runs")
     cross_entropy_fusion_impl: Literal["native", "te"] = option(
         "native", help="with --cross-entropy-loss-fusion: megatron-core's compiled kernels or Transformer Engine's")
+    torch_compile_layers: bool = option(
+        False, help="compile each decoder layer with torch.compile (regional compile, as torchtitan does): "
+                    "inductor fuses a layer's norms, residual adds, RoPE and activations around its GEMMs; "
+                    "the first micro-batches take longer while it compiles")
     gradient_accumulation_fusion: bool = option(
         True, flag="--no-gradient-accumulation-fusion", negate=True,
         help="do not fuse the weight-gradient GEMM with its accumulation into the fp32 main grads (on by "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -188,19 +189,25 @@ def _compiled_rotate():
 
 
 class FlatRotary:
-    """RoPE over a packed row's flat positions: the frequency table [t, 1, 1, d] and, made on first
-    use and reused by every layer (and recomputation) of the micro-batch, its cos / sin in the
-    activations' dtype."""
+    """RoPE over a packed row's flat positions: the frequency table [t, 1, 1, d] and its cos / sin in
+    the activations' dtype, made once (for `dtype` when given, else on first use) and reused by every
+    layer (and recomputation) of the micro-batch. Made up front, no layer fills the cache: a compiled
+    layer (--torch-compile-layers) would otherwise recompile when it does."""
 
-    def __init__(self, freqs: torch.Tensor):
+    def __init__(self, freqs: torch.Tensor, dtype: Optional[torch.dtype] = None):
         self.freqs = freqs
         self._tables = {}
+        if dtype is not None:
+            self._tables[dtype] = self._made(dtype)
+
+    def _made(self, dtype: torch.dtype):
+        freqs = self.freqs[:, 0]
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
     def apply(self, t: torch.Tensor, fused: bool) -> torch.Tensor:
         tables = self._tables.get(t.dtype)
         if tables is None:
-            freqs = self.freqs[:, 0]
-            tables = self._tables[t.dtype] = (freqs.cos().to(t.dtype), freqs.sin().to(t.dtype))
+            tables = self._tables[t.dtype] = self._made(t.dtype)
         cos, sin = (table[: t.shape[0]] for table in tables)
         if not (fused and t.is_cuda):
             return rotate(t, cos, sin)
@@ -211,13 +218,13 @@ class FlatRotary:
                               "run with --no-rope-fusion") from error
 
 
-def carry_flat_rotary(params, rotary: torch.Tensor) -> None:
+def carry_flat_rotary(params, rotary: torch.Tensor, dtype: Optional[torch.dtype] = None) -> None:
     """Hands TorchAttention the RoPE table of the packed row's flat positions [t, 1, 1, d] (the
     decoder then gets rotary_pos_emb=None). RoPE is relative and packed samples never attend across
     their boundaries, so rotating by flat positions equals restarting positions at every sample,
     without megatron-core's per-sample THD loop (a .tolist(), an .item() and one launch per sample,
-    for q and k in every layer)."""
-    params._eve_flat_rotary = FlatRotary(rotary)
+    for q and k in every layer). `dtype`: the activations', whose cos / sin tables are made now."""
+    params._eve_flat_rotary = FlatRotary(rotary, dtype)
 
 
 def document_block_mask(params, total: int, device):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from megatron_eve.config import EVEModelConfig, ParallelConfig, RuntimeConfig, transformer_config
+from megatron_eve.model.compile_layers import compile_layers
 from megatron_eve.model.eve import EVEModel
 from megatron_eve.model.specs import resolve_transformer_impl
 from megatron_eve.platform import current_device
@@ -40,6 +41,8 @@ def build_model(
         load_teacher=load_teacher,
         vp_stage=vp_stage,
     )
+    if runtime.torch_compile_layers:
+        compile_layers(stage.decoder.layers)
     return stage.to(current_device())
 
 

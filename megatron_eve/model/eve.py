@@ -314,7 +314,7 @@ class EVEModel(LanguageModule):
         rotary_len = inference_context.max_sequence_length if inference_context is not None else seq_len
         rotary = self.rotary_pos_emb(rotary_len, packed_seq=thd)
         if thd and self.flat_rotary:
-            carry_flat_rotary(packed_seq_params, rotary)
+            carry_flat_rotary(packed_seq_params, rotary, self.config.params_dtype)
             rotary = None
         out = self.decoder(
             hidden_states=hidden,
