@@ -180,11 +180,13 @@ def test_bad_config_exit_status(data, tmp_path):
 def test_torch_kernels_and_thd_train_like_the_local_path(data, tmp_path):
     """--transformer-impl torch with packed THD batches (cu_seqlens; SDPA's CPU fallback here) gives
     the local path's losses step for step (TP=2, same seed); so do its layers compiled
-    (--torch-compile-layers, compiled for the CPU here)."""
+    (--torch-compile-layers, compiled for the CPU here), with sequence parallelism and full
+    recompute inside the compiled layers too."""
     args = base_args(data, "pretrain") + ["--tensor-model-parallel-size", 2, "--train-iters", 3]
     local, _ = train(args + ["--transformer-impl", "local"])
     fused, _ = train(args + ["--transformer-impl", "torch", "--packed-attention", "thd"])
-    compiled, _ = train(args + ["--transformer-impl", "torch", "--packed-attention", "thd", "--torch-compile-layers"])
+    compiled, _ = train(args + ["--transformer-impl", "torch", "--packed-attention", "thd", "--torch-compile-layers",
+                                "--sequence-parallel", "--recompute-granularity", "full", "--recompute-method", "uniform"])
     assert sorted(local) == sorted(fused) == sorted(compiled) == [1, 2, 3]
     for iteration in (1, 2, 3):
         for ours, theirs in zip(fused[iteration][:2], local[iteration][:2]):
