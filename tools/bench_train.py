@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 
 # Speed levers and whether the trainer pulls them by default (where they apply): --ablate turns
-# a default one off, --try turns another on, one at a time, each timed against the main run.
+# a default one off, --try turns another on, one at a time, each timed between two runs of ours.
 # lever: (the RuntimeConfig field that sets it, or None for the optimizer's; on by default)
 LEVERS = {"grad-accumulation-fusion": ("gradient_accumulation_fusion", True), "fused-adam": (None, True),
           "rope-fusion": ("apply_rope_fusion", True), "cross-entropy-loss-fusion": ("cross_entropy_loss_fusion", False),
@@ -406,8 +406,7 @@ def main():
                         help=f"likewise, time ours again with each of these turned on ({', '.join(TRIALS)})")
     parser.add_argument("--also-layers", nargs="+", type=int, default=[], metavar="N",
                         help="before the levers, time ours again at each of these depths (same width and "
-                             "batches): a deeper "
-                             "model puts less weight on the LM head, embedding and optimizer")
+                             "batches): a deeper model puts less weight on the LM head, embedding and optimizer")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing, profile two of our steps into DIR/profile.txt (top kernels, "
                              "host ops, GPU busy share, host synchronisations per step)")
@@ -443,6 +442,11 @@ def main():
                "seq_length": args.seq_length, "bf16": args.bf16,
                "transformer_impl": resolve_transformer_impl(args.transformer_impl), "peak_tflops": peak}
 
+    def save():
+        # After every figure: a run stopped at its time limit keeps what it measured.
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=1))
+
     def report(key, name, work, seconds, memory):
         tokens = work.real_tokens / max(seconds, 1e-9)
         tflops = work.flops / max(seconds, 1e-9) / 1e12
@@ -454,11 +458,6 @@ def main():
                         "real_tokens": work.real_tokens, "seconds": seconds}
         save()
         return tokens
-
-    def save():
-        # After every figure: a run stopped at its time limit keeps what it measured.
-        if args.json:
-            Path(args.json).write_text(json.dumps(figures, indent=1))
 
     if torch.cuda.is_available():
         # A process's first run is slower (inductor's compile workers, cuBLAS heuristics, the allocator
