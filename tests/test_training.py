@@ -186,7 +186,8 @@ def test_torch_kernels_and_thd_train_like_the_local_path(data, tmp_path):
     local, _ = train(args + ["--transformer-impl", "local"])
     fused, _ = train(args + ["--transformer-impl", "torch", "--packed-attention", "thd"])
     compiled, _ = train(args + ["--transformer-impl", "torch", "--packed-attention", "thd", "--torch-compile-layers",
-                                "--sequence-parallel", "--recompute-granularity", "full", "--recompute-method", "uniform"])
+                                "--sequence-parallel", "--recompute-granularity", "full",
+                                "--recompute-method", "uniform"])
     assert sorted(local) == sorted(fused) == sorted(compiled) == [1, 2, 3]
     for iteration in (1, 2, 3):
         for ours, theirs in zip(fused[iteration][:2], local[iteration][:2]):

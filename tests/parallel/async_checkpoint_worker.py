@@ -45,7 +45,8 @@ def trainer(directory, tp=1, seed=0, steps=2, vision_lr=None, **checkpoint_optio
     torch.manual_seed(seed)
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
     model = build_model(cfg, parallel, RuntimeConfig(use_cpu_initialization=True), load_teacher=False)
-    job = TrainingJob(cfg, parallel, RuntimeConfig(), OptimConfig(lr=1e-3, vision_lr=vision_lr, use_distributed_optimizer=True),
+    optim = OptimConfig(lr=1e-3, vision_lr=vision_lr, use_distributed_optimizer=True)
+    job = TrainingJob(cfg, parallel, RuntimeConfig(), optim,
                       ScheduleConfig(train_iters=10), DataConfig(),
                       CheckpointConfig(save=directory, load=directory, **checkpoint_options), LoggingConfig())
     ddp = wrap_model(model, job)
