@@ -75,7 +75,7 @@ def test_time_shares_count_kernels_not_annotations():
 
     import torch
 
-    from tools.bench_train import time_shares, timed_work
+    from tools.bench_profile import time_shares, timed_work
 
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 

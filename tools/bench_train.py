@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from tools.bench_profile import profile_ours, sync  # noqa: E402
+
 
 # Speed levers and whether the trainer pulls them by default (where they apply): --ablate turns
 # a default one off, --try turns another on, one at a time, each timed between two runs of ours.
@@ -83,11 +85,6 @@ def as_row_sample(s):
     has = s["image"] is not None
     return {"tokens": s["tokens"], "labels": s["labels"], "image_grids": [s["grid"]] if has else [],
             "images": [s["image"]] if has else [], "teacher_images": [s["teacher"]] if has else []}
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def free_device_memory():
@@ -162,7 +159,7 @@ def run_ours(args, model_cfg, samples, job_runtime, fused_adam=True):
             for _, raw in chunk:
                 work.add(micro_batch_work(raw, model_cfg, args.aligner))
     memory = peak_memory()
-    profiled = profile_ours(args, train_step, args.profile, seconds / args.steps) if args.profile else None
+    profiled = profile_ours(train_step, args.profile, seconds / args.steps) if args.profile else None
     return work, seconds, memory, len(plan), profiled
 
 
@@ -261,105 +258,6 @@ def run_hf(args, model_cfg, samples, grouped):
             work.add(step_work)
     del model, optimizer, batches
     return work, seconds, peak_memory()
-
-
-# Kernel families by name: CUDA kernels, or on the CPU the aten ops doing the work. First match wins.
-KERNEL_FAMILIES = (
-    ("attention", ("flash", "fmha", "attention", "varlen", "flex")),
-    ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
-    ("optimizer", ("adam", "multi_tensor")),
-    ("communication", ("nccl", "gloo", "allreduce", "all_gather", "allgather", "reduce_scatter")),
-    ("copy", ("memcpy", "memset", "copy")),
-)
-
-
-# Device-timeline entries of the profiler itself, not work.
-PROFILER_OWN = ("Activity Buffer Request",)
-
-
-def kernel_family(name: str) -> str:
-    lowered = name.lower()
-    return next((family for family, marks in KERNEL_FAMILIES if any(m in lowered for m in marks)), "elementwise/other")
-
-
-def timed_work(prof, on_gpu: bool) -> list:
-    """(name, microseconds) of what did the work in a profile: on the GPU its kernels and copies,
-    not the ranges that the optimizer's and other record_function annotations also put on the
-    device timeline (counting those too gave the optimizer twice its time); on the CPU the aten
-    ops' own time."""
-    if on_gpu:
-        return [(e.name, e.self_device_time_total) for e in prof.events()
-                if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-                and e.name not in PROFILER_OWN]
-    return [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.key.startswith("aten::")]
-
-
-def time_shares(timed: list, whole_us=None) -> dict:
-    """Where the time of `timed_work` went, by kernel family, as shares of `whole_us` with the rest
-    as idle (no kernel running: launch gaps, host work, synchronisations); without `whole_us`, as
-    shares of the work's own time."""
-    families = {}
-    for name, us in timed:
-        families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + us
-    whole = whole_us or max(sum(families.values()), 1e-9)
-    shares = {family: us / whole for family, us in sorted(families.items(), key=lambda item: -item[1])}
-    if whole_us:
-        shares["idle"] = max(0.0, 1.0 - sum(shares.values()))
-    return shares
-
-
-def profile_ours(args, step_fn, folder, timed_step_s: float):
-    """Profiles two more of our steps: the kernels and host ops that cost most, the share of the
-    step time each kernel family takes (and the GPU idles), and every host synchronisation inside a
-    step (by source line; CUDA only). Returns the shares and the synchronisation count.
-
-    The shares are of the unprofiled step time (`timed_step_s`, from the timed steps): the
-    profiler's own host overhead slows a launch-bound step (on an H100, 311 ms a step profiled
-    against 232 ms timed) and would show as GPU idle time that a run without it does not have."""
-    import collections
-    import warnings
-
-    from torch.profiler import ProfilerActivity, profile
-
-    os.makedirs(folder, exist_ok=True)
-    on_gpu = torch.cuda.is_available()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    step_fn()
-    sync()
-    start = time.time()
-    with profile(activities=activities, record_shapes=False) as prof:
-        for _ in range(2):
-            step_fn()
-        sync()
-    wall = time.time() - start
-    averages = prof.key_averages()
-    timed = timed_work(prof, on_gpu)
-    kernel_us = sum(us for _, us in timed) if on_gpu else 0.0
-    shares = time_shares(timed, 2 * timed_step_s * 1e6 if on_gpu else None)
-    lines = [f"2 steps: wall {wall * 1e3:.1f} ms profiled, {2 * timed_step_s * 1e3:.1f} ms timed; GPU kernel "
-             f"time {kernel_us / 1e3:.1f} ms ({100 * kernel_us / 1e6 / max(2 * timed_step_s, 1e-9):.1f}% of the "
-             "timed steps)",
-             "time shares" + (" of the timed steps: " if on_gpu else " of aten ops' time: ")
-             + ", ".join(f"{family} {100 * share:.1f}%" for family, share in shares.items())]
-    syncs = collections.Counter()
-    if on_gpu:
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            step_fn()
-            sync()
-        torch.cuda.set_sync_debug_mode("default")
-        syncs.update(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-        lines.append(f"host synchronisations in one step: {sum(syncs.values())}")
-        lines += [f"  {count:5d}  {where}" for where, count in syncs.most_common(25)]
-    sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-    lines += ["", averages.table(sort_by=sort, row_limit=30, max_name_column_width=70),
-              "", averages.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)]
-    Path(folder, "profile.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:3 + min(len(syncs), 25)]))
-    return {"wall_ms_two_steps": wall * 1e3, "timed_ms_two_steps": 2 * timed_step_s * 1e3,
-            "kernel_ms_two_steps": kernel_us / 1e3, "time_shares": shares,
-            "host_syncs_per_step": sum(syncs.values()) if on_gpu else None}
 
 
 def bench_model_config(args, layers: int):

@@ -201,7 +201,8 @@ def check_param_groups(optimizer, record: CheckpointRecord) -> None:
         return  # converted checkpoints hold no optimizer state
     ours = [_group_identifier(group) for sub in getattr(optimizer, "chained_optimizers", [optimizer])
             for group in sub.optimizer.param_groups]
-    missing = [key for key in ours if key not in set(saved)]
+    have = set(saved)
+    missing = [key for key in ours if key not in have]
     if not missing:
         return
     # Named by the fields on which the groups differ (lr_mult, is_expert_parallel ... rarely do).
