@@ -36,7 +36,7 @@ def test_bench_train_runs_on_cpu(tmp_path):
         [sys.executable, str(ROOT / "tools" / "bench_train.py"), "--preset", "tiny", "--layers", "2",
          "--seq-length", "512", "--micro-batches", "2", "--steps", "2", "--warmup", "1", "--samples", "40",
          "--baseline", "hf", "--hf-micro-batch-size", "4", "--profile", str(tmp_path),
-         "--ablate", "grad-accumulation-fusion", "fused-adam", "rope-fusion", "--try", "cross-entropy-loss-fusion",
+         "--ablate", "grad-accumulation-fusion", "fused-adam", "rope-fusion", "--try", "torch-cross-entropy",
          "--also-layers", "3", "--json", str(tmp_path / "bench.json")],
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"},
     )
@@ -54,7 +54,7 @@ def test_bench_train_runs_on_cpu(tmp_path):
     assert shares["gemm"] > 0 and abs(sum(shares.values()) - 1) < 1e-6 and "time shares" in profile
     # Each lever timed again: the default ones off, the other on.
     for key in ("without_grad-accumulation-fusion", "without_fused-adam", "without_rope-fusion",
-                "with_cross-entropy-loss-fusion"):
+                "with_torch-cross-entropy"):
         assert re.search(rf"{key.replace('_', ' ')}\s+\d+ tokens/s/GPU", out.stdout), out.stdout
         assert figures[key]["real_tokens"] == figures["ours"]["real_tokens"]
         assert figures[key]["gain_of_lever"] > 0

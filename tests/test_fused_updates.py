@@ -1,9 +1,10 @@
 """The fused update paths used where Transformer Engine and apex are absent (the GPU image, CPU):
 the weight-gradient GEMM accumulating into the fp32 main grad (megatron_eve.model.wgrad_accumulation,
 for apex's fused_weight_gradient_mlp_cuda) and torch's fused AdamW under megatron-core's optimizer.
-Their training parity: tests/test_parallel_parity.py (tp2_sp_wgrad_fusion) and every training test
-(fused AdamW is the optimizer on CPU too); on CUDA: tests/gpu/test_gpu_fused_updates.py. And
-megatron-core's fused cross-entropy (--cross-entropy-loss-fusion) as the model uses it."""
+Their training parity: tests/test_parallel_parity.py (tp2_sp_fusions) and every training test
+(fused AdamW is the optimizer on CPU too); on CUDA: tests/gpu/test_gpu_fused_updates.py. Gradient
+clipping inside the fused AdamW's step against megatron-core's own clipping. And megatron-core's fused
+cross-entropy (--cross-entropy-loss-fusion) as the model uses it."""
 
 import copy
 import importlib.util
@@ -11,6 +12,7 @@ import json
 import sys
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from megatron_eve.model import wgrad_accumulation
@@ -138,27 +140,42 @@ def test_other_optimizers_are_left_alone():
     assert not sgd.param_groups[0].get("fused")
 
 
-def test_fused_cross_entropy_reaches_the_model(tmp_path):
+@pytest.fixture(scope="module")
+def child(tmp_path_factory):
+    """The megatron-core checks below, in a process of their own (megatron-core's groups)."""
+    return child_report("tests.test_fused_updates", tmp_path_factory.mktemp("fused") / "report.json")
+
+
+def test_fused_cross_entropy_reaches_the_model(child):
     """--cross-entropy-loss-fusion: the model's LM loss goes through megatron-core's fused kernel
     (its calls counted) and equals the unfused loss (fp32, per token: <= 5e-6); the output layer's gradient
     differs by the kernel's bf16 rounding of the logits' gradient only (<= 2^-8 of its largest
-    entry, and not zero: it is the fused path). In a process of its own (megatron-core's groups)."""
-    report = child_report("tests.test_fused_updates", tmp_path / "report.json")
+    entry, and not zero: it is the fused path)."""
+    report = child["cross_entropy"]
     assert report["fused_calls"] == 1
     assert report["lm_loss_max_abs_diff"] <= 5e-6  # losses ~7: a few fp32 ulps
     assert 0 < report["output_grad_relative_diff"] <= 2 ** -8, report
 
 
-def fused_cross_entropy_report(report_path: str):
+def test_gradient_clipping_inside_the_fused_adam_step(child):
+    """megatron-core's optimizer (plain and distributed), three steps, the first two clipped (gradients
+    ~10 per entry, norm ~1.4e4 against --clip-grad 1), the third not: with the clip coefficient handed to
+    torch's fused AdamW as its grad_scale, the same grad norms and parameters as with megatron-core's
+    own clipping pass (fp32: <= 1e-6 of the largest parameter); the grad_scale each step's AdamW saw is
+    1 / the clip coefficient when clipping, None otherwise (and always None with megatron-core's pass)."""
+    for name, run in child["clipping"].items():
+        assert run["folded_grad_scales"][2] is None and run["megatron_grad_scales"] == [None] * 3, (name, run)
+        for scale, norm in zip(run["folded_grad_scales"][:2], run["grad_norms"][:2]):
+            assert norm > 100 and scale == pytest.approx((norm + 1e-6) / 1.0, rel=1e-6), (name, run)
+        assert run["grad_norm_max_relative_diff"] <= 1e-6 and run["param_max_relative_diff"] <= 1e-6, (name, run)
+
+
+def fused_cross_entropy_report(cfg, parallel) -> dict:
     from megatron.core.models.common.language_module import language_module
 
-    from megatron_eve import distributed
-    from megatron_eve.config import ParallelConfig, RuntimeConfig
+    from megatron_eve.config import RuntimeConfig
     from megatron_eve.model.build import build_model
 
-    parallel = ParallelConfig()
-    distributed.initialize(parallel)
-    cfg = tiny_config(changes={"aligner.enabled": False})
     model = build_model(cfg, parallel, RuntimeConfig(use_cpu_initialization=True, cross_entropy_loss_fusion=True),
                         load_teacher=False)
     calls, fused = [], language_module.fused_vocab_parallel_cross_entropy
@@ -172,12 +189,63 @@ def fused_cross_entropy_report(report_path: str):
         lm_loss.sum().backward()
         results.append((lm_loss.detach(), model.output_layer.weight.grad.clone()))
     (ours, our_grad), (theirs, their_grad) = results
-    with open(report_path, "w") as report:
-        json.dump({"fused_calls": len(calls), "lm_loss_max_abs_diff": float((ours - theirs).abs().max()),
-                   "output_grad_relative_diff": float((our_grad - their_grad).abs().max() / their_grad.abs().max())},
-                  report)
+    return {"fused_calls": len(calls), "lm_loss_max_abs_diff": float((ours - theirs).abs().max()),
+            "output_grad_relative_diff": float((our_grad - their_grad).abs().max() / their_grad.abs().max())}
+
+
+def clipped_steps(cfg, parallel, distributed_optimizer: bool, folded: bool):
+    """Three optimizer steps of megatron-core's optimizer over the tiny model, gradients set directly:
+    (parameters, grad norms, the grad_scale the fused AdamW saw at each step)."""
+    from megatron_eve.config import OptimConfig, RuntimeConfig
+    from megatron_eve.model.build import build_model
+    from megatron_eve.training import optim
+
+    torch.manual_seed(0)
+    job = SimpleNamespace(optim=OptimConfig(lr=1e-2, clip_grad=1.0, use_distributed_optimizer=distributed_optimizer),
+                          runtime=RuntimeConfig(use_cpu_initialization=True))
+    ddp = optim.wrap_model(build_model(cfg, parallel, job.runtime, load_teacher=False), job)
+    optimizer = optim.build_optimizer(ddp, job)
+    if not folded:
+        optim._FUSED_ADAM_OF.clear()  # megatron-core's own clipping pass
+    (adam,) = optim._torch_adams(optimizer)
+    seen = []
+    adam.register_step_pre_hook(lambda opt, args, kwargs: seen.append(
+        None if opt.grad_scale is None else float(opt.grad_scale)))
+    generator, norms = torch.Generator().manual_seed(1), []
+    for size in (10.0, 10.0, 1e-4):
+        for param in ddp.parameters():
+            param.main_grad.copy_(size * torch.randn(param.shape, generator=generator))
+        success, norm, _ = optimizer.step()
+        assert success
+        norms.append(norm)
+    return [p.detach().clone() for p in ddp.parameters()], norms, seen
+
+
+def clipping_report(cfg, parallel) -> dict:
+    report = {}
+    for distributed_optimizer in (False, True):
+        (folded, folded_norms, folded_seen), (theirs, norms, their_seen) = (
+            clipped_steps(cfg, parallel, distributed_optimizer, folded) for folded in (True, False))
+        scale = max(float(p.abs().max()) for p in theirs)
+        report["distributed" if distributed_optimizer else "plain"] = {
+            "folded_grad_scales": folded_seen, "megatron_grad_scales": their_seen, "grad_norms": norms,
+            "grad_norm_max_relative_diff": max(abs(a - b) / b for a, b in zip(folded_norms, norms)),
+            "param_max_relative_diff": max(float((a - b).abs().max()) for a, b in zip(folded, theirs)) / scale}
+    return report
+
+
+def main(report_path: str):
+    from megatron_eve import distributed
+    from megatron_eve.config import ParallelConfig
+
+    parallel = ParallelConfig()
+    distributed.initialize(parallel)
+    cfg = tiny_config(changes={"aligner.enabled": False})
+    report = {"cross_entropy": fused_cross_entropy_report(cfg, parallel), "clipping": clipping_report(cfg, parallel)}
+    with open(report_path, "w") as out:
+        json.dump(report, out)
     distributed.destroy()
 
 
 if __name__ == "__main__":
-    fused_cross_entropy_report(sys.argv[1])
+    main(sys.argv[1])

@@ -38,20 +38,25 @@ from tools.bench_profile import profile_ours, sync  # noqa: E402
 
 # Speed levers and whether the trainer pulls them by default (where they apply): --ablate turns
 # a default one off, --try turns another on, one at a time, each timed between two runs of ours.
-# lever: (the RuntimeConfig field that sets it, or None for the optimizer's; on by default)
-LEVERS = {"grad-accumulation-fusion": ("gradient_accumulation_fusion", True), "fused-adam": (None, True),
-          "rope-fusion": ("apply_rope_fusion", True), "cross-entropy-loss-fusion": ("cross_entropy_loss_fusion", False),
-          "compile-layers": ("torch_compile_layers", False)}
+# lever: (the RuntimeConfig fields it sets when on, each field's value when off; {} for the optimizer's
+# fused AdamW; on by default)
+LEVERS = {"grad-accumulation-fusion": ({"gradient_accumulation_fusion": (True, False)}, True),
+          "fused-adam": ({}, True),
+          "rope-fusion": ({"apply_rope_fusion": (True, False)}, True),
+          "cross-entropy-loss-fusion": ({"cross_entropy_loss_fusion": (True, False)}, False),
+          "torch-cross-entropy": ({"cross_entropy_loss_fusion": (True, False),
+                                   "cross_entropy_fusion_impl": ("torch", "native")}, False),
+          "compile-layers": ({"torch_compile_layers": (True, False)}, False)}
 ABLATIONS = tuple(lever for lever, (_, default) in LEVERS.items() if default)
 TRIALS = tuple(lever for lever, (_, default) in LEVERS.items() if not default)
 
 
 def with_lever(runtime, lever: str, on: bool):
     """(runtime, fused_adam) of the main run with one lever set."""
-    field = LEVERS[lever][0]
-    if field is None:
+    fields = LEVERS[lever][0]
+    if not fields:
         return runtime, on
-    return dataclasses.replace(runtime, **{field: on}), True
+    return dataclasses.replace(runtime, **{field: values[0 if on else 1] for field, values in fields.items()}), True
 
 
 def sample_stream(count, model, rng):

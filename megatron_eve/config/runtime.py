@@ -60,11 +60,12 @@ class RuntimeConfig:
         help="apply RoPE unfused (fused by default: Transformer Engine's kernel, or with --transformer-impl "
              "torch on CUDA one compiled kernel for q and one for k)")
     cross_entropy_loss_fusion: bool = option(
-        False, help="megatron-core's fused cross-entropy: the vocabulary-parallel loss in fewer kernels over the "
-                    "fp32 logits (native: torch-compiled pieces; te: Transformer Engine's); the logits' gradient "
-                    "comes out in bf16 (as a bf16 run's does anyway), so keep it off for fp32 runs")
-    cross_entropy_fusion_impl: Literal["native", "te"] = option(
-        "native", help="with --cross-entropy-loss-fusion: megatron-core's compiled kernels or Transformer Engine's")
+        False, help="a fused cross-entropy for the LM loss (--cross-entropy-fusion-impl says which); the logits' "
+                    "gradient comes out in the logits' dtype (native, te: bf16), so keep native / te off for fp32 runs")
+    cross_entropy_fusion_impl: Literal["native", "te", "torch"] = option(
+        "native", help="with --cross-entropy-loss-fusion: megatron-core's compiled kernels over fp32 logits "
+                       "(native), Transformer Engine's (te), or this package's (torch: one torch-compiled kernel each "
+                       "way over the logits as they are, the softmax recomputed in the backward pass, not kept in fp32)")
     torch_compile_layers: bool = option(
         False, help="compile each decoder layer with torch.compile (regional compile, as torchtitan does): "
                     "inductor fuses a layer's norms, residual adds, RoPE and activations around its GEMMs; "
@@ -77,6 +78,11 @@ class RuntimeConfig:
     def __post_init__(self):
         if self.recompute_granularity == "full" and self.recompute_num_layers is None:
             self.recompute_num_layers = 1  # megatron-core needs a count with full recompute
+
+    @property
+    def torch_cross_entropy(self) -> bool:
+        """Whether the LM loss is model/lm_loss.py's (else megatron-core's, fused or not)."""
+        return self.cross_entropy_loss_fusion and self.cross_entropy_fusion_impl == "torch"
 
     def uses_thd(self) -> bool:
         """Whether packed samples go to attention as THD + cu_seqlens (else a block mask)."""

@@ -64,7 +64,8 @@ def transformer_config(
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=grad_accumulation_fusion,
-        cross_entropy_loss_fusion=runtime.cross_entropy_loss_fusion,
-        cross_entropy_fusion_impl=runtime.cross_entropy_fusion_impl,
+        # The torch impl is ours (model/lm_loss.py), not megatron-core's.
+        cross_entropy_loss_fusion=runtime.cross_entropy_loss_fusion and not runtime.torch_cross_entropy,
+        cross_entropy_fusion_impl="native" if runtime.torch_cross_entropy else runtime.cross_entropy_fusion_impl,
         persist_layer_norm=False,
     )

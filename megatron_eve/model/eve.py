@@ -32,6 +32,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_eve.config import ConfigError, EVEModelConfig, padded_vocab_size
 from megatron_eve.model.aligner import PatchAligner, alignment_loss
 from megatron_eve.model.attention import TorchAttention, carry_flat_rotary
+from megatron_eve.model.lm_loss import vocab_parallel_lm_loss
 from megatron_eve.model.patch_embedding import FlatPlan, PatchEmbeddingLayer, VisionProjection
 from megatron_eve.model.specs import decoder_block_spec
 from megatron_eve.model.teacher import CLIPTeacher
@@ -52,6 +53,7 @@ class EVEModel(LanguageModule):
         transformer_impl: str = "auto",
         attention_backend: str = "auto",
         rope_fusion: bool = True,
+        torch_cross_entropy: bool = False,
         pre_process: bool = True,
         post_process: bool = True,
         parallel_output: bool = True,
@@ -63,6 +65,7 @@ class EVEModel(LanguageModule):
         self.eve_config = config
         self.pre_process, self.post_process = pre_process, post_process
         self.parallel_output = parallel_output
+        self.torch_cross_entropy = torch_cross_entropy  # the LM loss of model/lm_loss.py, else megatron-core's
         self.share_embeddings_and_output_weights = False  # Vicuna's lm_head is untied
         self.model_type = ModelType.encoder_or_decoder
         self.vp_stage = vp_stage
@@ -340,11 +343,15 @@ class EVEModel(LanguageModule):
         """Last stage: logits [b, s, V] without labels; else (per-token LM loss, align loss sum,
         images aligned)."""
         logits, _ = self.output_layer(hidden)
-        logits = self._mask_padded_vocab(logits)
         if labels is None:
-            return logits.transpose(0, 1).contiguous()
+            return self._mask_padded_vocab(logits).transpose(0, 1).contiguous()
         supervised = labels >= 0
-        lm_loss = self.compute_language_model_loss(labels.clamp(min=0), logits) * supervised
+        if self.torch_cross_entropy:  # leaves the padded vocabulary out itself
+            group = self.tp_group if self.parallel_output else None
+            lm_loss = vocab_parallel_lm_loss(logits, labels.clamp(min=0), self.vocab_size, group)
+        else:
+            lm_loss = self.compute_language_model_loss(labels.clamp(min=0), self._mask_padded_vocab(logits))
+        lm_loss = lm_loss * supervised
         if layout is None:
             return lm_loss, lm_loss.new_zeros(()), lm_loss.new_zeros(())
         return (lm_loss, *self._align_loss(hidden, carried, layout, teacher_images, teacher_patches))

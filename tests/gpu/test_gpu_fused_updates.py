@@ -8,6 +8,10 @@
 - torch's fused AdamW set by use_fused_torch_adam after a load that left one shared host step:
   the steps move to the device, one per parameter; the updates match torch's foreach AdamW on the
   same parameters within 1e-6 relative (fp32; the kernels differ in operation order only).
+- Gradient clipping inside the fused AdamW's step (its grad_scale) against a separate scaling pass.
+- The LM loss of --cross-entropy-fusion-impl torch (model/lm_loss.py, Triton kernels from
+  torch.compile here) at EVE-7B's shape against torch's cross-entropy in fp64, as on the CPU
+  (tests/test_lm_loss.py), and what its forward keeps for the backward pass.
 """
 
 import copy
@@ -17,7 +21,9 @@ import pytest
 import torch
 
 from megatron_eve.model import wgrad_accumulation
-from megatron_eve.training.optim import use_fused_torch_adam
+from megatron_eve.model.lm_loss import vocab_parallel_lm_loss
+from megatron_eve.training.optim import _clip_by_total_norm, use_fused_torch_adam
+from tests.test_lm_loss import loss_and_grad_errors
 
 pytestmark = pytest.mark.gpu
 
@@ -71,3 +77,49 @@ def test_fused_adam_on_the_device_after_a_load(device):
     assert len({s.data_ptr() for s in steps}) == len(steps)
     for ours, theirs in zip(run(loading, grads[2:]), run(saving, grads[2:])):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_clip_inside_the_fused_adam_step_on_the_device(device):
+    """The clip coefficient handed to torch's fused AdamW as its grad_scale (training.optim's
+    _clip_by_total_norm) acts as megatron-core's separate scaling pass: the same parameters as foreach
+    AdamW given the pre-scaled gradients (1e-6), the gradients left scaled, the grad_scale gone after the step."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    shapes = ((1024, 64), (4096,), (3, 5, 7))
+    values = [torch.randn(s, device=device, generator=generator) for s in shapes]
+    grads = [10 * torch.randn(s, device=device, generator=generator) for s in shapes]
+    fused, reference = (torch.optim.AdamW([torch.nn.Parameter(v.clone()) for v in values], lr=1e-2, foreach=True)
+                        for _ in range(2))
+    use_fused_torch_adam(SimpleNamespace(optimizer=fused))
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    clip_coeff = 1.0 / (norm + 1e-6)
+    ours, theirs = fused.param_groups[0]["params"], reference.param_groups[0]["params"]
+    for mine, other, grad in zip(ours, theirs, grads):
+        mine.grad, other.grad = grad.clone(), grad * clip_coeff
+    _clip_by_total_norm(ours, 1.0, norm)
+    fused.step()
+    reference.step()
+    assert fused.grad_scale is None
+    for mine, other in zip(ours, theirs):
+        torch.testing.assert_close(mine, other, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(mine.grad, other.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_lm_loss_on_the_device(device, on_gpu):
+    """One packed row of 4096 tokens over a 32000-column vocabulary shard (bf16 logits), the last 10
+    columns padding: losses within 1e-5 of fp64, each gradient entry within one bf16 rounding step,
+    none in the padding. The forward keeps per-token values only beside the logits (megatron-core's
+    loss keeps an fp32 softmax: twice the logits' bytes): under 1% of the logits' bytes."""
+    tokens, columns = (4096, 32000) if on_gpu else (256, 2000)  # on the CPU: the tier's own check
+    generator = torch.Generator(device=device).manual_seed(0)
+    logits = (3 * torch.randn(tokens, 1, columns, device=device, generator=generator)).bfloat16()
+    labels = torch.randint(0, columns - 10, (1, tokens), device=device, generator=generator)
+    grad = torch.rand(1, tokens, device=device, generator=generator)
+    loss_error, grad_steps, padded_grad = loss_and_grad_errors(logits, labels, columns - 10, grad)
+    assert loss_error <= 1e-5 and grad_steps <= 1.0 and padded_grad == 0.0, (loss_error, grad_steps, padded_grad)
+    if on_gpu:
+        logits.requires_grad_()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = vocab_parallel_lm_loss(logits, labels, columns - 10, None)
+        kept = torch.cuda.memory_allocated() - before
+        assert kept <= logits.numel() * logits.element_size() // 100, (kept, loss.shape)

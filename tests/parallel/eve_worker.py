@@ -118,6 +118,20 @@ def fuse_weight_gradients():
     return calls
 
 
+def count_torch_cross_entropy():
+    """A one-element list counting the model's calls of megatron_eve's LM loss."""
+    from megatron_eve.model import eve
+
+    calls, loss = [0], eve.vocab_parallel_lm_loss
+
+    def counted(*args):
+        calls[0] += 1
+        return loss(*args)
+
+    eve.vocab_parallel_lm_loss = counted
+    return calls
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["reference", "layout"])
@@ -131,6 +145,9 @@ def main():
     parser.add_argument("--grad-accumulation-fusion", action="store_true",
                         help="megatron-core's linears accumulate weight gradients into the main grads with "
                              "megatron_eve's torch kernel (on by default on CUDA only); counts its calls")
+    parser.add_argument("--torch-cross-entropy", action="store_true",
+                        help="the LM loss of megatron_eve.model.lm_loss (--cross-entropy-fusion-impl torch) against "
+                             "the reference's megatron-core loss; counts its calls")
     args = parser.parse_args()
 
     from megatron.core import dist_checkpointing, parallel_state
@@ -141,7 +158,10 @@ def main():
     parallel = ParallelConfig(args.tp, args.pp, args.sp, num_layers_per_virtual_pipeline_stage=per_stage)
     distributed.initialize(parallel, seed=1234, virtual_pipeline_size=args.vpp)
     fused_calls = fuse_weight_gradients() if args.grad_accumulation_fusion else None
-    chunks = build_model_chunks(cfg, parallel, RuntimeConfig(use_cpu_initialization=True))
+    loss_calls = count_torch_cross_entropy() if args.torch_cross_entropy else None
+    runtime = RuntimeConfig(use_cpu_initialization=True, cross_entropy_loss_fusion=args.torch_cross_entropy,
+                            cross_entropy_fusion_impl="torch")
+    chunks = build_model_chunks(cfg, parallel, runtime)
     out = Path(args.out)
     if args.mode == "reference":
         (out / "weights").mkdir(parents=True, exist_ok=True)
@@ -167,6 +187,8 @@ def main():
                       if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
                       and module.gradient_accumulation_fusion)
         assert linears and fused_calls == [linears * len(batches)], (fused_calls, linears, len(batches))
+    if loss_calls is not None and parallel_state.is_pipeline_last_stage():
+        assert loss_calls == [len(batches)], loss_calls
     for chunk in ddp:
         check_replicated_grads_agree(chunk.module)
     save_gradients(ddp, out / "grads")
