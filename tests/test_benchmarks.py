@@ -37,7 +37,7 @@ def test_bench_train_runs_on_cpu(tmp_path):
          "--seq-length", "512", "--micro-batches", "2", "--steps", "2", "--warmup", "1", "--samples", "40",
          "--baseline", "hf", "--hf-micro-batch-size", "4", "--profile", str(tmp_path),
          "--ablate", "grad-accumulation-fusion", "fused-adam", "rope-fusion", "--try", "torch-cross-entropy",
-         "--also-layers", "3", "--json", str(tmp_path / "bench.json")],
+         "--also-layers", "3", "--combine", "0", "--json", str(tmp_path / "bench.json")],
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -61,6 +61,11 @@ def test_bench_train_runs_on_cpu(tmp_path):
     # Ours again at another depth, on the same batches.
     assert re.search(r"megatron_eve at 3 layers\s+\d+ tokens/s/GPU", out.stdout), out.stdout
     assert figures["ours_3_layers"]["real_tokens"] == figures["ours"]["real_tokens"]
+    # The tried levers that gained more than --combine's 0, together, at each depth.
+    assert figures["combined_levers"] == ["torch-cross-entropy"]
+    for layers in (2, 3):
+        assert re.search(rf"megatron_eve at {layers} layers with torch-cross-entropy\s+\d+ tokens/s/GPU", out.stdout)
+        assert figures[f"combined_{layers}_layers"]["real_tokens"] == figures["ours"]["real_tokens"]
     # ... each between two runs of ours, and compared with their mean.
     runs = figures["ours_runs_tokens_per_s"]
     assert len(runs) == 5 and runs[0] == figures["ours"]["tokens_per_s_per_gpu"]

@@ -46,7 +46,11 @@ LEVERS = {"grad-accumulation-fusion": ({"gradient_accumulation_fusion": (True, F
           "cross-entropy-loss-fusion": ({"cross_entropy_loss_fusion": (True, False)}, False),
           "torch-cross-entropy": ({"cross_entropy_loss_fusion": (True, False),
                                    "cross_entropy_fusion_impl": ("torch", "native")}, False),
-          "compile-layers": ({"torch_compile_layers": (True, False)}, False)}
+          "compile-layers": ({"torch_compile_layers": (True, False)}, False),
+          # Compiled with the weight-gradient accumulation unfused: the fused one mutates the main grads
+          # inside the linears' backward, which splits each layer's graph at every linear (model/compile_layers.py).
+          "compile-whole-layers": ({"torch_compile_layers": (True, False),
+                                    "gradient_accumulation_fusion": (False, True)}, False)}
 ABLATIONS = tuple(lever for lever, (_, default) in LEVERS.items() if default)
 TRIALS = tuple(lever for lever, (_, default) in LEVERS.items() if not default)
 
@@ -307,6 +311,9 @@ def main():
                              f"time ({', '.join(ABLATIONS)}): what each is worth, measured in the same run")
     parser.add_argument("--try", dest="trials", nargs="+", default=[], choices=TRIALS, metavar="LEVER",
                         help=f"likewise, time ours again with each of these turned on ({', '.join(TRIALS)})")
+    parser.add_argument("--combine", nargs="?", type=float, const=1.01, default=None, metavar="MIN_GAIN",
+                        help="after the --try levers, time ours with every one of them that gained more than "
+                             "MIN_GAIN (default 1.01) on together, at --layers and each --also-layers depth")
     parser.add_argument("--also-layers", nargs="+", type=int, default=[], metavar="N",
                         help="before the levers, time ours again at each of these depths (same width and "
                              "batches): a deeper model puts less weight on the LM head, embedding and optimizer")
@@ -394,17 +401,21 @@ def main():
             print(f"  speed-up over the faster HF baseline: {figures['speedup']:.2f}x tokens/s")
             save()
     variant_args = argparse.Namespace(**{**vars(args), "profile": None})
-    for layers in args.also_layers:
+
+    def at_depth(layers, variant_runtime, key, name):
+        """Ours at another depth (same width and batches); a failure costs this figure only."""
         deeper = bench_model_config(args, layers)
         deeper.aligner.teacher_path = model_cfg.aligner.teacher_path
         free_device_memory()
         try:
-            report(f"ours_{layers}_layers", f"megatron_eve at {layers} layers",
-                   *run_ours(variant_args, deeper, samples, runtime)[:3])
-        except Exception as error:  # e.g. out of memory: costs this figure only
-            figures[f"ours_{layers}_layers"] = {"error": f"{type(error).__name__}: {error}"[:500]}
-            print(f"  at {layers} layers: failed: {figures[f'ours_{layers}_layers']['error']}")
+            report(key, name, *run_ours(variant_args, deeper, samples, variant_runtime)[:3])
+        except Exception as error:  # e.g. out of memory
+            figures[key] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            print(f"  {name}: failed: {figures[key]['error']}")
             save()
+
+    for layers in args.also_layers:
+        at_depth(layers, runtime, f"ours_{layers}_layers", f"megatron_eve at {layers} layers")
     # Each variant runs between two runs of ours and is compared with their mean: the runs' order
     # (allocator and compile caches warm, clocks) then cancels instead of landing on one lever.
     ours_runs = [ours]
@@ -432,6 +443,18 @@ def main():
         figures["ours_runs_tokens_per_s"] = ours_runs
         save()
         print(f"    {lever}: {gain:.3f}x tokens/s with it on (ours again: {ours_runs[-1]:.0f} tokens/s)")
+    if args.combine is not None:
+        # Levers need not add up: the ones that paid, together, at every depth measured.
+        paying = [lever for lever in args.trials
+                  if figures.get(f"with_{lever}", {}).get("gain_of_lever", 0) > args.combine]
+        figures["combined_levers"] = paying
+        save()
+        combined = runtime
+        for lever in sorted(paying, key=lambda lever: figures[f"with_{lever}"]["gain_of_lever"]):
+            combined = with_lever(combined, lever, True)[0]  # where two set one field, the better one's value
+        for layers in [args.layers, *args.also_layers] if paying else []:
+            at_depth(layers, combined, f"combined_{layers}_layers",
+                     f"megatron_eve at {layers} layers with {' + '.join(paying)}")
     distributed.destroy()
     if args.baseline == "hf" and "speedup" not in figures:
         sys.exit("the HF baseline failed: no speed-up measured")

@@ -26,6 +26,12 @@ def test_counts(xml_path: Path) -> dict:
     return counts
 
 
+def _mfu_by_depth(bench: dict, prefix: str) -> dict:
+    """{layers: MFU (or the run's error)} of the bench's "<prefix>_<layers>_layers" figures."""
+    return {key.split("_")[1]: value.get("mfu", value.get("error"))
+            for key, value in bench.items() if key.startswith(prefix + "_") and key.endswith("_layers")}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
@@ -49,8 +55,9 @@ def main():
                        time_shares=(bench.get("profile") or {}).get("time_shares"),
                        host_syncs_per_step=(bench.get("profile") or {}).get("host_syncs_per_step"),
                        ours_runs_tokens_per_s=bench.get("ours_runs_tokens_per_s"),
-                       mfu_at_layers={key.split("_")[1]: value.get("mfu", value.get("error"))
-                                      for key, value in bench.items() if key.endswith("_layers")},
+                       mfu_at_layers=_mfu_by_depth(bench, "ours"),
+                       combined_levers=bench.get("combined_levers"),
+                       combined_mfu_at_layers=_mfu_by_depth(bench, "combined"),
                        gain_of_lever={key.split("_", 1)[1]: value.get("gain_of_lever", value.get("error"))
                                       for key, value in bench.items() if key.startswith(("with_", "without_"))})
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
