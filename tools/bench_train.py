@@ -445,13 +445,21 @@ def main():
         print(f"    {lever}: {gain:.3f}x tokens/s with it on (ours again: {ours_runs[-1]:.0f} tokens/s)")
     if args.combine is not None:
         # Levers need not add up: the ones that paid, together, at every depth measured.
-        paying = [lever for lever in args.trials
-                  if figures.get(f"with_{lever}", {}).get("gain_of_lever", 0) > args.combine]
+        # Of two that set one field (compile-layers, compile-whole-layers), the better one.
+        def gain(lever):
+            return figures.get(f"with_{lever}", {}).get("gain_of_lever", 0)
+
+        paying, fields_set = [], set()
+        for lever in sorted(args.trials, key=gain, reverse=True):
+            fields = set(LEVERS[lever][0])
+            if gain(lever) > args.combine and not fields_set & fields:
+                paying.append(lever)
+                fields_set |= fields
         figures["combined_levers"] = paying
         save()
         combined = runtime
-        for lever in sorted(paying, key=lambda lever: figures[f"with_{lever}"]["gain_of_lever"]):
-            combined = with_lever(combined, lever, True)[0]  # where two set one field, the better one's value
+        for lever in paying:
+            combined = with_lever(combined, lever, True)[0]
         for layers in [args.layers, *args.also_layers] if paying else []:
             at_depth(layers, combined, f"combined_{layers}_layers",
                      f"megatron_eve at {layers} layers with {' + '.join(paying)}")

@@ -6,8 +6,9 @@
 # 2. runs tools/bench_train.py with its HF baseline (length-grouped: the faster one; random order was
 #    measured beside it, README), ours at 8 layers, the speed levers not yet measured on a GPU
 #    (--try torch-cross-entropy compile-layers compile-whole-layers; the others' gains are in the
-#    README) and those of them that pay together at 4 and 8 layers (--combine); the GPU test tier (pytest -m gpu tests/gpu); tools/bench_pel.py (the PEL's flat path
-#    vs per-shape, and given the loader's plan); in that order, what matters most first;
+#    README) and those of them that pay together at 4 and 8 layers (--combine); the GPU test tier
+#    (pytest -m gpu tests/gpu); tools/bench_pel.py (the PEL's flat path vs per-shape, and given the
+#    loader's plan); in that order, what matters most first;
 # 3. writes into OUT_DIR eight files, as many as a device call brings back: env.txt, gpu_tests.log,
 #    bench.log, bench.json, profile.txt, pel.log, pel.json and summary.json (tests passed / failed with
 #    the failing tests' names, read from the tier's JUnit XML kept outside OUT_DIR; tokens/s, TFLOP/s,

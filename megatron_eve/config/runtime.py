@@ -69,7 +69,8 @@ class RuntimeConfig:
     torch_compile_layers: bool = option(
         False, help="compile each decoder layer with torch.compile (regional compile, as torchtitan does): "
                     "inductor fuses a layer's norms, residual adds, RoPE and activations around its GEMMs; "
-                    "the first micro-batches take longer while it compiles")
+                    "the first micro-batches take longer while it compiles. With gradient-accumulation fusion "
+                    "(on by default on CUDA) each layer's graph splits at its linears")
     gradient_accumulation_fusion: bool = option(
         True, flag="--no-gradient-accumulation-fusion", negate=True,
         help="do not fuse the weight-gradient GEMM with its accumulation into the fp32 main grads (on by "

@@ -178,7 +178,6 @@ def use_fused_torch_adam(optimizer, fused: bool = True) -> None:
         for param in params:
             if fused:
                 _FUSED_ADAM_OF[param] = adam
-        for param in params:
             state = adam.state.get(param)
             if state and "step" in state:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device, copy=True)
