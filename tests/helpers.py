@@ -136,6 +136,28 @@ def micro_batches(cfg: EVEModelConfig, seed: int = 0, multiple_of: int = 8) -> L
     return batches
 
 
+def count_calls(module, name: str) -> List[int]:
+    """Replace module.<name> by a wrapper that appends to the returned list at each call (for the rest
+    of the process: child processes and workers only, nothing puts it back)."""
+    calls, real = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    setattr(module, name, counted)
+    return calls
+
+
+def fuse_weight_gradients() -> List[int]:
+    """Gradient-accumulation fusion on the CPU (megatron_eve enables it on CUDA only), for the rest of
+    the process: the fused kernel's calls."""
+    from megatron_eve.model import wgrad_accumulation
+
+    wgrad_accumulation.available = lambda: True
+    return count_calls(wgrad_accumulation, "wgrad_gemm_accum_fp32")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

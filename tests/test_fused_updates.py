@@ -17,7 +17,7 @@ import torch
 
 from megatron_eve.model import wgrad_accumulation
 from megatron_eve.training.optim import use_fused_torch_adam
-from tests.helpers import child_report, micro_batches, tiny_config
+from tests.helpers import child_report, count_calls, micro_batches, tiny_config
 
 
 def wgrad_operands(dtype, seed=0):
@@ -178,8 +178,7 @@ def fused_cross_entropy_report(cfg, parallel) -> dict:
 
     model = build_model(cfg, parallel, RuntimeConfig(use_cpu_initialization=True, cross_entropy_loss_fusion=True),
                         load_teacher=False)
-    calls, fused = [], language_module.fused_vocab_parallel_cross_entropy
-    language_module.fused_vocab_parallel_cross_entropy = lambda *a: (calls.append(1), fused(*a))[1]
+    calls = count_calls(language_module, "fused_vocab_parallel_cross_entropy")
     batch = {k: v for k, v in micro_batches(cfg)[0].items() if k != "teacher_images"}
     results = []
     for fusion in (True, False):

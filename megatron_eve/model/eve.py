@@ -345,12 +345,12 @@ class EVEModel(LanguageModule):
         logits, _ = self.output_layer(hidden)
         if labels is None:
             return self._mask_padded_vocab(logits).transpose(0, 1).contiguous()
-        supervised = labels >= 0
+        supervised, targets = labels >= 0, labels.clamp(min=0)
         if self.torch_cross_entropy:  # leaves the padded vocabulary out itself
             group = self.tp_group if self.parallel_output else None
-            lm_loss = vocab_parallel_lm_loss(logits, labels.clamp(min=0), self.vocab_size, group)
+            lm_loss = vocab_parallel_lm_loss(logits, targets, self.vocab_size, group)
         else:
-            lm_loss = self.compute_language_model_loss(labels.clamp(min=0), self._mask_padded_vocab(logits))
+            lm_loss = self.compute_language_model_loss(targets, self._mask_padded_vocab(logits))
         lm_loss = lm_loss * supervised
         if layout is None:
             return lm_loss, lm_loss.new_zeros(()), lm_loss.new_zeros(())

@@ -27,7 +27,8 @@ from megatron_eve.model.build import build_model_chunks  # noqa: E402
 from megatron_eve.training.loop import per_chunk  # noqa: E402
 from megatron_eve.training.optim import wrap_model_chunks  # noqa: E402
 from megatron_eve.training.step import forward_step  # noqa: E402
-from tests.helpers import collate, make_sample, micro_batches, tiny_config  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    collate, count_calls, fuse_weight_gradients, make_sample, micro_batches, tiny_config)
 
 # A packed row: an image sample, a text-only one and a portrait image, one block-diagonal mask.
 PACKED_SPECS = [((200, 100), 5, 12), (None, 3, 9), ((90, 180), 2, 7)]
@@ -102,36 +103,6 @@ def compare_gradients(reference_dir, directory):
     return differences
 
 
-def fuse_weight_gradients():
-    """Gradient-accumulation fusion on the CPU (megatron_eve enables it on CUDA only): returns a
-    one-element list counting the kernel's calls."""
-    from megatron_eve.model import wgrad_accumulation
-
-    calls, kernel = [0], wgrad_accumulation.wgrad_gemm_accum_fp32
-
-    def counted(*tensors):
-        calls[0] += 1
-        kernel(*tensors)
-
-    wgrad_accumulation.available = lambda: True
-    wgrad_accumulation.wgrad_gemm_accum_fp32 = counted
-    return calls
-
-
-def count_torch_cross_entropy():
-    """A one-element list counting the model's calls of megatron_eve's LM loss."""
-    from megatron_eve.model import eve
-
-    calls, loss = [0], eve.vocab_parallel_lm_loss
-
-    def counted(*args):
-        calls[0] += 1
-        return loss(*args)
-
-    eve.vocab_parallel_lm_loss = counted
-    return calls
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["reference", "layout"])
@@ -158,7 +129,10 @@ def main():
     parallel = ParallelConfig(args.tp, args.pp, args.sp, num_layers_per_virtual_pipeline_stage=per_stage)
     distributed.initialize(parallel, seed=1234, virtual_pipeline_size=args.vpp)
     fused_calls = fuse_weight_gradients() if args.grad_accumulation_fusion else None
-    loss_calls = count_torch_cross_entropy() if args.torch_cross_entropy else None
+    if args.torch_cross_entropy:
+        from megatron_eve.model import eve
+
+        loss_calls = count_calls(eve, "vocab_parallel_lm_loss")
     runtime = RuntimeConfig(use_cpu_initialization=True, cross_entropy_loss_fusion=args.torch_cross_entropy,
                             cross_entropy_fusion_impl="torch")
     chunks = build_model_chunks(cfg, parallel, runtime)
@@ -186,9 +160,9 @@ def main():
         linears = sum(1 for chunk in chunks for module in chunk.modules()
                       if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
                       and module.gradient_accumulation_fusion)
-        assert linears and fused_calls == [linears * len(batches)], (fused_calls, linears, len(batches))
-    if loss_calls is not None and parallel_state.is_pipeline_last_stage():
-        assert loss_calls == [len(batches)], loss_calls
+        assert linears and len(fused_calls) == linears * len(batches), (len(fused_calls), linears, len(batches))
+    if args.torch_cross_entropy and parallel_state.is_pipeline_last_stage():
+        assert len(loss_calls) == len(batches), len(loss_calls)
     for chunk in ddp:
         check_replicated_grads_agree(chunk.module)
     save_gradients(ddp, out / "grads")
