@@ -74,7 +74,8 @@ class RuntimeConfig:
     gradient_accumulation_fusion: bool = option(
         True, flag="--no-gradient-accumulation-fusion", negate=True,
         help="do not fuse the weight-gradient GEMM with its accumulation into the fp32 main grads (on by "
-             "default on CUDA: apex's fused_weight_gradient_mlp_cuda, else torch's addmm with an fp32 output)")
+             "default on CUDA: apex's fused_weight_gradient_mlp_cuda, else torch's addmm with an fp32 output), "
+             "nor add the token embedding's looked-up rows straight into its main grad")
 
     def __post_init__(self):
         if self.recompute_granularity == "full" and self.recompute_num_layers is None:

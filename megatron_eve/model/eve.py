@@ -36,6 +36,7 @@ from megatron_eve.model.lm_loss import vocab_parallel_lm_loss
 from megatron_eve.model.patch_embedding import FlatPlan, PatchEmbeddingLayer, VisionProjection
 from megatron_eve.model.specs import decoder_block_spec
 from megatron_eve.model.teacher import CLIPTeacher
+from megatron_eve.model.token_embedding import add_gradient_into_main_grad
 from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX, VisualLayout, VisualLayoutError
 from megatron_eve.platform import current_device
 
@@ -86,6 +87,7 @@ class EVEModel(LanguageModule):
                 position_embedding_type="rope",
                 scatter_to_sequence_parallel=False,
             )
+            add_gradient_into_main_grad(self.embedding.word_embeddings)
             self.vision_model = PatchEmbeddingLayer(vision)
             self.vision_projection = VisionProjection(vision.hidden_size, lm.hidden_size)
         self.rotary_pos_emb = RotaryEmbedding(

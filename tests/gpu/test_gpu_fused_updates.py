@@ -5,6 +5,9 @@
   torch's mixed-dtype addmm (out_dtype=float32, out=main_grad), and is never further from the
   exact (fp64) sum than the unfused path (a bf16 gradient, rounded, then added): at EVE-7B's FFN
   shape, max |error| <= the unfused one's.
+- The token embedding's rows added into its fp32 main grad (model/token_embedding.py) at EVE-7B's
+  vocabulary and width over one packed row: within fp32 rounding of the fp64 sums, and the same bits
+  on a second run (on CUDA, index_put_ with accumulate sorts the ids: deterministic).
 - torch's fused AdamW set by use_fused_torch_adam after a load that left one shared host step:
   the steps move to the device, one per parameter; the updates match torch's foreach AdamW on the
   same parameters within 1e-6 relative (fp32; the kernels differ in operation order only).
@@ -43,6 +46,23 @@ def test_bf16_wgrad_accumulates_into_the_fp32_main_grad(device, on_gpu):
     fused_error = float((main_grad.double() - exact).abs().max())
     unfused_error = float((unfused.double() - exact).abs().max())
     assert fused_error <= unfused_error, (fused_error, unfused_error)
+
+
+def test_embedding_rows_add_into_the_main_grad_on_the_device(device, on_gpu):
+    from megatron_eve.model.token_embedding import add_rows_to_main_grad
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    vocab, hidden, tokens = 32000, 4096, 4096
+    ids = torch.randint(0, 2000, (1, tokens), device=device, generator=generator)  # frequent tokens repeat
+    grad_output = torch.randn(1, tokens, hidden, device=device, generator=generator).bfloat16()
+    start = torch.randn(vocab, hidden, device=device, generator=generator)
+    exact = start.double().index_add(0, ids.view(-1), grad_output.double().view(-1, hidden))
+    runs = [start.clone(), start.clone()]
+    for main_grad in runs:
+        add_rows_to_main_grad(main_grad, ids, grad_output)
+    assert torch.equal(runs[0], runs[1]) or not on_gpu  # the CPU's index_put_ adds in thread order
+    error = float((runs[0].double() - exact).abs().max())
+    assert error < 1e-5, error
 
 
 def test_fused_adam_on_the_device_after_a_load(device):

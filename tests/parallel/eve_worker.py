@@ -115,7 +115,8 @@ def main():
     parser.add_argument("--packed", action="store_true", help="a fourth micro-batch: three samples packed in one row")
     parser.add_argument("--grad-accumulation-fusion", action="store_true",
                         help="megatron-core's linears accumulate weight gradients into the main grads with "
-                             "megatron_eve's torch kernel (on by default on CUDA only); counts its calls")
+                             "megatron_eve's torch kernel (on by default on CUDA only), the token embedding its rows; "
+                             "counts their calls")
     parser.add_argument("--torch-cross-entropy", action="store_true",
                         help="the LM loss of megatron_eve.model.lm_loss (--cross-entropy-fusion-impl torch) against "
                              "the reference's megatron-core loss; counts its calls")
@@ -129,6 +130,10 @@ def main():
     parallel = ParallelConfig(args.tp, args.pp, args.sp, num_layers_per_virtual_pipeline_stage=per_stage)
     distributed.initialize(parallel, seed=1234, virtual_pipeline_size=args.vpp)
     fused_calls = fuse_weight_gradients() if args.grad_accumulation_fusion else None
+    if args.grad_accumulation_fusion:
+        from megatron_eve.model import token_embedding
+
+        embedding_calls = count_calls(token_embedding, "add_rows_to_main_grad")
     if args.torch_cross_entropy:
         from megatron_eve.model import eve
 
@@ -161,6 +166,9 @@ def main():
                       if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
                       and module.gradient_accumulation_fusion)
         assert linears and len(fused_calls) == linears * len(batches), (len(fused_calls), linears, len(batches))
+        # The token embedding's rows go into its main grad too, once per micro-batch on the first stage.
+        first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        assert len(embedding_calls) == (len(batches) if first_stage else 0), (len(embedding_calls), len(batches))
     if args.torch_cross_entropy and parallel_state.is_pipeline_last_stage():
         assert len(loss_calls) == len(batches), len(loss_calls)
     for chunk in ddp:
