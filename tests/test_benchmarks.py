@@ -73,6 +73,18 @@ def test_bench_train_runs_on_cpu(tmp_path):
         assert abs(figures[key]["reference_tokens_per_s"] - (runs[index] + runs[index + 1]) / 2) < 1e-6
 
 
+def test_steps_are_timed_back_to_back(monkeypatch):
+    """Both sides' timed steps run as a training loop runs them: warm-up steps, a synchronisation,
+    the timed steps with none waiting for the device in between, a synchronisation."""
+    import tools.bench_train as bench
+
+    events = []
+    monkeypatch.setattr(bench, "sync", lambda: events.append("sync"))
+    results, seconds = bench.timed_steps(lambda: events.append("step") or len(events), 2, 3)
+    assert events == ["step", "step", "sync", "step", "step", "step", "sync"]
+    assert results == [4, 5, 6] and seconds >= 0
+
+
 def test_time_shares_count_kernels_not_annotations():
     """On the GPU the profiler also puts record_function ranges (the optimizer's step) and its own
     buffer requests on the device timeline: only kernels and copies count, idle is the rest."""

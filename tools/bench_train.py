@@ -11,9 +11,11 @@ ours:      EVE on megatron-core (this repo's layer spec: Transformer Engine, or 
            that ours and DeepSpeed's bf16 keep: the baseline's optimizer step is the cheaper one).
            Its batches are built on the device before timing, as ours are.
 
-Both are timed on real (non-padding) tokens; TFLOP/s and MFU count the model FLOPs of real tokens
-only, each side's from its own samples, the peak looked up from the device name (H100 / H200: 989 dense bf16). The aligner is off
-in both (it needs the 304M CLIP teacher; pass --aligner to time ours with a random teacher).
+Both are timed over N steps back to back, from a synchronisation before the first to one after the
+last, as a training loop runs them, on real (non-padding) tokens; TFLOP/s and MFU count the model
+FLOPs of real tokens only, each side's from its own samples, the peak looked up from the device name
+(H100 / H200: 989 dense bf16). The aligner is off in both (it needs the 304M CLIP teacher; pass
+--aligner to time ours with a random teacher).
 
   python tools/bench_train.py --layers 4 --seq-length 4096 --steps 10 --baseline hf      # GPU
   python tools/bench_train.py --preset tiny --layers 2 --seq-length 512 --steps 2 --baseline hf  # CPU smoke
@@ -114,6 +116,19 @@ def peak_memory() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2**30
 
 
+def timed_steps(train_step, warmup: int, steps: int):
+    """(what each timed step returned, seconds): `warmup` steps, then `steps` steps back to back, timed
+    from a synchronisation before the first to one after the last, as a training loop runs them (none
+    waits for the device after its optimizer step: the next step's host work overlaps it)."""
+    for _ in range(warmup):
+        train_step()
+    sync()
+    start = time.time()
+    results = [train_step() for _ in range(steps)]
+    sync()
+    return results, time.time() - start
+
+
 def run_ours(args, model_cfg, samples, job_runtime, fused_adam=True):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -157,16 +172,10 @@ def run_ours(args, model_cfg, samples, job_runtime, fused_adam=True):
         optimizer.step()
         return chunk
 
-    work, seconds = BatchWork(), 0.0
-    for iteration in range(args.warmup + args.steps):
-        sync()
-        start = time.time()
-        chunk = train_step()
-        sync()
-        if iteration >= args.warmup:
-            seconds += time.time() - start
-            for _, raw in chunk:
-                work.add(micro_batch_work(raw, model_cfg, args.aligner))
+    chunks, seconds = timed_steps(train_step, args.warmup, args.steps)
+    work = BatchWork()
+    for _, raw in (micro_batch for chunk in chunks for micro_batch in chunk):
+        work.add(micro_batch_work(raw, model_cfg, args.aligner))
     memory = peak_memory()
     profiled = profile_ours(train_step, args.profile, seconds / args.steps) if args.profile else None
     return work, seconds, memory, len(plan), profiled
@@ -243,15 +252,14 @@ def run_hf(args, model_cfg, samples, grouped):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=torch.cuda.is_available())
     order = hf_order(samples, args.hf_micro_batch_size, grouped, np.random.default_rng(0))
     batches = [hf_micro_batch([samples[i] for i in members], model_cfg, device, dtype) for members in order]
-    work, seconds, cursor = BatchWork(), 0.0, 0
-    tokens_per_step = args._ours_tokens_per_step
-    for iteration in range(args.warmup + args.steps):
-        sync()
-        start = time.time()
+    cursor = 0
+
+    def train_step():
+        nonlocal cursor
         optimizer.zero_grad(set_to_none=True)
         step_work = BatchWork()
         # As many micro-batches as it takes to process the tokens one of our steps processes.
-        while step_work.real_tokens < tokens_per_step:
+        while step_work.real_tokens < args._ours_tokens_per_step:
             batch, counted = batches[cursor % len(batches)]
             cursor += 1
             if batch["pixels"] is not None:
@@ -261,11 +269,12 @@ def run_hf(args, model_cfg, samples, grouped):
             model(inputs_embeds=embeds, attention_mask=mask, labels=batch["labels"]).loss.backward()
             step_work.add(counted)
         optimizer.step()
-        sync()
-        if iteration >= args.warmup:
-            seconds += time.time() - start
-            work.add(step_work)
-    del model, optimizer, batches
+        return step_work
+
+    steps, seconds = timed_steps(train_step, args.warmup, args.steps)
+    work = BatchWork()
+    for step_work in steps:
+        work.add(step_work)
     return work, seconds, peak_memory()
 
 

@@ -25,3 +25,9 @@ def device() -> torch.device:
 @pytest.fixture(scope="session")
 def on_gpu(device) -> bool:
     return device.type == "cuda"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The trainer's test first: a device call has a time limit (tools/gpu_check.sh), and the check
+    that matters most (training, save and resume on the GPU) must not be the one it cuts."""
+    items.sort(key=lambda item: item.path.name != "test_gpu_training.py")
