@@ -24,6 +24,7 @@ FLOPs of real tokens only, each side's from its own samples, the peak looked up 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -40,10 +41,10 @@ from tools.bench_profile import profile_ours, sync  # noqa: E402
 
 # Speed levers and whether the trainer pulls them by default (where they apply): --ablate turns
 # a default one off, --try turns another on, one at a time, each timed between two runs of ours.
-# lever: (the RuntimeConfig fields it sets when on, each field's value when off; {} for the optimizer's
-# fused AdamW; on by default)
+# lever: ({field: (its value with the lever on, off)}, on by default). The fields are RuntimeConfig's
+# or a run's own (Setting's): the optimizer's fused AdamW, the packed rows per micro-batch.
 LEVERS = {"grad-accumulation-fusion": ({"gradient_accumulation_fusion": (True, False)}, True),
-          "fused-adam": ({}, True),
+          "fused-adam": ({"fused_adam": (True, False)}, True),
           "rope-fusion": ({"apply_rope_fusion": (True, False)}, True),
           "cross-entropy-loss-fusion": ({"cross_entropy_loss_fusion": (True, False)}, False),
           "torch-cross-entropy": ({"cross_entropy_loss_fusion": (True, False),
@@ -52,17 +53,29 @@ LEVERS = {"grad-accumulation-fusion": ({"gradient_accumulation_fusion": (True, F
           # Compiled with the weight-gradient accumulation unfused: the fused one mutates the main grads
           # inside the linears' backward, which splits each layer's graph at every linear (model/compile_layers.py).
           "compile-whole-layers": ({"torch_compile_layers": (True, False),
-                                    "gradient_accumulation_fusion": (False, True)}, False)}
+                                    "gradient_accumulation_fusion": (False, True)}, False),
+          # Two packed rows per micro-batch (--micro-batch-size 2; the same rows, half the micro-batches):
+          # GEMMs over 8192 tokens, each weight's main grad read and written half as often.
+          "micro-batch-size-2": ({"micro_batch_size": (2, 1)}, False)}
 ABLATIONS = tuple(lever for lever, (_, default) in LEVERS.items() if default)
 TRIALS = tuple(lever for lever, (_, default) in LEVERS.items() if not default)
 
 
-def with_lever(runtime, lever: str, on: bool):
-    """(runtime, fused_adam) of the main run with one lever set."""
-    fields = LEVERS[lever][0]
-    if not fields:
-        return runtime, on
-    return dataclasses.replace(runtime, **{field: values[0 if on else 1] for field, values in fields.items()}), True
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """How one run of ours trains: the runtime config and the run's own fields."""
+
+    runtime: object  # RuntimeConfig
+    fused_adam: bool = True
+    micro_batch_size: int = 1
+
+
+def with_lever(setting: Setting, lever: str, on: bool) -> Setting:
+    """`setting` with one lever pulled or released."""
+    values = {field: both[0 if on else 1] for field, both in LEVERS[lever][0].items()}
+    own = {field: value for field, value in values.items() if field in ("fused_adam", "micro_batch_size")}
+    runtime = dataclasses.replace(setting.runtime, **{f: v for f, v in values.items() if f not in own})
+    return dataclasses.replace(setting, runtime=runtime, **own)
 
 
 def sample_stream(count, model, rng):
@@ -129,7 +142,7 @@ def timed_steps(train_step, warmup: int, steps: int):
     return results, time.time() - start
 
 
-def run_ours(args, model_cfg, samples, job_runtime, fused_adam=True):
+def run_ours(args, model_cfg, samples, setting: Setting):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_eve.data.dataset import assemble_sequence
@@ -142,33 +155,39 @@ def run_ours(args, model_cfg, samples, job_runtime, fused_adam=True):
     from megatron_eve.training.step import forward_step
     from megatron_eve.config import OptimConfig, ParallelConfig, ScheduleConfig, TrainingJob
 
-    model = build_model(model_cfg, ParallelConfig(), job_runtime, load_teacher=args.aligner)
-    job = TrainingJob(model_cfg, ParallelConfig(), job_runtime, OptimConfig(lr=1e-5), ScheduleConfig(train_iters=1),
+    runtime, per = setting.runtime, setting.micro_batch_size
+    if args.micro_batches % per:
+        raise ValueError(f"--micro-batches {args.micro_batches} is not a multiple of the micro-batch size {per}")
+    model = build_model(model_cfg, ParallelConfig(), runtime, load_teacher=args.aligner)
+    job = TrainingJob(model_cfg, ParallelConfig(), runtime, OptimConfig(lr=1e-5), ScheduleConfig(train_iters=1),
                       None, None, None)
     ddp = wrap_model(model, job)
     optimizer = build_optimizer(ddp, job)
-    if not fused_adam:
+    if not setting.fused_adam:
         use_fused_torch_adam(optimizer, fused=False)
     lengths = np.asarray([len(s["tokens"]) for s in samples])
     plan = pack(lengths, args.seq_length, 10000, np.random.default_rng(0))
-    device, thd = current_device(), job_runtime.uses_thd()
-    # Rows with the index plan a loader worker makes, as the trainer feeds them.
-    rows = [collate([assemble_sequence([as_row_sample(samples[i]) for i in plan.sequence(k)], args.seq_length)],
-                    BatchPlan.of(model_cfg.vision, thd=thd))
-            for k in range(len(plan))]
-    batches = [(model_inputs(r, model_cfg.vision, device, dtype=job_runtime.params_dtype, thd=thd), r) for r in rows]
+    device, thd = current_device(), runtime.uses_thd()
+    sequences = [assemble_sequence([as_row_sample(samples[i]) for i in plan.sequence(k)], args.seq_length)
+                 for k in range(len(plan))]
+    # Micro-batches of `per` consecutive rows, cycling: every micro-batch size takes the same rows in
+    # the same order. With the index plan a loader worker makes, as the trainer feeds them.
+    groups = len(sequences) // math.gcd(len(sequences), per)
+    rows = [collate([sequences[(g * per + i) % len(sequences)] for i in range(per)],
+                    BatchPlan.of(model_cfg.vision, thd=thd)) for g in range(groups)]
+    batches = [(model_inputs(r, model_cfg.vision, device, dtype=runtime.params_dtype, thd=thd), r) for r in rows]
     fb = get_forward_backward_func()
     step = lambda it, m: forward_step(1.0 if args.aligner else 0.0, it, m)  # noqa: E731
-    cursor = 0
+    per_step, cursor = args.micro_batches // per, 0
 
     def train_step():
         nonlocal cursor
-        chunk = [batches[(cursor + i) % len(batches)] for i in range(args.micro_batches)]
-        cursor += args.micro_batches
+        chunk = [batches[(cursor + i) % len(batches)] for i in range(per_step)]
+        cursor += per_step
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         fb(forward_step_func=step, data_iterator=iter([b for b, _ in chunk]), model=[ddp],
-           num_microbatches=len(chunk), seq_length=args.seq_length, micro_batch_size=1, forward_only=False)
+           num_microbatches=len(chunk), seq_length=args.seq_length, micro_batch_size=per, forward_only=False)
         optimizer.step()
         return chunk
 
@@ -348,6 +367,7 @@ def main():
                             bf16=args.bf16, recompute_granularity=None if args.recompute == "none" else args.recompute,
                             recompute_method="uniform" if args.recompute == "full" else None,
                             recompute_num_layers=1 if args.recompute == "full" else None)
+    setting = Setting(runtime)
     samples = sample_stream(args.samples, model_cfg, np.random.default_rng(0))
     peak = peak_tflops()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -382,9 +402,9 @@ def main():
         # A process's first run is slower (inductor's compile workers, cuBLAS heuristics, the allocator
         # growing: 67k against 78k-81k tokens/s for the runs after it on an H100): an untimed run first,
         # so that what is timed is the steady state a long job runs at.
-        run_ours(argparse.Namespace(**{**vars(args), "steps": 2, "profile": None}), model_cfg, samples, runtime)
+        run_ours(argparse.Namespace(**{**vars(args), "steps": 2, "profile": None}), model_cfg, samples, setting)
         free_device_memory()
-    work, seconds, memory, sequences, profiled = run_ours(args, model_cfg, samples, runtime)
+    work, seconds, memory, sequences, profiled = run_ours(args, model_cfg, samples, setting)
     ours = report("ours", f"megatron_eve (packed, {sequences} seq)", work, seconds, memory)
     if profiled:
         figures["profile"] = profiled
@@ -411,39 +431,39 @@ def main():
             save()
     variant_args = argparse.Namespace(**{**vars(args), "profile": None})
 
-    def at_depth(layers, variant_runtime, key, name):
+    def at_depth(layers, variant: Setting, key, name):
         """Ours at another depth (same width and batches); a failure costs this figure only."""
         deeper = bench_model_config(args, layers)
         deeper.aligner.teacher_path = model_cfg.aligner.teacher_path
         free_device_memory()
         try:
-            report(key, name, *run_ours(variant_args, deeper, samples, variant_runtime)[:3])
+            report(key, name, *run_ours(variant_args, deeper, samples, variant)[:3])
         except Exception as error:  # e.g. out of memory
             figures[key] = {"error": f"{type(error).__name__}: {error}"[:500]}
             print(f"  {name}: failed: {figures[key]['error']}")
             save()
 
     for layers in args.also_layers:
-        at_depth(layers, runtime, f"ours_{layers}_layers", f"megatron_eve at {layers} layers")
+        at_depth(layers, setting, f"ours_{layers}_layers", f"megatron_eve at {layers} layers")
     # Each variant runs between two runs of ours and is compared with their mean: the runs' order
     # (allocator and compile caches warm, clocks) then cancels instead of landing on one lever.
     ours_runs = [ours]
 
-    def timed(variant_runtime, fused_adam):
+    def timed(variant: Setting):
         free_device_memory()
-        return run_ours(variant_args, model_cfg, samples, variant_runtime, fused_adam=fused_adam)
+        return run_ours(variant_args, model_cfg, samples, variant)
 
     for lever, on in [(lever, False) for lever in args.ablate] + [(lever, True) for lever in args.trials]:
         key = f"{'with' if on else 'without'}_{lever}"
         try:
-            variant = timed(*with_lever(runtime, lever, on))
+            variant = timed(with_lever(setting, lever, on))
         except Exception as error:  # one lever that fails here costs its own figure only
             figures[key] = {"error": f"{type(error).__name__}: {error}"[:500]}
             print(f"  {key.replace('_', ' ')}: failed: {figures[key]['error']}")
             save()
             continue
         tokens = report(key, f"  {key.replace('_', ' ')}", *variant[:3])
-        again = timed(runtime, True)
+        again = timed(setting)
         ours_runs.append(again[0].real_tokens / max(again[1], 1e-9))
         reference = (ours_runs[-2] + ours_runs[-1]) / 2
         # What pulling the lever gains: > 1 means faster with it on.
@@ -466,9 +486,9 @@ def main():
                 fields_set |= fields
         figures["combined_levers"] = paying
         save()
-        combined = runtime
+        combined = setting
         for lever in paying:
-            combined = with_lever(combined, lever, True)[0]
+            combined = with_lever(combined, lever, True)
         for layers in [args.layers, *args.also_layers] if paying else []:
             at_depth(layers, combined, f"combined_{layers}_layers",
                      f"megatron_eve at {layers} layers with {' + '.join(paying)}")
