@@ -66,8 +66,12 @@ def test_bench_train_runs_on_cpu(tmp_path):
     # The tried levers that gained more than --combine's 0, together, at each depth.
     assert sorted(figures["combined_levers"]) == ["micro-batch-size-2", "torch-cross-entropy"]
     for layers in (2, 3):
-        assert re.search(rf"megatron_eve at {layers} layers with [a-z0-9-]+ \+ [a-z0-9-]+\s+\d+ tokens/s/GPU", out.stdout)
+        combined = rf"megatron_eve at {layers} layers with [a-z0-9-]+ \+ [a-z0-9-]+\s+\d+ tokens/s/GPU"
+        assert re.search(combined, out.stdout), out.stdout
         assert figures[f"combined_{layers}_layers"]["real_tokens"] == figures["ours"]["real_tokens"]
+    # The deepest combined run profiled too, its section appended to the main run's profile.
+    assert "profile" in figures["combined_3_layers"] and "profile" not in figures["combined_2_layers"]
+    assert re.search(r"\n===== megatron_eve at 3 layers with .*\n2 steps: wall", (tmp_path / "profile.txt").read_text())
     # ... each between two runs of ours, and compared with their mean.
     runs = figures["ours_runs_tokens_per_s"]
     assert len(runs) == 6 and runs[0] == figures["ours"]["tokens_per_s_per_gpu"]
@@ -137,7 +141,7 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     env = {**os.environ, "EVE_GPU_TIER_ON_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
            "GPU_CHECK_SITE": str(tmp_path / "site"), "TIER_ARGS": "-k attention",
            "BENCH_ARGS": "--preset tiny --layers 2 --seq-length 512 --steps 1 --warmup 1 --samples 40 --baseline hf "
-                          "--also-layers 3"}
+                          "--also-layers 3 --try torch-cross-entropy --combine 0"}
     proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(wheels), str(out)],
                           capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -148,6 +152,9 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     assert summary["tokens_per_s_per_gpu"] > 0 and summary["speedup_vs_hf"] > 0
     assert summary["bench"]["figures"]["hf"]["real_tokens"] > 0
     assert list(summary["mfu_at_layers"]) == ["3"]  # MFU None on the CPU (no peak)
+    assert summary["combined_levers"] == ["torch-cross-entropy"]
+    assert list(summary["combined_mfu_at_layers"]) == ["2", "3"]
+    assert summary["combined_time_shares"]["3"]["gemm"] > 0  # the deepest combined run, profiled
     for name in ("gpu_tests.log", "bench.log", "bench.json", "profile.txt"):
         assert (out / name).stat().st_size > 0
     assert len(list(out.iterdir())) <= 8  # a device call brings back eight files at most

@@ -7,6 +7,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -61,10 +62,11 @@ def time_shares(timed: list, whole_us=None) -> dict:
     return shares
 
 
-def profile_ours(step_fn, folder, timed_step_s: float):
+def profile_ours(step_fn, folder, timed_step_s: float, title: Optional[str] = None):
     """Profiles two more of our steps: the kernels and host ops that cost most, the share of the
     step time each kernel family takes (and the GPU idles), and every host synchronisation inside a
-    step (by source line; CUDA only). Returns the shares and the synchronisation count.
+    step (by source line; CUDA only), into folder/profile.txt (appended under `title` when given).
+    Returns the shares and the synchronisation count.
 
     The shares are of the unprofiled step time (`timed_step_s`, from the timed steps): the
     profiler's own host overhead slows a launch-bound step (on an H100, 311 ms a step profiled
@@ -105,7 +107,11 @@ def profile_ours(step_fn, folder, timed_step_s: float):
     sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     lines += ["", averages.table(sort_by=sort, row_limit=30, max_name_column_width=70),
               "", averages.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)]
-    Path(folder, "profile.txt").write_text("\n".join(lines) + "\n")
+    if title:
+        with open(Path(folder, "profile.txt"), "a") as out:
+            out.write(f"\n\n===== {title}\n" + "\n".join(lines) + "\n")
+    else:
+        Path(folder, "profile.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:3 + min(len(syncs), 25)]))
     return {"wall_ms_two_steps": wall * 1e3, "timed_ms_two_steps": 2 * timed_step_s * 1e3,
             "kernel_ms_two_steps": kernel_us / 1e3, "time_shares": shares,

@@ -196,7 +196,8 @@ def run_ours(args, model_cfg, samples, setting: Setting):
     for _, raw in (micro_batch for chunk in chunks for micro_batch in chunk):
         work.add(micro_batch_work(raw, model_cfg, args.aligner))
     memory = peak_memory()
-    profiled = profile_ours(train_step, args.profile, seconds / args.steps) if args.profile else None
+    profiled = (profile_ours(train_step, args.profile, seconds / args.steps, getattr(args, "profile_title", None))
+                if args.profile else None)
     return work, seconds, memory, len(plan), profiled
 
 
@@ -431,13 +432,20 @@ def main():
             save()
     variant_args = argparse.Namespace(**{**vars(args), "profile": None})
 
-    def at_depth(layers, variant: Setting, key, name):
-        """Ours at another depth (same width and batches); a failure costs this figure only."""
+    def at_depth(layers, variant: Setting, key, name, profile=False):
+        """Ours at another depth (same width and batches); a failure costs this figure only. With
+        `profile`, its steps profiled too, appended to the main run's profile."""
         deeper = bench_model_config(args, layers)
         deeper.aligner.teacher_path = model_cfg.aligner.teacher_path
         free_device_memory()
+        run_args = argparse.Namespace(**{**vars(variant_args), "profile": args.profile if profile else None,
+                                         "profile_title": name})
         try:
-            report(key, name, *run_ours(variant_args, deeper, samples, variant)[:3])
+            work, seconds, memory, _, profiled = run_ours(run_args, deeper, samples, variant)
+            report(key, name, work, seconds, memory)
+            if profiled:
+                figures[key]["profile"] = profiled
+                save()
         except Exception as error:  # e.g. out of memory
             figures[key] = {"error": f"{type(error).__name__}: {error}"[:500]}
             print(f"  {name}: failed: {figures[key]['error']}")
@@ -489,9 +497,11 @@ def main():
         combined = setting
         for lever in paying:
             combined = with_lever(combined, lever, True)
-        for layers in [args.layers, *args.also_layers] if paying else []:
+        depths = [args.layers, *args.also_layers] if paying else []
+        for layers in depths:
+            # The deepest run, the one nearest a full model, profiled too: where its time goes.
             at_depth(layers, combined, f"combined_{layers}_layers",
-                     f"megatron_eve at {layers} layers with {' + '.join(paying)}")
+                     f"megatron_eve at {layers} layers with {' + '.join(paying)}", profile=layers == depths[-1])
     distributed.destroy()
     if args.baseline == "hf" and "speedup" not in figures:
         sys.exit("the HF baseline failed: no speed-up measured")

@@ -58,6 +58,9 @@ def main():
                        mfu_at_layers=_mfu_by_depth(bench, "ours"),
                        combined_levers=bench.get("combined_levers"),
                        combined_mfu_at_layers=_mfu_by_depth(bench, "combined"),
+                       combined_time_shares={key.split("_")[1]: value["profile"]["time_shares"]
+                                             for key, value in bench.items()
+                                             if key.startswith("combined_") and "profile" in value},
                        gain_of_lever={key.split("_", 1)[1]: value.get("gain_of_lever", value.get("error"))
                                       for key, value in bench.items() if key.startswith(("with_", "without_"))})
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
