@@ -18,8 +18,9 @@ LAYOUTS = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"], "tp2_sp": ["--tp", "2", "
            "pp2_vpp2": ["--pp", "2", "--vpp", "2", "--packed"],
            # Weight gradients accumulated into the main grads inside the GEMM (megatron_eve's torch
            # kernel for apex's extension; on by default on CUDA), over SP's gathered inputs, and the
-           # token embedding's rows added into its vocabulary shard's main grad; and the LM loss of --cross-entropy-fusion-impl torch over vocabulary shards (rank 1's padded:
-           # vocab 1000 of 1024) against the reference's megatron-core loss.
+           # token embedding's rows added into its vocabulary shard's main grad; and the LM loss of
+           # --cross-entropy-fusion-impl torch over vocabulary shards (rank 1's padded: vocab 1000 of
+           # 1024) against the reference's megatron-core loss.
            "tp2_sp_fusions": ["--tp", "2", "--sp", "--grad-accumulation-fusion", "--torch-cross-entropy"]}
 
 

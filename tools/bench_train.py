@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,6 +38,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tools.bench_profile import profile_ours, sync  # noqa: E402
+
+if TYPE_CHECKING:
+    from megatron_eve.config import RuntimeConfig
 
 
 # Speed levers and whether the trainer pulls them by default (where they apply): --ablate turns
@@ -65,15 +69,18 @@ TRIALS = tuple(lever for lever, (_, default) in LEVERS.items() if not default)
 class Setting:
     """How one run of ours trains: the runtime config and the run's own fields."""
 
-    runtime: object  # RuntimeConfig
+    runtime: "RuntimeConfig"
     fused_adam: bool = True
     micro_batch_size: int = 1
+
+
+RUN_FIELDS = tuple(field.name for field in dataclasses.fields(Setting) if field.name != "runtime")
 
 
 def with_lever(setting: Setting, lever: str, on: bool) -> Setting:
     """`setting` with one lever pulled or released."""
     values = {field: both[0 if on else 1] for field, both in LEVERS[lever][0].items()}
-    own = {field: value for field, value in values.items() if field in ("fused_adam", "micro_batch_size")}
+    own = {field: value for field, value in values.items() if field in RUN_FIELDS}
     runtime = dataclasses.replace(setting.runtime, **{f: v for f, v in values.items() if f not in own})
     return dataclasses.replace(setting, runtime=runtime, **own)
 

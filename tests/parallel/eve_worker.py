@@ -115,8 +115,8 @@ def main():
     parser.add_argument("--packed", action="store_true", help="a fourth micro-batch: three samples packed in one row")
     parser.add_argument("--grad-accumulation-fusion", action="store_true",
                         help="megatron-core's linears accumulate weight gradients into the main grads with "
-                             "megatron_eve's torch kernel (on by default on CUDA only), the token embedding its rows; "
-                             "counts their calls")
+                             "megatron_eve's torch kernel (on by default on CUDA only), the token embedding "
+                             "its rows; counts their calls")
     parser.add_argument("--torch-cross-entropy", action="store_true",
                         help="the LM loss of megatron_eve.model.lm_loss (--cross-entropy-fusion-impl torch) against "
                              "the reference's megatron-core loss; counts its calls")
