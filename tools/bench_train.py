@@ -3,7 +3,8 @@
 
 ours:      EVE on megatron-core (this repo's layer spec: Transformer Engine, or torch's fused
            attention kernels, or the local path), packed sequences, bf16, megatron-core DDP and
-           Adam, one GPU.
+           Adam, one GPU; each step as the trainer takes it (its check that the losses and
+           gradients are finite, with the step's one host read, included).
 --baseline hf: the same model in Hugging Face transformers (modeling_eve: LlamaForCausalLM with
            SDPA) on pad-to-longest micro-batches of the same samples, in random order and
            length-grouped (HF's group_by_length, as LLaVA's SFT samples), pure bf16 with torch's fused
@@ -157,6 +158,7 @@ def run_ours(args, model_cfg, samples, setting: Setting):
     from megatron_eve.data.packing import pack
     from megatron_eve.model.build import build_model
     from megatron_eve.platform import current_device
+    from megatron_eve.training.iteration_stats import IterationStats
     from megatron_eve.training.metrics import BatchWork, micro_batch_work
     from megatron_eve.training.optim import build_optimizer, use_fused_torch_adam, wrap_model
     from megatron_eve.training.step import forward_step
@@ -186,6 +188,7 @@ def run_ours(args, model_cfg, samples, setting: Setting):
     fb = get_forward_backward_func()
     step = lambda it, m: forward_step(1.0 if args.aligner else 0.0, it, m)  # noqa: E731
     per_step, cursor = args.micro_batches // per, 0
+    stats = IterationStats(device, counts_losses=True, counts_work=False)
 
     def train_step():
         nonlocal cursor
@@ -193,8 +196,12 @@ def run_ours(args, model_cfg, samples, setting: Setting):
         cursor += per_step
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        fb(forward_step_func=step, data_iterator=iter([b for b, _ in chunk]), model=[ddp],
-           num_microbatches=len(chunk), seq_length=args.seq_length, micro_batch_size=per, forward_only=False)
+        losses = fb(forward_step_func=step, data_iterator=iter([b for b, _ in chunk]), model=[ddp],
+                    num_microbatches=len(chunk), seq_length=args.seq_length, micro_batch_size=per, forward_only=False)
+        # What the trainer does between backward and update (training/loop.py): its one host read a step,
+        # whether the losses and gradients are finite (a pass over the grad buffers), then the update.
+        if not stats.reduce(losses, [buffer.grad_data for buffer in ddp.buffers])["finite"]:
+            raise RuntimeError("a non-finite loss or gradient in the benchmark")
         optimizer.step()
         return chunk
 
