@@ -82,7 +82,7 @@ def test_bench_train_runs_on_cpu(tmp_path):
 def test_steps_are_timed_back_to_back(monkeypatch):
     """Both sides' timed steps run as a training loop runs them: warm-up steps, a synchronisation,
     the timed steps with none waiting for the device in between, a synchronisation."""
-    import tools.bench_train as bench
+    import tools.bench_profile as bench
 
     events = []
     monkeypatch.setattr(bench, "sync", lambda: events.append("sync"))

@@ -1,6 +1,6 @@
-"""Where a benchmark step's time goes (tools/bench_train.py --profile): the top kernels and host
-ops, the share of the step time each kernel family takes and the GPU idles, and the host
-synchronisations inside a step."""
+"""Timing a benchmark's steps and where their time goes (tools/bench_train.py, --profile): steps
+timed back to back, peak memory between runs; the top kernels and host ops, the share of the step
+time each kernel family takes and the GPU idles, and the host synchronisations inside a step."""
 
 import collections
 import os
@@ -15,6 +15,37 @@ import torch
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def free_device_memory():
+    """Between runs: the previous run's model and optimizer go, the peak counter restarts."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+def timed_steps(train_step, warmup: int, steps: int):
+    """(what each timed step returned, seconds): `warmup` steps, then `steps` steps back to back, timed
+    from a synchronisation before the first to one after the last, as a training loop runs them (none
+    waits for the device after its optimizer step: the next step's host work overlaps it)."""
+    for _ in range(warmup):
+        train_step()
+    sync()
+    start = time.time()
+    results = [train_step() for _ in range(steps)]
+    sync()
+    return results, time.time() - start
 
 
 # Kernel families by name: CUDA kernels, or on the CPU the aten ops doing the work. First match wins.

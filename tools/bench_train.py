@@ -26,10 +26,8 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tools.bench_profile import profile_ours, sync  # noqa: E402
+from tools.bench_hf import run_hf  # noqa: E402
+from tools.bench_profile import free_device_memory, peak_memory, profile_ours, timed_steps  # noqa: E402
 
 if TYPE_CHECKING:
     from megatron_eve.config import RuntimeConfig
@@ -119,37 +118,6 @@ def as_row_sample(s):
             "images": [s["image"]] if has else [], "teacher_images": [s["teacher"]] if has else []}
 
 
-def free_device_memory():
-    """Between runs: the previous run's model and optimizer go, the peak counter restarts."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import psutil
-
-    return psutil.Process(os.getpid()).memory_info().rss / 2**30
-
-
-def timed_steps(train_step, warmup: int, steps: int):
-    """(what each timed step returned, seconds): `warmup` steps, then `steps` steps back to back, timed
-    from a synchronisation before the first to one after the last, as a training loop runs them (none
-    waits for the device after its optimizer step: the next step's host work overlaps it)."""
-    for _ in range(warmup):
-        train_step()
-    sync()
-    start = time.time()
-    results = [train_step() for _ in range(steps)]
-    sync()
-    return results, time.time() - start
-
-
 def run_ours(args, model_cfg, samples, setting: Setting):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -213,103 +181,6 @@ def run_ours(args, model_cfg, samples, setting: Setting):
     profiled = (profile_ours(train_step, args.profile, seconds / args.steps, getattr(args, "profile_title", None))
                 if args.profile else None)
     return work, seconds, memory, len(plan), profiled
-
-
-def hf_order(samples, batch_size, grouped, rng):
-    """Micro-batches of sample indices: random order, or length-grouped as HF Trainer's
-    `group_by_length` / LLaVA's `group_by_modality_length` build them (modalities apart, megabatches of
-    50 micro-batches sorted by length, longest first, megabatches shuffled)."""
-    order = rng.permutation(len(samples))
-    if not grouped:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    from megatron_eve.data.packing import group_by_length
-
-    lengths = np.asarray([len(s["tokens"]) for s in samples])
-    batches = []
-    for with_image in (True, False):
-        members = group_by_length([i for i in order if (samples[i]["image"] is not None) == with_image],
-                                  lengths, batch_size)
-        batches += [members[j : j + batch_size] for j in range(0, len(members), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def hf_micro_batch(members, model_cfg, device, dtype):
-    """One padded HF micro-batch, on the device, and its work counted from its own samples."""
-    from megatron_eve.data.images import compose_squares
-    from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
-    from megatron_eve.training.metrics import micro_batch_work
-
-    vision = model_cfg.vision
-    ids, label_rows, images, grids, runs = [], [], [], [], []
-    for s in members:
-        tokens, labels = s["tokens"].tolist(), s["labels"].tolist()
-        run = tokens.count(IMAGE_TOKEN_INDEX)
-        if s["image"] is not None:  # collapse the run back to one placeholder, as HF EVE takes it
-            first = tokens.index(IMAGE_TOKEN_INDEX)
-            tokens = tokens[:first + 1] + tokens[first + run:]
-            images.append(torch.from_numpy(s["image"]).permute(2, 0, 1))
-            grids.append(s["grid"])
-        ids.append(tokens)
-        label_rows.append(labels)
-        runs.append(max(run - 1, 0))
-    longest = max(map(len, ids))
-    width = longest + max(runs)  # HF EVE pads each row to `longest` before it expands the placeholder
-    batch = {
-        "ids": torch.tensor([t + [0] * (longest - len(t)) for t in ids], device=device),
-        "pixels": compose_squares(images, vision.image_size, vision.patch_size * 2, device, dtype) if images else None,
-        "labels": torch.tensor([row + [-100] * (width - len(row)) for row in label_rows], device=device),
-    }
-    counted = {"sample_lengths": torch.tensor([len(s["tokens"]) for s in members]),
-               "image_grid_hw": torch.tensor(grids, dtype=torch.long).view(-1, 2),
-               "tokens": torch.empty(len(members), width), "num_samples": len(members)}
-    return batch, micro_batch_work(counted, model_cfg, align=False)
-
-
-def run_hf(args, model_cfg, samples, grouped):
-    """The reference's stack: HF EVE in pure bf16 with torch's fused AdamW (no fp32 master weights:
-    cheaper per step than ours, which keeps fp32 main parameters and gradients). Its batches are
-    built on the device before timing, as ours are; its FLOPs are counted from its own samples."""
-    from megatron_eve.checkpoint.hf_eve import hf_config
-    from megatron_eve.hf.modeling_eve import EVEConfig, EVELlamaForCausalLM
-    from megatron_eve.platform import current_device
-    from megatron_eve.training.metrics import BatchWork
-
-    device = current_device()
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    config = hf_config(model_cfg, dtype)
-    config.pop("auto_map")
-    config["requires_cliploss"] = False
-    config["attn_implementation"] = "sdpa"
-    torch.manual_seed(0)
-    model = EVELlamaForCausalLM(EVEConfig(**config)).to(device=device, dtype=dtype).train()
-    model.gradient_checkpointing_enable() if args.hf_gradient_checkpointing else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=torch.cuda.is_available())
-    order = hf_order(samples, args.hf_micro_batch_size, grouped, np.random.default_rng(0))
-    batches = [hf_micro_batch([samples[i] for i in members], model_cfg, device, dtype) for members in order]
-    cursor = 0
-
-    def train_step():
-        nonlocal cursor
-        optimizer.zero_grad(set_to_none=True)
-        step_work = BatchWork()
-        # As many micro-batches as it takes to process the tokens one of our steps processes.
-        while step_work.real_tokens < args._ours_tokens_per_step:
-            batch, counted = batches[cursor % len(batches)]
-            cursor += 1
-            if batch["pixels"] is not None:
-                embeds, mask = model.embed_with_images(batch["ids"], batch["pixels"])
-            else:
-                embeds, mask = model.get_input_embeddings()(batch["ids"]), (batch["ids"] != 0).long()
-            model(inputs_embeds=embeds, attention_mask=mask, labels=batch["labels"]).loss.backward()
-            step_work.add(counted)
-        optimizer.step()
-        return step_work
-
-    steps, seconds = timed_steps(train_step, args.warmup, args.steps)
-    work = BatchWork()
-    for step_work in steps:
-        work.add(step_work)
-    return work, seconds, peak_memory()
 
 
 def bench_model_config(args, layers: int):

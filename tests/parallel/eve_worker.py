@@ -129,10 +129,11 @@ def main():
     per_stage = cfg.language.num_layers // (args.pp * args.vpp) if args.vpp else None
     parallel = ParallelConfig(args.tp, args.pp, args.sp, num_layers_per_virtual_pipeline_stage=per_stage)
     distributed.initialize(parallel, seed=1234, virtual_pipeline_size=args.vpp)
-    fused_calls = fuse_weight_gradients() if args.grad_accumulation_fusion else None
+    fused_calls = None
     if args.grad_accumulation_fusion:
         from megatron_eve.model import token_embedding
 
+        fused_calls = fuse_weight_gradients()
         embedding_calls = count_calls(token_embedding, "add_rows_to_main_grad")
     if args.torch_cross_entropy:
         from megatron_eve.model import eve
