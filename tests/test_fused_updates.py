@@ -8,9 +8,11 @@ clipping inside the fused AdamW's step against megatron-core's own clipping. And
 cross-entropy (--cross-entropy-loss-fusion) as the model uses it."""
 
 import copy
+import gc
 import importlib.util
 import json
 import sys
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -159,6 +161,24 @@ def test_fused_adam_survives_a_state_load_made_by_a_foreach_run():
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
+def test_a_registered_fused_adam_is_freed_with_its_parameters():
+    """The registry that lets clipping find the fused AdamW of its parameters holds neither: a
+    benchmark's or test's second optimizer must not find the first one's main parameters and states
+    still on the device (on an H100 the bench's later runs ran out of memory this way)."""
+    from megatron_eve.training import optim
+
+    params = [torch.nn.Parameter(torch.ones(4))]
+    adam = torch.optim.AdamW(params, lr=0.1)
+    use_fused_torch_adam(SimpleNamespace(optimizer=adam))
+    assert optim._fused_adam_of_exactly(params) is adam
+    params[0].grad = torch.ones(4)
+    adam.step()  # with its state
+    gone = weakref.ref(adam), weakref.ref(params[0])
+    del adam, params
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
+
+
 def test_other_optimizers_are_left_alone():
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
     use_fused_torch_adam(SimpleNamespace(optimizer=sgd))
@@ -172,7 +192,7 @@ def child(tmp_path_factory):
 
 
 def test_fused_cross_entropy_reaches_the_model(child):
-    """--cross-entropy-loss-fusion: the model's LM loss goes through megatron-core's fused kernel
+    """--cross-entropy-fusion-impl native: the model's LM loss goes through megatron-core's fused kernel
     (its calls counted) and equals the unfused loss (fp32, per token: <= 5e-6); the output layer's gradient
     differs by the kernel's bf16 rounding of the logits' gradient only (<= 2^-8 of its largest
     entry, and not zero: it is the fused path)."""
@@ -201,8 +221,8 @@ def fused_cross_entropy_report(cfg, parallel) -> dict:
     from megatron_eve.config import RuntimeConfig
     from megatron_eve.model.build import build_model
 
-    model = build_model(cfg, parallel, RuntimeConfig(use_cpu_initialization=True, cross_entropy_loss_fusion=True),
-                        load_teacher=False)
+    model = build_model(cfg, parallel, RuntimeConfig(use_cpu_initialization=True, cross_entropy_loss_fusion=True,
+                                                     cross_entropy_fusion_impl="native"), load_teacher=False)
     calls = count_calls(language_module, "fused_vocab_parallel_cross_entropy")
     batch = {k: v for k, v in micro_batches(cfg)[0].items() if k != "teacher_images"}
     results = []

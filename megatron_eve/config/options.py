@@ -93,7 +93,7 @@ def add_flags(parser, cls, only: Optional[Sequence[str]] = None) -> None:
         if kind is bool:
             if meta.negate:
                 kwargs.update(action="store_true", default=False)
-            elif default:
+            elif default or default is None:  # on by default, or None: chosen where the flags leave it unset
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["action"] = "store_true"

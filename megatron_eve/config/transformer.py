@@ -65,7 +65,7 @@ def transformer_config(
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=grad_accumulation_fusion,
         # The torch impl is ours (model/lm_loss.py), not megatron-core's.
-        cross_entropy_loss_fusion=runtime.cross_entropy_loss_fusion and not runtime.torch_cross_entropy,
+        cross_entropy_loss_fusion=runtime.lm_loss_fusion and not runtime.torch_cross_entropy,
         cross_entropy_fusion_impl="native" if runtime.torch_cross_entropy else runtime.cross_entropy_fusion_impl,
         persist_layer_norm=False,
     )

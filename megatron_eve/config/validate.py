@@ -155,7 +155,7 @@ def _kernel_problems(runtime: RuntimeConfig) -> List[str]:
     if runtime.packed_attention == "thd" and impl == "local":
         problems.append("--packed-attention thd needs --transformer-impl transformer_engine or torch: the "
                         "local attention cannot take packed THD batches")
-    if runtime.cross_entropy_loss_fusion and runtime.cross_entropy_fusion_impl == "te" and impl != "transformer_engine":
+    if runtime.lm_loss_fusion and runtime.cross_entropy_fusion_impl == "te" and impl != "transformer_engine":
         problems.append("--cross-entropy-fusion-impl te needs Transformer Engine (--transformer-impl "
                         f"transformer_engine; here: {impl}): use --cross-entropy-fusion-impl native")
     backend = runtime.attention_backend

@@ -6,6 +6,9 @@ keeps the local spec's projections and swaps only the core attention:
 
   THD (packed samples, PackedSeqParams):
     "varlen"  torch.nn.attention.varlen.varlen_attn — the flash-attention varlen kernel (CUDA)
+    "aten-flash" the same kernels called directly (aten's _flash_attention_forward / _backward in an
+              autograd function of ours), without varlen_attn's custom-op wrapper and its host work,
+              which left the GPU idle before each layer's attention on an H100 (opt-in until measured)
     "flash"   flash_attn.flash_attn_varlen_func when the flash-attn package is installed (CUDA)
     "flex"    FlexAttention with a document-causal block mask, compiled (CUDA)
     "sdpa"    scaled_dot_product_attention with the block-diagonal mask made from cu_seqlens
@@ -32,8 +35,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_eve.config import ConfigError
 
-BACKENDS = ("auto", "varlen", "flash", "flex", "sdpa")
-HALF_ONLY = ("varlen", "flash")  # flash-attention kernels: fp16 / bf16 tensors only
+BACKENDS = ("auto", "varlen", "flash", "flex", "sdpa", "aten-flash")
+HALF_ONLY = ("varlen", "flash", "aten-flash")  # flash-attention kernels: fp16 / bf16 tensors only
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,6 +62,8 @@ def available_backends() -> tuple:
         except ImportError:
             pass
     found.append("sdpa")
+    if torch.cuda.is_available() and hasattr(torch.ops.aten, "_flash_attention_backward"):
+        found.append("aten-flash")  # after sdpa: "auto" does not take it
     return tuple(found)
 
 
@@ -121,6 +126,26 @@ class TorchAttention(DotProductAttention):
     backend = "auto"
     rope_fusion = True
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The kernel for the parameters' dtype, chosen here, outside any compiled region: choosing imports
+        # optional packages and reads varlen_attn's signature, which split a compiled layer's graph
+        # (--torch-compile-layers) in two on CUDA (seen on an H100). Another dtype, or a backend that
+        # cannot serve this one, is resolved at the call (and refused there with its message).
+        dtype = self.config.params_dtype
+        try:
+            backend = resolve_backend(self.backend, dtype)
+            self._kernel = (dtype, backend, varlen_call_options() if backend == "varlen" else None)
+        except (ValueError, RuntimeError):
+            self._kernel = None
+
+    def _kernel_for(self, dtype: torch.dtype):
+        """(backend, varlen_attn's call options or None) for tensors of `dtype`."""
+        if self._kernel is not None and self._kernel[0] == dtype:
+            return self._kernel[1:]
+        backend = resolve_backend(self.backend, dtype)
+        return backend, varlen_call_options() if backend == "varlen" else None
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         """query [sq, b, np, hn]; key / value [sk, b, ng, hn] → context [sq, b, np * hn]. With THD
@@ -141,12 +166,11 @@ class TorchAttention(DotProductAttention):
 
     def _packed(self, q, k, v, params, dropout: float) -> torch.Tensor:
         """THD tensors [t, heads, hn] of samples delimited by cu_seqlens."""
-        backend = resolve_backend(self.backend, q.dtype)
+        backend, options = self._kernel_for(q.dtype)
         cu_q, cu_k = params.cu_seqlens_q, params.cu_seqlens_kv
         if backend == "varlen":
             from torch.nn.attention.varlen import varlen_attn
 
-            options = varlen_call_options()
             groups = q.shape[1] // k.shape[1]
             extra = dict(options["causal"])
             if groups > 1 and options["native_gqa"]:
@@ -155,6 +179,9 @@ class TorchAttention(DotProductAttention):
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             return varlen_attn(q, k, v, cu_q, cu_k, params.max_seqlen_q, params.max_seqlen_kv,
                                scale=self.softmax_scale, **extra)
+        if backend == "aten-flash":
+            return _CausalFlashVarlen.apply(q, k, v, cu_q, cu_k, params.max_seqlen_q, params.max_seqlen_kv,
+                                            self.softmax_scale)
         if backend == "flash":
             from flash_attn import flash_attn_varlen_func
 
@@ -172,6 +199,27 @@ class TorchAttention(DotProductAttention):
                                              attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale,
                                              enable_gqa=k.shape[1] != q.shape[1])
         return out[0].transpose(0, 1)
+
+
+class _CausalFlashVarlen(torch.autograd.Function):
+    """Causal attention over THD samples by aten's flash kernels, called as varlen_attn calls them
+    (no dropout; grouped K / V heads served by the kernel), with none of its custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: Optional[float]):
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng_state, unused)
+        ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_q, cu_k, rng_state, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, 0.0, True, rng_state,
+            unused, scale=ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -209,7 +257,7 @@ class FlatRotary:
         if tables is None:
             tables = self._tables[t.dtype] = self._made(t.dtype)
         cos, sin = (table[: t.shape[0]] for table in tables)
-        if not (fused and t.is_cuda):
+        if not (fused and t.is_cuda) or torch.compiler.is_compiling():  # (a compiled layer fuses it itself)
             return rotate(t, cos, sin)
         try:
             return _compiled_rotate()(t, cos, sin)

@@ -36,7 +36,7 @@ from megatron_eve.model.lm_loss import vocab_parallel_lm_loss
 from megatron_eve.model.patch_embedding import FlatPlan, PatchEmbeddingLayer, VisionProjection
 from megatron_eve.model.specs import decoder_block_spec
 from megatron_eve.model.teacher import CLIPTeacher
-from megatron_eve.model.token_embedding import add_gradient_into_main_grad
+from megatron_eve.model.token_embedding import add_gradient_into_main_grad, with_distinct_rows
 from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX, VisualLayout, VisualLayoutError
 from megatron_eve.platform import current_device
 
@@ -198,7 +198,9 @@ class EVEModel(LanguageModule):
         and a PEL plan made by the loader spare building them here, in the per-micro-batch path
         (and the layout's build would wait on the device)."""
         is_visual = input_ids == IMAGE_TOKEN_INDEX
-        embeddings = self.embedding(input_ids=input_ids.masked_fill(is_visual, 0), position_ids=None)
+        # The visual positions' lookups are overwritten by the splice: each its own row (gradient zeros).
+        ids = with_distinct_rows(input_ids, is_visual, self.embedding.word_embeddings.num_embeddings)
+        embeddings = self.embedding(input_ids=ids, position_ids=None)
         if images is None:
             if layout.positions.numel() if layout is not None else bool(is_visual.any()):
                 raise VisualLayoutError("the micro-batch has image-token positions but no images")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import weakref
 from typing import Dict, List, Optional
 
 import torch
@@ -92,13 +93,16 @@ def use_foreach_multi_tensor_ops() -> None:
             module.multi_tensor_scale_impl = _foreach_scale
 
 
-# Main parameter -> the fused torch AdamW that steps it (registered by use_fused_torch_adam).
+# Main parameter -> a weak reference to the fused torch AdamW that steps it (registered by
+# use_fused_torch_adam). Weak both ways: the optimizer holds its parameters, so a strong value would
+# keep each key, and with it every main parameter and optimizer state, alive for the process's life.
 _FUSED_ADAM_OF = WeakIdKeyDictionary()
 
 
 def _fused_adam_of_exactly(parameters: List[torch.Tensor]) -> Optional[torch.optim.Optimizer]:
     """The registered fused torch AdamW whose parameters are exactly `parameters`, else None."""
-    adam = _FUSED_ADAM_OF.get(parameters[0]) if parameters else None
+    registered = _FUSED_ADAM_OF.get(parameters[0]) if parameters else None
+    adam = registered() if registered is not None else None
     if adam is None or not all(group.get("fused") for group in adam.param_groups):
         return None
     stepped = {id(p) for group in adam.param_groups for p in group["params"]}
@@ -177,7 +181,7 @@ def use_fused_torch_adam(optimizer, fused: bool = True) -> None:
             adam.register_step_post_hook(_forget_grad_scale)
         for param in params:
             if fused:
-                _FUSED_ADAM_OF[param] = adam
+                _FUSED_ADAM_OF[param] = weakref.ref(adam)
             state = adam.state.get(param)
             if state and "step" in state:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device, copy=True)

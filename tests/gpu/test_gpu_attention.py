@@ -35,17 +35,18 @@ def reference(q, k, v, cu, scale):
 
 def packed_attention(backend: str, head_dim: int):
     """A TorchAttention bound to `backend`, without megatron-core's process groups: only what its
-    THD path reads (the backend, softmax scale and dropout) is set."""
+    THD path reads (the backend, softmax scale and dropout; no kernel chosen ahead: chosen at the call)
+    is set."""
     module = TorchAttention.__new__(TorchAttention)
     torch.nn.Module.__init__(module)
-    module.backend = backend
+    module.backend, module._kernel = backend, None
     module.softmax_scale = 1.0 / math.sqrt(head_dim)
     module.config = SimpleNamespace(attention_dropout=0.0)
     return module
 
 
 @pytest.mark.parametrize("heads, groups", [(8, 8), (8, 2)], ids=["mha", "gqa"])
-@pytest.mark.parametrize("backend", ["varlen", "flash", "flex", "sdpa"])
+@pytest.mark.parametrize("backend", ["varlen", "aten-flash", "flash", "flex", "sdpa"])
 def test_packed_kernel_matches_per_sample_reference(device, backend, heads, groups):
     from megatron.core.packed_seq_params import PackedSeqParams
 
