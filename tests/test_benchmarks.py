@@ -36,9 +36,9 @@ def test_bench_train_runs_on_cpu(tmp_path):
         [sys.executable, str(ROOT / "tools" / "bench_train.py"), "--preset", "tiny", "--layers", "2",
          "--seq-length", "512", "--micro-batches", "2", "--steps", "2", "--warmup", "1", "--samples", "40",
          "--baseline", "hf", "--hf-micro-batch-size", "4", "--profile", str(tmp_path),
-         "--ablate", "grad-accumulation-fusion", "fused-adam", "rope-fusion", "--try", "torch-cross-entropy",
+         "--ablate", "grad-accumulation-fusion", "fused-adam", "rope-fusion", "--try", "native-cross-entropy",
          "micro-batch-size-2",
-         "--also-layers", "3", "--combine", "0", "--json", str(tmp_path / "bench.json")],
+         "--also-layers", "3", "--also-micro-batches", "3", "--combine", "0", "--json", str(tmp_path / "bench.json")],
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -56,7 +56,7 @@ def test_bench_train_runs_on_cpu(tmp_path):
     # Each lever timed again: the default ones off, the other on.
     # (Two rows per micro-batch: the same rows, so the same real tokens.)
     for key in ("without_grad-accumulation-fusion", "without_fused-adam", "without_rope-fusion",
-                "with_torch-cross-entropy", "with_micro-batch-size-2"):
+                "with_native-cross-entropy", "with_micro-batch-size-2"):
         assert re.search(rf"{key.replace('_', ' ')}\s+\d+ tokens/s/GPU", out.stdout), out.stdout
         assert figures[key]["real_tokens"] == figures["ours"]["real_tokens"]
         assert figures[key]["gain_of_lever"] > 0
@@ -64,7 +64,7 @@ def test_bench_train_runs_on_cpu(tmp_path):
     assert re.search(r"megatron_eve at 3 layers\s+\d+ tokens/s/GPU", out.stdout), out.stdout
     assert figures["ours_3_layers"]["real_tokens"] == figures["ours"]["real_tokens"]
     # The tried levers that gained more than --combine's 0, together, at each depth.
-    assert sorted(figures["combined_levers"]) == ["micro-batch-size-2", "torch-cross-entropy"]
+    assert sorted(figures["combined_levers"]) == ["micro-batch-size-2", "native-cross-entropy"]
     for layers in (2, 3):
         combined = rf"megatron_eve at {layers} layers with [a-z0-9-]+ \+ [a-z0-9-]+\s+\d+ tokens/s/GPU"
         assert re.search(combined, out.stdout), out.stdout
@@ -72,11 +72,17 @@ def test_bench_train_runs_on_cpu(tmp_path):
     # The deepest combined run profiled too, its section appended to the main run's profile.
     assert "profile" in figures["combined_3_layers"] and "profile" not in figures["combined_2_layers"]
     assert re.search(r"\n===== megatron_eve at 3 layers with .*\n2 steps: wall", (tmp_path / "profile.txt").read_text())
-    # ... each between two runs of ours, and compared with their mean.
+    # ... each between two runs of ours (the first lever after a second one: not the main run), and
+    # compared with their mean; the median of ours' runs is the steady figure.
     runs = figures["ours_runs_tokens_per_s"]
-    assert len(runs) == 6 and runs[0] == figures["ours"]["tokens_per_s_per_gpu"]
+    assert len(runs) == 7 and runs[0] == figures["ours"]["tokens_per_s_per_gpu"]
     for index, key in enumerate(("without_grad-accumulation-fusion", "without_fused-adam")):
-        assert abs(figures[key]["reference_tokens_per_s"] - (runs[index] + runs[index + 1]) / 2) < 1e-6
+        assert abs(figures[key]["reference_tokens_per_s"] - (runs[index + 1] + runs[index + 2]) / 2) < 1e-6
+    steady = figures["ours_steady"]
+    assert steady["runs"] == 7 and steady["tokens_per_s_per_gpu"] == sorted(runs)[3]
+    # Ours with another number of micro-batches a step, at each depth.
+    for layers in (2, 3):
+        assert figures[f"ours_{layers}_layers_3_micro_batches"]["real_tokens"] > figures["ours"]["real_tokens"]
 
 
 def test_steps_are_timed_back_to_back(monkeypatch):
@@ -117,6 +123,29 @@ def test_time_shares_count_kernels_not_annotations():
     assert shares.keys() == expected.keys() and all(abs(shares[k] - v) < 1e-9 for k, v in expected.items())
 
 
+def test_idle_gaps_name_the_work_around_each_wait():
+    """The GPU's idle stretches, merged over streams (a kernel on a second stream covers a gap on the
+    first), longest first, each with the kernel before and after it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tools.bench_profile import idle_gaps
+
+    def event(name, start, end, annotation=False):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                               device_type=torch.autograd.DeviceType.CUDA, is_user_annotation=annotation)
+
+    prof = SimpleNamespace(events=lambda: [
+        event("embedding", 0, 100), event("nvjet_fwd", 160, 1000), event("nccl_on_side_stream", 900, 1300),
+        event("Optimizer.step#AdamW.step", 1300, 3000, annotation=True), event("reduce_norm", 1310, 1400),
+        event("adamw", 3400, 3600), event("copy", 3620, 3700)])
+    gaps = idle_gaps(prof, at_least_us=50)
+    assert [(g["us"], g["after"], g["before"]) for g in gaps] == [(2000, "reduce_norm", "adamw"),
+                                                                  (60, "embedding", "nvjet_fwd")]
+    assert gaps[0]["at_ms"] == 1.4
+
+
 def make_wheel(folder, name: str) -> str:
     """A minimal pure-Python wheel of an empty package (for the installer path)."""
     import zipfile
@@ -139,9 +168,9 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     make_wheel(str(wheels), "eve_check_probe")
     out = tmp_path / "out"
     env = {**os.environ, "EVE_GPU_TIER_ON_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
-           "GPU_CHECK_SITE": str(tmp_path / "site"), "TIER_ARGS": "-k attention",
+           "GPU_CHECK_SITE": str(tmp_path / "site"), "TIER_ARGS": "-k attention", "PEL_TIMEOUT": "0",
            "BENCH_ARGS": "--preset tiny --layers 2 --seq-length 512 --steps 1 --warmup 1 --samples 40 --baseline hf "
-                          "--also-layers 3 --try torch-cross-entropy --combine 0"}
+                          "--also-layers 3 --try native-cross-entropy --combine 0"}
     proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(wheels), str(out)],
                           capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -152,9 +181,10 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     assert summary["tokens_per_s_per_gpu"] > 0 and summary["speedup_vs_hf"] > 0
     assert summary["bench"]["figures"]["hf"]["real_tokens"] > 0
     assert list(summary["mfu_at_layers"]) == ["3"]  # MFU None on the CPU (no peak)
-    assert summary["combined_levers"] == ["torch-cross-entropy"]
+    assert summary["combined_levers"] == ["native-cross-entropy"]
     assert list(summary["combined_mfu_at_layers"]) == ["2", "3"]
     assert summary["combined_time_shares"]["3"]["gemm"] > 0  # the deepest combined run, profiled
     for name in ("gpu_tests.log", "bench.log", "bench.json", "profile.txt"):
         assert (out / name).stat().st_size > 0
     assert len(list(out.iterdir())) <= 8  # a device call brings back eight files at most
+    assert (out / "pel.log").read_text() == "skipped (limit 0)\n" and summary["pel_bench"]["exit_code"] == 0

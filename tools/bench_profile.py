@@ -79,6 +79,26 @@ def timed_work(prof, on_gpu: bool) -> list:
     return [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.key.startswith("aten::")]
 
 
+def idle_gaps(prof, top: int = 12, at_least_us: float = 50.0) -> list:
+    """Where the GPU waited within the profiled steps: the longest stretches with no kernel or copy
+    running (merged over streams), each with the work just before and just after it and its start
+    (ms into the profile), so that a gap points at the host work, synchronisation or launch burst
+    that caused it. (The profiler's host overhead lengthens gaps; where they are is what counts.)"""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False) and e.name not in PROFILER_OWN)
+    if not spans:
+        return []
+    origin, gaps, busy_until, last = spans[0][0], [], spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start - busy_until >= at_least_us:
+            gaps.append({"us": start - busy_until, "at_ms": (busy_until - origin) / 1e3, "after": last[:60],
+                         "before": name[:60]})
+        if end > busy_until:
+            busy_until, last = end, name
+    return sorted(gaps, key=lambda gap: -gap["us"])[:top]
+
+
 def time_shares(timed: list, whole_us=None) -> dict:
     """Where the time of `timed_work` went, by kernel family, as shares of `whole_us` with the rest
     as idle (no kernel running: launch gaps, host work, synchronisations); without `whole_us`, as
@@ -124,6 +144,12 @@ def profile_ours(step_fn, folder, timed_step_s: float, title: Optional[str] = No
              "timed steps)",
              "time shares" + (" of the timed steps: " if on_gpu else " of aten ops' time: ")
              + ", ".join(f"{family} {100 * share:.1f}%" for family, share in shares.items())]
+    gaps = idle_gaps(prof) if on_gpu else []
+    if gaps:
+        lines.append(f"longest GPU idle gaps (of {len(gaps)} shown, {sum(g['us'] for g in gaps) / 1e3:.1f} ms; "
+                     "profiled, so longer than unprofiled):")
+        lines += [f"  {g['us'] / 1e3:7.2f} ms at {g['at_ms']:7.1f} ms  after {g['after']}  before {g['before']}"
+                  for g in gaps]
     syncs = collections.Counter()
     if on_gpu:
         torch.cuda.set_sync_debug_mode("warn")
@@ -143,7 +169,7 @@ def profile_ours(step_fn, folder, timed_step_s: float, title: Optional[str] = No
             out.write(f"\n\n===== {title}\n" + "\n".join(lines) + "\n")
     else:
         Path(folder, "profile.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:3 + min(len(syncs), 25)]))
+    print("\n".join(lines[:3 + (len(gaps) + 1 if gaps else 0) + min(len(syncs), 25)]))
     return {"wall_ms_two_steps": wall * 1e3, "timed_ms_two_steps": 2 * timed_step_s * 1e3,
             "kernel_ms_two_steps": kernel_us / 1e3, "time_shares": shares,
-            "host_syncs_per_step": sum(syncs.values()) if on_gpu else None}
+            "host_syncs_per_step": sum(syncs.values()) if on_gpu else None, "idle_gaps": gaps}
