@@ -294,9 +294,11 @@ def main():
 
     if torch.cuda.is_available():
         # A process's first runs are slower (inductor's compile workers, cuBLAS heuristics, the allocator
-        # growing: 67k against 78k-81k tokens/s for the runs after it on an H100; after an untimed run of two
-        # steps the timed one was still ~10% under the runs after it): an untimed run as long as the timed
-        # one first, so that what is timed is the steady state a long job runs at.
+        # growing: 67k against 78k-81k tokens/s for the runs after it on an H100). After an untimed run of
+        # two steps the timed one was still ~10% under the runs after it, the difference all GPU idle time;
+        # likely because each run starts at the first batch, so that short run had met only 20 of the timed
+        # run's 51 micro-batches and their shapes (the PEL's GEMMs, the compiled kernels' guards). An
+        # untimed run as long as the timed one meets them all first: what is timed is the steady state.
         run_ours(argparse.Namespace(**{**vars(args), "profile": None}), model_cfg, samples, setting)
         free_device_memory()
     work, seconds, memory, sequences, profiled = run_ours(args, model_cfg, samples, setting)

@@ -16,7 +16,7 @@
 #    bench.log, bench.json, profile.txt, pel.log, pel.json and summary.json (tests passed / failed with
 #    the failing tests' names, read from the tier's JUnit XML kept outside OUT_DIR; tokens/s, TFLOP/s,
 #    MFU, peak memory, speed-up; the PEL figures under "pel_bench").
-# Each step has a time limit (265 + 275 + 20 s; on an H100 the bench took 100-156 s with nine to twelve
+# Each step has a time limit (260 + 280 + 20 s; on an H100 the bench took 100-156 s with nine to twelve
 # runs, the PEL 14 s, the tier 262 s) so that the whole check ends within a 10-minute device call
 # even when every step runs to its limit; bench.json is written after every figure, so a step stopped at its
 # limit keeps what it measured.
@@ -66,7 +66,7 @@ step() {
 
 bench_start=$(date +%s)
 # shellcheck disable=SC2086
-step "${BENCH_TIMEOUT:-265}" "$OUT/bench.log" "$PYTHON" tools/bench_train.py \
+step "${BENCH_TIMEOUT:-260}" "$OUT/bench.log" "$PYTHON" tools/bench_train.py \
   ${BENCH_ARGS:---layers 4 --seq-length 4096 --steps 10 --baseline hf --hf-order length-grouped --also-layers 8 \
   --also-micro-batches 16 \
   --ablate torch-cross-entropy --try aten-flash-attention --combine} \
@@ -76,7 +76,7 @@ bench_seconds=$(( $(date +%s) - bench_start ))
 
 tier_start=$(date +%s)
 # shellcheck disable=SC2086
-step "${TIER_TIMEOUT:-275}" "$OUT/gpu_tests.log" "$PYTHON" -m pytest -m gpu tests/gpu -v -rfEs -p no:cacheprovider \
+step "${TIER_TIMEOUT:-280}" "$OUT/gpu_tests.log" "$PYTHON" -m pytest -m gpu tests/gpu -v -rfEs -p no:cacheprovider \
   --junitxml="$JUNIT" ${TIER_ARGS:-}
 tier_rc=$?
 tier_seconds=$(( $(date +%s) - tier_start ))

@@ -58,9 +58,10 @@ def main():
                        ours_runs_tokens_per_s=bench.get("ours_runs_tokens_per_s"),
                        steady_mfu=(bench.get("ours_steady") or {}).get("mfu"),
                        mfu_at_layers=_mfu_by_depth(bench, "ours"),
-                       mfu_at_micro_batches={f"{m[1]} layers, {m[2]} micro-batches": value.get("mfu", value.get("error"))
-                                             for key, value in bench.items()
-                                             if (m := re.fullmatch(r"ours_(\d+)_layers_(\d+)_micro_batches", key))},
+                       mfu_at_micro_batches={
+                           f"{m[1]} layers, {m[2]} micro-batches": value.get("mfu", value.get("error"))
+                           for key, value in bench.items()
+                           if (m := re.fullmatch(r"ours_(\d+)_layers_(\d+)_micro_batches", key))},
                        combined_levers=bench.get("combined_levers"),
                        combined_mfu_at_layers=_mfu_by_depth(bench, "combined"),
                        combined_time_shares={key.split("_")[1]: value["profile"]["time_shares"]
