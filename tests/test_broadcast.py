@@ -154,20 +154,27 @@ VALIDATION = re.compile(r"validation at iteration +(\d+) \| lm loss: (\S+)")
 
 
 def ranks_and_their_children(proc, seconds: float):
-    """Polls the torchrun launch's rank processes until it ends: {rank: most children seen at once},
-    and {rank: {child pid: its command line}} of every child seen (to tell what a stray one was)."""
-    most, seen = {}, {}
+    """Polls the torchrun launch's rank processes until it ends: {rank: most loader workers seen at
+    once}, and {rank: {child pid: its command line}} of every child seen (to tell what a stray one was).
+    A loader worker is a forked copy of its rank (the same command line) seen in two polls in a row:
+    short-lived helpers a library may run (an ldconfig, a reaped zombie with no command line: seen once
+    on TP rank 1 in CI) are not workers."""
+    most, seen, before = {}, {}, {}
     deadline = time.time() + seconds
     while proc.poll() is None and time.time() < deadline:
         try:
             for child in psutil.Process(proc.pid).children():
-                rank = int(child.environ()["RANK"])
-                grandchildren = child.children(recursive=True)
-                most[rank] = max(most.get(rank, 0), len(grandchildren))
-                for grandchild in grandchildren:
-                    seen.setdefault(rank, {}).setdefault(grandchild.pid, " ".join(grandchild.cmdline()[:6]))
+                rank, own = int(child.environ()["RANK"]), child.cmdline()
+                copies = set()
+                for grandchild in child.children(recursive=True):
+                    command = grandchild.cmdline()
+                    seen.setdefault(rank, {}).setdefault(grandchild.pid, " ".join(command[:6]))
+                    if command == own:
+                        copies.add(grandchild.pid)
+                most[rank] = max(most.get(rank, 0), len(copies & before.get(rank, set())))
+                before[rank] = copies
         except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
-            pass  # a rank starting or leaving
+            pass  # a rank, or a child, starting or leaving
         time.sleep(0.2)
     return most, seen
 
