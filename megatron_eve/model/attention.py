@@ -134,17 +134,20 @@ class TorchAttention(DotProductAttention):
         # cannot serve this one, is resolved at the call (and refused there with its message).
         dtype = self.config.params_dtype
         try:
-            backend = resolve_backend(self.backend, dtype)
-            self._kernel = (dtype, backend, varlen_call_options() if backend == "varlen" else None)
+            self._kernel = (dtype, *self._choose_kernel(dtype))
         except (ValueError, RuntimeError):
             self._kernel = None
 
-    def _kernel_for(self, dtype: torch.dtype):
+    def _choose_kernel(self, dtype: torch.dtype):
         """(backend, varlen_attn's call options or None) for tensors of `dtype`."""
-        if self._kernel is not None and self._kernel[0] == dtype:
-            return self._kernel[1:]
         backend = resolve_backend(self.backend, dtype)
         return backend, varlen_call_options() if backend == "varlen" else None
+
+    def _kernel_for(self, dtype: torch.dtype):
+        """The kernel chosen at construction when `dtype` is the parameters', else chosen now."""
+        if self._kernel is not None and self._kernel[0] == dtype:
+            return self._kernel[1:]
+        return self._choose_kernel(dtype)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):

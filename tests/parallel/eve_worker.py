@@ -134,8 +134,7 @@ def main():
         from megatron_eve.model import token_embedding
 
         fused_calls = fuse_weight_gradients()
-        embedding_calls = count_calls(token_embedding, "add_rows_to_main_grad")
-        # How often the most repeated row is looked up in each call (CUDA sums a row's repeats serially).
+        # Each call, and how often its most repeated row is looked up (CUDA sums a row's repeats serially).
         row_repeats, add_rows = [], token_embedding.add_rows_to_main_grad
         token_embedding.add_rows_to_main_grad = lambda main_grad, ids, grad: (
             row_repeats.append(int(ids.reshape(-1).bincount().max())), add_rows(main_grad, ids, grad))[1]
@@ -173,7 +172,7 @@ def main():
         assert linears and len(fused_calls) == linears * len(batches), (len(fused_calls), linears, len(batches))
         # The token embedding's rows go into its main grad too, once per micro-batch on the first stage.
         first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-        assert len(embedding_calls) == (len(batches) if first_stage else 0), (len(embedding_calls), len(batches))
+        assert len(row_repeats) == (len(batches) if first_stage else 0), (len(row_repeats), len(batches))
         # Image positions (and, on a TP shard, other shards' ids) look up rows of their own: no row is
         # repeated more often than the batch's most repeated token (the padding id) makes it.
         most_repeated = [int(b["input_ids"][b["input_ids"] >= 0].bincount().max()) for b in batches]
