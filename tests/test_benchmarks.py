@@ -38,7 +38,7 @@ def test_bench_train_runs_on_cpu(tmp_path):
          "--baseline", "hf", "--hf-micro-batch-size", "4", "--profile", str(tmp_path),
          "--ablate", "grad-accumulation-fusion", "fused-adam", "rope-fusion", "--try", "native-cross-entropy",
          "micro-batch-size-2",
-         "--also-layers", "3", "--also-micro-batches", "3", "--combine", "0", "--json", str(tmp_path / "bench.json")],
+         "--also-layers", "3", "--also-micro-batches", "4", "--combine", "0", "--json", str(tmp_path / "bench.json")],
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -80,9 +80,12 @@ def test_bench_train_runs_on_cpu(tmp_path):
         assert abs(figures[key]["reference_tokens_per_s"] - (runs[index + 1] + runs[index + 2]) / 2) < 1e-6
     steady = figures["ours_steady"]
     assert steady["runs"] == 7 and steady["tokens_per_s_per_gpu"] == sorted(runs)[3]
-    # Ours with another number of micro-batches a step, at each depth.
+    # Ours with another number of micro-batches a step, at each depth; combined at the deepest.
     for layers in (2, 3):
-        assert figures[f"ours_{layers}_layers_3_micro_batches"]["real_tokens"] > figures["ours"]["real_tokens"]
+        assert figures[f"ours_{layers}_layers_4_micro_batches"]["real_tokens"] > figures["ours"]["real_tokens"]
+    assert (figures["combined_3_layers_4_micro_batches"]["real_tokens"]
+            == figures["ours_3_layers_4_micro_batches"]["real_tokens"])
+    assert "combined_2_layers_4_micro_batches" not in figures
 
 
 def test_steps_are_timed_back_to_back(monkeypatch):
@@ -170,7 +173,7 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     env = {**os.environ, "EVE_GPU_TIER_ON_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
            "GPU_CHECK_SITE": str(tmp_path / "site"), "TIER_ARGS": "-k attention", "PEL_TIMEOUT": "0",
            "BENCH_ARGS": "--preset tiny --layers 2 --seq-length 512 --steps 1 --warmup 1 --samples 40 --baseline hf "
-                          "--also-layers 3 --try native-cross-entropy --combine 0"}
+                          "--also-layers 3 --also-micro-batches 2 --try native-cross-entropy --combine 0"}
     proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(wheels), str(out)],
                           capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -183,6 +186,8 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     assert list(summary["mfu_at_layers"]) == ["3"]  # MFU None on the CPU (no peak)
     assert summary["combined_levers"] == ["native-cross-entropy"]
     assert list(summary["combined_mfu_at_layers"]) == ["2", "3"]
+    assert list(summary["mfu_at_micro_batches"]) == ["2 layers, 2 micro-batches", "3 layers, 2 micro-batches"]
+    assert list(summary["combined_mfu_at_micro_batches"]) == ["3 layers, 2 micro-batches"]
     assert summary["combined_time_shares"]["3"]["gemm"] > 0  # the deepest combined run, profiled
     for name in ("gpu_tests.log", "bench.log", "bench.json", "profile.txt"):
         assert (out / name).stat().st_size > 0

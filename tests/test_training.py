@@ -209,11 +209,12 @@ def test_recompute_keeps_losses_and_aligner_taps(data, tmp_path, recompute):
 
 
 def test_distributed_optimizer_with_overlap_matches_plain_data_parallel(data, tmp_path):
-    """--use-distributed-optimizer --overlap-grad-reduce (2-way data parallel) trains like the
-    plain optimizer: the same losses step for step."""
+    """--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather (2-way data
+    parallel; the EVE-7B recipes' optimizer flags) trains like the plain optimizer: the same losses
+    step for step."""
     args = base_args(data, "pretrain") + ["--train-iters", 3]
     plain, _ = train(args)
-    sharded, _ = train(args + ["--use-distributed-optimizer", "--overlap-grad-reduce"])
+    sharded, _ = train(args + ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"])
     for iteration in (1, 2, 3):
         for ours, theirs in zip(sharded[iteration][:2], plain[iteration][:2]):
             assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs))

@@ -231,14 +231,16 @@ def main():
                         help=f"likewise, time ours again with each of these turned on ({', '.join(TRIALS)})")
     parser.add_argument("--combine", nargs="?", type=float, const=1.01, default=None, metavar="MIN_GAIN",
                         help="after the --try levers, time ours with every one of them that gained more than "
-                             "MIN_GAIN (default 1.01) on together, at --layers and each --also-layers depth")
+                             "MIN_GAIN (default 1.01) on together, at --layers and each --also-layers depth, "
+                             "and at the deepest with each --also-micro-batches count")
     parser.add_argument("--also-layers", nargs="+", type=int, default=[], metavar="N",
                         help="before the levers, time ours again at each of these depths (same width and "
                              "batches): a deeper model puts less weight on the LM head, embedding and optimizer")
     parser.add_argument("--also-micro-batches", nargs="+", type=int, default=[], metavar="N",
                         help="after --also-layers, time ours with N micro-batches a step at --layers and each "
-                             "--also-layers depth: the optimizer's step spread over more tokens, as a larger "
-                             "global batch (or the distributed optimizer's sharding over data-parallel ranks) does")
+                             "--also-layers depth (as many micro-batches in all as the main run, at least 3 steps): "
+                             "the optimizer's step spread over more tokens, as a larger global batch (or the "
+                             "distributed optimizer's sharding over data-parallel ranks) does")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing, profile two of our steps into DIR/profile.txt (top kernels, "
                              "host ops, GPU busy share, host synchronisations per step)")
@@ -329,13 +331,17 @@ def main():
     variant_args = argparse.Namespace(**{**vars(args), "profile": None})
 
     def at_depth(layers, variant: Setting, key, name, profile=False, micro_batches=None):
-        """Ours at another depth (same width and batches; `micro_batches` per step when given); a failure
-        costs this figure only. With `profile`, its steps profiled too, appended to the main run's profile."""
+        """Ours at another depth (same width and batches; `micro_batches` per step when given, over as many
+        micro-batches in all as the main run's steps, at least 3 steps); a failure costs this figure only.
+        With `profile`, its steps profiled too, appended to the main run's profile."""
         deeper = bench_model_config(args, layers)
         deeper.aligner.teacher_path = model_cfg.aligner.teacher_path
         free_device_memory()
-        run_args = argparse.Namespace(**{**vars(variant_args), "profile": args.profile if profile else None,
-                                         "profile_title": name, "micro_batches": micro_batches or args.micro_batches})
+        count = micro_batches or args.micro_batches
+        run_args = argparse.Namespace(**{
+            **vars(variant_args), "profile": args.profile if profile else None, "profile_title": name,
+            "micro_batches": count, "steps": max(min(3, args.steps), round(args.steps * args.micro_batches / count)),
+            "warmup": max(min(1, args.warmup), math.ceil(args.warmup * args.micro_batches / count))})
         try:
             work, seconds, memory, _, profiled = run_ours(run_args, deeper, samples, variant)
             report(key, name, work, seconds, memory)
@@ -417,6 +423,11 @@ def main():
             # The deepest run, the one nearest a full model, profiled too: where its time goes.
             at_depth(layers, combined, f"combined_{layers}_layers",
                      f"megatron_eve at {layers} layers with {' + '.join(paying)}", profile=layers == depths[-1])
+        for count in args.also_micro_batches if paying else []:
+            # The likeliest best figure: the deepest model, the optimizer's step over the most tokens.
+            at_depth(depths[-1], combined, f"combined_{depths[-1]}_layers_{count}_micro_batches",
+                     f"megatron_eve at {depths[-1]} layers, {count} micro-batches a step, with {' + '.join(paying)}",
+                     micro_batches=count)
     distributed.destroy()
     if args.baseline == "hf" and "speedup" not in figures:
         sys.exit("the HF baseline failed: no speed-up measured")

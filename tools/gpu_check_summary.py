@@ -33,6 +33,13 @@ def _mfu_by_depth(bench: dict, prefix: str) -> dict:
             for key, value in bench.items() if key.startswith(prefix + "_") and key.endswith("_layers")}
 
 
+def _mfu_by_micro_batches(bench: dict, prefix: str) -> dict:
+    """{"<layers> layers, <count> micro-batches": MFU (or the run's error)} of the bench's
+    "<prefix>_<layers>_layers_<count>_micro_batches" figures."""
+    return {f"{m[1]} layers, {m[2]} micro-batches": value.get("mfu", value.get("error"))
+            for key, value in bench.items() if (m := re.fullmatch(prefix + r"_(\d+)_layers_(\d+)_micro_batches", key))}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
@@ -58,12 +65,10 @@ def main():
                        ours_runs_tokens_per_s=bench.get("ours_runs_tokens_per_s"),
                        steady_mfu=(bench.get("ours_steady") or {}).get("mfu"),
                        mfu_at_layers=_mfu_by_depth(bench, "ours"),
-                       mfu_at_micro_batches={
-                           f"{m[1]} layers, {m[2]} micro-batches": value.get("mfu", value.get("error"))
-                           for key, value in bench.items()
-                           if (m := re.fullmatch(r"ours_(\d+)_layers_(\d+)_micro_batches", key))},
+                       mfu_at_micro_batches=_mfu_by_micro_batches(bench, "ours"),
                        combined_levers=bench.get("combined_levers"),
                        combined_mfu_at_layers=_mfu_by_depth(bench, "combined"),
+                       combined_mfu_at_micro_batches=_mfu_by_micro_batches(bench, "combined"),
                        combined_time_shares={key.split("_")[1]: value["profile"]["time_shares"]
                                              for key, value in bench.items()
                                              if key.startswith("combined_") and "profile" in value},
