@@ -61,7 +61,8 @@ def hf_micro_batch(members, model_cfg, device, dtype):
 def run_hf(args, model_cfg, samples, grouped):
     """The reference's stack: HF EVE in pure bf16 with torch's fused AdamW (no fp32 master weights:
     cheaper per step than ours, which keeps fp32 main parameters and gradients). Its batches are
-    built on the device before timing, as ours are; its FLOPs are counted from its own samples."""
+    built on the device before timing (ours are made inside the timed steps, as the trainer makes
+    them); its FLOPs are counted from its own samples."""
     from megatron_eve.checkpoint.hf_eve import hf_config
     from megatron_eve.hf.modeling_eve import EVEConfig, EVELlamaForCausalLM
     from megatron_eve.platform import current_device

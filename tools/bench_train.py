@@ -10,7 +10,9 @@ ours:      EVE on megatron-core (this repo's layer spec: Transformer Engine, or 
            length-grouped (HF's group_by_length, as LLaVA's SFT samples), pure bf16 with torch's fused
            AdamW — the EVE reference's stack without DeepSpeed (and without the fp32 master weights
            that ours and DeepSpeed's bf16 keep: the baseline's optimizer step is the cheaper one).
-           Its batches are built on the device before timing, as ours are.
+           Its batches are built on the device before timing; ours are made on the device inside the
+           timed steps from pinned host batches planned as a loader worker plans them, as the trainer
+           makes them (the baseline is spared that work).
 
 Both are timed over N steps back to back, from a synchronisation before the first to one after the
 last, as a training loop runs them, on real (non-padding) tokens; TFLOP/s and MFU count the model
@@ -152,11 +154,13 @@ def run_ours(args, model_cfg, samples, setting: Setting):
     sequences = [assemble_sequence([as_row_sample(samples[i]) for i in plan.sequence(k)], args.seq_length)
                  for k in range(len(plan))]
     # Micro-batches of `per` consecutive rows, cycling: every micro-batch size takes the same rows in
-    # the same order. With the index plan a loader worker makes, as the trainer feeds them.
+    # the same order. As the trainer's loader delivers them: collated with the index plan a worker makes,
+    # in pinned memory on a GPU machine; each step makes their model inputs on the device as it goes.
     groups = len(sequences) // math.gcd(len(sequences), per)
     rows = [collate([sequences[(g * per + i) % len(sequences)] for i in range(per)],
                     BatchPlan.of(model_cfg.vision, thd=thd)) for g in range(groups)]
-    batches = [(model_inputs(r, model_cfg.vision, device, dtype=runtime.params_dtype, thd=thd), r) for r in rows]
+    rows = list(torch.utils.data.DataLoader(rows, batch_size=None, collate_fn=lambda row: row,
+                                            pin_memory=device.type == "cuda"))
     fb = get_forward_backward_func()
     step = lambda it, m: forward_step(1.0 if args.aligner else 0.0, it, m)  # noqa: E731
     per_step, cursor = args.micro_batches // per, 0
@@ -164,12 +168,13 @@ def run_ours(args, model_cfg, samples, setting: Setting):
 
     def train_step():
         nonlocal cursor
-        chunk = [batches[(cursor + i) % len(batches)] for i in range(per_step)]
+        chunk = [rows[(cursor + i) % len(rows)] for i in range(per_step)]
         cursor += per_step
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = fb(forward_step_func=step, data_iterator=iter([b for b, _ in chunk]), model=[ddp],
-                    num_microbatches=len(chunk), seq_length=args.seq_length, micro_batch_size=per, forward_only=False)
+        inputs = (model_inputs(r, model_cfg.vision, device, dtype=runtime.params_dtype, thd=thd) for r in chunk)
+        losses = fb(forward_step_func=step, data_iterator=inputs, model=[ddp], num_microbatches=len(chunk),
+                    seq_length=args.seq_length, micro_batch_size=per, forward_only=False)
         # What the trainer does between backward and update (training/loop.py): its one host read a step,
         # whether the losses and gradients are finite (a pass over the grad buffers), then the update.
         if not stats.reduce(losses, [buffer.grad_data for buffer in ddp.buffers])["finite"]:
@@ -179,7 +184,7 @@ def run_ours(args, model_cfg, samples, setting: Setting):
 
     chunks, seconds = timed_steps(train_step, args.warmup, args.steps)
     work = BatchWork()
-    for _, raw in (micro_batch for chunk in chunks for micro_batch in chunk):
+    for raw in (micro_batch for chunk in chunks for micro_batch in chunk):
         work.add(micro_batch_work(raw, model_cfg, args.aligner))
     memory = peak_memory()
     profiled = (profile_ours(train_step, args.profile, seconds / args.steps, getattr(args, "profile_title", None))

@@ -10,14 +10,14 @@
 #    (--try aten-flash-attention; the regional compiles are left out: 0.50x and 0.93x on an H100, the
 #    linears' frames recompiling per shape) and those tried that pay, together at 4 and 8 layers and
 #    at 8 with 16 micro-batches a step (--combine); the GPU test tier (pytest -m gpu tests/gpu, the
-#    training test first); tools/bench_pel.py (the PEL's flat path vs per-shape, and given the loader's
+#    trainer's tests first); tools/bench_pel.py (the PEL's flat path vs per-shape, and given the loader's
 #    plan); in that order, what matters most first;
 # 3. writes into OUT_DIR eight files, as many as a device call brings back: env.txt, gpu_tests.log,
 #    bench.log, bench.json, profile.txt, pel.log, pel.json and summary.json (tests passed / failed with
 #    the failing tests' names, read from the tier's JUnit XML kept outside OUT_DIR; tokens/s, TFLOP/s,
 #    MFU, peak memory, speed-up; the PEL figures under "pel_bench").
-# Each step has a time limit (245 + 310 + 20 s; on an H100 the bench took 100-156 s with nine to twelve
-# runs, the PEL 14 s, the tier 262 s before its recipe-optimizer test) so that the whole check ends within
+# Each step has a time limit (235 + 325 + 20 s; on an H100 the bench took 100-156 s with nine to twelve
+# runs, the PEL 14 s, the tier 262 s before its recipe and sync tests) so that the whole check ends within
 # a 10-minute device call even when every step runs to its limit; bench.json is written after every
 # figure, so a step stopped at its limit keeps what it measured.
 # Overrides: TIER_TIMEOUT, BENCH_TIMEOUT, PEL_TIMEOUT (seconds; 0 skips the step: a rerun of one part),
@@ -66,7 +66,7 @@ step() {
 
 bench_start=$(date +%s)
 # shellcheck disable=SC2086
-step "${BENCH_TIMEOUT:-245}" "$OUT/bench.log" "$PYTHON" tools/bench_train.py \
+step "${BENCH_TIMEOUT:-235}" "$OUT/bench.log" "$PYTHON" tools/bench_train.py \
   ${BENCH_ARGS:---layers 4 --seq-length 4096 --steps 10 --baseline hf --hf-order length-grouped --also-layers 8 \
   --also-micro-batches 16 \
   --ablate torch-cross-entropy --try aten-flash-attention --combine} \
@@ -76,7 +76,7 @@ bench_seconds=$(( $(date +%s) - bench_start ))
 
 tier_start=$(date +%s)
 # shellcheck disable=SC2086
-step "${TIER_TIMEOUT:-310}" "$OUT/gpu_tests.log" "$PYTHON" -m pytest -m gpu tests/gpu -v -rfEs -p no:cacheprovider \
+step "${TIER_TIMEOUT:-325}" "$OUT/gpu_tests.log" "$PYTHON" -m pytest -m gpu tests/gpu -v -rfEs -p no:cacheprovider \
   --junitxml="$JUNIT" ${TIER_ARGS:-}
 tier_rc=$?
 tier_seconds=$(( $(date +%s) - tier_start ))

@@ -7,6 +7,7 @@ validity mask. The PEL view is the same layout scaled by image_size / L (2 at 67
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence, Tuple
@@ -122,10 +123,18 @@ def preprocess_image(image, vision: VisionConfig) -> Tuple[torch.Tensor, torch.T
 
 
 # ------------------------------------------------------------------ device-side batch assembly
+@functools.lru_cache(maxsize=None)
+def _colour_constants(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std [3, 1, 1] (float32) and the background colour [1, 3, 1, 1] (uint8), made on
+    `device` once: a tensor made from Python numbers on a GPU is copied from pageable memory, which
+    waits for the device, and these are needed for every crop of every micro-batch."""
+    return (torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1), torch.tensor(CLIP_STD, device=device).view(3, 1, 1),
+            torch.tensor(BACKGROUND_RGB, dtype=torch.uint8, device=device).view(1, 3, 1, 1))
+
+
 def _normalise(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """uint8 [..., 3, H, W] → CLIP-normalised float."""
-    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=pixels.device).view(3, 1, 1)
+    mean, std, _ = _colour_constants(pixels.device)
     return ((pixels.float() / 255.0 - mean) / std).to(dtype)
 
 
@@ -144,7 +153,7 @@ def _placement(height: int, width: int, side: int, unit: int) -> Tuple[int, int]
 def compose_squares(crops, side: int, unit: int, device, dtype=torch.float32) -> torch.Tensor:
     """uint8 [3, h, w] crops → the reference's [N, 4, side, side] input: each crop centred on
     a mean-colour square (pad before = whole `unit`s, as EVE pastes it), mask as channel 3."""
-    background = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8, device=device).view(1, 3, 1, 1)
+    background = _colour_constants(torch.device(device))[2]
     canvas = background.expand(len(crops), 3, side, side).clone()
     mask = torch.zeros(len(crops), 1, side, side, device=device)
     for index, crop in enumerate(crops):

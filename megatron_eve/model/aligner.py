@@ -66,7 +66,8 @@ def alignment_loss(prediction: Tensor, target: Tensor, cell_image: Tensor, num_i
         )
     cosine = F.cosine_similarity(prediction.float(), target.float(), dim=-1)
     per_image_sum = cosine.new_zeros(num_images).index_add(0, cell_image, cosine)
-    cells = torch.bincount(cell_image, minlength=num_images).to(cosine.dtype)
+    # Counted by index_add, not bincount: CUDA's bincount reads the largest index to the host.
+    cells = cosine.new_zeros(num_images).index_add(0, cell_image, torch.ones_like(cosine))
     present = cells > 0
     # Masked by where, not indexed by `present`: a boolean index would wait on the device.
     loss = torch.where(present, 1.0 - per_image_sum / cells.clamp(min=1), 0.0).sum()

@@ -10,9 +10,14 @@ posted, so the exchange goes wrong in two ways there:
 - the interleaved schedule's calls are not symmetric (one rank's send_forward_recv_forward meets
   the other's four-way exchange), and a completed shape phase waits for a tensor that the peer
   sends only after its own shape phase, which waits for this rank's next call: a deadlock.
-Here each direction of traffic (activations forward, gradients backward) has its own process
-group, every send (shape, then tensor) is posted at once, and each receive takes its shape then
-its tensor from its own stream, so messages pair by stream whatever the calls look like.
+Here each direction of traffic (activations forward, gradients backward) from each of the two ranks
+has its own process group, every send (shape, then tensor) is posted at once, and each receive
+takes its shape then its tensor from its own stream, so messages pair by stream whatever the calls
+look like; shapes go as host tensors (the groups' gloo half), so reading one waits for the peer's
+host, never for a device. A group per sender, not one per direction: with NCCL a group's messages
+between two ranks run in order on one stream, so two ranks that both post a send before the
+matching receive on one group each wait for the other once a message outgrows NCCL's buffer (a few
+MiB; an EVE-7B activation is 32 MiB), which gloo, where tests run, does not show.
 """
 
 from __future__ import annotations
@@ -22,26 +27,31 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-# Per pipeline group (its global ranks): (activation group, gradient group).
-_streams: Dict[Tuple[int, ...], Tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+DIRECTIONS = ("forward", "backward")  # activations to the next stage, gradients to the previous one
+# Per pipeline group (its global ranks): {(direction, sending global rank): its group}.
+_streams: Dict[Tuple[int, ...], Dict[Tuple[str, int], dist.ProcessGroup]] = {}
 _original_communicate = None
 
 
 def _make_streams() -> None:
-    """Two new groups over every pipeline group's ranks; collective: every rank calls it once."""
+    """A new group over every pipeline group's ranks per direction and sender; collective: every
+    rank calls it once."""
     from megatron.core import parallel_state
+
+    from megatron_eve.platform import distributed_backend
 
     mine = tuple(dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group()))
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     for ranks in sorted(set(everyone)):  # the same order on every rank
-        pair = (dist.new_group(list(ranks)), dist.new_group(list(ranks)))
+        groups = {(direction, sender): dist.new_group(list(ranks), backend=distributed_backend())
+                  for direction in DIRECTIONS for sender in ranks}
         if ranks == mine:
-            _streams[mine] = pair
+            _streams[mine] = groups
 
 
 def _receive(source: int, group, dtype: torch.dtype, device) -> torch.Tensor:
-    shape = torch.empty(3, dtype=torch.int64, device=device)
+    shape = torch.empty(3, dtype=torch.int64)  # on the host: gloo's half of the group, no device wait
     dist.irecv(shape, source, group=group).wait()
     tensor = torch.empty(shape.tolist(), requires_grad=True, device=device, dtype=dtype)
     dist.irecv(tensor, source, group=group).wait()
@@ -58,16 +68,18 @@ def _communicate(self, *, tensor_send_next: Optional[torch.Tensor], tensor_send_
                                      wait_on_reqs=wait_on_reqs)
     from megatron_eve.platform import current_device
 
-    forward, backward = streams
-    device = current_device()
+    me, device = dist.get_rank(), current_device()
     sends, payloads = [], []  # the payloads stay referenced until their sends complete
-    for tensor, peer, group in ((tensor_send_next, self.next_rank, forward), (tensor_send_prev, self.prev_rank, backward)):
+    for tensor, peer, direction in ((tensor_send_next, self.next_rank, "forward"),
+                                    (tensor_send_prev, self.prev_rank, "backward")):
         if tensor is not None:
-            payloads += [torch.tensor(tensor.size(), dtype=torch.int64, device=device), tensor.contiguous()]
-            sends += [dist.isend(payload, peer, group=group) for payload in payloads[-2:]]
+            payloads += [torch.tensor(tensor.size(), dtype=torch.int64), tensor.contiguous()]
+            sends += [dist.isend(payload, peer, group=streams[direction, me]) for payload in payloads[-2:]]
     dtype = self.config.pipeline_dtype
-    received_prev = _receive(self.prev_rank, forward, dtype, device) if recv_prev else None
-    received_next = _receive(self.next_rank, backward, dtype, device) if recv_next else None
+    received_prev = (_receive(self.prev_rank, streams["forward", self.prev_rank], dtype, device)
+                     if recv_prev else None)
+    received_next = (_receive(self.next_rank, streams["backward", self.next_rank], dtype, device)
+                     if recv_next else None)
     for request in sends:
         request.wait()
     return received_prev, received_next, None

@@ -27,7 +27,11 @@ def on_gpu(device) -> bool:
     return device.type == "cuda"
 
 
+FIRST = ("test_gpu_training.py", "test_gpu_sync.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The trainer's test first: a device call has a time limit (tools/gpu_check.sh), and the check
-    that matters most (training, save and resume on the GPU) must not be the one it cuts."""
-    items.sort(key=lambda item: item.path.name != "test_gpu_training.py")
+    """The trainer's tests first (training, save and resume; a step's micro-batches waiting for
+    nothing): a device call has a time limit (tools/gpu_check.sh), and the checks that matter most
+    must not be the ones it cuts."""
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
