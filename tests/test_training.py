@@ -220,6 +220,48 @@ def test_distributed_optimizer_with_overlap_matches_plain_data_parallel(data, tm
             assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs))
 
 
+@pytest.fixture(scope="module")
+def text_only_data(tmp_path_factory, corpus):
+    """A Q&A dataset without images (vicuna_v1), preprocessed with the corpus's tokenizer."""
+    from megatron_eve.data.preprocess import PreprocessJob, run
+    from megatron_eve.data.records import RecordConfig
+    from megatron_eve.data.synthetic import make_corpus
+    from tests.helpers import tiny_config
+
+    root = tmp_path_factory.mktemp("text_only")
+    records = make_corpus(str(root), 40, "qa", seed=7, text_only_fraction=1.0)
+    run(PreprocessJob([records], str(root / "qa"), corpus["tokenizer"],
+                      RecordConfig("vicuna_v1", tiny_config().vision, image_folder=str(root)), progress=False))
+    return str(root / "qa")
+
+
+def test_overlapped_grad_reduce_trains_through_micro_batches_without_images(data, text_only_data):
+    """A micro-batch whose rows hold no image leaves the PEL, projector and aligner out of its
+    graph; with --overlap-grad-reduce megatron-core starts a bucket's reduction only once every
+    parameter in it has its gradient in the step's last micro-batch, so such a micro-batch there
+    failed the step. Those parameters get a zero gradient instead: the same losses as without the
+    overlap, on a blend of image and text-only rows."""
+    args = base_args(data, "finetune", "qa") + ["--train-iters", 4, "--micro-batch-size", 1, "--data-path", 1,
+                                                data["qa"], 1, text_only_data, "--use-distributed-optimizer"]
+    plain, _ = train(args)
+    overlapped, out = train(args + ["--overlap-grad-reduce"])
+    assert sorted(overlapped) == [1, 2, 3, 4], out[-3000:]
+    for iteration in (1, 2, 3, 4):
+        for ours, theirs in zip(overlapped[iteration][:2], plain[iteration][:2]):
+            assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs))
+
+
+def test_a_checkpoint_holds_the_step_weights_with_overlapped_param_gather(data, tmp_path):
+    """--overlap-param-gather leaves the other data-parallel ranks' shards of a step's update to the
+    next forward pass: a checkpoint saved right after the step gathers them first, so it holds
+    the same weights as one saved without the overlap."""
+    args = base_args(data, "pretrain") + ["--train-iters", 2, "--use-distributed-optimizer", "--overlap-grad-reduce"]
+    train(args + ["--save", tmp_path / "plain"])
+    train(args + ["--overlap-param-gather", "--save", tmp_path / "overlapped"])
+    diff = checkpoint_diff(str(tmp_path / "plain" / "iter_0000002"), str(tmp_path / "overlapped" / "iter_0000002"))
+    assert diff and all(v == 0.0 for v in diff.values()), {k: v for k, v in diff.items() if v}
+
+
 def test_interleaved_pipeline_trains_and_checkpoints_like_the_plain_pipeline(data, tmp_path):
     """PP=2 with two model chunks per rank (--num-layers-per-virtual-pipeline-stage 2: layers 0-1,
     4-5 on rank 0, 2-3, 6-7 on rank 1; aligner taps on every chunk) from the same weights as PP=2

@@ -274,9 +274,34 @@ class EVEModel(LanguageModule):
                                                    wants_align)
         hidden = self._decode(hidden, carried, layout, seq_len, attention_mask, packed_seq_params,
                               inference_context)
+        idle = self._idle_parameters_term(images is None, wants_align and layout is None)
         if not self.post_process:
-            return self._attach_carried(hidden, carried)
-        return self._postprocess(hidden, carried, layout, labels, teacher_images, teacher_patches)
+            out = self._attach_carried(hidden, carried)
+            return out if idle is None else out + idle.to(out.dtype)
+        out = self._postprocess(hidden, carried, layout, labels, teacher_images, teacher_patches)
+        if idle is None or isinstance(out, Tensor):
+            return out
+        lm_loss, align_sum, align_images = out
+        return lm_loss, align_sum + idle, align_images
+
+    def _idle_parameters_term(self, without_images: bool, without_cells: bool) -> Optional[Tensor]:
+        """A zero that depends on every trainable parameter this stage left out of the micro-batch's
+        graph: the vision model's when it had no images (first stage), the aligner's when it had no
+        cells to align. Each then gets a zero gradient, as the reference's blank image and zero align
+        loss give it; without one, megatron-core's overlapped gradient reduction (--overlap-grad-reduce)
+        never starts the reduction of a bucket holding such a parameter when this is the step's last
+        micro-batch, and fails at the step's end. None when nothing is idle (or not training)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return None
+        idle = []
+        if self.pre_process and without_images:
+            idle += [self.vision_model, self.vision_projection]
+        if without_cells:
+            idle.append(self.aligner)
+        params = [p for module in idle for p in module.parameters() if p.requires_grad]
+        if not params:
+            return None
+        return torch.stack([p.sum(dtype=torch.float32) for p in params]).sum() * 0.0
 
     def _preprocess(self, input_ids: Tensor, images, image_grid_hw: Optional[Tensor],
                     visual_layout: Optional[VisualLayout], pel_plan: Optional[FlatPlan], wants_align: bool

@@ -62,6 +62,17 @@ def model_states(model) -> Dict[str, Dict]:
     return {name: (chunk, chunk.sharded_state_dict()) for name, chunk in zip(names, chunks)}
 
 
+def gather_updated_parameters(model) -> None:
+    """With the distributed optimizer's overlapped parameter gather (--overlap-param-gather) a step
+    writes only this rank's shard of the update into the model's parameters; the next forward pass
+    gathers the rest. Gathered here, synchronously, so what is read now (a checkpoint) holds the
+    step's weights, not ones mostly a step old (Megatron-LM gathers before saving likewise)."""
+    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+        config = getattr(chunk, "ddp_config", None)
+        if config is not None and config.use_distributed_optimizer and config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 EXTRA_STATE = "_extra_state"  # Transformer Engine modules' non-tensor state (FP8 metadata)
 
 
@@ -174,6 +185,7 @@ def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> st
         _remove_stale_staging(root)
         os.makedirs(staging)
     dist.barrier()
+    gather_updated_parameters(model)
     fmt = optimizer_format(job)
     models = {name: sharded for name, (_, sharded) in model_states(model).items()}
     sharded = {
