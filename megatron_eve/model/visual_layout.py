@@ -118,8 +118,12 @@ class VisualLayout:
             local = self.cell_positions - first_row * hidden.shape[1]
             held = (local >= 0) & (local < flat.shape[0])
             picked = flat.index_select(0, local.clamp(0, flat.shape[0] - 1)) * held.unsqueeze(1).to(flat.dtype)
-        summed = picked.new_zeros(self.num_cells, flat.shape[-1]).index_add(0, self.cell_index, picked)
-        return summed / (self.pool * self.pool) if self.pool > 1 else summed
+        # Summed in at least fp32 (as the reference's average pooling accumulates): a half-precision
+        # index_add would round after every token it adds, in whatever order the device adds them.
+        accumulate = torch.promote_types(picked.dtype, torch.float32)
+        summed = picked.new_zeros(self.num_cells, flat.shape[-1], dtype=accumulate).index_add(
+            0, self.cell_index, picked.to(accumulate))
+        return (summed / (self.pool * self.pool)).to(picked.dtype)
 
     def splice(self, embeddings: Tensor, visual_tokens: Tensor) -> Tensor:
         """embeddings [s, b, H] with visual_tokens [T, H] written at the visual positions."""

@@ -36,3 +36,18 @@ def test_fp32_forward_on_gpu_equals_cpu(tmp_path, device, on_gpu, teacher_path):
     for ours, theirs in zip(gpu["align"], cpu["align"]):
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6)
     assert any(float(a[1]) > 0 for a in cpu["align"])  # images were aligned against the teacher
+
+
+def test_bf16_aligner_cells_are_pooled_in_fp32_and_rounded_once(device):
+    """Each aligner cell of bf16 hidden states is the fp32 mean of its tokens rounded once, as the
+    reference's average pooling gives. (CUDA's bf16 index_add rounds after every token it adds, in
+    the order its atomics land; the CPU's accumulates in fp32, so only the device shows it.)"""
+    from megatron_eve.model.visual_layout import VisualLayout
+    from tests.test_visual_layout import GRIDS, LAYOUT, reference_cells, tokens_with_images
+
+    input_ids = tokens_with_images(GRIDS, LAYOUT)
+    torch.manual_seed(0)
+    hidden = torch.randn(input_ids.shape[1], input_ids.shape[0], 256).to(torch.bfloat16)
+    layout = VisualLayout.build(input_ids, torch.tensor(GRIDS), 2)
+    expected = reference_cells(hidden.float(), input_ids, GRIDS, 2).to(torch.bfloat16)
+    assert torch.equal(layout.to(device).cells(hidden.to(device)).cpu(), expected)
