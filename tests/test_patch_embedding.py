@@ -217,6 +217,20 @@ def test_window_mean_of_patch_rows_is_avg_pool():
     torch.testing.assert_close(means, pooled.flatten(1).T, rtol=1e-5, atol=1e-5)
 
 
+def test_every_pel_module_is_called_by_the_flat_path():
+    """Every PEL module holding parameters runs through its own call on the flat path, so module
+    hooks see its weights used: megatron-core's overlapped parameter gather (distributed optimizer,
+    --overlap-param-gather) waits for a module's parameters in a forward pre-hook."""
+    pel = PatchEmbeddingLayer(VISION)
+    called = set()
+    for name, module in pel.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.register_forward_pre_hook(lambda module, args, name=name: called.add(name))
+    pel(crops_of([(56, 84), (28, 112)], torch.float32), flat=True)
+    holders = {name for name, module in pel.named_modules() if any(True for _ in module.parameters(recurse=False))}
+    assert called == holders, holders - called
+
+
 def test_flat_plan_is_built_from_shapes_alone():
     from megatron_eve.model.patch_embedding import FlatPlan
 

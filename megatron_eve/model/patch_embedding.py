@@ -217,6 +217,18 @@ class FlatPlan:
         return self._map(move)
 
 
+class PatchConv(nn.Conv2d):
+    """The PEL's bias-free patch convolution (kernel = stride = patch). It also takes flat patches
+    [P, patch * patch * 3] in (dy, dx, rgb) order, as one matmul (the flat path): the weight is then
+    read inside the module's own call, where module hooks see it (megatron-core's overlapped
+    parameter gather waits in a forward pre-hook for the parameters of the module being called)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2:
+            return super().forward(x)
+        return F.linear(x, self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1))
+
+
 class PatchEmbeddingLayer(nn.Module):
     """The PEL proper (HF keys `model.vision_tower.*`): pixels → [CLS, rows + split] tokens."""
 
@@ -224,9 +236,7 @@ class PatchEmbeddingLayer(nn.Module):
         super().__init__()
         width = config.hidden_size
         self.patch_size, self.conv_stride = config.patch_size, config.conv_stride
-        self.patch_embedding = nn.Conv2d(
-            3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False
-        )
+        self.patch_embedding = PatchConv(3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.randn(width))
         self.split_embedding = nn.Parameter(torch.randn(width))
         self.local_attention = LocalAttention(width, config.conv_stride, config.num_heads)
@@ -296,9 +306,7 @@ class PatchEmbeddingLayer(nn.Module):
         pixels = pixels.to(self.patch_embedding.weight.dtype).view(-1, 3 * p)
         plan = plan.to(pixels.device)
         patches = pixels.index_select(0, plan.pixel_runs().view(-1)).view(-1, p * p * 3)
-        # The conv (no bias) as one matmul; its weight reordered to the patches' (dy, dx, rgb).
-        kernel = self.patch_embedding.weight.permute(0, 2, 3, 1).reshape(width, -1)
-        windows = F.linear(patches, kernel).view(-1, s * s, width)  # [M, s*s, C]
+        windows = self.patch_embedding(patches).view(-1, s * s, width)  # the conv as one matmul: [M, s*s, C]
         merged = self.local_attention.attend(windows.mean(dim=1), windows)
         cls = self.global_attention.forward_segments(
             self.class_embedding, merged, plan.cell_image, len(plan.shapes)
