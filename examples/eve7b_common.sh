@@ -15,6 +15,9 @@ CHECKPOINTS=${CHECKPOINTS:-checkpoints}
 
 LAUNCH=(torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "$NODE_RANK"
         --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+# As Megatron-LM's scripts: with sequence parallelism one hardware queue keeps each gradient's
+# reduce-scatter launched ahead of the weight-gradient GEMM it overlaps (megatron-core warns otherwise).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 
 # The reference (HF Trainer + ZeRO-3): bf16, tf32, gradient checkpointing, AdamW (0.9, 0.999, 1e-8),
 # weight decay 0, cosine schedule, one epoch, the CLIP aligner on in every stage, no gradient clipping.

@@ -183,7 +183,8 @@ def test_prealign_refuses_pipeline_stages_with_nothing_to_train(extra, idle):
                                     "eve7b_finetune_hd.sh"])
 def test_example_launch_scripts_pass_every_check(script, tmp_path):
     """The EVE-7B stage scripts, run with a torchrun that only records its arguments: their flags
-    parse and pass every combination check at the scripts' default 4 nodes x 8 GPUs."""
+    parse and pass every combination check at the scripts' default 4 nodes x 8 GPUs; one hardware
+    queue per GPU, as sequence parallelism's overlap wants."""
     import json
     import os
     import subprocess
@@ -192,10 +193,12 @@ def test_example_launch_scripts_pass_every_check(script, tmp_path):
 
     recorder = tmp_path / "torchrun"
     recorder.write_text("#!/usr/bin/env python3\nimport json, os, sys\n"
-                        "json.dump(sys.argv[1:], open(os.environ['ARGS_OUT'], 'w'))\n")
+                        "json.dump([os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS')] + sys.argv[1:], "
+                        "open(os.environ['ARGS_OUT'], 'w'))\n")
     recorder.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "ARGS_OUT": str(tmp_path / "args.json")}
     subprocess.run(["bash", str(ROOT / "examples" / script)], env=env, check=True, timeout=60)
-    argv = json.loads((tmp_path / "args.json").read_text())
+    queues, *argv = json.loads((tmp_path / "args.json").read_text())
+    assert queues == "1"
     argv = argv[argv.index(str(ROOT / "pretrain_eve.py")) + 1:]
     validate_job(parse_args(argv), world_size=4 * 8)
