@@ -11,7 +11,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from megatron_eve.config import OptimConfig, TrainingJob
-from megatron_eve.training.pipeline_p2p import pair_two_rank_interleaving
+from megatron_eve.training.pipeline_p2p import exchange_shapes_on_host, pair_two_rank_interleaving
 from megatron_eve.training.stages import vision_name_patterns
 
 
@@ -58,6 +58,8 @@ def wrap_model_chunks(chunks: List, job: TrainingJob) -> List:
     if job.optim.overlap_param_gather and job.optim.use_distributed_optimizer:
         config.param_sync_func = per_chunk("start_param_sync")
     config.finalize_model_grads_func = finalize_model_grads
+    if config.pipeline_model_parallel_size > 1:
+        exchange_shapes_on_host()
     if len(wrapped) > 1:
         pair_two_rank_interleaving(config)
     return wrapped

@@ -1,9 +1,11 @@
-"""Interleaved 1F1B on two pipeline ranks with variable-length micro-batches.
+"""Pipeline point-to-point with variable-length micro-batches: shapes exchanged on the host, and
+interleaved 1F1B on two pipeline ranks.
 
-megatron-core (0.19) exchanges each tensor's shape before the tensor when lengths vary (ours do:
-an activation carries the aligner taps computed so far). With two ranks a rank's previous and next
-stage are the same peer, and point-to-point messages between two ranks pair in the order they are
-posted, so the exchange goes wrong in two ways there:
+megatron-core (0.19) exchanges each tensor's shape before the tensor when lengths vary (ours do: an
+activation carries the aligner taps computed so far), as device tensors with a device
+synchronisation each time; here the shapes are host tensors (_communicate_shapes_on_host). With two
+ranks a rank's previous and next stage are the same peer, and point-to-point messages between two
+ranks pair in the order they are posted, so the exchange goes wrong in two ways there:
 - its shape exchange posts (send_prev, recv_prev, send_next, recv_next) on both ranks, so an
   activation's shape lands where a gradient's is expected and vice versa (NVIDIA/Megatron-LM#5100,
   fixed upstream in #5271, not in 0.19);
@@ -83,6 +85,41 @@ def _communicate(self, *, tensor_send_next: Optional[torch.Tensor], tensor_send_
     for request in sends:
         request.wait()
     return received_prev, received_next, None
+
+
+def _communicate_shapes_on_host(self, tensor_send_next, tensor_send_prev, recv_prev: bool, recv_next: bool):
+    """P2PCommunicator._communicate_shapes (every pipeline but the two-rank interleaved one, whose
+    exchange is _communicate's) with the shapes as host tensors, in the same order: they travel over
+    the pipeline group's gloo half, so a rank waits for its peer's host, never for a device.
+    megatron-core's sends them as device tensors, reads them back with .tolist() and calls
+    torch.cuda.synchronize(): device waits at every exchange of every micro-batch on every stage."""
+    if self.config.use_ring_exchange_p2p:
+        return _original_communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next)
+    shapes = {"prev": torch.empty(3, dtype=torch.int64) if recv_prev else None,
+              "next": torch.empty(3, dtype=torch.int64) if recv_next else None}
+    ops = []
+    for tensor, received, peer in ((tensor_send_prev, shapes["prev"], self.prev_rank),
+                                   (tensor_send_next, shapes["next"], self.next_rank)):
+        if tensor is not None:
+            ops.append(dist.P2POp(dist.isend, torch.tensor(tensor.size(), dtype=torch.int64), peer, self.pp_group))
+        if received is not None:
+            ops.append(dist.P2POp(dist.irecv, received, peer, self.pp_group))
+    for request in dist.batch_isend_irecv(ops) if ops else []:
+        request.wait()
+    return tuple(shape.tolist() if shape is not None else [0, 0, 0] for shape in (shapes["prev"], shapes["next"]))
+
+
+_original_communicate_shapes = None
+
+
+def exchange_shapes_on_host() -> None:
+    """Pipelines exchange activation shapes through _communicate_shapes_on_host (idempotent)."""
+    global _original_communicate_shapes
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    if _original_communicate_shapes is None:
+        _original_communicate_shapes = P2PCommunicator._communicate_shapes
+        P2PCommunicator._communicate_shapes = _communicate_shapes_on_host
 
 
 def pair_two_rank_interleaving(config) -> None:
