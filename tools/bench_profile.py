@@ -17,6 +17,20 @@ def sync():
         torch.cuda.synchronize()
 
 
+def host_waits(fn):
+    """Runs fn under torch's CUDA synchronisation check: (what fn returned, {"file:line": count} of
+    every place the host waited for the device meanwhile)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return result, collections.Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught
+                                       if "synchroniz" in str(w.message))
+
+
 def free_device_memory():
     """Between runs: the previous run's model and optimizer go, the peak counter restarts."""
     import gc
@@ -152,13 +166,7 @@ def profile_ours(step_fn, folder, timed_step_s: float, title: Optional[str] = No
                   for g in gaps]
     syncs = collections.Counter()
     if on_gpu:
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            step_fn()
-            sync()
-        torch.cuda.set_sync_debug_mode("default")
-        syncs.update(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+        _, syncs = host_waits(lambda: (step_fn(), sync()))
         lines.append(f"host synchronisations in one step: {sum(syncs.values())}")
         lines += [f"  {count:5d}  {where}" for where, count in syncs.most_common(25)]
     sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"

@@ -48,13 +48,18 @@ logger = logging.getLogger(__name__)
 safe_metadata.install()  # every load in this process reads .metadata without running its code
 
 
+def _chunks(model) -> List:
+    """The model chunks of `model`: a list of them (interleaved pipeline), or one."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 def model_states(model) -> Dict[str, Dict]:
     """The sharded state dicts of the EVEModels inside DDP / Float16Module (checkpoints use their
     keys, whatever the wrapping), under Megatron-LM's names: "model", or with several model chunks
     per rank (interleaved pipeline) "model0", "model1", ... Tensors inside are keyed by global
     layer number, so a checkpoint of any chunking loads into any other."""
     chunks = []
-    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+    for chunk in _chunks(model):
         while hasattr(chunk, "module"):
             chunk = chunk.module
         chunks.append(chunk)
@@ -67,7 +72,7 @@ def gather_updated_parameters(model) -> None:
     writes only this rank's shard of the update into the model's parameters; the next forward pass
     gathers the rest. Gathered here, synchronously, so what is read now (a checkpoint) holds the
     step's weights, not ones mostly a step old (Megatron-LM gathers before saving likewise)."""
-    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+    for chunk in _chunks(model):
         config = getattr(chunk, "ddp_config", None)
         if config is not None and config.use_distributed_optimizer and config.overlap_param_gather:
             chunk.start_param_sync(force_sync=True)

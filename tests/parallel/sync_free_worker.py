@@ -6,11 +6,8 @@ host waited for the device ({"file:line": count}). On the CPU (EVE_GPU_TIER_ON_C
 run without the check (there is nothing to wait for)."""
 
 import argparse
-import collections
 import json
-import os
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -34,6 +31,7 @@ def main():
     from megatron_eve.training.optim import wrap_model
     from megatron_eve.training.step import forward_step
     from tests.helpers import tiny_config
+    from tools.bench_profile import host_waits
 
     cuda = torch.cuda.is_available()
     distributed.initialize(ParallelConfig(), seed=1234)
@@ -57,16 +55,11 @@ def main():
         step(2)
     waits = {}
     for micro_batches in (1, 3):
-        places = collections.Counter()
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            losses = step(micro_batches)
-            if cuda:
-                torch.cuda.set_sync_debug_mode("default")
-        places.update(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+            losses, places = host_waits(lambda: step(micro_batches))
+        else:
+            losses, places = step(micro_batches), {}
         assert len(losses) == micro_batches and all(float(m["align loss"]) > 0 for m in losses)
         waits[str(micro_batches)] = dict(places)
     batches.close()
