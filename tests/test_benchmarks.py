@@ -186,10 +186,13 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     assert list(summary["mfu_at_layers"]) == ["3"]  # MFU None on the CPU (no peak)
     assert summary["combined_levers"] == ["native-cross-entropy"]
     assert list(summary["combined_mfu_at_layers"]) == ["2", "3"]
-    assert list(summary["mfu_at_micro_batches"]) == ["2 layers, 2 micro-batches", "3 layers, 2 micro-batches"]
+    assert list(summary["mfu_at_micro_batches"]) == ["3 layers, 2 micro-batches", "2 layers, 2 micro-batches"]
     assert list(summary["combined_mfu_at_micro_batches"]) == ["3 layers, 2 micro-batches"]
     assert summary["combined_time_shares"]["3"]["gemm"] > 0  # the deepest combined run, profiled
     for name in ("gpu_tests.log", "bench.log", "bench.json", "profile.txt"):
         assert (out / name).stat().st_size > 0
     assert len(list(out.iterdir())) <= 8  # a device call brings back eight files at most
     assert (out / "pel.log").read_text() == "skipped (limit 0)\n" and summary["pel_bench"]["exit_code"] == 0
+    refused = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(wheels), str(out), "benchmark"],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode == 2 and "unknown part benchmark: all, bench or tier" in refused.stderr

@@ -149,6 +149,41 @@ def test_attention_backend_needs_the_torch_impl(gpu_kernels):
         check(get_preset("tiny"), transformer_impl="transformer_engine", attention_backend="flex", bf16=True)
 
 
+def test_liger_norm_needs_cuda_the_package_and_not_transformer_engine(gpu_kernels, monkeypatch):
+    import importlib
+
+    validation = importlib.import_module("megatron_eve.config.validate")
+
+    monkeypatch.setattr(validation.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--norm-kernel liger needs a CUDA device"):
+        check(get_preset("tiny"), transformer_impl="local", norm_kernel="liger")
+    monkeypatch.setattr(validation.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(validation.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="--norm-kernel liger needs the liger-kernel package: pip install liger"):
+        check(get_preset("tiny"), transformer_impl="torch", norm_kernel="liger", bf16=True)
+    with pytest.raises(ConfigError, match="--norm-kernel liger applies to --transformer-impl torch or local"):
+        check(get_preset("tiny"), transformer_impl="transformer_engine", norm_kernel="liger", bf16=True)
+    monkeypatch.setattr(validation.importlib.util, "find_spec", lambda name: object())
+    check(get_preset("tiny"), transformer_impl="torch", norm_kernel="liger", bf16=True)
+
+
+def test_liger_norm_takes_the_spec_and_keeps_the_state_dict_keys(monkeypatch):
+    from megatron.core.transformer import transformer_block
+
+    from megatron_eve.config.transformer import transformer_config
+    from megatron_eve.model.specs import LigerRMSNorm, RMSNorm, decoder_block_spec
+    from tests.helpers import tiny_config
+
+    monkeypatch.setattr(transformer_block, "get_num_layers_to_build", lambda config, vp_stage=None: 2)
+    config = transformer_config(tiny_config(), ParallelConfig(), RuntimeConfig(use_cpu_initialization=True))
+    for kernel, norm in (("torch", RMSNorm), ("liger", LigerRMSNorm)):
+        spec = decoder_block_spec(config, "local", norm_kernel=kernel)
+        assert spec.layer_norm is norm
+        assert {s.submodules.input_layernorm for s in spec.layer_specs} == {norm}
+        assert {s.submodules.pre_mlp_layernorm for s in spec.layer_specs} == {norm}
+    assert list(LigerRMSNorm(config, 16).state_dict()) == list(RMSNorm(config, 16).state_dict()) == ["weight"]
+
+
 def test_unavailable_attention_backend_is_refused_before_work():
     if torch.cuda.is_available():
         pytest.skip("CUDA kernels are available here")

@@ -215,6 +215,20 @@ def test_gradient_clipping_inside_the_fused_adam_step(child):
         assert run["grad_norm_max_relative_diff"] <= 1e-6 and run["param_max_relative_diff"] <= 1e-6, (name, run)
 
 
+def test_a_non_finite_step_is_skipped_on_the_device(child):
+    """Fused AdamW with clipping (the defaults), plain and distributed: the update goes through
+    reduce_and_update's device path (no pass of its own over the gradient buffers); a step with a
+    non-finite loss, and one with a NaN gradient but finite losses (its norm is NaN), leave the
+    parameters and the AdamW state as they were: the run ends bitwise where a run of only the two
+    finite steps ends, every step count 2; the interval's mean loss leaves both skipped steps out."""
+    for name, run in child["device_skip"].items():
+        assert run["device_path"] and run["grad_buffer_passes"] == 0, (name, run)
+        assert run["finite"] == [True, False, False, True] and run["reference_finite"] == [True, True], (name, run)
+        assert run["param_max_abs_diff"] == 0.0 and run["steps"] == [2.0], (name, run)
+        assert run["moved"], (name, run)  # the two finite steps did change the weights
+        assert run["interval_lm_loss"] == 2.0, (name, run)  # (1 + 3) / 2: neither inf nor 100 counted
+
+
 def fused_cross_entropy_report(cfg, parallel) -> dict:
     from megatron.core.models.common.language_module import language_module
 
@@ -278,6 +292,56 @@ def clipping_report(cfg, parallel) -> dict:
     return report
 
 
+def updates_through_the_trainer(cfg, parallel, distributed_optimizer: bool, steps):
+    """megatron-core's optimizer over the tiny model, each step through the trainer's reduce_and_update
+    with gradients set directly; steps: (seed of its gradients, its lm loss, a NaN in one gradient)."""
+    from megatron_eve.config import OptimConfig, RuntimeConfig
+    from megatron_eve.model.build import build_model
+    from megatron_eve.training import iteration_stats, optim
+    from megatron_eve.training.update import reduce_and_update
+
+    torch.manual_seed(0)
+    job = SimpleNamespace(optim=OptimConfig(lr=1e-2, clip_grad=1.0, use_distributed_optimizer=distributed_optimizer),
+                          runtime=RuntimeConfig(use_cpu_initialization=True))
+    ddp = optim.wrap_model(build_model(cfg, parallel, job.runtime, load_teacher=False), job)
+    optimizer = optim.build_optimizer(ddp, job)
+    start = [p.detach().clone() for p in ddp.parameters()]
+    stats = iteration_stats.IterationStats(torch.device("cpu"), counts_losses=True, counts_work=False)
+    passes, real_count = [], iteration_stats.nonfinite_count
+    iteration_stats.nonfinite_count = lambda tensors, device: (passes.extend(tensors), real_count(tensors, device))[1]
+    finite = []
+    try:
+        for seed, loss, nan_gradient in steps:
+            generator = torch.Generator().manual_seed(seed)
+            for param in ddp.parameters():
+                param.main_grad.copy_(10.0 * torch.randn(param.shape, generator=generator))
+            if nan_gradient:
+                next(ddp.parameters()).main_grad.view(-1)[0] = float("nan")
+            losses = [{"lm loss": torch.tensor(loss), "align loss": torch.tensor(0.0)}]
+            finite.append(reduce_and_update(optimizer, stats, losses, [b.grad_data for b in ddp.buffers]).finite)
+    finally:
+        iteration_stats.nonfinite_count = real_count
+    (adam,) = optim._torch_adams(optimizer)
+    return {"params": [p.detach().clone() for p in ddp.parameters()], "start": start, "finite": finite,
+            "steps": sorted({float(state["step"]) for state in adam.state.values()}),
+            "device_path": optim.skips_updates_on_the_device(optimizer), "grad_buffer_passes": len(passes),
+            "interval_lm_loss": stats.read_interval().losses["lm loss"]}
+
+
+def device_skip_report(cfg, parallel) -> dict:
+    report = {}
+    for distributed_optimizer in (False, True):
+        run = updates_through_the_trainer(cfg, parallel, distributed_optimizer,
+                                          [(1, 1.0, False), (2, float("inf"), False), (3, 100.0, True), (4, 3.0, False)])
+        reference = updates_through_the_trainer(cfg, parallel, distributed_optimizer, [(1, 1.0, False), (4, 3.0, False)])
+        report["distributed" if distributed_optimizer else "plain"] = {
+            **{k: run[k] for k in ("finite", "steps", "device_path", "grad_buffer_passes", "interval_lm_loss")},
+            "reference_finite": reference["finite"],
+            "param_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(run["params"], reference["params"])),
+            "moved": any(not torch.equal(a, b) for a, b in zip(run["params"], run["start"]))}
+    return report
+
+
 def main(report_path: str):
     from megatron_eve import distributed
     from megatron_eve.config import ParallelConfig
@@ -285,7 +349,8 @@ def main(report_path: str):
     parallel = ParallelConfig()
     distributed.initialize(parallel)
     cfg = tiny_config(changes={"aligner.enabled": False})
-    report = {"cross_entropy": fused_cross_entropy_report(cfg, parallel), "clipping": clipping_report(cfg, parallel)}
+    report = {"cross_entropy": fused_cross_entropy_report(cfg, parallel), "clipping": clipping_report(cfg, parallel),
+              "device_skip": device_skip_report(cfg, parallel)}
     with open(report_path, "w") as out:
         json.dump(report, out)
     distributed.destroy()

@@ -26,15 +26,18 @@ def test_one_collective_per_iteration_agrees_on_every_rank():
     assert r["dp_last"] == {"lm loss": 2.5, "align loss": 3.5}
     assert r["dp_nan_grad_flags"]["finite"] is False
     assert r["dp_inf_loss_flags"]["finite"] is False
-    # The two non-finite iterations leave the losses alone but their work still counts.
+    assert r["dp_pending_nan"] == {"nonfinite": 1.0, "finite": False, "sigterm": False, "over_time": False}
+    assert r["dp_pending_ok"] == {"nonfinite": 0.0, "finite": True, "sigterm": False, "over_time": False}
+    # The four non-finite iterations (the last one dropped after its reduction) leave the losses
+    # alone but their work still counts.
     assert r["dp_interval"]["losses"] == {"lm loss": 2.5, "align loss": 3.5}
-    assert r["dp_interval"]["iterations"] == 3
-    assert r["dp_interval"]["real_tokens"] == 3 * (10 + 20) and r["dp_interval"]["samples"] == 3 * 4
-    assert r["dp_interval"]["flops"] == 6e15
+    assert r["dp_interval"]["iterations"] == 5
+    assert r["dp_interval"]["real_tokens"] == 5 * (10 + 20) and r["dp_interval"]["samples"] == 5 * 4
+    assert r["dp_interval"]["flops"] == 10e15
     assert r["dp_after_read"] == 0
     assert r["tp_interval"] == {"losses": {"lm loss": 2.0, "align loss": 0.5}, "real_tokens": 10}
     assert math.isnan(r["eval_nan"])
-    assert r["collectives"] == 5 and r["collective_devices"] == ["cpu"]
+    assert r["collectives"] == 7 and r["collective_devices"] == ["cpu"]
 
 
 def test_flops_of_a_micro_batch_count_frozen_matmuls_twice_and_the_pel_global_keys():

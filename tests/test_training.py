@@ -282,10 +282,13 @@ def test_interleaved_pipeline_trains_and_checkpoints_like_the_plain_pipeline(dat
             assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs)), (iteration, run[iteration], plain[iteration])
 
 
-def test_a_streak_of_non_finite_iterations_stops_without_saving(data, tmp_path):
+@pytest.mark.parametrize("clip_grad", [0, 1.0], ids=["flags-read-before-the-step", "skipped-on-the-device"])
+def test_a_streak_of_non_finite_iterations_stops_without_saving(data, tmp_path, clip_grad):
     """An absurd learning rate breaks the weights after one update: every later iteration is
-    non-finite, skipped and not saved, and the streak ends the run with exit 1."""
-    args = base_args(data, "pretrain") + ["--train-iters", 10, "--lr", "1e20", "--clip-grad", 0, "--save",
+    non-finite, skipped and not saved, and the streak ends the run with exit 1. Without clipping the
+    flags are read before the step, which is not taken; with it (fused AdamW), the AdamW skips on
+    the device and the flags are read after."""
+    args = base_args(data, "pretrain") + ["--train-iters", 10, "--lr", "1e20", "--clip-grad", clip_grad, "--save",
                                           tmp_path / "ck", "--save-interval", 1, "--max-consecutive-nan-iterations", 2]
     proc = launch(args, nproc=1)
     out, _ = proc.communicate(timeout=300)

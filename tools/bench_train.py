@@ -4,7 +4,7 @@
 ours:      EVE on megatron-core (this repo's layer spec: Transformer Engine, or torch's fused
            attention kernels, or the local path), packed sequences, bf16, megatron-core DDP and
            Adam, one GPU; each step as the trainer takes it (its check that the losses and
-           gradients are finite, with the step's one host read, included).
+           gradients are finite and its host reads included).
 --baseline hf: the same model in Hugging Face transformers (modeling_eve: LlamaForCausalLM with
            SDPA) on pad-to-longest micro-batches of the same samples, in random order and
            length-grouped (HF's group_by_length, as LLaVA's SFT samples), pure bf16 with torch's fused
@@ -59,6 +59,8 @@ LEVERS = {"grad-accumulation-fusion": ({"gradient_accumulation_fusion": (True, F
                                     "cross_entropy_fusion_impl": ("native", "torch")}, False),
           # varlen's flash kernels called directly, without its custom-op wrapper's host work.
           "aten-flash-attention": ({"attention_backend": ("aten-flash", "auto")}, False),
+          # liger-kernel's Triton RMSNorm (forward and backward) instead of torch's fused one.
+          "liger-rmsnorm": ({"norm_kernel": ("liger", "torch")}, False),
           "compile-layers": ({"torch_compile_layers": (True, False)}, False),
           # Compiled with the weight-gradient accumulation unfused: the fused one mutates the main grads
           # inside the linears' backward, which splits each layer's graph at every linear (model/compile_layers.py).
@@ -136,6 +138,7 @@ def run_ours(args, model_cfg, samples, setting: Setting):
     from megatron_eve.training.metrics import BatchWork, micro_batch_work
     from megatron_eve.training.optim import build_optimizer, use_fused_torch_adam, wrap_model
     from megatron_eve.training.step import forward_step
+    from megatron_eve.training.update import reduce_and_update
     from megatron_eve.config import OptimConfig, ParallelConfig, ScheduleConfig, TrainingJob
 
     runtime, per = setting.runtime, setting.micro_batch_size
@@ -175,11 +178,10 @@ def run_ours(args, model_cfg, samples, setting: Setting):
         inputs = (model_inputs(r, model_cfg.vision, device, dtype=runtime.params_dtype, thd=thd) for r in chunk)
         losses = fb(forward_step_func=step, data_iterator=inputs, model=[ddp], num_microbatches=len(chunk),
                     seq_length=args.seq_length, micro_batch_size=per, forward_only=False)
-        # What the trainer does between backward and update (training/loop.py): its one host read a step,
-        # whether the losses and gradients are finite (a pass over the grad buffers), then the update.
-        if not stats.reduce(losses, [buffer.grad_data for buffer in ddp.buffers])["finite"]:
+        # What the trainer does between backward and update (training/loop.py): the all-ranks flags
+        # (whether the losses and gradients are finite) and the update they allow.
+        if not reduce_and_update(optimizer, stats, losses, [buffer.grad_data for buffer in ddp.buffers]).finite:
             raise RuntimeError("a non-finite loss or gradient in the benchmark")
-        optimizer.step()
         return chunk
 
     chunks, seconds = timed_steps(train_step, args.warmup, args.steps)
@@ -242,10 +244,11 @@ def main():
                         help="before the levers, time ours again at each of these depths (same width and "
                              "batches): a deeper model puts less weight on the LM head, embedding and optimizer")
     parser.add_argument("--also-micro-batches", nargs="+", type=int, default=[], metavar="N",
-                        help="after --also-layers, time ours with N micro-batches a step at --layers and each "
-                             "--also-layers depth (as many micro-batches in all as the main run, at least 3 steps): "
-                             "the optimizer's step spread over more tokens, as a larger global batch (or the "
-                             "distributed optimizer's sharding over data-parallel ranks) does")
+                        help="before --also-layers, time ours with N micro-batches a step at each depth, the "
+                             "deepest first (as many micro-batches in all as the main run, at least 3 steps): the "
+                             "optimizer's step spread over more tokens, as a larger global batch (or the "
+                             "distributed optimizer's sharding over data-parallel ranks) does; 16 rows of 4096 "
+                             "hold about EVE's SFT global batch (128 samples of ~514 positions)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing, profile two of our steps into DIR/profile.txt (top kernels, "
                              "host ops, GPU busy share, host synchronisations per step)")
@@ -358,12 +361,14 @@ def main():
             print(f"  {name}: failed: {figures[key]['error']}")
             save()
 
-    for layers in args.also_layers:
-        at_depth(layers, setting, f"ours_{layers}_layers", f"megatron_eve at {layers} layers")
+    # The deepest model with the most micro-batches a step first: the figure nearest a full model's
+    # training, which a time limit must not cut.
     for count in args.also_micro_batches:
-        for layers in [args.layers, *args.also_layers]:
+        for layers in sorted({args.layers, *args.also_layers}, reverse=True):
             at_depth(layers, setting, f"ours_{layers}_layers_{count}_micro_batches",
                      f"megatron_eve at {layers} layers, {count} micro-batches a step", micro_batches=count)
+    for layers in args.also_layers:
+        at_depth(layers, setting, f"ours_{layers}_layers", f"megatron_eve at {layers} layers")
     # Each variant runs between two runs of ours and is compared with their mean: the runs' order
     # (allocator and compile caches warm, clocks) then cancels instead of landing on one lever.
     ours_runs = [ours]

@@ -1,29 +1,35 @@
 #!/usr/bin/env bash
 # One command for a fresh GPU machine that has torch but no network (see README, "GPU tier"):
-#   bash tools/gpu_check.sh WHEEL_DIR OUT_DIR
+#   bash tools/gpu_check.sh WHEEL_DIR OUT_DIR [all|bench|tier]
 # 1. installs the wheels in WHEEL_DIR whose packages are missing here (megatron-core at least),
 #    into a private folder put first on PYTHONPATH: nothing already installed is replaced;
-# 2. runs tools/bench_train.py with its HF baseline (length-grouped: the faster one; random order was
-#    measured beside it, README), ours at 8 layers, at 4 and 8 with 16 micro-batches a step (the
-#    optimizer's share of a larger global batch), the default LM-loss fusion turned off (--ablate
-#    torch-cross-entropy: what the default is worth), the flash kernels without varlen_attn's wrapper
-#    (--try aten-flash-attention; the regional compiles are left out: 0.50x and 0.93x on an H100, the
-#    linears' frames recompiling per shape) and those tried that pay, together at 4 and 8 layers and
-#    at 8 with 16 micro-batches a step (--combine); the GPU test tier (pytest -m gpu tests/gpu, the
-#    trainer's tests first); tools/bench_pel.py (the PEL's flat path vs per-shape, and given the loader's
-#    plan); in that order, what matters most first;
+# 2. bench: tools/bench_train.py with its HF baseline (length-grouped: the faster one; random order was
+#    measured beside it, README), ours with 16 micro-batches a step (about EVE's SFT global batch on one
+#    GPU) at 16, 12, 8 and 4 layers, deepest first, then at 8, 12 and 16 layers with the main run's 4,
+#    then liger-kernel's RMSNorm between two runs of ours (--try liger-rmsnorm: put liger-kernel's wheel
+#    in WHEEL_DIR; the other levers' gains were measured in earlier calls: README); then
+#    tools/bench_pel.py (the PEL's flat path vs per-shape, and given the loader's plan);
+#    tier: the GPU test tier (pytest -m gpu tests/gpu, the trainer's tests first);
+#    all (the default): both, in that order, what matters most first;
 # 3. writes into OUT_DIR eight files, as many as a device call brings back: env.txt, gpu_tests.log,
 #    bench.log, bench.json, profile.txt, pel.log, pel.json and summary.json (tests passed / failed with
 #    the failing tests' names, read from the tier's JUnit XML kept outside OUT_DIR; tokens/s, TFLOP/s,
 #    MFU, peak memory, speed-up; the PEL figures under "pel_bench").
-# Each step has a time limit (235 + 325 + 20 s; on an H100 the bench took 100-156 s with nine to twelve
-# runs, the PEL 14 s, the tier 262 s before its recipe and sync tests) so that the whole check ends within
-# a 10-minute device call even when every step runs to its limit; bench.json is written after every
-# figure, so a step stopped at its limit keeps what it measured.
-# Overrides: TIER_TIMEOUT, BENCH_TIMEOUT, PEL_TIMEOUT (seconds; 0 skips the step: a rerun of one part),
-# TIER_ARGS (extra pytest args), BENCH_ARGS, PEL_ARGS.
+# A device call runs 10 minutes at most, and on an H100 the bench with its deeper runs and the tier
+# (~6.5 min, 24 tests) do not fit in one: run `bench` and then `tier`, two calls on the warm machine
+# (limits 330 + 20 s, and 480 s). `all` keeps one call's limits (235 + 325 + 20 s), so its bench and
+# tier may be cut; bench.json is written after every figure, so a step stopped at its limit keeps
+# what it measured, and the tier's log names the test it stopped in.
+# Overrides: TIER_TIMEOUT, BENCH_TIMEOUT, PEL_TIMEOUT (seconds; 0 skips the step), TIER_ARGS (extra
+# pytest args), BENCH_ARGS, PEL_ARGS.
 set -uo pipefail
-[ $# -eq 2 ] || { echo "usage: bash tools/gpu_check.sh WHEEL_DIR OUT_DIR" >&2; exit 2; }
+[ $# -eq 2 ] || [ $# -eq 3 ] || { echo "usage: bash tools/gpu_check.sh WHEEL_DIR OUT_DIR [all|bench|tier]" >&2; exit 2; }
+case "${3:-all}" in
+  all)   limits=(235 325 20) ;;
+  bench) limits=(330 0 20) ;;
+  tier)  limits=(0 480 0) ;;
+  *) echo "unknown part ${3}: all, bench or tier" >&2; exit 2 ;;
+esac
 WHEELS=$(cd "$1" && pwd) || { echo "no wheel folder $1" >&2; exit 2; }
 mkdir -p "$2" && OUT=$(cd "$2" && pwd)
 cd "$(dirname "$0")/.."
@@ -66,18 +72,17 @@ step() {
 
 bench_start=$(date +%s)
 # shellcheck disable=SC2086
-step "${BENCH_TIMEOUT:-235}" "$OUT/bench.log" "$PYTHON" tools/bench_train.py \
-  ${BENCH_ARGS:---layers 4 --seq-length 4096 --steps 10 --baseline hf --hf-order length-grouped --also-layers 8 \
-  --also-micro-batches 16 \
-  --ablate torch-cross-entropy --try aten-flash-attention --combine} \
+step "${BENCH_TIMEOUT:-${limits[0]}}" "$OUT/bench.log" "$PYTHON" tools/bench_train.py \
+  ${BENCH_ARGS:---layers 4 --seq-length 4096 --steps 10 --baseline hf --hf-order length-grouped \
+  --also-micro-batches 16 --also-layers 8 12 16 --try liger-rmsnorm} \
   --json "$OUT/bench.json" --profile "$OUT"
 bench_rc=$?
 bench_seconds=$(( $(date +%s) - bench_start ))
 
 tier_start=$(date +%s)
 # shellcheck disable=SC2086
-step "${TIER_TIMEOUT:-325}" "$OUT/gpu_tests.log" "$PYTHON" -m pytest -m gpu tests/gpu -v -rfEs -p no:cacheprovider \
-  --junitxml="$JUNIT" ${TIER_ARGS:-}
+step "${TIER_TIMEOUT:-${limits[1]}}" "$OUT/gpu_tests.log" "$PYTHON" -m pytest -m gpu tests/gpu -v -rfEs -p no:cacheprovider \
+  --durations=0 --junitxml="$JUNIT" ${TIER_ARGS:-}
 tier_rc=$?
 tier_seconds=$(( $(date +%s) - tier_start ))
 
@@ -85,7 +90,7 @@ pel_start=$(date +%s)
 # EVE-7B's PEL (width 1024, 672 px), 2 micro-batches of 24 crops, 5 timed steps: 13 s on an H100
 # (the CPU path is skipped: too slow at this width).
 # shellcheck disable=SC2086
-step "${PEL_TIMEOUT:-20}" "$OUT/pel.log" "$PYTHON" tools/bench_pel.py \
+step "${PEL_TIMEOUT:-${limits[2]}}" "$OUT/pel.log" "$PYTHON" tools/bench_pel.py \
   ${PEL_ARGS:---devices cuda --images 24 --batches 2 --steps 5} --json "$OUT/pel.json"
 pel_rc=$?
 pel_seconds=$(( $(date +%s) - pel_start ))

@@ -8,7 +8,10 @@ the model, the schedule and the checkpoint options.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import List
+
+import torch
 
 from megatron_eve.config.job import TrainingJob
 from megatron_eve.config.model import ConfigError, EVEModelConfig
@@ -158,6 +161,14 @@ def _kernel_problems(runtime: RuntimeConfig) -> List[str]:
     if runtime.lm_loss_fusion and runtime.cross_entropy_fusion_impl == "te" and impl != "transformer_engine":
         problems.append("--cross-entropy-fusion-impl te needs Transformer Engine (--transformer-impl "
                         f"transformer_engine; here: {impl}): use --cross-entropy-fusion-impl native")
+    if runtime.norm_kernel == "liger":
+        if impl == "transformer_engine":
+            problems.append("--norm-kernel liger applies to --transformer-impl torch or local (Transformer Engine "
+                            "brings its own norm)")
+        elif not torch.cuda.is_available():
+            problems.append("--norm-kernel liger needs a CUDA device (liger-kernel's Triton kernels)")
+        elif importlib.util.find_spec("liger_kernel") is None:
+            problems.append("--norm-kernel liger needs the liger-kernel package: pip install liger-kernel")
     backend = runtime.attention_backend
     if backend != "auto" and impl != "torch":
         problems.append(f"--attention-backend {backend} only applies to --transformer-impl torch (here: {impl})")

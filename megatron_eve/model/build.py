@@ -35,6 +35,7 @@ def build_model(
         transformer_impl=impl,
         attention_backend=runtime.attention_backend,
         rope_fusion=runtime.apply_rope_fusion,
+        norm_kernel=runtime.norm_kernel,
         torch_cross_entropy=runtime.torch_cross_entropy,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=not interleaved, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=not interleaved, vp_stage=vp_stage),

@@ -54,6 +54,7 @@ class EVEModel(LanguageModule):
         transformer_impl: str = "auto",
         attention_backend: str = "auto",
         rope_fusion: bool = True,
+        norm_kernel: str = "torch",
         torch_cross_entropy: bool = False,
         pre_process: bool = True,
         post_process: bool = True,
@@ -98,7 +99,8 @@ class EVEModel(LanguageModule):
         )
         self.decoder = TransformerBlock(
             config=transformer_config,
-            spec=decoder_block_spec(transformer_config, transformer_impl, vp_stage, attention_backend, rope_fusion),
+            spec=decoder_block_spec(transformer_config, transformer_impl, vp_stage, attention_backend, rope_fusion,
+                                    norm_kernel),
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,

@@ -58,10 +58,27 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+class LigerRMSNorm(RMSNorm):
+    """RMSNorm through liger-kernel's Triton kernels (CUDA): the inverse RMS in fp32, the normalised
+    input cast back to the input's dtype before the weight multiplies it, as HF's LlamaRMSNorm
+    computes. The weight's gradient is summed in fp32. The backward pass writes the input's gradient
+    over the output's (in place): a norm's output feeds one linear layer here, whose input gradient
+    no other node reads. Same parameter and state-dict keys as RMSNorm."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        return LigerRMSNormFunction.apply(hidden_states, self.weight, self.eps, 0.0, "llama", True)
+
+
+NORMS = {"torch": RMSNorm, "liger": LigerRMSNorm}
+
+
 def decoder_block_spec(config, impl: str, vp_stage: Optional[int] = None, attention_backend: str = "auto",
-                       rope_fusion: bool = True):
+                       rope_fusion: bool = True, norm_kernel: str = "torch"):
     """Block spec of this stage's Llama decoder layers (RMSNorm, SwiGLU, RoPE self-attention)
-    and the final norm; attention_backend and rope_fusion choose the torch impl's kernels."""
+    and the final norm; attention_backend and rope_fusion choose the torch impl's kernels,
+    norm_kernel the torch and local impls' RMSNorm."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -76,10 +93,9 @@ def decoder_block_spec(config, impl: str, vp_stage: Optional[int] = None, attent
 
         layer, final_norm = get_gpt_layer_with_transformer_engine_spec(), TENorm
     else:
+        norm = NORMS[norm_kernel]
         layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-        layer.submodules = dataclasses.replace(
-            layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm
-        )
+        layer.submodules = dataclasses.replace(layer.submodules, input_layernorm=norm, pre_mlp_layernorm=norm)
         if resolve_transformer_impl(impl) == "torch":
             from megatron_eve.model.attention import torch_attention
 
@@ -87,6 +103,6 @@ def decoder_block_spec(config, impl: str, vp_stage: Optional[int] = None, attent
             attention.submodules = dataclasses.replace(
                 attention.submodules, core_attention=torch_attention(attention_backend, rope_fusion)
             )
-        final_norm = RMSNorm
+        final_norm = norm
     layers = get_num_layers_to_build(config, vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=final_norm)

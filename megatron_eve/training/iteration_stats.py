@@ -6,8 +6,9 @@ last pipeline stage) and the work done (tokens, samples, images, FLOPs over data
 replicas). Every rank writes its share into one float64 vector on its own device, zero where
 another rank counts a quantity, so that a single SUM all-reduce over the default group (NCCL on
 GPU, gloo on CPU) yields each quantity exactly once. The host reads the three flags once per
-iteration, since skipping the update depends on them; losses and work accumulate on the device
-and are read once per log interval.
+iteration (the loop's decisions depend on them), from a copy made as soon as the all-reduce is done,
+so a read after the optimizer step's own wait costs nothing; losses and work accumulate on the
+device and are read once per log interval.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ class IterationStats:
     def reduce(self, losses: Sequence[Dict[str, torch.Tensor]], grad_buffers: Sequence[torch.Tensor] = (),
                work: Optional[BatchWork] = None, sigterm: bool = False, over_time: bool = False) -> Dict[str, bool]:
         """One all-reduce of this iteration's vector; returns the flags (the one host read)."""
+        return self.launch(losses, grad_buffers, work, sigterm, over_time).read()
+
+    def launch(self, losses: Sequence[Dict[str, torch.Tensor]], grad_buffers: Sequence[torch.Tensor] = (),
+               work: Optional[BatchWork] = None, sigterm: bool = False, over_time: bool = False) -> "PendingFlags":
+        """The all-reduce of this iteration's vector, without waiting for it: the flags come with
+        `PendingFlags.read`, the device's non-finite flag at once (`PendingFlags.nonfinite`)."""
         host = [0.0] * SIZE
         host[SIGTERM], host[OVER_TIME] = float(sigterm), float(over_time)
         if self.counts_work and work is not None:
@@ -82,11 +89,20 @@ class IterationStats:
                 vector[LOSS_SUMS] += stacked.sum(0).to(torch.float64)
         vector[NONFINITE] += bad
         dist.all_reduce(vector)  # the default group: every rank of the job
-        nonfinite, sigterm_any, over_time_any = vector[:3].tolist()
-        self.total += torch.where(self._keep[nonfinite == 0], vector, 0.0)  # inf * 0 would be NaN
+        finite = vector[NONFINITE] == 0
+        # inf * 0 would be NaN: entries left out are selected away, not multiplied.
+        self.total += torch.where(torch.where(finite, self._keep[True], self._keep[False]), vector, 0.0)
         self.iterations += 1
         self.last = vector
-        return {"finite": nonfinite == 0, "sigterm": sigterm_any > 0, "over_time": over_time_any > 0}
+        return PendingFlags(vector)
+
+    def drop_last_losses(self) -> None:
+        """The last iteration turned out non-finite after its losses were counted (its gradients'
+        norm, known later): leave its losses out of the interval, as a non-finite flag would have."""
+        if self.last is not None:
+            finite = self.last[NONFINITE] == 0
+            counted = torch.where(finite, self._keep[True], self._keep[False])
+            self.total -= torch.where(counted & ~self._keep[False], self.last, 0.0)
 
     def last_losses(self) -> Dict[str, float]:
         """This iteration's mean losses (a host read: for messages on the rare paths)."""
@@ -110,3 +126,25 @@ def _losses(values: List[float]) -> Dict[str, float]:
     count = values[LOSS_COUNT]
     sums = values[LOSS_SUMS]
     return {key: (sums[i] / count if count else float("nan")) for i, key in enumerate(LOSS_KEYS)}
+
+
+class PendingFlags:
+    """An iteration's reduced flags on their way to the host: copied into pinned memory right after the
+    all-reduce, with an event behind the copy, so that `read` waits for that point of the stream only
+    (not for the work queued after it, such as the optimizer step)."""
+
+    def __init__(self, vector: torch.Tensor):
+        self.nonfinite = (vector[NONFINITE] > 0).float()  # 1.0 where some rank saw one: on the device
+        if vector.device.type == "cuda":
+            self._host = torch.empty(3, dtype=vector.dtype, pin_memory=True)
+            self._host.copy_(vector[:3], non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host, self._ready = vector[:3].clone(), None
+
+    def read(self) -> Dict[str, bool]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        nonfinite, sigterm_any, over_time_any = self._host.tolist()
+        return {"finite": nonfinite == 0, "sigterm": sigterm_any > 0, "over_time": over_time_any > 0}

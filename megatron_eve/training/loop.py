@@ -34,6 +34,7 @@ from megatron_eve.training.metrics import (
     peak_tflops,
 )
 from megatron_eve.training.optim import build_optimizer, build_scheduler, wrap_model_chunks
+from megatron_eve.training.update import reduce_and_update
 from megatron_eve.training.stages import apply_stage
 from megatron_eve.training.step import forward_step
 
@@ -294,14 +295,14 @@ def run(job: TrainingJob) -> int:
         losses = fb(forward_step_func=step, data_iterator=train_iterators, model=ddp,
                     num_microbatches=num_microbatches, seq_length=job.data.seq_length,
                     micro_batch_size=s.micro_batch_size, forward_only=False)
-        flags = stats.reduce(
-            losses, [b.grad_data for c in ddp for b in c.buffers + c.expert_parallel_buffers], train_batches.work,
-            sigterm=catcher.caught,
+        update = reduce_and_update(
+            optimizer, stats, losses, [b.grad_data for c in ddp for b in c.buffers + c.expert_parallel_buffers],
+            train_batches.work, sigterm=catcher.caught,
             over_time=bool(ck.exit_duration_in_mins) and (time.time() - started) / 60 > ck.exit_duration_in_mins)
-        nan_streak = 0 if flags["finite"] else nan_streak + 1
-        if flags["finite"]:
-            updated, grad_norm, _ = optimizer.step()
-            if updated:
+        nan_streak = 0 if update.finite else nan_streak + 1
+        if update.finite:
+            grad_norm = update.grad_norm
+            if update.updated:
                 scheduler.step(increment=s.global_batch_size)
             else:
                 state.skipped_iterations += 1  # fp16 loss-scale overflow
@@ -323,7 +324,7 @@ def run(job: TrainingJob) -> int:
                 break
         state.iteration += 1
         state.consumed_samples += s.global_batch_size
-        interval_seconds += time.time() - tick  # the flags' read above waited for this iteration's work
+        interval_seconds += time.time() - tick  # the update above waited for this iteration's gradients
 
         if state.iteration % log.log_interval == 0 or state.iteration in (first_iteration + 1, s.iterations):
             interval = stats.read_interval()
@@ -352,11 +353,11 @@ def run(job: TrainingJob) -> int:
             checkpoint.save(job, ddp, optimizer, scheduler, state)
             saved = True
         stop = None
-        if flags["sigterm"]:
+        if update.sigterm:
             stop = "SIGTERM"
         elif ck.exit_interval and state.iteration % ck.exit_interval == 0:
             stop = "--exit-interval"
-        elif flags["over_time"]:
+        elif update.over_time:
             stop = "--exit-duration-in-mins"
         if stop:
             if ck.save and not saved and not nan_streak:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import weakref
 from typing import Dict, List, Optional
 
@@ -117,26 +118,65 @@ def _clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=Fal
     torch AdamW steps exactly these parameters next, the scale goes into its pass instead: torch's
     fused kernel divides each gradient by the optimizer's `grad_scale` as it reads it and writes it
     back scaled, so the gradients' second read and those launches go. Same clip coefficient as
-    megatron-core, from the same total norm."""
+    megatron-core, from the same total norm. An AdamW armed by arm_update_skip also learns here
+    whether the norm is finite: a NaN or Inf anywhere in the gradients makes the norm so."""
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
     parameters = list(parameters)
     adam = None if use_decoupled_grad or isinstance(total_norm, torch.Tensor) else _fused_adam_of_exactly(parameters)
     if adam is None:
         return clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad)
+    if adam.found_inf is not None:
+        if not math.isfinite(total_norm):
+            adam.found_inf = torch.ones_like(adam.found_inf)
+        adam.norm_checked = True
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     adam.grad_scale = (torch.full((), 1.0 / clip_coeff, dtype=torch.float32, device=parameters[0].device)
                        if clip_coeff < 1.0 else None)
 
 
-def _forget_grad_scale(adam, args, kwargs) -> None:
-    adam.grad_scale = None  # one step's clip only
+def _check_armed(adam, args, kwargs) -> None:
+    if adam.found_inf is not None and not adam.norm_checked:
+        raise RuntimeError("an AdamW armed to skip a non-finite update on the device stepped without its "
+                           "gradients' norm being checked (megatron-core clipped it some other way)")
+
+
+def _forget_step_inputs(adam, args, kwargs) -> None:
+    adam.grad_scale = adam.found_inf = None  # one step's clip and skip only
+    adam.norm_checked = False
 
 
 def clip_inside_fused_adam() -> None:
     """megatron-core's optimizers clip through _clip_by_total_norm (it falls back to megatron-core's own
     clipping for any optimizer use_fused_torch_adam did not register)."""
     importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = _clip_by_total_norm
+
+
+def _parts(optimizer) -> List:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def skips_updates_on_the_device(optimizer) -> bool:
+    """Whether optimizer.step() can leave the weights alone by itself when the step's losses or
+    gradients are not finite, so that no host read has to decide before it: every part is a
+    torch AdamW taking torch's fused kernel (it skips on the device, given a found_inf flag, and
+    restores its step counts), clips (the total norm it computes then tells whether every gradient
+    is finite: _clip_by_total_norm) and has no loss scaler (fp16 finds its overflows itself)."""
+    parts = [part for part in _parts(optimizer) if not getattr(part, "is_stub_optimizer", False)]
+    return bool(parts) and all(
+        part.config.clip_grad > 0.0 and getattr(part, "grad_scaler", None) is None
+        and not part.config.use_precision_aware_optimizer
+        and isinstance(getattr(part, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))
+        and hasattr(part.optimizer, "found_inf")
+        and all(group.get("fused") for group in part.optimizer.param_groups) for part in parts)
+
+
+def arm_update_skip(optimizer, nonfinite: torch.Tensor) -> None:
+    """The next optimizer.step() skips its update on the device when `nonfinite` (a float32 device
+    flag: some rank's loss) is 1 or the gradients' norm is not finite (skips_updates_on_the_device
+    must hold)."""
+    for adam in _torch_adams(optimizer):
+        adam.found_inf, adam.norm_checked = nonfinite.to(torch.float32).reshape(()), False
 
 
 def torch_adam_state_made(optimizer) -> None:
@@ -179,8 +219,10 @@ def use_fused_torch_adam(optimizer, fused: bool = True) -> None:
         for group in adam.param_groups:
             group.update(fused=fused, foreach=not fused)
         if fused and not hasattr(adam, "grad_scale"):
-            adam.grad_scale = None
-            adam.register_step_post_hook(_forget_grad_scale)
+            adam.grad_scale = adam.found_inf = None
+            adam.norm_checked = False
+            adam.register_step_pre_hook(_check_armed)
+            adam.register_step_post_hook(_forget_step_inputs)
         for param in params:
             if fused:
                 _FUSED_ADAM_OF[param] = weakref.ref(adam)

@@ -16,18 +16,26 @@ from tests.helpers import ROOT, child_environment
 pytestmark = pytest.mark.gpu
 
 
-def forward(tmp_path, teacher, name: str, cuda: bool, impl: str):
-    out = tmp_path / f"{name}.pt"
+def forward(tmp_path, teacher, name: str, cuda: bool, impl: str, *extra: str) -> subprocess.Popen:
+    """The forward worker started: the CPU and GPU runs go side by side (64 s one after the other on
+    an H100 machine, mostly imports), the second loading the weights the first writes."""
     cmd = [sys.executable, str(ROOT / "tests" / "parallel" / "forward_worker.py"), "--weights",
-           str(tmp_path / "weights"), "--teacher", teacher, "--out", str(out), "--transformer-impl", impl]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_environment(cuda), cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=True)
+           str(tmp_path / "weights"), "--teacher", teacher, "--out", str(tmp_path / f"{name}.pt"),
+           "--transformer-impl", impl, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_environment(cuda), cwd=ROOT)
+
+
+def result(tmp_path, name: str, proc: subprocess.Popen):
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    return torch.load(tmp_path / f"{name}.pt", weights_only=True)
 
 
 def test_fp32_forward_on_gpu_equals_cpu(tmp_path, device, on_gpu, teacher_path):
-    cpu = forward(tmp_path, teacher_path, "cpu", cuda=False, impl="local")
-    gpu = forward(tmp_path, teacher_path, "gpu", cuda=on_gpu, impl="auto")  # torch kernels on CUDA
+    cpu_run = forward(tmp_path, teacher_path, "cpu", cuda=False, impl="local")
+    gpu_run = forward(tmp_path, teacher_path, "gpu", on_gpu, "auto", "--wait-for-weights")  # torch kernels on CUDA
+    cpu, gpu = result(tmp_path, "cpu", cpu_run), result(tmp_path, "gpu", gpu_run)
     assert len(cpu["logits"]) == len(gpu["logits"]) == 4
     for ours, theirs in zip(gpu["logits"], cpu["logits"]):
         assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())

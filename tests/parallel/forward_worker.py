@@ -1,10 +1,12 @@
 """One process: the tiny EVE model's fp32 outputs on this machine's device (CPU when CUDA is
-hidden), on weights created by the first run and loaded by the next (launched by
+hidden), on weights created by the first run and loaded by the next (the two may run side by side:
+the next one, given --wait-for-weights, waits for the first's marker). Launched by
 tests/gpu/test_gpu_model.py). Saves eval-mode logits and training-mode losses (LM per token, align)
 of padded and packed micro-batches with images, to compare across devices."""
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -16,6 +18,8 @@ def main():
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--transformer-impl", default="auto")
+    parser.add_argument("--wait-for-weights", action="store_true",
+                        help="load the weights another run is writing, once its marker (WEIGHTS.ready) exists")
     args = parser.parse_args()
 
     import torch
@@ -35,11 +39,18 @@ def main():
     model = build_model(cfg, ParallelConfig(), RuntimeConfig(transformer_impl=args.transformer_impl,
                                                              use_cpu_initialization=True))
     weights = Path(args.weights)
+    ready = weights.with_name(weights.name + ".ready")
+    deadline = time.time() + 240
+    while args.wait_for_weights and not ready.exists():
+        if time.time() > deadline:
+            raise SystemExit(f"no {ready} after 240 s")
+        time.sleep(0.2)
     if weights.exists():
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(weights)), strict=True)
     else:
         weights.mkdir(parents=True)
         dist_checkpointing.save(model.sharded_state_dict(), str(weights))
+        ready.touch()
 
     device = current_device()
     batches = micro_batches(cfg)

@@ -1,6 +1,6 @@
 """Two gloo processes: IterationStats' one collective per iteration gives every rank the same flags,
 losses counted once per data-parallel replica, work summed over replicas, and an interval mean
-that leaves out the losses of a skipped (non-finite) iteration. Rank 0 prints one JSON."""
+that leaves out the losses of a skipped (non-finite) iteration, also when known after the reduction. Rank 0 prints one JSON."""
 
 import json
 import sys
@@ -44,6 +44,13 @@ def main():
     bad_grad = [torch.ones(4), torch.tensor([1.0, float("nan")])] if rank == 1 else ok
     results["dp_nan_grad_flags"] = stats.reduce([micro(100.0, 100.0)], bad_grad, work)
     results["dp_inf_loss_flags"] = stats.reduce([micro(float("inf") if rank == 0 else 1.0, 0.0)], ok, work)
+    # Launched, read later: a NaN loss on rank 1 only is every rank's device flag; finite losses whose
+    # gradients turn out non-finite afterwards (their norm) are dropped from the interval.
+    pending = stats.launch([micro(float("nan") if rank == 1 else 1.0, 0.0)], (), work)
+    results["dp_pending_nan"] = {"nonfinite": float(pending.nonfinite), **pending.read()}
+    pending = stats.launch([micro(50.0, 50.0)], (), work)
+    results["dp_pending_ok"] = {"nonfinite": float(pending.nonfinite), **pending.read()}
+    stats.drop_last_losses()
     interval = stats.read_interval()
     results["dp_interval"] = {"losses": interval.losses, "iterations": interval.iterations,
                               "real_tokens": interval.work.real_tokens, "samples": interval.work.samples,

@@ -1,0 +1,66 @@
+"""liger-kernel's RMSNorm (--norm-kernel liger, model/specs.py LigerRMSNorm) on the device.
+
+At EVE-7B's width over one packed row (4096 tokens x 4096, bf16, the weight bf16 as under Float16Module):
+- the output within two bf16 rounding steps of HF LlamaRMSNorm's arithmetic (inverse RMS in fp32, the
+  normalised input cast to bf16, then times the weight);
+- in a pre-norm residual block, x + norm(x) @ W^T (the norm's output feeding one linear, as in a
+  decoder layer), the gradients of x, the norm weight and W no further from the block's fp64 autograd
+  than those through torch's RMSNorm (the default) are, up to 2x and one bf16 step: its backward
+  writes the input's gradient over the output's, in place, and this block shows that is safe here.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_eve.model.specs import LigerRMSNorm, RMSNorm
+
+pytestmark = pytest.mark.gpu
+EPS = 1e-5
+
+
+def llama_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """HF LlamaRMSNorm's order of operations."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + EPS)).to(x.dtype)
+
+
+def block_gradients(x, norm_weight, linear_weight, grad, norm):
+    x, norm_weight, linear_weight = (t.detach().clone().requires_grad_() for t in (x, norm_weight, linear_weight))
+    out = x + norm(x, norm_weight) @ linear_weight.t()
+    (out.float() * grad).sum().backward()
+    return [t.grad.float() for t in (x, norm_weight, linear_weight)]
+
+
+def module_norm(cls):
+    """The module's own forward, its weight the block's leaf tensor (so its gradient lands there)."""
+    def apply(x, weight):
+        return cls.forward(SimpleNamespace(weight=weight, eps=EPS, normalized_shape=(x.shape[-1],)), x)
+
+    return apply
+
+
+def test_liger_rms_norm_matches_llama_and_its_gradients_are_safe_in_a_block(device, on_gpu):
+    if not on_gpu:
+        pytest.skip("liger-kernel's Triton kernels need CUDA")
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (tools/gpu_check.sh carries its wheel)")
+    generator = torch.Generator(device=device).manual_seed(0)
+    tokens, hidden = 4096, 4096
+    x = torch.randn(tokens, 1, hidden, device=device, generator=generator).bfloat16()
+    norm_weight = (1 + 0.1 * torch.randn(hidden, device=device, generator=generator)).bfloat16()
+    linear_weight = (torch.randn(hidden, hidden, device=device, generator=generator) / hidden**0.5).bfloat16()
+    grad = torch.randn(tokens, 1, hidden, device=device, generator=generator)
+
+    with torch.no_grad():
+        ours, reference = module_norm(LigerRMSNorm)(x, norm_weight), llama_rms_norm(x, norm_weight)
+    steps = ((ours.float() - reference.float()).abs() / reference.float().abs().clamp_min(1e-3)).max()
+    assert float(steps) <= 2 * 2**-8, float(steps)
+
+    exact = block_gradients(x.double(), norm_weight.double(), linear_weight.double(), grad.double(), llama_rms_norm)
+    liger = block_gradients(x, norm_weight, linear_weight, grad, module_norm(LigerRMSNorm))
+    torch_norm = block_gradients(x, norm_weight, linear_weight, grad, module_norm(RMSNorm))
+    for name, e, ours, theirs in zip(("x", "norm weight", "linear weight"), exact, liger, torch_norm):
+        scale = float(e.abs().max())
+        our_error, their_error = (float((g.double() - e).abs().max()) / scale for g in (ours, theirs))
+        assert our_error <= 2 * their_error + 2**-8, (name, our_error, their_error)
