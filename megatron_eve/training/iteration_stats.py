@@ -79,7 +79,9 @@ class IterationStats:
             host[WORK] = [float(getattr(work, name)) for name in _WORK]
         if self.counts_losses and losses:
             host[LOSS_COUNT] = float(len(losses))
-        vector = torch.tensor(host, dtype=torch.float64).to(self.device, non_blocking=True)
+        # From pinned memory on CUDA: a pageable copy may make the driver wait for the stream first.
+        vector = torch.tensor(host, dtype=torch.float64, pin_memory=self.device.type == "cuda").to(
+            self.device, non_blocking=True)
         bad = nonfinite_count(grad_buffers, self.device)
         if losses:  # every rank holding losses checks them; only counts_losses ranks sum them
             stacked = torch.stack([torch.stack([m[k].detach().float().reshape(()) for k in LOSS_KEYS])

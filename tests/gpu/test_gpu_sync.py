@@ -5,7 +5,9 @@ The trainer's per-micro-batch path runs under torch's synchronisation check
 (tests/parallel/sync_free_worker.py): the loader's pinned batches planned in a worker, model inputs
 (crops normalised, the teacher's squares composed on the device), the PEL, decoder, aligner, CLIP
 teacher, losses and backward. No wait may come from this package, and three micro-batches a step
-may wait no more often than one does (megatron-core's once-a-step work may wait)."""
+may wait no more often than one does (megatron-core's once-a-step work may wait). The update after
+them (training/update.py, fused AdamW with clipping: the trainer's defaults) waits once, in
+megatron-core's read of the gradient norm, never in this package (its flags' read finds them ready)."""
 
 import json
 import subprocess
@@ -30,3 +32,6 @@ def test_a_training_step_waits_for_the_device_no_more_often_with_more_micro_batc
     ours = {place: count for place, count in three.items() if place.startswith(("megatron_eve", "tests"))}
     assert not ours, f"the host waited for the device in this package: {ours}"
     assert sum(three.values()) <= sum(one.values()), f"waits per micro-batch: one {one}, three {three}"
+    for count, places in report["update_waits"].items():
+        norm_read = all(place.rsplit(":", 1)[0].endswith("megatron/core/optimizer/clip_grads.py") for place in places)
+        assert sum(places.values()) <= 1 and norm_read, (count, places)
