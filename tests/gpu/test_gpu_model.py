@@ -35,7 +35,12 @@ def result(tmp_path, name: str, proc: subprocess.Popen):
 def test_fp32_forward_on_gpu_equals_cpu(tmp_path, device, on_gpu, teacher_path):
     cpu_run = forward(tmp_path, teacher_path, "cpu", cuda=False, impl="local")
     gpu_run = forward(tmp_path, teacher_path, "gpu", on_gpu, "auto", "--wait-for-weights")  # torch kernels on CUDA
-    cpu, gpu = result(tmp_path, "cpu", cpu_run), result(tmp_path, "gpu", gpu_run)
+    try:
+        cpu = result(tmp_path, "cpu", cpu_run)
+    finally:
+        if cpu_run.returncode != 0:
+            gpu_run.kill()  # it would wait for weights that never come
+    gpu = result(tmp_path, "gpu", gpu_run)
     assert len(cpu["logits"]) == len(gpu["logits"]) == 4
     for ours, theirs in zip(gpu["logits"], cpu["logits"]):
         assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())

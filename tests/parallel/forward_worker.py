@@ -1,7 +1,7 @@
 """One process: the tiny EVE model's fp32 outputs on this machine's device (CPU when CUDA is
 hidden), on weights created by the first run and loaded by the next (the two may run side by side:
-the next one, given --wait-for-weights, waits for the first's marker). Launched by
-tests/gpu/test_gpu_model.py). Saves eval-mode logits and training-mode losses (LM per token, align)
+the next one, given --wait-for-weights, waits for the first's marker); launched by
+tests/gpu/test_gpu_model.py. Saves eval-mode logits and training-mode losses (LM per token, align)
 of padded and packed micro-batches with images, to compare across devices."""
 
 import argparse

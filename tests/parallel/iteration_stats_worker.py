@@ -1,6 +1,7 @@
 """Two gloo processes: IterationStats' one collective per iteration gives every rank the same flags,
 losses counted once per data-parallel replica, work summed over replicas, and an interval mean
-that leaves out the losses of a skipped (non-finite) iteration, also when known after the reduction. Rank 0 prints one JSON."""
+that leaves out the losses of a skipped (non-finite) iteration, also when that is known only after
+the reduction. Rank 0 prints one JSON."""
 
 import json
 import sys
