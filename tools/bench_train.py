@@ -249,6 +249,9 @@ def main():
                              "optimizer's step spread over more tokens, as a larger global batch (or the "
                              "distributed optimizer's sharding over data-parallel ranks) does; 16 rows of 4096 "
                              "hold about EVE's SFT global batch (128 samples of ~514 positions)")
+    parser.add_argument("--profile-deepest", action="store_true",
+                        help="with --profile, also profile the first --also-micro-batches run (the deepest model), "
+                             "appended to DIR/profile.txt: where the time goes nearest a full model")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing, profile two of our steps into DIR/profile.txt (top kernels, "
                              "host ops, GPU busy share, host synchronisations per step)")
@@ -363,10 +366,11 @@ def main():
 
     # The deepest model with the most micro-batches a step first: the figure nearest a full model's
     # training, which a time limit must not cut.
-    for count in args.also_micro_batches:
+    for index, count in enumerate(args.also_micro_batches):
         for layers in sorted({args.layers, *args.also_layers}, reverse=True):
             at_depth(layers, setting, f"ours_{layers}_layers_{count}_micro_batches",
-                     f"megatron_eve at {layers} layers, {count} micro-batches a step", micro_batches=count)
+                     f"megatron_eve at {layers} layers, {count} micro-batches a step", micro_batches=count,
+                     profile=args.profile_deepest and index == 0 and layers == max(args.layers, *args.also_layers))
     for layers in args.also_layers:
         at_depth(layers, setting, f"ours_{layers}_layers", f"megatron_eve at {layers} layers")
     # Each variant runs between two runs of ours and is compared with their mean: the runs' order

@@ -5,7 +5,8 @@
 #    into a private folder put first on PYTHONPATH: nothing already installed is replaced;
 # 2. bench: tools/bench_train.py with its HF baseline (length-grouped: the faster one; random order was
 #    measured beside it, README), ours with 16 micro-batches a step (about EVE's SFT global batch on one
-#    GPU) at 16, 12, 8 and 4 layers, deepest first, then at 8, 12 and 16 layers with the main run's 4,
+#    GPU) at 16, 12, 8 and 4 layers, deepest first (the 16-layer run profiled too, after the main run's
+#    profile), then at 8, 12 and 16 layers with the main run's 4,
 #    then liger-kernel's RMSNorm between two runs of ours (--try liger-rmsnorm: put liger-kernel's wheel
 #    in WHEEL_DIR; the other levers' gains were measured in earlier calls: README); then
 #    tools/bench_pel.py (the PEL's flat path vs per-shape, and given the loader's plan);
@@ -74,7 +75,7 @@ bench_start=$(date +%s)
 # shellcheck disable=SC2086
 step "${BENCH_TIMEOUT:-${limits[0]}}" "$OUT/bench.log" "$PYTHON" tools/bench_train.py \
   ${BENCH_ARGS:---layers 4 --seq-length 4096 --steps 10 --baseline hf --hf-order length-grouped \
-  --also-micro-batches 16 --also-layers 8 12 16 --try liger-rmsnorm} \
+  --also-micro-batches 16 --also-layers 8 12 16 --profile-deepest --try liger-rmsnorm} \
   --json "$OUT/bench.json" --profile "$OUT"
 bench_rc=$?
 bench_seconds=$(( $(date +%s) - bench_start ))
