@@ -139,6 +139,28 @@ def test_fused_adam_takes_torchs_fused_kernel_and_matches_foreach(monkeypatch):
     assert all(float(fused.state[p]["step"]) == 3 for g in fused.param_groups for p in g["params"])
 
 
+def test_an_armed_adam_refuses_an_unchecked_norm_unless_it_holds_nothing():
+    """arm_update_skip's AdamW steps only once _clip_by_total_norm has checked the gradients' norm (a
+    NaN or Inf update would pass otherwise); one without parameters (a distributed optimizer's empty
+    shard, which megatron-core does not clip) steps as a no-op."""
+    from megatron_eve.training.optim import arm_update_skip
+
+    (_, fused), grads = adam_pair()
+    optimizer = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=fused)])
+    use_fused_torch_adam(optimizer)
+    params = [p for group in fused.param_groups for p in group["params"]]
+    for param, grad in zip(params, grads[0]):
+        param.grad = grad.clone()
+    arm_update_skip(optimizer, torch.zeros(()))
+    with pytest.raises(RuntimeError, match="without its gradients' norm being checked"):
+        fused.step()
+    for group in fused.param_groups:
+        group["params"] = []
+    arm_update_skip(optimizer, torch.zeros(()))
+    fused.step()
+    assert fused.found_inf is None and not fused.norm_checked  # one step's inputs only
+
+
 def test_fused_adam_survives_a_state_load_made_by_a_foreach_run():
     """A checkpoint's param groups are the saving run's (foreach), and megatron-core restores every
     parameter's step from one shared host tensor: after the load the groups are fused again and
@@ -218,15 +240,17 @@ def test_gradient_clipping_inside_the_fused_adam_step(child):
 def test_a_non_finite_step_is_skipped_on_the_device(child):
     """Fused AdamW with clipping (the defaults), plain and distributed: the update goes through
     reduce_and_update's device path (no pass of its own over the gradient buffers); a step with a
-    non-finite loss, and one with a NaN gradient but finite losses (its norm is NaN), leave the
-    parameters and the AdamW state as they were: the run ends bitwise where a run of only the two
-    finite steps ends, every step count 2; the interval's mean loss leaves both skipped steps out."""
+    non-finite loss, one with a NaN gradient and one with an Inf gradient but finite losses (their
+    norms NaN and Inf) leave the parameters and the AdamW state as they were: the run ends bitwise
+    where a run of only the two finite steps ends, every step count 2; the interval's mean loss
+    leaves the three skipped steps out."""
     for name, run in child["device_skip"].items():
         assert run["device_path"] and run["grad_buffer_passes"] == 0, (name, run)
-        assert run["finite"] == [True, False, False, True] and run["reference_finite"] == [True, True], (name, run)
+        assert run["finite"] == [True, False, False, False, True], (name, run)
+        assert run["reference_finite"] == [True, True], (name, run)
         assert run["param_max_abs_diff"] == 0.0 and run["steps"] == [2.0], (name, run)
         assert run["moved"], (name, run)  # the two finite steps did change the weights
-        assert run["interval_lm_loss"] == 2.0, (name, run)  # (1 + 3) / 2: neither inf nor 100 counted
+        assert run["interval_lm_loss"] == 2.0, (name, run)  # (1 + 3) / 2: neither inf, 100 nor 200 counted
 
 
 def fused_cross_entropy_report(cfg, parallel) -> dict:
@@ -294,7 +318,8 @@ def clipping_report(cfg, parallel) -> dict:
 
 def updates_through_the_trainer(cfg, parallel, distributed_optimizer: bool, steps):
     """megatron-core's optimizer over the tiny model, each step through the trainer's reduce_and_update
-    with gradients set directly; steps: (seed of its gradients, its lm loss, a NaN in one gradient)."""
+    with gradients set directly; steps: (seed of its gradients, its lm loss, a value put in one gradient
+    entry or None)."""
     from megatron_eve.config import OptimConfig, RuntimeConfig
     from megatron_eve.model.build import build_model
     from megatron_eve.training import iteration_stats, optim
@@ -311,12 +336,12 @@ def updates_through_the_trainer(cfg, parallel, distributed_optimizer: bool, step
     iteration_stats.nonfinite_count = lambda tensors, device: (passes.extend(tensors), real_count(tensors, device))[1]
     finite = []
     try:
-        for seed, loss, nan_gradient in steps:
+        for seed, loss, broken_entry in steps:
             generator = torch.Generator().manual_seed(seed)
             for param in ddp.parameters():
                 param.main_grad.copy_(10.0 * torch.randn(param.shape, generator=generator))
-            if nan_gradient:
-                next(ddp.parameters()).main_grad.view(-1)[0] = float("nan")
+            if broken_entry is not None:
+                next(ddp.parameters()).main_grad.view(-1)[0] = broken_entry
             losses = [{"lm loss": torch.tensor(loss), "align loss": torch.tensor(0.0)}]
             finite.append(reduce_and_update(optimizer, stats, losses, [b.grad_data for b in ddp.buffers]).finite)
     finally:
@@ -332,8 +357,9 @@ def device_skip_report(cfg, parallel) -> dict:
     report = {}
     for distributed_optimizer in (False, True):
         run = updates_through_the_trainer(cfg, parallel, distributed_optimizer,
-                                          [(1, 1.0, False), (2, float("inf"), False), (3, 100.0, True), (4, 3.0, False)])
-        reference = updates_through_the_trainer(cfg, parallel, distributed_optimizer, [(1, 1.0, False), (4, 3.0, False)])
+                                          [(1, 1.0, None), (2, float("inf"), None), (3, 100.0, float("nan")),
+                                           (5, 200.0, float("-inf")), (4, 3.0, None)])
+        reference = updates_through_the_trainer(cfg, parallel, distributed_optimizer, [(1, 1.0, None), (4, 3.0, None)])
         report["distributed" if distributed_optimizer else "plain"] = {
             **{k: run[k] for k in ("finite", "steps", "device_path", "grad_buffer_passes", "interval_lm_loss")},
             "reference_finite": reference["finite"],

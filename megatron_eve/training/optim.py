@@ -127,16 +127,20 @@ def _clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=Fal
     if adam is None:
         return clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad)
     if adam.found_inf is not None:
-        if not math.isfinite(total_norm):
-            adam.found_inf = torch.ones_like(adam.found_inf)
         adam.norm_checked = True
+        if not math.isfinite(total_norm):  # (an Inf norm would make the clip coefficient 0)
+            adam.found_inf, adam.grad_scale = torch.ones_like(adam.found_inf), None
+            return None
+    elif not math.isfinite(total_norm):
+        return clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad)
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     adam.grad_scale = (torch.full((), 1.0 / clip_coeff, dtype=torch.float32, device=parameters[0].device)
                        if clip_coeff < 1.0 else None)
 
 
 def _check_armed(adam, args, kwargs) -> None:
-    if adam.found_inf is not None and not adam.norm_checked:
+    # (An AdamW without parameters, e.g. a distributed optimizer's empty shard, is not clipped: nothing to check.)
+    if adam.found_inf is not None and not adam.norm_checked and any(g["params"] for g in adam.param_groups):
         raise RuntimeError("an AdamW armed to skip a non-finite update on the device stepped without its "
                            "gradients' norm being checked (megatron-core clipped it some other way)")
 
