@@ -241,17 +241,18 @@ def main():
                              "MIN_GAIN (default 1.01) on together, at --layers and each --also-layers depth, "
                              "and at the deepest with each --also-micro-batches count")
     parser.add_argument("--also-layers", nargs="+", type=int, default=[], metavar="N",
-                        help="before the levers, time ours again at each of these depths (same width and "
+                        help="after the levers, time ours again at each of these depths (same width and "
                              "batches): a deeper model puts less weight on the LM head, embedding and optimizer")
     parser.add_argument("--also-micro-batches", nargs="+", type=int, default=[], metavar="N",
-                        help="before --also-layers, time ours with N micro-batches a step at each depth, the "
+                        help="before the levers, time ours with N micro-batches a step at each depth, the "
                              "deepest first (as many micro-batches in all as the main run, at least 3 steps): the "
                              "optimizer's step spread over more tokens, as a larger global batch (or the "
                              "distributed optimizer's sharding over data-parallel ranks) does; 16 rows of 4096 "
                              "hold about EVE's SFT global batch (128 samples of ~514 positions)")
     parser.add_argument("--profile-deepest", action="store_true",
-                        help="with --profile, also profile the first --also-micro-batches run (the deepest model), "
-                             "appended to DIR/profile.txt: where the time goes nearest a full model")
+                        help="with --profile, also profile the deepest --also-layers run (at --micro-batches a step: "
+                             "a profile's events grow with layers x micro-batches), appended to DIR/profile.txt: "
+                             "where the time goes nearest a full model")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing, profile two of our steps into DIR/profile.txt (top kernels, "
                              "host ops, GPU busy share, host synchronisations per step)")
@@ -366,13 +367,10 @@ def main():
 
     # The deepest model with the most micro-batches a step first: the figure nearest a full model's
     # training, which a time limit must not cut.
-    for index, count in enumerate(args.also_micro_batches):
+    for count in args.also_micro_batches:
         for layers in sorted({args.layers, *args.also_layers}, reverse=True):
             at_depth(layers, setting, f"ours_{layers}_layers_{count}_micro_batches",
-                     f"megatron_eve at {layers} layers, {count} micro-batches a step", micro_batches=count,
-                     profile=args.profile_deepest and index == 0 and layers == max(args.layers, *args.also_layers))
-    for layers in args.also_layers:
-        at_depth(layers, setting, f"ours_{layers}_layers", f"megatron_eve at {layers} layers")
+                     f"megatron_eve at {layers} layers, {count} micro-batches a step", micro_batches=count)
     # Each variant runs between two runs of ours and is compared with their mean: the runs' order
     # (allocator and compile caches warm, clocks) then cancels instead of landing on one lever.
     ours_runs = [ours]
@@ -415,6 +413,11 @@ def main():
         print(f"  megatron_eve, median of {len(ours_runs)} runs: {steady:.0f} tokens/s/GPU"
               + (f"  MFU {100 * mfu:.1f}%" if mfu else ""))
         save()
+    # The main micro-batch count at the other depths, after the levers (the deepest run profiled: its
+    # events, and so the profile's own time, grow with layers x micro-batches).
+    for layers in args.also_layers:
+        at_depth(layers, setting, f"ours_{layers}_layers", f"megatron_eve at {layers} layers",
+                 profile=args.profile_deepest and layers == max(args.also_layers))
     if args.combine is not None:
         # Levers need not add up: the ones that paid, together, at every depth measured.
         # Of two that set one field (compile-layers, compile-whole-layers), the better one.

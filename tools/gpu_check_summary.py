@@ -33,16 +33,11 @@ def _mfu_by_depth(bench: dict, prefix: str) -> dict:
             for key, value in bench.items() if key.startswith(prefix + "_") and key.endswith("_layers")}
 
 
-def _micro_batch_runs(bench: dict, prefix: str) -> list:
-    """(key, "<layers> layers, <count> micro-batches") of the bench's "<prefix>_<layers>_layers_<count>_micro_batches"
-    figures, in the bench's order."""
-    return [(key, f"{m[1]} layers, {m[2]} micro-batches")
-            for key in bench if (m := re.fullmatch(prefix + r"_(\d+)_layers_(\d+)_micro_batches", key))]
-
-
 def _mfu_by_micro_batches(bench: dict, prefix: str) -> dict:
-    """{"<layers> layers, <count> micro-batches": MFU (or the run's error)} of those figures."""
-    return {label: bench[key].get("mfu", bench[key].get("error")) for key, label in _micro_batch_runs(bench, prefix)}
+    """{"<layers> layers, <count> micro-batches": MFU (or the run's error)} of the bench's
+    "<prefix>_<layers>_layers_<count>_micro_batches" figures."""
+    return {f"{m[1]} layers, {m[2]} micro-batches": value.get("mfu", value.get("error"))
+            for key, value in bench.items() if (m := re.fullmatch(prefix + r"_(\d+)_layers_(\d+)_micro_batches", key))}
 
 
 def main():
@@ -71,9 +66,9 @@ def main():
                        steady_mfu=(bench.get("ours_steady") or {}).get("mfu"),
                        mfu_at_layers=_mfu_by_depth(bench, "ours"),
                        mfu_at_micro_batches=_mfu_by_micro_batches(bench, "ours"),
-                       micro_batch_time_shares={label: bench[key]["profile"]["time_shares"]
-                                                for key, label in _micro_batch_runs(bench, "ours")
-                                                if "profile" in bench[key]},
+                       deep_time_shares={key.split("_")[1]: value["profile"]["time_shares"]
+                                         for key, value in bench.items()
+                                         if re.fullmatch(r"ours_\d+_layers", key) and "profile" in value},
                        combined_levers=bench.get("combined_levers"),
                        combined_mfu_at_layers=_mfu_by_depth(bench, "combined"),
                        combined_mfu_at_micro_batches=_mfu_by_micro_batches(bench, "combined"),
