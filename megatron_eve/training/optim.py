@@ -102,6 +102,11 @@ def use_foreach_multi_tensor_ops() -> None:
 _FUSED_ADAM_OF = WeakIdKeyDictionary()
 
 
+def _parts(optimizer) -> List:
+    """The optimizers inside a megatron-core optimizer: a ChainedOptimizer's parts, or itself."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _fused_adam_of_exactly(parameters: List[torch.Tensor]) -> Optional[torch.optim.Optimizer]:
     """The registered fused torch AdamW whose parameters are exactly `parameters`, else None."""
     registered = _FUSED_ADAM_OF.get(parameters[0]) if parameters else None
@@ -124,14 +129,12 @@ def _clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=Fal
 
     parameters = list(parameters)
     adam = None if use_decoupled_grad or isinstance(total_norm, torch.Tensor) else _fused_adam_of_exactly(parameters)
-    if adam is None:
-        return clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad)
-    if adam.found_inf is not None:
+    if adam is not None and adam.found_inf is not None:
         adam.norm_checked = True
         if not math.isfinite(total_norm):  # (an Inf norm would make the clip coefficient 0)
             adam.found_inf, adam.grad_scale = torch.ones_like(adam.found_inf), None
             return None
-    elif not math.isfinite(total_norm):
+    if adam is None or not math.isfinite(total_norm):  # unarmed: megatron-core's own arithmetic
         return clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad)
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     adam.grad_scale = (torch.full((), 1.0 / clip_coeff, dtype=torch.float32, device=parameters[0].device)
@@ -154,10 +157,6 @@ def clip_inside_fused_adam() -> None:
     """megatron-core's optimizers clip through _clip_by_total_norm (it falls back to megatron-core's own
     clipping for any optimizer use_fused_torch_adam did not register)."""
     importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = _clip_by_total_norm
-
-
-def _parts(optimizer) -> List:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def skips_updates_on_the_device(optimizer) -> bool:
@@ -191,7 +190,7 @@ def torch_adam_state_made(optimizer) -> None:
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
         return
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for sub in _parts(optimizer):
         if isinstance(sub, distrib_optimizer.DistributedOptimizer):
             for group in sub.optimizer.param_groups:
                 for param in group["params"]:
@@ -203,7 +202,7 @@ def torch_adam_state_made(optimizer) -> None:
 
 def _torch_adams(optimizer) -> List[torch.optim.Optimizer]:
     """The torch Adam / AdamW instances inside a megatron-core (chained) optimizer."""
-    inner = [getattr(sub, "optimizer", None) for sub in getattr(optimizer, "chained_optimizers", [optimizer])]
+    inner = [getattr(sub, "optimizer", None) for sub in _parts(optimizer)]
     return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
 
 
@@ -243,7 +242,7 @@ def torch_adam_loading(optimizer):
     (data-parallel-sharded format), or failing to find it (fully reshardable: KeyError); a
     non-tensor entry is skipped there. After the load, the fused implementation again
     (use_fused_torch_adam)."""
-    patched = [sub for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+    patched = [sub for sub in _parts(optimizer)
                if hasattr(sub, "_set_main_param_and_optimizer_states")]
     for sub in patched:
         original = sub._set_main_param_and_optimizer_states
