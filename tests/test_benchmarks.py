@@ -173,7 +173,8 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     env = {**os.environ, "EVE_GPU_TIER_ON_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
            "GPU_CHECK_SITE": str(tmp_path / "site"), "TIER_ARGS": "-k attention", "PEL_TIMEOUT": "0",
            "BENCH_ARGS": "--preset tiny --layers 2 --seq-length 512 --steps 1 --warmup 1 --samples 40 --baseline hf "
-                          "--also-layers 3 --also-micro-batches 2 --profile-deepest --try native-cross-entropy --combine 0"}
+                          "--also-layers 3 --also-micro-batches 2 --profile-deepest --try native-cross-entropy "
+                          "--combine 0 --combine-only-deepest"}
     proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(wheels), str(out)],
                           capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -185,11 +186,11 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     assert summary["bench"]["figures"]["hf"]["real_tokens"] > 0
     assert list(summary["mfu_at_layers"]) == ["3"]  # MFU None on the CPU (no peak)
     assert summary["combined_levers"] == ["native-cross-entropy"]
-    assert list(summary["combined_mfu_at_layers"]) == ["2", "3"]
     assert list(summary["mfu_at_micro_batches"]) == ["3 layers, 2 micro-batches", "2 layers, 2 micro-batches"]
+    # --combine-only-deepest: the paying levers together at the deepest depth with 2 micro-batches a step only.
     assert list(summary["combined_mfu_at_micro_batches"]) == ["3 layers, 2 micro-batches"]
+    assert summary["combined_mfu_at_layers"] == {} and summary["combined_time_shares"] == {}
     assert list(summary["deep_time_shares"]) == ["3"] and summary["deep_time_shares"]["3"]["gemm"] > 0  # profiled
-    assert summary["combined_time_shares"]["3"]["gemm"] > 0  # the deepest combined run, profiled
     for name in ("gpu_tests.log", "bench.log", "bench.json", "profile.txt"):
         assert (out / name).stat().st_size > 0
     assert len(list(out.iterdir())) <= 8  # a device call brings back eight files at most

@@ -149,7 +149,7 @@ def test_attention_backend_needs_the_torch_impl(gpu_kernels):
         check(get_preset("tiny"), transformer_impl="transformer_engine", attention_backend="flex", bf16=True)
 
 
-def test_liger_norm_needs_cuda_the_package_and_not_transformer_engine(gpu_kernels, monkeypatch):
+def test_norm_kernels_need_their_device_package_and_not_transformer_engine(gpu_kernels, monkeypatch):
     import importlib
 
     validation = importlib.import_module("megatron_eve.config.validate")
@@ -161,27 +161,30 @@ def test_liger_norm_needs_cuda_the_package_and_not_transformer_engine(gpu_kernel
     monkeypatch.setattr(validation.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="--norm-kernel liger needs the liger-kernel package: pip install liger"):
         check(get_preset("tiny"), transformer_impl="torch", norm_kernel="liger", bf16=True)
-    with pytest.raises(ConfigError, match="--norm-kernel liger applies to --transformer-impl torch or local"):
-        check(get_preset("tiny"), transformer_impl="transformer_engine", norm_kernel="liger", bf16=True)
+    for kernel in ("liger", "compiled"):
+        with pytest.raises(ConfigError, match=f"--norm-kernel {kernel} applies to --transformer-impl torch or local"):
+            check(get_preset("tiny"), transformer_impl="transformer_engine", norm_kernel=kernel, bf16=True)
     monkeypatch.setattr(validation.importlib.util, "find_spec", lambda name: object())
     check(get_preset("tiny"), transformer_impl="torch", norm_kernel="liger", bf16=True)
+    monkeypatch.setattr(validation.torch.cuda, "is_available", lambda: False)
+    check(get_preset("tiny"), transformer_impl="local", norm_kernel="compiled")  # inductor compiles for the CPU too
 
 
-def test_liger_norm_takes_the_spec_and_keeps_the_state_dict_keys(monkeypatch):
+def test_norm_kernels_take_the_spec_and_keep_the_state_dict_keys(monkeypatch):
     from megatron.core.transformer import transformer_block
 
     from megatron_eve.config.transformer import transformer_config
-    from megatron_eve.model.specs import LigerRMSNorm, RMSNorm, decoder_block_spec
+    from megatron_eve.model.specs import CompiledRMSNorm, LigerRMSNorm, RMSNorm, decoder_block_spec
     from tests.helpers import tiny_config
 
     monkeypatch.setattr(transformer_block, "get_num_layers_to_build", lambda config, vp_stage=None: 2)
     config = transformer_config(tiny_config(), ParallelConfig(), RuntimeConfig(use_cpu_initialization=True))
-    for kernel, norm in (("torch", RMSNorm), ("liger", LigerRMSNorm)):
+    for kernel, norm in (("torch", RMSNorm), ("liger", LigerRMSNorm), ("compiled", CompiledRMSNorm)):
         spec = decoder_block_spec(config, "local", norm_kernel=kernel)
         assert spec.layer_norm is norm
         assert {s.submodules.input_layernorm for s in spec.layer_specs} == {norm}
         assert {s.submodules.pre_mlp_layernorm for s in spec.layer_specs} == {norm}
-    assert list(LigerRMSNorm(config, 16).state_dict()) == list(RMSNorm(config, 16).state_dict()) == ["weight"]
+        assert list(norm(config, 16).state_dict()) == ["weight"]
 
 
 def test_unavailable_attention_backend_is_refused_before_work():

@@ -61,6 +61,8 @@ LEVERS = {"grad-accumulation-fusion": ({"gradient_accumulation_fusion": (True, F
           "aten-flash-attention": ({"attention_backend": ("aten-flash", "auto")}, False),
           # liger-kernel's Triton RMSNorm (forward and backward) instead of torch's fused one.
           "liger-rmsnorm": ({"norm_kernel": ("liger", "torch")}, False),
+          # HF LlamaRMSNorm's arithmetic compiled by torch.compile instead of torch's fused RMSNorm.
+          "compiled-rmsnorm": ({"norm_kernel": ("compiled", "torch")}, False),
           "compile-layers": ({"torch_compile_layers": (True, False)}, False),
           # Compiled with the weight-gradient accumulation unfused: the fused one mutates the main grads
           # inside the linears' backward, which splits each layer's graph at every linear (model/compile_layers.py).
@@ -238,8 +240,10 @@ def main():
                         help=f"likewise, time ours again with each of these turned on ({', '.join(TRIALS)})")
     parser.add_argument("--combine", nargs="?", type=float, const=1.01, default=None, metavar="MIN_GAIN",
                         help="after the --try levers, time ours with every one of them that gained more than "
-                             "MIN_GAIN (default 1.01) on together, at --layers and each --also-layers depth, "
-                             "and at the deepest with each --also-micro-batches count")
+                             "MIN_GAIN (default 1.01) on together: the deepest model with each --also-micro-batches "
+                             "count, then at --layers and each --also-layers depth")
+    parser.add_argument("--combine-only-deepest", action="store_true",
+                        help="with --combine, only the deepest model with each --also-micro-batches count")
     parser.add_argument("--also-layers", nargs="+", type=int, default=[], metavar="N",
                         help="after the levers, time ours again at each of these depths (same width and "
                              "batches): a deeper model puts less weight on the LM head, embedding and optimizer")
@@ -413,14 +417,11 @@ def main():
         print(f"  megatron_eve, median of {len(ours_runs)} runs: {steady:.0f} tokens/s/GPU"
               + (f"  MFU {100 * mfu:.1f}%" if mfu else ""))
         save()
-    # The main micro-batch count at the other depths, after the levers (the deepest run profiled: its
-    # events, and so the profile's own time, grow with layers x micro-batches).
-    for layers in args.also_layers:
-        at_depth(layers, setting, f"ours_{layers}_layers", f"megatron_eve at {layers} layers",
-                 profile=args.profile_deepest and layers == max(args.also_layers))
     if args.combine is not None:
-        # Levers need not add up: the ones that paid, together, at every depth measured.
-        # Of two that set one field (compile-layers, compile-whole-layers), the better one.
+        # Levers need not add up: the ones that paid, together. Of two that set one field
+        # (compile-layers, compile-whole-layers), the better one. Before the depth runs at the main
+        # micro-batch count: the deepest model with the most micro-batches a step and every paying lever
+        # is the likeliest best figure, which a time limit must not cut.
         def gain(lever):
             return figures.get(f"with_{lever}", {}).get("gain_of_lever", 0)
 
@@ -436,15 +437,20 @@ def main():
         for lever in paying:
             combined = with_lever(combined, lever, True)
         depths = [args.layers, *args.also_layers] if paying else []
-        for layers in depths:
+        deepest = max(depths, default=args.layers)
+        for count in args.also_micro_batches if paying else []:
+            at_depth(deepest, combined, f"combined_{deepest}_layers_{count}_micro_batches",
+                     f"megatron_eve at {deepest} layers, {count} micro-batches a step, with {' + '.join(paying)}",
+                     micro_batches=count)
+        for layers in [] if args.combine_only_deepest else depths:
             # The deepest run, the one nearest a full model, profiled too: where its time goes.
             at_depth(layers, combined, f"combined_{layers}_layers",
-                     f"megatron_eve at {layers} layers with {' + '.join(paying)}", profile=layers == depths[-1])
-        for count in args.also_micro_batches if paying else []:
-            # The likeliest best figure: the deepest model, the optimizer's step over the most tokens.
-            at_depth(depths[-1], combined, f"combined_{depths[-1]}_layers_{count}_micro_batches",
-                     f"megatron_eve at {depths[-1]} layers, {count} micro-batches a step, with {' + '.join(paying)}",
-                     micro_batches=count)
+                     f"megatron_eve at {layers} layers with {' + '.join(paying)}", profile=layers == deepest)
+    # The main micro-batch count at the other depths, after the levers (the deepest run profiled: its
+    # events, and so the profile's own time, grow with layers x micro-batches).
+    for layers in args.also_layers:
+        at_depth(layers, setting, f"ours_{layers}_layers", f"megatron_eve at {layers} layers",
+                 profile=args.profile_deepest and layers == max(args.also_layers))
     distributed.destroy()
     if args.baseline == "hf" and "speedup" not in figures:
         sys.exit("the HF baseline failed: no speed-up measured")

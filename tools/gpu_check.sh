@@ -5,10 +5,12 @@
 #    into a private folder put first on PYTHONPATH: nothing already installed is replaced;
 # 2. bench: tools/bench_train.py with its HF baseline (length-grouped: the faster one; random order was
 #    measured beside it, README), ours with 16 micro-batches a step (about EVE's SFT global batch on one
-#    GPU) at 16, 12, 8 and 4 layers, deepest first, then liger-kernel's RMSNorm between two runs of
-#    ours (--try liger-rmsnorm: put liger-kernel's wheel in WHEEL_DIR; the other levers' gains were
-#    measured in earlier calls: README), then ours at 8, 12 and 16 layers with the main run's 4 micro-
-#    batches (the 16-layer one profiled too, after the main run's profile); then tools/bench_pel.py
+#    GPU) at 16, 12, 8 and 4 layers, deepest first, then liger-kernel's RMSNorm and the compiled one
+#    each between two runs of ours (--try liger-rmsnorm compiled-rmsnorm: put liger-kernel's wheel in
+#    WHEEL_DIR; the other levers' gains were measured in earlier calls: README) and, if one gains over
+#    1%, 16 layers with 16 micro-batches and the better on (--combine --combine-only-deepest), then
+#    ours at 8, 12 and 16 layers with the main run's 4
+#    micro-batches (the 16-layer one profiled too, after the main run's profile); then tools/bench_pel.py
 #    (the PEL's flat path vs per-shape, and given the loader's plan);
 #    tier: the GPU test tier (pytest -m gpu tests/gpu, the trainer's tests first);
 #    all (the default): both, in that order, what matters most first;
@@ -75,7 +77,8 @@ bench_start=$(date +%s)
 # shellcheck disable=SC2086
 step "${BENCH_TIMEOUT:-${limits[0]}}" "$OUT/bench.log" "$PYTHON" tools/bench_train.py \
   ${BENCH_ARGS:---layers 4 --seq-length 4096 --steps 10 --baseline hf --hf-order length-grouped \
-  --also-micro-batches 16 --also-layers 8 12 16 --profile-deepest --try liger-rmsnorm} \
+  --also-micro-batches 16 --also-layers 8 12 16 --profile-deepest --try liger-rmsnorm compiled-rmsnorm \
+  --combine --combine-only-deepest} \
   --json "$OUT/bench.json" --profile "$OUT"
 bench_rc=$?
 bench_seconds=$(( $(date +%s) - bench_start ))

@@ -44,10 +44,11 @@ class RuntimeConfig:
     attention_backend: Literal["auto", "varlen", "flash", "flex", "sdpa", "aten-flash"] = option(
         "auto", help="core attention of --transformer-impl torch (aten-flash: varlen's flash kernels called "
                      "directly, without its custom-op wrapper's host work; 0.99x varlen's tokens/s on an H100)")
-    norm_kernel: Literal["torch", "liger"] = option(
-        "torch", help="the RMSNorms of --transformer-impl torch / local: torch's fused kernel, or liger-kernel's "
-                      "Triton kernels (needs CUDA and the liger-kernel package; they cast as HF's LlamaRMSNorm "
-                      "does: the normalised input back to bf16 before the weight multiplies it)")
+    norm_kernel: Literal["torch", "liger", "compiled"] = option(
+        "torch", help="the RMSNorms of --transformer-impl torch / local: torch's fused kernel, liger-kernel's "
+                      "Triton kernels (needs CUDA and the liger-kernel package) or HF LlamaRMSNorm's arithmetic "
+                      "compiled by torch.compile (liger and compiled cast as LlamaRMSNorm does: the normalised "
+                      "input back to bf16 before the weight multiplies it)")
     packed_attention: Literal["auto", "thd", "mask"] = option(
         "auto", help="packed samples kept apart by THD + cu_seqlens (TE / torch kernels) or a block mask")
     bf16: bool = option(False, help="bf16 weights and activations (fp32 master weights in the optimizer)")

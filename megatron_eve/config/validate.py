@@ -161,11 +161,11 @@ def _kernel_problems(runtime: RuntimeConfig) -> List[str]:
     if runtime.lm_loss_fusion and runtime.cross_entropy_fusion_impl == "te" and impl != "transformer_engine":
         problems.append("--cross-entropy-fusion-impl te needs Transformer Engine (--transformer-impl "
                         f"transformer_engine; here: {impl}): use --cross-entropy-fusion-impl native")
-    if runtime.norm_kernel == "liger":
-        if impl == "transformer_engine":
-            problems.append("--norm-kernel liger applies to --transformer-impl torch or local (Transformer Engine "
-                            "brings its own norm)")
-        elif not torch.cuda.is_available():
+    if runtime.norm_kernel != "torch" and impl == "transformer_engine":
+        problems.append(f"--norm-kernel {runtime.norm_kernel} applies to --transformer-impl torch or local "
+                        "(Transformer Engine brings its own norm)")
+    elif runtime.norm_kernel == "liger":
+        if not torch.cuda.is_available():
             problems.append("--norm-kernel liger needs a CUDA device (liger-kernel's Triton kernels)")
         elif importlib.util.find_spec("liger_kernel") is None:
             problems.append("--norm-kernel liger needs the liger-kernel package: pip install liger-kernel")
