@@ -419,7 +419,7 @@ def main():
         save()
     if args.combine is not None:
         # Levers need not add up: the ones that paid, together. Of two that set one field
-        # (compile-layers, compile-whole-layers), the better one. Before the depth runs at the main
+        # (the two RMSNorms; compile-layers, compile-whole-layers), the better one. Before the depth runs at the main
         # micro-batch count: the deepest model with the most micro-batches a step and every paying lever
         # is the likeliest best figure, which a time limit must not cut.
         def gain(lever):

@@ -9,8 +9,8 @@
 #    each between two runs of ours (--try liger-rmsnorm compiled-rmsnorm: put liger-kernel's wheel in
 #    WHEEL_DIR; the other levers' gains were measured in earlier calls: README) and, if one gains over
 #    1%, 16 layers with 16 micro-batches and the better on (--combine --combine-only-deepest), then
-#    ours at 8, 12 and 16 layers with the main run's 4
-#    micro-batches (the 16-layer one profiled too, after the main run's profile); then tools/bench_pel.py
+#    ours at 8, 12 and 16 layers with the main run's 4 micro-batches (the 16-layer one profiled too,
+#    after the main run's profile); then tools/bench_pel.py
 #    (the PEL's flat path vs per-shape, and given the loader's plan);
 #    tier: the GPU test tier (pytest -m gpu tests/gpu, the trainer's tests first);
 #    all (the default): both, in that order, what matters most first;
