@@ -61,9 +61,9 @@ def test_fast_rms_norms_match_llama_and_their_gradients_in_a_block(device, on_gp
     assert float(steps) <= 2 * 2**-8, float(steps)
 
     exact = block_gradients(x.double(), norm_weight.double(), linear_weight.double(), grad.double(), llama_rms_norm)
-    ours = block_gradients(x, norm_weight, linear_weight, grad, module_norm(fast))
-    torch_norm = block_gradients(x, norm_weight, linear_weight, grad, module_norm(RMSNorm))
-    for name, e, ours, theirs in zip(("x", "norm weight", "linear weight"), exact, ours, torch_norm):
+    fast_grads = block_gradients(x, norm_weight, linear_weight, grad, module_norm(fast))
+    torch_grads = block_gradients(x, norm_weight, linear_weight, grad, module_norm(RMSNorm))
+    for name, e, ours, theirs in zip(("x", "norm weight", "linear weight"), exact, fast_grads, torch_grads):
         scale = float(e.abs().max())
         our_error, their_error = (float((g.double() - e).abs().max()) / scale for g in (ours, theirs))
         assert our_error <= 2 * their_error + 2**-8, (name, our_error, their_error)
