@@ -182,7 +182,7 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     assert "eve_check_probe-0.0.1-py3-none-any.whl" in (out / "env.txt").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tests"]["passed"] >= 2 and summary["tests"]["failed"] == 0 and summary["tests"]["exit_code"] == 0
-    assert summary["tokens_per_s_per_gpu"] > 0 and summary["speedup_vs_hf"] > 0
+    assert summary["tokens_per_s_per_gpu"] > 0 and summary["speedup_vs_hf"] > 0 and summary["ours_fallback"] is None
     assert summary["bench"]["figures"]["hf"]["real_tokens"] > 0
     assert list(summary["mfu_at_layers"]) == ["3"]  # MFU None on the CPU (no peak)
     assert summary["combined_levers"] == ["native-cross-entropy"]
@@ -198,3 +198,31 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     refused = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(wheels), str(out), "benchmark"],
                              capture_output=True, text=True, timeout=60, env=env)
     assert refused.returncode == 2 and "unknown part benchmark: all, bench or tier" in refused.stderr
+
+
+def test_bench_train_falls_back_when_the_fused_update_fails(tmp_path):
+    """If ours' first run fails (here: the update's device-side skip, made to raise), the bench keeps the
+    error and measures every figure in the setting without torch's fused AdamW."""
+    from tests.helpers import child_report
+
+    figures = child_report("tests.test_benchmarks", tmp_path / "bench.json", timeout=300)
+    assert figures["ours_fallback"] == {"error": "RuntimeError: simulated: the device-side skip failed",
+                                        "setting": "fused-adam off"}
+    assert figures["ours"]["real_tokens"] > 0 and figures["ours_2_layers_4_micro_batches"]["real_tokens"] > 0
+
+
+def run_bench_with_a_failing_device_skip(report_path: str) -> None:
+    import megatron_eve.training.update as update
+    from tools import bench_train
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("simulated: the device-side skip failed")
+
+    update.arm_update_skip = refuse
+    sys.argv = ["bench_train.py", "--preset", "tiny", "--layers", "2", "--seq-length", "512", "--micro-batches", "2",
+                "--steps", "2", "--warmup", "1", "--samples", "40", "--also-micro-batches", "4", "--json", report_path]
+    bench_train.main()
+
+
+if __name__ == "__main__":
+    run_bench_with_a_failing_device_skip(sys.argv[1])

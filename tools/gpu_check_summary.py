@@ -60,6 +60,7 @@ def main():
         ours = bench["ours"]
         summary.update(tokens_per_s_per_gpu=ours["tokens_per_s_per_gpu"], tflops_per_gpu=ours["tflops_per_gpu"],
                        mfu=ours["mfu"], peak_memory_gib=ours["peak_memory_gib"], speedup_vs_hf=bench.get("speedup"),
+                       ours_fallback=bench.get("ours_fallback"),  # the first run's error, if it failed
                        time_shares=(bench.get("profile") or {}).get("time_shares"),
                        host_syncs_per_step=(bench.get("profile") or {}).get("host_syncs_per_step"),
                        ours_runs_tokens_per_s=bench.get("ours_runs_tokens_per_s"),
