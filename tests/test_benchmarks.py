@@ -202,13 +202,15 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
 
 def test_bench_train_falls_back_when_the_fused_update_fails(tmp_path):
     """If ours' first run fails (here: the update's device-side skip, made to raise), the bench keeps the
-    error and measures every figure in the setting without torch's fused AdamW."""
+    error and measures every figure of ours in the setting without torch's fused AdamW (whose ablation
+    then has nothing to compare)."""
     from tests.helpers import child_report
 
     figures = child_report("tests.test_benchmarks", tmp_path / "bench.json", timeout=300)
     assert figures["ours_fallback"] == {"error": "RuntimeError: simulated: the device-side skip failed",
                                         "setting": "fused-adam off"}
     assert figures["ours"]["real_tokens"] > 0 and figures["ours_2_layers_4_micro_batches"]["real_tokens"] > 0
+    assert figures["without_fused-adam"]["error"].startswith("not timed: ours runs without the fused AdamW")
 
 
 def run_bench_with_a_failing_device_skip(report_path: str) -> None:
@@ -220,7 +222,8 @@ def run_bench_with_a_failing_device_skip(report_path: str) -> None:
 
     update.arm_update_skip = refuse
     sys.argv = ["bench_train.py", "--preset", "tiny", "--layers", "2", "--seq-length", "512", "--micro-batches", "2",
-                "--steps", "2", "--warmup", "1", "--samples", "40", "--also-micro-batches", "4", "--json", report_path]
+                "--steps", "2", "--warmup", "1", "--samples", "40", "--also-micro-batches", "4", "--ablate", "fused-adam",
+                "--json", report_path]
     bench_train.main()
 
 

@@ -51,3 +51,24 @@ def test_compiled_norm_is_llama_rms_norm(dtype):
         for name, ours_grad, their_grad, exact_grad in zip(("input", "weight"), *gradients):
             our_error, their_error = relative(ours_grad, exact_grad), relative(their_grad, exact_grad)
             assert our_error <= 2 * their_error + tolerance, (tokens, name, our_error, their_error)
+
+
+def test_compiled_norm_keeps_its_casts_inside_a_compiled_layer():
+    """Under --torch-compile-layers the norm is traced into its layer's graph: the layer is compiled
+    keeping the casts too, so its bf16 outputs are LlamaRMSNorm's, bit for bit."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from megatron_eve.model.compile_layers import compile_layers
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(CompiledRMSNorm(SimpleNamespace(sequence_parallel=False), HIDDEN, eps=1e-5))
+    theirs = LlamaRMSNorm(HIDDEN, eps=1e-5)
+    with torch.no_grad():
+        weight = 1 + 0.1 * torch.randn(HIDDEN)
+        layer[0].weight.copy_(weight)
+        theirs.weight.copy_(weight)
+    layer, theirs = layer.bfloat16(), theirs.bfloat16()
+    assert compile_layers([layer]) == 1
+    x = 3 * torch.randn(37, 2, HIDDEN).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(layer(x), theirs(x))

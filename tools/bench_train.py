@@ -262,6 +262,8 @@ def main():
                              "host ops, GPU busy share, host synchronisations per step)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.combine_only_deepest and not args.also_micro_batches:
+        parser.error("--combine-only-deepest times the deepest model with each --also-micro-batches count: give one")
 
     from megatron_eve import distributed
     from megatron_eve.config import ParallelConfig, RuntimeConfig
@@ -313,17 +315,21 @@ def main():
     def first_run(run_args):
         """Ours' first run. If it fails, the run again without torch's fused AdamW (so without the update's
         device-side skip: its host read before the step, megatron-core's own clipping), the error kept:
-        every figure after it is still measured, in that setting."""
+        every figure of ours after it is still measured, in that setting."""
         nonlocal setting
         try:
             return run_ours(run_args, model_cfg, samples, setting)
         except Exception as error:
-            figures["ours_fallback"] = {"error": f"{type(error).__name__}: {error}"[:500], "setting": "fused-adam off"}
-            print(f"  ours failed: {figures['ours_fallback']['error']}\n  every run from here: fused-adam off")
+            figures["ours_fallback"] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            print(f"  ours failed: {figures['ours_fallback']['error']}\n  again without the fused AdamW")
             save()
-            free_device_memory()
-            setting = with_lever(setting, "fused-adam", False)
-            return run_ours(run_args, model_cfg, samples, setting)
+        # Out of the except block: its traceback no longer holds the failed run's model and optimizer.
+        free_device_memory()
+        setting = with_lever(setting, "fused-adam", False)
+        measured = run_ours(run_args, model_cfg, samples, setting)
+        figures["ours_fallback"]["setting"] = "fused-adam off"  # every run of ours from here
+        save()
+        return measured
 
     if torch.cuda.is_available():
         # A process's first runs are slower (inductor's compile workers, cuBLAS heuristics, the allocator
@@ -405,6 +411,10 @@ def main():
         ours_runs.append(work.real_tokens / max(seconds, 1e-9))
 
     levers = [(lever, False) for lever in args.ablate] + [(lever, True) for lever in args.trials]
+    if "ours_fallback" in figures and ("fused-adam", False) in levers:
+        levers.remove(("fused-adam", False))  # ours already runs without it: nothing to compare
+        figures["without_fused-adam"] = {"error": "not timed: ours runs without the fused AdamW (ours_fallback)"}
+        save()
     if levers:  # the first lever's bracket: two runs after the main one (which can still be the slower)
         ours_again()
     for lever, on in levers:

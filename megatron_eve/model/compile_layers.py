@@ -49,10 +49,12 @@ def compile_layers(layers: Iterable[torch.nn.Module]) -> int:
     """Compile each layer's forward in place (nn.Module.compile; its parameters and state dict keys
     stay as they are). Shapes that vary from micro-batch to micro-batch (the packed samples' count
     in cu_seqlens, their longest length) become dynamic after their first change, as torch.compile
-    does by default. Returns how many layers were compiled."""
+    does by default. Inductor keeps the eager code's casts (a bf16 rounding between two fused
+    operations, as LlamaRMSNorm's arithmetic has), so the compiled layer rounds where the eager one
+    does. Returns how many layers were compiled."""
     _quiet_group_lookup()
     count = 0
     for layer in layers:
-        layer.compile()
+        layer.compile(options={"emulate_precision_casts": True})
         count += 1
     return count

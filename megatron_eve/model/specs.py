@@ -82,14 +82,18 @@ def llama_rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float
 
 @functools.lru_cache(maxsize=None)
 def _compiled_llama_rms_norm():
-    return torch.compile(llama_rms_norm, fullgraph=True, options={"emulate_precision_casts": True})
+    # One compiled function serves every norm of the process: its variants (dtypes, grad on / off under
+    # recomputation, a decode step's size-1 dimensions) share torch.compile's recompile limit, past which
+    # a call runs eagerly (fullgraph=True would make that an error). The casts are kept, as LlamaRMSNorm
+    # rounds: the normalised input to the input's dtype before the weight multiplies it.
+    return torch.compile(llama_rms_norm, options={"emulate_precision_casts": True})
 
 
 class CompiledRMSNorm(RMSNorm):
     """RMSNorm as HF's LlamaRMSNorm computes it, compiled by torch.compile: inductor fuses each
     direction into a few kernels (torch's fused backward ran at a third of an H100's bandwidth).
-    Any device inductor compiles for; inside a compiled layer (--torch-compile-layers) traced as is.
-    Same parameter and state-dict keys as RMSNorm."""
+    Any device inductor compiles for; inside a compiled layer (--torch-compile-layers, which keeps
+    the casts too) traced as is. Same parameter and state-dict keys as RMSNorm."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
