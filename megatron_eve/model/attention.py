@@ -235,8 +235,10 @@ def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 @functools.lru_cache(maxsize=None)
 def _compiled_rotate():
     # One fused kernel forward and one backward instead of about six elementwise passes over
-    # q and k each (negate, cat, two products, sum, and megatron-core's final cat).
-    return torch.compile(rotate, fullgraph=True)
+    # q and k each (negate, cat, two products, sum, and megatron-core's final cat). Not fullgraph: its
+    # variants (q / k head counts, grad on / off under recomputation, row lengths) share one recompile
+    # limit, past which a call runs eagerly instead of raising.
+    return torch.compile(rotate)
 
 
 class FlatRotary:
