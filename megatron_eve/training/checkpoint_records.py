@@ -18,7 +18,7 @@ from megatron_eve.atomic import recover_replaced
 from megatron_eve.checkpoint import safe_metadata
 from megatron_eve.config import (ConfigError, EVEModelConfig, TrainingJob, architecture_differences,
                                  model_config_from_dict)
-from megatron_eve.training.optim import schedule_differences, vision_rates
+from megatron_eve.training.optim import optimizer_parts, schedule_differences, vision_rates
 
 safe_metadata.install()  # reading a common state reads .metadata: never run code from it
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -199,8 +199,7 @@ def check_param_groups(optimizer, record: CheckpointRecord) -> None:
     saved = [_group_identifier(group) for group in _saved_param_groups(record)]
     if not saved:
         return  # converted checkpoints hold no optimizer state
-    ours = [_group_identifier(group) for sub in getattr(optimizer, "chained_optimizers", [optimizer])
-            for group in sub.optimizer.param_groups]
+    ours = [_group_identifier(group) for sub in optimizer_parts(optimizer) for group in sub.optimizer.param_groups]
     have = set(saved)
     missing = [key for key in ours if key not in have]
     if not missing:

@@ -91,9 +91,8 @@ class IterationStats:
                 vector[LOSS_SUMS] += stacked.sum(0).to(torch.float64)
         vector[NONFINITE] += bad
         dist.all_reduce(vector)  # the default group: every rank of the job
-        finite = vector[NONFINITE] == 0
         # inf * 0 would be NaN: entries left out are selected away, not multiplied.
-        self.total += torch.where(torch.where(finite, self._keep[True], self._keep[False]), vector, 0.0)
+        self.total += torch.where(self._kept(vector), vector, 0.0)
         self.iterations += 1
         self.last = vector
         return PendingFlags(vector)
@@ -102,9 +101,11 @@ class IterationStats:
         """The last iteration turned out non-finite after its losses were counted (its gradients'
         norm, known later): leave its losses out of the interval, as a non-finite flag would have."""
         if self.last is not None:
-            finite = self.last[NONFINITE] == 0
-            counted = torch.where(finite, self._keep[True], self._keep[False])
-            self.total -= torch.where(counted & ~self._keep[False], self.last, 0.0)
+            self.total -= torch.where(self._kept(self.last) & ~self._keep[False], self.last, 0.0)
+
+    def _kept(self, vector: torch.Tensor) -> torch.Tensor:
+        """Which entries of a reduced vector the interval counts (on the device: no host read)."""
+        return torch.where(vector[NONFINITE] == 0, self._keep[True], self._keep[False])
 
     def last_losses(self) -> Dict[str, float]:
         """This iteration's mean losses (a host read: for messages on the rare paths)."""

@@ -102,7 +102,7 @@ def use_foreach_multi_tensor_ops() -> None:
 _FUSED_ADAM_OF = WeakIdKeyDictionary()
 
 
-def _parts(optimizer) -> List:
+def optimizer_parts(optimizer) -> List:
     """The optimizers inside a megatron-core optimizer: a ChainedOptimizer's parts, or itself."""
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
@@ -165,7 +165,7 @@ def skips_updates_on_the_device(optimizer) -> bool:
     torch AdamW taking torch's fused kernel (it skips on the device, given a found_inf flag, and
     restores its step counts), clips (the total norm it computes then tells whether every gradient
     is finite: _clip_by_total_norm) and has no loss scaler (fp16 finds its overflows itself)."""
-    parts = [part for part in _parts(optimizer) if not getattr(part, "is_stub_optimizer", False)]
+    parts = [part for part in optimizer_parts(optimizer) if not getattr(part, "is_stub_optimizer", False)]
     return bool(parts) and all(
         part.config.clip_grad > 0.0 and getattr(part, "grad_scaler", None) is None
         and not part.config.use_precision_aware_optimizer
@@ -190,7 +190,7 @@ def torch_adam_state_made(optimizer) -> None:
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
         return
-    for sub in _parts(optimizer):
+    for sub in optimizer_parts(optimizer):
         if isinstance(sub, distrib_optimizer.DistributedOptimizer):
             for group in sub.optimizer.param_groups:
                 for param in group["params"]:
@@ -202,7 +202,7 @@ def torch_adam_state_made(optimizer) -> None:
 
 def _torch_adams(optimizer) -> List[torch.optim.Optimizer]:
     """The torch Adam / AdamW instances inside a megatron-core (chained) optimizer."""
-    inner = [getattr(sub, "optimizer", None) for sub in _parts(optimizer)]
+    inner = [getattr(sub, "optimizer", None) for sub in optimizer_parts(optimizer)]
     return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
 
 
@@ -242,7 +242,7 @@ def torch_adam_loading(optimizer):
     (data-parallel-sharded format), or failing to find it (fully reshardable: KeyError); a
     non-tensor entry is skipped there. After the load, the fused implementation again
     (use_fused_torch_adam)."""
-    patched = [sub for sub in _parts(optimizer)
+    patched = [sub for sub in optimizer_parts(optimizer)
                if hasattr(sub, "_set_main_param_and_optimizer_states")]
     for sub in patched:
         original = sub._set_main_param_and_optimizer_states
