@@ -33,6 +33,12 @@ def _mfu_by_depth(bench: dict, prefix: str) -> dict:
             for key, value in bench.items() if key.startswith(prefix + "_") and key.endswith("_layers")}
 
 
+def _time_shares_by_depth(bench: dict, prefix: str) -> dict:
+    """{layers: time shares} of the profiled "<prefix>_<layers>_layers" figures."""
+    return {m[1]: value["profile"]["time_shares"]
+            for key, value in bench.items() if (m := re.fullmatch(prefix + r"_(\d+)_layers", key)) and "profile" in value}
+
+
 def _mfu_by_micro_batches(bench: dict, prefix: str) -> dict:
     """{"<layers> layers, <count> micro-batches": MFU (or the run's error)} of the bench's
     "<prefix>_<layers>_layers_<count>_micro_batches" figures."""
@@ -67,15 +73,11 @@ def main():
                        steady_mfu=(bench.get("ours_steady") or {}).get("mfu"),
                        mfu_at_layers=_mfu_by_depth(bench, "ours"),
                        mfu_at_micro_batches=_mfu_by_micro_batches(bench, "ours"),
-                       deep_time_shares={key.split("_")[1]: value["profile"]["time_shares"]
-                                         for key, value in bench.items()
-                                         if re.fullmatch(r"ours_\d+_layers", key) and "profile" in value},
+                       deep_time_shares=_time_shares_by_depth(bench, "ours"),
                        combined_levers=bench.get("combined_levers"),
                        combined_mfu_at_layers=_mfu_by_depth(bench, "combined"),
                        combined_mfu_at_micro_batches=_mfu_by_micro_batches(bench, "combined"),
-                       combined_time_shares={key.split("_")[1]: value["profile"]["time_shares"]
-                                             for key, value in bench.items()
-                                             if key.startswith("combined_") and "profile" in value},
+                       combined_time_shares=_time_shares_by_depth(bench, "combined"),
                        gain_of_lever={key.split("_", 1)[1]: value.get("gain_of_lever", value.get("error"))
                                       for key, value in bench.items() if key.startswith(("with_", "without_"))})
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
