@@ -54,6 +54,29 @@ def test_crafted_metadata_does_not_run(tmp_path):
     assert raised and "refers to posix.system" in raised and "refusing to load it" in raised
 
 
+def test_crafted_common_state_does_not_run(tmp_path):
+    """The objects inside a checkpoint's .distcp files (megatron-core's common state) are read
+    weights-only: torch's default load planner would unpickle them with weights_only=False."""
+    from megatron_eve.atomic import write_text
+    from megatron_eve.checkpoint.dcp_writer import write_checkpoint
+    from megatron_eve.training.checkpoint_records import CheckpointLoadError, latest_record
+
+    root, marker = tmp_path / "root", tmp_path / "code-ran"
+    write_checkpoint(str(root / "iter_0000000"), [], common={"x": _Payload(marker)})
+    write_text(str(root / "latest_checkpointed_iteration.txt"), "0")
+    try:
+        latest_record(str(root))
+        raised = None
+    except CheckpointLoadError as error:
+        raised = str(error)
+    assert not marker.exists()
+    assert raised and "\n" not in raised and "iter_0000000" in raised and "posix.system" in raised
+    # What the writer stores in earnest still reads.
+    write_checkpoint(str(root / "iter_0000001"), [], common={"model_config": {"layers": 2}, "step": 3})
+    write_text(str(root / "latest_checkpointed_iteration.txt"), "1")
+    assert latest_record(str(root)).common == {"model_config": {"layers": 2}, "step": 3}
+
+
 # ------------------------------------------------------------ optimizer formats and --async-save
 def _worker(mode, root, nproc=2):
     from tests.helpers import torchrun

@@ -1,9 +1,11 @@
-"""torch.distributed.checkpoint reads a checkpoint's `.metadata` with plain `pickle.load`, so a
-crafted checkpoint folder could run code on every --load, conversion, generation or demo start.
-`install()` makes that read use an unpickler that resolves only what checkpoint metadata holds:
-torch.distributed.checkpoint's metadata and planner classes, torch sizes / dtypes / layouts /
-memory formats, paths and plain containers. Anything else is refused with an error naming it.
-(Tensors and objects inside the checkpoint files are read by torch.load with weights_only=True.)
+"""torch.distributed.checkpoint reads a checkpoint's `.metadata` with plain `pickle.load`, and the
+objects stored inside its `.distcp` files (megatron-core's common state, sharded objects) with
+`torch.load(weights_only=False)` in its default load planner: a crafted checkpoint folder could run
+code on every --load, conversion, generation or demo start. `install()` makes the metadata read use
+an unpickler that resolves only what checkpoint metadata holds (torch.distributed.checkpoint's
+metadata and planner classes, torch sizes / dtypes / layouts / memory formats, paths and plain
+containers; anything else is refused with an error naming it), and the planner's object reads use
+torch.load with weights_only=True, as megatron-core's own reads of those objects do.
 """
 
 from __future__ import annotations
@@ -56,9 +58,26 @@ class _RestrictedPickle:
         return MetadataUnpickler(io.BytesIO(data)).load()
 
 
+class _WeightsOnlyTorch:
+    """Stands in for the `torch` module inside torch.distributed.checkpoint.default_planner, whose
+    `load_bytes` unpickles every stored object with weights_only=False: its loads are weights-only
+    (tensors, plain containers and numbers; anything else raises pickle.UnpicklingError), everything
+    else is the real module's."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(file, *args, **kwargs):
+        kwargs["weights_only"] = True
+        return torch.load(file, *args, **kwargs)
+
+
 def install() -> None:
-    """Idempotent; affects metadata reads in this process only."""
-    from torch.distributed.checkpoint import filesystem
+    """Idempotent; affects checkpoint reads in this process only."""
+    from torch.distributed.checkpoint import default_planner, filesystem
 
     if not isinstance(filesystem.pickle, _RestrictedPickle):
         filesystem.pickle = _RestrictedPickle()
+    if not isinstance(default_planner.torch, _WeightsOnlyTorch):
+        default_planner.torch = _WeightsOnlyTorch()

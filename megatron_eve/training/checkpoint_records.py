@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 from typing import Dict, List, NamedTuple, Optional
 
 from megatron_eve.atomic import recover_replaced
@@ -34,16 +36,31 @@ class CheckpointLoadError(ConfigError):
     """A checkpoint directory whose files cannot be read (truncated, damaged, incomplete)."""
 
 
-def _first_line(error: BaseException) -> str:
-    """The innermost cause's message, on one line."""
+def _innermost(error: BaseException) -> BaseException:
+    """The innermost cause (a rank's own error inside torch's CheckpointException)."""
     while error.__cause__ is not None:
         error = error.__cause__
     failures = getattr(error, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))
         error = inner[0] if isinstance(inner, tuple) else inner
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost cause's message, on one line."""
+    error = _innermost(error)
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}".rstrip(": ")
+
+
+def _refused_object(error: BaseException) -> Optional[str]:
+    """What a refused unpickling named (safe_metadata's or torch's weights-only error), if it was one."""
+    error = _innermost(error)
+    if not isinstance(error, pickle.UnpicklingError):
+        return None
+    named = re.search(r"(?:refers to|unsupported GLOBAL) ([\w.]+)", str(error))
+    return named[1] if named else "an object"
 
 
 @contextlib.contextmanager
@@ -56,6 +73,11 @@ def reading(directory: str):
         raise
     # torch's CheckpointException (a BaseException) wraps the ranks' read errors.
     except BaseException as error:  # noqa: BLE001 — torch / megatron-core raise many kinds here
+        refused = _refused_object(error)
+        if refused:
+            raise CheckpointLoadError(
+                f"{directory} cannot be loaded: it stores {refused}, which a checkpoint never holds; refusing to "
+                "unpickle it (a crafted or foreign checkpoint?)") from error
         detail = _first_line(error)
         raise CheckpointLoadError(
             f"{directory} cannot be loaded ({detail}): a file is truncated, damaged or "
