@@ -99,3 +99,50 @@ def test_group_by_length_sorts_each_megabatch_longest_first():
     # Megabatches of 1 x 2 samples: [0, 1], [2, 3], [4, 5], each longest first.
     assert group_by_length(np.arange(6), lengths, batch_size=2, megabatch=1).tolist() == [1, 0, 3, 2, 5, 4]
     assert group_by_length([4, 2, 0], lengths, batch_size=2).tolist() == [0, 4, 2]  # one megabatch
+
+
+def write_lengths(prefix, lengths):
+    from megatron_eve.data.indexed import SampleWriter
+    from megatron_eve.data.records import Sample
+
+    with SampleWriter(str(prefix), {"template": "plain"}) as writer:
+        for i, length in enumerate(lengths):
+            tokens = np.arange(3, 3 + length, dtype=np.int32)
+            writer.add(Sample(f"s{i}", tokens, tokens.copy()))
+        writer.finalize()
+    return str(prefix)
+
+
+def test_a_weighted_dataset_with_no_sequence_left_is_an_error(tmp_path):
+    import logging
+
+    from megatron_eve.config import ConfigError, DataConfig
+    from megatron_eve.data.dataset import build_datasets
+
+    short = write_lengths(tmp_path / "short", [50] * 10 + [200] * 2)
+    long = write_lengths(tmp_path / "long", [150] * 3)  # every sample longer than a sequence
+
+    def build(data_path):
+        config = DataConfig(data_path=data_path, split="100,0,0", seq_length=105,
+                            data_cache_path=str(tmp_path / "plans"))
+        return build_datasets(config, seed=1)
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("megatron_eve.data.dataset")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(ConfigError, match=f"^{long}: all 3 of its training samples are longer than "
+                                              "--seq-length 105"):
+            build(["0.5", short, "0.5", long])
+        with pytest.raises(ConfigError, match=f"^{long}: all 3"):
+            build([short, long])  # weighted by size
+    finally:
+        logger.removeHandler(handler)
+    warned = [r.getMessage() for r in records]
+    assert f"{long} (train): 3 samples longer than seq-length 105 are left out" in warned
+    assert f"{short} (train): 2 samples longer than seq-length 105 are left out" in warned
+    # Weight 0 leaves it out on purpose.
+    train = build(["1", short, "0", long])["train"]
+    assert [d.samples.prefix for d in train.datasets] == [short]

@@ -1,5 +1,6 @@
 """tools/preprocess_data.py: round trip, workers and partitions, bad input, atomic output."""
 
+import dataclasses
 import filecmp
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 from megatron_eve.config import VisionConfig
 from megatron_eve.data.images import image_layout, teacher_layout, tokens_per_image
 from megatron_eve.data.indexed import DatasetFormatError, IndexedSamples
-from megatron_eve.data.preprocess import PreprocessJob, partition_prefix, run
+from megatron_eve.data.preprocess import NoSampleError, PreprocessJob, partition_prefix, run
 from megatron_eve.data.records import RecordConfig
 from megatron_eve.data.templates import apply_template
 from megatron_eve.data.tokenizer import Tokenizer
@@ -180,9 +181,10 @@ def test_over_long_samples_can_be_truncated(corpus, tmp_path):
                                               {"from": "gpt", "value": "ok"}]}
     path = tmp_path / "long.json"
     path.write_text(json.dumps([record]))
-    summary = run(job(corpus, [str(path)], tmp_path / "t", "vicuna_v1", max_length=512, over_length="truncate"))
     # Truncation cuts the answer off, so nothing is left to learn from: the sample is refused.
-    assert summary.samples == 0 and summary.rejected == {"no_supervised_tokens": 1}
+    with pytest.raises(NoSampleError) as failure:
+        run(job(corpus, [str(path)], tmp_path / "t", "vicuna_v1", max_length=512, over_length="truncate"))
+    assert failure.value.rejected == {"no_supervised_tokens": 1}
     record["conversations"] = [{"from": "human", "value": "<image>\nWhat?"},
                                {"from": "gpt", "value": "word " * 3000}]
     record["image"] = json.load(open(corpus["captions"]))[0]["image"]
@@ -225,3 +227,108 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(corpus, tmp_path):
     with pytest.raises(DatasetFormatError, match="incomplete"):
         IndexedSamples(str(prefix))
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# ------------------------------------------------------------- runs that fail keep what was there
+def all_missing_images(corpus, root):
+    """Records whose images are all absent (as with a typo in --image-folder)."""
+    records = json.load(open(corpus["captions"]))[:4]
+    path = root / "typo.json"
+    path.write_text(json.dumps([{**r, "image": "typo/" + r["image"]} for r in records]))
+    return str(path)
+
+
+def files_of(prefix):
+    return {suffix: Path(f"{prefix}{suffix}").read_bytes()
+            for suffix in (".bin", ".idx", ".meta.json", ".rejects.jsonl") if os.path.exists(f"{prefix}{suffix}")}
+
+
+def test_a_run_without_samples_replaces_no_dataset(corpus, tmp_path):
+    from megatron_eve.data.preprocess import FAILED_REJECTS_SUFFIX
+
+    prefix = tmp_path / "data"
+    run(job(corpus, [corpus["captions"]], prefix, "plain"))
+    good = files_of(prefix)
+    typo = all_missing_images(corpus, tmp_path)
+    for partitions in (1, 3, 6):  # 6 parts of 4 records: empty parts are legal, an empty merge is not
+        with pytest.raises(NoSampleError, match=r"4 records rejected \(missing_image 4\)") as failure:
+            run(dataclasses.replace(job(corpus, [typo], prefix, "plain"), partitions=partitions))
+        assert files_of(prefix) == good  # the good dataset and its rejects list, untouched
+        assert failure.value.rejects_path == f"{prefix}{FAILED_REJECTS_SUFFIX}"
+        assert len(open(failure.value.rejects_path).readlines()) == 4
+        assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    IndexedSamples(str(prefix))
+    # Where no dataset is, the rejects list takes its usual name; no dataset file appears.
+    result = cli("--input", typo, "--image-folder", corpus["root"], "--template", "plain", "--tokenizer-model",
+                 corpus["tokenizer"], "--output-prefix", tmp_path / "fresh")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: no valid sample for {tmp_path}/fresh: 4 records rejected (missing_image 4), listed in "
+        f"{tmp_path}/fresh.rejects.jsonl; nothing was written at {tmp_path}/fresh"]
+    names = sorted(name for name in os.listdir(tmp_path) if "_part" not in name)
+    assert names == sorted(["data.bin", "data.idx", "data.meta.json", "data.rejects.jsonl",
+                            "data" + FAILED_REJECTS_SUFFIX, "typo.json", "fresh.rejects.jsonl"])
+
+
+def test_files_not_ours_at_the_prefix_need_overwrite(corpus, tmp_path):
+    from megatron_eve.data.preprocess import OutputError
+
+    prefix = tmp_path / "megatron"
+    for suffix in (".bin", ".idx"):  # a megatron-LM dataset: no sidecar of ours
+        Path(f"{prefix}{suffix}").write_bytes(b"not ours")
+    with pytest.raises(OutputError, match=r"found \.bin, \.idx but no complete dataset of this tool.*--overwrite"):
+        run(job(corpus, [corpus["captions"]], prefix, "plain"))
+    assert Path(f"{prefix}.bin").read_bytes() == b"not ours" and not os.path.exists(f"{prefix}.rejects.jsonl")
+    run(dataclasses.replace(job(corpus, [corpus["captions"]], prefix, "plain"), overwrite=True))
+    assert len(IndexedSamples(str(prefix))) == 40
+    # Our own complete dataset is replaced without the flag.
+    assert run(job(corpus, [corpus["qa"]], prefix, "vicuna_v1")).samples == 40
+
+
+def test_a_failed_run_leaves_no_temporary_rejects_list(corpus, tmp_path, monkeypatch):
+    from megatron_eve.data import preprocess
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(preprocess.SampleWriter, "finalize", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run(job(corpus, [corpus["captions"]], tmp_path / "one", "plain"))
+    monkeypatch.undo()
+    monkeypatch.setattr(preprocess.SampleWriter, "add_prefix", full_disk)  # the merge of partitions
+    with pytest.raises(OSError, match="No space left"):
+        run(dataclasses.replace(job(corpus, [corpus["captions"]], tmp_path / "many", "plain"), partitions=2))
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert not os.path.exists(tmp_path / "one.rejects.jsonl") and not os.path.exists(tmp_path / "many.rejects.jsonl")
+
+
+# ------------------------------------------------------------------------ one error line, no traceback
+@pytest.mark.parametrize("flags, message", [
+    (["--max-length", "-5"], "error: --max-length must be at least 1, got -5"),
+    (["--max-images", "0"], "error: --max-images must be at least 1, got 0"),
+    (["--workers", "0"], "error: --workers must be at least 1, got 0"),
+    (["--partitions", "-1"], "error: --partitions must be at least 1, got -1"),
+    (["--jpeg-quality", "101"], "error: --jpeg-quality must be 1..100, got 101"),
+])
+def test_flags_out_of_range_are_one_error_line(corpus, tmp_path, capsys, flags, message):
+    from tools.preprocess_data import main
+
+    code = main(["--input", corpus["captions"], "--template", "plain", "--tokenizer-model", corpus["tokenizer"],
+                 "--output-prefix", str(tmp_path / "out"), "--no-progress", *flags])
+    assert code == 2 and capsys.readouterr().err.strip() == message
+    assert not os.listdir(tmp_path)
+
+
+def test_unusable_files_are_one_error_line(corpus, tmp_path, capsys):
+    from tools.preprocess_data import main
+
+    bad_model = tmp_path / "bad.model"
+    bad_model.write_bytes(b"not a sentencepiece model")
+    args = ["--input", corpus["captions"], "--template", "plain", "--no-progress"]
+    assert main([*args, "--tokenizer-model", str(bad_model), "--output-prefix", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: --tokenizer-model {bad_model}: not a SentencePiece model "
+                                               f"(INTERNAL: could not parse ModelProto from {bad_model})")
+    under_a_file = tmp_path / "bad.model" / "out"
+    assert main([*args, "--tokenizer-model", corpus["tokenizer"], "--output-prefix", str(under_a_file)]) == 1
+    expected = f"error: --output-prefix {under_a_file}: {bad_model} is a file, not a folder"
+    assert capsys.readouterr().err.strip() == expected

@@ -4,17 +4,23 @@ records (plain template) and question-answer records (vicuna_v1), a Llama-style 
 tokenizer trained on them, and optionally a small random CLIP teacher for the tiny preset.
 
   python tools/make_synthetic_corpus.py --out runs/quickstart/corpus --captions 3000 --qa 3000
+
+The corpus is built in a staging folder beside --out and put in place whole, replacing an earlier
+corpus of this tool; a non-empty folder that is not one is refused without --overwrite.
 """
 
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eve.config import get_preset  # noqa: E402
+from megatron_eve.atomic import check_output_dir, entries, replace_directory  # noqa: E402
+from megatron_eve.config import ConfigError, get_preset  # noqa: E402
 from megatron_eve.data.synthetic import make_corpus, tokenizer_texts  # noqa: E402
 from megatron_eve.data.tokenizer import train_tokenizer  # noqa: E402
 
@@ -48,9 +54,47 @@ def write_heldout_questions(records, folder: str) -> None:
             answers.write(json.dumps({"question_id": qid, "answers": [answer]}) + "\n")
 
 
-def main():
+# Written last into a corpus of this tool: a folder holding it is ours to replace.
+MARKER = "synthetic_corpus.json"
+OUR_NAMES = {"caption.json", "qa.json", "qa_train.json", "qa_heldout.json", "heldout_questions.jsonl",
+             "heldout_answers.jsonl", "images", "tokenizer.model", "tokenizer.vocab", "teacher", MARKER}
+
+
+def is_our_corpus(folder: str) -> bool:
+    """A corpus of this tool: its marker, or (made before the marker) only our names, with the
+    files no user folder would hold together."""
+    names = entries(folder) or set()
+    return MARKER in names or (names <= OUR_NAMES and {"tokenizer.model", "qa_train.json", "qa_heldout.json"} <= names)
+
+
+def build(args, folder: str) -> None:
+    """The whole corpus, written into `folder`, the marker last."""
+    captions = make_corpus(folder, args.captions, "caption", seed=args.seed + 1)
+    qa = make_corpus(folder, args.qa + args.held_out, "qa", seed=args.seed + 2,
+                     text_only_fraction=args.text_only_fraction)
+    records = json.load(open(qa))
+    with open(os.path.join(folder, "qa_train.json"), "w") as handle:
+        json.dump(records[: args.qa], handle)
+    with open(os.path.join(folder, "qa_heldout.json"), "w") as handle:
+        json.dump(records[args.qa :], handle)
+    write_heldout_questions(records[args.qa :], folder)
+    texts = list(tokenizer_texts(json.load(open(captions)) + records[: args.qa]))
+    try:
+        train_tokenizer(texts * 2, os.path.join(folder, "tokenizer"), args.tokenizer_vocab)
+    except RuntimeError as error:  # sentencepiece's message ends with the reason, after its source location
+        raise ConfigError(f"--tokenizer-vocab {args.tokenizer_vocab}: no tokenizer can be trained "
+                          f"({str(error).split('] ')[-1]})") from None
+    if args.teacher_preset:
+        save_random_teacher(os.path.join(folder, "teacher"), args.teacher_preset, args.seed)
+    with open(os.path.join(folder, MARKER), "w") as handle:
+        json.dump({k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}, handle, indent=1)
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it holds files that are not a corpus of this tool")
     parser.add_argument("--captions", type=int, default=3000, help="caption records")
     parser.add_argument("--qa", type=int, default=3000, help="question-answer records")
     parser.add_argument("--held-out", type=int, default=200, help="question-answer records kept for evaluation")
@@ -58,25 +102,35 @@ def main():
     parser.add_argument("--tokenizer-vocab", type=int, default=1000)
     parser.add_argument("--teacher-preset", default="tiny", help="also write a random teacher for this preset")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    os.makedirs(args.out, exist_ok=True)
-    captions = make_corpus(args.out, args.captions, "caption", seed=args.seed + 1)
-    qa = make_corpus(args.out, args.qa + args.held_out, "qa", seed=args.seed + 2,
-                     text_only_fraction=args.text_only_fraction)
-    records = json.load(open(qa))
-    with open(os.path.join(args.out, "qa_train.json"), "w") as handle:
-        json.dump(records[: args.qa], handle)
-    with open(os.path.join(args.out, "qa_heldout.json"), "w") as handle:
-        json.dump(records[args.qa :], handle)
-    write_heldout_questions(records[args.qa :], args.out)
-    texts = list(tokenizer_texts(json.load(open(captions)) + records[: args.qa]))
-    train_tokenizer(texts * 2, os.path.join(args.out, "tokenizer"), args.tokenizer_vocab)
-    if args.teacher_preset:
-        save_random_teacher(os.path.join(args.out, "teacher"), args.teacher_preset, args.seed)
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        print(f"error: --out {args.out} is a file, not a folder", file=sys.stderr)
+        return 1
+    try:
+        check_output_dir(out, is_our_corpus, args.overwrite, "a corpus of this tool")
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    # A fresh, uniquely named folder (an interrupted write's name, atomic.is_leftover): ours to delete.
+    staging = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # as os.makedirs would make it, not mkdtemp's owner-only mode
+    try:
+        build(args, staging)
+        replace_directory(staging, out)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"corpus in {args.out}: {args.captions} captions, {args.qa} + {args.held_out} held-out Q&A records, "
           f"tokenizer.model ({args.tokenizer_vocab} pieces)" + (", teacher/" if args.teacher_preset else ""))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

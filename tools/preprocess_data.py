@@ -5,7 +5,9 @@ Input: a JSON list or JSON Lines of records {"id", "image" (optional, relative t
 "conversations": [{"from": "human"|"gpt", "value": "...<image>..."}]}.
 Output: PREFIX.bin / PREFIX.idx (megatron-core IndexedDataset, multimodal), PREFIX.meta.json
 (template, geometry, tokenizer checksum, counts) and PREFIX.rejects.jsonl (skipped records with
-their reason). Files appear only when complete.
+their reason). Files appear only when complete. A run in which no record yields a sample writes no
+dataset (one at PREFIX stays) and exits 1 naming where its rejects are listed. Files at PREFIX that
+are not a complete dataset of this tool are replaced only with --overwrite.
 
 Examples:
   # captions for prealign / pretrain
@@ -31,7 +33,7 @@ from megatron_eve.config import (  # noqa: E402
     VisionConfig,
     validate,
 )
-from megatron_eve.data.preprocess import PreprocessJob, WorkerPoolError, run  # noqa: E402
+from megatron_eve.data.preprocess import OutputError, PreprocessJob, WorkerPoolError, run  # noqa: E402
 from megatron_eve.data.records import RecordConfig  # noqa: E402
 from megatron_eve.data.sources import InputError  # noqa: E402
 from megatron_eve.data.templates import TEMPLATES  # noqa: E402
@@ -46,6 +48,9 @@ def parse_args(argv=None):
     io.add_argument("--allow-images-outside-folder", action="store_true",
                     help="accept absolute image paths and paths with '..' that leave --image-folder")
     io.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, .idx, .meta.json, .rejects.jsonl")
+    io.add_argument("--overwrite", action="store_true",
+                    help="replace files at PREFIX that are not a complete dataset of this tool (another "
+                         "tool's, or an interrupted run's); without it they are refused")
     text = p.add_argument_group("text")
     text.add_argument("--tokenizer-model", required=True,
                       help="Llama SentencePiece tokenizer.model, or an HF folder holding one")
@@ -75,10 +80,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def flag_problem(args) -> str:
+    """The first flag with a value outside its range, as an error line ("" if none)."""
+    for flag, value in (("--max-length", args.max_length), ("--max-images", args.max_images),
+                        ("--workers", args.workers), ("--partitions", args.partitions)):
+        if value < 1:
+            return f"{flag} must be at least 1, got {value}"
+    if not 1 <= args.jpeg_quality <= 100:
+        return f"--jpeg-quality must be 1..100, got {args.jpeg_quality}"
+    if args.partition_index is not None and not 0 <= args.partition_index < args.partitions:
+        return f"--partition-index {args.partition_index} is outside 0..{args.partitions - 1}"
+    return ""
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.partition_index is not None and not 0 <= args.partition_index < args.partitions:
-        print(f"error: --partition-index {args.partition_index} is outside 0..{args.partitions - 1}", file=sys.stderr)
+    problem = flag_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     vision = VisionConfig(image_size=args.image_size, teacher_image_size=args.teacher_image_size)
     try:
@@ -100,17 +119,21 @@ def main(argv=None) -> int:
         partitions=args.partitions,
         partition_index=args.partition_index,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     try:
         summary = run(job)
-    except (InputError, FileNotFoundError, WorkerPoolError) as error:
+    except (InputError, OutputError, WorkerPoolError) as error:  # NoSampleError too: nothing written
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(summary.line())
-    if summary.samples == 0:
-        print(f"error: no valid sample in {', '.join(args.input)}; see {args.output_prefix}.rejects.jsonl",
-              file=sys.stderr)
+    except OSError as error:  # a file that cannot be read or written (full disk, permissions): named
+        if error.filename is not None:
+            message = f"{error.filename}: {error.strerror}"
+        else:  # an errno without a file is the output's (a full disk); others carry their own message
+            message = f"{args.output_prefix}: {error.strerror}" if error.strerror else str(error)
+        print(f"error: {message}", file=sys.stderr)
         return 1
+    print(summary.line())
     return 0
 
 

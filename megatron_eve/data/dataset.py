@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_eve.config import DataConfig
+from megatron_eve.config import ConfigError, DataConfig
 from megatron_eve.data.indexed import IndexedSamples
 from megatron_eve.data.packing import PackingPlan
 from megatron_eve.data.plan_cache import PlanKey, cached_plans, lengths_sha256
@@ -71,7 +71,8 @@ class PackedSequences:
         self.epoch_starts = [0]
         for plan in self.plans:
             self.epoch_starts.append(self.epoch_starts[-1] + len(plan))
-        self.too_long = self.plans[0].too_long if self.plans else 0
+        # From the lengths, not a plan: no plan is made when no sample fits.
+        self.too_long = int((lengths > config.seq_length).sum())
         if self.too_long:
             logger.warning("%s (%s): %d samples longer than seq-length %d are left out", samples.prefix,
                            split, self.too_long, config.seq_length)
@@ -183,12 +184,24 @@ def build_datasets(config: DataConfig, seed: int, sizes: Sequence[Optional[int]]
                    for w in weights]
         parts = [PackedSequences(s, first, last, config, seed, name, m, reads)
                  for (_, s), (first, last), m in zip(sources, ranges, minimum)]
+        if name == "train":
+            _check_sequences_left(parts, weights, config.seq_length)
         keep = [i for i, p in enumerate(parts) if len(p) and weights[i] > 0]
         if not keep:
             out[name] = None
             continue
         out[name] = BlendedSequences([parts[i] for i in keep], [weights[i] for i in keep], size)
     return out
+
+
+def _check_sequences_left(parts: List[PackedSequences], weights: List[float], seq_length: int) -> None:
+    """A weighted dataset whose training samples are all longer than a sequence would silently leave
+    the blend: refused, naming it."""
+    for part, weight in zip(parts, weights):
+        if weight > 0 and not len(part) and part.too_long:
+            raise ConfigError(f"{part.samples.prefix}: all {part.too_long} of its training samples are longer than "
+                              f"--seq-length {seq_length}, so it would be left out of the blend: raise "
+                              "--seq-length, or give it weight 0")
 
 
 def _check_compatible(sources: List[IndexedSamples]) -> None:

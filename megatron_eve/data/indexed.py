@@ -175,9 +175,15 @@ def read_metadata(prefix: str) -> Dict:
             meta = json.load(handle)
     except (ValueError, UnicodeDecodeError) as error:
         raise DatasetFormatError(f"{path} is not a readable sidecar ({error}); preprocess the data again") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict):
+        raise DatasetFormatError(f"{path}: a JSON {type(meta).__name__}, not a sidecar object; "
+                                 "preprocess the data again")
+    if meta.get("format") != FORMAT:
         raise DatasetFormatError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    for suffix, size in meta.get("files", {}).items():
+    files, counts = meta.get("files", {}), meta.get("counts")
+    if not isinstance(files, dict) or not isinstance(counts, dict) or not isinstance(counts.get("samples"), int):
+        raise DatasetFormatError(f"{path}: no valid 'files' and 'counts' entries; preprocess the data again")
+    for suffix, size in files.items():
         if not os.path.isfile(prefix + suffix):
             raise DatasetFormatError(f"{prefix}{suffix} is missing")
         actual = os.path.getsize(prefix + suffix)

@@ -10,6 +10,7 @@ slices are merged in order, giving the same files as one unpartitioned run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -19,12 +20,15 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
-from megatron_eve.data.indexed import SampleWriter, dataset_complete, read_metadata
+from megatron_eve.data.indexed import SIDECAR_SUFFIX, SampleWriter, dataset_complete, read_metadata
 from megatron_eve.data.records import RecordConfig, Rejection, Sample, process_record, record_id
 from megatron_eve.data.sources import Broken, InputError, count_records, iter_records, parse
 from megatron_eve.data.tokenizer import Tokenizer
 
 REJECTS_SUFFIX = ".rejects.jsonl"
+# Where a run that yields no sample lists its rejects when a complete dataset (with its own list)
+# is at the prefix; never ends in REJECTS_SUFFIX, so it is no other prefix's list.
+FAILED_REJECTS_SUFFIX = ".rejects.failed-run.jsonl"
 
 
 @dataclass
@@ -38,6 +42,7 @@ class PreprocessJob:
     partition_index: Optional[int] = None  # process only this partition (no merge)
     chunk_size: int = 16  # records per worker task
     progress: bool = True
+    overwrite: bool = False  # replace files at the prefix that are not a complete dataset of ours
 
 
 @dataclass
@@ -83,11 +88,12 @@ def _init_worker(tokenizer_model: str, record_config: RecordConfig) -> None:
 def _process_chunk(chunk: List[Tuple[int, object]]):
     out = []
     for index, raw in chunk:
-        record = parse(raw)
-        if isinstance(record, Broken):
-            out.append(Rejection(f"#{index}", record.reason, record.detail))
-            continue
+        record = raw
         try:
+            record = parse(raw)
+            if isinstance(record, Broken):
+                out.append(Rejection(f"#{index}", record.reason, record.detail))
+                continue
             out.append(process_record(record, index, _WORKER["config"], _WORKER["tokenizer"]))
         except Exception as error:  # noqa: BLE001 — one record's unforeseen failure costs that record only
             out.append(Rejection(record_id(record, index), "unexpected_error", f"{type(error).__name__}: {error}"))
@@ -96,6 +102,21 @@ def _process_chunk(chunk: List[Tuple[int, object]]):
 
 class WorkerPoolError(RuntimeError):
     """Preprocessing workers keep dying; the message says what to change."""
+
+
+class OutputError(RuntimeError):
+    """An output that cannot or may not be written; the message names it and says what to do."""
+
+
+class NoSampleError(OutputError):
+    """Every record was rejected: nothing is written at the prefix (a dataset there stays as it was)."""
+
+    def __init__(self, prefix: str, rejected: Counter, rejects_path: str):
+        self.rejected, self.rejects_path = Counter(rejected), rejects_path
+        count = sum(self.rejected.values())
+        why = (f"{count} records rejected (" + ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items()))
+               + f"), listed in {rejects_path}") if count else "the input holds no record"
+        super().__init__(f"no valid sample for {prefix}: {why}; nothing was written at {prefix}")
 
 
 class _WorkerPool:
@@ -129,6 +150,8 @@ class _WorkerPool:
             return future.result()
         except BrokenProcessPool:
             self._restart(pending)
+        except Exception:  # noqa: BLE001 — a record that cannot be sent to a worker (nested too deep to pickle)
+            pass
         out = []
         for index, raw in chunk:
             try:
@@ -137,6 +160,9 @@ class _WorkerPool:
                 out.append(Rejection(f"#{index}", "worker_died", "a preprocessing worker died on this record "
                                      "(killed by the operating system: out of memory?)"))
                 self._restart(pending)
+            except Exception as error:  # noqa: BLE001 — this record only
+                out.append(Rejection(f"#{index}", "unexpected_error",
+                                     f"cannot be sent to a worker: {type(error).__name__}: {error}"))
         return out
 
     def _restart(self, pending: deque) -> None:
@@ -221,8 +247,8 @@ def _reusable(prefix: str, metadata: Dict, records: List[int]) -> bool:
     return meta.get("records") == records and all(meta.get(k) == v for k, v in metadata.items())
 
 
-def _write_slice(job: PreprocessJob, prefix: str, first: int, last: Optional[int],
-                 metadata: Dict, total: Optional[int], extra: Optional[Dict] = None) -> Summary:
+def _write_slice(job: PreprocessJob, prefix: str, first: int, last: Optional[int], metadata: Dict,
+                 total: Optional[int], extra: Optional[Dict] = None, allow_empty: bool = False) -> Summary:
     from tqdm import tqdm
 
     summary = Summary()
@@ -231,19 +257,63 @@ def _write_slice(job: PreprocessJob, prefix: str, first: int, last: Optional[int
     results = _ordered_results(_chunks(records, job.chunk_size), job.workers,
                                (job.tokenizer_model, job.record))
     rejects_tmp = prefix + REJECTS_SUFFIX + ".tmp"
-    with SampleWriter(prefix, metadata) as writer, open(rejects_tmp, "w") as rejects:
-        for result in tqdm(results, total=total, desc=os.path.basename(prefix), unit="rec",
-                           disable=not job.progress, mininterval=1.0):
-            if isinstance(result, Sample):
-                writer.add(result)
-            else:
-                summary.rejected[result.reason] += 1
-                rejects.write(json.dumps(asdict(result)) + "\n")
-        summary.seconds = time.time() - start
-        meta = writer.finalize({"rejected": dict(summary.rejected), **(extra or {})})
-    os.replace(rejects_tmp, prefix + REJECTS_SUFFIX)
+    try:
+        with SampleWriter(prefix, metadata) as writer:
+            with open(rejects_tmp, "w") as rejects:
+                for result in tqdm(results, total=total, desc=os.path.basename(prefix), unit="rec",
+                                   disable=not job.progress, mininterval=1.0):
+                    if isinstance(result, Sample):
+                        writer.add(result)
+                    else:
+                        summary.rejected[result.reason] += 1
+                        rejects.write(json.dumps(asdict(result)) + "\n")
+            summary.seconds = time.time() - start
+            meta = _finish(writer, prefix, rejects_tmp, summary.rejected, extra or {}, allow_empty)
+    finally:
+        _remove_leftover(rejects_tmp)
     _add_counts(summary, meta["counts"])
     return summary
+
+
+def _finish(writer: SampleWriter, prefix: str, rejects_tmp: str, rejected: Counter, extra: Dict,
+            allow_empty: bool) -> Dict:
+    """The dataset and its rejects list put in place; or, for a dataset without a sample where none
+    is allowed, only the rejects list (never over a complete dataset's own list) and NoSampleError:
+    the writer then aborts, so a good dataset at the prefix is never replaced by an empty one."""
+    if writer.counts["samples"] == 0 and not allow_empty:
+        kept = prefix + (FAILED_REJECTS_SUFFIX if dataset_complete(prefix) else REJECTS_SUFFIX)
+        os.replace(rejects_tmp, kept)
+        raise NoSampleError(prefix, rejected, kept)
+    meta = writer.finalize({"rejected": dict(rejected), **extra})
+    os.replace(rejects_tmp, prefix + REJECTS_SUFFIX)
+    return meta
+
+
+def _remove_leftover(path: str) -> None:
+    """A temporary file of a run that failed before renaming it into place."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def check_output(prefix: str, overwrite: bool, replaced: bool = True) -> None:
+    """Before any work: the prefix's folder exists or can be made, and (where the run writes the
+    prefix itself: `replaced`) files there that are not a complete dataset of ours are replaced
+    only with overwrite; our own complete dataset is replaced atomically once the new one is done."""
+    folder = os.path.dirname(os.path.abspath(prefix))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise OutputError(f"--output-prefix {prefix}: {folder} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"--output-prefix {prefix}: cannot create its folder {folder} "
+                          f"({error.strerror or error})") from None
+    if not replaced or overwrite or dataset_complete(prefix):
+        return
+    found = [suffix for suffix in (".bin", ".idx", SIDECAR_SUFFIX) if os.path.lexists(prefix + suffix)]
+    if found:
+        raise OutputError(f"{prefix}: found {', '.join(found)} but no complete dataset of this tool (another "
+                          "tool's files, or an interrupted run's): pass --overwrite to replace them, or choose "
+                          "another --output-prefix")
 
 
 def _add_counts(summary: Summary, counts: Dict) -> None:
@@ -259,7 +329,13 @@ def partition_prefix(prefix: str, index: int, partitions: int) -> str:
 
 
 def run(job: PreprocessJob) -> Summary:
-    tokenizer = Tokenizer(job.tokenizer_model)
+    """Preprocess the job's inputs. Raises NoSampleError (nothing written at the prefix) when no
+    record yields a sample; with partition_index, an empty partition is a legal result."""
+    check_output(job.output_prefix, job.overwrite, replaced=job.partition_index is None)
+    try:
+        tokenizer = Tokenizer(job.tokenizer_model)
+    except RuntimeError as error:  # sentencepiece's "could not parse ModelProto"
+        raise InputError(f"--tokenizer-model {job.tokenizer_model}: not a SentencePiece model ({error})") from None
     metadata = _metadata(job, tokenizer)
     if job.partitions <= 1:
         return _write_slice(job, job.output_prefix, 0, None, metadata, None)
@@ -277,8 +353,9 @@ def run(job: PreprocessJob) -> Summary:
             _add_counts(done, meta["counts"])
             summary.add(done)
             continue
+        # Empty parts are legal (more parts than records); an empty merge is not.
         part = _write_slice(job, prefix, bounds[k], bounds[k + 1], metadata, bounds[k + 1] - bounds[k],
-                            {"records": records})
+                            {"records": records}, allow_empty=True)
         summary.add(part)
     if job.partition_index is None:
         merge([partition_prefix(job.output_prefix, k, job.partitions) for k in range(job.partitions)],
@@ -299,13 +376,16 @@ def merge(prefixes: List[str], output_prefix: str) -> Dict:
     for meta in metas:
         rejected.update(meta.get("rejected", {}))
     rejects_tmp = output_prefix + REJECTS_SUFFIX + ".tmp"
-    with SampleWriter(output_prefix, base) as writer, open(rejects_tmp, "w") as out:
-        for prefix in prefixes:
-            writer.add_prefix(prefix)
-            if os.path.isfile(prefix + REJECTS_SUFFIX):
-                with open(prefix + REJECTS_SUFFIX) as handle:
-                    for line in handle:
-                        out.write(line)
-        meta = writer.finalize({"rejected": dict(rejected), "merged_from": [os.path.basename(p) for p in prefixes]})
-    os.replace(rejects_tmp, output_prefix + REJECTS_SUFFIX)
-    return meta
+    try:
+        with SampleWriter(output_prefix, base) as writer:
+            with open(rejects_tmp, "w") as out:
+                for prefix in prefixes:
+                    writer.add_prefix(prefix)
+                    if os.path.isfile(prefix + REJECTS_SUFFIX):
+                        with open(prefix + REJECTS_SUFFIX) as handle:
+                            for line in handle:
+                                out.write(line)
+            return _finish(writer, output_prefix, rejects_tmp, rejected,
+                           {"merged_from": [os.path.basename(p) for p in prefixes]}, allow_empty=False)
+    finally:
+        _remove_leftover(rejects_tmp)

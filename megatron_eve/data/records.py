@@ -56,8 +56,21 @@ class Rejection:
 
 def record_id(record: Any, index: int) -> str:
     if isinstance(record, dict) and record.get("id") is not None:
-        return str(record["id"])
+        try:
+            return str(record["id"])
+        except RecursionError:  # an id nested as deep as the decoder allows
+            pass
     return f"#{index}"
+
+
+def _check_id(sample_id: str) -> None:
+    """The id is stored as UTF-8: a lone surrogate (a JSON escape such as \\ud800 without its
+    pair) has no UTF-8 form."""
+    try:
+        sample_id.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise TemplateError("invalid_id", f"the id {ascii(sample_id)[:200]} is not valid Unicode "
+                            f"({error.reason})") from None
 
 
 def _image_paths(record: Dict) -> List[str]:
@@ -111,15 +124,25 @@ def _open_image(path: str):
         raise TemplateError("corrupt_image", f"{path}: {type(error).__name__}: {error}") from None
 
 
+def _integer_full_scale(mode: str, brightest: float) -> float:
+    """The white level of integer grey pixels. I;16 is 16-bit. Mode I (signed 32-bit) also holds
+    8- and 16-bit data (Pillow reads 16-bit PNGs as I): its values say which, and beyond 16 bits
+    white is the type's largest value, 2**31 - 1 (as scikit-image's img_as_ubyte scales int32;
+    negative values become black)."""
+    if mode.startswith("I;16") or 255 < brightest <= 65535:
+        return 65535.0
+    return 255.0 if brightest <= 255 else float(2**31 - 1)
+
+
 def to_rgb(image, path: str = "image"):
     """8-bit RGB as EVE sees it. Pillow's convert("RGB") clips 16- and 32-bit integer pixels at 255
-    (a 16-bit grey image turns white): those are scaled to 8 bits first; float pixels, whose range
-    is unknown, are refused."""
+    (a 16-bit grey image turns white): those are scaled to 8 bits first, by the white level of their
+    depth (_integer_full_scale); float pixels, whose range is unknown, are refused."""
     from PIL import Image
 
     if image.mode.startswith("I;16") or image.mode == "I":
         pixels = np.asarray(image, dtype=np.float64)
-        full_scale = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        full_scale = _integer_full_scale(image.mode, float(pixels.max()) if pixels.size else 0.0)
         image = Image.fromarray(np.clip(np.rint(pixels * (255.0 / full_scale)), 0, 255).astype(np.uint8), "L")
     elif image.mode == "F":
         raise TemplateError("unsupported_image", f"{path}: floating-point pixels (mode F) have no known range")
@@ -186,6 +209,7 @@ def _truncate(tokens: List[int], labels: List[int], counts: List[int], limit: in
 def process_record(record: Any, index: int, config: RecordConfig, tokenizer: Tokenizer) -> Union[Sample, Rejection]:
     sample_id = record_id(record, index)
     try:
+        _check_id(sample_id)
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
             raise TemplateError("malformed_record", "a record needs a 'conversations' list")
         paths = _image_paths(record)
@@ -221,4 +245,5 @@ def process_record(record: Any, index: int, config: RecordConfig, tokenizer: Tok
             sample.teacher_images.append(encode_image(_crop(image, base), config.image_codec, config.jpeg_quality))
         return sample
     except TemplateError as error:
-        return Rejection(sample_id, error.reason, str(error))
+        # An id that cannot be written (invalid_id) is named by the record's position instead.
+        return Rejection(sample_id if error.reason != "invalid_id" else f"#{index}", error.reason, str(error))

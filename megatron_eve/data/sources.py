@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Iterator, List, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 _CHUNK = 1 << 20
 # A list element that still fails to parse with this much text after its start is broken (not
@@ -22,6 +22,10 @@ _WHITESPACE = " \t\r\n"
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")
 # How far back from a candidate "{" the reader keeps text to see the "," before it.
 _LOOKBEHIND = 4096
+# What changes the state of a scan for an element's end: brackets, quotes, escapes, and the
+# control characters that JSON forbids inside a string.
+_STRUCTURE = re.compile(r'[][{}",\\\x00-\x1f]')
+_CLOSER = {"}": "{", "]": "["}
 
 
 @dataclass
@@ -47,7 +51,8 @@ class InputError(OSError):
 
 
 def _open(path: str):
-    return open(path, "r", encoding="utf-8", errors="surrogateescape")
+    # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the first record.
+    return open(path, "r", encoding="utf-8-sig", errors="surrogateescape")
 
 
 def _not_utf8(text: str) -> bool:
@@ -92,6 +97,51 @@ class _Window:
                 return position
             position -= self.more(position)
 
+    def element_end(self, start: int) -> Tuple[int, Optional[int]]:
+        """Where the list element that begins at `start` ends, from its brackets and strings alone
+        (a syntax error inside it does not matter): (start, end) in the text as it is now (reading
+        on moves indices). end is None where that is unknown: the element does not close within
+        _MAX_RECORD_CHARS, closes a bracket it did not open, or holds a raw control character in a
+        string (an unterminated string)."""
+        opened, in_string, position = [], False, start
+        while True:
+            found = _STRUCTURE.search(self.text, position)
+            if found is None or (found.group() == "\\" and found.end() == len(self.text)):
+                resume = len(self.text) if found is None else found.start()  # an escape needs its next char
+                if self.eof or resume - start >= _MAX_RECORD_CHARS:
+                    return start, None
+                shift = self.more(start)
+                start, position = start - shift, resume - shift
+                continue
+            char, position = found.group(), found.end()
+            if in_string:
+                if char == '"':
+                    in_string = False
+                elif char == "\\":
+                    position += 1  # the escaped character
+                elif char < " ":
+                    return start, None
+            elif char == '"':
+                in_string = True
+            elif char in "{[":
+                opened.append(char)
+            elif char in "}]":
+                if not opened:  # "]" ends the list (an element without brackets ends before it)
+                    return start, (found.start() if char == "]" else None)
+                if opened.pop() != _CLOSER[char]:
+                    return start, None
+                if not opened:
+                    return start, position
+            elif char == "," and not opened:  # an element without brackets
+                return start, found.start()
+
+    def after_broken(self, start: int, error_at: int) -> int:
+        """Where reading resumes after the broken element that begins at `start`: its end, or
+        where that is unknown, the next element found by next_element from `error_at` on."""
+        offset = error_at - start
+        start, end = self.element_end(start)
+        return end if end is not None else self.next_element(start + offset)
+
     def next_element(self, start: int) -> int:
         """Where the next list element begins after a broken one: the first "{" at or after
         start that follows a "," (nested objects that open a list follow a "["); len(text) if
@@ -135,7 +185,11 @@ def _iter_json_list(path: str) -> Iterator[Record]:
                     position -= window.more(position)  # maybe only cut by the buffer: read on
                     continue
                 yield Broken(f"{error.msg} at character {error.pos - position} of a list element")
-                position = window.next_element(max(error.pos, position + 1))
+                position = window.after_broken(position, max(error.pos, position + 1))
+                continue
+            except (RecursionError, ValueError) as error:  # whatever text follows, it stays refused
+                yield _undecodable(error, "a list element")
+                position = window.after_broken(position, position + 1)
                 continue
             if _not_utf8(window.text[position:end]):
                 yield Broken("bytes that are not UTF-8 inside a list element", "invalid_utf8")
@@ -176,4 +230,14 @@ def parse(record: Record) -> Record:
             return json.loads(record.text)
         except json.JSONDecodeError as error:
             return Broken(f"{error.msg} at column {error.colno}")
+        except (RecursionError, ValueError) as error:
+            return _undecodable(error, "this line")
     return record
+
+
+def _undecodable(error: Exception, where: str) -> Broken:
+    """Valid JSON that Python's decoder refuses: nested deeper than it recurses, or an integer with
+    more digits than Python converts (4300 by default)."""
+    if isinstance(error, RecursionError):
+        return Broken(f"nested too deeply to decode ({where})")
+    return Broken(f"{str(error).split(';')[0]} ({where})")
