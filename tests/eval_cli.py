@@ -12,10 +12,13 @@ SHORT = "\nAnswer the question using a single word or phrase."
 
 def run(*argv):
     """`tools/eval_vqa.py *argv`, run in this process (tests/test_generation.py runs the script):
-    (exit code, stdout, stderr)."""
+    (exit code, stdout, stderr), a command-line mistake's exit included."""
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = main([str(a) for a in argv])
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as stop:  # argparse's way out
+            code = stop.code
     return code, out.getvalue(), err.getvalue()
 
 

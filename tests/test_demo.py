@@ -179,3 +179,29 @@ def test_only_uploads_are_ever_opened(tmp_path):
     history = [{"role": "user", "content": str(secret)}, {"role": "assistant", "content": "ok"}]
     assert list(chat({"text": "And now?", "files": []}, history, 6, 0.0, 1.0)) == ["fine"]
     assert model.requests[-1].image_paths == [] and str(secret) in model.requests[-1].prompt
+
+
+def test_an_abandoned_answer_stops_and_frees_the_model():
+    """A client that goes away (Gradio closes its generator) cancels its answer: the model thread
+    stops at its next step, and the next client does not wait for the rest of it."""
+    from megatron_eve.inference.generate import Sampling
+    from tools.app import ModelThread
+
+    steps = []
+
+    class Backend:
+        def stream(self, request, sampling, cancel=None):
+            for step in range(sampling.max_new_tokens):
+                if cancel is not None and cancel.is_set():
+                    return
+                time.sleep(0.02)
+                steps.append(request)
+                yield f"{request}{step} "
+
+    model = ModelThread(Backend())
+    abandoned = model.stream("a", Sampling(max_new_tokens=500))
+    assert next(abandoned) == "a0 "
+    abandoned.close()
+    started_at = time.time()
+    assert list(model.stream("b", Sampling(max_new_tokens=2))) == ["b0 ", "b1 "]
+    assert time.time() - started_at < 5 and steps.count("a") < 10

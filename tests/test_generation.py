@@ -112,7 +112,8 @@ def test_answer_file_with_bad_questions(model, tmp_path):
     answers.write_text("an older answer file\n")
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_vqa.py"), "answer", "--load", model["load"],
                           "--tokenizer-model", model["tokenizer"], "--question-file", path, "--image-folder",
-                          model["root"], "--answers-file", answers, "--max-new-tokens", "4", "--batch-size", "4"],
+                          model["root"], "--answers-file", answers, "--max-new-tokens", "4", "--batch-size", "4",
+                          "--overwrite"],  # the older file is not an answers file of ours
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{path}:3: not JSON" in out.stderr and f"{path}:7: no text" in out.stderr

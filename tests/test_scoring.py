@@ -106,3 +106,62 @@ def test_science_qa_parser_follows_eve(tmp_path, lenient):
     right = sum(case[4 if lenient else 3] for case in SQA_CASES)
     assert (right, result["questions"], result["missing"]) == ((7 if lenient else 3), 10, 1)
     assert result["accuracy"] == pytest.approx(right / 10)
+
+
+def test_pope_label_files_numbered_alike_are_matched_per_category_by_order(tmp_path):
+    """POPE's coco_pope_<category>.json files each number their questions from 1. LLaVA's
+    eval_pope.py takes each answer's category from the question file and pairs that category's
+    answers with its label file's labels by order."""
+    labels = {"random": ["yes", "no", "yes"], "adversarial": ["no", "no", "yes"]}
+    for category, rows in labels.items():
+        (tmp_path / f"coco_pope_{category}.json").write_text("\n".join(
+            json.dumps({"question_id": i, "image": f"{category}{i}.jpg", "text": "Is there a dog?", "label": label})
+            for i, label in enumerate(rows, 1)))
+    # llava_pope_test.jsonl numbers all questions once; here the categories take turns
+    order = [("random", 1), ("adversarial", 1), ("random", 2), ("adversarial", 2), ("random", 3), ("adversarial", 3)]
+    (tmp_path / "llava_pope_test.jsonl").write_text("\n".join(
+        json.dumps({"question_id": qid, "image": f"{category}{i}.jpg", "text": "Is there a dog?",
+                    "category": category}) for qid, (category, i) in enumerate(order, 1)))
+    texts = ["Yes", "no", "yes", "No", "No", "yes"]
+    (tmp_path / "answers.jsonl").write_text("\n".join(json.dumps({"question_id": qid, "text": text})
+                                                      for qid, text in enumerate(texts, 1)))
+    args = ["score", "--kind", "pope", "--answers-file", tmp_path / "answers.jsonl", "--annotations",
+            tmp_path / "coco_pope_random.json", tmp_path / "coco_pope_adversarial.json"]
+    code, out, err = run(*args)  # which category is question 1 of the answers? Only the question file says.
+    assert code == 1 and out == "" and "both have question_id 1" in err and "--question-file" in err, err
+    code, out, err = run(*args, "--question-file", tmp_path / "llava_pope_test.jsonl")
+    assert code == 0, err
+    result = json.loads(out)
+    # random: questions 1, 3, 5 → labels yes, no, yes; read yes, yes, no → TP 1, FP 1, FN 1.
+    assert result["categories"]["random"] == pytest.approx(
+        {"accuracy": 1 / 3, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 2 / 3})
+    # adversarial: questions 2, 4, 6 → labels no, no, yes; read no, no, yes → all right.
+    assert result["categories"]["adversarial"] == pytest.approx(
+        {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 1 / 3})
+    # overall: TP 2, FP 1, TN 2, FN 1.
+    assert result["accuracy"] == pytest.approx(4 / 6) and result["f1"] == pytest.approx(2 / 3)
+    assert result["questions"] == 6 and result["missing"] == 0 and err == ""
+
+    # Within one label file a repeated question_id is flagged; the first is scored.
+    (tmp_path / "coco_pope_random.json").write_text('{"question_id": 1, "label": "yes"}\n'
+                                                   '{"question_id": 1, "label": "no"}\n')
+    code, out, err = run("score", "--kind", "pope", "--answers-file", tmp_path / "answers.jsonl", "--annotations",
+                         tmp_path / "coco_pope_random.json")
+    assert code == 0 and "1 annotations repeat an earlier question_id" in err and "coco_pope_random.json:2" in err
+    assert json.loads(out)["questions"] == 1 and json.loads(out)["accuracy"] == 1.0
+
+
+def test_vqa_annotations_in_vqav2_layout_and_of_the_wrong_type(tmp_path):
+    """VQAv2's annotations hold [{"answer", "answer_confidence", "answer_id"}, ...]; a row whose
+    "answers" is a string is reported (file:line), not split into characters and scored 0."""
+    vqav2 = [{"answer": a, "answer_confidence": "yes", "answer_id": i}
+             for i, a in enumerate(["yes"] * 9 + ["no"], 1)]
+    (tmp_path / "answers.jsonl").write_text("\n".join(json.dumps({"question_id": i, "text": "yes"}) for i in (1, 2)))
+    (tmp_path / "truth.jsonl").write_text(json.dumps({"question_id": 1, "answers": vqav2}) + "\n"
+                                          + json.dumps({"question_id": 2, "answers": "yes"}) + "\n")
+    code, out, err = run("score", "--kind", "vqa", "--answers-file", tmp_path / "answers.jsonl", "--annotations",
+                         tmp_path / "truth.jsonl")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["accuracy"] == 1.0 and result["questions"] == 1 and result["unreadable_lines"] == 1
+    assert f'{tmp_path / "truth.jsonl"}:2: "answers" must be a list of strings' in err

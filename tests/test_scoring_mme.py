@@ -135,14 +135,43 @@ def test_mme_converted_output_never_writes_into_a_foreign_folder(tmp_path):
     args = ["score", "--kind", "mme", "--answers-file", answers_file(tmp_path, answers),
             "--annotations", mme_release(tmp_path), "--converted-output", folder]
     code, _, err = run(*args)
-    assert code == 1 and "holds files that are not MME answer files" in err and "--overwrite" in err
+    assert code == 2 and "holds files that are not MME answer files" in err and "--overwrite" in err
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
-    code, _, err = run(*args, "--overwrite")
+    code, _, err = run(*args, "--overwrite")  # the user said so: the folder is replaced
     assert code == 0, err
-    assert (folder / "notes.txt").read_text() == "keep me" and (folder / "existence.txt").is_file()
-    (folder / "notes.txt").unlink()
+    assert sorted(p.name for p in folder.iterdir()) == ["existence.txt"]
     code, _, err = run(*args)  # an earlier conversion is ours to replace
     assert code == 0, err
+
+
+def test_mme_converted_output_keeps_no_subtask_of_an_earlier_run(tmp_path):
+    """calculation.py scores every <subtask>.txt in the folder: one left from an earlier run (here
+    artwork, not answered this time) would be scored with this run's answers."""
+    root = mme_release(tmp_path)
+    folder = tmp_path / "eval_tool_answers"
+    first = [{"question_id": "artwork/10002.jpg",
+              "prompt": "Is this artwork created by Gentile da Fabriano?" + SHORT, "text": "Yes"},
+             {"question_id": "existence/000000006040.jpg", "prompt": "Is there a train in this image?" + SHORT,
+              "text": "Yes"}]
+    code, _, err = run("score", "--kind", "mme", "--answers-file", answers_file(tmp_path, first), "--annotations",
+                       root, "--converted-output", folder)
+    assert code == 0 and sorted(p.name for p in folder.iterdir()) == ["artwork.txt", "existence.txt"], err
+    code, _, err = run("score", "--kind", "mme", "--answers-file", answers_file(tmp_path, first[1:], "second.jsonl"),
+                       "--annotations", root, "--converted-output", folder)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("eval_tool")) == ["eval_tool_answers"]
+    assert sorted(p.name for p in folder.iterdir()) == ["existence.txt"]
+
+
+def test_mme_converted_output_never_replaces_an_input(tmp_path):
+    root = mme_release(tmp_path)
+    answers = answers_file(tmp_path, [{"question_id": "existence/000000006040.jpg",
+                                       "prompt": "Is there a train in this image?" + SHORT, "text": "Yes"}])
+    for folder in (root, tmp_path):  # the release folder; a folder holding the answers file
+        code, out, err = run("score", "--kind", "mme", "--answers-file", answers, "--annotations", root,
+                             "--converted-output", folder, "--overwrite")
+        assert code == 2 and out == "" and "would replace the" in err and err.count("\n") == 1, err
+    assert answers.is_file() and (root / "existence").is_dir()
 
 
 def test_mme_questions_round_trip(tmp_path):

@@ -48,7 +48,9 @@ def conversation_prompt(messages, with_image: bool) -> str:
 
 
 class ModelThread:
-    """Owns the backend: answers run here one at a time, their pieces handed back by queue."""
+    """Owns the backend: answers run here one at a time, their pieces handed back by queue. An
+    answer nobody reads any more (the client went away: Gradio closes its generator) is cancelled:
+    the model stops at its next step, or never starts it, and serves the next request."""
 
     def __init__(self, backend):
         self.backend = backend
@@ -60,10 +62,13 @@ class ModelThread:
 
         shim_this_thread()
         while True:
-            request, sampling, pieces = self.requests.get()
+            request, sampling, pieces, cancel = self.requests.get()
             try:
-                for piece in self.backend.stream(request, sampling):
-                    pieces.put(piece)
+                if not cancel.is_set():
+                    for piece in self.backend.stream(request, sampling, cancel=cancel):
+                        if cancel.is_set():
+                            break
+                        pieces.put(piece)
             except PromptError as error:
                 pieces.put(error)
             except Exception as error:  # noqa: BLE001 — one failed answer must not stop the demo
@@ -72,9 +77,13 @@ class ModelThread:
 
     def stream(self, request, sampling: Sampling) -> Iterator:
         pieces: "queue.Queue" = queue.Queue()
-        self.requests.put((request, sampling, pieces))
-        while (piece := pieces.get()) is not _DONE:
-            yield piece
+        cancel = threading.Event()
+        self.requests.put((request, sampling, pieces, cancel))
+        try:
+            while (piece := pieces.get()) is not _DONE:
+                yield piece
+        finally:  # finished, or closed by a consumer that went away
+            cancel.set()
 
 
 def parse_sampling(max_new_tokens, temperature, top_p, limit: int) -> Sampling:

@@ -16,8 +16,10 @@ answer: question jsonl → answer jsonl ({"question_id", "prompt", "text", "answ
         question files carry them) is asked as it is. Split over machines with --num-chunks /
         --chunk-idx. A question that cannot be answered (missing or damaged image, too long, a
         malformed line) gets an empty answer and metadata.error, and a line that is not JSON is
-        reported as file:line; the others are still answered. The answer file is written under a
-        temporary name and renamed into place when complete.
+        reported as file:line; the others are still answered. Each finished answer is also appended
+        to ANSWERS.partial: an interrupted run, rerun with the same question file and options,
+        keeps those and answers the rest. The answer file is written under a temporary name and
+        renamed into place when complete (and the .partial file removed).
 score:  an answer file against ground truth, by the rules of EVE's evaluation code: --kind vqa
         (m4c / EvalAI accuracy, EvalAI's tokenisation first), pope (accuracy, precision, recall, F1,
         yes-ratio, per category and overall; POPE's own label files load), choice (ScienceQA's
@@ -26,16 +28,22 @@ score:  an answer file against ground truth, by the rules of EVE's evaluation co
         questions json: text.rstrip('.').lower() equals the answer; eval.py's accuracy, binary,
         open) or mme (the release folder: calculation.py's acc + acc+ per subtask, perception and
         cognition sums). --converted-output also writes what LLaVA's converter writes: SEED's upload
-        jsonl, GQA's predictions json for its eval.py, MME's eval_tool answer folder. --lenient
-        parses friendlier. Every annotated question counts: one without an answer scores as wrong
-        (and is counted); duplicate answers are flagged and the first is scored. --kind vqa also
-        takes TextVQA's own TextVQA_0.5.1_val.json: answers are matched as eval_textvqa.py does, by
-        (question_id = image id, the question read from the prompt); a prompt it cannot read, or an
-        answer no annotation has, is reported (file:line) and not scored, instead of stopping.
+        jsonl, GQA's predictions json for its eval.py, MME's eval_tool answer folder (swapped in
+        whole). POPE's label files each number their questions from 1: with --question-file
+        (LLaVA's llava_pope_test.jsonl) each category's questions are matched to its label file by
+        order, as eval_pope.py does. --lenient parses friendlier. Every annotated question counts:
+        one without an answer scores as wrong (and is counted); duplicate answers are flagged and
+        the first is scored. --kind vqa also takes TextVQA's own TextVQA_0.5.1_val.json: answers
+        are matched as eval_textvqa.py does, by (question_id = image id, the question read from the
+        prompt); a prompt it cannot read, or an answer no annotation has, is reported (file:line)
+        and not scored, instead of stopping.
 submit: an answer file → the file a server (or grader) takes: --benchmark vqav2 (EvalAI; all
         questions of --question-file, "" when unanswered), vizwiz (EvalAI), mmbench (.xlsx in the
         TSV's columns plus "prediction"; .tsv / .csv by --output-file's extension), seed (upload
         jsonl), mmvet ({"v1_<id>": answer} for MM-Vet's grader), gqa (predictions for eval.py).
+
+An output never replaces one of the command's inputs, nor a file or folder that is not this
+command's own earlier output (unless --overwrite); such a run stops before any work, with exit code 2.
 
   python tools/eval_vqa.py questions --benchmark mmbench --source mmbench_dev_20230712.tsv \\
       --question-file mmbench.jsonl --image-folder mmbench_images
@@ -56,13 +64,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_eve.atomic import write_jsonl  # noqa: E402
 from megatron_eve.config import ConfigError  # noqa: E402
-from megatron_eve.eval.answer_files import (answer_row, askable, chunk, image_paths, read_jsonl, report,  # noqa: E402
-                                            unaskable_reason)
+from megatron_eve.eval.answer_files import (answer_row, askable, chunk, image_paths, read_questions,  # noqa: E402
+                                            report, unaskable_reason)
 from megatron_eve.eval.benchmarks.files import BenchmarkFileError  # noqa: E402
+from megatron_eve.eval.outputs import (ANSWER_FILE, QUESTION_FILE, OutputRefused, check_not_an_input,  # noqa: E402
+                                       check_output_file)
 from megatron_eve.eval.prompts import PROMPT_STYLES, with_suffix  # noqa: E402
 from megatron_eve.eval.question_files import QUESTION_SOURCES  # noqa: E402
+from megatron_eve.eval.resume import SideFile, read_side_file, run_header, side_file  # noqa: E402
 from megatron_eve.eval.scoring import KINDS, ScoreRun, score_answer_file  # noqa: E402
 from megatron_eve.eval.submissions import SUBMISSIONS, write_submission  # noqa: E402
+
+
+def _resolved(path):
+    return os.path.realpath(path) if path else None
+
+
+def answer_options(args, model_id: str) -> dict:
+    """What decides the answers (a side file of other options is not resumed): batch size and
+    parallel layout give the same tokens, so they may change between runs."""
+    return {"model": _resolved(args.load or args.hf), "tokenizer_model": _resolved(args.tokenizer_model),
+            "model_id": model_id, "prompt_style": args.prompt_style, "image_folder": _resolved(args.image_folder),
+            "num_chunks": args.num_chunks, "chunk_idx": args.chunk_idx, "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "bf16": bool(args.bf16),
+            "transformer_impl": getattr(args, "transformer_impl", None)}
 
 
 def answer(args) -> int:
@@ -70,30 +95,52 @@ def answer(args) -> int:
     from megatron_eve.inference.generate import PromptError, chat_prompt
     from tools.generate import sampling, setup
 
-    questions, problems = read_jsonl(args.question_file, required=("question_id", "text"))
+    # Everything that can refuse the run does so before the model is loaded.
+    questions, problems = read_questions(args.question_file)
     questions = chunk(questions, args.num_chunks, args.chunk_idx)
+    inputs = {"--question-file": args.question_file}
+    check_output_file(args.answers_file, inputs, ANSWER_FILE, args.overwrite, "an answer file", "--answers-file")
+    partial = side_file(args.answers_file)
+    check_not_an_input(partial, inputs, "--answers-file's side file")
+    model_id = args.model_id or os.path.basename(os.path.normpath(args.load or args.hf or ""))
+    header = run_header(args.question_file, answer_options(args, model_id))
+    # Read on every rank before any writes (the writer truncates it once the model is loaded).
+    answers, good_length = read_side_file(partial, header, len(questions), args.overwrite)
     backend, writer = setup(args)
     if writer:
         report(problems)
-    model_id = args.model_id or os.path.basename(os.path.normpath(args.load or args.hf))
+        if answers:
+            print(f"resuming: {len(answers)} of {len(questions)} answers kept from {partial}", flush=True)
     suffix = PROMPT_STYLES[args.prompt_style]
     from tqdm import tqdm
 
-    rows = []
-    for start in tqdm(range(0, len(questions), args.batch_size), disable=not writer, desc="answering"):
-        batch = questions[start : start + args.batch_size]
-        usable = [i for i, q in enumerate(batch) if askable(q)]
-        requests = []
-        for q in (batch[i] for i in usable):
-            images = image_paths(q, args.image_folder)
-            requests.append(Request(chat_prompt(with_suffix(q["text"], suffix), with_image=bool(images)), images))
-        outputs = dict(zip(usable, backend.answer(requests, sampling(args)) if requests else []))
-        for i, q in enumerate(batch):
-            out = outputs.get(i, PromptError(unaskable_reason(q)))
-            error = str(out) if isinstance(out, PromptError) else None
-            rows.append(answer_row(q, suffix, model_id, out, error))
+    todo = [i for i in range(len(questions)) if i not in answers]
+    side = SideFile(partial, header, good_length) if writer else None
+    try:
+        for start in tqdm(range(0, len(todo), args.batch_size), disable=not writer, desc="answering"):
+            positions = todo[start : start + args.batch_size]
+            batch = [questions[i] for i in positions]
+            usable = [i for i, q in enumerate(batch) if askable(q)]
+            requests = []
+            for q in (batch[i] for i in usable):
+                images = image_paths(q, args.image_folder)
+                requests.append(Request(chat_prompt(with_suffix(q["text"], suffix), with_image=bool(images)), images))
+            outputs = dict(zip(usable, backend.answer(requests, sampling(args)) if requests else []))
+            finished = []
+            for i, (position, q) in enumerate(zip(positions, batch)):
+                out = outputs.get(i, PromptError(unaskable_reason(q)))
+                error = str(out) if isinstance(out, PromptError) else None
+                answers[position] = answer_row(q, suffix, model_id, out, error)
+                finished.append((position, answers[position]))
+            if side:
+                side.add(finished)
+    finally:
+        if side:
+            side.close()
     if writer:
+        rows = [answers[i] for i in range(len(questions))]
         write_jsonl(args.answers_file, rows)
+        side.finish()
         failed = sum(1 for r in rows if r["metadata"].get("error"))
         skipped = f", {len(problems)} malformed lines (named above)" if problems else ""
         print(f"{len(rows) - failed} answered, {failed} could not be answered{skipped} → {args.answers_file}")
@@ -101,30 +148,65 @@ def answer(args) -> int:
 
 
 def score(args) -> int:
-    run = ScoreRun(args.answers_file, args.annotations, args.kind, args.lenient, args.converted_output, args.overwrite)
+    run = ScoreRun(args.answers_file, args.annotations, args.kind, args.lenient, args.converted_output, args.overwrite,
+                   args.question_file)
     print(json.dumps(score_answer_file(run)))
     return 0
 
 
 def submit(args) -> int:
     """The upload / grader file of --benchmark, from an answer file (and the benchmark's questions)."""
-    answered, empty = write_submission(args.benchmark, args.answers_file, args.question_file, args.output_file)
+    answered, empty = write_submission(args.benchmark, args.answers_file, args.question_file, args.output_file,
+                                       args.overwrite)
     print(f"{args.benchmark}: {answered} answered, {empty} empty → {args.output_file}")
     return 0
 
 
 def questions(args) -> int:
     """A question jsonl from a benchmark's own files, with the prompt EVE's scripts ask."""
-    out = QUESTION_SOURCES[args.benchmark](args.source, args.image_folder, args.lang)
+    check_output_file(args.question_file, {"--source": args.source}, QUESTION_FILE, args.overwrite, "a question file",
+                      "--question-file")
+    out = QUESTION_SOURCES[args.benchmark](args.source, args.image_folder, args.lang, args.overwrite)
     write_jsonl(args.question_file, out)
     print(f"{len(out)} questions → {args.question_file}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command-line mistake is one line (and exit code 2), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _integer_from(least: int):
+    """An argparse type: an integer of at least `least`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {least} or more, not {value}")
+        return value
+    return parse
+
+
+def _check_answer_flags(p: argparse.ArgumentParser, args) -> None:
+    if args.chunk_idx >= args.num_chunks:
+        p.error(f"--chunk-idx {args.chunk_idx} is not below --num-chunks {args.num_chunks}")
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be 1 or more, not {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        p.error(f"--temperature must be 0 (greedy) or more, not {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], not {args.top_p}")
+
+
 def main(argv=None) -> int:
     from tools.generate import add_model_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("answer", help="write an answer file")
     add_model_args(a)
@@ -133,9 +215,12 @@ def main(argv=None) -> int:
     a.add_argument("--answers-file", required=True)
     a.add_argument("--model-id", default=None)
     a.add_argument("--prompt-style", choices=sorted(PROMPT_STYLES), default="short")
-    a.add_argument("--batch-size", type=int, default=8)
-    a.add_argument("--num-chunks", type=int, default=1)
-    a.add_argument("--chunk-idx", type=int, default=0)
+    a.add_argument("--batch-size", type=_integer_from(1), default=8)
+    a.add_argument("--num-chunks", type=_integer_from(1), default=1)
+    a.add_argument("--chunk-idx", type=_integer_from(0), default=0)
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace an --answers-file that is not an answer file, or a side file (.partial) made "
+                        "for other questions or options")
     s = sub.add_parser("score", help="score an answer file")
     s.add_argument("--answers-file", required=True)
     s.add_argument("--annotations", required=True, nargs="+",
@@ -147,11 +232,14 @@ def main(argv=None) -> int:
                    help="vqa: TextVQA / VQAv2 accuracy; pope: per category and overall; choice: ScienceQA-style "
                         "option letters; seed: --annotations SEED-Bench.json; gqa: --annotations "
                         "testdev_balanced_questions.json; mme: --annotations MME_Benchmark_release_version")
+    s.add_argument("--question-file", default=None,
+                   help="pope: the question file answered (LLaVA's llava_pope_test.jsonl): each question's "
+                        "category picks its label file, matched by order as eval_pope.py does")
     s.add_argument("--converted-output", default=None,
                    help="seed: the upload jsonl; gqa: the predictions json GQA's eval.py reads; mme: a folder "
                         "of <subtask>.txt for MME's calculation.py (as LLaVA's converters write them)")
     s.add_argument("--overwrite", action="store_true",
-                   help="mme: write --converted-output into a folder that holds other files")
+                   help="replace a --converted-output that is not our own earlier one")
     s.add_argument("--lenient", action="store_true",
                    help="friendlier answer parsing than EVE's evaluation code (reported as such)")
     u = sub.add_parser("submit", help="write the file a benchmark server or grader takes")
@@ -162,6 +250,7 @@ def main(argv=None) -> int:
                         "question jsonl; mmbench: the TSV; seed: SEED-Bench.json")
     u.add_argument("--output-file", required=True,
                    help="mmbench: .xlsx, or .tsv / .csv for the same table")
+    u.add_argument("--overwrite", action="store_true", help="replace an --output-file that is not our own earlier one")
     q = sub.add_parser("questions", help="write a question file from a benchmark's own files")
     q.add_argument("--benchmark", required=True, choices=tuple(QUESTION_SOURCES))
     q.add_argument("--source", required=True, help="mmbench: the TSV; mme: MME_Benchmark_release_version; "
@@ -169,11 +258,16 @@ def main(argv=None) -> int:
     q.add_argument("--question-file", required=True)
     q.add_argument("--image-folder", default=None, help="mmbench: where the TSV's images are written")
     q.add_argument("--lang", choices=("en", "cn"), default="en", help="mmbench: the instruction's language")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace a --question-file, or --image-folder images, that are not our own earlier ones")
     args = p.parse_args(argv)
     if args.command == "answer":
-        return answer(args)
+        _check_answer_flags(a, args)
     try:
-        return {"score": score, "submit": submit, "questions": questions}[args.command](args)
+        return {"answer": answer, "score": score, "submit": submit, "questions": questions}[args.command](args)
+    except OutputRefused as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (BenchmarkFileError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import sys
 import uuid
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from megatron_eve.eval.benchmarks.files import BenchmarkFileError
 from megatron_eve.eval.prompts import with_suffix
 
 
@@ -59,6 +60,33 @@ def read_jsonl(path: str, required: Sequence[str] = (), numbered: bool = False) 
     return rows, problems
 
 
+def read_questions(path: str) -> Tuple[List[dict], List[str]]:
+    """A question file's questions and problems (`read_jsonl`); a file that yields no question at all
+    is refused (BenchmarkFileError) with what it is instead: empty, a JSON list or one JSON object
+    (JSON, not JSON Lines), or lines that are no question."""
+    questions, problems = read_jsonl(path, required=("question_id", "text"))
+    if questions:
+        return questions, problems
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        text = handle.read()
+    data = None
+    if text.lstrip()[:1] in ("[", "{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    if not text.strip():
+        why = "empty"
+    elif isinstance(data, list):
+        why = (f"a JSON list of {len(data)} items, not JSON Lines (e.g. LLaVA's llava_test_CQM-A.json): a "
+               f"question file has one {{\"question_id\", \"text\", \"image\"}} object per line")
+    elif isinstance(data, dict):
+        why = "one JSON object, not JSON Lines: a question file has one question object per line"
+    else:
+        why = f"no line is a question ({problems[0]}, and {len(problems) - 1} more such lines)"
+    raise BenchmarkFileError(f"{path}: {why}; nothing to answer")
+
+
 def chunk(items: Sequence, count: int, index: int) -> Sequence:
     """Part `index` of `items` cut into `count` consecutive parts of ceil(len / count) (answering split
     over machines, as LLaVA's --num-chunks / --chunk-idx)."""
@@ -93,7 +121,7 @@ def answer_row(question: dict, suffix: str, model_id: str, text: str = "", error
 
 # ------------------------------------------------------------------------------ reading answers
 
-def _usable_id(question_id) -> bool:
+def usable_id(question_id) -> bool:
     return isinstance(question_id, (str, int, float)) and not isinstance(question_id, bool)
 
 
@@ -108,7 +136,7 @@ def first_answers(rows: Sequence[dict], key: Callable[[dict], object], problems:
     is skipped."""
     answers, duplicates = {}, []
     for row in rows:
-        if not _usable_id(row["question_id"]):
+        if not usable_id(row["question_id"]):
             if problems is not None:
                 problems.append(f"question_id {json.dumps(row['question_id'])[:40]}: not a string or a number")
             continue
@@ -127,7 +155,7 @@ def answer_pairs(rows: Sequence[dict]) -> List[Tuple[object, str]]:
     seen, pairs = set(), []
     for row in rows:
         qid = row["question_id"]
-        if _usable_id(qid) and str(qid) not in seen:
+        if usable_id(qid) and str(qid) not in seen:
             seen.add(str(qid))
             pairs.append((qid, _text(row)))
     return pairs

@@ -2,8 +2,9 @@
 
   ANNOTATION_KINDS (vqa, pope, choice): annotation jsonl rows {"question_id", ...}, each kind's
     reference answer and metric (scorers.py); POPE's coco_pope_<category>.json files name their
-    category; --kind vqa also takes TextVQA's own TextVQA_0.5.1_val.json, matched as
-    eval_textvqa.py matches it;
+    category, and with the question file (each question's category) each category's questions are
+    matched to its label file by order, as eval_pope.py does (its files each number from 1);
+    --kind vqa also takes TextVQA's own TextVQA_0.5.1_val.json, matched as eval_textvqa.py matches it;
   BENCHMARK_KINDS (seed, gqa, mme): the benchmark's own files (benchmarks/), answers keyed as its
     scripts key them, and --converted-output: what LLaVA's converter writes for the benchmark's
     own tool.
@@ -17,16 +18,18 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from megatron_eve.atomic import check_output_dir, entries, write_jsonl, write_text
-from megatron_eve.eval.answer_files import answer_pairs, first_answers, read_jsonl, report, warn
+from megatron_eve.atomic import entries, recover_replaced, staged_directory, write_jsonl, write_text
+from megatron_eve.eval.answer_files import answer_pairs, first_answers, read_jsonl, report, usable_id, warn
 from megatron_eve.eval.benchmarks.files import BenchmarkFileError
 from megatron_eve.eval.benchmarks.gqa import gqa_predictions, load_gqa, score_gqa
 from megatron_eve.eval.benchmarks.mme import MME_ANSWER_FILES, load_mme, mme_answer_files, mme_answer_place, score_mme
 from megatron_eve.eval.benchmarks.seed import load_seed, score_seed, seed_key, seed_upload
 from megatron_eve.eval.benchmarks.textvqa import load_textvqa, match_textvqa, score_textvqa
+from megatron_eve.eval.outputs import check_output_file, check_output_folder, json_list_of, jsonl_of
 from megatron_eve.eval.scorers import (mean, mme_question_candidates, multiple_choice_accuracy, pope_metrics,
                                        vqa_accuracy)
 
@@ -38,17 +41,21 @@ class ScoreRun:
     kind: str
     lenient: bool = False  # friendlier answer parsing than EVE's (reported as such)
     converted_output: Optional[str] = None  # BENCHMARK_KINDS only
-    overwrite: bool = False  # mme: write --converted-output into a folder holding other files
+    overwrite: bool = False  # replace a --converted-output we did not write
+    question_file: Optional[str] = None  # pope: each question's category, matched to its label file by order
 
 
 def score_answer_file(run: ScoreRun) -> dict:
     """The scores and counts of `run`; problems and coverage are printed as warnings. Raises
-    BenchmarkFileError (a file that is not what the kind takes) and ConfigError (a foreign folder)."""
+    BenchmarkFileError (a file that is not what the kind takes) and OutputRefused (a --converted-output
+    that is an input, or that we did not write), the latter before any work."""
+    if run.question_file and run.kind != "pope":
+        raise BenchmarkFileError(f"--question-file is for --kind pope, not {run.kind}")
+    if run.converted_output:
+        _check_converted_output(run)
     answer_rows, problems = read_jsonl(run.answers_file, required=("question_id", "text"), numbered=True)
     if run.kind in BENCHMARK_KINDS:
         return _score_benchmark(run, answer_rows, problems)
-    if run.converted_output:
-        raise BenchmarkFileError(f"--converted-output is for --kind seed, gqa or mme, not {run.kind}")
     textvqa = _textvqa_annotations(run)
     if textvqa is not None:
         return _score_textvqa(run, answer_rows, problems, textvqa)
@@ -70,9 +77,23 @@ def _warn_coverage(duplicates, missing, total) -> None:
 
 # ------------------------------------------------------------------- annotation jsonl: vqa, pope, choice
 
+class BadAnnotation(ValueError):
+    """An annotation row whose reference answer has the wrong type; reported as file:line, not scored."""
+
+
 def _vqa_gold(row: dict):
-    """VQA's answer list (or its one "answer")."""
-    return row.get("answers") or ([row["answer"]] if "answer" in row else None)
+    """VQA's answer list: strings, or VQAv2's [{"answer": ...}, ...]; or its one "answer"."""
+    answers = row.get("answers")
+    if answers in (None, []):
+        if "answer" not in row:
+            return None
+        answers = [row["answer"]]
+    elif isinstance(answers, list) and all(isinstance(a, dict) for a in answers):
+        answers = [a.get("answer") for a in answers]  # VQAv2's annotation layout
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise BadAnnotation('"answers" must be a list of strings (or VQAv2\'s [{"answer": "..."}, ...]) or '
+                            '"answer" a string')
+    return answers
 
 
 def _pope_gold(row: dict) -> Optional[str]:
@@ -122,26 +143,115 @@ ANNOTATION_KINDS: Dict[str, AnnotationKind] = {
 }
 
 
-def _annotations(paths):
-    """Ground truth from one or more files → ({question_id: row}, problems). Each row keeps where it
-    came from, so POPE's per-category label files (coco_pope_<category>.json) name their category."""
-    truth, problems = {}, []
+def _annotations(paths) -> Tuple[List[dict], List[str]]:
+    """Ground-truth rows of one or more files, in order, and the lines that cannot be read. Each row
+    keeps where it came from ("_where": file:line, "_file"), so POPE's per-category label files
+    (coco_pope_<category>.json) name their category."""
+    rows, problems = [], []
     for path in paths:
-        rows, bad = read_jsonl(path, required=("question_id",))
+        found, bad = read_jsonl(path, required=("question_id",), numbered=True)
         problems += bad
         category = re.search(r"pope_(\w+?)\.jsonl?$", os.path.basename(path))
-        for row in rows:
+        for row in found:
             row.setdefault("category", category.group(1) if category else None)
-            truth[row["question_id"]] = row
-    return truth, problems
+            row.update(_where=f"{path}:{row.pop('_line')}", _file=path)
+            rows.append(row)
+    return rows, problems
+
+
+def _truth_by_id(run: ScoreRun, rows: List[dict], problems: List[str]) -> Dict[object, dict]:
+    """{question_id: its annotation row}, the first of each id (repeats are warned about). POPE's
+    label files each number their questions from 1: when two of them share ids, the answers'
+    categories must come from the question file (--question-file), as eval_pope.py takes them."""
+    truth: Dict[object, dict] = {}
+    repeated = []
+    for row in rows:
+        qid = row["question_id"]
+        if not usable_id(qid):
+            problems.append(f"{row['_where']}: question_id {json.dumps(qid)[:40]} is not a string or a number")
+            continue
+        if qid in truth:
+            first = truth[qid]
+            if run.kind == "pope" and first["_file"] != row["_file"]:
+                raise BenchmarkFileError(
+                    f"{first['_file']} and {row['_file']} both have question_id {qid}: POPE's label files each "
+                    f"number their questions from 1; pass --question-file (the question file answered, e.g. "
+                    f"llava_pope_test.jsonl) to match each category's answers to its labels by order, as "
+                    f"eval_pope.py does")
+            repeated.append(row["_where"])
+            continue
+        truth[qid] = row
+    if repeated:
+        warn(f"{len(repeated)} annotations repeat an earlier question_id (the first is scored), e.g. "
+             f"{', '.join(repeated[:3])}")
+    return truth
+
+
+def _pope_truth_by_order(run: ScoreRun, rows: List[dict], problems: List[str]) -> Dict[object, dict]:
+    """eval_pope.py's matching: each category's questions (the question file's "category"), in
+    order, against that category's label file (coco_pope_<category>.json), in order. Matched by
+    the question file's order rather than the answers', so that a missing answer cannot shift the
+    labels of the others (LLaVA's answers come in question order: the same pairs)."""
+    labels: Dict[str, List[dict]] = {}
+    for row in rows:
+        if not row["category"]:
+            raise BenchmarkFileError(f"{row['_file']}: names no category: with --question-file POPE's label files "
+                                     f"are matched by their name, coco_pope_<category>.json")
+        labels.setdefault(row["category"], []).append(row)
+    questions, bad = read_jsonl(run.question_file, required=("question_id",), numbered=True)
+    problems += bad
+    truth: Dict[object, dict] = {}
+    asked: Counter = Counter()
+    unlabelled, repeated, other_image = [], [], []
+    for question in questions:
+        category, qid = question.get("category"), question["question_id"]
+        if not isinstance(category, str) or category not in labels:
+            unlabelled.append(f"{run.question_file}:{question['_line']}")
+            continue
+        position = asked[category]
+        asked[category] += 1
+        if position >= len(labels[category]) or not usable_id(qid):
+            continue
+        if qid in truth:
+            repeated.append(f"{run.question_file}:{question['_line']}")
+            continue
+        label = labels[category][position]
+        if question.get("image") and label.get("image") and question["image"] != label["image"]:
+            other_image.append(f"{run.question_file}:{question['_line']} ({question['image']}) and "
+                               f"{label['_where']} ({label['image']})")
+        truth[qid] = label
+    for category, found in sorted(labels.items()):
+        if asked[category] != len(found):
+            warn(f"{found[0]['_file']} has {len(found)} labels for the {asked[category]} questions of category "
+                 f"{category} in {run.question_file} (matched by order; the extra ones are left out)")
+    if unlabelled:
+        warn(f"{len(unlabelled)} questions of {run.question_file} have no label file for their category (not "
+             f"scored), e.g. {', '.join(unlabelled[:3])}")
+    if repeated:
+        warn(f"{len(repeated)} questions repeat an earlier question_id (the first is scored), e.g. "
+             f"{', '.join(repeated[:3])}")
+    if other_image:
+        warn(f"{len(other_image)} questions name another image than the label matched to them by order, e.g. "
+             f"{other_image[0]}: is --question-file the question file these label files were made with?")
+    return truth
 
 
 def _score_annotations(run: ScoreRun, answer_rows, problems) -> dict:
     kind = ANNOTATION_KINDS[run.kind]
     truth_rows, truth_problems = _annotations(run.annotations)
     answers, duplicates = first_answers(answer_rows, lambda r: r["question_id"], problems)
+    if run.question_file:
+        truth_by_id = _pope_truth_by_order(run, truth_rows, truth_problems)
+    else:
+        truth_by_id = _truth_by_id(run, truth_rows, truth_problems)
+    truth = {}
+    for qid, row in truth_by_id.items():
+        try:
+            if kind.gold(row) is not None:
+                truth[qid] = row
+        except BadAnnotation as error:
+            truth_problems.append(f"{row['_where']}: {error}")
     report(problems + truth_problems)
-    truth = {i: row for i, row in truth_rows.items() if kind.gold(row) is not None}
     if not truth:
         raise BenchmarkFileError(f"{', '.join(run.annotations)} hold no question with a usable answer for "
                                  f"--kind {run.kind}")
@@ -232,11 +342,17 @@ def _holds_mme_answers(folder) -> bool:
     return entries(folder) <= MME_ANSWER_FILES
 
 
+def _write_mme_folder(folder: str, files: Dict[str, str]) -> None:
+    """The whole folder built beside `folder` and swapped in: no <subtask>.txt of an earlier run
+    stays for calculation.py to score with these."""
+    with staged_directory(folder) as staging:
+        for name, text in files.items():
+            write_text(os.path.join(staging, name), text)
+
+
 def _score_mme(path: str, answer_rows, problems, run: ScoreRun) -> _Keyed:
     """MME's release folder, each answer found by its prompt (convert_answer_to_mme.py's lookup);
     --converted-output: a folder of <subtask>.txt for MME's calculation.py."""
-    if run.converted_output:  # before the work: a folder of someone else's files is not ours to write into
-        check_output_dir(run.converted_output, _holds_mme_answers, run.overwrite, "MME answer files (<subtask>.txt)")
     questions = load_mme(path)
     truth = dict.fromkeys((q.category, q.file, q.question) for q in questions)
 
@@ -254,8 +370,7 @@ def _score_mme(path: str, answer_rows, problems, run: ScoreRun) -> _Keyed:
     answers, duplicates = first_answers(answer_rows, key, problems)
     scores = score_mme(questions, answers, run.lenient)
     if run.converted_output:
-        for name, text in mme_answer_files(answers, questions).items():
-            write_text(os.path.join(run.converted_output, name), text)
+        _write_mme_folder(run.converted_output, mme_answer_files(answers, questions))
     return _Keyed(scores, answers, duplicates, list(truth), name=lambda key: "/".join(key[:2]))
 
 
@@ -267,6 +382,28 @@ BENCHMARK_KINDS: Dict[str, Callable[[str, List[dict], List[str], ScoreRun], _Key
 }
 
 KINDS = (*ANNOTATION_KINDS, *BENCHMARK_KINDS)  # the --kind choices
+
+# kind → (whether an existing --converted-output is our own earlier one, what that is, whether it is a folder)
+CONVERTED_OUTPUTS: Dict[str, Tuple[Callable[[str], bool], str, bool]] = {
+    "seed": (jsonl_of(("question_id", "prediction")), "a SEED-Bench upload file", False),
+    "gqa": (json_list_of(("questionId", "prediction")), "a GQA predictions file", False),
+    "mme": (_holds_mme_answers, "MME answer files (<subtask>.txt)", True),
+}
+
+
+def _check_converted_output(run: ScoreRun) -> None:
+    """Before any work: --converted-output never replaces an input, nor what we did not write
+    (unless --overwrite)."""
+    if run.kind not in CONVERTED_OUTPUTS:
+        raise BenchmarkFileError(f"--converted-output is for --kind seed, gqa or mme, not {run.kind}")
+    ours, what, folder = CONVERTED_OUTPUTS[run.kind]
+    inputs = [("--answers-file", run.answers_file), ("--question-file", run.question_file)]
+    inputs += [("--annotations", path) for path in run.annotations]
+    if folder:
+        recover_replaced(run.converted_output, legacy=False)  # a swap killed between its renames
+        check_output_folder(run.converted_output, inputs, ours, run.overwrite, what, "--converted-output")
+    else:
+        check_output_file(run.converted_output, inputs, ours, run.overwrite, what, "--converted-output")
 
 
 def _score_benchmark(run: ScoreRun, answer_rows, problems) -> dict:

@@ -24,6 +24,7 @@ from megatron_eve.eval.benchmarks.files import BenchmarkFileError
 from megatron_eve.eval.benchmarks.gqa import gqa_predictions
 from megatron_eve.eval.benchmarks.mmbench import mmbench_table, read_mmbench
 from megatron_eve.eval.benchmarks.seed import load_seed, seed_key, seed_upload
+from megatron_eve.eval.outputs import check_output_file, json_list_of, json_object_keyed, jsonl_of, table_with
 from megatron_eve.eval.scorers import normalize_vqa_answer
 from megatron_eve.eval.xlsx import write_xlsx
 
@@ -90,7 +91,10 @@ def _write_mmbench(question_file: str, pairs: Sequence[Tuple[object, str]], out:
         delimiter = "\t" if out.lower().endswith(".tsv") else ","
         write_text(out, _delimited([columns] + table, delimiter))
     else:
-        write_xlsx(out, columns, table)
+        # pandas held the predictions as text: "007" stays "007"
+        for index, column in write_xlsx(out, columns, table, text_columns=("prediction",)):
+            warn(f"{out}: question {rows[index].get('index')}: control characters taken out of its {column} "
+                 f"(a workbook cannot hold them)")
     return [str(r.get("index")) for r in rows], answers
 
 
@@ -118,31 +122,38 @@ class Submission:
     # (question file, each question's first (question_id, text), output file) → what was written
     write: Callable[[Optional[str], Sequence[Tuple[object, str]], str], Written]
     needs_questions: bool  # every question of the benchmark's --question-file goes into the upload
+    ours: Callable[[str], bool]  # whether an existing output file is one this writer wrote
+    what: str  # that file, in a refusal
 
 
 # benchmark → its upload / grader file; "submit --benchmark" choices, in this order
 SUBMISSIONS: Dict[str, Submission] = {
-    "vqav2": Submission(_evalai(vqav2_submission), needs_questions=True),
-    "vizwiz": Submission(_evalai(vizwiz_submission), needs_questions=True),
-    "mmbench": Submission(_write_mmbench, needs_questions=True),
-    "seed": Submission(_write_seed, needs_questions=True),
-    "mmvet": Submission(_write_mmvet, needs_questions=False),
-    "gqa": Submission(_write_gqa, needs_questions=False),
+    "vqav2": Submission(_evalai(vqav2_submission), True, json_list_of(("question_id", "answer")),
+                        "a VQAv2 upload file"),
+    "vizwiz": Submission(_evalai(vizwiz_submission), True, json_list_of(("image", "answer")), "a VizWiz upload file"),
+    "mmbench": Submission(_write_mmbench, True, table_with(("index", "prediction")), "an MMBench upload table"),
+    "seed": Submission(_write_seed, True, jsonl_of(("question_id", "prediction")), "a SEED-Bench upload file"),
+    "mmvet": Submission(_write_mmvet, False, json_object_keyed("v1_"), "an MM-Vet results file"),
+    "gqa": Submission(_write_gqa, False, json_list_of(("questionId", "prediction")), "a GQA predictions file"),
 }
 
 
-def write_submission(benchmark: str, answers_file: str, question_file: Optional[str], out: str) -> Tuple[int, int]:
+def write_submission(benchmark: str, answers_file: str, question_file: Optional[str], out: str,
+                     overwrite: bool = False) -> Tuple[int, int]:
     """The upload / grader file of `benchmark` from an answer file (the first answer of each
     question), warnings for duplicates, unanswered questions (written empty) and answers to no
-    question (left out); (answered, empty) questions."""
-    answer_rows, problems = read_jsonl(answers_file, required=("question_id", "text"))
-    report(problems)
-    pairs = answer_pairs(answer_rows)
-    duplicates = len(answer_rows) - len(pairs)
+    question (left out); (answered, empty) questions. `out` never replaces an input, nor a file
+    this benchmark's writer did not write unless `overwrite` (OutputRefused)."""
     submission = SUBMISSIONS[benchmark]
     if submission.needs_questions and not question_file:
         raise BenchmarkFileError(f"--benchmark {benchmark} needs --question-file (the benchmark's "
                                  f"questions: every one of them goes into the upload)")
+    check_output_file(out, {"--answers-file": answers_file, "--question-file": question_file}, submission.ours,
+                      overwrite, submission.what, "--output-file")
+    answer_rows, problems = read_jsonl(answers_file, required=("question_id", "text"))
+    report(problems)
+    pairs = answer_pairs(answer_rows)
+    duplicates = len(answer_rows) - len(pairs)
     ids, answers = submission.write(question_file, pairs, out)
     unanswered = sum(1 for i in ids if i not in answers)
     extra = len(set(answers) - set(ids))

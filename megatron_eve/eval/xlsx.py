@@ -3,7 +3,7 @@ to_excel through openpyxl), written with openpyxl under a temporary name and ren
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from megatron_eve.atomic import replacing
 
@@ -32,23 +32,45 @@ def _number(text) -> Optional[Union[int, float]]:
         return value if value == value and value not in (float("inf"), float("-inf")) else None
 
 
-def write_xlsx(path: str, columns: Sequence[str], rows: Sequence[Sequence[Cell]], numbers: bool = True) -> None:
+def write_xlsx(path: str, columns: Sequence[str], rows: Sequence[Sequence[Cell]], numbers: bool = True,
+               text_columns: Sequence[str] = ()) -> List[Tuple[int, str]]:
     """One sheet ("Sheet1", pandas' name): `columns` as the header row, then `rows`; None is an empty
     cell. With `numbers`, a column whose every cell is a number is written as numbers (as pandas
-    read the TSV)."""
+    read the TSV), except `text_columns` (pandas held them as text). The control characters a
+    workbook cannot hold are taken out; returned: (row index, column) of each cell that lost some."""
     from openpyxl import Workbook
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
     if numbers:
-        flags = numeric_columns(rows, len(columns))
+        numeric = numeric_columns(rows, len(columns))
+        flags = [is_number and column not in text_columns for is_number, column in zip(numeric, columns)]
         rows = [[(_number(v) if flags[i] and v is not None else v) for i, v in enumerate(r)] for r in rows]
+    cleaned = []
     book = Workbook()
     sheet = book.active
     sheet.title = "Sheet1"
     sheet.append(list(columns))
-    for row in rows:
-        sheet.append(list(row))
+    for index, row in enumerate(rows):
+        cells = list(row)
+        for i, value in enumerate(cells):
+            if isinstance(value, str) and ILLEGAL_CHARACTERS_RE.search(value):
+                cells[i] = ILLEGAL_CHARACTERS_RE.sub("", value)
+                cleaned.append((index, columns[i] if i < len(columns) else str(i)))
+        sheet.append(cells)
     with replacing(path, "wb") as handle:
         book.save(handle)
+    return cleaned
+
+
+def read_header(path: str) -> List[Cell]:
+    """The first row of the first sheet (raises on a file that is not a workbook)."""
+    from openpyxl import load_workbook
+
+    book = load_workbook(path, read_only=True)
+    try:
+        return list(next(book.worksheets[0].iter_rows(values_only=True), ()))
+    finally:
+        book.close()
 
 
 def read_xlsx(path: str) -> List[List[Cell]]:

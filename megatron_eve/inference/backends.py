@@ -3,9 +3,11 @@ export (plain transformers), used by tools/generate.py, tools/eval_vqa.py and to
 
 from __future__ import annotations
 
+import codecs
 import os
+import threading
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -42,6 +44,15 @@ def open_images(paths: Sequence[str]):
     return images
 
 
+def check_length(positions: int, sampling: Sampling, max_length: int) -> None:
+    """The one length rule of both backends: the prompt and the new tokens fit the model's positions."""
+    if positions >= max_length:
+        raise PromptError(f"the prompt takes {positions} positions; the model allows {max_length}")
+    if positions + sampling.max_new_tokens > max_length:
+        raise PromptError(f"prompt of {positions} positions + {sampling.max_new_tokens} new "
+                          f"tokens exceeds the model's {max_length}")
+
+
 class MegatronBackend:
     def __init__(self, load: str, tokenizer_model: str, parallel, use_cache: bool = True,
                  transformer_impl: str = "auto", bf16: bool = False):
@@ -71,29 +82,51 @@ class MegatronBackend:
         return [p if isinstance(p, PromptError) else self._text(next(outputs), sampling) for p in prepared]
 
     def _check_length(self, prompt: Prompt, sampling: Sampling) -> None:
-        if len(prompt.tokens) + sampling.max_new_tokens > self.max_length:
-            raise PromptError(f"prompt of {len(prompt.tokens)} positions + {sampling.max_new_tokens} new "
-                              f"tokens exceeds the model's {self.max_length}")
+        check_length(len(prompt.tokens), sampling, self.max_length)
 
-    def stream(self, request: Request, sampling: Sampling) -> Iterator[str]:
-        """Text deltas of one answer as it is generated (the same length limit as answer())."""
+    def stream(self, request: Request, sampling: Sampling, cancel: Optional[threading.Event] = None
+               ) -> Iterator[str]:
+        """Text deltas of one answer as it is generated (the same length limit as answer()); stops
+        between steps once `cancel` is set (nobody reads the answer any more)."""
         prompt = self.prepare(request)
         self._check_length(prompt, sampling)
         ids: List[int] = []
         shown = ""
         for step in self.generator.stream([prompt], sampling):
-            if step[0] is None or step[0] == sampling.eos_id:
+            if step[0] is None or step[0] == sampling.eos_id or (cancel is not None and cancel.is_set()):
                 break
             ids.append(step[0])
-            text = self.tokenizer.decode(ids)
-            if len(text) > len(shown):
-                yield text[len(shown):]
-                shown = text
+            # The byte tokens of a character not yet complete decode to U+FFFD: held back until its
+            # last byte comes (as transformers' TextIteratorStreamer holds back), so that no piece
+            # sent has to be taken back.
+            text = self.tokenizer.decode(ids[: len(ids) - self._pending_bytes(ids)])
+            yield from _new_part(text, shown)
+            shown = text
+        yield from _new_part(self.tokenizer.decode(ids), shown)  # ended inside a character: as answer() gives it
+
+    def _pending_bytes(self, ids: List[int]) -> int:
+        """How many of the last tokens are bytes of a UTF-8 character whose other bytes have not come."""
+        sp = self.tokenizer.sp
+        tail = bytearray()
+        for token in reversed(ids[-4:]):  # a UTF-8 character has at most 4 bytes
+            if not (0 <= token < sp.get_piece_size() and sp.is_byte(token)):
+                break
+            tail.insert(0, int(sp.id_to_piece(token)[3:5], 16))  # "<0xE4>"
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(bytes(tail), final=False)
+        return len(decoder.getstate()[0])
 
     def _text(self, ids: List[int], sampling: Sampling) -> str:
         if sampling.eos_id in ids:
             ids = ids[: ids.index(sampling.eos_id)]
         return self.tokenizer.decode(ids).strip()
+
+
+def _new_part(text: str, shown: str) -> Iterator[str]:
+    """What `text` adds to the `shown` text (nothing when decoding changed what was shown: a piece
+    once sent cannot be taken back)."""
+    if len(text) > len(shown) and text.startswith(shown):
+        yield text[len(shown):]
 
 
 class HFBackend:
@@ -110,6 +143,22 @@ class HFBackend:
         self.model = self.model.to(self.device).eval()
         self.tokenizer = Tokenizer(folder)
         self.max_length = self.model.config.max_position_embeddings
+        self.vision = self._vision_config(folder)
+
+    @staticmethod
+    def _vision_config(folder: str):
+        """The export's image geometry (as the converter reads it), for counting an image's positions."""
+        from megatron_eve.checkpoint.hf_eve import model_config, read_hf_config
+
+        return model_config(read_hf_config(folder)).vision
+
+    def positions(self, ids: List[int], images) -> int:
+        """The positions a prompt takes once each image placeholder becomes its image's tokens."""
+        from megatron_eve.data.images import num_visual_tokens
+        from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
+
+        return (len(ids) - ids.count(IMAGE_TOKEN_INDEX)
+                + sum(num_visual_tokens(*image.size, self.vision) for image in images))
 
     def answer(self, requests: List[Request], sampling: Sampling) -> List[Union[str, PromptError]]:
         from megatron_eve.data.templates import tokenize_with_images
@@ -124,6 +173,7 @@ class HFBackend:
                 if ids.count(IMAGE_TOKEN_INDEX) != len(images):
                     raise PromptError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} <image> placeholders "
                                       f"for {len(images)} images")
+                check_length(self.positions(ids, images), sampling, self.max_length)
                 ready.append((index, ids, images))
             except PromptError as error:
                 out[index] = error

@@ -1,0 +1,116 @@
+"""An interrupted `eval_vqa.py answer` keeps what it finished: each answer is appended to
+ANSWERS.partial as it is done, and a rerun with the same question file and options answers only the
+rest and writes the same answers file as an uninterrupted run. A side file of another run is not
+resumed (nor silently thrown away). The CLI runs in-process with a stand-in backend."""
+
+import json
+
+import pytest
+
+from tests.eval_cli import run
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """A backend whose answer is a function of the question, that records what it was asked and
+    can be made to stop (as a killed run does) after some batches."""
+    import tools.generate
+
+    class Backend:
+        asked = []
+        stop_after = None  # batches
+
+        def answer(self, requests, sampling):
+            if Backend.stop_after is not None and len(Backend.asked) >= Backend.stop_after:
+                raise KeyboardInterrupt("interrupted")
+            Backend.asked.append([r.prompt.split("USER: ")[1].split("?")[0] for r in requests])
+            return [f"answer {r.prompt.split('Question ')[1].split('?')[0]} ({sampling.max_new_tokens})"
+                    for r in requests]
+
+    monkeypatch.setattr(tools.generate, "setup", lambda args: (Backend(), True))
+    return Backend
+
+
+def without_ids(path):
+    """An answers file's rows less their answer_id (a fresh uuid per answer)."""
+    return [{k: v for k, v in json.loads(line).items() if k != "answer_id"} for line in path.read_text().splitlines()]
+
+
+def answer(questions, answers, *flags):
+    return run("answer", "--hf", "model", "--question-file", questions, "--answers-file", answers,
+               "--batch-size", "2", "--max-new-tokens", "4", *flags)
+
+
+@pytest.fixture
+def questions(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"question_id": i, "text": f"Question {i}?"}) + "\n" for i in range(1, 6)))
+    return path
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, backend, questions):
+    code, _, err = answer(questions, tmp_path / "full.jsonl")
+    assert code == 0 and len(backend.asked) == 3, err
+
+    backend.asked.clear()
+    backend.stop_after = 2  # killed while asking its third batch
+    answers = tmp_path / "a.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        answer(questions, answers)
+    partial = tmp_path / "a.jsonl.partial"
+    assert not answers.exists() and len(partial.read_text().splitlines()) == 1 + 4  # its header, 4 answers
+    with open(partial, "a") as handle:
+        handle.write('{"position": 4, "row": {"question_id"')  # a line torn by the kill
+
+    backend.asked.clear()
+    backend.stop_after = None
+    code, out, err = answer(questions, answers)
+    assert code == 0 and "resuming: 4 of 5 answers kept" in out, err
+    assert backend.asked == [["Question 5"]]  # only the rest
+    assert without_ids(answers) == without_ids(tmp_path / "full.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "full.jsonl", "q.jsonl"]
+
+
+def test_a_side_file_of_another_run_is_not_resumed(tmp_path, backend, questions):
+    answers = tmp_path / "a.jsonl"
+    backend.stop_after = 1
+    with pytest.raises(KeyboardInterrupt):
+        answer(questions, answers)
+    backend.stop_after = None
+    partial = tmp_path / "a.jsonl.partial"
+    kept = partial.read_text()
+
+    code, out, err = answer(questions, answers, "--max-new-tokens", "5")  # other answers: not these
+    assert code == 2 and out == "" and "another max_new_tokens" in err and err.count("\n") == 1, err
+    questions.write_text(questions.read_text() + json.dumps({"question_id": 6, "text": "Question 6?"}) + "\n")
+    code, _, err = answer(questions, answers)  # the question file changed
+    assert code == 2 and "another question_file_sha256" in err, err
+    assert partial.read_text() == kept and not answers.exists()
+
+    backend.asked.clear()
+    code, out, err = answer(questions, answers, "--overwrite")  # start over
+    assert code == 0 and "resuming" not in out and sum(map(len, backend.asked)) == 6, err
+    assert not partial.exists() and len(answers.read_text().splitlines()) == 6
+
+
+def test_a_foreign_side_file_is_not_replaced(tmp_path, backend, questions):
+    (tmp_path / "a.jsonl.partial").write_text("my notes\n")
+    code, _, err = answer(questions, tmp_path / "a.jsonl")
+    assert code == 2 and "is not a side file of ours" in err and "--overwrite" in err, err
+    assert (tmp_path / "a.jsonl.partial").read_text() == "my notes\n" and not backend.asked
+
+
+def test_a_torn_last_line_is_cut_before_appending(tmp_path):
+    from megatron_eve.eval.resume import SideFile, read_side_file
+
+    header = {"format": "megatron_eve partial answers v1", "question_file": "q", "question_file_sha256": "0",
+              "options": {}}
+    path = tmp_path / "a.jsonl.partial"
+    path.write_text(json.dumps(header) + "\n" + json.dumps({"position": 0, "row": {"question_id": 1}}) + "\n"
+                    + '{"position": 1, "ro')
+    kept, good = read_side_file(str(path), header, 3, overwrite=False)
+    assert kept == {0: {"question_id": 1}}
+    side = SideFile(str(path), header, good)
+    side.add([(1, {"question_id": 2})])
+    side.close()
+    assert read_side_file(str(path), header, 3, overwrite=False)[0] == {0: {"question_id": 1}, 1: {"question_id": 2}}
