@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         directory, count = write_megatron(hf, model, args.out, args.target_tensor_parallel_size,
                                           args.target_pipeline_parallel_size, args.dtype, need_vision=True,
                                           overwrite=args.overwrite)
-    except (CheckpointFormatError, ConfigError) as error:
+    except (CheckpointFormatError, ConfigError, OSError) as error:  # OSError: the output side (disk, rights)
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {directory}: {count} tensors, {model.language.num_layers} layers, "

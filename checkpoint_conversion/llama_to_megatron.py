@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         directory, _ = write_megatron(hf, model, args.out, args.target_tensor_parallel_size,
                                       args.target_pipeline_parallel_size, args.dtype, need_vision=False,
                                       extra=fresh_vision_tensors(model, args.seed), overwrite=args.overwrite)
-    except (CheckpointFormatError, ConfigError) as error:
+    except (CheckpointFormatError, ConfigError, OSError) as error:  # OSError: the output side (disk, rights)
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {directory}: {model.language.num_layers}-layer language model with a fresh PEL, projector and "

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eve.atomic import check_output_dir, replace_directory  # noqa: E402
+from megatron_eve.atomic import check_output_dir, recover_replaced, staged_directory  # noqa: E402
 from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
     CheckpointFormatError,
     MegatronCheckpoint,
@@ -33,12 +33,19 @@ from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
     preprocessor_config,
     read_hf_config,
 )
-from megatron_eve.checkpoint.hf_writer import copy_tokenizer, write_tensors  # noqa: E402
+from megatron_eve.checkpoint.hf_writer import copy_tokenizer, is_written_name, write_tensors  # noqa: E402
 from megatron_eve.checkpoint.megatron_dirs import parse_dtype  # noqa: E402
 from megatron_eve.config import ConfigError, model_config_from_dict  # noqa: E402
-from megatron_eve.training.checkpoint_records import checkpoint_dir, latest_iteration  # noqa: E402
+from megatron_eve.training.checkpoint_records import (  # noqa: E402
+    checkpoint_dir,
+    complete_iterations,
+    latest_iteration,
+    reading,
+)
 
 MODELING = Path(__file__).resolve().parents[1] / "megatron_eve" / "hf" / "modeling_eve.py"
+# What main() writes besides the weights and the tokenizer (hf_writer.is_written_name).
+OWN_FILES = {"config.json", "preprocessor_config.json", "generation_config.json", "modeling_eve.py"}
 
 
 def teacher_tensors(teacher: str, dtype):
@@ -56,13 +63,30 @@ def teacher_tensors(teacher: str, dtype):
 
 
 def is_export(folder: str) -> bool:
-    """An HF folder this script wrote: our modeling file, registered by config.json's auto_map."""
+    """An HF folder this script wrote, and nothing else: only files of the names it writes, and
+    config.json's auto_map registering our modeling file (anything more may be someone's own)."""
+    names = os.listdir(folder)
+    if not all((name in OWN_FILES or is_written_name(name)) and os.path.isfile(os.path.join(folder, name))
+               and not os.path.islink(os.path.join(folder, name)) for name in names):
+        return False
     try:
         auto_map = read_hf_config(folder).get("auto_map") or {}
     except CheckpointFormatError:
         return False
-    return isinstance(auto_map, dict) and os.path.isfile(os.path.join(folder, "modeling_eve.py")) and any(
+    return isinstance(auto_map, dict) and "modeling_eve.py" in names and any(
         str(v).startswith("modeling_eve.") for v in auto_map.values())
+
+
+def checkpoint_to_export(root: str, iteration) -> str:
+    """The iteration directory to export (the latest by default), checked to exist."""
+    iteration = iteration if iteration is not None else latest_iteration(root)
+    if iteration is None:
+        raise CheckpointFormatError(f"{root}: no latest_checkpointed_iteration.txt")
+    directory = checkpoint_dir(root, iteration)
+    if not os.path.isdir(directory):
+        held = ", ".join(map(str, complete_iterations(root))) or "none"
+        raise CheckpointFormatError(f"{root} holds no iteration {iteration} (complete ones: {held})")
+    return directory
 
 
 def main(argv=None) -> int:
@@ -84,42 +108,41 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds files that are not an earlier export")
     args = p.parse_args(argv)
+    final = os.path.abspath(args.out.rstrip("/"))
     try:
+        recover_replaced(final, legacy=False)  # an export killed between its two renames
         check_output_dir(args.out, is_export, args.overwrite, "an earlier export of megatron_eve")
-        iteration = args.iteration if args.iteration is not None else latest_iteration(args.megatron)
-        if iteration is None:
-            raise CheckpointFormatError(f"{args.megatron}: no latest_checkpointed_iteration.txt")
-        directory = checkpoint_dir(args.megatron, iteration)
+        directory = checkpoint_to_export(args.megatron, args.iteration)
         from megatron.core import dist_checkpointing
 
-        common = dist_checkpointing.load_common_state_dict(directory)
+        with reading(directory):
+            common = dist_checkpointing.load_common_state_dict(directory)
         if "model_config" not in common:
             raise CheckpointFormatError(f"{directory} does not record its model configuration")
         model = model_config_from_dict(common["model_config"])
         ckpt = MegatronCheckpoint(directory)
-        dtype = parse_dtype(args.dtype) if args.dtype else ckpt.shapes["embedding.word_embeddings.weight"][1]
+        dtype = parse_dtype(args.dtype) if args.dtype else ckpt.dtype("embedding.word_embeddings.weight")
         teacher = args.teacher or model.aligner.teacher_path
         tensors = hf_tensors(ckpt, model, dtype)
         if args.with_teacher:
             tensors = itertools.chain(tensors, teacher_tensors(teacher, dtype))
-        final = os.path.abspath(args.out.rstrip("/"))
-        staging = final + ".tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        write_tensors(staging, tensors, args.format, int(args.max_shard_size_gb * (1 << 30)),
-                      progress=not args.no_progress)
-        # The original code builds its vision tokenizer from the folder mm_vision_tower names (its
-        # preprocessor_config.json): the export carries one and names itself.
-        with open(os.path.join(staging, "preprocessor_config.json"), "w") as handle:
-            json.dump(preprocessor_config(model), handle, indent=2)
-        with open(os.path.join(staging, "config.json"), "w") as handle:
-            json.dump(hf_config(model, dtype, vision_tower=final, teacher=teacher), handle, indent=2)
-        with open(os.path.join(staging, "generation_config.json"), "w") as handle:
-            json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}, handle, indent=2)
-        shutil.copyfile(MODELING, os.path.join(staging, "modeling_eve.py"))
-        if args.tokenizer_model:
-            copy_tokenizer(args.tokenizer_model, staging)
-        replace_directory(staging, final)
-    except (CheckpointFormatError, ConfigError, FileNotFoundError) as error:
+        # Written beside the real folder (a linked --out keeps its link) and swapped in whole.
+        with staged_directory(final) as staging:
+            write_tensors(staging, tensors, args.format, int(args.max_shard_size_gb * (1 << 30)),
+                          progress=not args.no_progress)
+            # The original code builds its vision tokenizer from the folder mm_vision_tower names (its
+            # preprocessor_config.json): the export carries one and names itself.
+            with open(os.path.join(staging, "preprocessor_config.json"), "w") as handle:
+                json.dump(preprocessor_config(model), handle, indent=2)
+            with open(os.path.join(staging, "config.json"), "w") as handle:
+                json.dump(hf_config(model, dtype, vision_tower=final, teacher=teacher), handle, indent=2)
+            with open(os.path.join(staging, "generation_config.json"), "w") as handle:
+                json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}, handle,
+                          indent=2)
+            shutil.copyfile(MODELING, os.path.join(staging, "modeling_eve.py"))
+            if args.tokenizer_model:
+                copy_tokenizer(args.tokenizer_model, staging)
+    except (CheckpointFormatError, ConfigError, OSError) as error:  # OSError: the output side (disk, rights)
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {args.out} from {directory} ({args.format}, {str(dtype).replace('torch.', '')}"

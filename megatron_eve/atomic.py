@@ -13,12 +13,18 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 from typing import IO, Callable, Iterable, Iterator, Optional
 
 from megatron_eve.config import ConfigError
 
-ASIDE_SUFFIX = ".replaced"
+# Names of our own making beside an output: a directory being written (unique per run) and one
+# moved aside while its replacement is renamed in. They carry a mark no user folder has, so what
+# we create or delete there is never a folder of someone else's (such as "out.tmp").
+STAGING_MARK = ".megatron_eve-staging"
+ASIDE_MARK = ".megatron_eve-replaced"
+LEGACY_ASIDE_SUFFIX = ".replaced"  # what earlier versions moved a checkpoint aside to
 
 
 @contextlib.contextmanager
@@ -59,28 +65,86 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> None:
     write_lines(path, (json.dumps(row) for row in rows))
 
 
+def new_staging_directory(final: str) -> str:
+    """A new empty directory beside the real location of `final` (a linked output is written beside
+    the folder the link points to), named as ours and unique: nothing already there is reused."""
+    parent, base = os.path.split(os.path.realpath(final))
+    os.makedirs(parent, exist_ok=True)
+    while True:
+        staging = os.path.join(parent, f"{base}.{secrets.token_hex(4)}{STAGING_MARK}")
+        try:
+            os.mkdir(staging)
+            return staging
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def staged_directory(final: str) -> Iterator[str]:
+    """A fresh staging directory (new_staging_directory) to write a replacement of `final` in,
+    swapped in by replace_directory when the block completes, removed if the block fails."""
+    staging = new_staging_directory(final)
+    try:
+        yield staging
+        replace_directory(staging, final)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _aside_copies(final: str, legacy: bool) -> list:
+    """The moved-aside copies of `final` (a real path) on disk, the most recently moved first."""
+    parent, base = os.path.split(final)
+    if not os.path.isdir(parent):
+        return []
+    suffix = re.escape(ASIDE_MARK) + r"(\.\d+)?" + (f"|{re.escape(LEGACY_ASIDE_SUFFIX)}" if legacy else "")
+    pattern = re.compile(re.escape(base) + f"(?:{suffix})")
+    paths = [os.path.join(parent, name) for name in os.listdir(parent) if pattern.fullmatch(name)]
+    paths = [path for path in paths if os.path.isdir(path) and not os.path.islink(path)]
+    return sorted(paths, key=lambda p: os.stat(p).st_ctime, reverse=True)  # a rename sets ctime
+
+
 def replace_directory(staging: str, final: str) -> None:
     """Rename the complete directory `staging` to `final`; an existing `final` is moved aside first
-    and deleted only once the new one is in place."""
-    aside = final.rstrip("/") + ASIDE_SUFFIX
-    if os.path.isdir(final):
-        shutil.rmtree(aside, ignore_errors=True)
+    and deleted only once the new one is in place. A linked `final` keeps its link: the folder it
+    points to is replaced. An earlier aside copy (an interrupted replacement's) is left alone."""
+    final = os.path.realpath(final)
+    aside = final + ASIDE_MARK
+    number = 1
+    while os.path.lexists(aside):
+        number += 1
+        aside = f"{final}{ASIDE_MARK}.{number}"
+    moved = os.path.isdir(final)
+    if moved:
         os.replace(final, aside)
-    os.replace(staging, final)
-    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        if moved:
+            os.replace(aside, final)  # the old copy back: nothing changed
+        raise
+    if moved:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
-def recover_replaced(final: str) -> None:
-    """A replacement killed between its two renames leaves only the moved-aside copy: put it back."""
-    aside = final.rstrip("/") + ASIDE_SUFFIX
-    if not os.path.isdir(final) and os.path.isdir(aside):
-        os.replace(aside, final)
+def recover_replaced(final: str, legacy: bool = True) -> None:
+    """A replacement killed between its two renames leaves only the moved-aside copy: put it back.
+    legacy: also the name earlier versions used (final + ".replaced"), for checkpoints they wrote;
+    off for an output folder, whose ".replaced" sibling may be a user's own."""
+    final = os.path.realpath(final)  # replace_directory moved the folder a link points to
+    if os.path.lexists(final):
+        return
+    copies = _aside_copies(final, legacy)
+    if copies:
+        os.replace(copies[0], final)
 
 
 def check_output_dir(path: str, ours: Callable[[str], bool], overwrite: bool, what: str,
                      flag: str = "--overwrite") -> None:
     """Refuse a non-empty output folder that is not our own earlier output of this kind (`ours`),
     unless the user passed `flag`."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{path} exists and is not a folder: choose another output folder")
     if overwrite or not os.path.isdir(path) or not os.listdir(path) or ours(path):
         return
     raise ConfigError(f"{path} exists and holds files that are not {what}: choose another output folder, "
@@ -89,7 +153,8 @@ def check_output_dir(path: str, ours: Callable[[str], bool], overwrite: bool, wh
 
 def is_leftover(name: str) -> bool:
     """A temporary or moved-aside name that an interrupted write of ours leaves behind."""
-    return name.endswith((".tmp", ASIDE_SUFFIX)) or re.search(r"\.tmp\d+$", name) is not None
+    return (name.endswith((".tmp", LEGACY_ASIDE_SUFFIX, STAGING_MARK)) or re.search(r"\.tmp\d+$", name) is not None
+            or re.search(re.escape(ASIDE_MARK) + r"(\.\d+)?$", name) is not None)
 
 
 def entries(path: str) -> Optional[set]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eve.config import ParallelConfig, RuntimeConfig  # noqa: E402
+from megatron_eve.config import ConfigError, ParallelConfig, RuntimeConfig  # noqa: E402
 from megatron_eve.config.options import add_flags  # noqa: E402
 from megatron_eve.inference.generate import PromptError, Sampling, chat_prompt  # noqa: E402
 
@@ -69,7 +69,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from megatron_eve.inference.backends import Request
 
-    backend, printer = setup(args)
+    try:
+        backend, printer = setup(args)
+    except ConfigError as error:  # a flag, or a checkpoint that cannot be loaded: one line naming it
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     questions = [args.prompt] if args.prompt is not None else (line.strip() for line in sys.stdin)
     status = 0
     for question in questions:

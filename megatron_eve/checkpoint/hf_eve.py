@@ -13,6 +13,7 @@ safetensors by tensor) and written a chunk or a shard at a time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
@@ -121,6 +122,28 @@ class HFWeights:
         return handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key]
 
 
+# config.json's numeric fields: whole numbers >= 1, and numbers > 0 (a string "8" or 0 heads would only
+# fail deep inside the model build, or be recorded as they are).
+POSITIVE_INT_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                       "num_key_value_heads", "vocab_size", "max_position_embeddings", "mm_hidden_size",
+                       "mm_hidden_size_clip", "image_size", "image_size_clip")
+POSITIVE_NUMBER_FIELDS = ("rms_norm_eps", "rope_theta")
+# Fields a release may leave null (then the default applies, as the original code's).
+NULLABLE_FIELDS = ("num_key_value_heads", "mm_hidden_size_clip", "image_size", "rope_theta")
+
+
+def field_problem(name: str, value, whole: bool) -> Optional[str]:
+    """Why config.json's `name` is not a positive whole number (`whole`) or positive number; None if it is."""
+    if value is None and name in NULLABLE_FIELDS:
+        return None
+    if whole and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        return f"{name} is {json.dumps(value)}, not a whole number >= 1"
+    if not whole and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                      or value <= 0):
+        return f"{name} is {json.dumps(value)}, not a number > 0"
+    return None
+
+
 def read_hf_config(folder: str) -> Dict:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
@@ -132,6 +155,11 @@ def read_hf_config(folder: str) -> Dict:
         raise CheckpointFormatError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise CheckpointFormatError(f"{path}: not a JSON object")
+    problems = [field_problem(name, config[name], whole) for fields, whole in
+                ((POSITIVE_INT_FIELDS, True), (POSITIVE_NUMBER_FIELDS, False)) for name in fields if name in config]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise CheckpointFormatError(f"{path}: {'; '.join(problems)}")
     return config
 
 
@@ -155,7 +183,11 @@ def rope_base(config: Dict) -> float:
         if kind not in (None, "default"):
             raise CheckpointFormatError(f"config.json: {where} asks for {kind!r} RoPE scaling, which EVE on "
                                         "megatron_eve does not implement")
-    values = {v for v in (config.get("rope_theta"), parameters.get("rope_theta")) if v is not None}
+    nested = parameters.get("rope_theta")
+    problem = nested is not None and field_problem("rope_parameters.rope_theta", nested, whole=False)
+    if problem:
+        raise CheckpointFormatError(f"config.json: {problem}")
+    values = {v for v in (config.get("rope_theta"), nested) if v is not None}
     if len(values) > 1:
         raise CheckpointFormatError(f"config.json: rope_theta {config['rope_theta']} and "
                                     f"rope_parameters.rope_theta {parameters['rope_theta']} disagree")
@@ -164,7 +196,7 @@ def rope_base(config: Dict) -> float:
 
 def language_config(config: Dict) -> LanguageModelConfig:
     missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                           "vocab_size") if k not in config]
+                           "vocab_size") if config.get(k) is None]
     if missing:
         raise CheckpointFormatError(f"config.json lacks {', '.join(missing)}")
     heads = config["num_attention_heads"]
@@ -176,7 +208,7 @@ def language_config(config: Dict) -> LanguageModelConfig:
         ffn_hidden_size=config["intermediate_size"], num_attention_heads=heads,
         num_query_groups=config.get("num_key_value_heads") or heads, vocab_size=config["vocab_size"],
         max_position_embeddings=config.get("max_position_embeddings", 4096),
-        norm_epsilon=config.get("rms_norm_eps", 1e-5), rotary_base=int(base),
+        norm_epsilon=float(config.get("rms_norm_eps", 1e-5)), rotary_base=int(base),
     )
 
 
@@ -229,24 +261,30 @@ def _vision_key_map(hf: HFWeights) -> Dict[str, str]:
     return out
 
 
-def check_keys(hf: HFWeights, lm: LanguageModelConfig, need_vision: bool) -> None:
-    """Every HF tensor is either used or knowingly skipped, and every needed one is there."""
+def _listed(keys: List[str], shown: int = 6) -> str:
+    """The first few keys, then how many more (one line even for a whole missing module)."""
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def check_keys(hf: HFWeights, model: EVEModelConfig, need_vision: bool) -> None:
+    """Every HF tensor is either used or knowingly skipped, and every needed one is there: the
+    language model's, and with `need_vision` every PEL, projector and aligner tensor the
+    configuration implies (a partial vision module would train from random weights)."""
     expected = {hf_key for _, hf_key, _ in OUTER_KEYS}
-    for i in range(lm.num_layers):
-        expected.update(f"model.layers.{i}.{s}" for s in hf_layer_shapes(lm))
-    known_prefixes = tuple(src for _, src in VISION_PREFIXES)
-    unknown = sorted(k for k in hf.keys() if k not in expected and not k.startswith(known_prefixes + SKIPPED_PREFIXES)
+    for i in range(model.language.num_layers):
+        expected.update(f"model.layers.{i}.{s}" for s in hf_layer_shapes(model.language))
+    if need_vision:
+        vision_prefixes = tuple(src for _, src in VISION_PREFIXES)
+        expected.update(k for k in expected_shapes(model) if k.startswith(vision_prefixes))
+    unknown = sorted(k for k in hf.keys() if k not in expected and not k.startswith(SKIPPED_PREFIXES)
                      and not k.endswith(SKIPPED_SUFFIXES))
     missing = sorted(k for k in expected if k not in hf)
-    if need_vision:
-        for part in ("model.vision_tower.patch_embedding.weight", "model.mm_projector.0.weight"):
-            if part not in hf:
-                missing.append(part)
     if unknown or missing:
         raise CheckpointFormatError(
             f"{hf.folder}: " + "; ".join(filter(None, [
-                f"unknown tensors: {', '.join(unknown)}" if unknown else "",
-                f"missing tensors: {', '.join(missing)}" if missing else ""])))
+                f"unknown tensors: {_listed(unknown)}" if unknown else "",
+                f"missing tensors: {_listed(missing)}" if missing else ""])))
 
 
 def expected_shapes(model: EVEModelConfig) -> Dict[str, Tuple[int, ...]]:
@@ -345,6 +383,11 @@ class MegatronCheckpoint:
         self.shapes = {k: (tuple(v.size), v.properties.dtype) for k, v in self.metadata.state_dict_metadata.items()
                        if isinstance(v, TensorStorageMetadata) and not k.startswith("optimizer.")}
 
+    def dtype(self, key: str) -> torch.dtype:
+        if key not in self.shapes:
+            raise CheckpointFormatError(f"{self.directory}: no tensor {key}")
+        return self.shapes[key][1]
+
     def tensor(self, key: str) -> torch.Tensor:
         return self._load(key, None)
 
@@ -360,8 +403,16 @@ class MegatronCheckpoint:
         region = (shape if index is None else (1, *shape[1:]))
         offsets = (0,) * len(shape) if index is None else (index,) + (0,) * (len(shape) - 1)
         out = torch.empty(region, dtype=dtype)
-        dcp_load({key: out}, storage_reader=self.reader, planner=_RegionLoadPlanner(key, offsets, region), no_dist=True)
+        with _reading(self.directory):  # a truncated or damaged file: one line naming the checkpoint
+            dcp_load({key: out}, storage_reader=self.reader, planner=_RegionLoadPlanner(key, offsets, region),
+                     no_dist=True)
         return out if index is None else out[0]
+
+
+def _reading(directory: str):
+    from megatron_eve.training.checkpoint_records import reading
+
+    return reading(directory)
 
 
 class _RegionLoadPlanner:

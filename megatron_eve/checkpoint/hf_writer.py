@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from typing import Dict, Iterable, List, Tuple
 
 import torch
 
 from megatron_eve.data.tokenizer import resolve_tokenizer_model
+
+# The names ShardWriter and copy_tokenizer give their files (an earlier export is recognised by them).
+WEIGHT_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin"
+                         r"|model\.safetensors\.index\.json|pytorch_model\.bin\.index\.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def is_written_name(name: str) -> bool:
+    """Whether write_tensors or copy_tokenizer writes a file of this name."""
+    return name in TOKENIZER_FILES or WEIGHT_NAME.fullmatch(name) is not None
 
 
 class ShardWriter:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict
 from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_eve.atomic import check_output_dir, entries, write_text
+from megatron_eve.atomic import ASIDE_MARK, check_output_dir, recover_replaced, staged_directory, write_text
 from megatron_eve.config import ConfigError, EVEModelConfig, ParallelConfig, RuntimeConfig, validate
 from megatron_eve.training.checkpoint_records import TRACKER, checkpoint_dir
 
@@ -44,13 +45,19 @@ def _counted(make, bar):
     return wrapped
 
 
+# What an interrupted conversion of ours leaves in its root (this version writes a new root beside
+# it; earlier ones wrote iter_0000000 in place): anything else there may be someone's own.
+CONVERSION_LEFTOVER = re.compile(r"iter_0000000(\.tmp|\.replaced|" + re.escape(ASIDE_MARK) + r"(\.\d+)?)"
+                                 r"|" + re.escape(TRACKER) + r"\.tmp\d+")
+
+
 def is_converted_root(root: str) -> bool:
     """A checkpoint root as our converters write it: iter_0000000 (made from HF weights) and the
     marker, nothing else (a training run's root has later iterations)."""
-    names = entries(root)
+    names = {name for name in os.listdir(root) if CONVERSION_LEFTOVER.fullmatch(name) is None}
     if not names:
         return True  # nothing, or only what an interrupted conversion left
-    if "iter_0000000" not in names or not names <= {"iter_0000000", TRACKER}:
+    if names != {"iter_0000000", TRACKER}:
         return False
     from megatron.core import dist_checkpointing
 
@@ -64,19 +71,24 @@ def write_megatron(hf, model: EVEModelConfig, root: str, tensor_parallel: int, p
                    dtype: Optional[str],
                    need_vision: bool, extra: Iterable[Tuple[str, torch.Tensor]] = (),
                    overwrite: bool = False) -> Tuple[str, int]:
-    """HF tensors (+ `extra` made ones) → ROOT/iter_0000000, after every check that can fail:
-    the output is free (or our own earlier conversion, or `overwrite`), the model fits the target
-    layout, no tensor is unknown, missing or of the wrong shape."""
+    """HF tensors (+ `extra` made ones) → a new ROOT holding iter_0000000 and the marker, after
+    every check that can fail: the output is free (or our own earlier conversion, or `overwrite`),
+    the model fits the target layout, no tensor is unknown, missing or of the wrong shape."""
     from megatron_eve.checkpoint.dcp_writer import write_checkpoint
     from megatron_eve.checkpoint.hf_eve import check_keys, check_padded_vocab, check_shapes, megatron_plan
 
+    recover_replaced(root, legacy=False)  # a conversion killed between its two renames
     check_output_dir(root, is_converted_root, overwrite, "an earlier conversion (a training run's checkpoints?)")
     validate(model, ParallelConfig(tensor_parallel, pipeline_parallel), RuntimeConfig())
-    check_keys(hf, model.language, need_vision=need_vision)
+    check_keys(hf, model, need_vision=need_vision)
     check_shapes(hf, model)
     padded = check_padded_vocab(model, tensor_parallel)
     # The source's own dtype unless asked otherwise: a bf16 release stays bf16, fp32 is not rounded.
     stored = parse_dtype(dtype) if dtype else hf.dtype("model.embed_tokens.weight")
     plan = megatron_plan(hf, model, padded, stored, extra=extra)
     common = {"converted_from": os.path.abspath(hf.folder), "model_config": asdict(model)}
-    return finish_checkpoint(root, lambda d: write_checkpoint(d, plan, common), plan), len(plan)
+    # A whole new root, written beside --out and swapped in: an old root's other iterations never
+    # outlive it next to a marker that names the new one.
+    with staged_directory(root) as staging:
+        finish_checkpoint(staging, lambda d: write_checkpoint(d, plan, common), plan)
+    return checkpoint_dir(root, 0), len(plan)

@@ -30,6 +30,11 @@ def model_problems(model: EVEModelConfig, parallel: ParallelConfig, runtime: Run
     lm, vis, pal = model.language, model.vision, model.aligner
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     problems = []
+    sizes = {"num_layers": lm.num_layers, "hidden_size": lm.hidden_size,
+             "num_attention_heads": lm.num_attention_heads, "num_query_groups": lm.num_query_groups}
+    too_small = [f"{name} must be >= 1, got {value}" for name, value in sizes.items() if value < 1]
+    if too_small:  # the divisibility checks below divide by them
+        return too_small
     if tp < 1 or pp < 1:
         problems.append(f"parallel sizes must be >= 1 (TP={tp}, PP={pp})")
     else:

@@ -180,23 +180,30 @@ def load_model_for_inference(root: str, parallel, transformer_impl: str = "auto"
 
     from megatron_eve.config import ConfigError, RuntimeConfig, model_config_from_dict
     from megatron_eve.model.build import build_model
-    from megatron_eve.training.checkpoint_records import checkpoint_dir, latest_iteration
+    from megatron_eve.training.checkpoint_records import checkpoint_dir, latest_iteration, reading
 
     iteration = iteration if iteration is not None else latest_iteration(root)
     if iteration is None:
         raise ConfigError(f"{root}: no latest_checkpointed_iteration.txt")
     directory = checkpoint_dir(root, iteration)
-    cfg = model_config_from_dict(dist_checkpointing.load_common_state_dict(directory)["model_config"])
+    with reading(directory):  # a truncated or damaged file: one line naming the checkpoint
+        common = dist_checkpointing.load_common_state_dict(directory)
+    if "model_config" not in common:
+        raise ConfigError(f"{directory} does not record its model configuration")
+    cfg = model_config_from_dict(common["model_config"])
     cfg.aligner.teacher_path = None  # inference never needs the teacher
     model = build_model(cfg, parallel, RuntimeConfig(transformer_impl=transformer_impl), load_teacher=False,
                         parallel_output=False)
     sharded = model.sharded_state_dict()
-    available = set(dist_checkpointing.load_tensors_metadata(directory))
+    with reading(directory):
+        available = set(dist_checkpointing.load_tensors_metadata(directory))
     present = {k: v for k, v in sharded.items() if getattr(v, "key", k) in available}
     missing = [k for k in set(sharded) - set(present) if "_extra_state" not in k and not k.startswith("aligner.")]
     if missing:
         raise ConfigError(f"{directory} lacks model tensors: {', '.join(sorted(missing))}")
-    model.load_state_dict(dist_checkpointing.load(present, directory), strict=False)
+    with reading(directory):
+        loaded = dist_checkpointing.load(present, directory)
+    model.load_state_dict(loaded, strict=False)
     if bf16:
         import dataclasses
 

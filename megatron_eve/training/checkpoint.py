@@ -356,16 +356,29 @@ def split_by_presence(sharded: Dict, directory: str) -> Tuple[Dict, List[str]]:
     return present, sorted(k for k in sharded if k not in present)
 
 
+def _refuse_converted(root: str, directory: str, common: Dict) -> None:
+    """A converter's output holds weights only (no optimizer, scheduler or iteration): it starts a
+    run, it does not resume one."""
+    if "converted_from" in common:
+        raise ConfigError(
+            f"--load {root}: {directory} was converted from {common['converted_from']}, not saved by training, "
+            f"so there is nothing to resume: start from it with --pretrained-checkpoint {root} (--load / --save "
+            "then name this run's own folder), or pass --finetune to load its weights only")
+
+
 def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> TrainState:
     from megatron.core import dist_checkpointing
 
-    if job.checkpoint.verify_checkpoint and not verify_checksums(directory) and dist.get_rank() == 0:
+    verified = verify_checksums(directory) if job.checkpoint.verify_checkpoint else None  # damage named first
+    with reading(directory):
+        common = dist_checkpointing.load_common_state_dict(directory)
+    _refuse_converted(job.checkpoint.load, directory, common)
+    if verified is False and dist.get_rank() == 0:
         logger.warning("%s records no checksums: loaded unverified", directory)
     # A checkpoint saved under another layer spec lacks (or has extra) `_extra_state` entries:
     # resume without them; every weight must still be there.
     chunks, template, lacking = {}, {}, []
     with reading(directory):
-        common = dist_checkpointing.load_common_state_dict(directory)
         for name, (chunk, sharded) in model_states(model).items():
             _, chunk_lacking = split_by_presence(sharded, directory)
             chunks[name] = chunk

@@ -1,0 +1,190 @@
+"""Converters' outputs and errors: folders they did not write are never deleted, a linked --out keeps
+its link, a replaced root holds only the new conversion, incomplete vision weights and malformed
+config.json fields are refused, and every failure is one line that leaves nothing behind."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from megatron_eve.atomic import ASIDE_MARK, STAGING_MARK, recover_replaced, replace_directory
+from tests.hf_fixtures import tiny_hf_eve
+from tests.test_conversion import convert, ok
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny HF EVE (safetensors) and its conversion."""
+    root = tmp_path_factory.mktemp("outputs")
+    tiny_hf_eve(str(root / "hf"), fmt="safetensors", with_teacher_keys=False)
+    ok(convert("hf_to_megatron.py", "--hf", root / "hf", "--out", root / "megatron"))
+    return root
+
+
+def export(converted, out, *extra):
+    return convert("megatron_to_hf.py", "--megatron", converted / "megatron", "--out", out, "--no-progress", *extra)
+
+
+def one_line_error(out, message):
+    assert out.returncode == 1 and message in out.stderr, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and out.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def ours_left_behind(folder):
+    return [name for name in os.listdir(folder) if name.endswith(STAGING_MARK) or ASIDE_MARK in name]
+
+
+def test_an_export_never_deletes_folders_it_did_not_write(converted, tmp_path):
+    """"exp.tmp" and "exp.replaced" may be the user's own; a user's files added to an earlier export
+    make it no longer ours to replace without --overwrite."""
+    out = tmp_path / "exp"
+    for name, file in (("exp.tmp", "mine.txt"), ("exp.replaced", "notes.txt")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_text("mine")
+    for _ in range(2):
+        ok(export(converted, out))
+    assert (tmp_path / "exp.tmp" / "mine.txt").read_text() == "mine"
+    assert (tmp_path / "exp.replaced" / "notes.txt").read_text() == "mine"
+    assert not ours_left_behind(tmp_path)
+
+    (out / "README_mine.md").write_text("mine")
+    (out / "finetune-run").mkdir()
+    (out / "finetune-run" / "adapter_model.bin").write_bytes(b"mine")
+    one_line_error(export(converted, out), "holds files that are not an earlier export")
+    assert (out / "README_mine.md").is_file() and (out / "finetune-run" / "adapter_model.bin").is_file()
+
+
+def test_replacing_a_directory_keeps_earlier_aside_copies_and_recovers_the_latest(tmp_path, monkeypatch):
+    final, staging = tmp_path / "out", tmp_path / "new"
+    final.mkdir()
+    (final / "v").write_text("1")
+    leftover = tmp_path / f"out{ASIDE_MARK}"  # an earlier interrupted replacement's: not deleted here
+    leftover.mkdir()
+    staging.mkdir()
+    (staging / "v").write_text("2")
+    replace_directory(str(staging), str(final))
+    assert (final / "v").read_text() == "2" and leftover.is_dir() and sorted(os.listdir(tmp_path)) == sorted(
+        ["out", leftover.name])
+
+    # Killed between the two renames: only the moved-aside copy exists; a reader puts it back.
+    staging.mkdir()
+    real_replace = os.replace
+    calls = []
+
+    def killed_at_the_second_rename(source, target):
+        calls.append(source)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        replace_directory(str(staging), str(final))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (final / "v").read_text() == "2"  # the failed swap put the old copy back at once
+    real_replace(final, f"{final}{ASIDE_MARK}.2")  # as a process killed outright leaves it
+    recover_replaced(str(final))
+    assert (final / "v").read_text() == "2" and leftover.is_dir()
+
+
+def test_a_linked_out_keeps_its_link_and_the_folder_it_points_to_is_replaced(converted, tmp_path):
+    (tmp_path / "big").mkdir()
+    ok(export(converted, tmp_path / "big" / "eve"))
+    link = tmp_path / "exp_link"
+    link.symlink_to(tmp_path / "big" / "eve")
+    (tmp_path / "big" / "eve" / "config.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "big" / "eve" / "config.json").read_text()), "stale": True}))
+    for _ in range(2):
+        ok(export(converted, link))
+        assert link.is_symlink() and os.readlink(link) == str(tmp_path / "big" / "eve")
+        assert "stale" not in json.loads((tmp_path / "big" / "eve" / "config.json").read_text())
+    assert sorted(os.listdir(tmp_path)) == ["big", "exp_link"] and os.listdir(tmp_path / "big") == ["eve"]
+
+
+def test_overwriting_a_training_root_leaves_only_the_conversion(converted, tmp_path):
+    root = tmp_path / "training"
+    (root / "iter_0000100").mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("100")
+    one_line_error(convert("hf_to_megatron.py", "--hf", converted / "hf", "--out", root), "--overwrite")
+    ok(convert("hf_to_megatron.py", "--hf", converted / "hf", "--out", root, "--overwrite"))
+    assert sorted(os.listdir(root)) == ["iter_0000000", "latest_checkpointed_iteration.txt"]
+    assert (root / "latest_checkpointed_iteration.txt").read_text() == "0" and not ours_left_behind(tmp_path)
+
+
+def test_an_incomplete_vision_module_is_refused(converted, tmp_path):
+    """Every PEL, projector and aligner tensor of the release must be there (a missing one would
+    train from its random initialisation); an unknown one is named, not copied."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(converted / "hf", tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    state = load_file(path)
+    for key in ("model.vision_tower.local_attention.q.1.weight", "model.mm_projector.2.weight",
+                "model.vision_tower_compressor.output_layer.weight"):
+        del state[key]
+    state["model.vision_tower.extra.weight"] = torch.zeros(3)
+    save_file(state, path)
+    out = convert("hf_to_megatron.py", "--hf", tmp_path / "hf", "--out", tmp_path / "m")
+    one_line_error(out, "missing tensors: model.mm_projector.2.weight, model.vision_tower.local_attention.q.1.weight, "
+                        "model.vision_tower_compressor.output_layer.weight")
+    assert "unknown tensors: model.vision_tower.extra.weight" in out.stderr and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_hidden_layers", "8", 'num_hidden_layers is "8", not a whole number >= 1'),
+    ("num_attention_heads", 0, "num_attention_heads is 0, not a whole number >= 1"),
+    ("rms_norm_eps", "1e-5", 'rms_norm_eps is "1e-5", not a number > 0'),
+    ("vocab_size", None, "vocab_size is null, not a whole number >= 1"),
+])
+def test_config_fields_of_the_wrong_type_or_range_are_named(converted, tmp_path, field, value, message):
+    shutil.copytree(converted / "hf", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, field: value}))
+    out = convert("hf_to_megatron.py", "--hf", tmp_path / "hf", "--out", tmp_path / "m")
+    one_line_error(out, f"config.json: {message}")
+
+
+def test_failures_are_one_line_and_leave_nothing_behind(converted, tmp_path):
+    one_line_error(export(converted, tmp_path / "o1", "--iteration", "5"), "holds no iteration 5 (complete ones: 0)")
+    (tmp_path / "afile").write_text("mine")
+    one_line_error(export(converted, tmp_path / "afile"), "afile exists and is not a folder")
+    one_line_error(convert("hf_to_megatron.py", "--hf", converted / "hf", "--out", tmp_path / "afile"),
+                   "afile exists and is not a folder")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+    shutil.copytree(converted / "megatron", tmp_path / "truncated")
+    shard = tmp_path / "truncated" / "iter_0000000" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    out = convert("megatron_to_hf.py", "--megatron", tmp_path / "truncated", "--out", tmp_path / "o2", "--no-progress")
+    one_line_error(out, "truncated/iter_0000000 cannot be loaded")
+    assert sorted(os.listdir(tmp_path)) == ["afile", "truncated"]
+
+
+def test_generation_names_a_damaged_checkpoint(converted, tmp_path):
+    from megatron_eve.config import ConfigError, ParallelConfig
+    from megatron_eve.inference.generate import load_model_for_inference
+
+    shutil.copytree(converted / "megatron", tmp_path / "truncated")
+    shard = tmp_path / "truncated" / "iter_0000000" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="iter_0000000 cannot be loaded"):
+        load_model_for_inference(str(tmp_path / "truncated"), ParallelConfig())
+
+
+def test_resuming_from_a_conversion_points_to_pretrained_checkpoint(converted):
+    """--load <converted root> holds weights only: refused before anything is loaded, naming the flag
+    that starts a run from it (not "resume from an earlier iteration", nor a KeyError)."""
+    from megatron_eve.config import (CheckpointConfig, ConfigError, DataConfig, LoggingConfig, OptimConfig,
+                                     ParallelConfig, RuntimeConfig, ScheduleConfig, TrainingJob)
+    from megatron_eve.training import checkpoint
+    from tests.helpers import tiny_config
+
+    for no_load_optim in (False, True):
+        job = TrainingJob(tiny_config(), ParallelConfig(), RuntimeConfig(), OptimConfig(lr=1e-3),
+                          ScheduleConfig(train_iters=1), DataConfig(),
+                          CheckpointConfig(load=str(converted / "megatron"), no_load_optim=no_load_optim),
+                          LoggingConfig())
+        with pytest.raises(ConfigError, match=f"start from it with --pretrained-checkpoint {converted / 'megatron'}"):
+            checkpoint.load(job, None, None, None)  # the model is never touched
