@@ -115,7 +115,8 @@ def test_overwriting_a_training_root_leaves_only_the_conversion(converted, tmp_p
 
 def test_an_incomplete_vision_module_is_refused(converted, tmp_path):
     """Every PEL, projector and aligner tensor of the release must be there (a missing one would
-    train from its random initialisation); an unknown one is named, not copied."""
+    train from its random initialisation), except an aligner left out whole; an unknown one is
+    named, not copied."""
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(converted / "hf", tmp_path / "hf")
@@ -130,6 +131,12 @@ def test_an_incomplete_vision_module_is_refused(converted, tmp_path):
     one_line_error(out, "missing tensors: model.mm_projector.2.weight, model.vision_tower.local_attention.q.1.weight, "
                         "model.vision_tower_compressor.output_layer.weight")
     assert "unknown tensors: model.vision_tower.extra.weight" in out.stderr and not (tmp_path / "m").exists()
+    # The aligner (training only) left out whole, as a release may: converted, training starts it fresh.
+    state = {k: v for k, v in load_file(converted / "hf" / "model.safetensors").items()
+             if not k.startswith("model.vision_tower_compressor.")}
+    save_file(state, path)
+    out = convert("hf_to_megatron.py", "--hf", tmp_path / "hf", "--out", tmp_path / "m")
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("field, value, message", [

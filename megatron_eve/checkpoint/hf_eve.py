@@ -249,6 +249,7 @@ def model_config(config: Dict, weights: Optional[HFWeights] = None, image_size: 
 # Module prefixes outside the decoder: megatron ↔ HF (same sub-names below them).
 VISION_PREFIXES = (("vision_model.", "model.vision_tower."), ("vision_projection.", "model.mm_projector."),
                    ("aligner.", "model.vision_tower_compressor."))
+ALIGNER_PREFIX = "model.vision_tower_compressor."
 
 
 def _vision_key_map(hf: HFWeights) -> Dict[str, str]:
@@ -269,14 +270,20 @@ def _listed(keys: List[str], shown: int = 6) -> str:
 
 def check_keys(hf: HFWeights, model: EVEModelConfig, need_vision: bool) -> None:
     """Every HF tensor is either used or knowingly skipped, and every needed one is there: the
-    language model's, and with `need_vision` every PEL, projector and aligner tensor the
-    configuration implies (a partial vision module would train from random weights)."""
+    language model's, and with `need_vision` every PEL and projector tensor the configuration
+    implies, and the aligner's unless the folder has none of it (a training-only module, which a
+    release may leave out: training then starts it fresh). A partial module would train from
+    random weights."""
     expected = {hf_key for _, hf_key, _ in OUTER_KEYS}
     for i in range(model.language.num_layers):
         expected.update(f"model.layers.{i}.{s}" for s in hf_layer_shapes(model.language))
     if need_vision:
         vision_prefixes = tuple(src for _, src in VISION_PREFIXES)
-        expected.update(k for k in expected_shapes(model) if k.startswith(vision_prefixes))
+        vision = [k for k in expected_shapes(model) if k.startswith(vision_prefixes)]
+        aligner = [k for k in vision if k.startswith(ALIGNER_PREFIX)]
+        if aligner and not any(k in hf for k in aligner):
+            vision = [k for k in vision if not k.startswith(ALIGNER_PREFIX)]
+        expected.update(vision)
     unknown = sorted(k for k in hf.keys() if k not in expected and not k.startswith(SKIPPED_PREFIXES)
                      and not k.endswith(SKIPPED_SUFFIXES))
     missing = sorted(k for k in expected if k not in hf)
