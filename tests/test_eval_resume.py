@@ -110,7 +110,27 @@ def test_a_torn_last_line_is_cut_before_appending(tmp_path):
                     + '{"position": 1, "ro')
     kept, good = read_side_file(str(path), header, 3, overwrite=False)
     assert kept == {0: {"question_id": 1}}
-    side = SideFile(str(path), header, good)
+    side = SideFile(str(path))
+    side.start(header, good)
     side.add([(1, {"question_id": 2})])
     side.close()
     assert read_side_file(str(path), header, 3, overwrite=False)[0] == {0: {"question_id": 1}, 1: {"question_id": 2}}
+
+
+def test_a_second_run_into_the_same_answers_file_is_refused_before_the_model(tmp_path, monkeypatch, questions):
+    """The writer locks the side file before setup (model loading): a run while another holds it is
+    refused without loading anything, and leaves the other's side file as it was."""
+    import tools.generate
+    from megatron_eve.eval.resume import SideFile
+
+    def setup(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(tools.generate, "setup", setup)
+    holder = SideFile(str(tmp_path / "a.jsonl.partial"))
+    try:
+        code, _, err = answer(questions, tmp_path / "a.jsonl")
+    finally:
+        holder.close()
+    assert code == 2 and "another run is answering into this answers file" in err, err
+    assert not (tmp_path / "a.jsonl.partial").exists()  # the holder never started: nothing of it left

@@ -104,19 +104,23 @@ def answer(args) -> int:
     check_not_an_input(partial, inputs, "--answers-file's side file")
     model_id = args.model_id or os.path.basename(os.path.normpath(args.load or args.hf or ""))
     header = run_header(args.question_file, answer_options(args, model_id))
-    # Read on every rank before any writes (the writer truncates it once the model is loaded).
-    answers, good_length = read_side_file(partial, header, len(questions), args.overwrite)
-    backend, writer = setup(args)
-    if writer:
-        report(problems)
-        if answers:
-            print(f"resuming: {len(answers)} of {len(questions)} answers kept from {partial}", flush=True)
-    suffix = PROMPT_STYLES[args.prompt_style]
-    from tqdm import tqdm
-
-    todo = [i for i in range(len(questions)) if i not in answers]
-    side = SideFile(partial, header, good_length) if writer else None
+    # The writer (the HF process, or rank 0 of a launch: setup's printer) locks the side file now, so a
+    # second run into the same answers file is refused before it loads a model; every rank reads it
+    # before setup, whose process group waits for them all, and the writer rewrites it only after.
+    side = SideFile(partial) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
+        answers, good_length = read_side_file(partial, header, len(questions), args.overwrite)
+        backend, writer = setup(args)
+        if writer:
+            report(problems)
+            if answers:
+                print(f"resuming: {len(answers)} of {len(questions)} answers kept from {partial}", flush=True)
+        suffix = PROMPT_STYLES[args.prompt_style]
+        from tqdm import tqdm
+
+        todo = [i for i in range(len(questions)) if i not in answers]
+        if side:
+            side.start(header, good_length)
         for start in tqdm(range(0, len(todo), args.batch_size), disable=not writer, desc="answering"):
             positions = todo[start : start + args.batch_size]
             batch = [questions[i] for i in positions]

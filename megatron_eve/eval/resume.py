@@ -52,7 +52,7 @@ def read_side_file(path: str, header: dict, count: int, overwrite: bool) -> Tupl
     byte length of the side file's good part (what follows it, a torn line, is dropped). A side
     file made for other questions or options, or not ours, is refused (OutputRefused) unless
     `overwrite`: then it is started over ({}, 0)."""
-    if not os.path.exists(path):
+    if not os.path.exists(path) or os.path.getsize(path) == 0:  # none, or just made by the writer's lock
         return {}, 0
     kept: Dict[int, dict] = {}
     good = 0
@@ -89,9 +89,11 @@ def read_side_file(path: str, header: dict, count: int, overwrite: bool) -> Tupl
 
 
 class SideFile:
-    """The side file being written (by the one process that writes): appended and flushed per batch."""
+    """The side file being written (by the one process that writes): locked when made, so that a
+    second run answering into the same file is refused before it loads a model; started once every
+    process has read it; appended and flushed per batch."""
 
-    def __init__(self, path: str, header: dict, good_length: int):
+    def __init__(self, path: str):
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.handle = open(path, "a", encoding="utf-8")
@@ -100,7 +102,10 @@ class SideFile:
         except OSError:
             self.handle.close()
             raise OutputRefused(f"{path}: another run is answering into this answers file") from None
-        self.handle.truncate(good_length)  # drop a torn last line (or an unwanted earlier run) before appending
+
+    def start(self, header: dict, good_length: int) -> None:
+        """Drop a torn last line (or an unwanted earlier run: good_length 0) and write the header if new."""
+        self.handle.truncate(good_length)
         if not good_length:
             self.handle.write(json.dumps(header) + "\n")
         self._sync()
@@ -120,5 +125,9 @@ class SideFile:
         os.remove(self.path)
 
     def close(self) -> None:
+        """Leaves what was written for a rerun; a side file made by the lock alone (the run stopped
+        before it started) is removed."""
         if not self.handle.closed:
             self.handle.close()
+            if os.path.isfile(self.path) and os.path.getsize(self.path) == 0:
+                os.remove(self.path)
