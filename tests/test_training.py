@@ -16,7 +16,7 @@ import torch
 from megatron_eve.config import ConfigError
 from megatron_eve.training.arguments import parse_args
 from megatron_eve.training.loop import check_job
-from tests.helpers import ROOT, base_args, launch, train
+from tests.helpers import ROOT, base_args, child_environment, launch, train
 
 
 def checkpoint_diff(a, b):
@@ -139,6 +139,28 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     assert "exiting: SIGTERM at iteration" in text
     saved = int((tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= saved < 1000 and (tmp_path / "ck" / f"iter_{saved:07d}").is_dir()
+
+
+FAILING_SAVE = """
+import sys
+from megatron_eve.training import checkpoint, loop
+
+def save(*args, **kwargs):
+    raise RuntimeError("simulated: the save failed")
+
+checkpoint.save = save
+sys.exit(loop.main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_run_exits_instead_of_waiting_on_its_loader_workers(data, tmp_path):
+    """An error after the loaders started (here: the first save) is printed and the process exits with
+    status 1: the loaders' workers, which ignore SIGTERM, made the interpreter's exit wait forever."""
+    args = base_args(data, "pretrain") + ["--train-iters", "1", "--save", tmp_path / "ck", "--num-workers", "2"]
+    out = subprocess.run([sys.executable, "-c", FAILING_SAVE, *map(str, args)], capture_output=True, text=True,
+                         timeout=240, env=child_environment(), cwd=ROOT)
+    assert out.returncode == 1, out.stderr[-4000:]
+    assert "RuntimeError: simulated: the save failed" in out.stderr and "Traceback" in out.stderr
 
 
 def job_args(data, *extra):

@@ -3,6 +3,7 @@ and the exits (end of training, --exit-interval, --exit-duration-in-mins, SIGTER
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import math
@@ -10,6 +11,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from functools import partial
 from typing import Dict, List
 
@@ -447,4 +449,13 @@ def main(argv=None) -> int:
             # torchrun stops every rank as soon as one exits: a silent rank that exits first could
             # cut rank 0 off before it says why. Rank 0's exit ends this wait (torchrun stops us).
             time.sleep(SILENT_RANK_GRACE_SECONDS)
-        return 2
+        code = 2
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 — any failure of the run
+        # Printed as Python would print it, then let go of before exiting: an uncaught exception
+        # stays referenced (sys.last_exc) through the interpreter's exit, and with it the run's
+        # frames and their loaders, whose workers ignore SIGTERM (a scheduler's must not kill them):
+        # multiprocessing's exit would wait on them forever and torchrun never see this rank fail.
+        traceback.print_exception(error)
+        code = 130 if isinstance(error, KeyboardInterrupt) else 1
+    gc.collect()  # the failed run's frames and their cycles: the loaders' iterators stop their workers as they go
+    return code
