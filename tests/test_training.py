@@ -193,6 +193,23 @@ def test_bad_configs_are_refused_before_work(data, extra, world, message):
         check_job(job_args(data, *extra), world)
 
 
+def test_outputs_that_cannot_be_written_or_hold_another_run_are_refused_before_work(data, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match=re.escape(f"--save {tmp_path}/a-file/ck: {tmp_path}/a-file is a file")):
+        check_job(job_args(data, "--save", tmp_path / "a-file" / "ck"), 1)
+    with pytest.raises(ConfigError, match=re.escape(f"--tensorboard-dir {tmp_path}/a-file: {tmp_path}/a-file is a file")):
+        check_job(job_args(data, "--tensorboard-dir", tmp_path / "a-file"), 1)
+    other = tmp_path / "other-run"
+    other.mkdir()
+    (other / "latest_checkpointed_iteration.txt").write_text("3")
+    with pytest.raises(ConfigError, match=re.escape(f"--save {other} holds another run's checkpoints (up to iteration "
+                                                    f"3), which this run would overwrite: pass --load {other}")):
+        check_job(job_args(data, "--save", other), 1)
+    with pytest.raises(ConfigError, match=re.escape("--split 'a,b': give three non-negative weights")):
+        check_job(job_args(data, "--split", "a,b"), 1)
+    check_job(job_args(data, "--save", tmp_path / "new" / "ck", "--tensorboard-dir", tmp_path / "tb"), 1)
+
+
 def test_bad_config_exit_status(data, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "pretrain_eve.py"), *base_args(data, "pretrain"),
                           "--train-iters", "2", "--seq-length", "32"], capture_output=True, text=True, timeout=120)

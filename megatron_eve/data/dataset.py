@@ -41,7 +41,10 @@ class StageReads:
 
 def split_ranges(count: int, split: str) -> List[Tuple[int, int]]:
     """Megatron's split rule: contiguous [start, end) per train / valid / test."""
-    weights = [float(x) for x in split.replace("/", ",").split(",")]
+    try:
+        weights = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ValueError(f"--split {split!r}: give three non-negative weights, e.g. 98,2,0") from None
     weights += [0.0] * (3 - len(weights))
     if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"--split {split!r}: give three non-negative weights, e.g. 98,2,0")

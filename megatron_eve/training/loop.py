@@ -13,14 +13,14 @@ import sys
 import time
 import traceback
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_eve import distributed
 from megatron_eve.config import ConfigError, TrainingJob, job_problems
-from megatron_eve.data.dataset import StageReads, build_datasets
+from megatron_eve.data.dataset import StageReads, build_datasets, split_ranges
 from megatron_eve.data.indexed import DatasetFormatError, read_metadata
 from megatron_eve.data.loader import BatchPlan, build_loader, model_inputs
 from megatron_eve.model.build import build_model_chunks
@@ -55,11 +55,45 @@ def check_job(job: TrainingJob, world_size: int) -> None:
         blend = None
     if blend is not None:
         problems += _check_data(job, blend)
+    try:
+        split_ranges(1, job.data.split)
+    except ValueError as error:
+        problems.append(str(error))
     source = checkpoint_records.checkpoint_to_load(job.checkpoint.load, job.checkpoint.pretrained_checkpoint)
     if source is not None:
         problems += _check_checkpoint(job, source)
+    problems += _check_outputs(job, source)
     if problems:
         raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
+
+
+def _writable_folder_problem(flag: str, path: str) -> Optional[str]:
+    """Why `path` cannot be (or become) a folder this process writes in; None if it can."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{flag} {path}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{flag} {path}: {existing} is not writable"
+    return None
+
+
+def _check_outputs(job: TrainingJob, source: Optional[str]) -> List[str]:
+    """--save and --tensorboard-dir can be written (found now, not at the first save, hours in), and
+    --save holds no other run's checkpoints, which a run that does not resume from them would overwrite."""
+    ck = job.checkpoint
+    problems = [problem for flag, path in (("--save", ck.save), ("--tensorboard-dir", job.logging.tensorboard_dir))
+                if path and (problem := _writable_folder_problem(flag, path))]
+    if ck.save and not problems and os.path.isdir(ck.save):
+        try:
+            saved = checkpoint_records.latest_iteration(ck.save)
+        except ConfigError as error:  # a marker that is not an iteration number
+            return [str(error)]
+        if saved is not None and (source is None or not os.path.samefile(source, ck.save)):
+            problems.append(f"--save {ck.save} holds another run's checkpoints (up to iteration {saved}), which this "
+                            f"run would overwrite: pass --load {ck.save} to resume from them, or choose another --save")
+    return problems
 
 
 def _check_checkpoint(job: TrainingJob, source: str) -> List[str]:
