@@ -197,7 +197,8 @@ def test_outputs_that_cannot_be_written_or_hold_another_run_are_refused_before_w
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ConfigError, match=re.escape(f"--save {tmp_path}/a-file/ck: {tmp_path}/a-file is a file")):
         check_job(job_args(data, "--save", tmp_path / "a-file" / "ck"), 1)
-    with pytest.raises(ConfigError, match=re.escape(f"--tensorboard-dir {tmp_path}/a-file: {tmp_path}/a-file is a file")):
+    tensorboard_refusal = f"--tensorboard-dir {tmp_path}/a-file: {tmp_path}/a-file is a file"
+    with pytest.raises(ConfigError, match=re.escape(tensorboard_refusal)):
         check_job(job_args(data, "--tensorboard-dir", tmp_path / "a-file"), 1)
     other = tmp_path / "other-run"
     other.mkdir()
