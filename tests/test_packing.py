@@ -146,3 +146,62 @@ def test_a_weighted_dataset_with_no_sequence_left_is_an_error(tmp_path):
     # Weight 0 leaves it out on purpose.
     train = build(["1", short, "0", long])["train"]
     assert [d.samples.prefix for d in train.datasets] == [short]
+
+
+def test_a_sample_that_cannot_be_read_costs_itself_only(tmp_path):
+    """Bytes damaged after preprocessing (an image that no longer decodes, labels cut short, image
+    tokens without their image): each such sample is left out of its sequence, named and counted;
+    the others train."""
+    import io
+    import logging
+
+    from PIL import Image
+
+    from megatron_eve.config import DataConfig
+    from megatron_eve.data.dataset import build_datasets
+    from megatron_eve.data.indexed import SampleWriter
+    from megatron_eve.data.records import Sample
+    from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
+
+    def png(height, width):
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def text(length):
+        tokens = np.arange(3, 3 + length, dtype=np.int32)
+        return tokens, tokens.copy()
+
+    image_tokens = np.full(1 + 2 * 3, IMAGE_TOKEN_INDEX, dtype=np.int32)  # a 2 x 2 grid of 14 x 2 cells
+    with_image = np.concatenate([[1], image_tokens, np.arange(3, 20)]).astype(np.int32)
+    prefix = str(tmp_path / "d")
+    meta = {"template": "plain", "patch_size": 14, "conv_stride": 2, "image_size": 56, "teacher_image_size": 56}
+    with SampleWriter(prefix, meta) as writer:
+        writer.add(Sample("good-0", *text(30)))
+        writer.add(Sample("damaged-image", with_image, with_image.copy(), [b"\x89PNG garbage"], [png(56, 56)]))
+        writer.add(Sample("good-1", with_image, with_image.copy(), [png(56, 56)], [png(56, 56)]))
+        writer.add(Sample("cut-labels", text(30)[0], text(27)[1]))
+        writer.add(Sample("image-tokens-without-image", with_image, with_image.copy()))
+        writer.add(Sample("good-2", *text(25)))
+        writer.finalize()
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("megatron_eve.data.dataset")
+    logger.addHandler(handler)
+    try:
+        config = DataConfig(data_path=[prefix], split="100,0,0", seq_length=64, data_cache_path=str(tmp_path / "plans"))
+        train = build_datasets(config, seed=1)["train"]
+        rows = [train[i] for i in range(len(train))]
+    finally:
+        logger.removeHandler(handler)
+    assert sum(row["real_tokens"] for row in rows) == 30 + len(with_image) + 25
+    assert sum(len(row["images"]) for row in rows) == 1 and all(len(row["tokens"]) == 64 for row in rows)
+    messages = [record.getMessage() for record in records if "left out of its sequence" in record.getMessage()]
+    assert len(messages) == 3, messages
+    assert any("sample 1 " in m and "UnidentifiedImageError" in m for m in messages)
+    assert any("(cut-labels)" in m and "30 tokens but 27 labels" in m for m in messages)
+    assert any("(image-tokens-without-image)" in m and "7 image-token positions but its 0 images need 0" in m
+               for m in messages)
+    assert "(3 left out so far by this process)" in messages[-1]

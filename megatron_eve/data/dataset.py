@@ -20,10 +20,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_eve.config import ConfigError, DataConfig
+from megatron_eve.data.images import tokens_per_image
 from megatron_eve.data.indexed import IndexedSamples
 from megatron_eve.data.packing import PackingPlan
 from megatron_eve.data.plan_cache import PlanKey, cached_plans, lengths_sha256
-from megatron_eve.model.visual_layout import IGNORE_INDEX
+from megatron_eve.model.visual_layout import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -63,6 +64,7 @@ class PackedSequences:
     def __init__(self, samples: IndexedSamples, first: int, last: int, config: DataConfig, seed: int,
                  split: str, minimum: Optional[int] = None, reads: StageReads = StageReads()):
         self.samples, self.config, self.reads = samples, config, reads
+        self.skipped = 0  # samples left out because they could not be read (_read)
         self.sample_ids = np.arange(first, last, dtype=np.int64)
         lengths = samples.lengths[first:last]
         stream = int.from_bytes(hashlib.sha256(f"{samples.prefix}|{split}".encode()).digest()[:4], "little")
@@ -88,11 +90,44 @@ class PackedSequences:
         return self.sample_ids[self.plans[epoch].sequence(index - self.epoch_starts[epoch])]
 
     def __getitem__(self, index: int) -> Dict:
-        return assemble_sequence(
-            [self.samples.get(int(i), self.reads.pixels, self.reads.teacher)
-             for i in self.sample_indices(index)],
-            self.config.seq_length if self.config.pack else None,
-        )
+        samples = [sample for i in self.sample_indices(index) if (sample := self._read(int(i))) is not None]
+        # A row whose every sample was left out is padding alone (one position when rows are not padded).
+        pad_to = self.config.seq_length if self.config.pack else (None if samples else 1)
+        return assemble_sequence(samples, pad_to)
+
+    def _read(self, index: int) -> Optional[Dict]:
+        """One sample, checked; one that cannot be read or does not hold together (bytes damaged
+        after preprocessing: a bad disk, a partial copy) costs itself only: it is left out of its
+        sequence, named and counted in a warning, instead of stopping the run."""
+        sample = None
+        try:
+            sample = self.samples.get(index, self.reads.pixels, self.reads.teacher)
+            problem = sample_problem(sample)
+        except Exception as error:  # noqa: BLE001 — damaged bytes raise many kinds (Pillow, numpy, ours)
+            problem = f"{type(error).__name__}: {error}"
+        if not problem:
+            return sample
+        self.skipped += 1
+        name = f" ({sample['id']})" if sample and sample.get("id") else ""
+        logger.warning("%s: sample %d%s left out of its sequence: %s (%d left out so far by this process)",
+                       self.samples.prefix, index, name, problem, self.skipped)
+        return None
+
+
+def sample_problem(sample: Dict) -> str:
+    """What makes a stored sample unusable ("" if nothing): labels not aligned with the tokens, or
+    image-token positions that are not its images' 1 + h(w + 1) each (the model would fail on the
+    whole micro-batch)."""
+    tokens, labels = sample["tokens"], sample["labels"]
+    if len(tokens) != len(labels):
+        return f"{len(tokens)} tokens but {len(labels)} labels"
+    positions = int((tokens == IMAGE_TOKEN_INDEX).sum())
+    needed = sum(tokens_per_image(h, w) for h, w in sample["image_grids"])
+    if positions != needed:
+        return f"{positions} image-token positions but its {len(sample['image_grids'])} images need {needed}"
+    if "teacher_images" in sample and len(sample["teacher_images"]) != len(sample["image_grids"]):
+        return f"{len(sample['image_grids'])} images but {len(sample['teacher_images'])} teacher views"
+    return ""
 
 
 def assemble_sequence(samples: List[Dict], pad_to: Optional[int]) -> Dict:
