@@ -174,15 +174,19 @@ def test_a_sample_that_cannot_be_read_costs_itself_only(tmp_path):
 
     image_tokens = np.full(1 + 2 * 3, IMAGE_TOKEN_INDEX, dtype=np.int32)  # a 2 x 2 grid of 14 x 2 cells
     with_image = np.concatenate([[1], image_tokens, np.arange(3, 20)]).astype(np.int32)
+    image_labels = np.where(with_image == IMAGE_TOKEN_INDEX, -100, with_image).astype(np.int32)
     prefix = str(tmp_path / "d")
-    meta = {"template": "plain", "patch_size": 14, "conv_stride": 2, "image_size": 56, "teacher_image_size": 56}
+    meta = {"template": "plain", "patch_size": 14, "conv_stride": 2, "image_size": 56, "teacher_image_size": 56,
+            "tokenizer_vocab_size": 1000}
     with SampleWriter(prefix, meta) as writer:
         writer.add(Sample("good-0", *text(30)))
-        writer.add(Sample("damaged-image", with_image, with_image.copy(), [b"\x89PNG garbage"], [png(56, 56)]))
-        writer.add(Sample("good-1", with_image, with_image.copy(), [png(56, 56)], [png(56, 56)]))
+        writer.add(Sample("damaged-image", with_image, image_labels, [b"\x89PNG garbage"], [png(56, 56)]))
+        writer.add(Sample("good-1", with_image, image_labels, [png(56, 56)], [png(56, 56)]))
         writer.add(Sample("cut-labels", text(30)[0], text(27)[1]))
-        writer.add(Sample("image-tokens-without-image", with_image, with_image.copy()))
+        writer.add(Sample("image-tokens-without-image", with_image, image_labels))
         writer.add(Sample("good-2", *text(25)))
+        writer.add(Sample("id-past-the-vocabulary", np.asarray([1, 5000, 7], dtype=np.int32),
+                          np.asarray([-100, 5000, 7], dtype=np.int32)))
         writer.finalize()
 
     records = []
@@ -199,9 +203,10 @@ def test_a_sample_that_cannot_be_read_costs_itself_only(tmp_path):
     assert sum(row["real_tokens"] for row in rows) == 30 + len(with_image) + 25
     assert sum(len(row["images"]) for row in rows) == 1 and all(len(row["tokens"]) == 64 for row in rows)
     messages = [record.getMessage() for record in records if "left out of its sequence" in record.getMessage()]
-    assert len(messages) == 3, messages
+    assert len(messages) == 4, messages
     assert any("sample 1 " in m and "UnidentifiedImageError" in m for m in messages)
     assert any("(cut-labels)" in m and "30 tokens but 27 labels" in m for m in messages)
     assert any("(image-tokens-without-image)" in m and "7 image-token positions but its 0 images need 0" in m
                for m in messages)
-    assert "(3 left out so far by this process)" in messages[-1]
+    assert any("(id-past-the-vocabulary)" in m and "token id 5000 outside the tokenizer's 1000" in m for m in messages)
+    assert "(4 left out so far by this process)" in messages[-1]

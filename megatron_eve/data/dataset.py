@@ -102,7 +102,7 @@ class PackedSequences:
         sample = None
         try:
             sample = self.samples.get(index, self.reads.pixels, self.reads.teacher)
-            problem = sample_problem(sample)
+            problem = sample_problem(sample, self.samples.metadata.get("tokenizer_vocab_size"))
         except Exception as error:  # noqa: BLE001 — damaged bytes raise many kinds (Pillow, numpy, ours)
             problem = f"{type(error).__name__}: {error}"
         if not problem:
@@ -114,13 +114,19 @@ class PackedSequences:
         return None
 
 
-def sample_problem(sample: Dict) -> str:
-    """What makes a stored sample unusable ("" if nothing): labels not aligned with the tokens, or
-    image-token positions that are not its images' 1 + h(w + 1) each (the model would fail on the
-    whole micro-batch)."""
+def sample_problem(sample: Dict, vocab_size: Optional[int] = None) -> str:
+    """What makes a stored sample unusable ("" if nothing): labels not aligned with the tokens, ids
+    outside the tokenizer's vocabulary, or image-token positions that are not its images'
+    1 + h(w + 1) each (the model would fail on the whole micro-batch)."""
     tokens, labels = sample["tokens"], sample["labels"]
     if len(tokens) != len(labels):
         return f"{len(tokens)} tokens but {len(labels)} labels"
+    if vocab_size:
+        text, supervised = tokens[tokens != IMAGE_TOKEN_INDEX], labels[labels != IGNORE_INDEX]
+        outside = [int(ids.max() if ids.max() >= vocab_size else ids.min())
+                   for ids in (text, supervised) if len(ids) and (ids.max() >= vocab_size or ids.min() < 0)]
+        if outside:
+            return f"token id {outside[0]} outside the tokenizer's {vocab_size}"
     positions = int((tokens == IMAGE_TOKEN_INDEX).sum())
     needed = sum(tokens_per_image(h, w) for h, w in sample["image_grids"])
     if positions != needed:
