@@ -1,5 +1,7 @@
 """Packing, splits, blends and the resumable data-parallel sampler."""
 
+import contextlib
+import logging
 import math
 
 import numpy as np
@@ -113,9 +115,21 @@ def write_lengths(prefix, lengths):
     return str(prefix)
 
 
-def test_a_weighted_dataset_with_no_sequence_left_is_an_error(tmp_path):
-    import logging
+@contextlib.contextmanager
+def dataset_warnings():
+    """The messages megatron_eve.data.dataset logs inside the block (whatever pytest's logging setup)."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("megatron_eve.data.dataset")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
 
+
+def test_a_weighted_dataset_with_no_sequence_left_is_an_error(tmp_path):
     from megatron_eve.config import ConfigError, DataConfig
     from megatron_eve.data.dataset import build_datasets
 
@@ -127,20 +141,12 @@ def test_a_weighted_dataset_with_no_sequence_left_is_an_error(tmp_path):
                             data_cache_path=str(tmp_path / "plans"))
         return build_datasets(config, seed=1)
 
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("megatron_eve.data.dataset")
-    logger.addHandler(handler)
-    try:
+    with dataset_warnings() as warned:
         with pytest.raises(ConfigError, match=f"^{long}: all 3 of its training samples are longer than "
                                               "--seq-length 105"):
             build(["0.5", short, "0.5", long])
         with pytest.raises(ConfigError, match=f"^{long}: all 3"):
             build([short, long])  # weighted by size
-    finally:
-        logger.removeHandler(handler)
-    warned = [r.getMessage() for r in records]
     assert f"{long} (train): 3 samples longer than seq-length 105 are left out" in warned
     assert f"{short} (train): 2 samples longer than seq-length 105 are left out" in warned
     # Weight 0 leaves it out on purpose.
@@ -153,8 +159,6 @@ def test_a_sample_that_cannot_be_read_costs_itself_only(tmp_path):
     tokens without their image): each such sample is left out of its sequence, named and counted;
     the others train."""
     import io
-    import logging
-
     from PIL import Image
 
     from megatron_eve.config import DataConfig
@@ -189,20 +193,13 @@ def test_a_sample_that_cannot_be_read_costs_itself_only(tmp_path):
                           np.asarray([-100, 5000, 7], dtype=np.int32)))
         writer.finalize()
 
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("megatron_eve.data.dataset")
-    logger.addHandler(handler)
-    try:
+    with dataset_warnings() as warned:
         config = DataConfig(data_path=[prefix], split="100,0,0", seq_length=64, data_cache_path=str(tmp_path / "plans"))
         train = build_datasets(config, seed=1)["train"]
         rows = [train[i] for i in range(len(train))]
-    finally:
-        logger.removeHandler(handler)
     assert sum(row["real_tokens"] for row in rows) == 30 + len(with_image) + 25
     assert sum(len(row["images"]) for row in rows) == 1 and all(len(row["tokens"]) == 64 for row in rows)
-    messages = [record.getMessage() for record in records if "left out of its sequence" in record.getMessage()]
+    messages = [message for message in warned if "left out of its sequence" in message]
     assert len(messages) == 4, messages
     assert any("sample 1 " in m and "UnidentifiedImageError" in m for m in messages)
     assert any("(cut-labels)" in m and "30 tokens but 27 labels" in m for m in messages)
