@@ -131,12 +131,15 @@ def test_mme_converted_output_never_writes_into_a_foreign_folder(tmp_path):
                 "text": "Yes"}]
     folder = tmp_path / "mine"
     folder.mkdir()
-    (folder / "notes.txt").write_text("keep me")
+    (folder / "draft.tmp").write_text("keep me too")  # a user's, whatever its name: the folder is replaced whole
     args = ["score", "--kind", "mme", "--answers-file", answers_file(tmp_path, answers),
             "--annotations", mme_release(tmp_path), "--converted-output", folder]
     code, _, err = run(*args)
     assert code == 2 and "holds files that are not MME answer files" in err and "--overwrite" in err
-    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["draft.tmp"]
+    (folder / "notes.txt").write_text("keep me")
+    code, _, err = run(*args)
+    assert code == 2 and sorted(p.name for p in folder.iterdir()) == ["draft.tmp", "notes.txt"]
     code, _, err = run(*args, "--overwrite")  # the user said so: the folder is replaced
     assert code == 0, err
     assert sorted(p.name for p in folder.iterdir()) == ["existence.txt"]

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from megatron_eve.atomic import entries, recover_replaced, staged_directory, write_jsonl, write_text
+from megatron_eve.atomic import recover_replaced, staged_directory, write_jsonl, write_text
 from megatron_eve.eval.answer_files import answer_pairs, first_answers, read_jsonl, report, usable_id, warn
 from megatron_eve.eval.benchmarks.files import BenchmarkFileError
 from megatron_eve.eval.benchmarks.gqa import gqa_predictions, load_gqa, score_gqa
@@ -339,7 +339,8 @@ def _score_gqa(path: str, answer_rows, problems, run: ScoreRun) -> _Keyed:
 
 def _holds_mme_answers(folder) -> bool:
     """Whether `folder` holds only what --converted-output writes for MME (an earlier conversion)."""
-    return entries(folder) <= MME_ANSWER_FILES
+    # Every name: the folder is replaced whole, and a "*.tmp" in it is not one of ours (we write in staging).
+    return set(os.listdir(folder)) <= MME_ANSWER_FILES
 
 
 def _write_mme_folder(folder: str, files: Dict[str, str]) -> None:
