@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, HFWeights, model_config, read_hf_config  # noqa: E402
+from megatron_eve.checkpoint.hf_config import model_config, read_hf_config  # noqa: E402
+from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, HFWeights  # noqa: E402
 from megatron_eve.checkpoint.megatron_dirs import write_megatron  # noqa: E402
 from megatron_eve.config import ConfigError  # noqa: E402
 

@@ -13,13 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
-    CheckpointFormatError,
-    HFWeights,
-    fresh_vision_tensors,
-    language_config,
-    read_hf_config,
-)
+from megatron_eve.checkpoint.hf_config import language_config, read_hf_config  # noqa: E402
+from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, HFWeights, fresh_vision_tensors  # noqa: E402
 from megatron_eve.checkpoint.megatron_dirs import write_megatron  # noqa: E402
 from megatron_eve.config import PRESETS, ConfigError, get_preset, replace  # noqa: E402
 

@@ -25,14 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_eve.atomic import check_output_dir, recover_replaced, staged_directory  # noqa: E402
-from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
-    CheckpointFormatError,
-    MegatronCheckpoint,
-    hf_config,
-    hf_tensors,
-    preprocessor_config,
-    read_hf_config,
-)
+from megatron_eve.checkpoint.hf_config import hf_config, preprocessor_config, read_hf_config  # noqa: E402
+from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, MegatronCheckpoint, hf_tensors  # noqa: E402
 from megatron_eve.checkpoint.hf_writer import copy_tokenizer, is_written_name, write_tensors  # noqa: E402
 from megatron_eve.checkpoint.megatron_dirs import parse_dtype  # noqa: E402
 from megatron_eve.config import ConfigError, model_config_from_dict  # noqa: E402

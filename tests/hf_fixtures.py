@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from megatron_eve.checkpoint.hf_eve import hf_config
+from megatron_eve.checkpoint.hf_config import hf_config
 from tests.helpers import tiny_config
 
 

@@ -276,7 +276,8 @@ def test_rope_base_and_scaling_as_transformers_writes_them(tmp_path):
     """transformers 5 stores RoPE's base under rope_parameters: it must be read, not defaulted."""
     from transformers import LlamaConfig
 
-    from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, language_config, read_hf_config
+    from megatron_eve.checkpoint.hf_config import language_config, read_hf_config
+    from megatron_eve.checkpoint.hf_eve import CheckpointFormatError
 
     LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 vocab_size=256, rope_theta=500000.0).save_pretrained(tmp_path / "base")

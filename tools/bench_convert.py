@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from megatron_eve.checkpoint.hf_eve import HFWeights, expected_shapes, hf_config  # noqa: E402
+from megatron_eve.checkpoint.hf_config import hf_config  # noqa: E402
+from megatron_eve.checkpoint.hf_eve import HFWeights, expected_shapes  # noqa: E402
 from megatron_eve.config import get_preset  # noqa: E402
 
 FIRST_SHARD_BYTES = 9_976_000_000  # the release's pytorch_model-00001-of-00002.bin

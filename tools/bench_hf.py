@@ -63,7 +63,7 @@ def run_hf(args, model_cfg, samples, grouped):
     cheaper per step than ours, which keeps fp32 main parameters and gradients). Its batches are
     built on the device before timing (ours are made inside the timed steps, as the trainer makes
     them); its FLOPs are counted from its own samples."""
-    from megatron_eve.checkpoint.hf_eve import hf_config
+    from megatron_eve.checkpoint.hf_config import hf_config
     from megatron_eve.hf.modeling_eve import EVEConfig, EVELlamaForCausalLM
     from megatron_eve.platform import current_device
     from megatron_eve.training.metrics import BatchWork

@@ -148,7 +148,7 @@ class HFBackend:
     @staticmethod
     def _vision_config(folder: str):
         """The export's image geometry (as the converter reads it), for counting an image's positions."""
-        from megatron_eve.checkpoint.hf_eve import model_config, read_hf_config
+        from megatron_eve.checkpoint.hf_config import model_config, read_hf_config
 
         return model_config(read_hf_config(folder)).vision
 
