@@ -12,14 +12,12 @@ corpus of this tool; a non-empty folder that is not one is refused without --ove
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eve.atomic import check_output_dir, entries, replace_directory  # noqa: E402
+from megatron_eve.atomic import check_output_dir, entries, staged_directory  # noqa: E402
 from megatron_eve.config import ConfigError, get_preset  # noqa: E402
 from megatron_eve.data.synthetic import make_corpus, tokenizer_texts  # noqa: E402
 from megatron_eve.data.tokenizer import train_tokenizer  # noqa: E402
@@ -104,29 +102,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        print(f"error: --out {args.out} is a file, not a folder", file=sys.stderr)
-        return 1
-    try:
-        check_output_dir(out, is_our_corpus, args.overwrite, "a corpus of this tool")
+    try:  # also refuses an --out that is a file
+        check_output_dir(args.out, is_our_corpus, args.overwrite, "a corpus of this tool")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    # A fresh, uniquely named folder (an interrupted write's name, atomic.is_leftover): ours to delete.
-    staging = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # as os.makedirs would make it, not mkdtemp's owner-only mode
     try:
-        build(args, staging)
-        replace_directory(staging, out)
+        with staged_directory(args.out) as staging:  # swapped in whole once built; removed if the build fails
+            build(args, staging)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"corpus in {args.out}: {args.captions} captions, {args.qa} + {args.held_out} held-out Q&A records, "
           f"tokenizer.model ({args.tokenizer_vocab} pieces)" + (", teacher/" if args.teacher_preset else ""))
     return 0

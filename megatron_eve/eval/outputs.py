@@ -54,9 +54,7 @@ def check_output_folder(path: str, inputs: Inputs, ours: Callable[[str], bool], 
     """Refuse replacing the folder `path` when it is or holds an input, is a file, or is a non-empty
     folder that is not `what` (`ours`) unless `overwrite`."""
     check_not_an_input(path, inputs, flag)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise OutputRefused(f"{flag} {path} is a file: name a folder")
-    try:
+    try:  # also refuses a path that is a file
         check_output_dir(path, ours, overwrite, what)
     except ConfigError as error:
         raise OutputRefused(f"{flag} {error}") from None
