@@ -207,3 +207,50 @@ def test_a_sample_that_cannot_be_read_costs_itself_only(tmp_path):
                for m in messages)
     assert any("(id-past-the-vocabulary)" in m and "token id 5000 outside the tokenizer's 1000" in m for m in messages)
     assert "(4 left out so far by this process)" in messages[-1]
+
+    # The next epoch neither reads nor names them again.
+    with dataset_warnings() as warned:
+        again = [train[i] for i in range(len(train))]
+    assert not [message for message in warned if "left out" in message]
+    assert sum(row["real_tokens"] for row in again) == sum(row["real_tokens"] for row in rows)
+
+
+def _text_dataset(prefix, good, cut):
+    """`good` usable text samples, then `cut` whose labels were cut short (unusable), interleaved."""
+    from megatron_eve.data.indexed import SampleWriter
+    from megatron_eve.data.records import Sample
+
+    tokens = np.arange(3, 13, dtype=np.int32)
+    meta = {"template": "plain", "patch_size": 14, "conv_stride": 2, "image_size": 56, "teacher_image_size": 56,
+            "tokenizer_vocab_size": 1000}
+    with SampleWriter(prefix, meta) as writer:
+        for i in range(good + cut):
+            damaged = cut and i % ((good + cut) // cut) == 0
+            writer.add(Sample(f"s{i}", tokens, tokens[:-2] if damaged else tokens.copy()))
+        writer.finalize()
+
+
+def test_unusable_samples_are_named_up_to_a_cap_and_a_damaged_dataset_is_an_error(tmp_path):
+    """Thirty unusable samples among 300: the first twenty named, the rest counted, training goes on.
+    A dataset whose samples are all unusable (a .bin overwritten, say) is one error naming it, not a
+    warning per sample and a run trained on padding."""
+    from megatron_eve.config import DataConfig
+    from megatron_eve.data.dataset import NAMED_LEFT_OUT, build_datasets
+    from megatron_eve.data.indexed import DatasetFormatError
+
+    def rows(prefix):
+        config = DataConfig(data_path=[prefix], split="100,0,0", seq_length=64, data_cache_path=prefix + ".plans")
+        train = build_datasets(config, seed=1)["train"]
+        return [train[i] for i in range(len(train))]
+
+    some = str(tmp_path / "some")
+    _text_dataset(some, good=300, cut=30)
+    with dataset_warnings() as warned:
+        rows(some)
+    named = [message for message in warned if "left out of its sequence" in message]
+    assert len(named) == NAMED_LEFT_OUT and "later ones are counted, not named" in named[-1]
+
+    damaged = str(tmp_path / "damaged")
+    _text_dataset(damaged, good=0, cut=150)
+    with dataset_warnings(), pytest.raises(DatasetFormatError, match=r"100 of the 100 samples read .* the dataset is damaged"):
+        rows(damaged)

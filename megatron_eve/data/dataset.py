@@ -21,7 +21,7 @@ import numpy as np
 
 from megatron_eve.config import ConfigError, DataConfig
 from megatron_eve.data.images import tokens_per_image
-from megatron_eve.data.indexed import IndexedSamples
+from megatron_eve.data.indexed import DatasetFormatError, IndexedSamples
 from megatron_eve.data.packing import PackingPlan
 from megatron_eve.data.plan_cache import PlanKey, cached_plans, lengths_sha256
 from megatron_eve.model.visual_layout import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -29,6 +29,9 @@ from megatron_eve.model.visual_layout import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
 PLANS_SUFFIX = ".plans"  # PREFIX.plans/: the packing-plan cache beside the data, by default
+NAMED_LEFT_OUT = 20  # unusable samples named one by one; later ones are counted ...
+NAMED_LEFT_OUT_EVERY = 1000  # ... in a line every this many
+DAMAGED_MINIMUM = 100  # this many unusable samples, over half of those read: the dataset is damaged
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class PackedSequences:
     def __init__(self, samples: IndexedSamples, first: int, last: int, config: DataConfig, seed: int,
                  split: str, minimum: Optional[int] = None, reads: StageReads = StageReads()):
         self.samples, self.config, self.reads = samples, config, reads
-        self.skipped = 0  # samples left out because they could not be read (_read)
+        self.left_out: Dict[int, str] = {}  # sample index -> why it could not be used (_read)
+        self.samples_read = 0  # samples this process tried to read, for the share of them left out
         self.sample_ids = np.arange(first, last, dtype=np.int64)
         lengths = samples.lengths[first:last]
         stream = int.from_bytes(hashlib.sha256(f"{samples.prefix}|{split}".encode()).digest()[:4], "little")
@@ -98,7 +102,11 @@ class PackedSequences:
     def _read(self, index: int) -> Optional[Dict]:
         """One sample, checked; one that cannot be read or does not hold together (bytes damaged
         after preprocessing: a bad disk, a partial copy) costs itself only: it is left out of its
-        sequence, named and counted in a warning, instead of stopping the run."""
+        sequence, named once (the first NAMED_LEFT_OUT of them) and counted, instead of stopping the
+        run. A dataset most of whose samples are unusable is damaged as a whole: an error."""
+        if index in self.left_out:  # known from an earlier epoch: not read (nor warned) again
+            return None
+        self.samples_read += 1
         sample = None
         try:
             sample = self.samples.get(index, self.reads.pixels, self.reads.teacher)
@@ -107,10 +115,20 @@ class PackedSequences:
             problem = f"{type(error).__name__}: {error}"
         if not problem:
             return sample
-        self.skipped += 1
-        name = f" ({sample['id']})" if sample and sample.get("id") else ""
-        logger.warning("%s: sample %d%s left out of its sequence: %s (%d left out so far by this process)",
-                       self.samples.prefix, index, name, problem, self.skipped)
+        self.left_out[index] = problem
+        count = len(self.left_out)
+        if count >= DAMAGED_MINIMUM and count * 2 > self.samples_read:
+            raise DatasetFormatError(
+                f"{self.samples.prefix}: {count} of the {self.samples_read} samples read could not be used (the last, "
+                f"sample {index}: {problem}): the dataset is damaged; preprocess it again")
+        if count <= NAMED_LEFT_OUT:
+            name = f" ({sample['id']})" if sample and sample.get("id") else ""
+            logger.warning("%s: sample %d%s left out of its sequence: %s (%d left out so far by this process%s)",
+                           self.samples.prefix, index, name, problem, count,
+                           "; later ones are counted, not named" if count == NAMED_LEFT_OUT else "")
+        elif count % NAMED_LEFT_OUT_EVERY == 0:
+            logger.warning("%s: %d samples left out so far by this process (the last, sample %d: %s)",
+                           self.samples.prefix, count, index, problem)
         return None
 
 
