@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_eve.atomic import check_output_dir, recover_replaced, staged_directory  # noqa: E402
 from megatron_eve.checkpoint.hf_config import hf_config, preprocessor_config, read_hf_config  # noqa: E402
-from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, MegatronCheckpoint, hf_tensors  # noqa: E402
+from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
+    EARLIER_ITERATION, CheckpointFormatError, MegatronCheckpoint, hf_tensors)
 from megatron_eve.checkpoint.hf_writer import copy_tokenizer, is_written_name, write_tensors  # noqa: E402
 from megatron_eve.checkpoint.megatron_dirs import parse_dtype  # noqa: E402
 from megatron_eve.config import ConfigError, model_config_from_dict  # noqa: E402
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
         directory = checkpoint_to_export(args.megatron, args.iteration)
         from megatron.core import dist_checkpointing
 
-        with reading(directory):
+        with reading(directory, EARLIER_ITERATION):
             common = dist_checkpointing.load_common_state_dict(directory)
         if "model_config" not in common:
             raise CheckpointFormatError(f"{directory} does not record its model configuration")

@@ -166,6 +166,7 @@ def test_failures_are_one_line_and_leave_nothing_behind(converted, tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     out = convert("megatron_to_hf.py", "--megatron", tmp_path / "truncated", "--out", tmp_path / "o2", "--no-progress")
     one_line_error(out, "truncated/iter_0000000 cannot be loaded")
+    assert "export an earlier iteration with --iteration N" in out.stderr and "latest_checkpointed" not in out.stderr
     assert sorted(os.listdir(tmp_path)) == ["afile", "truncated"]
 
 

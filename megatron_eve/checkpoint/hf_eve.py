@@ -26,6 +26,8 @@ from megatron_eve.config import ConfigError, EVEModelConfig, padded_vocab_size
 SKIPPED_PREFIXES = ("model.vision_clip.", "model.vision_tower_compressor.clip_layer.")
 SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
 LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# What to do about a damaged Megatron checkpoint when exporting it (megatron_to_hf's flag).
+EARLIER_ITERATION = "export an earlier iteration with --iteration N"
 
 
 class CheckpointFormatError(ValueError):
@@ -288,7 +290,7 @@ class MegatronCheckpoint:
 def _reading(directory: str):
     from megatron_eve.training.checkpoint_records import reading
 
-    return reading(directory)
+    return reading(directory, EARLIER_ITERATION)
 
 
 class _RegionLoadPlanner:

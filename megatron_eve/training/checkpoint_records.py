@@ -64,9 +64,9 @@ def _refused_object(error: BaseException) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def reading(directory: str):
+def reading(directory: str, earlier: str = f"resume from an earlier iteration by writing its number into {TRACKER}"):
     """Turn whatever a damaged checkpoint file raises deep inside dist-checkpointing into one line
-    that names the directory and says what to do."""
+    that names the directory and says what to do (`earlier`: how this tool uses an earlier iteration)."""
     try:
         yield
     except (ConfigError, KeyboardInterrupt, SystemExit):
@@ -80,8 +80,7 @@ def reading(directory: str):
                 "unpickle it (a crafted or foreign checkpoint?)") from error
         detail = _first_line(error)
         raise CheckpointLoadError(
-            f"{directory} cannot be loaded ({detail}): a file is truncated, damaged or "
-            f"missing; resume from an earlier iteration by writing its number into {TRACKER}") from error
+            f"{directory} cannot be loaded ({detail}): a file is truncated, damaged or missing; {earlier}") from error
 
 
 def latest_iteration(root: str) -> Optional[int]:
