@@ -107,7 +107,8 @@ def _aside_copies(final: str, legacy: bool) -> list:
 def replace_directory(staging: str, final: str) -> None:
     """Rename the complete directory `staging` to `final`; an existing `final` is moved aside first
     and deleted only once the new one is in place. A linked `final` keeps its link: the folder it
-    points to is replaced. An earlier aside copy (an interrupted replacement's) is left alone."""
+    points to is replaced. Earlier aside copies (an interrupted replacement's, by our mark only)
+    are older versions of `final`: deleted with the one moved aside now, once the new one is in place."""
     final = os.path.realpath(final)
     aside = final + ASIDE_MARK
     number = 1
@@ -123,8 +124,8 @@ def replace_directory(staging: str, final: str) -> None:
         if moved:
             os.replace(aside, final)  # the old copy back: nothing changed
         raise
-    if moved:
-        shutil.rmtree(aside, ignore_errors=True)
+    for copy in _aside_copies(final, legacy=False):
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 def recover_replaced(final: str, legacy: bool = True) -> None:

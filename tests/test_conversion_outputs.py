@@ -56,17 +56,19 @@ def test_an_export_never_deletes_folders_it_did_not_write(converted, tmp_path):
     assert (out / "README_mine.md").is_file() and (out / "finetune-run" / "adapter_model.bin").is_file()
 
 
-def test_replacing_a_directory_keeps_earlier_aside_copies_and_recovers_the_latest(tmp_path, monkeypatch):
+def test_replacing_a_directory_deletes_older_aside_copies_and_recovers_the_latest(tmp_path, monkeypatch):
     final, staging = tmp_path / "out", tmp_path / "new"
     final.mkdir()
     (final / "v").write_text("1")
-    leftover = tmp_path / f"out{ASIDE_MARK}"  # an earlier interrupted replacement's: not deleted here
+    leftover = tmp_path / f"out{ASIDE_MARK}"  # an earlier interrupted replacement's: an older copy
     leftover.mkdir()
+    users = tmp_path / "out.replaced"  # not our mark (earlier versions' name, or a user's): kept
+    users.mkdir()
     staging.mkdir()
     (staging / "v").write_text("2")
     replace_directory(str(staging), str(final))
-    assert (final / "v").read_text() == "2" and leftover.is_dir() and sorted(os.listdir(tmp_path)) == sorted(
-        ["out", leftover.name])
+    assert (final / "v").read_text() == "2" and sorted(os.listdir(tmp_path)) == ["out", "out.replaced"]
+    leftover.mkdir()
 
     # Killed between the two renames: only the moved-aside copy exists; a reader puts it back.
     staging.mkdir()
