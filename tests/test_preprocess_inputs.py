@@ -164,6 +164,83 @@ def test_32_bit_integer_pixels_are_scaled_by_their_depth(tmp_path):
     assert np.asarray(to_rgb(negative)).max() == 0
 
 
+def test_sixteen_bit_pixels_are_scaled_in_integers_without_float_copies():
+    """to_rgb of a 5-megapixel 16-bit image: the same 8 bits as value * 255 / 65535 rounded, with a
+    peak of one 64-bit copy (float copies per step took 3 of them)."""
+    import tracemalloc
+
+    from PIL import Image
+
+    values = np.random.default_rng(0).integers(0, 65536, size=(2000, 2500)).astype(np.uint16)
+    image = Image.frombytes("I;16", (2500, 2000), values.tobytes())
+    tracemalloc.start()
+    grey = np.asarray(to_rgb(image))[..., 0]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert np.array_equal(grey, np.rint(values * (255 / 65535)).astype(np.uint8))
+    assert peak < 2000 * 2500 * 8 * 1.5, peak
+
+
+def _record(image_turn, images):
+    turns = [{"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "Red."}]
+    if image_turn == "leading gpt":
+        turns = [{"from": "gpt", "value": "<image>\nHello."}] + turns
+        turns[1]["value"] = "<image>\n" * (len(images) - 1) + turns[1]["value"]
+    else:
+        turns[0]["value"] = "<image>\n" * len(images) + turns[0]["value"]
+    return {"id": "r", "image": images if len(images) > 1 else images[0], "conversations": turns}
+
+
+def test_an_image_in_a_leading_gpt_turn_the_template_drops_goes_unused(corpus):
+    """The reference drops a leading gpt turn, <image> and all, and then uses that image nowhere
+    (its text trains): stored without it, every image kept has its positions (was: stored with the
+    image and no position, then left out as damaged at training time)."""
+    from megatron_eve.data.dataset import sample_problem
+    from megatron_eve.data.records import Sample, decode_image, process_record
+    from megatron_eve.data.tokenizer import Tokenizer
+    from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
+
+    tokenizer = Tokenizer(corpus["tokenizer"])
+    images = sorted(name for name in os.listdir(os.path.join(corpus["root"], "images")))[:2]
+    images = [f"images/{name}" for name in images]
+    config = RecordConfig(template="vicuna_v1", vision=VISION, image_folder=corpus["root"], max_images=2)
+
+    def stored(record):
+        sample = process_record(record, 0, config, tokenizer)
+        assert isinstance(sample, Sample), sample
+        arrays = {"tokens": sample.tokens, "labels": sample.labels, "image_grids": [], "teacher_images": []}
+        for data in sample.images:
+            height, width = decode_image(data).shape[:2]
+            arrays["image_grids"].append((height // VISION.token_cell, width // VISION.token_cell))
+            arrays["teacher_images"].append(None)
+        assert sample_problem(arrays) == "", sample_problem(arrays)
+        return sample
+
+    alone = stored(_record("leading gpt", images[:1]))
+    assert alone.images == [] and IMAGE_TOKEN_INDEX not in alone.tokens and (alone.labels >= 0).any()
+    second = stored(_record("leading gpt", images))  # the first image's <image> went with the turn
+    assert len(second.images) == 1 and second.images == stored(_record("human", images[1:])).images
+
+
+def test_an_image_pillow_only_warns_about_is_kept_and_a_bomb_is_named_too_large(corpus, tmp_path, monkeypatch):
+    """As the reference's Image.open(...).convert("RGB"): up to twice MAX_IMAGE_PIXELS Pillow only
+    warns (a 108 MP photo): kept; beyond, its DecompressionBombError rejects that record, as
+    image_too_large (was corrupt_image, and already at the warning)."""
+    from PIL import Image
+
+    from megatron_eve.data.records import Rejection, Sample, process_record
+    from megatron_eve.data.tokenizer import Tokenizer
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for side in (40, 50):  # 1600 pixels: a warning; 2500: past twice the limit
+        Image.new("RGB", (side, side), (200, 10, 10)).save(tmp_path / f"{side}.png")
+    config = RecordConfig(template="vicuna_v1", vision=VISION, image_folder=str(tmp_path))
+    tokenizer = Tokenizer(corpus["tokenizer"])
+    assert isinstance(process_record(_record("human", ["40.png"]), 0, config, tokenizer), Sample)
+    rejected = process_record(_record("human", ["50.png"]), 0, config, tokenizer)
+    assert isinstance(rejected, Rejection) and rejected.reason == "image_too_large", rejected
+
+
 # ------------------------------------------------------------------ sidecars that are not objects
 def test_a_sidecar_that_is_a_json_list_is_not_a_dataset(corpus, tmp_path):
     records = json.load(open(corpus["qa"]))[:6]
