@@ -34,7 +34,12 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, virtual_pipeline_size
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(port))
         if has_cuda():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local_rank >= gpus:  # else CUDA's "invalid device ordinal" deep in set_device
+                raise ConfigError(f"local rank {local_rank} has no GPU of its own: this node shows {gpus} "
+                                  f"(CUDA_VISIBLE_DEVICES); start at most {gpus} processes per node "
+                                  "(torchrun --nproc-per-node)")
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=distributed_backend(), timeout=timeout)
     apply_cpu_shim()
     world = dist.get_world_size()

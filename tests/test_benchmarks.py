@@ -200,6 +200,22 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     assert refused.returncode == 2 and "unknown part benchmark: all, bench or tier" in refused.stderr
 
 
+def test_gpu_check_writes_its_summary_within_the_calls_budget(tmp_path):
+    """Steps are cut to the call's budget, whatever start-up took: with none left they are skipped
+    (status 124 each) and summary.json is still written before the device call's own timeout."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    out = tmp_path / "out"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "GPU_CHECK_BUDGET": "10",
+           "GPU_CHECK_SITE": str(tmp_path / "site")}
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(wheels), str(out), "bench"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert (out / "bench.log").read_text() == "skipped (no time left in the call's budget)\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bench"]["exit_code"] == 124 and summary["pel_bench"]["exit_code"] == 124
+
+
 def test_bench_train_falls_back_when_the_fused_update_fails(tmp_path):
     """If ours' first run fails (here: the update's device-side skip, made to raise), the bench keeps the
     error and measures every figure of ours in the setting without torch's fused AdamW (whose ablation

@@ -204,3 +204,21 @@ def test_transformer_engine_cross_entropy_needs_transformer_engine():
     with pytest.raises(ConfigError, match="--cross-entropy-fusion-impl te needs Transformer Engine"):
         validate(get_preset("tiny"), ParallelConfig(), runtime)
     validate(get_preset("tiny"), ParallelConfig(), RuntimeConfig(transformer_impl="local", cross_entropy_loss_fusion=True))
+
+
+def test_more_ranks_on_a_node_than_gpus_is_one_line_before_the_process_group(monkeypatch):
+    """torchrun --nproc-per-node 2 on a one-GPU machine: rank 1 is told why, instead of CUDA's
+    "invalid device ordinal" from set_device (and no process group is started)."""
+    import torch.distributed as dist
+
+    from megatron_eve import distributed
+
+    monkeypatch.setattr(distributed, "has_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device reached"))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # as in a fresh process, whatever ran before
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: pytest.fail("process group started"))
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="local rank 1 has no GPU of its own: this node shows 1 .*--nproc-per-node"):
+        distributed.initialize(ParallelConfig())

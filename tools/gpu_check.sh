@@ -20,17 +20,20 @@
 #    MFU, peak memory, speed-up; the PEL figures under "pel_bench").
 # A device call runs 10 minutes at most, and on an H100 the bench with its deeper runs and the tier
 # (~6.5 min, 24 tests) do not fit in one: run `bench` and then `tier`, two calls on the warm machine
-# (limits 360 + 20 s, and 450 s). `all` keeps one call's limits (235 + 325 + 20 s), so its bench and
-# tier may be cut; bench.json is written after every figure, so a step stopped at its limit keeps
-# what it measured, and the tier's log names the test it stopped in.
-# Overrides: TIER_TIMEOUT, BENCH_TIMEOUT, PEL_TIMEOUT (seconds; 0 skips the step), TIER_ARGS (extra
-# pytest args), BENCH_ARGS, PEL_ARGS.
+# (limits 360 + 20 s, and 450 s; give the calls timeouts of 420 and 480 s). `all` keeps one call's
+# limits (235 + 325 + 20 s), so its bench and tier may be cut; bench.json is written after every
+# figure, so a step stopped at its limit keeps what it measured, and the tier's log names the test it
+# stopped in. Whatever the wheel install and start-up took, each step is also cut to end within the
+# call's budget (all 580, bench 405, tier 465 s from the start, 10 s kept for the summary): summary.json
+# is always written before the call's own timeout.
+# Overrides: TIER_TIMEOUT, BENCH_TIMEOUT, PEL_TIMEOUT (seconds; 0 skips the step), GPU_CHECK_BUDGET
+# (seconds), TIER_ARGS (extra pytest args), BENCH_ARGS, PEL_ARGS.
 set -uo pipefail
 [ $# -eq 2 ] || [ $# -eq 3 ] || { echo "usage: bash tools/gpu_check.sh WHEEL_DIR OUT_DIR [all|bench|tier]" >&2; exit 2; }
 case "${3:-all}" in
-  all)   limits=(235 325 20) ;;
-  bench) limits=(360 0 20) ;;
-  tier)  limits=(0 450 0) ;;
+  all)   limits=(235 325 20); budget=580 ;;
+  bench) limits=(360 0 20); budget=405 ;;
+  tier)  limits=(0 450 0); budget=465 ;;
   *) echo "unknown part ${3}: all, bench or tier" >&2; exit 2 ;;
 esac
 WHEELS=$(cd "$1" && pwd) || { echo "no wheel folder $1" >&2; exit 2; }
@@ -39,6 +42,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SITE=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
 started=$(date +%s)
+deadline=$(( started + ${GPU_CHECK_BUDGET:-$budget} - 10 ))  # the steps end by then; the summary after
 JUNIT=$(mktemp -d)/gpu_tests.xml
 
 missing=$("$PYTHON" - "$WHEELS" <<'PY'
@@ -65,10 +69,13 @@ export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# step LIMIT LOG COMMAND...: COMMAND under LIMIT seconds, its output also in LOG; LIMIT 0 skips it.
+# step LIMIT LOG COMMAND...: COMMAND under LIMIT seconds (less if the budget has less left), its
+# output also in LOG; LIMIT 0 skips it.
 step() {
-  local limit=$1 log=$2; shift 2
+  local limit=$1 log=$2 left=$(( deadline - $(date +%s) )); shift 2
   if [ "$limit" -eq 0 ]; then echo "skipped (limit 0)" | tee "$log"; return 0; fi
+  if [ "$left" -le 0 ]; then echo "skipped (no time left in the call's budget)" | tee "$log"; return 124; fi
+  [ "$limit" -le "$left" ] || { echo "cut to ${left} s (the call's budget)"; limit=$left; }
   timeout "$limit" "$@" 2>&1 | tee "$log"
   return "${PIPESTATUS[0]}"
 }

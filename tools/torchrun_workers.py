@@ -2,6 +2,7 @@
 what its ranks reported (the last stdout line starting "RESULT ", as JSON)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +12,12 @@ from typing import Dict, Sequence
 def run_workers(script: str, nproc: int, worker_args: Sequence[str]) -> Dict:
     import torch
 
-    from tests.helpers import child_environment, free_port
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", script, "--worker", *map(str, worker_args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env=child_environment(cuda=torch.cuda.is_available()))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script,
+           "--worker", *map(str, worker_args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if torch.cuda.device_count() < nproc:  # a GPU for each rank, or every rank on the CPU (gloo)
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"{Path(script).stem}: the ranks failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
