@@ -290,3 +290,47 @@ def test_rope_base_and_scaling_as_transformers_writes_them(tmp_path):
         language_config(read_hf_config(str(tmp_path / "scaled")))
     with pytest.raises(CheckpointFormatError, match="disagree"):
         language_config({**written, "rope_theta": 10000.0, "rope_parameters": {"rope_theta": 500000.0}})
+
+
+def test_export_scales_integer_images_by_their_bit_depth_as_training_does():
+    """process_images of the export's standalone file gives 16- and 32-bit integer images the
+    pixels training and eval give them (records.to_rgb), not convert("RGB")'s clipped ones; 8-bit
+    images are as before."""
+    import types
+
+    import numpy as np
+    from PIL import Image
+
+    from megatron_eve.data.records import to_rgb
+    from megatron_eve.hf.modeling_eve import CLIP_MEAN, CLIP_STD, EVELlamaForCausalLM
+
+    # process_images reads only these three settings.
+    model = types.SimpleNamespace(config=types.SimpleNamespace(image_size_clip=28, patch_stride=14, image_size=56))
+
+    def pixels(image):
+        return EVELlamaForCausalLM.process_images(model, [image])
+
+    ramp = np.arange(40 * 30, dtype=np.int64).reshape(30, 40)
+    images = {
+        "I;16, nearly black": Image.fromarray((ramp % 200).astype(np.uint16)),
+        "I;16, full range": Image.fromarray((ramp * 54).astype(np.uint16)),
+        "I, 16-bit values (a 16-bit PNG)": Image.fromarray((ramp * 37).astype(np.int32)),
+        "I, 8-bit values": Image.fromarray((ramp % 256).astype(np.int32)),
+        "I, 32-bit values and negatives": Image.fromarray((ramp * 1_700_000 - 9_000_000).astype(np.int32)),
+    }
+    assert images["I;16, nearly black"].mode == "I;16" and images["I, 8-bit values"].mode == "I"
+    for name, image in images.items():
+        ours = pixels(image)
+        assert torch.equal(ours, pixels(to_rgb(image))), name
+        if name != "I, 8-bit values":  # Pillow's clipping differs from scaling there
+            assert not torch.equal(ours, pixels(image.convert("RGB"))), name
+
+    colour = (10, 200, 30)
+    rgb = Image.new("RGB", (28, 28), colour)
+    expected = (torch.tensor(colour, dtype=torch.float32) / 255.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    out = pixels(rgb)[0]
+    assert torch.equal(out[:3], expected.view(3, 1, 1).expand(3, 56, 56)) and bool((out[3] == 1).all())
+    for eight_bit in (rgb, Image.fromarray((ramp % 256).astype(np.uint8)), rgb.convert("P")):
+        assert torch.equal(pixels(eight_bit), pixels(eight_bit.convert("RGB")))
+    with pytest.raises(ValueError, match="mode F"):
+        pixels(Image.fromarray(ramp.astype(np.float32)))

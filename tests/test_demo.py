@@ -181,6 +181,66 @@ def test_only_uploads_are_ever_opened(tmp_path):
     assert model.requests[-1].image_paths == [] and str(secret) in model.requests[-1].prompt
 
 
+@pytest.mark.parametrize("client", ["api", "page"])
+def test_notices_and_failed_uploads_are_not_fed_back_to_the_model(tmp_path, monkeypatch, client):
+    """The demo's own notices (an unreadable upload, a bad value, no question) are not answers: their
+    exchanges stay out of the conversation the model is given, and a failed upload is not kept as
+    the chat's image, so a later text-only question is about the last image the model answered."""
+    from PIL import Image
+
+    from megatron_eve.inference.backends import open_images
+    from megatron_eve.inference.generate import PromptError
+    from tools.app import make_chat
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # the files below count as uploads
+    good, broken = tmp_path / "good.png", tmp_path / "upload.jpg"
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(good)
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not the rest of a JPEG")
+
+    class Model:
+        requests = []
+
+        def stream(self, request, sampling):
+            self.requests.append(request)
+            try:
+                open_images(request.image_paths)  # as the backends do
+            except PromptError as error:
+                yield error
+                return
+            yield "a red square"
+
+    model, history = Model(), []
+    chat = make_chat(model, 2048)
+
+    def say(text, files=(), top_p=1.0):
+        """One message as Gradio sends it, and the history as Gradio then keeps it: the API's
+        session state, or the page's chatbot (its messages normalised into typed parts)."""
+        answer = list(chat({"text": text, "files": [str(f) for f in files]}, list(history), 6, 0.0, top_p))[-1]
+        if client == "api":
+            history.append({"role": "user", "content": [{"path": str(f)} for f in files] + ([text] if text else [])})
+            history.append({"role": "assistant", "content": answer})
+        else:
+            parts = [{"type": "file", "file": {"path": str(f)}, "alt_text": None} for f in files]
+            history.append({"role": "user", "content": parts + ([{"type": "text", "text": text}] if text else []),
+                            "metadata": None, "options": None})
+            history.append({"role": "assistant", "content": [{"type": "text", "text": answer}],
+                            "metadata": None, "options": None})
+        return answer
+
+    assert say("Describe it", [good]) == "a red square"
+    assert say("What is this?", [broken]).startswith("⚠ image upload.jpg cannot be read")
+    assert say("Describe it again", top_p=0) == "⚠ top_p must be in (0, 1], not 0.0"
+    assert say("", [broken]) == "Please ask a question (an image alone is not a question)."
+    assert say("What colour is it?") == "a red square"
+    last = model.requests[-1]
+    assert last.image_paths == [str(good)]
+    assert last.prompt.count("USER:") == 2 and last.prompt.count("ASSISTANT: a red square</s>") == 1
+    for left_out in ("⚠", "cannot be read", "top_p", "Please ask", "What is this?", "Describe it again"):
+        assert left_out not in last.prompt
+    assert last.prompt.endswith(
+        "USER: <image>\nDescribe it ASSISTANT: a red square</s>USER: What colour is it? ASSISTANT:")
+
+
 def test_an_abandoned_answer_stops_and_frees_the_model():
     """A client that goes away (Gradio closes its generator) cancels its answer: the model thread
     stops at its next step, and the next client does not wait for the rest of it."""

@@ -32,6 +32,14 @@ from megatron_eve.inference.generate import PromptError, Sampling  # noqa: E402
 
 _DONE = object()
 
+# What the demo itself says in the chat (not the model) starts with one of NOTICES: the conversation
+# sent to the model leaves those exchanges out by it. (A gr.ChatMessage with metadata would mark them
+# in the history, but /chat would then answer API clients with that object instead of the text.)
+WARNING = "⚠ "
+ASK_A_QUESTION = "Please ask a question (an image alone is not a question)."
+EMPTY_ANSWER = "(the model gave an empty answer)"
+NOTICES = (WARNING, ASK_A_QUESTION, EMPTY_ANSWER)
+
 
 def conversation_prompt(messages, with_image: bool) -> str:
     """vicuna_v1 over the whole conversation, the image at the start of the first question."""
@@ -139,31 +147,50 @@ def _text(content) -> Optional[str]:
     return None
 
 
+def conversation(history):
+    """(turns, image) the model is given for a chat history: the exchanges it answered, and the last
+    image uploaded in one of them. An exchange answered by a notice (a bad value, an unreadable
+    upload, ...) or not at all is left out whole: its question, its notice and its upload, so that
+    a notice is never fed back and a failed upload does not fail every later turn."""
+    exchanges = []  # (user contents, answer contents); an upload can be a user entry of its own
+    for entry in history or []:
+        is_user = entry.get("role") == "user"
+        if not exchanges or (is_user and exchanges[-1][1]):
+            exchanges.append(([], []))
+        exchanges[-1][0 if is_user else 1].append(entry.get("content"))
+    turns, image = [], None
+    for questions, answers in exchanges:
+        answer_texts = [t for t in map(_text, answers) if t]
+        if not answer_texts or any(t.startswith(NOTICES) for t in answer_texts):
+            continue
+        for content in questions:
+            image = (_paths(content) or [image])[-1]
+            text = _text(content)
+            if text:
+                turns.append({"role": "user", "content": text})
+        turns += [{"role": "assistant", "content": text} for text in answer_texts]
+    return turns, image
+
+
 def make_chat(model: ModelThread, max_length: int):
     def chat(message, history, max_new_tokens, temperature, top_p):
         message = message if isinstance(message, dict) else {"text": str(message or ""), "files": []}
         # The upload box hands over its files as paths (strings here are paths, not typed text).
         uploads = message.get("files") or []
         files = [f for f in uploads if isinstance(f, str)] + _paths([f for f in uploads if not isinstance(f, str)])
-        turns, image = [], None
-        for entry in history or []:
-            role, content = entry.get("role"), entry.get("content")
-            image = (_paths(content) or [image])[-1] if role == "user" else image
-            text = _text(content)
-            if text:
-                turns.append({"role": role, "content": text})
+        turns, image = conversation(history)
         image = files[-1] if files else image
         if image is not None and not _uploaded(image):
-            yield "⚠ images must be uploaded through the page"
+            yield f"{WARNING}images must be uploaded through the page"
             return
         question = (message.get("text") or "").strip()
         if not question:
-            yield "Please ask a question (an image alone is not a question)."
+            yield ASK_A_QUESTION
             return
         try:
             sampling = parse_sampling(max_new_tokens, temperature, top_p, max_length)
         except ValueError as error:
-            yield f"⚠ {error}"
+            yield f"{WARNING}{error}"
             return
         from megatron_eve.inference.backends import Request
 
@@ -172,12 +199,12 @@ def make_chat(model: ModelThread, max_length: int):
         answer = ""
         for piece in model.stream(request, sampling):
             if isinstance(piece, PromptError):
-                yield f"⚠ {_without_paths(str(piece), request.image_paths)}"
+                yield f"{WARNING}{_without_paths(str(piece), request.image_paths)}"
                 return
             answer += piece
             yield answer
         if not answer:
-            yield "(the model gave an empty answer)"
+            yield EMPTY_ANSWER
     return chat
 
 

@@ -30,6 +30,30 @@ class EVEConfig(LlamaConfig):
     model_type = "eve"
 
 
+def _to_rgb(image):
+    """8-bit RGB as training and eval see it (megatron_eve.data.records.to_rgb, inlined: this file
+    stands alone). convert("RGB") clips 16- and 32-bit integer pixels at 255, so those are scaled by
+    the white level of their depth first: 65535 for I;16 or mode I holding 16-bit values, 255 for
+    8-bit values, 2**31 - 1 beyond; negatives are black. Integer arithmetic, round half up, as there."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.array(image, dtype=np.int64)
+        brightest = int(pixels.max()) if pixels.size else 0
+        if image.mode.startswith("I;16") or 255 < brightest <= 65535:
+            full_scale = 65535
+        else:
+            full_scale = 255 if brightest <= 255 else 2**31 - 1
+        np.clip(pixels, 0, None, out=pixels)
+        pixels *= 255
+        pixels += full_scale // 2  # every full scale is odd: no tie, so this is round half up
+        pixels //= full_scale
+        image = Image.fromarray(pixels.astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise ValueError("floating-point pixels (mode F) have no known range: convert the image to 8 bits first")
+    return image.convert("RGB")
+
+
 def _norm_linear(width: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out, bias=False))
 
@@ -139,7 +163,8 @@ class EVELlamaForCausalLM(LlamaForCausalLM):
     # --------------------------------------------------------------------------- images
     def process_images(self, images) -> torch.Tensor:
         """PIL images → [N, 4, S, S]: EVE's any-resolution resize, centred on a mean-colour square,
-        CLIP-normalised, validity mask as channel 3."""
+        CLIP-normalised, validity mask as channel 3. 16- and 32-bit integer images are scaled to 8
+        bits by their depth, as in training (a float image is refused: its range is unknown)."""
         from PIL import Image
 
         cfg = self.config
@@ -148,7 +173,7 @@ class EVELlamaForCausalLM(LlamaForCausalLM):
         background = tuple(int(m * 255) for m in CLIP_MEAN)
         out = []
         for image in images:
-            image = image.convert("RGB")
+            image = _to_rgb(image)
             width, height = image.size
             short = max(1, math.ceil(side * min(width, height) / max(width, height) / patch)) * patch
             pad = (side // patch - short // patch) // 2 * patch
