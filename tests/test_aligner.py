@@ -67,3 +67,62 @@ def test_eve_7b_component_sizes_match_the_reference():
     assert round(counts["aligner"] / 1e6) == 43
     llm = counts["embedding"] + counts["decoder"] + counts["output_layer"]
     assert round(llm / 1e9, 2) == 6.74
+
+
+def _bf16_shards():
+    """bf16 hidden states of the visual-layout test batch padded to 42 rows, and the two
+    sequence-parallel shards of TP=2 (rows 0..20, 21..41): the border cuts 2x2 cells."""
+    from megatron_eve.model.visual_layout import VisualLayout
+    from tests.test_visual_layout import GRIDS, LAYOUT, tokens_with_images
+
+    input_ids = F.pad(tokens_with_images(GRIDS, LAYOUT), (0, 1))
+    layout = VisualLayout.build(input_ids, torch.tensor(GRIDS), 2)
+    half = input_ids.shape[1] // 2
+    below = layout.cell_positions < half * input_ids.shape[0]
+    assert set(layout.cell_index[below].tolist()) & set(layout.cell_index[~below].tolist())
+    torch.manual_seed(0)
+    hidden = torch.randn(input_ids.shape[1], input_ids.shape[0], 1024).to(torch.bfloat16)
+    return layout, hidden, half
+
+
+def test_bf16_shard_cells_are_summed_in_fp32_and_rounded_once():
+    """A shard's share of the cells stays fp32, so the shards' sum rounded once to bf16 is the
+    unsharded cells bit for bit (rounding each share first rounds a cut cell twice)."""
+    layout, hidden, half = _bf16_shards()
+    parts = [layout.cells(hidden[:half], first_row=0), layout.cells(hidden[half:], first_row=half)]
+    assert all(p.dtype == torch.float32 for p in parts)
+    whole = layout.cells(hidden)
+    assert whole.dtype == torch.bfloat16
+    assert torch.equal((parts[0] + parts[1]).to(torch.bfloat16), whole)
+
+
+def test_sequence_parallel_cells_reduce_in_fp32_and_match_unsharded(monkeypatch):
+    """EVEModel._cells under SP on TP rank 1 of 2 (the all-reduce stood in for by adding rank 0's
+    share, backward the identity as megatron-core's): the all-reduce gets fp32, the cells come back
+    bf16 equal to the unsharded ones, and the shard's gradient is bf16 and the unsharded one's rows."""
+    from types import SimpleNamespace
+
+    from megatron.core import tensor_parallel
+
+    from megatron_eve.model.eve import EVEModel
+
+    layout, hidden, half = _bf16_shards()
+    other = layout.cells(hidden[:half], first_row=0).detach()
+
+    def all_reduce(partial, group=None):
+        assert partial.dtype == torch.float32
+        return partial + other
+
+    monkeypatch.setattr(tensor_parallel, "reduce_from_tensor_model_parallel_region", all_reduce)
+    model = SimpleNamespace(config=SimpleNamespace(sequence_parallel=True), tp_group=SimpleNamespace(rank=lambda: 1))
+    shard = hidden[half:].clone().requires_grad_()
+    cells = EVEModel._cells(model, layout, shard)
+    whole_hidden = hidden.clone().requires_grad_()
+    whole = layout.cells(whole_hidden)
+    assert cells.dtype == torch.bfloat16 and torch.equal(cells, whole)
+
+    grad = torch.randn(whole.shape).to(torch.bfloat16)
+    cells.backward(grad)
+    whole.backward(grad)
+    assert shard.grad.dtype == torch.bfloat16
+    assert torch.equal(shard.grad, whole_hidden.grad[half:])

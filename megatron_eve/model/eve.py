@@ -160,11 +160,16 @@ class EVEModel(LanguageModule):
 
         Every TP rank then holds the same cells and computes the same aligner terms; the
         all-reduce's backward is the identity, so each rank's tokens get their cells' gradient
-        once (not summed over identical copies)."""
+        once (not summed over identical copies).
+
+        The shares are all-reduced in fp32 and rounded to the hidden dtype once, as the unsharded
+        path rounds: a cell cut by the shard border is not rounded twice. The cast's backward
+        returns the gradient to the hidden dtype."""
         if not self.config.sequence_parallel:
             return layout.cells(hidden)
         first_row = hidden.shape[0] * self.tp_group.rank()
-        return tensor_parallel.reduce_from_tensor_model_parallel_region(layout.cells(hidden, first_row))
+        shares = layout.cells(hidden, first_row)
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(shares, group=self.tp_group).to(hidden.dtype)
 
     def _attach_carried(self, hidden: Tensor, carried: List[Tensor]) -> Tensor:
         if not carried:

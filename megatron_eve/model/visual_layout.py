@@ -107,7 +107,10 @@ class VisualLayout:
 
         With first_row, hidden holds only rows first_row.. of the sequence (a sequence-parallel
         shard): the result holds those rows' share of every cell (zero elsewhere), so the shards'
-        results sum to the whole; the indices are masked, not filtered (no device sync)."""
+        results sum to the whole; the indices are masked, not filtered (no device sync). That share
+        stays in the accumulation dtype (at least fp32): the caller sums the shards' shares and
+        rounds once, as for the whole sequence — rounding each share would round a cell cut by a
+        shard border twice."""
         flat = hidden.reshape(-1, hidden.shape[-1])
         if first_row is None:
             picked = flat.index_select(0, self.cell_positions)
@@ -123,7 +126,8 @@ class VisualLayout:
         accumulate = torch.promote_types(picked.dtype, torch.float32)
         summed = picked.new_zeros(self.num_cells, flat.shape[-1], dtype=accumulate).index_add(
             0, self.cell_index, picked.to(accumulate))
-        return (summed / (self.pool * self.pool)).to(picked.dtype)
+        mean = summed / (self.pool * self.pool)
+        return mean if first_row is not None else mean.to(picked.dtype)
 
     def splice(self, embeddings: Tensor, visual_tokens: Tensor) -> Tensor:
         """embeddings [s, b, H] with visual_tokens [T, H] written at the visual positions."""
