@@ -83,16 +83,15 @@ def worker(args) -> None:
 
     from megatron_eve import distributed
     from megatron_eve.config import (CheckpointConfig, DataConfig, LoggingConfig, OptimConfig, ParallelConfig,
-                                     RuntimeConfig, ScheduleConfig, TrainingJob, replace)
+                                     RuntimeConfig, ScheduleConfig, TrainingJob, get_preset, replace)
     from megatron_eve.model.build import build_model
     from megatron_eve.training import checkpoint
     from megatron_eve.training.checkpoint_records import checkpoint_dir
     from megatron_eve.training.optim import build_optimizer, build_scheduler, wrap_model
-    from tests.helpers import tiny_config
 
     distributed.initialize(ParallelConfig(), seed=1)
     rank = dist.get_rank()
-    cfg = replace(tiny_config(), **{"aligner.enabled": False, "language.hidden_size": args.hidden_size,
+    cfg = replace(get_preset("tiny"), **{"aligner.enabled": False, "language.hidden_size": args.hidden_size,
                                     "language.num_layers": args.num_layers,
                                     "language.ffn_hidden_size": args.ffn_hidden_size,
                                     "language.num_attention_heads": args.num_attention_heads,
