@@ -65,9 +65,14 @@ def test_three_stages(data, tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
     events.Reload()
     tags = set(events.Tags()["tensors"])
-    for tag in ("lm loss", "align loss", "lm loss vs samples", "learning-rate", "grad-norm", "throughput",
+    for tag in ("lm loss", "align loss", "learning-rate", "grad-norm", "throughput",
                 "tokens-per-sec-per-gpu", "packing-efficiency", "iteration-time", "mem-rss-bytes"):
         assert tag in tags, (tag, sorted(tags))
+    # The charts against consumed samples are a run of their own (TensorBoard purges each folder at one step).
+    by_samples = EventAccumulator(str(tmp_path / "tb" / "vs-samples"), size_guidance={"tensors": 0})
+    by_samples.Reload()
+    assert {"lm loss vs samples", "align loss vs samples",
+            "learning-rate vs samples"} <= set(by_samples.Tags()["tensors"])
 
     def scalars(tag):
         return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
@@ -84,9 +89,17 @@ def test_three_stages(data, tmp_path):
     assert abs(rates[0] - 5e-4 * 0.5 * (1 + math.cos(math.pi / 4))) < 1e-9 and max(rates) <= 5e-4
 
 
+def validations(text):
+    return dict(re.findall(r"validation at iteration (\d+) \| lm loss: (\S+)", text))
+
+
 def test_kill_and_resume_gives_the_same_losses(data, tmp_path):
-    args = base_args(data, "pretrain") + ["--train-iters", 6, "--save-interval", 2]
-    full, _ = train(args + ["--save", tmp_path / "full"])
+    """Training and validation losses: a resumed run evaluates on the batches the uninterrupted run
+    reads next, not the split's first ones again."""
+    # Rows of 160 hold a caption or two: each evaluation's 4 rows are others than the last one's.
+    args = base_args(data, "pretrain") + ["--train-iters", 6, "--save-interval", 2, "--split", "50,50,0",
+                                          "--seq-length", 160, "--eval-interval", 2, "--eval-iters", 1]
+    full, full_out = train(args + ["--save", tmp_path / "full"])
     proc = launch(args + ["--save", tmp_path / "killed"])
     marker = tmp_path / "killed" / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 240
@@ -97,10 +110,12 @@ def test_kill_and_resume_gives_the_same_losses(data, tmp_path):
     proc.kill()
     proc.communicate()
     assert marker.read_text().strip() == "4"
-    resumed, _ = train(args + ["--save", tmp_path / "killed", "--load", tmp_path / "killed"])
+    resumed, resumed_out = train(args + ["--save", tmp_path / "killed", "--load", tmp_path / "killed"])
     assert sorted(resumed) == [5, 6]
     for iteration in (5, 6):
         assert resumed[iteration] == full[iteration]  # identical to the printed digit
+    assert list(validations(full_out)) == ["2", "4", "6"]
+    assert validations(resumed_out) == {"6": validations(full_out)["6"]}
 
     # Run again once finished: nothing to train, so nothing is saved (the final checkpoint stays as is).
     final = tmp_path / "killed" / "iter_0000006"
@@ -123,8 +138,10 @@ def test_resume_at_another_tensor_parallel_size(data, tmp_path):
 
 
 def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
+    """After earlier saves too: their write-results process (megatron-core's) is signalled with the
+    others and must outlive SIGTERM, or the save on exit fails (BrokenPipeError)."""
     proc = launch(base_args(data, "pretrain") + ["--train-iters", 1000, "--save", tmp_path / "ck",
-                                                 "--exit-signal-handler"])
+                                                 "--save-interval", 1, "--exit-signal-handler"])
     output = []
     while True:
         line = proc.stdout.readline()
@@ -139,6 +156,7 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     assert "exiting: SIGTERM at iteration" in text
     saved = int((tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= saved < 1000 and (tmp_path / "ck" / f"iter_{saved:07d}").is_dir()
+    assert not list((tmp_path / "ck").glob("*.tmp"))
 
 
 FAILING_SAVE = """

@@ -88,7 +88,8 @@ class CheckpointConfig:
     keep_last: Optional[int] = option(None, flag="--ckpt-keep-last", help="keep only the newest K checkpoints")
     exit_signal_handler: bool = option(False, help="on SIGTERM: save, then exit 0")
     exit_interval: Optional[int] = option(None, help="save and exit at a multiple of this iteration")
-    exit_duration_in_mins: Optional[float] = option(None, help="save and exit after this long")
+    exit_duration_in_mins: Optional[float] = option(
+        None, help="save and exit after this long (from the start: model building and checkpoint loading included)")
     verify_checkpoint: bool = option(
         False, help="check every file of the checkpoint to load against the CRC-32 sums recorded at save "
                     "(each rank reads its share) and refuse a damaged one")

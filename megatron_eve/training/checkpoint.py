@@ -85,6 +85,7 @@ EXTRA_STATE = "_extra_state"  # Transformer Engine modules' non-tensor state (FP
 class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
+    consumed_valid_samples: int = 0  # validation sequences read: a resumed run evaluates on the next ones
     skipped_iterations: int = 0
     nan_iterations: int = 0
 
@@ -154,6 +155,27 @@ def _optimizer_metadata(fmt: str) -> Dict[str, str]:
 
 
 _async_queue = None  # megatron-core's AsyncCallsQueue, made at the first --async-save
+_results_manager = None  # the process holding megatron-core's write-results queue (_start_results_queue)
+
+
+def _start_results_queue() -> None:
+    """megatron-core collects every save's write results (sync saves too) in a queue held by a
+    Manager process it starts at the first save, with SIGTERM's default action. torchrun (os.killpg)
+    and Slurm signal every process of the job, so that process died first and the save
+    --exit-signal-handler makes on SIGTERM failed (BrokenPipeError): the same queue, from a process
+    that ignores SIGTERM (it still ends with this one: the manager's finalizer, or SIGKILL)."""
+    global _results_manager
+    import multiprocessing
+    import signal
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    _results_manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    _results_manager.start(initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_IGN))
+    filesystem_async._results_queue = _results_manager.Queue()
 
 
 def finalize_async_saves(blocking: bool) -> None:
@@ -183,6 +205,7 @@ def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> st
     from megatron.core import dist_checkpointing
 
     finalize_async_saves(blocking=True)  # one save in flight at a time, published in order
+    _start_results_queue()
     root = job.checkpoint.save
     final = checkpoint_dir(root, state.iteration)
     staging = final + ".tmp"
@@ -419,4 +442,10 @@ def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> Tr
     elif not job.checkpoint.no_load_rng and dist.get_rank() == 0:
         logger.warning("checkpoint layout %s differs from %s: RNG states are not restored",
                        common.get("layout"), _layout())
-    return TrainState(**common["train_state"])
+    saved = common["train_state"]
+    state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
+    if "consumed_valid_samples" not in saved:  # written before it was kept: Megatron-LM's estimate
+        log, schedule = job.logging, job.schedule
+        evaluations = state.iteration // log.eval_interval if log.eval_interval else 0
+        state.consumed_valid_samples = evaluations * log.eval_iters * schedule.global_batch_size
+    return state

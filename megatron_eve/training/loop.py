@@ -264,6 +264,7 @@ def _data_sizes(job: TrainingJob):
 
 # ------------------------------------------------------------------------------------- run
 def run(job: TrainingJob) -> int:
+    started = time.time()  # --exit-duration-in-mins counts building and loading too (a job's time limit does)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_job(job, world_size)
     distributed.initialize(job.parallel, seed=job.schedule.seed,
@@ -303,18 +304,20 @@ def run(job: TrainingJob) -> int:
                                       consumed=state.consumed_samples)
     valid_batches = None
     if data["valid"] is not None and log.eval_interval and log.eval_iters:
-        valid_batches = MicroBatches.over(data["valid"], job, False, 0, num_workers=min(job.data.num_workers, 1))
+        # Where the run left off (modulo the set: a resume with other --eval-* flags may have read more).
+        valid_batches = MicroBatches.over(data["valid"], job, False, 0, num_workers=min(job.data.num_workers, 1),
+                                          consumed=state.consumed_valid_samples % len(data["valid"]))
 
     dp_size = ps.get_data_parallel_world_size()
     num_microbatches = s.global_batch_size // (s.micro_batch_size * dp_size)
     fb = get_forward_backward_func()
     step = partial(forward_step, job.model.aligner.loss_weight if align else 0.0)
-    tensorboard = TensorBoard(log.tensorboard_dir if _last_rank_of_losses() else None)
+    tensorboard = TensorBoard(log.tensorboard_dir if _last_rank_of_losses() else None,
+                              iteration=state.iteration, consumed_samples=state.consumed_samples)
     catcher = _SignalCatcher(ck.exit_signal_handler)
     peak = peak_tflops(log.peak_tflops)
     stats = _iteration_stats()
     interval_seconds, grad_norm = 0.0, None
-    started = time.time()
     exit_code, reason = 0, "finished"
     first_iteration = state.iteration
     nan_streak = 0  # non-finite iterations in a row
@@ -376,6 +379,7 @@ def run(job: TrainingJob) -> int:
 
         if valid_batches is not None and state.iteration % log.eval_interval == 0:
             value = _evaluate(fb, step, ddp, valid_iterators, log.eval_iters, num_microbatches, job)
+            state.consumed_valid_samples += log.eval_iters * s.global_batch_size
             if _last_rank_of_losses():
                 print(f" validation at iteration {state.iteration} | lm loss: {value:.6E} | "
                       f"lm loss PPL: {math.exp(min(value, 20)):.6E}", flush=True)

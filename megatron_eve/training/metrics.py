@@ -121,14 +121,26 @@ def memory_scalars() -> Dict[str, float]:
 
 class TensorBoard:
     """Scalars against iterations, and against consumed samples for losses and lr (Megatron's
-    "<name> vs samples")."""
+    "<name> vs samples"), the latter in the subfolder VS_SAMPLES (a second run in TensorBoard's UI).
 
-    def __init__(self, directory: Optional[str]):
-        self.writer = None
+    iteration and consumed_samples are where this run starts (0, or the loaded checkpoint's). A run
+    resumed after a kill logs again what the killed run logged past its last checkpoint: TensorBoard
+    hides those older points when the new event file opens with a START event at the first step it
+    writes (purge_step). Every run writes one, the first too: TensorBoard skips the first START of a
+    folder and purges at each later one. A purge cuts every tag of its folder at one step, so the
+    charts indexed by consumed samples live in their own folder and are purged at a sample count."""
+
+    VS_SAMPLES = "vs-samples"
+
+    def __init__(self, directory: Optional[str], iteration: int = 0, consumed_samples: int = 0):
+        self.writer = self.samples_writer = None
         if directory:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=directory, max_queue=100)
+            # This run writes steps from iteration + 1 on; the checkpoint's own step stays.
+            self.writer = SummaryWriter(log_dir=directory, max_queue=100, purge_step=iteration + 1)
+            self.samples_writer = SummaryWriter(log_dir=os.path.join(directory, self.VS_SAMPLES), max_queue=100,
+                                                purge_step=consumed_samples + 1)
 
     def write(self, scalars: Dict[str, float], iteration: int, consumed: int, vs_samples=()) -> None:
         if self.writer is None:
@@ -137,9 +149,11 @@ class TensorBoard:
             # Stored as doubles: a grad norm or loss compared across runs keeps all its digits.
             self.writer.add_scalar(name, value, iteration, new_style=True, double_precision=True)
             if name in vs_samples:
-                self.writer.add_scalar(f"{name} vs samples", value, consumed, new_style=True, double_precision=True)
+                self.samples_writer.add_scalar(f"{name} vs samples", value, consumed, new_style=True,
+                                               double_precision=True)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        for writer in (self.writer, self.samples_writer):
+            if writer is not None:
+                writer.flush()
+                writer.close()
