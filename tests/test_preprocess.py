@@ -106,13 +106,20 @@ def test_workers_and_partitions_give_identical_files(corpus, tmp_path):
     for suffix in (".bin", ".idx"):
         assert filecmp.cmp(f"{tmp_path}/one{suffix}", f"{tmp_path}/many{suffix}", shallow=False)
     assert "40 samples written" in split.stdout
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{name}{suffix}" for name in ("one", "many") for suffix in (
+        ".bin", ".idx", ".meta.json", ".rejects.jsonl"))  # the merged parts removed: a second copy
 
-    # A rerun finds finished partitions and redoes only an unfinished one.
+    # A rerun finds finished partitions (kept) and redoes only an unfinished one.
+    def kept_parts():
+        return cli("--input", corpus["qa"], "--image-folder", corpus["root"], "--template", "vicuna_v1",
+                   "--tokenizer-model", corpus["tokenizer"], "--output-prefix", tmp_path / "many", "--partitions", 3,
+                   "--keep-parts")
+
+    assert kept_parts().returncode == 0
     second = partition_prefix(str(tmp_path / "many"), 1, 3)
     os.remove(second + ".meta.json")
     kept = os.path.getmtime(partition_prefix(str(tmp_path / "many"), 0, 3) + ".bin")
-    again = cli("--input", corpus["qa"], "--image-folder", corpus["root"], "--template", "vicuna_v1",
-                "--tokenizer-model", corpus["tokenizer"], "--output-prefix", tmp_path / "many", "--partitions", 3)
+    again = kept_parts()
     assert again.returncode == 0, again.stderr
     assert os.path.getmtime(partition_prefix(str(tmp_path / "many"), 0, 3) + ".bin") == kept
     assert filecmp.cmp(f"{tmp_path}/one.bin", f"{tmp_path}/many.bin", shallow=False)
@@ -309,6 +316,8 @@ def test_a_failed_run_leaves_no_temporary_rejects_list(corpus, tmp_path, monkeyp
     (["--workers", "0"], "error: --workers must be at least 1, got 0"),
     (["--partitions", "-1"], "error: --partitions must be at least 1, got -1"),
     (["--jpeg-quality", "101"], "error: --jpeg-quality must be 1..100, got 101"),
+    # A typo'd folder: every record with an image rejected, the text-only ones written as the dataset.
+    (["--image-folder", "/nonexistent/imagse"], "error: --image-folder /nonexistent/imagse is not a folder"),
 ])
 def test_flags_out_of_range_are_one_error_line(corpus, tmp_path, capsys, flags, message):
     from tools.preprocess_data import main

@@ -149,15 +149,19 @@ def test_partitions_of_another_input_are_not_reused(corpus, tmp_path):
     run(job(corpus, [tmp_path / "input_old.json"], prefix, partitions=3, partition_index=0))
     run(job(corpus, [tmp_path / "input_old.json"], prefix, partitions=3, partition_index=1))
     kept = os.path.getmtime(partition_prefix(str(prefix), 0, 3) + ".bin")
-    summary = run(job(corpus, [second], prefix, partitions=3))
+    summary = run(job(corpus, [second], prefix, partitions=3, keep_parts=True))
     assert summary.samples == 20
     assert filecmp.cmp(f"{tmp_path}/expected.bin", f"{prefix}.bin", shallow=False)
     assert read_metadata(str(prefix))["inputs"] == [str(second)]
     assert os.path.getmtime(partition_prefix(str(prefix), 0, 3) + ".bin") != kept
     # A rerun with the same input keeps its own finished parts.
     kept = os.path.getmtime(partition_prefix(str(prefix), 0, 3) + ".bin")
-    run(job(corpus, [second], prefix, partitions=3))
+    run(job(corpus, [second], prefix, partitions=3, keep_parts=True))
     assert os.path.getmtime(partition_prefix(str(prefix), 0, 3) + ".bin") == kept
+    # Without --keep-parts they go once merged (a second copy of the dataset).
+    run(job(corpus, [second], prefix, partitions=3))
+    assert filecmp.cmp(f"{tmp_path}/expected.bin", f"{prefix}.bin", shallow=False)
+    assert not [name for name in os.listdir(tmp_path) if "_part" in name]
 
 
 # ------------------------------------------------------------------- 3. replacing a dataset in place

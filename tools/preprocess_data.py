@@ -20,6 +20,7 @@ Examples:
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -76,6 +77,9 @@ def parse_args(argv=None):
     run_group.add_argument("--partition-index", type=int, default=None,
                            help="with --partitions: process only this part (e.g. one per machine); "
                                 "merge by rerunning without it")
+    run_group.add_argument("--keep-parts", action="store_true",
+                           help="with --partitions: keep the parts' datasets after the merge (by default "
+                                "removed once the merged dataset is complete: they are a second copy)")
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -90,6 +94,9 @@ def flag_problem(args) -> str:
         return f"--jpeg-quality must be 1..100, got {args.jpeg_quality}"
     if args.partition_index is not None and not 0 <= args.partition_index < args.partitions:
         return f"--partition-index {args.partition_index} is outside 0..{args.partitions - 1}"
+    # A typo here would reject every record with an image and keep the text-only ones as the dataset.
+    if args.image_folder and not os.path.isdir(args.image_folder):
+        return f"--image-folder {args.image_folder} is not a folder"
     return ""
 
 
@@ -120,6 +127,7 @@ def main(argv=None) -> int:
         partition_index=args.partition_index,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        keep_parts=args.keep_parts,
     )
     try:
         summary = run(job)

@@ -43,6 +43,7 @@ class PreprocessJob:
     chunk_size: int = 16  # records per worker task
     progress: bool = True
     overwrite: bool = False  # replace files at the prefix that are not a complete dataset of ours
+    keep_parts: bool = False  # keep the partitions' datasets after their merge (else removed: a second copy)
 
 
 @dataclass
@@ -358,9 +359,20 @@ def run(job: PreprocessJob) -> Summary:
                             {"records": records}, allow_empty=True)
         summary.add(part)
     if job.partition_index is None:
-        merge([partition_prefix(job.output_prefix, k, job.partitions) for k in range(job.partitions)],
-              job.output_prefix)
+        parts = [partition_prefix(job.output_prefix, k, job.partitions) for k in range(job.partitions)]
+        merge(parts, job.output_prefix)
+        if not job.keep_parts:  # the merged dataset is complete: the parts are a second copy of it
+            for prefix in parts:
+                remove_dataset(prefix)
     return summary
+
+
+def remove_dataset(prefix: str) -> None:
+    """A dataset of ours at `prefix`, sidecar first: interrupted, what is left is incomplete (refused
+    by name, redone by a rerun), never a complete-looking part with missing files."""
+    for suffix in (SIDECAR_SUFFIX, ".bin", ".idx", REJECTS_SUFFIX):
+        if os.path.isfile(prefix + suffix):
+            os.remove(prefix + suffix)
 
 
 def merge(prefixes: List[str], output_prefix: str) -> Dict:
