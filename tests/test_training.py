@@ -190,6 +190,11 @@ def job_args(data, *extra):
     (["--tensor-model-parallel-size", "4"], 2, "do not divide the world size 2"),
     (["--seq-length", "64"], 1, "--seq-length 64 is below one square image's 73 tokens"),
     (["--vision-teacher-path", ""], 1, "--vision-teacher-path is not set"),
+    (["--vision-teacher-path", "/nonexistent/clip"], 1,
+     "--vision-teacher-path /nonexistent/clip: not a folder holding an HF CLIP model (no config.json)"),
+    # --eval-iters is Megatron's 100 unless given: --eval-interval alone evaluates, on a valid split.
+    (["--eval-interval", "2", "--split", "100,0,0"], 1,
+     "--eval-interval 2 evaluates on the valid split, but --split 100,0,0 gives it no weight"),
     (["--data-path", "/nonexistent/prefix"], 1, "--data-path /nonexistent/prefix"),
     (["--image-size", "448"], 1, "holds 224/112-px images but the model takes 448/112"),
     (["--micro-batch-size", "0"], 2, "--micro-batch-size 0 must be at least 1"),

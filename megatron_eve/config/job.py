@@ -111,7 +111,7 @@ class LoggingConfig:
     log_interval: int = option(10, help="print (and write to TensorBoard) every this many iterations")
     tensorboard_dir: Optional[str] = option(None, metavar="DIR")
     eval_interval: Optional[int] = option(None, help="evaluate on the valid split every this many iterations")
-    eval_iters: int = option(0, help="iterations per evaluation")
+    eval_iters: int = option(100, help="global batches per evaluation (Megatron's default; 0: none)")
     peak_tflops: Optional[float] = option(
         None, help="per-device dense peak for MFU (default: looked up, e.g. H100 989)")
 

@@ -316,6 +316,10 @@ def load(job: TrainingJob, model, optimizer, scheduler) -> TrainState:
             raise ConfigError(f"--load {ck.load}: no {TRACKER} (no complete checkpoint there)")
         if ck.load:
             logger.warning("no checkpoint in %s yet: starting from scratch", ck.load)
+        if job.schedule.stage == "prealign" and dist.get_rank() == 0:
+            logger.warning("prealign trains the vision side against a frozen language model, here a randomly "
+                           "initialised one: give --pretrained-checkpoint (Vicuna converted by "
+                           "checkpoint_conversion/hf_to_megatron.py) unless that is what you want")
         return TrainState()
     iteration = latest_iteration(source)
     if iteration is None:

@@ -56,9 +56,17 @@ def check_job(job: TrainingJob, world_size: int) -> None:
     if blend is not None:
         problems += _check_data(job, blend)
     try:
-        split_ranges(1, job.data.split)
+        (_, _), (valid_start, valid_end), _ = split_ranges(10**6, job.data.split)
     except ValueError as error:
         problems.append(str(error))
+    else:
+        log = job.logging
+        if log.eval_interval and log.eval_iters and valid_start == valid_end:
+            problems.append(f"--eval-interval {log.eval_interval} evaluates on the valid split, but --split "
+                            f"{job.data.split} gives it no weight (e.g. 98,2,0)")
+    teacher = job.model.aligner.teacher_path
+    if job.model.aligner.enabled and teacher and not os.path.isfile(os.path.join(teacher, "config.json")):
+        problems.append(f"--vision-teacher-path {teacher}: not a folder holding an HF CLIP model (no config.json)")
     source = checkpoint_records.checkpoint_to_load(job.checkpoint.load, job.checkpoint.pretrained_checkpoint)
     if source is not None:
         problems += _check_checkpoint(job, source)
