@@ -289,5 +289,15 @@ def test_the_synthetic_corpus_replaces_only_its_own_folder_and_whole(tmp_path, m
     assert capsys.readouterr().err.strip().endswith("no tokenizer can be trained (tokenizer training failed)")
     assert contents(corpus) == before  # a failed rerun leaves the earlier corpus whole
     monkeypatch.undo()
-    assert make(user, "--overwrite") == 0 and (user / tool.MARKER).is_file()
+    assert make(user, "--overwrite", "--tokenizer-vocab", "3000") == 0 and (user / tool.MARKER).is_file()
     assert sorted(os.listdir(tmp_path)) == ["corpus", "user"]  # no staging folder left behind
+    import sentencepiece
+
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(user / "tokenizer.model")).vocab_size()
+    assert pieces < 3000 and f"tokenizer.model ({pieces} pieces)" in capsys.readouterr().out  # what it holds
+    for flags, message in ((["--captions", "-5"], "--captions must not be negative, got -5"),
+                           (["--text-only-fraction", "2"], "--text-only-fraction must be in [0, 1], got 2.0")):
+        with pytest.raises(SystemExit) as exit_code:
+            make(tmp_path / "never", *flags)
+        assert exit_code.value.code == 2 and capsys.readouterr().err.strip().endswith(message)
+    assert not (tmp_path / "never").exists()

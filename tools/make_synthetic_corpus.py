@@ -65,8 +65,8 @@ def is_our_corpus(folder: str) -> bool:
     return MARKER in names or (names <= OUR_NAMES and {"tokenizer.model", "qa_train.json", "qa_heldout.json"} <= names)
 
 
-def build(args, folder: str) -> None:
-    """The whole corpus, written into `folder`, the marker last."""
+def build(args, folder: str) -> int:
+    """The whole corpus, written into `folder`, the marker last; returns the tokenizer's pieces."""
     captions = make_corpus(folder, args.captions, "caption", seed=args.seed + 1)
     qa = make_corpus(folder, args.qa + args.held_out, "qa", seed=args.seed + 2,
                      text_only_fraction=args.text_only_fraction)
@@ -86,6 +86,10 @@ def build(args, folder: str) -> None:
         save_random_teacher(os.path.join(folder, "teacher"), args.teacher_preset, args.seed)
     with open(os.path.join(folder, MARKER), "w") as handle:
         json.dump({k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}, handle, indent=1)
+    import sentencepiece
+
+    # --tokenizer-vocab is a ceiling: a small corpus supports fewer pieces.
+    return sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model")).vocab_size()
 
 
 def main(argv=None) -> int:
@@ -101,6 +105,11 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher-preset", default="tiny", help="also write a random teacher for this preset")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for flag, value in (("--captions", args.captions), ("--qa", args.qa), ("--held-out", args.held_out)):
+        if value < 0:
+            parser.error(f"{flag} must not be negative, got {value}")
+    if not 0 <= args.text_only_fraction <= 1:
+        parser.error(f"--text-only-fraction must be in [0, 1], got {args.text_only_fraction}")
 
     try:  # also refuses an --out that is a file
         check_output_dir(args.out, is_our_corpus, args.overwrite, "a corpus of this tool")
@@ -109,12 +118,12 @@ def main(argv=None) -> int:
         return 1
     try:
         with staged_directory(args.out) as staging:  # swapped in whole once built; removed if the build fails
-            build(args, staging)
+            pieces = build(args, staging)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"corpus in {args.out}: {args.captions} captions, {args.qa} + {args.held_out} held-out Q&A records, "
-          f"tokenizer.model ({args.tokenizer_vocab} pieces)" + (", teacher/" if args.teacher_preset else ""))
+          f"tokenizer.model ({pieces} pieces)" + (", teacher/" if args.teacher_preset else ""))
     return 0
 
 
