@@ -85,6 +85,8 @@ def add_flags(parser, cls, only: Optional[Sequence[str]] = None) -> None:
         if meta.from_preset:  # the field defaults are the eve-7b preset's values
             example = "" if field.default is None else f"; eve-7b: {field.default}"
             help_text = f"{help_text} (default: the preset's{example})".lstrip()
+        if not help_text and not meta.required and default is not None and default is not False:
+            help_text = "default: %(default)s"  # argparse prints nothing (nor the default) for a flag without help
         kwargs: Dict[str, Any] = {"dest": _dest(field), "help": help_text or None}
         if meta.required:
             kwargs["required"] = True

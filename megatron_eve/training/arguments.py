@@ -37,7 +37,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default when it says something (not for unset options or off switches)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False):
+        if action.default is None or action.default is False:  # (not 0 or 0.0, which equal False)
             return action.help
         return super()._get_help_string(action)
 
