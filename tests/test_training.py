@@ -195,7 +195,7 @@ def job_args(data, *extra):
     # --eval-iters is Megatron's 100 unless given: --eval-interval alone evaluates, on a valid split.
     (["--eval-interval", "2", "--split", "100,0,0"], 1,
      "--eval-interval 2 evaluates on the valid split, but --split 100,0,0 gives it no weight"),
-    (["--data-path", "/nonexistent/prefix"], 1, "--data-path /nonexistent/prefix"),
+    (["--data-path", "/nonexistent/prefix"], 1, "/nonexistent/prefix: no dataset there"),
     (["--image-size", "448"], 1, "holds 224/112-px images but the model takes 448/112"),
     (["--micro-batch-size", "0"], 2, "--micro-batch-size 0 must be at least 1"),
     (["--tensor-model-parallel-size", "0"], 2, "--tensor-model-parallel-size 0 must be at least 1"),

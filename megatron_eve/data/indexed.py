@@ -166,6 +166,9 @@ class SampleWriter:
 def read_metadata(prefix: str) -> Dict:
     path = prefix + SIDECAR_SUFFIX
     if not os.path.isfile(path):
+        if not any(os.path.lexists(prefix + suffix) for suffix in (".bin", ".idx")):
+            raise DatasetFormatError(f"{prefix}: no dataset there (no {prefix}.bin / .idx / {SIDECAR_SUFFIX}); "
+                                     "make one with tools/preprocess_data.py --output-prefix")
         raise DatasetFormatError(
             f"{prefix}: no {SIDECAR_SUFFIX} sidecar; the dataset is incomplete (an interrupted "
             "preprocessing run?) or not made by tools/preprocess_data.py"
