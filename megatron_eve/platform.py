@@ -11,6 +11,7 @@ Every patch below names the megatron-core call that needs it (checked against me
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -134,6 +135,10 @@ def apply_cpu_shim() -> None:
     mcore_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(
         new_state
     )
+    # Its fork() then warns at every use that the CPU generator changed inside the CUDA one's context:
+    # here they are one generator, so it always has (68 lines in a short training log).
+    logging.getLogger(mcore_random.__name__).addFilter(
+        lambda record: record.getMessage() != "CPU RNG state changed within GPU RNG context")
 
     # transformer/utils.py get_default_causal_mask builds its mask with device="cuda" inside an
     # lru_cache, before any TorchFunctionMode sees it (DotProductAttention with mask=None).

@@ -155,6 +155,10 @@ def _optimizer_metadata(fmt: str) -> Dict[str, str]:
 
 
 _async_queue = None  # megatron-core's AsyncCallsQueue, made at the first --async-save
+# save() asks for megatron-core's own async machinery on purpose (NVRx's, which its notice
+# recommends, is not a dependency); the notice printed in every run, async or not, said nothing to users.
+logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(
+    lambda record: not record.getMessage().startswith("MCore's async save is deprecated"))
 _results_manager = None  # the process holding megatron-core's write-results queue (_start_results_queue)
 
 
