@@ -184,20 +184,24 @@ def main():
                              "lengths (or all of --lengths-from's)")
     parser.add_argument("--plan-samples", type=int, default=33_000_000, help="sample lengths for --plan-cache")
     args = parser.parse_args()
-    if args.plan_cache:
-        if args.lengths_from:
-            from megatron_eve.data.indexed import IndexedSamples
+    lengths = None
+    if args.lengths_from:
+        from megatron_eve.data.indexed import DatasetFormatError, IndexedSamples
 
-            plan_cache_report(np.asarray(IndexedSamples(args.lengths_from).lengths), f"of {args.lengths_from}", args)
+        try:
+            lengths = np.asarray(IndexedSamples(args.lengths_from).lengths)
+        except (DatasetFormatError, OSError) as error:
+            parser.exit(1, f"error: --lengths-from {error}\n")
+    if args.plan_cache:
+        if lengths is not None:
+            plan_cache_report(lengths, f"of {args.lengths_from}", args)
         else:
             plan_cache_report(llava_like_lengths(args.plan_samples), "drawn LLaVA-like", args)
         return
-    if args.lengths_from:
-        from megatron_eve.data.indexed import IndexedSamples
-
+    if lengths is not None:
         print(f"\n== packing into seq-length {args.seq_length} vs pad-to-longest "
               f"(micro-batch {args.micro_batch_size})")
-        print_packing(np.asarray(IndexedSamples(args.lengths_from).lengths), f"of {args.lengths_from}", args)
+        print_packing(lengths, f"of {args.lengths_from}", args)
         return
 
     from megatron_eve.config import DataConfig, VisionConfig

@@ -212,12 +212,14 @@ def bench_model_config(args, layers: int):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="eve-7b")
-    parser.add_argument("--layers", type=int, default=4)
+    # Without CUDA the defaults are a smoke test's: EVE-7B width at 4096 positions needs ~24 GiB of host memory.
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--preset", default="eve-7b" if gpu else "tiny", help="default: eve-7b (tiny without CUDA)")
+    parser.add_argument("--layers", type=int, default=4 if gpu else 2, help="default: 4 (2 without CUDA)")
     parser.add_argument("--hidden-size", type=int, default=None)
     parser.add_argument("--ffn-hidden-size", type=int, default=None)
     parser.add_argument("--num-attention-heads", type=int, default=None)
-    parser.add_argument("--seq-length", type=int, default=4096)
+    parser.add_argument("--seq-length", type=int, default=4096 if gpu else 512, help="default: 4096 (512 without CUDA)")
     parser.add_argument("--micro-batches", type=int, default=4, help="packed sequences per step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
