@@ -32,13 +32,14 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds files that are not an earlier conversion")
     p.add_argument("--dtype", default=None, help="stored dtype: bfloat16, float16 or float32 (default: the source's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, batch jobs)")
     args = p.parse_args(argv)
     try:
         hf = HFWeights(args.hf)
         model = model_config(read_hf_config(args.hf), hf, args.image_size)
         directory, count = write_megatron(hf, model, args.out, args.target_tensor_parallel_size,
                                           args.target_pipeline_parallel_size, args.dtype, need_vision=True,
-                                          overwrite=args.overwrite)
+                                          overwrite=args.overwrite, progress=not args.no_progress)
     except (CheckpointFormatError, ConfigError, OSError) as error:  # OSError: the output side (disk, rights)
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds files that are not an earlier conversion")
     p.add_argument("--dtype", default=None, help="stored dtype: bfloat16, float16 or float32 (default: the source's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, batch jobs)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the fresh vision modules")
     args = p.parse_args(argv)
     try:
@@ -42,7 +43,8 @@ def main(argv=None) -> int:
             raise CheckpointFormatError(f"{args.hf} already holds EVE vision weights: use hf_to_megatron.py")
         directory, _ = write_megatron(hf, model, args.out, args.target_tensor_parallel_size,
                                       args.target_pipeline_parallel_size, args.dtype, need_vision=False,
-                                      extra=fresh_vision_tensors(model, args.seed), overwrite=args.overwrite)
+                                      extra=fresh_vision_tensors(model, args.seed), overwrite=args.overwrite,
+                                      progress=not args.no_progress)
     except (CheckpointFormatError, ConfigError, OSError) as error:  # OSError: the output side (disk, rights)
         print(f"error: {error}", file=sys.stderr)
         return 1

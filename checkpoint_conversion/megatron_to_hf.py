@@ -9,7 +9,9 @@
 Writes config.json (EVE's fields and values), preprocessor_config.json (EVE's any-resolution
 processor, which config.json's mm_vision_tower names, so the original EVE code finds it),
 generation_config.json, safetensors shards and index (or `.bin` shards like the release with
---format bin), modeling_eve.py (registered via auto_map) and the tokenizer files; --with-teacher
+--format bin), modeling_eve.py (registered via auto_map) and the tokenizer files (--tokenizer-model,
+checked against the model before anything is written; without it, those of the HF folder a
+converted checkpoint was made from, else none, with a warning); --with-teacher
 adds the CLIP teacher's weights as the release stores them. Tensors keep the checkpoint's dtype
 unless --dtype says otherwise; they are read a layer at a time and written a shard at a time.
 """
@@ -17,6 +19,7 @@ unless --dtype says otherwise; they are read a layer at a time and written a sha
 import argparse
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -28,7 +31,8 @@ from megatron_eve.atomic import check_output_dir, recover_replaced, staged_direc
 from megatron_eve.checkpoint.hf_config import hf_config, preprocessor_config, read_hf_config  # noqa: E402
 from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
     EARLIER_ITERATION, CheckpointFormatError, MegatronCheckpoint, hf_tensors)
-from megatron_eve.checkpoint.hf_writer import copy_tokenizer, is_written_name, write_tensors  # noqa: E402
+from megatron_eve.checkpoint.hf_writer import (  # noqa: E402
+    check_tokenizer, copy_tokenizer, is_written_name, write_tensors)
 from megatron_eve.checkpoint.megatron_dirs import parse_dtype  # noqa: E402
 from megatron_eve.config import ConfigError, model_config_from_dict  # noqa: E402
 from megatron_eve.training.checkpoint_records import (  # noqa: E402
@@ -72,6 +76,26 @@ def is_export(folder: str) -> bool:
         str(v).startswith("modeling_eve.") for v in auto_map.values())
 
 
+def recorded_tokenizer(common: dict, vocab_size: int):
+    """(the HF folder a converted checkpoint was made from, None) if it holds a tokenizer that fits
+    the model; (None, why not) if it holds an unusable one; (None, None) if there is none to use.
+    Checkpoints saved by training do not record their tokenizer."""
+    source = common.get("converted_from")
+    if not isinstance(source, str) or not os.path.isfile(os.path.join(source, "tokenizer.model")):
+        return None, None
+    try:
+        check_tokenizer(source, vocab_size)
+    except ConfigError as error:
+        return None, f"that of {source}, which it was converted from, is unusable: " + str(error).removeprefix(
+            "--tokenizer-model ")
+    return source, None
+
+
+def looks_local(name: str) -> bool:
+    """A path, not a hub id ("org/name", or a legacy "name")."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+
+
 def checkpoint_to_export(root: str, iteration) -> str:
     """The iteration directory to export (the latest by default), checked to exist."""
     iteration = iteration if iteration is not None else latest_iteration(root)
@@ -98,13 +122,18 @@ def main(argv=None) -> int:
     p.add_argument("--with-teacher", action="store_true",
                    help="also store the teacher's weights as model.vision_clip.backbone.* (the release layout), "
                         "so the original EVE code can go on training from the export")
-    p.add_argument("--max-shard-size-gb", type=float, default=5.0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="largest weight file (GB, default 5)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, batch jobs)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds files that are not an earlier export")
     args = p.parse_args(argv)
     final = os.path.abspath(args.out.rstrip("/"))
+    warnings = []
     try:
+        if not (math.isfinite(args.max_shard_size_gb) and args.max_shard_size_gb > 0):
+            # 0 or less would write one tensor per file (and inf fails only when the size is computed).
+            raise ConfigError(f"--max-shard-size-gb {args.max_shard_size_gb}: must be a number of GB above 0 "
+                              "(default 5)")
         recover_replaced(final, legacy=False)  # an export killed between its two renames
         check_output_dir(args.out, is_export, args.overwrite, "an earlier export of megatron_eve")
         directory = checkpoint_to_export(args.megatron, args.iteration)
@@ -118,6 +147,21 @@ def main(argv=None) -> int:
         ckpt = MegatronCheckpoint(directory)
         dtype = parse_dtype(args.dtype) if args.dtype else ckpt.dtype("embedding.word_embeddings.weight")
         teacher = args.teacher or model.aligner.teacher_path
+        needed = model.aligner.enabled or args.with_teacher  # the original code builds it only then
+        if needed and teacher and looks_local(teacher) and not os.path.isdir(teacher):
+            warnings.append(f"the teacher {teacher} is not a folder here: config.json's mm_vision_tower_clip names "
+                            "it as it is (pass --teacher to name another)")
+        # The tokenizer is checked before anything is written: an export that cannot generate is refused.
+        tokenizer_source, recorded = args.tokenizer_model, ""
+        if tokenizer_source:
+            check_tokenizer(tokenizer_source, model.language.vocab_size)
+        else:
+            tokenizer_source, unusable = recorded_tokenizer(common, model.language.vocab_size)
+            recorded = f"; tokenizer from {tokenizer_source}, which it was converted from" if tokenizer_source else ""
+            if not tokenizer_source:
+                warnings.append(f"{args.out} holds no tokenizer{f' ({unusable})' if unusable else ''}: it cannot be "
+                                "used for generation until a tokenizer.model is copied into it (pass "
+                                "--tokenizer-model)")
         tensors = hf_tensors(ckpt, model, dtype)
         if args.with_teacher:
             tensors = itertools.chain(tensors, teacher_tensors(teacher, dtype))
@@ -135,13 +179,15 @@ def main(argv=None) -> int:
                 json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}, handle,
                           indent=2)
             shutil.copyfile(MODELING, os.path.join(staging, "modeling_eve.py"))
-            if args.tokenizer_model:
-                copy_tokenizer(args.tokenizer_model, staging)
+            if tokenizer_source:
+                copy_tokenizer(tokenizer_source, staging)
     except (CheckpointFormatError, ConfigError, OSError) as error:  # OSError: the output side (disk, rights)
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {args.out} from {directory} ({args.format}, {str(dtype).replace('torch.', '')}"
-          f"{', with the teacher' if args.with_teacher else ''})")
+          f"{', with the teacher' if args.with_teacher else ''}{recorded})")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -44,6 +44,29 @@ def replacing(path: str, mode: str = "w") -> Iterator[IO]:
             os.remove(temporary)
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux reports it (os.umask can only
+    be read by setting it, which races with threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str) -> None:
+    """Give `path` the mode a plain open() / mkdir would (0666 / 0777 less the umask). Writers that
+    create their output private (safetensors' save_file, mkstemp: 0600; mkdtemp: 0700) would
+    otherwise leave files that other users of a shared filesystem cannot read."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~_umask())
+
+
 def write_text(path: str, text: str) -> None:
     """Replace the file at `path` with `text`, atomically (temporary file, fsync, rename)."""
     write_lines(path, [text], newline="")

@@ -198,3 +198,111 @@ def test_resuming_from_a_conversion_points_to_pretrained_checkpoint(converted):
                           LoggingConfig())
         with pytest.raises(ConfigError, match=f"start from it with --pretrained-checkpoint {converted / 'megatron'}"):
             checkpoint.load(job, None, None, None)  # the model is never touched
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A small Llama-style SentencePiece model (ids unk 0 / bos 1 / eos 2), fewer tokens than the tiny model's."""
+    from megatron_eve.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizer")
+    texts = [f"a picture of {n} red cats and {n + 1} dogs on the grass, seen from above" for n in range(300)]
+    return train_tokenizer(texts, str(root / "tokenizer"), 300)
+
+
+def test_a_tokenizer_that_cannot_generate_is_refused_before_anything_is_written(converted, tmp_path, tokenizer):
+    """A 0-byte --tokenizer-model was copied into the export as it was (rc 0, generation failed later
+    with a traceback); no --tokenizer-model wrote an export without a tokenizer, saying nothing."""
+    (tmp_path / "empty.json").write_bytes(b"")
+    out = export(converted, tmp_path / "exp", "--tokenizer-model", tmp_path / "empty.json")
+    one_line_error(out, "--tokenizer-model")
+    assert "empty.json" in out.stderr.strip().splitlines()[-1]
+    assert sorted(os.listdir(tmp_path)) == ["empty.json"]  # nothing written, no staging left
+
+    from megatron_eve.checkpoint.hf_writer import check_tokenizer
+    from megatron_eve.config import ConfigError
+
+    # The vocabulary it is checked against is the unpadded one config.json states (tiny: 1024).
+    with pytest.raises(ConfigError, match="has 300 tokens, more than the model's vocabulary of 100"):
+        check_tokenizer(tokenizer, 100)
+    assert check_tokenizer(tokenizer, 1024) == tokenizer
+
+    out = ok(export(converted, tmp_path / "exp"))  # the conversion's HF folder holds no tokenizer.model
+    warning = [line for line in out.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and "holds no tokenizer" in warning[0] and "--tokenizer-model" in warning[0]
+    assert "tokenizer.model" not in os.listdir(tmp_path / "exp")
+
+
+def test_outputs_are_readable_by_other_users_and_take_the_tokenizer_converted_from(tmp_path, tokenizer):
+    """umask 022: every folder 0755 and file 0644, as open() / mkdir make them (safetensors' save_file
+    made the weights 0600: other users of a shared cluster could not load an export). A conversion
+    of an HF folder holding a tokenizer exports it without --tokenizer-model; --no-progress: no bar."""
+    tiny_hf_eve(str(tmp_path / "hf"), fmt="safetensors", with_teacher_keys=False)
+    shutil.copyfile(tokenizer, tmp_path / "hf" / "tokenizer.model")
+    previous = os.umask(0o022)
+    try:
+        out = ok(convert("hf_to_megatron.py", "--hf", tmp_path / "hf", "--out", tmp_path / "megatron",
+                         "--no-progress"))
+        assert "converting" not in out.stderr  # tqdm's bar
+        out = ok(convert("megatron_to_hf.py", "--megatron", tmp_path / "megatron", "--out", tmp_path / "exp",
+                         "--max-shard-size-gb", "0.0001", "--no-progress"))
+    finally:
+        os.umask(previous)
+    assert "warning" not in out.stderr and f"tokenizer from {tmp_path / 'hf'}" in out.stdout
+    assert (tmp_path / "exp" / "tokenizer.model").read_bytes() == (tmp_path / "hf" / "tokenizer.model").read_bytes()
+    names = os.listdir(tmp_path / "exp")
+    assert "model.safetensors.index.json" in names and "config.json" in names  # sharded: several weight files
+    for top in ("exp", "megatron"):
+        for folder, _, files in os.walk(tmp_path / top):
+            assert oct(os.stat(folder).st_mode & 0o777) == oct(0o755), folder
+            for name in files:
+                assert oct(os.stat(os.path.join(folder, name)).st_mode & 0o777) == oct(0o644), (folder, name)
+
+
+def test_a_local_teacher_is_named_by_its_absolute_path_and_a_hub_id_as_it_is(tmp_path, monkeypatch):
+    """mm_vision_tower_clip was the relative path recorded at training: wrong from any other directory."""
+    from megatron_eve.checkpoint.hf_config import RELEASE_TEACHER, hf_config
+    from tests.helpers import tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "corpus" / "teacher").mkdir(parents=True)
+
+    def named(teacher):
+        return hf_config(tiny_config(), torch.float32, teacher=teacher)["mm_vision_tower_clip"]
+
+    assert named("runs/corpus/teacher") == str(tmp_path / "runs" / "corpus" / "teacher")
+    assert named(RELEASE_TEACHER) == named(None) == RELEASE_TEACHER
+    assert named("runs/elsewhere/teacher") == "runs/elsewhere/teacher"  # not here: not made absolute here
+
+
+def test_shard_sizes_of_zero_or_less_are_refused(converted, tmp_path):
+    for size in ("0", "-1"):
+        one_line_error(export(converted, tmp_path / "exp", "--max-shard-size-gb", size),
+                       f"--max-shard-size-gb {float(size)}: must be a number of GB above 0")
+    assert not os.listdir(tmp_path)
+
+
+def test_a_damaged_metadata_file_is_one_line_without_torch_logging_its_traceback(converted, tmp_path):
+    """torch.distributed.checkpoint logs a failed `.metadata` read with its traceback (a warning on the
+    root logger) before raising: ~25 lines above our one-line error."""
+    shutil.copytree(converted / "megatron", tmp_path / "damaged")
+    (tmp_path / "damaged" / "iter_0000000" / ".metadata").write_bytes(b"not a pickle" * 40)
+    out = convert("megatron_to_hf.py", "--megatron", tmp_path / "damaged", "--out", tmp_path / "exp", "--no-progress")
+    one_line_error(out, "damaged/iter_0000000 cannot be loaded")
+    assert "Global metadata is not found" not in out.stderr and "Rank local metadata" not in out.stderr
+
+
+def test_give_default_mode_follows_the_umask(tmp_path):
+    """What open() / mkdir would give under the umask, not a fixed 0644 / 0755."""
+    from megatron_eve.atomic import give_default_mode
+
+    os.close(os.open(tmp_path / "private", os.O_CREAT | os.O_WRONLY, 0o600))  # as save_file / mkstemp make it
+    os.mkdir(tmp_path / "staged", 0o700)  # as mkdtemp makes it
+    previous = os.umask(0o027)
+    try:
+        give_default_mode(str(tmp_path / "private"))
+        give_default_mode(str(tmp_path / "staged"))
+    finally:
+        os.umask(previous)
+    assert oct((tmp_path / "private").stat().st_mode & 0o777) == oct(0o640)
+    assert oct((tmp_path / "staged").stat().st_mode & 0o777) == oct(0o750)

@@ -143,6 +143,18 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 RELEASE_TEACHER = "openai/clip-vit-large-patch14-336"
 
 
+def teacher_reference(teacher: Optional[str]) -> str:
+    """mm_vision_tower_clip for `teacher`: a local folder as an absolute path (a relative one, as
+    recorded at training, breaks once config.json is read from another directory); a hub id, the
+    release's above all (transformers fetches it wherever the export is read), or a path that is
+    not here, as it is."""
+    if not teacher:
+        return RELEASE_TEACHER
+    if teacher != RELEASE_TEACHER and os.path.isdir(teacher):
+        return os.path.abspath(teacher)
+    return teacher
+
+
 def preprocessor_config(model: EVEModelConfig) -> Dict:
     """preprocessor_config.json of EVE's any-resolution processor (the folder the original code
     names in mm_vision_tower and reads with CLIPImageProcessor; eve.md §3): images arrive already
@@ -181,7 +193,7 @@ def hf_config(model: EVEModelConfig, dtype: torch.dtype, vision_tower: Optional[
         "torch_dtype": str(dtype).replace("torch.", ""), "use_cache": True,
         "mm_hidden_size": vision.hidden_size, "mm_projector_type": vision.projector_type,
         "mm_vision_tower": vision_tower or f"openai/eve-patch14-anypixel-{vision.image_size}",
-        "mm_vision_tower_clip": teacher or RELEASE_TEACHER,
+        "mm_vision_tower_clip": teacher_reference(teacher),
         "mm_vision_select_layer": model.aligner.teacher_select_layer, "mm_vision_select_feature": "patch",
         "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
         "requires_cliploss": model.aligner.enabled, "use_mm_proj": True, "tune_mm_mlp_adapter": False,

@@ -11,7 +11,9 @@ from typing import Dict, Iterable, List, Tuple
 
 import torch
 
-from megatron_eve.data.tokenizer import resolve_tokenizer_model
+from megatron_eve.atomic import give_default_mode
+from megatron_eve.config import ConfigError
+from megatron_eve.data.tokenizer import BOS_ID, EOS_ID, resolve_tokenizer_model
 
 # The names ShardWriter and copy_tokenizer give their files (an earlier export is recognised by them).
 WEIGHT_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin"
@@ -51,6 +53,7 @@ class ShardWriter:
             from safetensors.torch import save_file
 
             save_file(self.pending, path, metadata={"format": "pt"})
+            give_default_mode(path)  # save_file creates it 0600: unreadable to the export's other users
         else:
             torch.save(self.pending, path)
         self.shards.append(list(self.pending))
@@ -80,6 +83,29 @@ def write_tensors(folder: str, tensors: Iterable[Tuple[str, torch.Tensor]], fmt:
     for key, tensor in tqdm(tensors, desc="writing", unit="tensor", disable=not progress):
         writer.add(key, tensor)
     writer.close()
+
+
+def check_tokenizer(source: str, vocab_size: int) -> str:
+    """The tokenizer.model of `source` (a file or an HF folder), loaded to check that it is a
+    SentencePiece model the export can generate with: ids no larger than the model's vocabulary
+    (the unpadded one config.json states; fewer is fine: the rest are never produced) and EVE's
+    BOS / EOS ids, which config.json and generation_config.json state. One line naming the file if not."""
+    from megatron_eve.data.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer(source)
+    except ConfigError:  # already one line naming --tokenizer-model and the file
+        raise
+    except Exception as error:  # noqa: BLE001 — sentencepiece raises RuntimeError, OSError, ...
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"--tokenizer-model {source}: not a SentencePiece tokenizer ({detail})") from None
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"--tokenizer-model {tokenizer.model_path} has {tokenizer.vocab_size} tokens, more than "
+                          f"the model's vocabulary of {vocab_size}: not the tokenizer this checkpoint was trained with")
+    if (tokenizer.bos_id, tokenizer.eos_id) != (BOS_ID, EOS_ID):
+        raise ConfigError(f"--tokenizer-model {tokenizer.model_path}: its BOS / EOS ids are {tokenizer.bos_id} / "
+                          f"{tokenizer.eos_id}, not EVE's {BOS_ID} / {EOS_ID}: not a Llama / Vicuna tokenizer")
+    return tokenizer.model_path
 
 
 def copy_tokenizer(source: str, folder: str) -> None:

@@ -22,14 +22,15 @@ def parse_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def finish_checkpoint(root: str, write: Callable[[str], None], plan: Sequence = ()) -> str:
-    """Write ROOT/iter_0000000 with `write`, then mark it latest (only once it is complete)."""
+def finish_checkpoint(root: str, write: Callable[[str], None], plan: Sequence = (), progress: bool = True) -> str:
+    """Write ROOT/iter_0000000 with `write`, then mark it latest (only once it is complete);
+    progress: a bar counting the chunks written."""
     from tqdm import tqdm
 
     os.makedirs(root, exist_ok=True)
     directory = checkpoint_dir(root, 0)
     chunks = sum(len(t.chunks) for t in plan)
-    with tqdm(total=chunks, desc="converting", unit="chunk") as bar:
+    with tqdm(total=chunks, desc="converting", unit="chunk", disable=not progress) as bar:
         for tensor in plan:  # count chunks as the writer makes them
             tensor.chunks = [(offsets, _counted(make, bar)) for offsets, make in tensor.chunks]
         write(directory)
@@ -70,7 +71,7 @@ def is_converted_root(root: str) -> bool:
 def write_megatron(hf, model: EVEModelConfig, root: str, tensor_parallel: int, pipeline_parallel: int,
                    dtype: Optional[str],
                    need_vision: bool, extra: Iterable[Tuple[str, torch.Tensor]] = (),
-                   overwrite: bool = False) -> Tuple[str, int]:
+                   overwrite: bool = False, progress: bool = True) -> Tuple[str, int]:
     """HF tensors (+ `extra` made ones) → a new ROOT holding iter_0000000 and the marker, after
     every check that can fail: the output is free (or our own earlier conversion, or `overwrite`),
     the model fits the target layout, no tensor is unknown, missing or of the wrong shape."""
@@ -90,5 +91,5 @@ def write_megatron(hf, model: EVEModelConfig, root: str, tensor_parallel: int, p
     # A whole new root, written beside --out and swapped in: an old root's other iterations never
     # outlive it next to a marker that names the new one.
     with staged_directory(root) as staging:
-        finish_checkpoint(staging, lambda d: write_checkpoint(d, plan, common), plan)
+        finish_checkpoint(staging, lambda d: write_checkpoint(d, plan, common), plan, progress)
     return checkpoint_dir(root, 0), len(plan)

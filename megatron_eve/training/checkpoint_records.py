@@ -11,6 +11,7 @@ checkpoint, SAVE/latest_checkpointed_iteration.txt names the newest complete one
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import re
@@ -63,12 +64,44 @@ def _refused_object(error: BaseException) -> Optional[str]:
     return named[1] if named else "an object"
 
 
+class _FromCheckpointReads(logging.Filter):
+    """Drops the records torch.distributed.checkpoint logs while it reads: its loader logs a failed
+    read of `.metadata` with the whole traceback (a warning on the *root* logger, which Python prints
+    on stderr when nothing is configured) before raising the error that reading() reports in one line."""
+
+    def __init__(self):
+        super().__init__()
+        import torch.distributed.checkpoint as dcp
+
+        self.package = os.path.dirname(os.path.abspath(dcp.__file__)) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not os.path.abspath(record.pathname).startswith(self.package)
+
+
+@contextlib.contextmanager
+def _quiet_checkpoint_logs():
+    """While inside: no log records from torch.distributed.checkpoint's reads (the root logger's,
+    filtered; and its own loggers', should a torch version log there), as they were once outside."""
+    quiet = _FromCheckpointReads()
+    root, package = logging.getLogger(), logging.getLogger("torch.distributed.checkpoint")
+    level = package.level
+    root.addFilter(quiet)
+    package.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+        package.setLevel(level)
+
+
 @contextlib.contextmanager
 def reading(directory: str, earlier: str = f"resume from an earlier iteration by writing its number into {TRACKER}"):
     """Turn whatever a damaged checkpoint file raises deep inside dist-checkpointing into one line
     that names the directory and says what to do (`earlier`: how this tool uses an earlier iteration)."""
     try:
-        yield
+        with _quiet_checkpoint_logs():
+            yield
     except (ConfigError, KeyboardInterrupt, SystemExit):
         raise
     # torch's CheckpointException (a BaseException) wraps the ranks' read errors.
