@@ -143,6 +143,7 @@ def test_question_files_that_hold_no_question_are_refused_before_the_model(tmp_p
     (["--max-new-tokens", "-1"], "--max-new-tokens must be 1 or more, not -1"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be 1 or more, not 0"),
     (["--top-p", "0"], "--top-p must be in (0, 1], not 0.0"),
+    (["--temperature", "inf"], "--temperature must be a finite number, not inf"),  # generate.py's check, shared
 ])
 def test_answer_flags_out_of_range_are_one_line(tmp_path, backend, flags, message):
     questions = questions_file(tmp_path)
@@ -156,6 +157,45 @@ def test_a_missing_question_file_is_one_line(tmp_path, backend):
                          tmp_path / "a.jsonl")
     assert (code, out, err) == (1, "", f"error: {tmp_path / 'nowhere.jsonl'}: No such file or directory\n")
     assert not backend.loaded
+
+
+@pytest.mark.parametrize("make, why", [(lambda path: None, "no such folder"),
+                                       (lambda path: path.write_text(""), "a file, not a folder")])
+def test_an_image_folder_that_is_not_one_is_one_line(tmp_path, backend, make, why):
+    """Else every question with an image failed alone, and the run ended "0 answered" with exit code 0."""
+    folder = tmp_path / "images"
+    make(folder)
+    code, out, err = run("answer", "--hf", "unused", "--question-file", questions_file(tmp_path), "--answers-file",
+                         tmp_path / "a.jsonl", "--image-folder", folder)
+    assert (code, out, err) == (1, "", f"error: --image-folder {folder}: {why}\n")
+    assert not backend.loaded and not (tmp_path / "a.jsonl").exists()
+
+
+def test_a_run_that_answers_nothing_fails_but_keeps_its_answer_file(tmp_path, backend):
+    from megatron_eve.inference.generate import PromptError
+
+    backend.answer = lambda self, requests, sampling: [PromptError("image x.png does not exist")] * len(requests)
+    answers = tmp_path / "a.jsonl"
+    code, out, err = run("answer", "--hf", "unused", "--question-file", questions_file(tmp_path, 3),
+                         "--answers-file", answers)
+    assert code == 1 and "0 answered, 3 could not be answered" in out, (code, out, err)
+    assert err.endswith(f"\nerror: none of the 3 questions could be answered (see metadata.error in {answers})\n")
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["metadata"]["error"] for r in rows] == ["image x.png does not exist"] * 3
+    backend.answer = lambda self, requests, sampling: [PromptError("too long")] + ["yes"] * (len(requests) - 1)
+    code, out, err = run("answer", "--hf", "unused", "--question-file", questions_file(tmp_path, 3),
+                         "--answers-file", answers)  # one answered: the run did its work
+    assert code == 0 and "2 answered, 1 could not be answered" in out, (code, out, err)
+
+
+def test_an_hf_path_that_is_not_an_export_folder_is_one_line(tmp_path):
+    """The real setup (no stand-in): transformers took the missing folder for a Hub repo id."""
+    code, out, err = run("answer", "--hf", tmp_path / "missing", "--question-file", questions_file(tmp_path),
+                         "--answers-file", tmp_path / "a.jsonl")
+    assert (code, out) == (1, "")
+    missing = tmp_path / "missing"
+    assert err == f"error: --hf {missing}: no such folder; pass an HF export folder (holding config.json)\n"
+    assert not (tmp_path / "a.jsonl").exists()
 
 
 def test_mmbench_upload_with_control_characters_and_numeric_predictions(tmp_path):

@@ -5,11 +5,12 @@ watch the answer stream in.
   python tools/app.py --load checkpoints/eve-7b-sft-672 --tokenizer-model vicuna-7b-v1.5
   # then open http://127.0.0.1:7860
 
-Listens on loopback unless --host says otherwise. The model is loaded once and generates in one
-thread of its own, one answer at a time; Gradio's queue holds the other requests, and its
-asynchronous server never lets a slow or idle client block anyone. Bad input (an unreadable
-upload, an out-of-range sampling value, a prompt too long for the model) gets a clear message in
-the chat, which never shows server paths.
+It serves a megatron checkpoint (--load) in one process, TP = PP = 1 (an HF export answers through
+tools/generate.py --hf). Listens on loopback unless --host says otherwise. The model is loaded once
+and generates in one thread of its own, one answer at a time; Gradio's queue holds the other
+requests, and its asynchronous server never lets a slow or idle client block anyone. Bad input
+(an unreadable upload, an out-of-range sampling value, a prompt too long for the model) gets a
+clear message in the chat, which never shows server paths.
 
 API (gradio_client): Client(url).predict({"text": "...", "files": [handle_file(path)]}, max_new_tokens,
 temperature, top_p, api_name="/chat") → the answer.
@@ -28,7 +29,7 @@ from typing import Iterator, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_eve.data.templates import VICUNA_SYSTEM  # noqa: E402
-from megatron_eve.inference.generate import PromptError, Sampling  # noqa: E402
+from megatron_eve.inference.generate import PromptError, Sampling, SamplingError, checked_sampling  # noqa: E402
 
 _DONE = object()
 
@@ -94,8 +95,12 @@ class ModelThread:
             cancel.set()
 
 
-def parse_sampling(max_new_tokens, temperature, top_p, limit: int) -> Sampling:
-    """Sampling from what a client sent (the sliders, or anything through the API)."""
+FIELD_NAMES = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p"}
+
+
+def parse_sampling(max_new_tokens, temperature, top_p, limit: int, seed: int = 0) -> Sampling:
+    """Sampling from what a client sent (the sliders, or anything through the API); the ranges are
+    checked_sampling's, as for generate.py's flags."""
     def number(name, value, kind):
         try:
             parsed = kind(float(value)) if kind is int and not isinstance(value, bool) else kind(value)
@@ -107,13 +112,7 @@ def parse_sampling(max_new_tokens, temperature, top_p, limit: int) -> Sampling:
 
     new = number("max_new_tokens", max_new_tokens, int)
     temp, p = number("temperature", temperature, float), number("top_p", top_p, float)
-    if not 1 <= new <= limit:
-        raise ValueError(f"max_new_tokens must be between 1 and {limit}, not {new}")
-    if temp < 0:
-        raise ValueError(f"temperature must be 0 (greedy) or more, not {temp}")
-    if not 0 < p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], not {p}")
-    return Sampling(max_new_tokens=new, temperature=temp, top_p=p)
+    return checked_sampling(new, temp, p, seed, limit=limit, names=FIELD_NAMES)  # a SamplingError is a ValueError
 
 
 def _paths(content) -> List[str]:
@@ -172,7 +171,7 @@ def conversation(history):
     return turns, image
 
 
-def make_chat(model: ModelThread, max_length: int):
+def make_chat(model: ModelThread, max_length: int, seed: int = 0):
     def chat(message, history, max_new_tokens, temperature, top_p):
         message = message if isinstance(message, dict) else {"text": str(message or ""), "files": []}
         # The upload box hands over its files as paths (strings here are paths, not typed text).
@@ -188,7 +187,7 @@ def make_chat(model: ModelThread, max_length: int):
             yield ASK_A_QUESTION
             return
         try:
-            sampling = parse_sampling(max_new_tokens, temperature, top_p, max_length)
+            sampling = parse_sampling(max_new_tokens, temperature, top_p, max_length, seed)
         except ValueError as error:
             yield f"{WARNING}{error}"
             return
@@ -215,7 +214,8 @@ def _without_paths(text: str, paths: List[str]) -> str:
     return text
 
 
-def build_demo(model: ModelThread, model_name: str, max_length: int, default_max_new_tokens: int):
+def build_demo(model: ModelThread, model_name: str, max_length: int, start: Optional[Sampling] = None):
+    """start: the sliders' starting values (the command line's sampling flags) and the seed."""
     import gradio as gr
 
     def setting(*args, **kwargs):
@@ -226,40 +226,68 @@ def build_demo(model: ModelThread, model_name: str, max_length: int, default_max
         slider.preprocess = lambda payload: payload
         return slider
 
+    start = start or Sampling()
     return gr.ChatInterface(
-        make_chat(model, max_length),
+        make_chat(model, max_length, start.seed),
         multimodal=True,
         textbox=gr.MultimodalTextbox(file_types=["image"], placeholder="Upload an image and ask about it"),
         additional_inputs=[
-            setting(1, max_length, value=default_max_new_tokens, step=1, label="max new tokens"),
-            setting(0.0, 2.0, value=0.0, step=0.05, label="temperature (0: greedy)"),
-            setting(0.05, 1.0, value=1.0, step=0.05, label="top p"),
+            setting(1, max_length, value=start.max_new_tokens, step=1, label="max new tokens"),
+            setting(0.0, max(2.0, start.temperature), value=start.temperature, step=0.05,
+                    label="temperature (0: greedy)"),
+            setting(min(0.05, start.top_p), 1.0, value=start.top_p, step=0.05, label="top p"),
         ],
         title=f"EVE · {model_name}",
         api_name="chat",
     )
 
 
-def main(argv=None) -> int:
-    from tools.generate import add_model_args
+def _integer_in(least: int, most: Optional[int] = None):
+    """An argparse type: an integer in [least, most] (a port out of range fails late: OverflowError)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < least or (most is not None and value > most):
+            bounds = f"{least} or more" if most is None else f"between {least} and {most}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {value}")
+        return value
+    return parse
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+
+def main(argv=None) -> int:
+    from megatron_eve.config import ConfigError
+    from tools.generate import Parser, add_model_args, check_sampling_args
+
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, demo=True)  # --load in one process: no --hf, no TP / PP flags
     p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--max-queue", type=int, default=32, help="requests waiting at most; more are turned away")
+    p.add_argument("--port", type=_integer_in(1, 65535), default=7860, help="1 to 65535")
+    p.add_argument("--max-queue", type=_integer_in(1), default=32,
+                   help="requests waiting at most; more are turned away")
     args = p.parse_args(argv)
-    if args.hf or args.tensor_model_parallel_size * args.pipeline_model_parallel_size != 1:
-        raise SystemExit("error: the demo serves a megatron checkpoint (--load) in one process (TP = PP = 1)")
+    check_sampling_args(p, args)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls out of this machine
     from tools.generate import setup
 
-    backend, _ = setup(args)
+    try:
+        backend, _ = setup(args)
+        # Only the model knows its length: the flag's value must fit it, as the slider's must.
+        start = checked_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                                 limit=backend.max_length)
+    except (ConfigError, SamplingError) as error:  # a flag, or a checkpoint that cannot be loaded: one line
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     name = os.path.basename(os.path.normpath(args.load))
-    demo = build_demo(ModelThread(backend), name, backend.max_length, args.max_new_tokens)
+    demo = build_demo(ModelThread(backend), name, backend.max_length, start)
     demo.queue(default_concurrency_limit=1, max_size=args.max_queue)
     print(f"EVE chat on http://{args.host}:{args.port}", flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=False, quiet=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=False, quiet=True)
+    except OSError as error:  # the port taken, the host not this machine's: Gradio's message, first line
+        print(f"error: --host {args.host} --port {args.port}: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -96,6 +96,9 @@ def answer(args) -> int:
     from tools.generate import sampling, setup
 
     # Everything that can refuse the run does so before the model is loaded.
+    if args.image_folder and not os.path.isdir(args.image_folder):  # else: every image question fails, one by one
+        what = "a file, not a folder" if os.path.exists(args.image_folder) else "no such folder"
+        raise ConfigError(f"--image-folder {args.image_folder}: {what}")
     questions, problems = read_questions(args.question_file)
     questions = chunk(questions, args.num_chunks, args.chunk_idx)
     inputs = {"--question-file": args.question_file}
@@ -148,6 +151,10 @@ def answer(args) -> int:
         failed = sum(1 for r in rows if r["metadata"].get("error"))
         skipped = f", {len(problems)} malformed lines (named above)" if problems else ""
         print(f"{len(rows) - failed} answered, {failed} could not be answered{skipped} → {args.answers_file}")
+        if rows and failed == len(rows):  # the file stays: its metadata.error says why, question by question
+            print(f"error: none of the {len(rows)} questions could be answered (see metadata.error in "
+                  f"{args.answers_file})", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -176,13 +183,6 @@ def questions(args) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """A command-line mistake is one line (and exit code 2), not a usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def _integer_from(least: int):
     """An argparse type: an integer of at least `least`."""
     def parse(text: str) -> int:
@@ -197,20 +197,17 @@ def _integer_from(least: int):
 
 
 def _check_answer_flags(p: argparse.ArgumentParser, args) -> None:
+    from tools.generate import check_sampling_args
+
     if args.chunk_idx >= args.num_chunks:
         p.error(f"--chunk-idx {args.chunk_idx} is not below --num-chunks {args.num_chunks}")
-    if args.max_new_tokens < 1:
-        p.error(f"--max-new-tokens must be 1 or more, not {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        p.error(f"--temperature must be 0 (greedy) or more, not {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        p.error(f"--top-p must be in (0, 1], not {args.top_p}")
+    check_sampling_args(p, args)  # the same check as generate.py's and the demo's
 
 
 def main(argv=None) -> int:
-    from tools.generate import add_model_args
+    from tools.generate import Parser, add_model_args  # Parser: a command-line mistake is one line
 
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("answer", help="write an answer file")
     add_model_args(a)

@@ -20,22 +20,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_eve.config import ConfigError, ParallelConfig, RuntimeConfig  # noqa: E402
 from megatron_eve.config.options import add_flags  # noqa: E402
-from megatron_eve.inference.generate import PromptError, Sampling, chat_prompt  # noqa: E402
+from megatron_eve.inference.generate import PromptError, Sampling, SamplingError, chat_prompt  # noqa: E402
+from megatron_eve.inference.generate import checked_sampling  # noqa: E402
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+class Parser(argparse.ArgumentParser):
+    """A command-line mistake is one line (and exit code 2), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_model_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    """The model and sampling flags of generate.py, eval_vqa.py answer and (demo) app.py. The demo
+    serves a --load checkpoint in one process (TP = PP = 1): it has no --hf and no TP / PP flags."""
     g = p.add_argument_group("model")
-    g.add_argument("--load", help="megatron checkpoint root (launch with torchrun)")
-    g.add_argument("--hf", help="HF export folder (python, one process)")
+    g.add_argument("--load", required=demo,
+                   help="megatron checkpoint root" + ("" if demo else " (launch with torchrun)"))
+    if demo:
+        p.set_defaults(hf=None, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    else:
+        g.add_argument("--hf", help="HF export folder, holding config.json (python, one process)")
     g.add_argument("--tokenizer-model", help="with --load: tokenizer.model or a folder holding one")
-    add_flags(g, ParallelConfig, only=("tensor_model_parallel_size", "pipeline_model_parallel_size"))
-    g.add_argument("--no-kv-cache", action="store_true")
-    add_flags(g, RuntimeConfig, only=("bf16", "transformer_impl"))  # the layer spec matters with --load only
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    if not demo:
+        add_flags(g, ParallelConfig, only=("tensor_model_parallel_size", "pipeline_model_parallel_size"))
+    g.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence at each step")
+    # Not RuntimeConfig's --bf16: its help is about training (the optimizer's fp32 master weights).
+    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations (default: fp32)")
+    add_flags(g, RuntimeConfig, only=("transformer_impl",))  # the layer spec matters with --load only
+    g = p.add_argument_group("sampling" + (": the sliders' starting values" if demo else ""))
+    g.add_argument("--max-new-tokens", type=int, default=128, help="1 or more")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]")
+    g.add_argument("--seed", type=int, default=0, help="of the sampling (temperature > 0)")
+
+
+def check_sampling_args(p: argparse.ArgumentParser, args) -> None:
+    """Sampling flags out of range: refused as a command-line mistake, before any model is loaded."""
+    try:
+        sampling(args)
+    except SamplingError as error:
+        p.error(str(error))
 
 
 def setup(args):
@@ -58,15 +83,17 @@ def setup(args):
 
 
 def sampling(args) -> Sampling:
-    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    """The flags' Sampling (SamplingError out of range: check_sampling_args reports it)."""
+    return checked_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--prompt", default=None, help="the question; omitted: read questions from stdin")
     args = p.parse_args(argv)
+    check_sampling_args(p, args)
     from megatron_eve.inference.backends import Request
 
     try:

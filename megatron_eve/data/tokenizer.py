@@ -14,15 +14,36 @@ import re
 from functools import cached_property
 from typing import Iterable, List
 
+from megatron_eve.config import ConfigError
+
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
 
 
+class TokenizerError(ConfigError, OSError):
+    """A tokenizer model that is missing, unreadable or not SentencePiece: one line naming it. Also an
+    OSError: preprocess_data and training's checks report unreadable inputs by that type."""
+
+
 class Tokenizer:
-    def __init__(self, path: str):
+    def __init__(self, path: str, flag: str = "--tokenizer-model"):
+        """`flag`: what gave `path` (the tools' --tokenizer-model, or --hf), named by a TokenizerError."""
         import sentencepiece as spm
 
-        self.model_path = resolve_tokenizer_model(path)
-        self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        try:
+            self.model_path = resolve_tokenizer_model(path)
+        except FileNotFoundError:
+            where = "a folder without tokenizer.model" if os.path.isdir(path) else "no such file or folder"
+            raise TokenizerError(f"{flag} {path}: {where} (pass a SentencePiece tokenizer.model, or a Hugging "
+                                 "Face folder holding one)") from None
+        try:  # sentencepiece reports an unreadable file as PERMISSION_DENIED, without saying which
+            with open(self.model_path, "rb") as handle:
+                handle.read(1)
+        except OSError as error:
+            raise TokenizerError(f"{flag} {self.model_path}: cannot be read ({error.strerror or error})") from None
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        except RuntimeError as error:  # "could not parse ModelProto", "unk is not defined." (an empty file), ...
+            raise TokenizerError(f"{flag} {self.model_path}: not a SentencePiece model ({error})") from None
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.pad_id = self.unk_id  # EVE: pad_token = unk_token (id 0)
         specials = {self.sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id, self.unk_id) if i >= 0}

@@ -11,6 +11,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from megatron_eve.config import ConfigError
 from megatron_eve.data.records import to_rgb
 from megatron_eve.data.tokenizer import Tokenizer
 from megatron_eve.inference.generate import Generator, Prompt, PromptError, Sampling, build_prompt
@@ -58,8 +59,10 @@ class MegatronBackend:
                  transformer_impl: str = "auto", bf16: bool = False):
         from megatron_eve.inference.generate import load_model_for_inference
 
+        if not os.path.isdir(load):  # else the "no latest_checkpointed_iteration.txt" of an existing folder
+            raise ConfigError(f"--load {load}: no such checkpoint folder")
+        self.tokenizer = Tokenizer(tokenizer_model)  # first: a bad file is refused before the model loads
         self.model, self.config = load_model_for_inference(load, parallel, transformer_impl, bf16=bf16)
-        self.tokenizer = Tokenizer(tokenizer_model)
         self.generator = Generator(self.model, use_cache=use_cache, vocab_size=self.tokenizer.vocab_size)
         self.max_length = self.config.language.max_position_embeddings
 
@@ -138,19 +141,29 @@ class HFBackend:
 
         from megatron_eve.platform import current_device
 
-        self.device = current_device()
-        self.model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
-        self.model = self.model.to(self.device).eval()
-        self.tokenizer = Tokenizer(folder)
-        self.max_length = self.model.config.max_position_embeddings
+        check_export_folder(folder)
+        # The cheap reads first: a bad config.json or tokenizer is refused before the weights load.
         self.vision = self._vision_config(folder)
+        self.tokenizer = Tokenizer(folder, flag="--hf")
+        self.device = current_device()
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
+        except (OSError, ValueError) as error:  # transformers' "Unrecognized model", a missing weight file, ...
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ConfigError(f"--hf {folder}: cannot be loaded as a model ({first_line})") from None
+        self.model = self.model.to(self.device).eval()
+        self.max_length = self.model.config.max_position_embeddings
 
     @staticmethod
     def _vision_config(folder: str):
         """The export's image geometry (as the converter reads it), for counting an image's positions."""
         from megatron_eve.checkpoint.hf_config import model_config, read_hf_config
+        from megatron_eve.checkpoint.hf_eve import CheckpointFormatError
 
-        return model_config(read_hf_config(folder)).vision
+        try:
+            return model_config(read_hf_config(folder)).vision
+        except CheckpointFormatError as error:
+            raise ConfigError(f"--hf {folder}: {error}") from None
 
     def positions(self, ids: List[int], images) -> int:
         """The positions a prompt takes once each image placeholder becomes its image's tokens."""
@@ -205,6 +218,16 @@ class HFBackend:
                 row = row[: row.index(sampling.eos_id)]
             texts.append(self.tokenizer.decode(row).strip())
         return texts
+
+
+def check_export_folder(folder: str) -> None:
+    """--hf names a folder holding config.json: anything else would reach transformers, which takes
+    a missing folder for a Hub repo id and a file or an empty folder for an unknown model."""
+    if not os.path.isdir(folder):
+        what = "a file" if os.path.exists(folder) else "no such folder"
+        raise ConfigError(f"--hf {folder}: {what}; pass an HF export folder (holding config.json)")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ConfigError(f"--hf {folder}: no config.json in it (not an HF export folder)")
 
 
 def make_backend(args, parallel=None):

@@ -8,6 +8,7 @@ Every stage runs the same loop; the last pipeline stage picks the tokens and bro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
@@ -29,6 +30,30 @@ class Sampling:
     top_p: float = 1.0
     eos_id: int = 2
     seed: int = 0
+
+
+class SamplingError(ValueError):
+    """A sampling value out of range; the message names it as the caller asked for it."""
+
+
+FLAG_NAMES = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p"}
+
+
+def checked_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int = 0,
+                     limit: Optional[int] = None, names=FLAG_NAMES) -> Sampling:
+    """The one range check of generate.py, eval_vqa.py and the demo (names: the flags, or the demo's
+    fields). Out of range, sampling fails late (top_p 0 keeps no token: torch.multinomial's error) or
+    not at all (a negative temperature inverts the distribution): refused here with SamplingError."""
+    if not (1 <= max_new_tokens and (limit is None or max_new_tokens <= limit)):
+        bounds = "1 or more" if limit is None else f"between 1 and {limit}"
+        raise SamplingError(f"{names['max_new_tokens']} must be {bounds}, not {max_new_tokens}")
+    if not math.isfinite(temperature):
+        raise SamplingError(f"{names['temperature']} must be a finite number, not {temperature}")
+    if temperature < 0:
+        raise SamplingError(f"{names['temperature']} must be 0 (greedy) or more, not {temperature}")
+    if not 0 < top_p <= 1:
+        raise SamplingError(f"{names['top_p']} must be in (0, 1], not {top_p}")
+    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
 @dataclass

@@ -123,10 +123,12 @@ def _check_checkpoint(job: TrainingJob, source: str) -> List[str]:
 def _check_data(job: TrainingJob, blend) -> List[str]:
     problems, checksum = [], None
     if job.data.tokenizer_model:
-        from megatron_eve.data.tokenizer import Tokenizer
+        from megatron_eve.data.tokenizer import Tokenizer, TokenizerError
 
         try:
             checksum = Tokenizer(job.data.tokenizer_model).checksum
+        except TokenizerError as error:  # names the flag and the file
+            problems.append(str(error))
         except (OSError, RuntimeError) as error:
             problems.append(f"--tokenizer-model: {error}")
     vision, lm = job.model.vision, job.model.language
