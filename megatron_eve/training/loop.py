@@ -313,7 +313,10 @@ def run(job: TrainingJob) -> int:
     train_batches = MicroBatches.over(data["train"], job, align, teacher_params, num_workers=job.data.num_workers,
                                       consumed=state.consumed_samples)
     valid_batches = None
-    if data["valid"] is not None and log.eval_interval and log.eval_iters:
+    if log.eval_interval and log.eval_iters and (data["valid"] is None or len(data["valid"]) == 0):
+        if rank == 0:  # --split gives it weight (check_job), but no sample of it fits --seq-length, say
+            logger.warning("no validation: the valid split holds no sequence")
+    elif log.eval_interval and log.eval_iters:
         # Where the run left off (modulo the set: a resume with other --eval-* flags may have read more).
         valid_batches = MicroBatches.over(data["valid"], job, False, 0, num_workers=min(job.data.num_workers, 1),
                                           consumed=state.consumed_valid_samples % len(data["valid"]))
