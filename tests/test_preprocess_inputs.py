@@ -247,7 +247,7 @@ def test_a_sidecar_that_is_a_json_list_is_not_a_dataset(corpus, tmp_path):
     path = tmp_path / "input.json"
     path.write_text(json.dumps(records))
     prefix = tmp_path / "many"
-    run(job(corpus, [path], prefix, partitions=2))
+    run(job(corpus, [path], prefix, partitions=2, keep_parts=True))
     part = partition_prefix(str(prefix), 0, 2)
     for text in ("[]", '{"format": "megatron_eve.indexed/1", "files": [], "counts": {}}'):
         with open(part + ".meta.json", "w") as handle:
@@ -256,7 +256,7 @@ def test_a_sidecar_that_is_a_json_list_is_not_a_dataset(corpus, tmp_path):
             read_metadata(part)
         assert not dataset_complete(part)
     # A resumed partitioned run redoes that part instead of failing on it.
-    assert run(job(corpus, [path], prefix, partitions=2)).samples == 6
+    assert run(job(corpus, [path], prefix, partitions=2, keep_parts=True)).samples == 6
     assert read_metadata(part)["counts"]["samples"] == 3
 
 

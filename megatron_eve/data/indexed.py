@@ -19,6 +19,7 @@ index.
 from __future__ import annotations
 
 import array
+import glob
 import io
 import json
 import os
@@ -166,7 +167,7 @@ class SampleWriter:
 def read_metadata(prefix: str) -> Dict:
     path = prefix + SIDECAR_SUFFIX
     if not os.path.isfile(path):
-        if not any(os.path.lexists(prefix + suffix) for suffix in (".bin", ".idx")):
+        if not glob.glob(glob.escape(prefix) + ".*"):  # not even an interrupted run's .bin.tmp
             raise DatasetFormatError(f"{prefix}: no dataset there (no {prefix}.bin / .idx / {SIDECAR_SUFFIX}); "
                                      "make one with tools/preprocess_data.py --output-prefix")
         raise DatasetFormatError(
