@@ -76,19 +76,25 @@ def is_export(folder: str) -> bool:
         str(v).startswith("modeling_eve.") for v in auto_map.values())
 
 
+# Where a checkpoint records its tokenizer: training's --tokenizer-model, or the HF folder converted.
+RECORDED_TOKENIZERS = (("tokenizer_model", "its training's --tokenizer-model"),
+                       ("converted_from", "the folder it was converted from"))
+
+
 def recorded_tokenizer(common: dict, vocab_size: int):
-    """(the HF folder a converted checkpoint was made from, None) if it holds a tokenizer that fits
-    the model; (None, why not) if it holds an unusable one; (None, None) if there is none to use.
-    Checkpoints saved by training do not record their tokenizer."""
-    source = common.get("converted_from")
-    if not isinstance(source, str) or not os.path.isfile(os.path.join(source, "tokenizer.model")):
-        return None, None
-    try:
-        check_tokenizer(source, vocab_size)
-    except ConfigError as error:
-        return None, f"that of {source}, which it was converted from, is unusable: " + str(error).removeprefix(
-            "--tokenizer-model ")
-    return source, None
+    """(source, None) for the tokenizer the checkpoint records (RECORDED_TOKENIZERS), if it is still
+    there and fits the model; (None, why not) if it is unusable; (None, None) if none is there."""
+    for key, what in RECORDED_TOKENIZERS:
+        source = common.get(key)
+        if not isinstance(source, str) or not os.path.exists(
+                source if key == "tokenizer_model" else os.path.join(source, "tokenizer.model")):
+            continue
+        try:
+            check_tokenizer(source, vocab_size)
+        except ConfigError as error:
+            return None, f"{what}, {source}, is unusable: " + str(error).removeprefix("--tokenizer-model ")
+        return source, None
+    return None, None
 
 
 def looks_local(name: str) -> bool:
@@ -157,7 +163,7 @@ def main(argv=None) -> int:
             check_tokenizer(tokenizer_source, model.language.vocab_size)
         else:
             tokenizer_source, unusable = recorded_tokenizer(common, model.language.vocab_size)
-            recorded = f"; tokenizer from {tokenizer_source}, which it was converted from" if tokenizer_source else ""
+            recorded = f"; tokenizer from {tokenizer_source}, recorded in the checkpoint" if tokenizer_source else ""
             if not tokenizer_source:
                 warnings.append(f"{args.out} holds no tokenizer{f' ({unusable})' if unusable else ''}: it cannot be "
                                 "used for generation until a tokenizer.model is copied into it (pass "

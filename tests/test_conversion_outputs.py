@@ -248,7 +248,7 @@ def test_outputs_are_readable_by_other_users_and_take_the_tokenizer_converted_fr
                          "--max-shard-size-gb", "0.0001", "--no-progress"))
     finally:
         os.umask(previous)
-    assert "warning" not in out.stderr and f"tokenizer from {tmp_path / 'hf'}" in out.stdout
+    assert "warning" not in out.stderr and f"tokenizer from {tmp_path / 'hf'}, recorded in" in out.stdout
     assert (tmp_path / "exp" / "tokenizer.model").read_bytes() == (tmp_path / "hf" / "tokenizer.model").read_bytes()
     names = os.listdir(tmp_path / "exp")
     assert "model.safetensors.index.json" in names and "config.json" in names  # sharded: several weight files

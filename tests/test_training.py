@@ -3,6 +3,7 @@ resume at another layout, SIGTERM, TensorBoard scalars, frozen LLM in prealign, 
 
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -118,6 +119,14 @@ def test_kill_and_resume_gives_the_same_losses(data, tmp_path):
     # megatron-core's notices that say nothing here (the CPU shim's one RNG; our choice of async saver).
     assert "CPU RNG state changed" not in full_out and "async save is deprecated" not in full_out
     assert validations(resumed_out) == {"6": validations(full_out)["6"]}
+
+    # The checkpoint records the run's --tokenizer-model: an export without the flag carries it.
+    export = subprocess.run([sys.executable, str(ROOT / "checkpoint_conversion" / "megatron_to_hf.py"), "--megatron",
+                             str(tmp_path / "killed"), "--out", str(tmp_path / "exp"), "--no-progress"],
+                            capture_output=True, text=True, timeout=240, env=child_environment())
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert f"tokenizer from {os.path.abspath(data['tokenizer'])}, recorded in the checkpoint" in export.stdout
+    assert (tmp_path / "exp" / "tokenizer.model").read_bytes() == open(data["tokenizer"], "rb").read()
 
     # Run again once finished: nothing to train, so nothing is saved (the final checkpoint stays as is).
     final = tmp_path / "killed" / "iter_0000006"

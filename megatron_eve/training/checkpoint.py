@@ -229,6 +229,8 @@ def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> st
         "layout": _layout(),
         "stage": job.schedule.stage,
         "model_config": asdict(job.model),  # lets converters rebuild the architecture
+        # and export the tokenizer (megatron_to_hf without --tokenizer-model)
+        "tokenizer_model": os.path.abspath(job.data.tokenizer_model) if job.data.tokenizer_model else None,
         "transformer_impl": resolve_transformer_impl(job.runtime.transformer_impl),
         "rng_state": _rng_object(_rng_state()),
     }
