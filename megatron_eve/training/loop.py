@@ -1,5 +1,5 @@
-"""The training loop: checks, model and data setup, iterations, evaluation, logging, checkpoints,
-and the exits (end of training, --exit-interval, --exit-duration-in-mins, SIGTERM)."""
+"""The training loop: model and data setup (after preflight.check_job), iterations, evaluation,
+logging, checkpoints, and the exits (end of training, --exit-interval, --exit-duration-in-mins, SIGTERM)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,14 @@ import sys
 import time
 import traceback
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
 from megatron_eve import distributed
-from megatron_eve.config import ConfigError, TrainingJob, job_problems
-from megatron_eve.data.dataset import StageReads, build_datasets, split_ranges
-from megatron_eve.data.indexed import DatasetFormatError, read_metadata
+from megatron_eve.config import ConfigError, TrainingJob
+from megatron_eve.data.dataset import StageReads, build_datasets
 from megatron_eve.data.loader import BatchPlan, build_loader, model_inputs
 from megatron_eve.model.build import build_model_chunks
 from megatron_eve.platform import current_device
@@ -36,120 +35,13 @@ from megatron_eve.training.metrics import (
     peak_tflops,
 )
 from megatron_eve.training.optim import build_optimizer, build_scheduler, wrap_model_chunks
+from megatron_eve.training.preflight import check_job
 from megatron_eve.training.update import reduce_and_update
 from megatron_eve.training.stages import apply_stage
 from megatron_eve.training.step import forward_step
 
 logger = logging.getLogger("megatron_eve")
 SILENT_RANK_GRACE_SECONDS = 30  # how long a rank that does not report a start-up error outlives rank 0
-
-
-# ------------------------------------------------------------------------ checks before work
-def check_job(job: TrainingJob, world_size: int) -> None:
-    """Everything that can be known wrong before a process group or a model exists: the options
-    together (config.validate_job), the data's files and the checkpoint to load; one error."""
-    problems = job_problems(job, world_size)
-    try:
-        blend = job.data.blend
-    except ValueError:  # a malformed --data-path: job_problems names it, and there are no files to check
-        blend = None
-    if blend is not None:
-        problems += _check_data(job, blend)
-    try:
-        (_, _), (valid_start, valid_end), _ = split_ranges(10**6, job.data.split)
-    except ValueError as error:
-        problems.append(str(error))
-    else:
-        log = job.logging
-        if log.eval_interval and log.eval_iters and valid_start == valid_end:
-            problems.append(f"--eval-interval {log.eval_interval} evaluates on the valid split, but --split "
-                            f"{job.data.split} gives it no weight (e.g. 98,2,0)")
-    teacher = job.model.aligner.teacher_path
-    if job.model.aligner.enabled and teacher and not os.path.isfile(os.path.join(teacher, "config.json")):
-        problems.append(f"--vision-teacher-path {teacher}: not a folder holding an HF CLIP model (no config.json)")
-    source = checkpoint_records.checkpoint_to_load(job.checkpoint.load, job.checkpoint.pretrained_checkpoint)
-    if source is not None:
-        problems += _check_checkpoint(job, source)
-    problems += _check_outputs(job, source)
-    if problems:
-        raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
-
-
-def _writable_folder_problem(flag: str, path: str) -> Optional[str]:
-    """Why `path` cannot be (or become) a folder this process writes in; None if it can."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{flag} {path}: {existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{flag} {path}: {existing} is not writable"
-    return None
-
-
-def _check_outputs(job: TrainingJob, source: Optional[str]) -> List[str]:
-    """--save and --tensorboard-dir can be written (found now, not at the first save, hours in), and
-    --save holds no other run's checkpoints, which a run that does not resume from them would overwrite."""
-    ck = job.checkpoint
-    problems = [problem for flag, path in (("--save", ck.save), ("--tensorboard-dir", job.logging.tensorboard_dir))
-                if path and (problem := _writable_folder_problem(flag, path))]
-    if ck.save and not problems and os.path.isdir(ck.save):
-        try:
-            saved = checkpoint_records.latest_iteration(ck.save)
-        except ConfigError as error:  # a marker that is not an iteration number
-            return [str(error)]
-        if saved is not None and (source is None or not os.path.samefile(source, ck.save)):
-            problems.append(f"--save {ck.save} holds another run's checkpoints (up to iteration {saved}), which this "
-                            f"run would overwrite: pass --load {ck.save} to resume from them, or choose another --save")
-    return problems
-
-
-def _check_checkpoint(job: TrainingJob, source: str) -> List[str]:
-    """The checkpoint training loads first against the flags: its common state is read once (a
-    file over the network for large runs) and given to each check."""
-    try:
-        record = checkpoint_records.latest_record(source)
-    except ConfigError as error:
-        return [str(error)]
-    problems = []
-    for check in (checkpoint_records.check_architecture, checkpoint_records.check_schedule):
-        try:
-            check(job, record)
-        except ConfigError as error:
-            problems.append(str(error))
-    return problems
-
-
-def _check_data(job: TrainingJob, blend) -> List[str]:
-    problems, checksum = [], None
-    if job.data.tokenizer_model:
-        from megatron_eve.data.tokenizer import Tokenizer, TokenizerError
-
-        try:
-            checksum = Tokenizer(job.data.tokenizer_model).checksum
-        except TokenizerError as error:  # names the flag and the file
-            problems.append(str(error))
-        except (OSError, RuntimeError) as error:
-            problems.append(f"--tokenizer-model: {error}")
-    vision, lm = job.model.vision, job.model.language
-    for _, prefix in blend:
-        try:
-            meta = read_metadata(prefix)
-        except (DatasetFormatError, OSError, ValueError) as error:
-            problems.append(f"--data-path {prefix}: {error}")
-            continue
-        if meta["image_size"] != vision.image_size or meta["teacher_image_size"] != vision.teacher_image_size:
-            problems.append(f"{prefix} holds {meta['image_size']}/{meta['teacher_image_size']}-px images but the "
-                            f"model takes {vision.image_size}/{vision.teacher_image_size} (--image-size)")
-        if meta["tokenizer_vocab_size"] > lm.vocab_size:
-            problems.append(f"{prefix} was tokenized with {meta['tokenizer_vocab_size']} ids, more than the "
-                            f"model's vocabulary {lm.vocab_size}")
-        if checksum and meta["tokenizer_sha256"] != checksum:
-            problems.append(f"{prefix} was made with a different tokenizer than --tokenizer-model")
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(prefix + suffix):
-                problems.append(f"{prefix}{suffix} is missing")
-    return problems
 
 
 # ---------------------------------------------------------------------------------- helpers
