@@ -242,29 +242,15 @@ def build_demo(model: ModelThread, model_name: str, max_length: int, start: Opti
     )
 
 
-def _integer_in(least: int, most: Optional[int] = None):
-    """An argparse type: an integer in [least, most] (a port out of range fails late: OverflowError)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < least or (most is not None and value > most):
-            bounds = f"{least} or more" if most is None else f"between {least} and {most}"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, not {value}")
-        return value
-    return parse
-
-
 def main(argv=None) -> int:
     from megatron_eve.config import ConfigError
-    from tools.generate import Parser, add_model_args, check_sampling_args
+    from tools.generate import Parser, add_model_args, check_sampling_args, integer_in
 
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, demo=True)  # --load in one process: no --hf, no TP / PP flags
     p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
-    p.add_argument("--port", type=_integer_in(1, 65535), default=7860, help="1 to 65535")
-    p.add_argument("--max-queue", type=_integer_in(1), default=32,
+    p.add_argument("--port", type=integer_in(1, 65535), default=7860, help="1 to 65535")
+    p.add_argument("--max-queue", type=integer_in(1), default=32,
                    help="requests waiting at most; more are turned away")
     args = p.parse_args(argv)
     check_sampling_args(p, args)

@@ -183,19 +183,6 @@ def questions(args) -> int:
     return 0
 
 
-def _integer_from(least: int):
-    """An argparse type: an integer of at least `least`."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be {least} or more, not {value}")
-        return value
-    return parse
-
-
 def _check_answer_flags(p: argparse.ArgumentParser, args) -> None:
     from tools.generate import check_sampling_args
 
@@ -205,7 +192,7 @@ def _check_answer_flags(p: argparse.ArgumentParser, args) -> None:
 
 
 def main(argv=None) -> int:
-    from tools.generate import Parser, add_model_args  # Parser: a command-line mistake is one line
+    from tools.generate import Parser, add_model_args, integer_in  # Parser: a command-line mistake is one line
 
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -216,9 +203,9 @@ def main(argv=None) -> int:
     a.add_argument("--answers-file", required=True)
     a.add_argument("--model-id", default=None)
     a.add_argument("--prompt-style", choices=sorted(PROMPT_STYLES), default="short")
-    a.add_argument("--batch-size", type=_integer_from(1), default=8)
-    a.add_argument("--num-chunks", type=_integer_from(1), default=1)
-    a.add_argument("--chunk-idx", type=_integer_from(0), default=0)
+    a.add_argument("--batch-size", type=integer_in(1), default=8)
+    a.add_argument("--num-chunks", type=integer_in(1), default=1)
+    a.add_argument("--chunk-idx", type=integer_in(0), default=0)
     a.add_argument("--overwrite", action="store_true",
                    help="replace an --answers-file that is not an answer file, or a side file (.partial) made "
                         "for other questions or options")

@@ -15,6 +15,7 @@ from standard input, one per line.
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,6 +30,21 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def integer_in(least: int, most: Optional[int] = None):
+    """An argparse type: an integer in [least, most] (eval_vqa's counts, the demo's port: out of range,
+    they fail late, e.g. OverflowError)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < least or (most is not None and value > most):
+            bounds = f"{least} or more" if most is None else f"between {least} and {most}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {value}")
+        return value
+    return parse
 
 
 def add_model_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
