@@ -320,7 +320,7 @@ def load(job: TrainingJob, model, optimizer, scheduler) -> TrainState:
     if source is None:
         if ck.load and (ck.finetune or ck.load != ck.save):
             raise ConfigError(f"--load {ck.load}: no {TRACKER} (no complete checkpoint there)")
-        if ck.load:
+        if ck.load and dist.get_rank() == 0:
             logger.warning("no checkpoint in %s yet: starting from scratch", ck.load)
         if job.schedule.stage == "prealign" and dist.get_rank() == 0:
             logger.warning("prealign trains the vision side against a frozen language model, here a randomly "
