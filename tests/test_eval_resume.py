@@ -134,3 +134,21 @@ def test_a_second_run_into_the_same_answers_file_is_refused_before_the_model(tmp
         holder.close()
     assert code == 2 and "another run is answering into this answers file" in err, err
     assert not (tmp_path / "a.jsonl.partial").exists()  # the holder never started: nothing of it left
+
+
+@pytest.mark.parametrize("flags, tokens", [
+    ([], 128),  # --prompt-style short: LLaVA's model_vqa_loader.py (VQAv2, GQA, TextVQA, POPE, MME, SEED)
+    (["--prompt-style", "vizwiz"], 128),
+    (["--prompt-style", "option"], 1024),  # model_vqa_science.py, model_vqa_mmbench.py
+    (["--prompt-style", "option-cn"], 1024),
+    (["--prompt-style", "none"], 1024),  # model_vqa.py (MM-Vet, LLaVA-Bench)
+    (["--prompt-style", "option", "--max-new-tokens", "7"], 7),  # the flag still decides
+])
+def test_max_new_tokens_follows_the_prompt_styles_benchmarks(tmp_path, backend, questions, flags, tokens):
+    code, _, err = run("answer", "--hf", "model", "--question-file", questions, "--answers-file", tmp_path / "a.jsonl",
+                       *flags)
+    assert code == 0, err
+    rows = without_ids(tmp_path / "a.jsonl")
+    assert {row["text"].split("(")[1] for row in rows} == {f"{tokens})"}
+    code, out, _ = run("answer", "--help")
+    assert code == 0 and "model_vqa_loader.py" in out and "1024" in " ".join(out.split())

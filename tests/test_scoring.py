@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.eval_cli import run
+from tests.eval_cli import answers_file, run
+from tests.llava_eval_ports import eval_pope
 
 
 def score(tmp_path, answers, annotations, kind, *extra):
@@ -76,10 +77,87 @@ def test_pope_per_category_with_its_own_label_files(tmp_path):
     # popular: yes / yes and no / no → everything right.
     assert result["categories"]["popular"] == pytest.approx(
         {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.5})
-    # overall: TP 2, FP 2, TN 2, FN 0 → accuracy 4/6, precision 1/2, recall 1, F1 2/3.
-    assert result["accuracy"] == pytest.approx(4 / 6) and result["f1"] == pytest.approx(2 / 3)
-    # Lenient (whitespace splits): q1 and q4 become "no" (right), q5 becomes "no" (wrong): 5/6.
-    assert score(tmp_path, answers, annotations, "pope", "--lenient")["accuracy"] == pytest.approx(5 / 6)
+    # The headline, as LLaVA-1.5 / EVE report POPE: the mean of the categories' figures.
+    assert {k: result[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")} == pytest.approx(
+        {"accuracy": 0.75, "precision": 2 / 3, "recall": 1.0, "f1": 0.75, "yes_ratio": 0.625})
+    # pooled: TP 2, FP 2, TN 2, FN 0 → accuracy 4/6, precision 1/2, recall 1, F1 2/3.
+    assert result["pooled"] == pytest.approx(
+        {"accuracy": 4 / 6, "precision": 0.5, "recall": 1.0, "f1": 2 / 3, "yes_ratio": 4 / 6})
+    # Lenient (whitespace splits): q1 and q4 become "no" (right), q5 becomes "no" (wrong): random 4/4,
+    # popular 1/2 (mean 0.75); pooled 5/6.
+    lenient = score(tmp_path, answers, annotations, "pope", "--lenient")
+    assert lenient["accuracy"] == pytest.approx(0.75) and lenient["pooled"]["accuracy"] == pytest.approx(5 / 6)
+
+
+def pope_files(tmp_path, labels):
+    """coco_pope_<category>.json label files (each numbered from 1) and the question file naming each
+    question's category (llava_pope_test.jsonl, numbered once): {category: [label, ...]} → paths."""
+    paths, questions = [], []
+    for category, rows in labels.items():
+        path = tmp_path / f"coco_pope_{category}.json"
+        path.write_text("".join(json.dumps({"question_id": i, "image": f"{category}{i}.jpg", "label": label}) + "\n"
+                                for i, label in enumerate(rows, 1)))
+        paths.append(path)
+        questions += [{"question_id": len(questions) + i, "image": f"{category}{i}.jpg", "category": category,
+                       "text": "Is there a dog?"} for i in range(1, len(rows) + 1)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    return paths, tmp_path / "q.jsonl"
+
+
+def score_pope(tmp_path, labels, rows, *extra):
+    paths, questions = pope_files(tmp_path, labels)
+    code, out, err = run("score", "--kind", "pope", "--answers-file", answers_file(tmp_path, rows), "--annotations",
+                         *paths, "--question-file", questions, *extra)
+    assert code == 0, err
+    return json.loads(out), err
+
+
+def test_pope_unanswered_and_failed_questions_are_wrong(tmp_path):
+    """An unanswered question (no answer line, or one that failed: empty text and metadata.error) is
+    wrong: the opposite of its label. eval_pope.py would read the empty text as "yes"."""
+    labels = {"random": ["yes", "no", "yes", "no"], "adversarial": ["yes", "no"]}
+    rows = [  # question 1 (random, "yes") has no answer line
+        {"question_id": 2, "text": "", "metadata": {"error": "image not found"}},  # random, "no": an FP
+        {"question_id": 3, "text": "Yes", "metadata": {}},  # TP
+        {"question_id": 4, "text": "No", "metadata": {}},  # TN
+        {"question_id": 5, "text": "Yes"}, {"question_id": 6, "text": "No"},  # adversarial: both right
+    ]
+    result, err = score_pope(tmp_path, labels, rows)
+    # random: q1 an FN (read "no"), q2 an FP (read "yes"), q3 TP, q4 TN → everything 1/2, yes-ratio 2/4.
+    assert result["categories"]["random"] == pytest.approx(
+        {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5})
+    # pooled: TP 2, FP 1, TN 2, FN 1.
+    assert result["pooled"] == pytest.approx(
+        {"accuracy": 4 / 6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 0.5})
+    assert result["f1"] == pytest.approx(0.75) and result["accuracy"] == pytest.approx(0.75)
+    assert (result["questions"], result["answered"], result["missing"], result["failed"]) == (6, 4, 1, 1)
+    assert "1 of 6 annotated questions have no answer" in err and "1 answers could not be given" in err
+    # Lenient parsing does not make them right either.
+    assert score_pope(tmp_path, labels, rows, "--lenient")[0]["pooled"]["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_pope_headline_is_the_mean_of_the_splits_as_eval_pope_py_per_split(tmp_path):
+    """LLaVA-1.5 and EVE report POPE as the mean of eval_pope.py's figures over the three splits
+    (LLaVA-1.5's F1 85.9 = (87.18 + 86.29 + 84.50) / 3); the splits differ in size here, so the
+    pooled figures differ."""
+    labels = {"adversarial": ["yes", "no"] * 4, "popular": ["yes", "no", "no"], "random": ["yes", "no", "yes"]}
+    texts = {"adversarial": ["Yes", "Yes.", "No, not", "yes", "No", "There is no dog.", "Yes", "no\n"],
+             "popular": ["Yes", "No", "Yes, there is."], "random": ["no", "No.", "Yes"]}
+    rows, qid = [], 0
+    for category in labels:
+        for text in texts[category]:
+            qid += 1
+            rows.append({"question_id": qid, "text": text})
+    result, _ = score_pope(tmp_path, labels, rows)
+    official, start = {}, 0
+    for category, category_labels in labels.items():
+        official[category] = eval_pope(rows[start:start + len(category_labels)], category_labels)
+        start += len(category_labels)
+    for index, name in enumerate(("f1", "accuracy", "precision", "recall", "yes_ratio")):
+        assert result[name] == pytest.approx(sum(f[index] for f in official.values()) / 3), name
+        for category, figures in official.items():
+            assert result["categories"][category][name] == pytest.approx(figures[index]), (category, name)
+    assert result["f1"] != pytest.approx(result["pooled"]["f1"]) and "mean" in result["headline"]
 
 
 SQA_CASES = [  # answer text, gold letter, number of choices, EVE right?, lenient right?
@@ -138,8 +216,10 @@ def test_pope_label_files_numbered_alike_are_matched_per_category_by_order(tmp_p
     # adversarial: questions 2, 4, 6 → labels no, no, yes; read no, no, yes → all right.
     assert result["categories"]["adversarial"] == pytest.approx(
         {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 1 / 3})
-    # overall: TP 2, FP 1, TN 2, FN 1.
-    assert result["accuracy"] == pytest.approx(4 / 6) and result["f1"] == pytest.approx(2 / 3)
+    # headline: the two categories' mean (accuracy (1/3 + 1) / 2, F1 (1/2 + 1) / 2);
+    # pooled: TP 2, FP 1, TN 2, FN 1 → accuracy 4/6, F1 2/3.
+    assert result["accuracy"] == pytest.approx(2 / 3) and result["f1"] == pytest.approx(0.75)
+    assert result["pooled"]["accuracy"] == pytest.approx(4 / 6) and result["pooled"]["f1"] == pytest.approx(2 / 3)
     assert result["questions"] == 6 and result["missing"] == 0 and err == ""
 
     # Within one label file a repeated question_id is flagged; the first is scored.

@@ -10,6 +10,7 @@ import pytest
 
 from megatron_eve.eval.scorers import seed_correct
 from tests.eval_cli import answers_file, run
+from tests.llava_eval_ports import seed_accuracy
 
 
 # (text as the model wrote it, the option letter, EVE right?, lenient right?)
@@ -99,9 +100,53 @@ def test_seed_questions_are_the_image_questions_with_the_option_prompt(tmp_path)
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
     assert len(rows) == 8  # the two video questions need extracted frames
-    assert rows[0] == {"question_id": "101", "image": "SEED-Bench-image/101.jpg", "category": "Scene Understanding",
+    # question_id a number: convert_seed_for_submission.py looks answers up by int(question_id)
+    assert rows[0] == {"question_id": 101, "image": "SEED-Bench-image/101.jpg", "category": "Scene Understanding",
                        "text": "Question 101?\nA. one\nB. two\nC. three\nD. four\n"
                                "Answer with the option's letter from the given choices directly."}
+
+
+def test_our_seed_answer_file_scores_the_same_under_llavas_converter(tmp_path, monkeypatch):
+    """questions → answer (interrupted, then resumed) → score: the question file's integer ids go
+    through answering and resuming, and LLaVA's convert_seed_for_submission.py, which looks answers
+    up by int(question_id), finds every one of them: its accuracy is ours. String ids (older files)
+    still score the same here."""
+    import tools.generate
+
+    class Backend:
+        batches = 0
+        stop_after = 1
+
+        def answer(self, requests, sampling):
+            if Backend.stop_after is not None and Backend.batches >= Backend.stop_after:
+                raise KeyboardInterrupt("interrupted")
+            Backend.batches += 1
+            # 101 → "A", 102 → "B.", 103 → "C", 104 → "D", 105 → "A", 106 → "B.", 107 → "C", 108 → "D"
+            return ["ABCD"[(int(r.prompt.split("Question ")[1].split("?")[0]) - 101) % 4] + (
+                "." if "Question 102" in r.prompt or "Question 106" in r.prompt else "") for r in requests]
+
+    monkeypatch.setattr(tools.generate, "setup", lambda args: (Backend(), True))
+    bench = seed_bench(tmp_path)
+    assert run("questions", "--benchmark", "seed", "--source", bench, "--question-file", tmp_path / "q.jsonl")[0] == 0
+    answer = ("answer", "--hf", "m", "--question-file", tmp_path / "q.jsonl", "--answers-file", tmp_path / "a.jsonl",
+              "--batch-size", "3", "--prompt-style", "option")
+    with pytest.raises(KeyboardInterrupt):
+        run(*answer)
+    Backend.stop_after = None
+    code, out, err = run(*answer)
+    assert code == 0 and "resuming: 3 of 8 answers kept" in out, err
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == list(range(101, 109))
+    ours = json.loads(run("score", "--kind", "seed", "--answers-file", tmp_path / "a.jsonl", "--annotations",
+                          bench)[1])
+    # Right: 101 A, 103 C, 104 D, 105 A, 107 C (102 and 106 "B." are not "B", 108 "D" is not "B"; the
+    # two video questions are not asked): 5 of 10, 5 of the 8 image questions.
+    assert ours["accuracy"] == 0.5 and ours["image_accuracy"] == 0.625
+    assert seed_accuracy(bench, tmp_path / "a.jsonl") == pytest.approx(50.0)
+    assert seed_accuracy(bench, tmp_path / "a.jsonl", "image") == pytest.approx(62.5)
+    strings = answers_file(tmp_path, [dict(r, question_id=str(r["question_id"])) for r in rows], "old.jsonl")
+    old = json.loads(run("score", "--kind", "seed", "--answers-file", strings, "--annotations", bench)[1])
+    assert old["accuracy"] == 0.5 and seed_accuracy(bench, strings) == 0  # the converter finds none of these
 
 
 def test_seed_ids_that_are_not_numbers_and_questions_without_fields(tmp_path):

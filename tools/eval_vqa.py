@@ -5,7 +5,10 @@ and the files the server-scored benchmarks take.
 questions: a benchmark's own files → a question jsonl ({"question_id", "image", "text"}) with
         the prompt EVE asks: --benchmark mmbench (the TSV; images decoded into --image-folder;
         hint, question, "A. ..." options, --lang en / cn instruction), mme (the release folder),
-        gqa (testdev_balanced_questions.json), seed (SEED-Bench.json, its image questions).
+        gqa (testdev_balanced_questions.json), seed (SEED-Bench.json, its image questions; question_id
+        a number, as convert_seed_for_submission.py looks it up), scienceqa (LLaVA's
+        llava_test_CQM-A.json: as model_vqa_science.py asks it, the option instruction built in, an
+        image question's answer prompt starting "<image>\n" as eval_science_qa.py needs).
 answer: question jsonl → answer jsonl ({"question_id", "prompt", "text", "answer_id",
         "model_id", "metadata"}), greedy, with EVE's prompt suffixes: --prompt-style short
         ("Answer the question using a single word or phrase.": VQAv2, GQA, TextVQA, POPE, MME),
@@ -13,7 +16,9 @@ answer: question jsonl → answer jsonl ({"question_id", "prompt", "text", "answ
         the short one), option ("Answer with the option's letter from the given choices
         directly.": ScienceQA, MMBench, SEED), option-cn (MMBench-CN) or none (MM-Vet,
         LLaVA-Bench). A question whose text already ends with one of these (LLaVA's and EVE's
-        question files carry them) is asked as it is. Split over machines with --num-chunks /
+        question files carry them) is asked as it is. --max-new-tokens defaults to LLaVA's for
+        the style's benchmarks: 128 for short and vizwiz, 1024 for option, option-cn and none
+        (SEED's 128 scores the same). Split over machines with --num-chunks /
         --chunk-idx. A question that cannot be answered (missing or damaged image, too long, a
         malformed line) gets an empty answer and metadata.error, and a line that is not JSON is
         reported as file:line; the others are still answered. Each finished answer is also appended
@@ -22,9 +27,13 @@ answer: question jsonl → answer jsonl ({"question_id", "prompt", "text", "answ
         renamed into place when complete (and the .partial file removed).
 score:  an answer file against ground truth, by the rules of EVE's evaluation code: --kind vqa
         (m4c / EvalAI accuracy, EvalAI's tokenisation first), pope (accuracy, precision, recall, F1,
-        yes-ratio, per category and overall; POPE's own label files load), choice (ScienceQA's
-        parser: a bare letter, "X. ...", or one "The answer is X."), seed (SEED-Bench.json: the
-        answer text equals the option letter; all / image / video / per question type), gqa (GQA's
+        yes-ratio per category; the top-level figures are the categories' mean, as LLaVA-1.5 / EVE
+        report POPE, "pooled" all questions as one set; POPE's own label files load), choice
+        (ScienceQA's parser: a bare letter, "X. ...", or one "The answer is X."; --annotations
+        ScienceQA's problems.json or its folder: the test split of pid_splits.json, accuracy,
+        img_accuracy (ScienceQA-IMG) and the paper's breakdowns, as eval_science_qa.py), seed
+        (SEED-Bench.json: the answer text equals the option letter; all / image / video / per
+        question type), gqa (GQA's
         questions json: text.rstrip('.').lower() equals the answer; eval.py's accuracy, binary,
         open) or mme (the release folder: calculation.py's acc + acc+ per subtask, perception and
         cognition sums). --converted-output also writes what LLaVA's converter writes: SEED's upload
@@ -32,7 +41,8 @@ score:  an answer file against ground truth, by the rules of EVE's evaluation co
         whole). POPE's label files each number their questions from 1: with --question-file
         (LLaVA's llava_pope_test.jsonl) each category's questions are matched to its label file by
         order, as eval_pope.py does. --lenient parses friendlier. Every annotated question counts:
-        one without an answer scores as wrong (and is counted); duplicate answers are flagged and
+        one without an answer, or whose answer failed (metadata.error), scores as wrong (POPE: the
+        opposite of its label) and is counted; duplicate answers are flagged and
         the first is scored. --kind vqa also takes TextVQA's own TextVQA_0.5.1_val.json: answers
         are matched as eval_textvqa.py does, by (question_id = image id, the question read from the
         prompt); a prompt it cannot read, or an answer no annotation has, is reported (file:line)
@@ -69,7 +79,7 @@ from megatron_eve.eval.answer_files import (answer_row, askable, chunk, image_pa
 from megatron_eve.eval.benchmarks.files import BenchmarkFileError  # noqa: E402
 from megatron_eve.eval.outputs import (ANSWER_FILE, QUESTION_FILE, OutputRefused, check_not_an_input,  # noqa: E402
                                        check_output_file)
-from megatron_eve.eval.prompts import PROMPT_STYLES, with_suffix  # noqa: E402
+from megatron_eve.eval.prompts import MAX_NEW_TOKENS, PROMPT_STYLES, with_suffix  # noqa: E402
 from megatron_eve.eval.question_files import QUESTION_SOURCES  # noqa: E402
 from megatron_eve.eval.resume import SideFile, read_side_file, run_header, side_file  # noqa: E402
 from megatron_eve.eval.scoring import KINDS, ScoreRun, score_answer_file  # noqa: E402
@@ -197,7 +207,10 @@ def main(argv=None) -> int:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("answer", help="write an answer file")
-    add_model_args(a)
+    add_model_args(a, max_new_tokens_help="1 or more; default: as LLaVA-1.5's scripts answer the benchmarks of "
+                                          "--prompt-style: short, vizwiz 128 (model_vqa_loader.py); option, "
+                                          "option-cn, none 1024 (model_vqa_science.py, model_vqa_mmbench.py, "
+                                          "model_vqa.py)")
     a.add_argument("--question-file", required=True)
     a.add_argument("--image-folder", default="")
     a.add_argument("--answers-file", required=True)
@@ -217,9 +230,11 @@ def main(argv=None) -> int:
                         'coco_pope_<category>.json files name their category; --kind vqa also takes TextVQA\'s '
                         'TextVQA_0.5.1_val.json (matched by image id and the prompt\'s question)')
     s.add_argument("--kind", choices=KINDS, default="vqa",
-                   help="vqa: TextVQA / VQAv2 accuracy; pope: per category and overall; choice: ScienceQA-style "
-                        "option letters; seed: --annotations SEED-Bench.json; gqa: --annotations "
-                        "testdev_balanced_questions.json; mme: --annotations MME_Benchmark_release_version")
+                   help="vqa: TextVQA / VQAv2 accuracy; pope: per category, their mean (as LLaVA-1.5 / EVE report "
+                        "it) and pooled; choice: ScienceQA-style option letters (--annotations ScienceQA's "
+                        "problems.json or its folder: the test split, as eval_science_qa.py); seed: --annotations "
+                        "SEED-Bench.json; gqa: --annotations testdev_balanced_questions.json; mme: --annotations "
+                        "MME_Benchmark_release_version")
     s.add_argument("--question-file", default=None,
                    help="pope: the question file answered (LLaVA's llava_pope_test.jsonl): each question's "
                         "category picks its label file, matched by order as eval_pope.py does")
@@ -242,7 +257,8 @@ def main(argv=None) -> int:
     q = sub.add_parser("questions", help="write a question file from a benchmark's own files")
     q.add_argument("--benchmark", required=True, choices=tuple(QUESTION_SOURCES))
     q.add_argument("--source", required=True, help="mmbench: the TSV; mme: MME_Benchmark_release_version; "
-                                                   "gqa: testdev_balanced_questions.json; seed: SEED-Bench.json")
+                                                   "gqa: testdev_balanced_questions.json; seed: SEED-Bench.json; "
+                                                   "scienceqa: LLaVA's llava_test_CQM-A.json")
     q.add_argument("--question-file", required=True)
     q.add_argument("--image-folder", default=None, help="mmbench: where the TSV's images are written")
     q.add_argument("--lang", choices=("en", "cn"), default="en", help="mmbench: the instruction's language")
@@ -250,6 +266,8 @@ def main(argv=None) -> int:
                    help="replace a --question-file, or --image-folder images, that are not our own earlier ones")
     args = p.parse_args(argv)
     if args.command == "answer":
+        if args.max_new_tokens is None:
+            args.max_new_tokens = MAX_NEW_TOKENS[args.prompt_style]
         _check_answer_flags(a, args)
     try:
         return {"answer": answer, "score": score, "submit": submit, "questions": questions}[args.command](args)

@@ -47,9 +47,10 @@ def integer_in(least: int, most: Optional[int] = None):
     return parse
 
 
-def add_model_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
+def add_model_args(p: argparse.ArgumentParser, demo: bool = False, max_new_tokens_help: Optional[str] = None) -> None:
     """The model and sampling flags of generate.py, eval_vqa.py answer and (demo) app.py. The demo
-    serves a --load checkpoint in one process (TP = PP = 1): it has no --hf and no TP / PP flags."""
+    serves a --load checkpoint in one process (TP = PP = 1): it has no --hf and no TP / PP flags.
+    `max_new_tokens_help`: --max-new-tokens defaults to None (the caller picks it), and says so."""
     g = p.add_argument_group("model")
     g.add_argument("--load", required=demo,
                    help="megatron checkpoint root" + ("" if demo else " (launch with torchrun)"))
@@ -65,7 +66,8 @@ def add_model_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     g.add_argument("--bf16", action="store_true", help="bf16 weights and activations (default: fp32)")
     add_flags(g, RuntimeConfig, only=("transformer_impl",))  # the layer spec matters with --load only
     g = p.add_argument_group("sampling" + (": the sliders' starting values" if demo else ""))
-    g.add_argument("--max-new-tokens", type=int, default=128, help="1 or more")
+    g.add_argument("--max-new-tokens", type=int, default=None if max_new_tokens_help else 128,
+                   help=max_new_tokens_help or "1 or more")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]")
     g.add_argument("--seed", type=int, default=0, help="of the sampling (temperature > 0)")

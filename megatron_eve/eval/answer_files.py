@@ -78,8 +78,9 @@ def read_questions(path: str) -> Tuple[List[dict], List[str]]:
     if not text.strip():
         why = "empty"
     elif isinstance(data, list):
-        why = (f"a JSON list of {len(data)} items, not JSON Lines (e.g. LLaVA's llava_test_CQM-A.json): a "
-               f"question file has one {{\"question_id\", \"text\", \"image\"}} object per line")
+        why = (f"a JSON list of {len(data)} items, not JSON Lines (e.g. LLaVA's llava_test_CQM-A.json: `questions "
+               f"--benchmark scienceqa --source` converts it): a question file has one {{\"question_id\", \"text\", "
+               f"\"image\"}} object per line")
     elif isinstance(data, dict):
         why = "one JSON object, not JSON Lines: a question file has one question object per line"
     else:
@@ -111,10 +112,18 @@ def image_paths(question: dict, image_folder: str) -> List[str]:
     return [os.path.join(image_folder, question["image"])] if question.get("image") else []
 
 
+IMAGE_IN_PROMPT = "image_in_prompt"  # a question row's flag: its answer's prompt starts with "<image>\n"
+
+
 def answer_row(question: dict, suffix: str, model_id: str, text: str = "", error: Optional[str] = None) -> dict:
     """The answer line of `question`: its prompt as asked (`with_suffix`), the text ("" when it
-    could not be answered) and metadata.error saying why not."""
+    could not be answered) and metadata.error saying why not. The prompt is the question's text as
+    LLaVA's model_vqa*.py write it: without the image placeholder, except for a question with an
+    image and IMAGE_IN_PROMPT (ScienceQA: model_vqa_science.py writes "<image>\n" first, and
+    eval_science_qa.py counts a question as IMG by it)."""
     prompt = with_suffix(question["text"], suffix) if isinstance(question.get("text"), str) else ""
+    if prompt and question.get("image") and question.get(IMAGE_IN_PROMPT) is True:
+        prompt = "<image>\n" + prompt
     return {"question_id": question["question_id"], "prompt": prompt, "text": "" if error else text,
             "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {"error": error} if error else {}}
 
@@ -129,11 +138,21 @@ def _text(row: dict) -> str:
     return row["text"] if isinstance(row.get("text"), str) else ""
 
 
-def first_answers(rows: Sequence[dict], key: Callable[[dict], object], problems: Optional[List[str]] = None
-                  ) -> Tuple[Dict[object, str], List[object]]:
-    """{key(row): text} keeping the first answer of each question, and the question_ids of the
-    later duplicates; a row whose key is None, or whose question_id is not a string or a number,
-    is skipped."""
+def failed(row: dict) -> bool:
+    """Whether an answer line is one `answer` could not give (metadata.error): unanswered."""
+    return isinstance(row.get("metadata"), dict) and bool(row["metadata"].get("error"))
+
+
+def given_text(row: dict) -> Optional[str]:
+    """An answer line's text; None when the question went unanswered (`failed`)."""
+    return None if failed(row) else _text(row)
+
+
+def first_answers(rows: Sequence[dict], key: Callable[[dict], object], problems: Optional[List[str]] = None,
+                  value: Callable[[dict], object] = _text) -> Tuple[Dict[object, object], List[object]]:
+    """{key(row): value(row)} (the text) keeping the first answer of each question, and the
+    question_ids of the later duplicates; a row whose key is None, or whose question_id is not a
+    string or a number, is skipped."""
     answers, duplicates = {}, []
     for row in rows:
         if not usable_id(row["question_id"]):
@@ -146,7 +165,7 @@ def first_answers(rows: Sequence[dict], key: Callable[[dict], object], problems:
         if k in answers:
             duplicates.append(row["question_id"])
             continue
-        answers[k] = _text(row)
+        answers[k] = value(row)
     return answers, duplicates
 
 

@@ -18,6 +18,12 @@ OPTION_SUFFIX_CN = "请直接回答选项字母。"
 PROMPT_STYLES = {"short": SHORT_SUFFIX, "vizwiz": VIZWIZ_SUFFIX, "option": OPTION_SUFFIX,
                  "option-cn": OPTION_SUFFIX_CN, "none": ""}
 
+# `answer --max-new-tokens` by prompt style, as LLaVA-1.5's scripts answer those benchmarks: model_vqa_loader.py
+# (VQAv2, GQA, TextVQA, POPE, MME, VizWiz, SEED) 128; model_vqa_science.py (ScienceQA), model_vqa_mmbench.py
+# (MMBench, -CN) and model_vqa.py (MM-Vet, LLaVA-Bench) 1024. SEED shares "option" with ScienceQA and MMBench:
+# greedy, its exact-match score is the same under either (an answer still going after 128 tokens is no letter).
+MAX_NEW_TOKENS = {"short": 128, "vizwiz": 128, "option": 1024, "option-cn": 1024, "none": 1024}
+
 
 def with_suffix(text: str, suffix: str) -> str:
     """The question as asked: `suffix` on its own line, unless the text already ends with one of

@@ -15,6 +15,7 @@ from megatron_eve.eval.benchmarks.files import BenchmarkFileError
 from megatron_eve.eval.benchmarks.gqa import gqa_questions, load_gqa
 from megatron_eve.eval.benchmarks.mmbench import mmbench_prompt, read_mmbench
 from megatron_eve.eval.benchmarks.mme import load_mme, mme_questions
+from megatron_eve.eval.benchmarks.scienceqa import scienceqa_questions
 from megatron_eve.eval.benchmarks.seed import load_seed, seed_key, seed_questions
 from megatron_eve.eval.outputs import OutputRefused
 
@@ -103,4 +104,5 @@ QUESTION_SOURCES: Dict[str, Callable[[str, Optional[str], str, bool], List[dict]
     "mme": lambda source, image_folder, lang, overwrite: mme_source_questions(source),  # the release folder
     "gqa": lambda source, image_folder, lang, overwrite: gqa_questions(load_gqa(source)),  # its questions json
     "seed": lambda source, image_folder, lang, overwrite: seed_questions(load_seed(source)),  # SEED-Bench.json
+    "scienceqa": lambda source, image_folder, lang, overwrite: scienceqa_questions(source),  # llava_test_CQM-A.json
 }

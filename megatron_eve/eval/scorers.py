@@ -3,7 +3,8 @@
   VQA-style (TextVQA, VQAv2 val): m4c's TextVQAAccuracyEvaluator with EvalAI's answer processor,
     whose first step (word_tokenize) lowercases, deletes "," and "?" and splits "'s" into " 's";
   POPE: eval_pope.py reads the first sentence, deletes ",", splits on the space character only and
-    answers "no" when "No", "no" or "not" is a word; metrics per category and overall;
+    answers "no" when "No", "no" or "not" is a word; metrics per category (LLaVA-1.5 / EVE report
+    their mean) and pooled;
   ScienceQA: eval_science_qa.py accepts a bare option letter, "X. ...", or exactly one
     "The answer is X." match; anything else (and an unanswered question) is wrong;
   SEED-Bench: convert_seed_for_submission.py compares the answer text, untouched, to the option
@@ -118,9 +119,13 @@ def yes_no(text: str, lenient: bool = False) -> str:
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
-def pope_metrics(predictions: Iterable[str], labels: Iterable[str], lenient: bool = False) -> Dict[str, float]:
-    predictions = [yes_no(p, lenient) for p in predictions]
+def pope_metrics(predictions: Iterable[Optional[str]], labels: Iterable[str], lenient: bool = False
+                 ) -> Dict[str, float]:
+    """eval_pope.py's figures of one set of answers. An unanswered question (None: no answer, or one
+    that failed) is wrong: read as the opposite of its label (an FN for "yes", an FP for "no")."""
     labels = [label.strip().lower() for label in labels]
+    predictions = [("yes" if g == "no" else "no") if p is None else yes_no(p, lenient)
+                   for p, g in zip(predictions, labels)]
     tp = sum(p == "yes" and g == "yes" for p, g in zip(predictions, labels))
     tn = sum(p == "no" and g == "no" for p, g in zip(predictions, labels))
     fp = sum(p == "yes" and g == "no" for p, g in zip(predictions, labels))

@@ -3,13 +3,17 @@
   ANNOTATION_KINDS (vqa, pope, choice): annotation jsonl rows {"question_id", ...}, each kind's
     reference answer and metric (scorers.py); POPE's coco_pope_<category>.json files name their
     category, and with the question file (each question's category) each category's questions are
-    matched to its label file by order, as eval_pope.py does (its files each number from 1);
-    --kind vqa also takes TextVQA's own TextVQA_0.5.1_val.json, matched as eval_textvqa.py matches it;
+    matched to its label file by order, as eval_pope.py does (its files each number from 1); POPE's
+    top-level figures are the mean of the categories' (as LLaVA-1.5 / EVE report it), "pooled" all
+    questions as one set; --kind vqa also takes TextVQA's own TextVQA_0.5.1_val.json, matched as
+    eval_textvqa.py matches it; --kind choice ScienceQA's own problems.json (or its folder), its
+    test split (pid_splits.json), as eval_science_qa.py scores it;
   BENCHMARK_KINDS (seed, gqa, mme): the benchmark's own files (benchmarks/), answers keyed as its
     scripts key them, and --converted-output: what LLaVA's converter writes for the benchmark's
     own tool.
 
-Every annotated question counts: one without an answer scores as wrong (and is counted);
+Every annotated question counts: one without an answer, or whose answer failed (metadata.error),
+scores as wrong (and is counted);
 duplicate answers are flagged and the first is scored; lines that cannot be read are reported
 (file:line) and counted. The result is one JSON object: the scores, then those counts."""
 
@@ -23,10 +27,12 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from megatron_eve.atomic import recover_replaced, staged_directory, write_jsonl, write_text
-from megatron_eve.eval.answer_files import answer_pairs, first_answers, read_jsonl, report, usable_id, warn
+from megatron_eve.eval.answer_files import (answer_pairs, first_answers, given_text, read_jsonl, report, usable_id,
+                                            warn)
 from megatron_eve.eval.benchmarks.files import BenchmarkFileError
 from megatron_eve.eval.benchmarks.gqa import gqa_predictions, load_gqa, score_gqa
 from megatron_eve.eval.benchmarks.mme import MME_ANSWER_FILES, load_mme, mme_answer_files, mme_answer_place, score_mme
+from megatron_eve.eval.benchmarks.scienceqa import is_scienceqa, load_scienceqa, score_scienceqa
 from megatron_eve.eval.benchmarks.seed import load_seed, score_seed, seed_key, seed_upload
 from megatron_eve.eval.benchmarks.textvqa import load_textvqa, match_textvqa, score_textvqa
 from megatron_eve.eval.outputs import check_output_file, check_output_folder, json_list_of, jsonl_of
@@ -55,7 +61,9 @@ def score_answer_file(run: ScoreRun) -> dict:
         _check_converted_output(run)
     answer_rows, problems = read_jsonl(run.answers_file, required=("question_id", "text"), numbered=True)
     if run.kind in BENCHMARK_KINDS:
-        return _score_benchmark(run, answer_rows, problems)
+        return _score_benchmark(run, answer_rows, problems, BENCHMARK_KINDS[run.kind])
+    if run.kind == "choice" and any(is_scienceqa(path) for path in run.annotations):
+        return _score_benchmark(run, answer_rows, problems, _score_scienceqa)
     textvqa = _textvqa_annotations(run)
     if textvqa is not None:
         return _score_textvqa(run, answer_rows, problems, textvqa)
@@ -110,30 +118,47 @@ def _choice_gold(row: dict) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def _vqa_scores(given: List[str], gold: list, truth: List[dict], lenient: bool) -> dict:
-    return {"accuracy": mean([vqa_accuracy(text, answers, lenient) for text, answers in zip(given, gold)])}
+# The scores functions take each question's answer text, None where it went unanswered (no answer, or
+# one that failed: metadata.error), which is wrong.
+
+def _vqa_scores(given: List[Optional[str]], gold: list, truth: List[dict], lenient: bool) -> dict:
+    return {"accuracy": mean([0.0 if text is None else vqa_accuracy(text, answers, lenient)
+                              for text, answers in zip(given, gold)])}
 
 
-def _pope_scores(given: List[str], gold: list, truth: List[dict], lenient: bool) -> dict:
-    result = pope_metrics(given, gold, lenient)
+POPE_HEADLINE = ("the mean of the categories' (splits') figures, as LLaVA-1.5 / EVE report POPE; pooled: all "
+                 "questions as one set")
+
+
+def _pope_scores(given: List[Optional[str]], gold: list, truth: List[dict], lenient: bool) -> dict:
+    """eval_pope.py's figures per category (split); the top-level ones are their mean, as LLaVA-1.5 and
+    EVE report POPE (LLaVA-1.5's F1 85.9 = the mean of its three splits'), when every question has a
+    category; the figures of all questions as one set are kept under "pooled"."""
+    pooled = pope_metrics(given, gold, lenient)
     categories = sorted({row["category"] for row in truth if row.get("category")})
-    if categories:  # EVE reports each POPE split on its own
-        result["categories"] = {c: pope_metrics([text for text, row in zip(given, truth) if row["category"] == c],
-                                                [label for label, row in zip(gold, truth) if row["category"] == c],
-                                                lenient)
-                                for c in categories}
+    if not categories:
+        return pooled
+    per = {c: pope_metrics([text for text, row in zip(given, truth) if row.get("category") == c],
+                           [label for label, row in zip(gold, truth) if row.get("category") == c], lenient)
+           for c in categories}
+    if not all(row.get("category") for row in truth):
+        warn("some POPE questions have no category: the top-level figures are pooled, not the categories' mean")
+        return dict(pooled, categories=per)
+    result = {name: mean([figures[name] for figures in per.values()]) for name in pooled}
+    result.update(headline=POPE_HEADLINE, pooled=pooled, categories=per)
     return result
 
 
-def _choice_scores(given: List[str], gold: list, truth: List[dict], lenient: bool) -> dict:
+def _choice_scores(given: List[Optional[str]], gold: list, truth: List[dict], lenient: bool) -> dict:
     counts = [len(row["choices"]) if isinstance(row.get("choices"), list) else None for row in truth]
-    return {"accuracy": multiple_choice_accuracy(given, gold, counts, lenient)}
+    return {"accuracy": multiple_choice_accuracy(["" if text is None else text for text in given], gold, counts,
+                                                 lenient)}
 
 
 @dataclass(frozen=True)
 class AnnotationKind:
     gold: Callable[[dict], object]  # an annotation row's reference answer(s); None: the row is not scored
-    scores: Callable[[List[str], list, List[dict], bool], dict]  # (answers, golds, rows, lenient) → scores
+    scores: Callable[[List[Optional[str]], list, List[dict], bool], dict]  # (answers, golds, rows, lenient)
 
 
 ANNOTATION_KINDS: Dict[str, AnnotationKind] = {
@@ -239,7 +264,7 @@ def _pope_truth_by_order(run: ScoreRun, rows: List[dict], problems: List[str]) -
 def _score_annotations(run: ScoreRun, answer_rows, problems) -> dict:
     kind = ANNOTATION_KINDS[run.kind]
     truth_rows, truth_problems = _annotations(run.annotations)
-    answers, duplicates = first_answers(answer_rows, lambda r: r["question_id"], problems)
+    answers, duplicates = first_answers(answer_rows, lambda r: r["question_id"], problems, given_text)
     if run.question_file:
         truth_by_id = _pope_truth_by_order(run, truth_rows, truth_problems)
     else:
@@ -258,10 +283,15 @@ def _score_annotations(run: ScoreRun, answer_rows, problems) -> dict:
     ids = list(truth)
     missing = [i for i in ids if i not in answers]
     _warn_coverage(duplicates, missing, len(ids))
-    result = kind.scores([answers.get(i, "") for i in ids], [kind.gold(truth[i]) for i in ids],
+    failures = [i for i in ids if i in answers and answers[i] is None]
+    if failures:
+        warn(f"{len(failures)} answers could not be given (metadata.error) and score as wrong, e.g. question_id "
+             f"{', '.join(map(str, failures[:5]))}")
+    result = kind.scores([answers.get(i) for i in ids], [kind.gold(truth[i]) for i in ids],
                          [truth[i] for i in ids], run.lenient)
-    result.update(questions=len(ids), answered=len(ids) - len(missing), missing=len(missing),
-                  duplicates=len(duplicates), not_annotated=sum(1 for i in answers if i not in truth),
+    result.update(questions=len(ids), answered=len(ids) - len(missing) - len(failures), missing=len(missing),
+                  failed=len(failures), duplicates=len(duplicates),
+                  not_annotated=sum(1 for i in answers if i not in truth),
                   unreadable_lines=len(problems) + len(truth_problems), rules=_rules(run.lenient))
     return result
 
@@ -311,7 +341,7 @@ def _score_textvqa(run: ScoreRun, answer_rows, problems, questions) -> dict:
 class _Keyed:
     """A benchmark's answers keyed as its scripts key them, and its scores."""
     scores: dict
-    answers: Dict[object, str]  # key → the first answer's text
+    answers: Dict[object, Optional[str]]  # key → the first answer's text (ScienceQA: None, failed)
     duplicates: List[object]  # question_ids of the later answers
     ids: List[object]  # the keys of the questions that count
     name: Callable[[object], object] = lambda key: key  # a question in warnings
@@ -335,6 +365,23 @@ def _score_gqa(path: str, answer_rows, problems, run: ScoreRun) -> _Keyed:
     if run.converted_output:
         write_text(run.converted_output, json.dumps(gqa_predictions(answer_pairs(answer_rows))))
     return _Keyed(scores, answers, duplicates, [str(q) for q, v in questions.items() if v.get("isBalanced", True)])
+
+
+def _score_scienceqa(path: str, answer_rows, problems, run: ScoreRun) -> _Keyed:
+    """--kind choice against ScienceQA's problems.json (its folder, eval_science_qa.py's --base-dir),
+    the test split of pid_splits.json; answers found by question_id (the problem id, as a string).
+    eval_science_qa.py counts a problem as IMG by '<image>' in its answer's prompt (model_vqa_science.py
+    writes it there); here by problems.json's image, the same for a complete answer file of LLaVA's
+    or of ours, and the answers whose prompts say otherwise are counted in a warning."""
+    questions = load_scienceqa(path)
+    rows, duplicates = first_answers(answer_rows, lambda r: str(r["question_id"]), problems, lambda r: r)
+    answers = {pid: given_text(row) for pid, row in rows.items()}
+    scores = score_scienceqa(questions, answers, run.lenient)
+    other = [p.pid for p in questions if p.pid in rows and p.image != ("<image>" in str(rows[p.pid].get("prompt")))]
+    if other:
+        warn(f"{len(other)} answers' prompts disagree with problems.json on having an image ('<image>' in the "
+             f"prompt, by which eval_science_qa.py counts IMG-Accuracy), e.g. question_id {', '.join(other[:5])}")
+    return _Keyed(scores, answers, duplicates, [p.pid for p in questions])
 
 
 def _holds_mme_answers(folder) -> bool:
@@ -407,11 +454,12 @@ def _check_converted_output(run: ScoreRun) -> None:
         check_output_file(run.converted_output, inputs, ours, run.overwrite, what, "--converted-output")
 
 
-def _score_benchmark(run: ScoreRun, answer_rows, problems) -> dict:
-    """--kind seed / gqa / mme: the benchmark's own ground truth, scored as EVE's scripts do."""
+def _score_benchmark(run: ScoreRun, answer_rows, problems, keyer: Callable[..., _Keyed]) -> dict:
+    """--kind seed / gqa / mme, and choice on ScienceQA's files: the benchmark's own ground truth,
+    scored as EVE's scripts do (`keyer`: one of BENCHMARK_KINDS, or _score_scienceqa)."""
     if len(run.annotations) != 1:
         raise BenchmarkFileError(f"--kind {run.kind} takes one --annotations path, not {len(run.annotations)}")
-    keyed = BENCHMARK_KINDS[run.kind](run.annotations[0], answer_rows, problems, run)
+    keyed = keyer(run.annotations[0], answer_rows, problems, run)
     report(problems)
     missing = [i for i in keyed.ids if i not in keyed.answers]
     _warn_coverage(keyed.duplicates, [keyed.name(m) for m in missing], len(keyed.ids))

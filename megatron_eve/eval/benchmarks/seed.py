@@ -67,14 +67,15 @@ def score_seed(questions: Sequence[SeedQuestion], answers: Dict[object, str], le
 
 
 def seed_questions(questions: Sequence[SeedQuestion], image_prefix: str = "SEED-Bench-image") -> List[dict]:
-    """The image questions as LLaVA's / EVE's seed question file has them: the question, the four
-    options as "A. ..." lines, and the option-letter instruction; the image under `image_prefix`."""
+    """The image questions as LLaVA's / EVE's seed question file has them: the question id a number
+    (`seed_key`: convert_seed_for_submission.py looks answers up by int(question_id)), the question,
+    the four options as "A. ..." lines, and the option-letter instruction; the image under `image_prefix`."""
     rows = []
     for q in questions:
         if q.data_type != "image":
             continue
         options = "".join(f"\n{letter}. {q.raw.get('choice_' + letter.lower(), '')}" for letter in "ABCD")
-        rows.append({"question_id": q.question_id, "image": f"{image_prefix}/{q.raw.get('data_id', '')}",
+        rows.append({"question_id": seed_key(q.question_id), "image": f"{image_prefix}/{q.raw.get('data_id', '')}",
                      "text": f"{q.raw.get('question', '')}{options}\n{OPTION_SUFFIX}",
                      "category": q.type_name})
     return rows
