@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_eve.atomic import os_error_line  # noqa: E402
 from megatron_eve.checkpoint.hf_config import model_config, read_hf_config  # noqa: E402
 from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, HFWeights  # noqa: E402
 from megatron_eve.checkpoint.megatron_dirs import write_megatron  # noqa: E402
@@ -40,8 +41,11 @@ def main(argv=None) -> int:
         directory, count = write_megatron(hf, model, args.out, args.target_tensor_parallel_size,
                                           args.target_pipeline_parallel_size, args.dtype, need_vision=True,
                                           overwrite=args.overwrite, progress=not args.no_progress)
-    except (CheckpointFormatError, ConfigError, OSError) as error:  # OSError: the output side (disk, rights)
+    except (CheckpointFormatError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # the output side (a full disk, rights): the file, else --out
+        print(f"error: {os_error_line(error, args.out)}", file=sys.stderr)
         return 1
     print(f"wrote {directory}: {count} tensors, {model.language.num_layers} layers, "
           f"{'with' if model.aligner.enabled else 'without'} the aligner; start training from it with "

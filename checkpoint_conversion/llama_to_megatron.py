@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_eve.atomic import os_error_line  # noqa: E402
 from megatron_eve.checkpoint.hf_config import language_config, read_hf_config  # noqa: E402
 from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, HFWeights, fresh_vision_tensors  # noqa: E402
 from megatron_eve.checkpoint.megatron_dirs import write_megatron  # noqa: E402
@@ -45,8 +46,11 @@ def main(argv=None) -> int:
                                       args.target_pipeline_parallel_size, args.dtype, need_vision=False,
                                       extra=fresh_vision_tensors(model, args.seed), overwrite=args.overwrite,
                                       progress=not args.no_progress)
-    except (CheckpointFormatError, ConfigError, OSError) as error:  # OSError: the output side (disk, rights)
+    except (CheckpointFormatError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # the output side (a full disk, rights): the file, else --out
+        print(f"error: {os_error_line(error, args.out)}", file=sys.stderr)
         return 1
     print(f"wrote {directory}: {model.language.num_layers}-layer language model with a fresh PEL, projector and "
           f"aligner; start the prealign stage with --pretrained-checkpoint {args.out}")

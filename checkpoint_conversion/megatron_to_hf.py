@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eve.atomic import check_output_dir, recover_replaced, staged_directory  # noqa: E402
+from megatron_eve.atomic import check_output_dir, os_error_line, recover_replaced, staged_directory  # noqa: E402
 from megatron_eve.checkpoint.hf_config import hf_config, preprocessor_config, read_hf_config  # noqa: E402
 from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
     EARLIER_ITERATION, CheckpointFormatError, MegatronCheckpoint, hf_tensors)
@@ -187,8 +187,11 @@ def main(argv=None) -> int:
             shutil.copyfile(MODELING, os.path.join(staging, "modeling_eve.py"))
             if tokenizer_source:
                 copy_tokenizer(tokenizer_source, staging)
-    except (CheckpointFormatError, ConfigError, OSError) as error:  # OSError: the output side (disk, rights)
+    except (CheckpointFormatError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # the output side (a full disk, rights): the file, else --out
+        print(f"error: {os_error_line(error, args.out)}", file=sys.stderr)
         return 1
     print(f"wrote {args.out} from {directory} ({args.format}, {str(dtype).replace('torch.', '')}"
           f"{', with the teacher' if args.with_teacher else ''}{recorded})")

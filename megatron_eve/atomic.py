@@ -10,11 +10,13 @@ are never overwritten without the user saying so.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
 from typing import IO, Callable, Iterable, Iterator, Optional
 
 from megatron_eve.config import ConfigError
@@ -88,13 +90,95 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> None:
     write_lines(path, (json.dumps(row) for row in rows))
 
 
+# How libraries that write files say a write failed without raising OSError: safetensors' SafetensorError
+# ("I/O error: No space left on device"), torch.save's zip writer ("unexpected pos N vs M": a short
+# write), torch.distributed.checkpoint's CheckpointException (which carries the rank's OSError).
+_WRITE_FAILURE_SIGNS = ("No space left", "Disk quota", "I/O error", "Input/output error", "unexpected pos",
+                        "Read-only file system", "Errno")
+
+
+def _nearly_full(path: str) -> bool:
+    """Whether the file system holding `path` has under 1 MiB free (a short write's likely cause)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def named_write_errors(path: str) -> Iterator[None]:
+    """A failed write inside the block, whatever the library raised, becomes one OSError naming `path`
+    (ENOSPC when the disk is full), so the tools print it in one line; other errors pass unchanged."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            raise OSError(error.errno, error.strerror or str(error), path) from error
+        raise
+    except BaseException as error:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        text = str(error)
+        if not (isinstance(error, Exception) or type(error).__name__ == "CheckpointException") \
+                or not any(sign in text for sign in _WRITE_FAILURE_SIGNS):
+            raise  # KeyboardInterrupt and the like; errors that are not a failed write
+        if "No space left" in text or _nearly_full(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from error
+        last = text.strip().splitlines()[-1] if text.strip() else type(error).__name__  # a rank's error: its last
+        raise OSError(errno.EIO, f"write failed ({last})", path) from error
+
+
+def os_error_line(error: OSError, output: Optional[str]) -> str:
+    """One line for a failed read or write: the file it names, else `output` (an unnamed errno, such as a
+    full disk at a flush, is the output's), then why; an error without an errno carries its own message."""
+    if error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
+    if error.strerror and output:
+        return f"{output}: {error.strerror}"
+    return str(error)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _staging_pattern(base: str) -> "re.Pattern":
+    """A staging directory's name: whose it is (host and process) and a unique tail."""
+    return re.compile(re.escape(base) + r"\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)-[0-9a-f]{8}" + re.escape(STAGING_MARK))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
+
+
+def remove_dead_stagings(final: str) -> None:
+    """Delete the staging directories of `final` left by writes of ours killed on this host (their
+    process is gone): an interrupted export would otherwise leave a whole copy behind at every try.
+    Those of a live process, or of another host (it may still be writing), are left alone."""
+    parent, base = os.path.split(os.path.realpath(final))
+    if not os.path.isdir(parent):
+        return
+    pattern, host = _staging_pattern(base), _host()
+    for name in os.listdir(parent):
+        match = pattern.fullmatch(name)
+        if match and match["host"] == host and not _alive(int(match["pid"])):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 def new_staging_directory(final: str) -> str:
     """A new empty directory beside the real location of `final` (a linked output is written beside
-    the folder the link points to), named as ours and unique: nothing already there is reused."""
+    the folder the link points to), named as ours (host and process: remove_dead_stagings) and unique:
+    nothing already there is reused."""
     parent, base = os.path.split(os.path.realpath(final))
     os.makedirs(parent, exist_ok=True)
+    remove_dead_stagings(final)
     while True:
-        staging = os.path.join(parent, f"{base}.{secrets.token_hex(4)}{STAGING_MARK}")
+        staging = os.path.join(parent, f"{base}.{_host()}-{os.getpid()}-{secrets.token_hex(4)}{STAGING_MARK}")
         try:
             os.mkdir(staging)
             return staging

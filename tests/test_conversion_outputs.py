@@ -4,14 +4,20 @@ config.json fields are refused, and every failure is one line that leaves nothin
 
 import json
 import os
+import re
+import resource
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from megatron_eve.atomic import ASIDE_MARK, STAGING_MARK, recover_replaced, replace_directory
 from tests.hf_fixtures import tiny_hf_eve
-from tests.test_conversion import convert, ok
+from tests.test_conversion import CONVERT, convert, ok
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +312,48 @@ def test_give_default_mode_follows_the_umask(tmp_path):
         os.umask(previous)
     assert oct((tmp_path / "private").stat().st_mode & 0o777) == oct(0o640)
     assert oct((tmp_path / "staged").stat().st_mode & 0o777) == oct(0o750)
+
+
+def _short_of_space(script, limit, *args):
+    """A converter whose files cannot grow past `limit` bytes (RLIMIT_FSIZE: each write past it fails
+    as on a full disk), run as `convert` runs it."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, str(CONVERT / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"}, preexec_fn=limit_file_size)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_write_that_fails_midway_is_one_line_and_keeps_the_earlier_export(converted, tmp_path, fmt):
+    """safetensors and torch.save report a short write as SafetensorError / RuntimeError ("unexpected
+    pos"), not OSError: each is one line naming the file, the earlier export kept, nothing left over."""
+    out = tmp_path / "exp"
+    ok(export(converted, out, "--format", fmt))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    failed = _short_of_space("megatron_to_hf.py", 4096, "--megatron", converted / "megatron", "--out", out,
+                             "--no-progress", "--format", fmt)
+    one_line_error(failed, "shard-00000.tmp: write failed (")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert not ours_left_behind(tmp_path)
+
+    failed = _short_of_space("hf_to_megatron.py", 4096, "--hf", converted / "hf", "--out", tmp_path / "mg")
+    one_line_error(failed, "write failed (")
+    assert not os.path.exists(tmp_path / "mg") and not ours_left_behind(tmp_path)
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export_on_its_host(converted, tmp_path):
+    """A kill -9 leaves the staging folder (a whole export); the next export deletes it when its process
+    is gone, and leaves a live process's and another host's (they may still be writing)."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(ended.stdout)
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+    names = {"dead": f"exp.{host}-{dead_pid}-0123abcd{STAGING_MARK}",
+             "live": f"exp.{host}-{os.getpid()}-0123abcd{STAGING_MARK}",
+             "elsewhere": f"exp.other-node-7-0123abcd{STAGING_MARK}"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    ok(export(converted, tmp_path / "exp"))
+    assert sorted(os.listdir(tmp_path)) == sorted(["exp", names["live"], names["elsewhere"]])

@@ -224,3 +224,31 @@ def test_mme_questions_without_an_image_are_named(tmp_path):
     code, out, err = run("questions", "--benchmark", "mme", "--source", root, "--question-file", tmp_path / "q.jsonl")
     assert code == 0 and out.startswith("1 questions"), err
     assert "2 of 3 MME questions are left out" in err and "count/0001.txt" in err
+
+
+def test_a_full_disk_while_answering_names_the_file_and_a_file_as_parent_folder_is_refused(tmp_path, backend,
+                                                                                           monkeypatch):
+    """A write error at the side file's flush carries no file name ("error: : No space left on device"
+    before); an --answers-file whose folder is a file said "File exists"."""
+    import errno
+
+    import megatron_eve.eval.resume as resume
+
+    syncs = []
+
+    def fsync(fd):  # the header's sync succeeds, the first batch's finds the disk full
+        syncs.append(fd)
+        if len(syncs) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(resume.os, "fsync", fsync)
+    answers = tmp_path / "a.jsonl"
+    code, out, err = run("answer", "--hf", "unused", "--question-file", questions_file(tmp_path), "--answers-file",
+                         answers)
+    assert code == 1 and err.splitlines()[-1] == f"error: {answers}.partial: No space left on device", err
+    assert "Traceback" not in err and not answers.exists()
+
+    (tmp_path / "afile").write_text("mine")
+    refused(run("answer", "--hf", "unused", "--question-file", questions_file(tmp_path), "--answers-file",
+                tmp_path / "afile" / "a.jsonl"), f"{tmp_path / 'afile'} is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -72,7 +72,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eve.atomic import write_jsonl  # noqa: E402
+from megatron_eve.atomic import os_error_line, write_jsonl  # noqa: E402
 from megatron_eve.config import ConfigError  # noqa: E402
 from megatron_eve.eval.answer_files import (answer_row, askable, chunk, image_paths, read_questions,  # noqa: E402
                                             report, unaskable_reason)
@@ -278,7 +278,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:
-        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        output = getattr(args, "answers_file", None) or getattr(args, "question_file", None)
+        print(f"error: {os_error_line(error, output)}", file=sys.stderr)
         return 1
 
 

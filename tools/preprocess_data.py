@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_eve.atomic import os_error_line  # noqa: E402
 from megatron_eve.config import (  # noqa: E402
     ConfigError,
     EVEModelConfig,
@@ -135,11 +136,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # a file that cannot be read or written (full disk, permissions): named
-        if error.filename is not None:
-            message = f"{error.filename}: {error.strerror}"
-        else:  # an errno without a file is the output's (a full disk); others carry their own message
-            message = f"{args.output_prefix}: {error.strerror}" if error.strerror else str(error)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {os_error_line(error, args.output_prefix)}", file=sys.stderr)
         return 1
     print(summary.line())
     return 0

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
-from megatron_eve.atomic import replace_directory
+from megatron_eve.atomic import named_write_errors, replace_directory
 
 
 @dataclass
@@ -95,7 +95,8 @@ def write_checkpoint(directory: str, tensors: Sequence[GlobalTensor], common: Di
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     writer = FileSystemWriter(staging, single_file_per_rank=True, thread_count=1, sync_files=True)
-    dcp_save({}, storage_writer=writer, planner=_LazyPlanner(tensors, common or {}), no_dist=True)
+    with named_write_errors(staging):  # a full disk: torch's RuntimeError / CheckpointException otherwise
+        dcp_save({}, storage_writer=writer, planner=_LazyPlanner(tensors, common or {}), no_dist=True)
     with open(os.path.join(staging, "metadata.json"), "w") as handle:  # megatron-core's marker
         json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, handle)
     replace_directory(staging, directory)

@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Tuple
 
 import torch
 
-from megatron_eve.atomic import give_default_mode
+from megatron_eve.atomic import give_default_mode, named_write_errors
 from megatron_eve.config import ConfigError
 from megatron_eve.data.tokenizer import BOS_ID, EOS_ID, resolve_tokenizer_model
 
@@ -49,13 +49,14 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = os.path.join(self.folder, f"shard-{len(self.shards):05d}.tmp")
-        if self.fmt == "safetensors":
-            from safetensors.torch import save_file
+        with named_write_errors(path):  # a full disk: SafetensorError / torch's RuntimeError otherwise
+            if self.fmt == "safetensors":
+                from safetensors.torch import save_file
 
-            save_file(self.pending, path, metadata={"format": "pt"})
-            give_default_mode(path)  # save_file creates it 0600: unreadable to the export's other users
-        else:
-            torch.save(self.pending, path)
+                save_file(self.pending, path, metadata={"format": "pt"})
+                give_default_mode(path)  # save_file creates it 0600: unreadable to the export's other users
+            else:
+                torch.save(self.pending, path)
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 

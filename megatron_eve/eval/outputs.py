@@ -43,10 +43,20 @@ def check_output_file(path: str, inputs: Inputs, ours: Callable[[str], bool], ov
     check_not_an_input(path, inputs, flag)
     if os.path.isdir(path):
         raise OutputRefused(f"{flag} {path} is a folder: name a file")
+    _check_parent_folders(path, flag)
     if overwrite or not os.path.exists(path) or os.path.getsize(path) == 0 or ours(path):
         return
     raise OutputRefused(f"{flag} {path} exists and is not {what}: choose another {flag}, or pass --overwrite "
                         f"to replace it")
+
+
+def _check_parent_folders(path: str, flag: str) -> None:
+    """Refuse an output whose nearest existing parent is a file (its folders could not be made)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputRefused(f"{flag} {path}: {parent} is a file, not a folder")
 
 
 def check_output_folder(path: str, inputs: Inputs, ours: Callable[[str], bool], overwrite: bool, what: str,
@@ -54,6 +64,7 @@ def check_output_folder(path: str, inputs: Inputs, ours: Callable[[str], bool], 
     """Refuse replacing the folder `path` when it is or holds an input, is a file, or is a non-empty
     folder that is not `what` (`ours`) unless `overwrite`."""
     check_not_an_input(path, inputs, flag)
+    _check_parent_folders(path, flag)
     try:  # also refuses a path that is a file
         check_output_dir(path, ours, overwrite, what)
     except ConfigError as error:

@@ -111,13 +111,19 @@ class SideFile:
         self._sync()
 
     def add(self, answers: List[Tuple[int, dict]]) -> None:
-        for position, row in answers:
-            self.handle.write(json.dumps({"position": position, "row": row}) + "\n")
+        try:
+            for position, row in answers:
+                self.handle.write(json.dumps({"position": position, "row": row}) + "\n")
+        except OSError as error:
+            raise OSError(error.errno, error.strerror, self.path) from error
         self._sync()
 
     def _sync(self) -> None:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
+        try:  # a full disk shows at the flush: name the file (a bare write error names none)
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+        except OSError as error:
+            raise OSError(error.errno, error.strerror, self.path) from error
 
     def finish(self) -> None:
         """Once the answers file is in place: the side file has served."""
