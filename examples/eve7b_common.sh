@@ -15,6 +15,18 @@ CHECKPOINTS=${CHECKPOINTS:-checkpoints}
 
 LAUNCH=(torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "$NODE_RANK"
         --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+# On SIGTERM torchrun forwards the signal, then SIGKILLs its workers after --shutdown-timeout,
+# 30 s by default: too soon for --exit-signal-handler to write a 7B checkpoint. slurm_eve7b.sbatch
+# signals 600 s before the time limit, so the workers get 570 s, less than that lead, which leaves
+# torchrun time to reap them before SLURM kills the job. torch 2.13's torchrun has the flag; older
+# ones, which setup.py still allows (>= 2.6), lack it and keep the 30 s: a warning, not a failed launch.
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-570}
+if torchrun --help 2>/dev/null | grep -q -- "--shutdown-timeout"; then
+    LAUNCH+=(--shutdown-timeout "$SHUTDOWN_TIMEOUT")
+else
+    echo "warning: this torchrun has no --shutdown-timeout: it kills the workers 30 s after a SIGTERM," \
+         "likely before --exit-signal-handler's checkpoint is written (a newer torch has the flag)" >&2
+fi
 # As Megatron-LM's scripts: with sequence parallelism one hardware queue keeps each gradient's
 # reduce-scatter launched ahead of the weight-gradient GEMM it overlaps (megatron-core warns otherwise).
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}

@@ -51,8 +51,30 @@ def test_split_ranges_follow_megatron():
     assert split_ranges(1000, "98,2,0") == [(0, 980), (980, 1000), (1000, 1000)]
     assert split_ranges(10, "969,30,1") == [(0, 10), (10, 10), (10, 10)]
     assert split_ranges(100, "1") == [(0, 100), (100, 100), (100, 100)]
+    assert split_ranges(5, "1,1,1") == [(0, 2), (2, 3), (3, 5)]  # cumulative bookends rounded, not each share
     with pytest.raises(ValueError, match="three non-negative weights"):
         split_ranges(10, "1,2,3,4")
+
+
+def megatron_core_split(count, split):
+    """The ranges megatron-core gives (None: a split of weight 0), with its own functions."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    # BlendedMegatronDatasetBuilder._build_megatron_dataset_splits: beg / end = int(round(bookend * float(n)))
+    return [None if b is None else (int(round(b[0] * float(count))), int(round(b[1] * float(count))))
+            for b in matrix]
+
+
+@pytest.mark.parametrize("split", ["98,2,0", "969,30,1", "1,1,1", "10,90,0", "0.7,0.2,0.1", "33,33,34", "1",
+                                   "99,1", "0,1,0", "949,50,1", "2,1,1"])
+def test_split_ranges_are_megatron_cores(split):
+    for count in [*range(0, 60), 99, 101, 997, 1001, 12345, 665298, 33_000_001]:
+        ours, theirs = split_ranges(count, split), megatron_core_split(count, split)
+        for (first, last), expected in zip(ours, theirs):
+            assert (first, last) == expected if expected is not None else first == last, (count, split, ours, theirs)
+        assert ours[0][0] == 0 and ours[-1][1] == count and all(a[1] == b[0] for a, b in zip(ours, ours[1:]))
 
 
 def test_data_path_forms():
@@ -254,3 +276,83 @@ def test_unusable_samples_are_named_up_to_a_cap_and_a_damaged_dataset_is_an_erro
     _text_dataset(damaged, good=0, cut=150)
     with dataset_warnings(), pytest.raises(DatasetFormatError, match=r"100 of the 100 samples read .* the dataset is damaged"):
         rows(damaged)
+
+
+def test_a_weighted_dataset_without_samples_in_a_split_leaves_that_split(tmp_path):
+    """A 3-sample dataset in a weighted blend has none in the valid split under 98,2,0, and none in
+    train under 10,90,0: it leaves that split's blend with a warning, the other's weight
+    re-normalised, instead of a blend asking the other for more sequences than it has."""
+    from megatron_eve.config import DataConfig
+    from megatron_eve.data.dataset import build_datasets
+
+    big = write_lengths(tmp_path / "big", [40] * 200)
+    tiny = write_lengths(tmp_path / "tiny", [40] * 3)
+
+    def build(split, sizes):
+        config = DataConfig(data_path=["0.5", big, "0.5", tiny], split=split, seq_length=100,
+                            data_cache_path=str(tmp_path / "plans"))
+        return build_datasets(config, seed=1, sizes=sizes)
+
+    with dataset_warnings() as warned:
+        data = build("98,2,0", (40, 32, None))
+    assert [d.samples.prefix for d in data["train"].datasets] == [big, tiny] and len(data["train"]) == 40
+    assert [d.samples.prefix for d in data["valid"].datasets] == [big] and len(data["valid"]) == 32
+    assert data["test"] is None
+    assert warned == [f"{tiny}: --split 98,2,0 gives its 3 samples none in valid: left out of the valid blend, "
+                      "the other datasets' weights re-normalised"]
+    with dataset_warnings() as warned:
+        data = build("10,90,0", (40, None, None))
+    assert [d.samples.prefix for d in data["train"].datasets] == [big] and len(data["train"]) == 40
+    assert [d.samples.prefix for d in data["valid"].datasets] == [big, tiny]
+    assert len(warned) == 1 and warned[0].startswith(f"{tiny}: --split 10,90,0 gives its 3 samples none in train")
+
+
+def test_no_dataset_with_training_samples_is_one_error_naming_them(tmp_path):
+    from megatron_eve.config import ConfigError, DataConfig
+    from megatron_eve.data.dataset import build_datasets, check_blend
+
+    a = write_lengths(tmp_path / "a", [40] * 3)
+    b = write_lengths(tmp_path / "b", [40] * 2)
+    config = DataConfig(data_path=["0.5", a, "0.5", b], split="10,90,0", seq_length=100,
+                        data_cache_path=str(tmp_path / "plans"))
+    with dataset_warnings(), pytest.raises(ConfigError) as error:
+        build_datasets(config, seed=1, sizes=(8, None, None))
+    with dataset_warnings(), pytest.raises(ConfigError) as before_the_model:
+        check_blend(config)  # the same, from the indexes alone
+    assert str(before_the_model.value) == str(error.value)
+    assert str(error.value) == (f"--data-path: no dataset has a training sample: {a} (--split 10,90,0 gives its "
+                                f"3 samples none in train); {b} (--split 10,90,0 gives its 2 samples none in train)")
+
+
+def test_an_empty_dataset_is_left_out_of_the_blend(tmp_path, monkeypatch):
+    """An empty dataset (preprocess_data --partitions writes one for an empty partition) is never
+    mmapped: it leaves the blend with a warning naming it (given by global rank 0 only); every
+    dataset empty is one error naming them."""
+    import torch.distributed as dist
+
+    from megatron_eve.config import ConfigError, DataConfig
+    from megatron_eve.data.dataset import build_datasets
+    from megatron_eve.data.indexed import IndexedSamples
+
+    empty = write_lengths(tmp_path / "part0000of0002", [])
+    other_empty = write_lengths(tmp_path / "part0001of0002", [])
+    good = write_lengths(tmp_path / "good", [40] * 50)
+    assert len(IndexedSamples(empty)) == 0 and IndexedSamples(empty).lengths.tolist() == []
+
+    def build(data_path):
+        config = DataConfig(data_path=data_path, split="98,2,0", seq_length=100, data_cache_path=str(tmp_path / "c"))
+        return build_datasets(config, seed=1, sizes=(20, 4, None))
+
+    for name, value in (("is_initialized", True), ("get_world_size", 2), ("get_rank", 1), ("barrier", None)):
+        monkeypatch.setattr(dist, name, lambda *a, _value=value, **k: _value)  # rank 1 of 2, as it sees the group
+    with dataset_warnings() as warned:
+        data = build(["0.3", empty, "0.7", good])
+    assert [d.samples.prefix for d in data["train"].datasets] == [good] and not warned  # rank 1: silent
+    monkeypatch.setattr(dist, "get_rank", lambda *a: 0)
+    with dataset_warnings() as warned:
+        data = build([empty, good])
+    assert [d.samples.prefix for d in data["train"].datasets] == [good] and len(data["train"]) == 20
+    assert warned == [f"{empty}: an empty dataset (0 samples): left out of the blend"]
+    with dataset_warnings(), pytest.raises(ConfigError, match=f"^--data-path: every dataset is empty "
+                                                              f"\\(0 samples\\): {empty}, {other_empty}$"):
+        build(["0.5", empty, "0.5", other_empty])

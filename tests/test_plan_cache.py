@@ -17,7 +17,7 @@ import pytest
 
 from megatron_eve.config import DataConfig
 from megatron_eve.data import packing, plan_cache
-from megatron_eve.data.dataset import PackedSequences, build_datasets
+from megatron_eve.data.dataset import PackedSequences, build_datasets, content_stream
 from megatron_eve.data.indexed import IndexedSamples, SampleWriter
 from megatron_eve.data.records import Sample
 
@@ -50,10 +50,12 @@ def train_split(prefix, config=CONFIG, minimum=MINIMUM, seed=SEED):
 
 
 def planned_without_cache(prefix, config=CONFIG, minimum=MINIMUM, seed=SEED):
-    """The plans as dataset.py made them before the cache (its loop, verbatim)."""
+    """The plans as dataset.py made them before the cache (its loop, verbatim; the stream from the
+    split's content)."""
     samples = IndexedSamples(prefix)
-    lengths = samples.lengths[: int(len(samples) * 0.9)]
-    stream = int.from_bytes(hashlib.sha256(f"{samples.prefix}|train".encode()).digest()[:4], "little")
+    last = int(len(samples) * 0.9)
+    lengths = samples.lengths[:last]
+    stream = content_stream(plan_cache.lengths_sha256(lengths), "train", 0, last, len(samples))
     plans = []
     while True:
         rng = np.random.default_rng([seed, stream, len(plans)])
@@ -102,7 +104,7 @@ def test_cache_hit_gives_the_identical_plans(prefix, planned, caplog):
     assert len(first.plans) == 3 and len(planned) == 3 and first.too_long == 3
     assert_identical(first.plans, expected)
     files = cache_files(prefix)
-    assert len(files) == 7 and sum(f.endswith(".json") for f in files) == 1  # a header, 2 arrays an epoch
+    assert len(files) == 3 and sum(f.endswith(".json") for f in files) == 1  # a header, one chunk of 2 arrays
     second = train_split(prefix)
     assert len(planned) == 3  # read, not planned
     assert_identical(second.plans, expected)
@@ -112,6 +114,8 @@ def test_cache_hit_gives_the_identical_plans(prefix, planned, caplog):
     more = train_split(prefix, minimum=2000)
     assert len(more.plans) == 4 and len(planned) == 4
     assert_identical(more.plans, planned_without_cache(prefix, minimum=2000))
+    assert len(cache_files(prefix)) == 5  # the missing epoch added as a chunk of its own
+    assert_identical(train_split(prefix, minimum=2000).plans, more.plans) and len(planned) == 4
     assert not warnings_of(caplog)
 
 
@@ -147,33 +151,79 @@ def test_changed_data_misses(tmp_path, planned):
     assert_identical(again.plans, planned_without_cache(prefix))
 
 
+def test_many_epochs_are_a_few_files(tmp_path, planned, monkeypatch, caplog):
+    """A small dataset in a long blend: thousands of epochs in a bounded number of files (not two
+    per epoch, which every rank would open at every start), read back identical."""
+    small = write_prefix(tmp_path / "small", count=10, long=0)
+    expected = planned_without_cache(small, minimum=3000)
+    assert len(expected) >= 1000
+    assert_identical(train_split(small, minimum=3000).plans, expected)
+    assert len(cache_files(small)) == 3
+    planned.clear()
+    assert_identical(train_split(small, minimum=3000).plans, expected) and not planned
+    # Chunks bounded by MAX_CHUNK_ITEMS: more files, the same plans; a damaged chunk costs itself and the later ones.
+    monkeypatch.setattr(plan_cache, "MAX_CHUNK_ITEMS", 1000)
+    other = dataclasses.replace(CONFIG, packing_buffer_size=299)  # another entry, planned anew
+    want = planned_without_cache(small, other, minimum=3000)
+    assert_identical(train_split(small, other, minimum=3000).plans, want)
+    chunks = sorted(f for f in cache_files(small) if f.endswith(".order.npy") and ".e0-" not in f)
+    assert len(chunks) > 3
+    os.remove(os.path.join(small + ".plans", chunks[1]))
+    planned.clear()
+    assert_identical(train_split(small, other, minimum=3000).plans, want)
+    assert 0 < len(planned) < len(want) and "planning again" in warnings_of(caplog)[-1]
+
+
+def test_the_order_does_not_depend_on_how_the_path_is_spelled(tmp_path, monkeypatch):
+    """Absolute, relative and doubled-slash spellings of a prefix, and a copy of it in another
+    folder, give the same plans and the same blend order: a resubmitted job resumes where it was."""
+    import shutil
+
+    prefix = write_prefix(tmp_path / "data" / "set", count=300)
+    (tmp_path / "copy").mkdir()
+    for suffix in (".bin", ".idx", ".meta.json"):
+        shutil.copy(prefix + suffix, tmp_path / "copy" / ("other" + suffix))
+    monkeypatch.chdir(tmp_path)
+    orders = []
+    for spelling in (prefix, "data/set", "./data/set", str(tmp_path) + "//data/set", str(tmp_path / "copy" / "other")):
+        data = build_datasets(dataclasses.replace(CONFIG, data_path=[spelling]), SEED, sizes=(400, 20, None))
+        orders.append([[data[s].locate(i)[0].sample_indices(data[s].locate(i)[1]).tolist()
+                        for i in range(len(data[s]))] for s in ("train", "valid")])
+    assert all(order == orders[0] for order in orders[1:])
+
+
 # ------------------------------------------------------------------------------------- damage
 def _header(prefix):
     (name,) = [f for f in cache_files(prefix) if f.endswith(".json")]
     return os.path.join(prefix + ".plans", name)
 
 
-def _rewrite_epoch(prefix, epoch, part, array):
-    """Replace an epoch's array and put its checksum in the header (damage a checksum cannot see)."""
+def _chunk(prefix, part):
+    """The path of the one chunk's (epochs 0-2) array."""
+    return _header(prefix).replace(".json", f".e0-2.{part}.npy")
+
+
+def _rewrite_chunk(prefix, part, array, sequences=None):
+    """Replace the chunk's array and put its checksum in the header (damage a checksum cannot see)."""
     path = _header(prefix)
     header = json.load(open(path))
-    np.save(path[: -len(".json")] + f".e{epoch}.{part}.npy", array)
-    header["epochs"][epoch][f"{part}_sha256"] = hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
-    if part == "offsets":
-        header["epochs"][epoch]["sequences"] = len(array) - 1
+    np.save(_chunk(prefix, part), array)
+    (chunk,) = header["chunks"]
+    chunk[f"{part}_sha256"] = hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+    chunk["sequences"] = sequences or chunk["sequences"]
     json.dump(header, open(path, "w"))
-    return path[: -len(".json")] + f".e{epoch}.{{order,offsets}}.npy"
+    return _chunk(prefix, "{order,offsets}")
 
 
 def _truncate(prefix):
-    path = _header(prefix).replace(".json", ".e1.order.npy")
+    path = _chunk(prefix, "order")
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
     return path
 
 
 def _flip_a_byte(prefix):
-    path = _header(prefix).replace(".json", ".e0.offsets.npy")
+    path = _chunk(prefix, "offsets")
     data = bytearray(open(path, "rb").read())
     data[-3] ^= 0x10
     open(path, "wb").write(bytes(data))
@@ -181,14 +231,14 @@ def _flip_a_byte(prefix):
 
 
 def _pickled(prefix):
-    path = _header(prefix).replace(".json", ".e2.order.npy")
+    path = _chunk(prefix, "order")
     np.save(path, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     return path
 
 
 def _not_json(prefix):
     path = _header(prefix)
-    open(path, "w").write('{"epochs": [')
+    open(path, "w").write('{"chunks": [')
     return path
 
 
@@ -201,21 +251,26 @@ def _another_key(prefix):
 
 
 def _sample_twice(prefix):
-    order = np.load(_header(prefix).replace(".json", ".e0.order.npy"))
+    order = np.load(_chunk(prefix, "order"))
     order[1] = order[0]
-    return _rewrite_epoch(prefix, 0, "order", order)
+    return _rewrite_chunk(prefix, "order", order)
 
 
 def _merged_sequences(prefix):
-    """Two sequences merged into one longer than seq_length (a consistent, checksummed file)."""
+    """Two sequences of epoch 1 merged into one longer than seq_length (a consistent, checksummed
+    file)."""
     samples = IndexedSamples(prefix)
     lengths = samples.lengths[: int(len(samples) * 0.9)]
-    base = _header(prefix).replace(".json", ".e1")
-    order, offsets = np.load(base + ".order.npy"), np.load(base + ".offsets.npy")
-    sums = np.add.reduceat(lengths[order], offsets[:-1].astype(np.int64))
+    (chunk,) = json.load(open(_header(prefix)))["chunks"]
+    order, offsets = np.load(_chunk(prefix, "order")), np.load(_chunk(prefix, "offsets"))
+    start = chunk["sequences"][0] + 1  # epoch 1's offsets follow epoch 0's
+    fits = len(order) // 3
+    epoch = offsets[start: start + chunk["sequences"][1] + 1].astype(np.int64)
+    sums = np.add.reduceat(lengths[order[fits: 2 * fits]], epoch[:-1])
     k = int(np.argmax(sums[:-1] + sums[1:]))
     assert sums[k] + sums[k + 1] > SEQ
-    return _rewrite_epoch(prefix, 1, "offsets", np.delete(offsets, k + 1))
+    sequences = [chunk["sequences"][0], chunk["sequences"][1] - 1, chunk["sequences"][2]]
+    return _rewrite_chunk(prefix, "offsets", np.delete(offsets, start + k + 1), sequences)
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip_a_byte, _pickled, _not_json, _another_key, _sample_twice,
@@ -268,7 +323,7 @@ def test_data_cache_path_holds_the_cache(prefix, tmp_path, planned):
     elsewhere = str(tmp_path / "cache")
     config = dataclasses.replace(CONFIG, data_cache_path=elsewhere)
     train_split(prefix, config)
-    assert not cache_files(prefix) and len(os.listdir(elsewhere)) == 7
+    assert not cache_files(prefix) and len(os.listdir(elsewhere)) == 3
     assert all(name.startswith("data.train.") for name in os.listdir(elsewhere))
     planned.clear()
     again = train_split(prefix, config)

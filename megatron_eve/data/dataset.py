@@ -2,10 +2,12 @@
 
 `--data-path 0.7 A 0.3 B --split 98,2,0`: each prefix's samples are split into contiguous
 train / valid / test ranges; within a split, samples are shuffled and packed per epoch (seeded by
-seed, prefix, split and epoch, so every rank and every resumed run builds the same plan, which is
-cached beside the data: plan_cache.py); the prefixes' sequences are interleaved by megatron-core's
-blending helper in proportion to the weights. A dataset item is one packed sequence, ready for
-collation.
+seed, the split's content and name, and epoch, so every rank and every resumed run builds the same
+plan, which is cached beside the data: plan_cache.py); the prefixes' sequences are interleaved by
+megatron-core's blending helper in proportion to the weights. A prefix with no usable sample in a
+split (an empty dataset, a split range too small to hold one) is left out of that split's blend
+with a warning, the others' weights re-normalised. A dataset item is one packed sequence, ready
+for collation.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ class StageReads:
     teacher: bool = True
 
 
-def split_ranges(count: int, split: str) -> List[Tuple[int, int]]:
-    """Megatron's split rule: contiguous [start, end) per train / valid / test."""
+def split_shares(split: str) -> List[float]:
+    """--split's train / valid / test weights, normalised as megatron-core does (numpy's sum: Python's
+    rounds differently since 3.12)."""
     try:
         weights = [float(x) for x in split.replace("/", ",").split(",")]
     except ValueError:
@@ -52,13 +55,31 @@ def split_ranges(count: int, split: str) -> List[Tuple[int, int]]:
     weights += [0.0] * (3 - len(weights))
     if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"--split {split!r}: give three non-negative weights, e.g. 98,2,0")
-    total = sum(weights)
-    bounds = [0]
-    for w in weights:
-        bounds.append(bounds[-1] + int(round(w / total * count)))
-    bounds = [min(b, count) for b in bounds]
-    bounds[-1] = count
-    return [(bounds[i], bounds[i + 1]) for i in range(3)]
+    array = np.asarray(weights, dtype=np.float64)
+    return (array / np.sum(array)).tolist()
+
+
+def split_ranges(count: int, split: str) -> List[Tuple[int, int]]:
+    """Megatron's split rule: contiguous [start, end) per train / valid / test, computed as
+    megatron-core does (cumulative bookends summed left to right, each rounded), so a prefix splits
+    here exactly as it does in Megatron-LM."""
+    bookends = [0.0]
+    for share in split_shares(split):
+        bookends.append(bookends[-1] + share)
+    ranges = []
+    for begin, end in zip(bookends[:-1], bookends[1:]):
+        first = int(round(begin * float(count)))
+        # A split of weight 0 is None in megatron-core: no samples.
+        ranges.append((first, int(round(end * float(count))) if end > begin else first))
+    return ranges
+
+
+def content_stream(lengths_digest: str, split: str, first: int, last: int, count: int) -> int:
+    """The shuffle stream of a prefix's split, from its content (lengths, range, size) and the
+    split's name, never from how its path is spelled: a job resubmitted with another spelling
+    of --data-path (relative, absolute, a copy elsewhere) resumes in the same order."""
+    text = f"{lengths_digest}|{split}|{first}|{last}|{count}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
 class PackedSequences:
@@ -71,8 +92,9 @@ class PackedSequences:
         self.samples_read = 0  # samples this process tried to read, for the share of them left out
         self.sample_ids = np.arange(first, last, dtype=np.int64)
         lengths = samples.lengths[first:last]
-        stream = int.from_bytes(hashlib.sha256(f"{samples.prefix}|{split}".encode()).digest()[:4], "little")
-        key = PlanKey(split, first, last, lengths_sha256(lengths), seed, stream, config.seq_length,
+        digest = lengths_sha256(lengths)
+        stream = content_stream(digest, split, first, last, len(samples))
+        key = PlanKey(split, first, last, digest, seed, stream, config.seq_length,
                       config.pack, config.packing_buffer_size if config.pack else 0)
         self.plans: List[PackingPlan] = cached_plans(
             lengths, key, minimum, config.data_cache_path or samples.prefix + PLANS_SUFFIX,
@@ -82,9 +104,6 @@ class PackedSequences:
             self.epoch_starts.append(self.epoch_starts[-1] + len(plan))
         # From the lengths, not a plan: no plan is made when no sample fits.
         self.too_long = int((lengths > config.seq_length).sum())
-        if self.too_long:
-            logger.warning("%s (%s): %d samples longer than seq-length %d are left out", samples.prefix,
-                           split, self.too_long, config.seq_length)
 
     def __len__(self) -> int:
         return self.epoch_starts[-1]
@@ -230,40 +249,97 @@ def build_datasets(config: DataConfig, seed: int, sizes: Sequence[Optional[int]]
                    reads: StageReads = StageReads()) -> Dict[str, Optional[BlendedSequences]]:
     """train / valid / test datasets of `sizes` sequences (None: one epoch of every prefix), shuffled
     and packed by `seed` (the run's --seed)."""
-    sources = [(w, IndexedSamples(prefix)) for w, prefix in config.blend]
+    sources = _non_empty([(w, IndexedSamples(prefix)) for w, prefix in config.blend])
     _check_compatible([s for _, s in sources])
     out = {}
     for split_index, (name, size) in enumerate(zip(SPLITS, sizes)):
         ranges = [split_ranges(len(s), config.split)[split_index] for _, s in sources]
-        if all(last == first for first, last in ranges):
+        if not split_shares(config.split)[split_index]:  # no split asked for: no warning about its datasets
+            out[name] = None
+            continue
+        used = _in_split(sources, ranges, name, config)
+        if not used:
             out[name] = None
             continue
         weights = [w if not math.isnan(w) else float(s.lengths[first:last].sum())
-                   for (w, s), (first, last) in zip(sources, ranges)]
-        total_weight = sum(weights)
+                   for (w, s), (first, last) in ((sources[i], ranges[i]) for i in used)]
+        total_weight = sum(weights)  # over the datasets in this split only: the weights re-normalised
         # Megatron's surplus keeps rounding in the blend from running a dataset dry.
         minimum = [None if size is None else int(math.ceil(size * w / total_weight * 1.005)) + 1
                    for w in weights]
-        parts = [PackedSequences(s, first, last, config, seed, name, m, reads)
-                 for (_, s), (first, last), m in zip(sources, ranges, minimum)]
-        if name == "train":
-            _check_sequences_left(parts, weights, config.seq_length)
-        keep = [i for i, p in enumerate(parts) if len(p) and weights[i] > 0]
-        if not keep:
-            out[name] = None
-            continue
-        out[name] = BlendedSequences([parts[i] for i in keep], [weights[i] for i in keep], size)
+        parts = [PackedSequences(sources[i][1], *ranges[i], config, seed, name, m, reads)
+                 for i, m in zip(used, minimum)]
+        out[name] = BlendedSequences(parts, weights, size)
     return out
 
 
-def _check_sequences_left(parts: List[PackedSequences], weights: List[float], seq_length: int) -> None:
-    """A weighted dataset whose training samples are all longer than a sequence would silently leave
-    the blend: refused, naming it."""
-    for part, weight in zip(parts, weights):
-        if weight > 0 and not len(part) and part.too_long:
-            raise ConfigError(f"{part.samples.prefix}: all {part.too_long} of its training samples are longer than "
-                              f"--seq-length {seq_length}, so it would be left out of the blend: raise "
+def check_blend(config: DataConfig) -> None:
+    """The blend's errors build_datasets would raise (every dataset empty, datasets that cannot be
+    blended, no dataset left in the training split, a weighted one whose training samples are all
+    too long), from the indexes alone: for a check before any model is built."""
+    sources = _non_empty([(w, IndexedSamples(prefix)) for w, prefix in config.blend])
+    _check_compatible([s for _, s in sources])
+    if split_shares(config.split)[0]:
+        _in_split(sources, [split_ranges(len(s), config.split)[0] for _, s in sources], "train", config)
+
+
+_dropped_warned = set()  # (prefix, split) already warned about, one line per run each
+
+
+def _rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _warn_once(prefix: str, split: str, message: str, *args) -> None:
+    """A warning every rank would give alike: logged by global rank 0, once per prefix and split."""
+    if (prefix, split) not in _dropped_warned and _rank_zero():
+        _dropped_warned.add((prefix, split))
+        logger.warning(message, *args)
+
+
+def _non_empty(sources: List[Tuple[float, IndexedSamples]]) -> List[Tuple[float, IndexedSamples]]:
+    """The datasets that hold samples; an empty one (preprocess_data --partitions writes one for an
+    empty partition) is left out of every split with a warning, and all of them empty is an error."""
+    empty = [s.prefix for _, s in sources if not len(s)]
+    if len(empty) == len(sources):
+        raise ConfigError(f"--data-path: every dataset is empty (0 samples): {', '.join(empty)}")
+    for prefix in empty:
+        _warn_once(prefix, "all", "%s: an empty dataset (0 samples): left out of the blend", prefix)
+    return [(w, s) for w, s in sources if len(s)]
+
+
+def _in_split(sources: List[Tuple[float, IndexedSamples]], ranges: List[Tuple[int, int]], split: str,
+              config: DataConfig) -> List[int]:
+    """The indices of the datasets in this split's blend: those of weight > 0 (NaN: by size) with a
+    sample that fits in a sequence in their range. Decided before any weight is normalised, so the
+    blend never asks a dataset for sequences it does not have: a weighted dataset without such a
+    sample leaves the split's blend with a warning naming it; in the training split, every sample
+    too long, or no dataset left, is an error."""
+    used, dropped = [], []
+    for index, ((weight, samples), (first, last)) in enumerate(zip(sources, ranges)):
+        if weight == 0:  # left out on purpose
+            continue
+        too_long = int((samples.lengths[first:last] > config.seq_length).sum())
+        if too_long:
+            logger.warning("%s (%s): %d samples longer than seq-length %d are left out", samples.prefix,
+                           split, too_long, config.seq_length)
+        if too_long < last - first:
+            used.append(index)
+        elif too_long and split == "train":
+            raise ConfigError(f"{samples.prefix}: all {too_long} of its training samples are longer than "
+                              f"--seq-length {config.seq_length}, so it would be left out of the blend: raise "
                               "--seq-length, or give it weight 0")
+        else:
+            why = (f"all {too_long} of its {split} samples are longer than --seq-length {config.seq_length}"
+                   if too_long else f"--split {config.split} gives its {len(samples)} samples none in {split}")
+            dropped.append(f"{samples.prefix} ({why})")
+            _warn_once(samples.prefix, split, "%s: %s: left out of the %s blend, the other datasets' weights "
+                       "re-normalised", samples.prefix, why, split)
+    if split == "train" and dropped and not used:
+        raise ConfigError(f"--data-path: no dataset has a training sample: {'; '.join(dropped)}")
+    return used
 
 
 def _check_compatible(sources: List[IndexedSamples]) -> None:

@@ -213,8 +213,14 @@ class IndexedSamples:
 
         self.prefix = prefix
         self.metadata = read_metadata(prefix)
-        self.dataset = IndexedDataset(prefix, multimodal=True)
-        index = self.dataset.index
+        if self.metadata["counts"]["samples"] == 0:
+            # An empty dataset (an empty partition) has an empty .bin, which cannot be mmapped:
+            # only its index is read, to check that it agrees.
+            self.dataset = None
+            index = _index_reader(prefix)
+        else:
+            self.dataset = IndexedDataset(prefix, multimodal=True)
+            index = self.dataset.index
         starts = index.document_indices[:-1]
         if len(starts) != self.metadata["counts"]["samples"]:
             raise DatasetFormatError(
@@ -249,6 +255,12 @@ class IndexedSamples:
         if teacher:
             out["teacher_images"] = [decode_image(data) for data in teachers]
         return out
+
+
+def _index_reader(prefix: str):
+    from megatron.core.datasets import indexed_dataset as mcore
+
+    return mcore._IndexReader(mcore.get_idx_path(prefix), multimodal=True)
 
 
 def _grid_from_header(data: bytes, cell: int):

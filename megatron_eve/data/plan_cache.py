@@ -5,10 +5,17 @@ rank, every run), and its result depends only on the split's sample lengths and 
 the PlanKey. So the plans are computed once, by global rank 0 while the other ranks wait at a
 barrier (as megatron-core's dataset builders do), and read afterwards.
 
-An entry is NAME.KEY.json (the key, counts, and per epoch its sequence count and the SHA-256 of its
-arrays) plus NAME.KEY.eE.order.npy and NAME.KEY.eE.offsets.npy per epoch, each written atomically,
-the header last. Epochs are independent (epoch e is shuffled by [seed, stream, e]), so a run that
-needs more of them plans only the missing ones and one that needs fewer reads only the first few.
+An entry is NAME.KEY.json (the key, counts, and its chunks: per chunk its first epoch, each epoch's
+sequence count and the SHA-256 of its arrays) plus per chunk NAME.KEY.eF-L.order.npy and
+NAME.KEY.eF-L.offsets.npy: epochs F..L, their orders and their offsets concatenated (every epoch
+holds each fitting sample once, so epoch e's order is the e-th slice of `fits` items; its offsets
+follow from the sequence counts). A write adds one chunk per MAX_CHUNK_ITEMS items of new epochs,
+each file written atomically, the header last, so a small dataset repeated for tens of thousands
+of epochs is a few files, not two per epoch for every rank to open at every start. A chunk's name
+fixes its content (epochs are planned deterministically), so concurrent writers only ever replace
+a file by an identical one. Epochs are independent (epoch e is shuffled by [seed, stream, e]), so
+a run that needs more of them plans only the missing ones and one that needs fewer reads only the
+chunks that hold the first few.
 A read trusts nothing: arrays load without pickle, their digests, shapes and dtypes are checked,
 and each epoch must hold every sample that fits exactly once in sequences no longer than
 seq_length. Anything wrong is warned about (naming the file) and planned again; a place that cannot
@@ -30,7 +37,8 @@ from megatron_eve.atomic import replacing, write_text
 from megatron_eve.data.packing import PackingPlan, epochs_needed, plan_epochs
 
 logger = logging.getLogger(__name__)
-FORMAT = "megatron_eve.plan_cache/1"
+FORMAT = "megatron_eve.plan_cache/2"  # /1 (two files per epoch) is not read: its entries are planned again
+MAX_CHUNK_ITEMS = 1 << 24  # order + offsets items per chunk file (64 MiB as int32), one epoch at least
 _unwritable_warned = set()  # directories already warned about, one line per run each
 
 
@@ -43,7 +51,7 @@ class PlanKey:
     last: int
     lengths_sha256: str  # of the split's sample lengths (little-endian int64): the data's content
     seed: int  # --seed
-    stream_seed: int  # from the prefix and split names
+    stream_seed: int  # the split's shuffle stream (dataset.content_stream: from its content)
     seq_length: int
     pack: bool
     packing_buffer_size: int  # 0 without packing, where it plays no part
@@ -96,38 +104,68 @@ def _read_or_plan(entry: str, lengths: np.ndarray, key: PlanKey, minimum: Option
 def _read(entry: str, lengths: np.ndarray, key: PlanKey, minimum: Optional[int]
           ) -> Tuple[List[PackingPlan], dict]:
     """The sound epochs the cache holds, as many as `minimum` needs, and the header (an empty one on
-    a miss); a damaged file is warned about and it and the epochs after it are left out."""
+    a miss); a damaged file is warned about and its chunk and those after it are left out."""
     fits = int((lengths <= key.seq_length).sum())
     fresh = {"format": FORMAT, "key": asdict(key), "samples": len(lengths), "fits": fits,
-             "too_long": len(lengths) - fits, "epochs": []}
+             "too_long": len(lengths) - fits, "chunks": []}
     path = entry + ".json"
     if not os.path.exists(path):
         return [], fresh
-    plans = []
+    plans, chunks = [], []
     try:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                header = json.load(handle)
-        except (OSError, ValueError, UnicodeDecodeError) as error:
-            raise ValueError(f"unreadable ({error})") from None
-        if not isinstance(header, dict) or {k: header.get(k) for k in fresh if k != "epochs"} != {
-                k: v for k, v in fresh.items() if k != "epochs"}:
-            raise ValueError("its key or counts differ from this split's")
-        epochs = header.get("epochs")
-        if not isinstance(epochs, list) or not all(
-                isinstance(e, dict) and isinstance(e.get("sequences"), int) for e in epochs):
-            raise ValueError("no valid list of epochs")
-        for index in range(epochs_needed([e["sequences"] for e in epochs], minimum)):
-            path = f"{entry}.e{index}.order.npy"  # named in the warning when it is the damaged one
-            order = _load(path, epochs[index].get("order_sha256"))
-            path = f"{entry}.e{index}.offsets.npy"
-            offsets = _load(path, epochs[index].get("offsets_sha256"))
-            path = f"{entry}.e{index}.{{order,offsets}}.npy"
-            plans.append(_checked(order, offsets, epochs[index]["sequences"], lengths, key, fits))
+        header = _header(path, fresh)
+        for chunk in header["chunks"]:
+            if plans and (minimum is None or sum(len(p) for p in plans) >= minimum):
+                break  # enough epochs read
+            if chunk["first"] != len(plans):
+                raise ValueError(f"a chunk starts at epoch {chunk['first']}, not {len(plans)}")
+            arrays = []
+            for part in ("order", "offsets"):
+                path = _chunk_path(entry, chunk, part)  # named in the warning when it is the damaged one
+                arrays.append(_load(path, chunk.get(f"{part}_sha256")))
+            path = _chunk_path(entry, chunk, "{order,offsets}")
+            plans += _epochs(*arrays, chunk["sequences"], lengths, key, fits)
+            chunks.append(chunk)
     except ValueError as error:
         logger.warning("packing-plan cache %s: %s; planning again", path, error)
-    # What a write keeps: the header's entries of the epochs read and found sound.
-    return plans, {**fresh, "epochs": epochs[: len(plans)] if plans else []}
+    # What a write keeps: the header's entries of the chunks read and found sound.
+    return plans[: epochs_needed([len(p) for p in plans], minimum)], {**fresh, "chunks": chunks}
+
+
+def _header(path: str, fresh: dict) -> dict:
+    """The header at `path`, if it is one for this key and these counts."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            header = json.load(handle)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"unreadable ({error})") from None
+    if not isinstance(header, dict) or {k: header.get(k) for k in fresh if k != "chunks"} != {
+            k: v for k, v in fresh.items() if k != "chunks"}:
+        raise ValueError("its key or counts differ from this split's")
+    chunks = header.get("chunks")
+    if not isinstance(chunks, list) or not all(_is_chunk(c) for c in chunks):
+        raise ValueError("no valid list of chunks")
+    return header
+
+
+def _is_chunk(chunk) -> bool:
+    return (isinstance(chunk, dict) and isinstance(chunk.get("first"), int) and isinstance(chunk.get("sequences"), list)
+            and len(chunk["sequences"]) > 0 and all(isinstance(n, int) and n > 0 for n in chunk["sequences"]))
+
+
+def _chunk_path(entry: str, chunk: dict, part: str) -> str:
+    return f"{entry}.e{chunk['first']}-{chunk['first'] + len(chunk['sequences']) - 1}.{part}.npy"
+
+
+def _epochs(order: np.ndarray, offsets: np.ndarray, sequences: List[int], lengths: np.ndarray, key: PlanKey,
+            fits: int) -> List[PackingPlan]:
+    """A chunk's arrays as its epochs' plans, each checked (`_checked`)."""
+    if len(order) != fits * len(sequences) or len(offsets) != sum(sequences) + len(sequences):
+        raise ValueError(f"{len(order)} and {len(offsets)} items do not hold {len(sequences)} epochs of {fits} "
+                         "samples")
+    bounds = np.cumsum([0] + [n + 1 for n in sequences])
+    return [_checked(order[e * fits: (e + 1) * fits], offsets[bounds[e]: bounds[e + 1]], n, lengths, key, fits)
+            for e, n in enumerate(sequences)]
 
 
 def _load(path: str, sha256: Optional[str]) -> np.ndarray:
@@ -166,16 +204,30 @@ def _checked(order: np.ndarray, offsets: np.ndarray, sequences: int, lengths: np
 
 def _write(entry: str, plans: List[PackingPlan], start: int, header: dict, key: PlanKey,
            lengths: np.ndarray) -> None:
-    """Epochs from `start` on, then the header that lists them: a reader never sees a header whose
-    epochs are not all in place."""
+    """Epochs from `start` on, in chunks, then the header that lists them: a reader never sees a
+    header whose chunks are not all in place."""
     dtype = np.int32 if len(lengths) < 2**31 else np.int64  # indices and offsets are < len(lengths)
-    epochs = list(header["epochs"][:start])
-    for index in range(start, len(plans)):
-        digests = {}
+    chunks = list(header["chunks"])
+    for first, last in _chunk_bounds([len(p.order) + len(p) + 1 for p in plans], start):
+        chunk = {"first": first, "sequences": [len(p) for p in plans[first:last]]}
         for part in ("order", "offsets"):
-            array = getattr(plans[index], part).astype(dtype)
-            with replacing(f"{entry}.e{index}.{part}.npy", "wb") as handle:
+            array = np.concatenate([getattr(p, part) for p in plans[first:last]]).astype(dtype)
+            with replacing(_chunk_path(entry, chunk, part), "wb") as handle:
                 np.save(handle, array, allow_pickle=False)
-            digests[f"{part}_sha256"] = hashlib.sha256(array.data).hexdigest()
-        epochs.append({"sequences": len(plans[index]), **digests})
-    write_text(entry + ".json", json.dumps({**header, "epochs": epochs}, indent=1, sort_keys=True))
+            chunk[f"{part}_sha256"] = hashlib.sha256(array.data).hexdigest()
+        chunks.append(chunk)
+    write_text(entry + ".json", json.dumps({**header, "chunks": chunks}, indent=1, sort_keys=True))
+
+
+def _chunk_bounds(items: List[int], start: int) -> List[Tuple[int, int]]:
+    """[first, last) epoch ranges from `start` on, each of at most MAX_CHUNK_ITEMS items (at least
+    one epoch)."""
+    bounds, first, size = [], start, 0
+    for epoch in range(start, len(items)):
+        if epoch > first and size + items[epoch] > MAX_CHUNK_ITEMS:
+            bounds.append((first, epoch))
+            first, size = epoch, 0
+        size += items[epoch]
+    if first < len(items):
+        bounds.append((first, len(items)))
+    return bounds
