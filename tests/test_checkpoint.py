@@ -89,7 +89,8 @@ def test_optimizer_formats_async_save_and_resharding(tmp_path):
     """Distributed optimizer, 2 processes (gloo): the default format is written by each data-parallel
     rank as it holds it and resumes bitwise at the same layout, and at another data-parallel size;
     at another TP it is refused in one line (weights-only still loads); the fully reshardable format
-    loads at TP2 with every global tensor bitwise equal; --async-save resumes like a sync save."""
+    loads at TP2 with every global tensor bitwise equal; --async-save resumes like a sync save. The
+    plain optimizer's state and the distributed one's do not load into each other: refused in one line."""
     r = _worker("formats", tmp_path)
     assert r["default_format"] == "dp_reshardable" and r["reshardable_format"] == "fully_reshardable"
     same = {"iteration": 3, "consumed": 12, "weights": True, "optimizer": True, "scheduler": True}
@@ -98,6 +99,10 @@ def test_optimizer_formats_async_save_and_resharding(tmp_path):
         message = r[f"other_groups_{name}"]
         assert "\n" not in message and f"{name}/iter_0000003: its optimizer state has no parameter group" in message
         assert "max_lr 0.0005" in message and "--no-load-optim" in message
+    assert "plain/iter_0000003 was saved with the plain optimizer" in r["plain_into_distributed"]
+    assert "full/iter_0000003 holds the distributed optimizer's state, which the plain optimizer cannot load: " \
+        "resume with --use-distributed-optimizer (any TP / PP" in r["full_into_plain"]
+    assert "(any data-parallel size at the saved TP / PP)" in r["sync_into_plain"]
     assert r["async_returned_unpublished"]  # save() returned before the checkpoint was marked
     assert r["async_published"] == ["iter_0000003", "latest_checkpointed_iteration.txt"]
     assert r["async_verified"] is True and r["checksums_cover_all"]
@@ -269,8 +274,8 @@ def test_a_resume_into_param_groups_the_checkpoint_lacks_is_refused_in_one_line(
 
 
 def test_check_job_reads_the_checkpoint_once_for_both_checks(tmp_path, monkeypatch):
-    """check_job reads the latest checkpoint's common state once and gives it to the architecture
-    and the schedule checks, each reporting its own problem."""
+    """check_job reads the latest checkpoint's common state once and gives it to the architecture,
+    schedule, stage and optimizer-format checks, each reporting its own problem."""
     from dataclasses import asdict
 
     import torch
@@ -288,7 +293,8 @@ def test_check_job_reads_the_checkpoint_once_for_both_checks(tmp_path, monkeypat
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
     common = {"model_config": asdict(parse_args(flags + ["--num-layers", "3"]).model),
               "opt_param_scheduler": build_scheduler(sgd, saved).state_dict(),
-              "optimizer": {"state": {}, "param_groups": _param_groups(1e-3, 1e-4)}}
+              "optimizer": {"state": {}, "param_groups": _param_groups(1e-3, 1e-4)},
+              "stage": "prealign", "optimizer_format": "dp_reshardable"}
     reads = []
     monkeypatch.setattr(dist_checkpointing, "load_common_state_dict",
                         lambda directory: reads.append(directory) or common)
@@ -299,3 +305,130 @@ def test_check_job_reads_the_checkpoint_once_for_both_checks(tmp_path, monkeypat
         message = str(error)
     assert reads == [str(tmp_path / "iter_0000004")]
     assert "holds a different architecture" in message and "vision max_lr: checkpoint 0.001, flags 0.0005" in message
+    assert "is a prealign checkpoint, not pretrain (--stage)" in message
+    assert "holds the distributed optimizer's state, which the plain optimizer cannot load" in message
+
+
+# ------------------------------------------------------------------ what a failed load means
+def _refusal(directory, error):
+    from megatron_eve.training.checkpoint_records import CheckpointLoadError, reading
+
+    try:
+        with reading(directory):
+            raise error
+    except CheckpointLoadError as refused:
+        return str(refused)
+
+
+def test_a_checkpoint_of_another_configuration_is_not_called_damaged():
+    """A key the checkpoint lacks (torch's KeyError inside the ranks' CheckpointException, megatron-core's
+    missing / unexpected keys, a shape) means another configuration, named in one line with its key and
+    likely cause, no rollback advised (an earlier iteration lacks it too); read errors still mean damage."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    key = "optimizer.state.param.aligner.output_layer.bias"
+    wrapped = CheckpointException("failed", {1: (KeyError(f"{key} from model not in state dict: ['a', 'b']"), None)})
+    message = _refusal("ck/iter_0000004", wrapped)
+    assert message.startswith(f"ck/iter_0000004 does not match this run's configuration: it has no {key} (its "
+                              "optimizer state was saved for other parameters or another optimizer")
+    assert "--no-load-optim" in message and "earlier" not in message and "\n" not in message
+    unexpected = CheckpointingException("Unexpected keys (not found in the checkpoint) encountered in the provided "
+                                        "sharded state dict. \nUnexpected keys (for this rank): {'decoder.x.weight'}. ")
+    assert "it has no decoder.x.weight (the model it holds is not the one built" in _refusal("ck", unexpected)
+    missing = CheckpointingException("Some keys found in the checkpoint are missing in the provided sharded state "
+                                     "dict. \nMissing keys (for all ranks): {'vision_model.y'}. ")
+    assert "configuration: this run has no vision_model.y" in _refusal("ck", missing)
+    shape = CheckpointingException("Global shape mismatch for loaded (torch.Size([8])) and expected "
+                                   "(torch.Size([4])) tensor for key embedding.word_embeddings.weight")
+    assert "it holds another shape of embedding.word_embeddings.weight" in _refusal("ck", shape)
+    for damage in (EOFError("Ran out of input"), OSError("short read"), CheckpointException("x", {0: (
+            RuntimeError("PytorchStreamReader failed reading zip archive"), None)})):
+        message = _refusal("ck/iter_0000004", damage)
+        assert "a file is truncated, damaged or missing; resume from an earlier iteration" in message, message
+
+
+def test_the_iteration_to_load_must_be_there(tmp_path):
+    """--ckpt-step N loads iteration N instead of the tracker's; a missing one (or a tracker naming one
+    that is not there) is refused in one line listing the iterations there are."""
+    from megatron_eve.config import ConfigError
+    from megatron_eve.training.checkpoint_records import iteration_to_load
+
+    for iteration in (2, 4):
+        (tmp_path / f"iter_000000{iteration}").mkdir()
+        (tmp_path / f"iter_000000{iteration}" / "metadata.json").write_text("{}")
+    assert iteration_to_load(str(tmp_path / "nothing")) is None
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("4")
+    assert iteration_to_load(str(tmp_path)) == 4 and iteration_to_load(str(tmp_path), 2) == 2
+
+    def refusal(step=None):
+        try:
+            iteration_to_load(str(tmp_path), step)
+        except ConfigError as error:
+            return str(error)
+
+    assert refusal(3) == f"--ckpt-step 3, but there is no {tmp_path}/iter_0000003: the iterations there are 2, 4"
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("6")
+    assert refusal() == (f"{tmp_path}/latest_checkpointed_iteration.txt names iteration 6, but there is no "
+                         f"{tmp_path}/iter_0000006: the iterations there are 2, 4")
+    assert iteration_to_load(str(tmp_path), 4) == 4
+
+
+def test_a_resume_of_another_optimizer_kind_stage_or_tokenizer_is_refused_in_one_line():
+    """Checked before work against what the checkpoint records: the plain optimizer's state does not load
+    into the distributed optimizer (megatron-core looks for optimizer.state.param.* it lacks) nor the
+    distributed one's into the plain optimizer (no param group pairs), whichever format; another stage
+    (prealign's optimizer has no state for the frozen LLM; pretrain resumed as prealign would freeze it);
+    another tokenizer on a resume (a warning at a new stage's start). --no-load-optim / --finetune /
+    --pretrained-checkpoint are the ways on; checkpoints that record none of it are not checked."""
+    from megatron_eve.config import ConfigError
+    from megatron_eve.training.arguments import parse_args
+    from megatron_eve.training.checkpoint_records import (CheckpointRecord, check_optimizer_format, check_stage,
+                                                          check_tokenizer)
+
+    def refusal(check, common, *flags, checksum=None):
+        record = CheckpointRecord("ck", "ck/iter_0000004", common)
+        job = parse_args(RESUME + list(flags))
+        try:
+            return check(job, record) if checksum is None else check(job, record, checksum)
+        except ConfigError as error:
+            assert "\n" not in str(error)
+            return str(error)
+
+    plain = {"optimizer_format": "plain"}
+    assert refusal(check_optimizer_format, plain) is None
+    assert refusal(check_optimizer_format, plain, "--use-distributed-optimizer") == (
+        "ck/iter_0000004 was saved with the plain optimizer, whose state the distributed one cannot load: resume "
+        "without --use-distributed-optimizer, or pass --no-load-optim to start the optimizer afresh")
+    for flags in (["--no-load-optim"], ["--finetune"]):
+        assert refusal(check_optimizer_format, plain, "--use-distributed-optimizer", *flags) is None
+    assert refusal(check_optimizer_format, {"optimizer_format": "fully_reshardable"}) == (
+        "ck/iter_0000004 holds the distributed optimizer's state, which the plain optimizer cannot load: resume "
+        "with --use-distributed-optimizer (any TP / PP: it is fully reshardable), or pass --no-load-optim to start "
+        "the optimizer afresh")
+    sharded = refusal(check_optimizer_format, {"optimizer_format": "dp_reshardable"})
+    assert "(any data-parallel size at the saved TP / PP)" in sharded and "fully-reshardable" not in sharded
+    assert refusal(check_optimizer_format, {"optimizer_format": "dp_reshardable"}, "--use-distributed-optimizer") \
+        is None
+    assert refusal(check_optimizer_format, {}) is None  # older checkpoints record no format
+
+    prealign = {"stage": "prealign"}
+    assert refusal(check_stage, prealign) == (
+        "--load ck: ck/iter_0000004 is a prealign checkpoint, not pretrain (--stage): start the new stage from it "
+        "with --pretrained-checkpoint ck (--load / --save then name this stage's own folder) or --finetune, or pass "
+        "--no-load-optim to keep its iteration count with a fresh optimizer")
+    pretrain = refusal(check_stage, {"stage": "pretrain"}, "--stage", "prealign")
+    assert "is a pretrain checkpoint, not prealign" in pretrain
+    for flags in (["--stage", "prealign"], ["--finetune"], ["--no-load-optim"]):
+        assert refusal(check_stage, prealign, *flags) is None
+    assert refusal(check_stage, {}) is None
+
+    tokenizer = {"tokenizer_model": "/data/tok-a.model", "tokenizer_sha256": "a" * 64}
+    assert refusal(check_tokenizer, tokenizer, "--tokenizer-model", "tok-b.model", checksum="b" * 64) == (
+        f"ck/iter_0000004 was trained with the tokenizer /data/tok-a.model (sha256 {'a' * 12}), not "
+        f"--tokenizer-model tok-b.model (sha256 {'b' * 12}): resume with the checkpoint's tokenizer, or start a new "
+        "stage from it with --pretrained-checkpoint or --finetune")
+    assert refusal(check_tokenizer, tokenizer, "--tokenizer-model", "copy.model", checksum="a" * 64) is None
+    warning = refusal(check_tokenizer, tokenizer, "--tokenizer-model", "tok-b.model", "--finetune", checksum="b" * 64)
+    assert warning.startswith("ck/iter_0000004 was trained with the tokenizer /data/tok-a.model")
+    assert refusal(check_tokenizer, {"tokenizer_model": "/data/tok-a.model"}, checksum="b" * 64) is None

@@ -59,7 +59,8 @@ def test_schedule_differences_against_megatron_cores_saved_scheduler():
     assert schedule_differences(parse_args(argv), saved) == []
     longer = schedule_differences(parse_args(argv[:-4] + ["--train-iters", "6", "--lr-warmup-fraction", "0.25"]),
                                   saved)
-    assert [d.split(":")[0] for d in longer] == ["lr_warmup_steps", "lr_decay_steps", "wd_incr_steps"]
+    # (wd_incr_steps changes too, but constant weight decay never reads it: not a difference)
+    assert [d.split(":")[0] for d in longer] == ["lr_warmup_steps", "lr_decay_steps"]
     assert "lr_decay_steps: checkpoint 16, flags 24 (--lr-decay-iters (default --train-iters)" in longer[1]
     (lr,) = schedule_differences(parse_args(argv + ["--lr", "2e-3"]), saved)
     assert lr == "max_lr: checkpoint 0.001, flags 0.002 (--lr)"
@@ -69,6 +70,34 @@ def test_schedule_differences_against_megatron_cores_saved_scheduler():
         scheduler = build_scheduler(optimizer, parse_args(argv + ["--lr", "2e-3", flag]))
         scheduler.load_state_dict(saved)
         assert scheduler.max_lr == (2e-3 if follows_flags else 1e-3)
+
+
+def test_schedule_settings_are_megatron_lms_and_accept_checkpoints_of_the_int_warm_up():
+    """As Megatron-LM's get_optimizer_param_scheduler: the warm-up fraction's steps stay a float
+    (0.1 x 32 = 3.2, not 3) and weight decay runs over --train-iters x --global-batch-size (or
+    --train-samples), not the decay length. A checkpoint saved when the warm-up was int() of that
+    float resumes (megatron-core keeps its 3, as Megatron-LM would with that value); another warm-up
+    is still refused."""
+    from megatron_eve.training.arguments import parse_args
+    from megatron_eve.training.optim import build_scheduler, schedule_differences, schedule_settings
+
+    argv = ["--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "1024", "--lr", "2e-3",
+            "--data-path", "x", "--train-iters", "8", "--lr-decay-iters", "10", "--lr-warmup-fraction", "0.08"]
+    settings = schedule_settings(parse_args(argv))
+    assert settings["lr_warmup_steps"] == 0.08 * 40 and settings["lr_decay_steps"] == 40
+    assert settings["wd_incr_steps"] == 32
+    samples = parse_args(argv[:-6] + ["--train-samples", "30"])  # 7 whole global batches
+    assert schedule_settings(samples)["wd_incr_steps"] == 30
+    assert schedule_settings(parse_args(argv[:-2] + ["--lr-warmup-iters", "2"]))["lr_warmup_steps"] == 8
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
+    old = {**build_scheduler(optimizer, parse_args(argv)).state_dict(), "lr_warmup_steps": 3, "wd_incr_steps": 40}
+    assert schedule_differences(parse_args(argv), old) == []
+    scheduler = build_scheduler(optimizer, parse_args(argv))
+    scheduler.load_state_dict(old)
+    assert scheduler.lr_warmup_steps == 3  # the checkpoint's schedule goes on
+    (warmup,) = schedule_differences(parse_args(argv[:-1] + ["0.2"]), old)
+    assert warmup == "lr_warmup_steps: checkpoint 3, flags 8.0 (--lr-warmup-fraction / --lr-warmup-iters)"
 
 
 def test_vision_learning_rate_keeps_megatron_cores_weight_decay_rules():

@@ -127,6 +127,17 @@ def test_kill_and_resume_gives_the_same_losses(data, tmp_path):
     assert export.returncode == 0, export.stderr[-3000:]
     assert f"tokenizer from {os.path.abspath(data['tokenizer'])}, recorded in the checkpoint" in export.stdout
     assert (tmp_path / "exp" / "tokenizer.model").read_bytes() == open(data["tokenizer"], "rb").read()
+    # ... and its content's SHA-256, by which a resume's --tokenizer-model is compared.
+    from megatron.core import dist_checkpointing
+
+    from megatron_eve.data.tokenizer import Tokenizer
+
+    common = dist_checkpointing.load_common_state_dict(str(tmp_path / "killed" / "iter_0000006"))
+    assert common["tokenizer_sha256"] == Tokenizer(data["tokenizer"]).checksum
+
+    # --ckpt-step loads an earlier iteration than the tracker's: the same losses from there on.
+    from_4, _ = train(args + ["--load", tmp_path / "killed", "--ckpt-step", 4, "--save", tmp_path / "from4"])
+    assert from_4 == {iteration: full[iteration] for iteration in (5, 6)}
 
     # Run again once finished: nothing to train, so nothing is saved (the final checkpoint stays as is).
     final = tmp_path / "killed" / "iter_0000006"
@@ -213,6 +224,8 @@ def job_args(data, *extra):
     (["--log-interval", "0"], 1, "--log-interval 0 must be at least 1"),
     (["--save-interval", "0"], 1, "--save-interval 0 must be at least 1"),
     (["--num-workers", "-1"], 1, "--num-workers -1 must not be negative"),
+    (["--ckpt-format", "torch"], 1, "--ckpt-format torch: only torch_dist (megatron-core dist-checkpointing) is read"),
+    (["--ckpt-step", "3"], 1, "--ckpt-step names an iteration to load: give --load (or --pretrained-checkpoint)"),
     (["--num-layers-per-virtual-pipeline-stage", "2"], 2, "needs --pipeline-model-parallel-size > 1"),
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2,
      "--num-layers-per-virtual-pipeline-stage 3 x pipeline-model-parallel-size 2 does not divide num_layers 8"),
@@ -243,6 +256,34 @@ def test_outputs_that_cannot_be_written_or_hold_another_run_are_refused_before_w
     with pytest.raises(ConfigError, match=re.escape("--split 'a,b': give three non-negative weights")):
         check_job(job_args(data, "--split", "a,b"), 1)
     check_job(job_args(data, "--save", tmp_path / "new" / "ck", "--tensorboard-dir", tmp_path / "tb"), 1)
+
+
+def test_another_tokenizer_is_refused_on_resume_and_a_warning_at_a_new_stage(data, tmp_path, monkeypatch, caplog):
+    """The checkpoint records its tokenizer's SHA-256: check_job refuses a resume with another
+    --tokenizer-model (naming both) and warns once when a new stage starts from it."""
+    from dataclasses import asdict
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_eve.data.tokenizer import Tokenizer
+    from megatron_eve.training.checkpoint_records import checkpoint_dir
+
+    (tmp_path / "ck" / "iter_0000003").mkdir(parents=True)
+    (tmp_path / "ck" / "latest_checkpointed_iteration.txt").write_text("3")
+    common = {"tokenizer_model": "/elsewhere/other.model", "tokenizer_sha256": "0" * 64,
+              "model_config": asdict(job_args(data).model)}
+    monkeypatch.setattr(dist_checkpointing, "load_common_state_dict", lambda directory: common)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match=re.escape(f"{checkpoint_dir(str(tmp_path / 'ck'), 3)} was trained with the "
+                                                    f"tokenizer /elsewhere/other.model (sha256 000000000000), not "
+                                                    f"--tokenizer-model {data['tokenizer']} (sha256 ")):
+        check_job(job_args(data, "--load", tmp_path / "ck", "--save", tmp_path / "ck"), 1)
+    caplog.clear()
+    check_job(job_args(data, "--pretrained-checkpoint", tmp_path / "ck", "--save", tmp_path / "new"), 1)
+    assert [r.getMessage().count("was trained with the tokenizer /elsewhere/other.model") for r in caplog.records] \
+        == [1]
+    common["tokenizer_sha256"] = Tokenizer(data["tokenizer"]).checksum
+    check_job(job_args(data, "--load", tmp_path / "ck", "--save", tmp_path / "ck"), 1)  # the same content
 
 
 def test_bad_config_exit_status(data, tmp_path):

@@ -83,6 +83,13 @@ class CheckpointConfig:
     pretrained_checkpoint: Optional[str] = option(
         None, metavar="DIR", help="start from these weights (e.g. the previous stage) when --load holds no "
                                   "checkpoint yet; a rerun resumes from --load instead")
+    ckpt_step: Optional[int] = option(
+        None, metavar="N", help="load iteration N of the checkpoint training starts from (--load, else "
+                                "--pretrained-checkpoint) instead of the one latest_checkpointed_iteration.txt names")
+    # Megatron-LM's flag: we read and write megatron-core dist-checkpointing's torch_dist only
+    # (config.validate refuses the others in one line rather than argparse's bare "invalid choice").
+    ckpt_format: Literal["torch_dist", "torch", "zarr", "torch_dcp", "fsdp_dtensor"] = option(
+        "torch_dist", help="checkpoint format: torch_dist (megatron-core dist-checkpointing), the only one supported")
     no_load_optim: bool = option(False, help="do not load the optimizer state")
     no_load_rng: bool = option(False, help="do not load the RNG state")
     keep_last: Optional[int] = option(None, flag="--ckpt-keep-last", help="keep only the newest K checkpoints")

@@ -243,6 +243,11 @@ def job_problems(job: TrainingJob, world_size: int) -> List[str]:
         problems.append("--save-interval needs --save")
     if ck.finetune and not (ck.load or ck.pretrained_checkpoint):
         problems.append("--finetune starts from loaded weights: give --load (or --pretrained-checkpoint)")
+    if ck.ckpt_format != "torch_dist":
+        problems.append(f"--ckpt-format {ck.ckpt_format}: only torch_dist (megatron-core dist-checkpointing) is "
+                        "read and written here")
+    if ck.ckpt_step is not None and not (ck.load or ck.pretrained_checkpoint):
+        problems.append("--ckpt-step names an iteration to load: give --load (or --pretrained-checkpoint)")
     try:
         job.data.blend
     except ValueError as error:
@@ -291,5 +296,6 @@ def _non_positive(job: TrainingJob) -> List[str]:
     problems += [f"{flag} {value} must be at least 1" for flag, value in optional.items()
                  if value is not None and value < 1]
     problems += [f"{flag} {value} must not be negative" for flag, value in
-                 (("--num-workers", data.num_workers), ("--eval-iters", log.eval_iters)) if value < 0]
+                 (("--num-workers", data.num_workers), ("--eval-iters", log.eval_iters),
+                  ("--ckpt-step", ck.ckpt_step)) if value is not None and value < 0]
     return problems

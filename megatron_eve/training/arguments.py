@@ -88,7 +88,7 @@ def _base_model(args: argparse.Namespace, changes: dict) -> EVEModelConfig:
     source = checkpoint_to_load(args.load, args.pretrained_checkpoint)
     if source is None:
         raise ConfigError("--use-checkpoint-args: neither --load nor --pretrained-checkpoint holds a checkpoint")
-    recorded = recorded_model_config(source)
+    recorded = recorded_model_config(source, args.ckpt_step)
     flags = {}
     for part, cls in MODEL_PARTS.items():
         flags.update(flag_names(cls, f"{part}."))

@@ -11,7 +11,8 @@ The distributed optimizer's state is saved as each data-parallel rank holds it (
 every rank writes its own shard, nothing is gathered); it loads at any data-parallel size but only
 at the tensor / pipeline sizes it was saved at. --dist-ckpt-optim-fully-reshardable saves it in
 model space instead ("fully_reshardable": gathered over data-parallel ranks at every save), which
-loads at any layout. The plain optimizer's state follows the model's sharding and loads anywhere.
+loads at any layout. The plain optimizer's state follows the model's sharding and loads into the
+plain optimizer at any layout; the plain and the distributed formats do not load into each other.
 Model weights reshard to any TP / PP and across layer specs (Transformer Engine's `_extra_state` is
 loaded where both sides have it, left alone where one lacks it); --finetune loads model weights
 only (a new stage), and weights missing from the checkpoint (e.g. a fresh PEL on top of a language
@@ -38,9 +39,9 @@ from megatron_eve.checkpoint import safe_metadata
 from megatron_eve.config import ConfigError, TrainingJob
 from megatron_eve.model.specs import resolve_transformer_impl
 from megatron_eve.training.checkpoint_records import (DP_RESHARDABLE, FULLY_RESHARDABLE, PLAIN, TRACKER,
-                                                      CheckpointLoadError, CheckpointRecord, check_param_groups,
-                                                      checkpoint_dir, complete_iterations, latest_iteration, reading,
-                                                      saved_optimizer_format)
+                                                      CheckpointLoadError, CheckpointRecord, check_optimizer_format,
+                                                      check_param_groups, checkpoint_dir, complete_iterations,
+                                                      iteration_to_load, reading, saved_optimizer_format)
 from megatron_eve.training.checksums import damaged_files, record_checksums, record_own_shards
 from megatron_eve.training.optim import torch_adam_loading, torch_adam_state_made
 
@@ -149,8 +150,23 @@ def optimizer_format(job: TrainingJob) -> str:
     return FULLY_RESHARDABLE if job.checkpoint.dist_ckpt_optim_fully_reshardable else DP_RESHARDABLE
 
 
+@functools.lru_cache(maxsize=4)
+def tokenizer_checksum(path: Optional[str]) -> Optional[str]:
+    """The SHA-256 of the tokenizer model (as preprocessed data records it), read at the start of the
+    run (load()) and kept: a tokenizer file gone since then costs the record, not the save."""
+    if not path:
+        return None
+    from megatron_eve.data.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer(path).checksum
+    except (OSError, RuntimeError):  # (a TokenizerError is an OSError)
+        return None
+
+
 def _optimizer_metadata(fmt: str) -> Dict[str, str]:
-    # The plain optimizer ignores it; a plain checkpoint loads into the distributed one from model space.
+    # The plain optimizer ignores it (the plain and the distributed formats do not load into each
+    # other: checkpoint_records.check_optimizer_format refuses that before work).
     return {"distrib_optim_sharding_type": DP_RESHARDABLE if fmt == DP_RESHARDABLE else FULLY_RESHARDABLE}
 
 
@@ -231,6 +247,7 @@ def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> st
         "model_config": asdict(job.model),  # lets converters rebuild the architecture
         # and export the tokenizer (megatron_to_hf without --tokenizer-model)
         "tokenizer_model": os.path.abspath(job.data.tokenizer_model) if job.data.tokenizer_model else None,
+        "tokenizer_sha256": tokenizer_checksum(job.data.tokenizer_model),  # a resume's tokenizer is compared by it
         "transformer_impl": resolve_transformer_impl(job.runtime.transformer_impl),
         "rng_state": _rng_object(_rng_state()),
     }
@@ -308,15 +325,16 @@ def _prune(root: str, keep_last: Optional[int], keep: int) -> None:
 def load(job: TrainingJob, model, optimizer, scheduler) -> TrainState:
     """Resume from --load, or start a stage from --pretrained-checkpoint / --load --finetune
     (weights only); returns where training continues."""
-    from megatron.core import dist_checkpointing
-
+    tokenizer_checksum(job.data.tokenizer_model)  # what every save of this run records
     ck = job.checkpoint
-    resume = latest_iteration(ck.load) if ck.load else None
+    resume = iteration_to_load(ck.load, ck.ckpt_step) if ck.load else None
     if resume is None:
         _refuse_unmarked(ck.load, ck.save)
     if resume is not None and not ck.finetune:
         return _resume(job, model, optimizer, scheduler, checkpoint_dir(ck.load, resume))
-    source = ck.load if (ck.finetune and resume is not None) else ck.pretrained_checkpoint
+    if ck.finetune and resume is not None:
+        return _load_weights(model, optimizer, checkpoint_dir(ck.load, resume), ck.verify_checkpoint)
+    source = ck.pretrained_checkpoint
     if source is None:
         if ck.load and (ck.finetune or ck.load != ck.save):
             raise ConfigError(f"--load {ck.load}: no {TRACKER} (no complete checkpoint there)")
@@ -327,11 +345,17 @@ def load(job: TrainingJob, model, optimizer, scheduler) -> TrainState:
                            "initialised one: give --pretrained-checkpoint (Vicuna converted by "
                            "checkpoint_conversion/hf_to_megatron.py) unless that is what you want")
         return TrainState()
-    iteration = latest_iteration(source)
+    iteration = iteration_to_load(source, ck.ckpt_step)
     if iteration is None:
         raise ConfigError(f"{source}: no {TRACKER} (no complete checkpoint there)")
-    directory = checkpoint_dir(source, iteration)
-    if ck.verify_checkpoint:
+    return _load_weights(model, optimizer, checkpoint_dir(source, iteration), ck.verify_checkpoint)
+
+
+def _load_weights(model, optimizer, directory: str, verify: bool) -> TrainState:
+    """A new stage's start: the weights `directory` holds (those it lacks keep their initialisation)."""
+    from megatron.core import dist_checkpointing
+
+    if verify:
         verify_checksums(directory)
     chunks, template, missing = {}, {}, []
     with reading(directory):
@@ -360,22 +384,18 @@ def _refuse_unmarked(*roots: Optional[str]) -> None:
                 f"{os.path.join(root, TRACKER)} to resume from it, or train into an empty --save directory")
 
 
-def _check_optimizer_format(job: TrainingJob, directory: str, saved: str, layout: Optional[Dict]) -> None:
-    """The data-parallel-sharded format follows the distributed optimizer's buckets of one TP x PP
-    layout: refuse, in one line, what it cannot be loaded into (the weights still reshard)."""
-    if saved != DP_RESHARDABLE:
-        return
-    here = _layout()
-    if not job.optim.use_distributed_optimizer:
-        problem = "into the plain optimizer (no --use-distributed-optimizer)"
-    elif layout is not None and layout != here:
-        problem = f"at {_describe(here)} (saved at {_describe(layout)})"
-    else:
+def _check_optimizer_format(job: TrainingJob, record: CheckpointRecord) -> None:
+    """Refuse, in one line, an optimizer state this run's optimizer cannot load: one of the other
+    kind (plain / distributed), or the data-parallel-sharded format, which follows the distributed
+    optimizer's buckets of one TP x PP layout, at another layout (the weights still reshard)."""
+    check_optimizer_format(job, record)
+    here, layout = _layout(), record.common.get("layout")
+    if saved_optimizer_format(record.common) != DP_RESHARDABLE or layout is None or layout == here:
         return
     raise ConfigError(
-        f"{directory} holds the distributed optimizer's state sharded by data-parallel rank, which cannot be "
-        f"loaded {problem}: pass --no-load-optim to load the weights only, or resume as saved and save "
-        "again with --dist-ckpt-optim-fully-reshardable")
+        f"{record.directory} holds the distributed optimizer's state sharded by data-parallel rank, which cannot "
+        f"be loaded at {_describe(here)} (saved at {_describe(layout)}): pass --no-load-optim to load the weights "
+        "only, or resume as saved and save again with --dist-ckpt-optim-fully-reshardable")
 
 
 def split_by_presence(sharded: Dict, directory: str) -> Tuple[Dict, List[str]]:
@@ -428,8 +448,9 @@ def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> Tr
     same_layout = common.get("layout") == _layout()
     if not job.checkpoint.no_load_optim:
         saved = saved_optimizer_format(common)
-        _check_optimizer_format(job, directory, saved, common.get("layout"))
-        check_param_groups(optimizer, CheckpointRecord(job.checkpoint.load, directory, common))
+        record = CheckpointRecord(job.checkpoint.load, directory, common)
+        _check_optimizer_format(job, record)
+        check_param_groups(optimizer, record)
         torch_adam_state_made(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(models, is_loading=True,
                                                              metadata=_optimizer_metadata(saved))

@@ -15,7 +15,7 @@ import logging
 import os
 import pickle
 import re
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from megatron_eve.atomic import recover_replaced
 from megatron_eve.checkpoint import safe_metadata
@@ -95,10 +95,37 @@ def _quiet_checkpoint_logs():
         package.setLevel(level)
 
 
+def _mismatch(error: BaseException) -> Optional[Tuple[str, str]]:
+    """(key, what is wrong with it) when a load failed on a key the checkpoint lacks or holds at
+    another shape: torch's strategy raises KeyError("<key> from model not in state dict: ..."),
+    megatron-core a CheckpointingException listing missing / unexpected keys or naming a shape.
+    The checkpoint is intact then, but was saved by another configuration."""
+    error = _innermost(error)
+    if isinstance(error, KeyError):
+        key = str(error.args[0]) if error.args else ""
+        return key.split(" from model not in state dict")[0][:200], "it has no"
+    if type(error).__name__ != "CheckpointingException":
+        return None
+    text = str(error)
+    listed = re.search(r"(?:Missing|Unexpected) keys \(for [^)]*\): \{'([^']+)'", text)
+    if listed:
+        return listed[1], "it has no" if listed[0].startswith("Unexpected") else "this run has no"
+    shape = re.search(r"Global shape mismatch .*? for key (\S+)", text)  # e.g. another vocabulary size
+    return (shape[1], "it holds another shape of") if shape else None
+
+
+def _mismatch_cause(key: str) -> str:
+    if key.startswith("optimizer."):
+        return ("its optimizer state was saved for other parameters or another optimizer (--stage, "
+                "--use-distributed-optimizer, --vision-lr): --no-load-optim loads the weights only")
+    return "the model it holds is not the one built (architecture, layer spec): --use-checkpoint-args builds its own"
+
+
 @contextlib.contextmanager
 def reading(directory: str, earlier: str = f"resume from an earlier iteration by writing its number into {TRACKER}"):
     """Turn whatever a damaged checkpoint file raises deep inside dist-checkpointing into one line
-    that names the directory and says what to do (`earlier`: how this tool uses an earlier iteration)."""
+    that names the directory and says what to do (`earlier`: how this tool uses an earlier iteration).
+    A key the checkpoint lacks is no damage (an earlier iteration lacks it too): named as a mismatch."""
     try:
         with _quiet_checkpoint_logs():
             yield
@@ -111,6 +138,11 @@ def reading(directory: str, earlier: str = f"resume from an earlier iteration by
             raise CheckpointLoadError(
                 f"{directory} cannot be loaded: it stores {refused}, which a checkpoint never holds; refusing to "
                 "unpickle it (a crafted or foreign checkpoint?)") from error
+        mismatch = _mismatch(error)
+        if mismatch:
+            key, what = mismatch
+            raise CheckpointLoadError(f"{directory} does not match this run's configuration: {what} {key} "
+                                      f"({_mismatch_cause(key)})") from error
         detail = _first_line(error)
         raise CheckpointLoadError(
             f"{directory} cannot be loaded ({detail}): a file is truncated, damaged or missing; {earlier}") from error
@@ -141,18 +173,34 @@ def complete_iterations(root: str) -> List[int]:
     return sorted(found)
 
 
+def iteration_to_load(root: str, step: Optional[int] = None) -> Optional[int]:
+    """The iteration to load under `root`: `step` (--ckpt-step) if given, else the one the tracker
+    names; None when `root` has no tracker (no checkpoint yet). One whose directory is not there is
+    refused, naming the iterations that are (a tracker edited by hand, or a pruned --ckpt-step)."""
+    marked = latest_iteration(root)
+    if marked is None:
+        return None
+    iteration = marked if step is None else step
+    if os.path.isdir(checkpoint_dir(root, iteration)):  # (an incomplete one is named damaged when read)
+        return iteration
+    found = complete_iterations(root)
+    what = f"--ckpt-step {step}" if step is not None else f"{os.path.join(root, TRACKER)} names iteration {iteration}"
+    there = f"the iterations there are {', '.join(map(str, found))}" if found else "it holds no complete checkpoint"
+    raise ConfigError(f"{what}, but there is no {checkpoint_dir(root, iteration)}: {there}")
+
+
 class CheckpointRecord(NamedTuple):
-    """The latest checkpoint under `root`, read once (the checks before work all use it)."""
+    """The checkpoint training loads under `root`, read once (the checks before work all use it)."""
     root: str
     directory: str
     common: Dict  # the common state: everything but the sharded tensors
 
 
-def latest_record(root: str) -> CheckpointRecord:
-    """The latest complete checkpoint under `root` with its common state."""
+def latest_record(root: str, step: Optional[int] = None) -> CheckpointRecord:
+    """The latest complete checkpoint under `root` (or iteration `step`) with its common state."""
     from megatron.core import dist_checkpointing
 
-    iteration = latest_iteration(root)
+    iteration = iteration_to_load(root, step)
     if iteration is None:
         raise ConfigError(f"{root}: no {TRACKER} (no complete checkpoint there)")
     directory = checkpoint_dir(root, iteration)
@@ -166,9 +214,10 @@ def _model_config(record: CheckpointRecord) -> EVEModelConfig:
     return model_config_from_dict(record.common["model_config"])
 
 
-def recorded_model_config(root: str) -> EVEModelConfig:
-    """The model configuration the latest checkpoint under `root` recorded (at save or conversion)."""
-    return _model_config(latest_record(root))
+def recorded_model_config(root: str, step: Optional[int] = None) -> EVEModelConfig:
+    """The model configuration the latest checkpoint under `root` (or iteration `step`) recorded
+    (at save or conversion)."""
+    return _model_config(latest_record(root, step))
 
 
 def checkpoint_to_load(load: Optional[str], pretrained_checkpoint: Optional[str]) -> Optional[str]:
@@ -192,6 +241,66 @@ def saved_optimizer_format(common: Dict) -> str:
     """The optimizer format a checkpoint's common state records (older checkpoints: fully reshardable)."""
     return common.get("optimizer_format") or (common.get("content_metadata") or {}).get(
         "distrib_optim_sharding_type", FULLY_RESHARDABLE)
+
+
+def _resumes_optimizer(job: TrainingJob, record: CheckpointRecord) -> bool:
+    """Whether training resumes `record` with its optimizer state (not a new stage's weights)."""
+    ck = job.checkpoint
+    return record.root == ck.load and not ck.finetune and not ck.no_load_optim
+
+
+def check_optimizer_format(job: TrainingJob, record: CheckpointRecord) -> None:
+    """Refuse, in one line, an optimizer state of the other kind: megatron-core's distributed optimizer
+    reads its state as param / exp_avg / exp_avg_sq per model tensor (optimizer.state.param.* even in
+    fp32), which the plain optimizer's checkpoint does not hold, and the plain optimizer cannot pair
+    its param groups with the distributed one's. Checkpoints that predate the recorded format: no check."""
+    saved = record.common.get("optimizer_format")
+    if not _resumes_optimizer(job, record) or saved is None:
+        return
+    if saved == PLAIN and job.optim.use_distributed_optimizer:
+        raise ConfigError(
+            f"{record.directory} was saved with the plain optimizer, whose state the distributed one cannot load: "
+            "resume without --use-distributed-optimizer, or pass --no-load-optim to start the optimizer afresh")
+    if saved != PLAIN and not job.optim.use_distributed_optimizer:
+        where = ("any TP / PP: it is fully reshardable" if saved == FULLY_RESHARDABLE
+                 else "any data-parallel size at the saved TP / PP")
+        raise ConfigError(
+            f"{record.directory} holds the distributed optimizer's state, which the plain optimizer cannot load: "
+            f"resume with --use-distributed-optimizer ({where}), or pass --no-load-optim to start the optimizer afresh")
+
+
+def check_stage(job: TrainingJob, record: CheckpointRecord) -> None:
+    """Refuse to resume another stage's checkpoint with its optimizer: prealign's holds no state for
+    the frozen LLM (its load fails), and a pretrain checkpoint resumed as prealign would silently
+    freeze the LLM and go on with the old stage's iteration count and schedule."""
+    saved = record.common.get("stage")
+    if not _resumes_optimizer(job, record) or saved in (None, job.schedule.stage):
+        return
+    raise ConfigError(
+        f"--load {record.root}: {record.directory} is a {saved} checkpoint, not {job.schedule.stage} (--stage): start "
+        f"the new stage from it with --pretrained-checkpoint {record.root} (--load / --save then name this stage's "
+        "own folder) or --finetune, or pass --no-load-optim to keep its iteration count with a fresh optimizer")
+
+
+def tokenizer_difference(job: TrainingJob, record: CheckpointRecord, checksum: Optional[str]) -> Optional[str]:
+    """A different --tokenizer-model than the checkpoint was trained with (by content: SHA-256), in
+    words naming both; None when the same, or when either side has no checksum (older checkpoints)."""
+    saved = record.common.get("tokenizer_sha256")
+    if not saved or not checksum or saved == checksum:
+        return None
+    return (f"{record.directory} was trained with the tokenizer {record.common.get('tokenizer_model')} "
+            f"(sha256 {saved[:12]}), not --tokenizer-model {job.data.tokenizer_model} (sha256 {checksum[:12]})")
+
+
+def check_tokenizer(job: TrainingJob, record: CheckpointRecord, checksum: Optional[str]) -> Optional[str]:
+    """Refuse a resume with a different tokenizer (token ids change meaning under the trained
+    embeddings: the loss jumps); at the start of a new stage (--pretrained-checkpoint, --finetune)
+    return the difference as a warning, as a new vocabulary can be deliberate there."""
+    difference = tokenizer_difference(job, record, checksum)
+    if difference and record.root == job.checkpoint.load and not job.checkpoint.finetune:
+        raise ConfigError(f"{difference}: resume with the checkpoint's tokenizer, or start a new stage from it with "
+                          "--pretrained-checkpoint or --finetune")
+    return difference
 
 
 def _param_groups_in(state) -> List[Dict]:

@@ -304,23 +304,40 @@ SCHEDULE_FLAGS = {
     "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-fraction / --lr-warmup-iters",
     "lr_decay_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size",
     "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay", "end_wd": "--weight-decay",
-    "wd_incr_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size",
+    "wd_incr_steps": "--train-iters x --global-batch-size (--train-samples)",
     "wd_incr_style": "(constant)",
 }
 
 
 def schedule_settings(job: TrainingJob) -> Dict[str, object]:
     """The learning-rate and weight-decay schedule of the flags, counted in samples (steps of
-    global-batch-size), by megatron-core's names."""
+    global-batch-size), by megatron-core's names and as Megatron-LM's get_optimizer_param_scheduler
+    computes them: the warm-up fraction's steps kept as a float, weight decay over the training length."""
     o, s = job.optim, job.schedule
     decay_steps = (o.lr_decay_iters or s.iterations) * s.global_batch_size
     if o.lr_warmup_fraction is not None:
-        warmup_steps = int(o.lr_warmup_fraction * decay_steps)
+        warmup_steps = o.lr_warmup_fraction * decay_steps
     else:
         warmup_steps = o.lr_warmup_iters * s.global_batch_size
+    if s.train_iters is None and s.train_samples is not None:
+        wd_steps = s.train_samples
+    else:
+        wd_steps = s.iterations * s.global_batch_size
     return {"max_lr": o.lr, "min_lr": o.min_lr, "lr_warmup_steps": warmup_steps, "lr_decay_steps": decay_steps,
             "lr_decay_style": o.lr_decay_style, "start_wd": o.weight_decay, "end_wd": o.weight_decay,
-            "wd_incr_steps": decay_steps, "wd_incr_style": "constant"}
+            "wd_incr_steps": wd_steps, "wd_incr_style": "constant"}
+
+
+def _same_setting(name: str, saved, ours, settings: Dict[str, object]) -> bool:
+    """Whether the checkpoint's value of schedule setting `name` gives this run's schedule."""
+    if saved == ours:
+        return True
+    if name == "lr_warmup_steps" and isinstance(saved, int) and isinstance(ours, float):
+        # Saved before the warm-up fraction's steps were kept as a float (Megatron-LM's): int() of ours.
+        return saved == int(ours)
+    # Constant weight decay never reads wd_incr_steps (megatron-core returns end_wd): a longer run with
+    # a fixed --lr-decay-iters, or a checkpoint saved when it was the decay length, changes nothing.
+    return name == "wd_incr_steps" and settings["wd_incr_style"] == "constant"
 
 
 def schedule_differences(job: TrainingJob, saved: Dict[str, object]) -> List[str]:
@@ -328,7 +345,7 @@ def schedule_differences(job: TrainingJob, saved: Dict[str, object]) -> List[str
     (`saved`, its state_dict) holds with another value than the flags give."""
     ours = schedule_settings(job)
     return [f"{name}: checkpoint {saved[name]}, flags {value} ({SCHEDULE_FLAGS[name]})"
-            for name, value in ours.items() if name in saved and saved[name] != value]
+            for name, value in ours.items() if name in saved and not _same_setting(name, saved[name], value, ours)]
 
 
 def build_scheduler(optimizer, job: TrainingJob):

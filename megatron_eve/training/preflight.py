@@ -4,25 +4,30 @@ one ConfigError listing every problem."""
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from megatron_eve.config import ConfigError, TrainingJob, job_problems
 from megatron_eve.data.dataset import split_ranges
 from megatron_eve.data.indexed import DatasetFormatError, read_metadata
 from megatron_eve.training import checkpoint_records
 
+logger = logging.getLogger(__name__)
+
 
 def check_job(job: TrainingJob, world_size: int) -> None:
     """Everything that can be known wrong before a process group or a model exists: the options
     together (config.validate_job), the data's files and the checkpoint to load; one error."""
     problems = job_problems(job, world_size)
+    checksum, tokenizer_problems = _tokenizer_checksum(job)
+    problems += tokenizer_problems
     try:
         blend = job.data.blend
     except ValueError:  # a malformed --data-path: job_problems names it, and there are no files to check
         blend = None
     if blend is not None:
-        problems += _check_data(job, blend)
+        problems += _check_data(job, blend, checksum)
     try:
         (_, _), (valid_start, valid_end), _ = split_ranges(10**6, job.data.split)
     except ValueError as error:
@@ -37,7 +42,7 @@ def check_job(job: TrainingJob, world_size: int) -> None:
         problems.append(f"--vision-teacher-path {teacher}: not a folder holding an HF CLIP model (no config.json)")
     source = checkpoint_records.checkpoint_to_load(job.checkpoint.load, job.checkpoint.pretrained_checkpoint)
     if source is not None:
-        problems += _check_checkpoint(job, source)
+        problems += _check_checkpoint(job, source, checksum)
     problems += _check_outputs(job, source)
     if problems:
         raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
@@ -72,33 +77,49 @@ def _check_outputs(job: TrainingJob, source: Optional[str]) -> List[str]:
     return problems
 
 
-def _check_checkpoint(job: TrainingJob, source: str) -> List[str]:
+CHECKPOINT_CHECKS = (checkpoint_records.check_architecture, checkpoint_records.check_schedule,
+                     checkpoint_records.check_stage, checkpoint_records.check_optimizer_format)
+
+
+def _check_checkpoint(job: TrainingJob, source: str, checksum: Optional[str]) -> List[str]:
     """The checkpoint training loads first against the flags: its common state is read once (a
     file over the network for large runs) and given to each check."""
     try:
-        record = checkpoint_records.latest_record(source)
+        record = checkpoint_records.latest_record(source, job.checkpoint.ckpt_step)
     except ConfigError as error:
         return [str(error)]
     problems = []
-    for check in (checkpoint_records.check_architecture, checkpoint_records.check_schedule):
+    for check in CHECKPOINT_CHECKS:
         try:
             check(job, record)
         except ConfigError as error:
             problems.append(str(error))
+    try:
+        warning = checkpoint_records.check_tokenizer(job, record, checksum)
+    except ConfigError as error:
+        problems.append(str(error))
+    else:  # a new stage's start: said once (before the process group and logging exist: rank 0 by its variable)
+        if warning and int(os.environ.get("RANK", "0")) == 0:
+            logger.warning("warning: %s: the embeddings were trained on other token ids", warning)
     return problems
 
 
-def _check_data(job: TrainingJob, blend) -> List[str]:
-    problems, checksum = [], None
-    if job.data.tokenizer_model:
-        from megatron_eve.data.tokenizer import Tokenizer, TokenizerError
+def _tokenizer_checksum(job: TrainingJob) -> Tuple[Optional[str], List[str]]:
+    """The --tokenizer-model's SHA-256 (None without one, or unreadable: then the problem)."""
+    if not job.data.tokenizer_model:
+        return None, []
+    from megatron_eve.data.tokenizer import Tokenizer, TokenizerError
 
-        try:
-            checksum = Tokenizer(job.data.tokenizer_model).checksum
-        except TokenizerError as error:  # names the flag and the file
-            problems.append(str(error))
-        except (OSError, RuntimeError) as error:
-            problems.append(f"--tokenizer-model: {error}")
+    try:
+        return Tokenizer(job.data.tokenizer_model).checksum, []
+    except TokenizerError as error:  # names the flag and the file
+        return None, [str(error)]
+    except (OSError, RuntimeError) as error:
+        return None, [f"--tokenizer-model: {error}"]
+
+
+def _check_data(job: TrainingJob, blend, checksum: Optional[str]) -> List[str]:
+    problems = []
     vision, lm = job.model.vision, job.model.language
     for _, prefix in blend:
         try:

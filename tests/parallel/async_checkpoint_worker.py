@@ -2,7 +2,8 @@
 optimizer formats, --async-save, resharding, kill -9 during a background save. Modes:
 
   formats ROOT   TP1/DP2: the default (data-parallel-sharded) format and the fully reshardable one,
-                 sync and async; resume at TP1/DP2 (bitwise), then at TP2/DP1 (clear error / reshard).
+                 sync and async; resume at TP1/DP2 (bitwise), then at TP2/DP1 (clear error / reshard);
+                 the plain optimizer's format and the distributed one's into each other (refused).
                  Prints one JSON of observations.
   dp1 ROOT       one process, TP1/DP1: the DP2 default-format checkpoint of `formats` loads at DP1.
   hang ROOT      publishes iteration 1 (async), then starts the async save of iteration 2 whose writers
@@ -31,8 +32,8 @@ def setup(tp: int):
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=tp), seed=7)
 
 
-def trainer(directory, tp=1, seed=0, steps=2, vision_lr=None, **checkpoint_options):
-    """A model, DDP, distributed optimizer (with Adam state from `steps` random-gradient steps)."""
+def trainer(directory, tp=1, seed=0, steps=2, vision_lr=None, distributed=True, **checkpoint_options):
+    """A model, DDP, distributed (or plain) optimizer (with Adam state from `steps` random-gradient steps)."""
     import torch
 
     from megatron_eve.config import (CheckpointConfig, DataConfig, LoggingConfig, OptimConfig, ParallelConfig,
@@ -45,7 +46,7 @@ def trainer(directory, tp=1, seed=0, steps=2, vision_lr=None, **checkpoint_optio
     torch.manual_seed(seed)
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
     model = build_model(cfg, parallel, RuntimeConfig(use_cpu_initialization=True), load_teacher=False)
-    optim = OptimConfig(lr=1e-3, vision_lr=vision_lr, use_distributed_optimizer=True)
+    optim = OptimConfig(lr=1e-3, vision_lr=vision_lr, use_distributed_optimizer=distributed)
     job = TrainingJob(cfg, parallel, RuntimeConfig(), optim,
                       ScheduleConfig(train_iters=10), DataConfig(),
                       CheckpointConfig(save=directory, load=directory, **checkpoint_options), LoggingConfig())
@@ -174,6 +175,20 @@ def formats(root):
             out[f"other_groups_{name}"] = "loaded"
         except ConfigError as error:
             out[f"other_groups_{name}"] = str(error)
+
+    # The plain optimizer's state into the distributed one, and the distributed one's (either format)
+    # into the plain one: refused in one line, not megatron-core's KeyError / "Could not find parameter group".
+    plain_dir = os.path.join(root, "plain")
+    job_p, _, ddp_p, opt_p, sched_p = trainer(plain_dir, seed=1, distributed=False)
+    checkpoint.save(job_p, ddp_p, opt_p, sched_p, state)
+    for name, directory, distributed in (("plain_into_distributed", plain_dir, True),
+                                         ("full_into_plain", full_dir, False), ("sync_into_plain", sync_dir, False)):
+        job2, _, ddp2, opt2, sched2 = trainer(directory, seed=9, steps=0, distributed=distributed)
+        try:
+            checkpoint.load(job2, ddp2, opt2, sched2)
+            out[name] = "loaded"
+        except ConfigError as error:
+            out[name] = str(error)
 
     # TP2/DP1: the default format refuses (one line), weights-only still loads; the reshardable one loads.
     setup(2)
