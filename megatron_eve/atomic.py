@@ -92,9 +92,10 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> None:
 
 # How libraries that write files say a write failed without raising OSError: safetensors' SafetensorError
 # ("I/O error: No space left on device"), torch.save's zip writer ("unexpected pos N vs M": a short
-# write), torch.distributed.checkpoint's CheckpointException (which carries the rank's OSError).
+# write), torch.distributed.checkpoint's CheckpointException (which carries the rank's OSError),
+# megatron-core's background save ("Worker failure": its write process failed, the cause not kept).
 _WRITE_FAILURE_SIGNS = ("No space left", "Disk quota", "I/O error", "Input/output error", "unexpected pos",
-                        "Read-only file system", "Errno")
+                        "Read-only file system", "Errno", "Worker failure")
 
 
 def _nearly_full(path: str) -> bool:

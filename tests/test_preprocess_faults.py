@@ -251,3 +251,25 @@ def test_resynchronisation_at_every_read_boundary(tmp_path, monkeypatch):
         for chunk in range(16, 201):
             monkeypatch.setattr(sources, "_CHUNK", chunk)
             assert parsed(path)[0] == ["r0", "r1", "r3", "r4"], (breakage, chunk)
+
+
+def test_a_write_on_a_full_disk_leaves_no_temporary_file(tmp_path):
+    """The abort's close flushes again and fails again (the disk is still full): the temporary files
+    are removed all the same (they stayed and kept the disk full), the earlier dataset is kept."""
+    import resource
+    import signal
+
+    prefix = tmp_path / "data"
+    write_dataset(prefix, 4, 10)
+    before = {suffix: Path(f"{prefix}{suffix}").read_bytes() for suffix in (".bin", ".idx", ".meta.json")}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))  # past 64 KiB each write fails, as on a full disk
+    try:
+        with pytest.raises(OSError):
+            write_dataset(prefix, 4000, 10)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert sorted(os.listdir(tmp_path)) == ["data.bin", "data.idx", "data.meta.json"]
+    assert {suffix: Path(f"{prefix}{suffix}").read_bytes() for suffix in before} == before

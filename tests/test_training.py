@@ -218,6 +218,8 @@ def job_args(data, *extra):
     (["--eval-interval", "2", "--split", "100,0,0"], 1,
      "--eval-interval 2 evaluates on the valid split, but --split 100,0,0 gives it no weight"),
     (["--data-path", "/nonexistent/prefix"], 1, "/nonexistent/prefix: no dataset there"),
+    # What the blend makes of the data, before any model is built (data.dataset.check_blend).
+    (["--split", "1,1000000,0"], 1, "--data-path: no dataset has a training sample: "),
     (["--image-size", "448"], 1, "holds 224/112-px images but the model takes 448/112"),
     (["--micro-batch-size", "0"], 2, "--micro-batch-size 0 must be at least 1"),
     (["--tensor-model-parallel-size", "0"], 2, "--tensor-model-parallel-size 0 must be at least 1"),

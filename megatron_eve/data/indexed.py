@@ -19,6 +19,7 @@ index.
 from __future__ import annotations
 
 import array
+import contextlib
 import glob
 import io
 import json
@@ -149,8 +150,11 @@ class SampleWriter:
         return metadata
 
     def abort(self) -> None:
+        """Delete the temporary files: a close whose flush fails again (the disk that failed the write is
+        still full) must not keep them, or they keep the disk full."""
         if not self._builder.data_file.closed:
-            self._builder.data_file.close()
+            with contextlib.suppress(OSError):
+                self._builder.data_file.close()  # the file is closed even when its last flush fails
         for path in self._tmp.values():
             if os.path.exists(path):
                 os.remove(path)

@@ -21,6 +21,7 @@ model) keep their initialisation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_eve.atomic import replace_directory, write_text
+from megatron_eve.atomic import named_write_errors, replace_directory, write_text
 from megatron_eve.checkpoint import safe_metadata
 from megatron_eve.config import ConfigError, TrainingJob
 from megatron_eve.model.specs import resolve_transformer_impl
@@ -203,7 +204,28 @@ def finalize_async_saves(blocking: bool) -> None:
     with `blocking`, wait for all of them first. A collective: every rank calls it at the same
     point (each iteration without blocking; before the next save and at exit blocking)."""
     if _async_queue is not None and _async_queue.get_num_unfinalized_calls():
-        _async_queue.maybe_finalize_async_calls(blocking=blocking)
+        with _failed_save_cleared(_async_root):
+            _async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+
+_async_root: Optional[str] = None  # the --save of the background saves in flight
+
+
+@contextlib.contextmanager
+def _failed_save_cleared(root: str, staging: Optional[str] = None):
+    """A save that fails (a full disk: megatron-core raises a CheckpointException, torch a RuntimeError)
+    becomes one OSError naming its folder, and its partial files are deleted at once (`staging`, else
+    every unfinished one under `root`): the last complete checkpoint stays the latest, and the disk is
+    not left full of a checkpoint that will never be published."""
+    try:
+        with named_write_errors(staging or root):
+            yield
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        elif root is not None:
+            _remove_stale_staging(root)
+        raise
 
 
 def _save_strategy(job: TrainingJob):
@@ -262,14 +284,16 @@ def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> st
     request.add_finalize_fn(functools.partial(_publish, root, staging, final, state.iteration,
                                               job.checkpoint.keep_last))
     if job.checkpoint.async_save:
-        global _async_queue
+        global _async_queue, _async_root
         if _async_queue is None:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             _async_queue = AsyncCallsQueue()
+        _async_root = root
         _async_queue.schedule_async_request(request)
     else:
-        request.execute_sync()
+        with _failed_save_cleared(root, staging):
+            request.execute_sync()
     return final
 
 
@@ -284,9 +308,12 @@ def _remove_stale_staging(root: str) -> None:
 
 def _write_then_hash(write, staging: str, rank: int, *args, **kwargs) -> None:
     """Runs where the shards are written (the background process with --async-save): write this
-    rank's files, then checksum them while they are still in the page cache."""
+    rank's files, then checksum them while they are still in the page cache. A record that cannot be
+    written (a full disk: the write itself has failed then, and the finalize says so in one line) is
+    left out, not a traceback of this process: the finalize hashes shards without one itself."""
     write(*args, **kwargs)
-    record_own_shards(staging, rank)
+    with contextlib.suppress(OSError):
+        record_own_shards(staging, rank)
 
 
 def verify_checksums(directory: str) -> bool:

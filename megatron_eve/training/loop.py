@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eve import distributed
+from megatron_eve.atomic import os_error_line
 from megatron_eve.config import ConfigError, TrainingJob
 from megatron_eve.data.dataset import StageReads, build_datasets
 from megatron_eve.data.loader import BatchPlan, build_loader, model_inputs
@@ -380,7 +381,7 @@ def main(argv=None) -> int:
 
     try:
         job = parse_args(argv)
-        return run(job)
+        code = run(job)
     except ConfigError as error:
         rank = int(os.environ.get("RANK", "0"))
         # Checks before work (before the process group) agree on every rank: rank 0 speaks for
@@ -393,12 +394,35 @@ def main(argv=None) -> int:
             # cut rank 0 off before it says why. Rank 0's exit ends this wait (torchrun stops us).
             time.sleep(SILENT_RANK_GRACE_SECONDS)
         code = 2
-    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 — any failure of the run
-        # Printed as Python would print it, then let go of before exiting: an uncaught exception
-        # stays referenced (sys.last_exc) through the interpreter's exit, and with it the run's
-        # frames and their loaders, whose workers ignore SIGTERM (a scheduler's must not kill them):
-        # multiprocessing's exit would wait on them forever and torchrun never see this rank fail.
-        traceback.print_exception(error)
+    except SystemExit:
+        raise
+    except BaseException as error:  # noqa: BLE001 — any failure of the run (torch's CheckpointException too)
+        # Printed as Python would print it (a file the run could not write or read, such as a
+        # checkpoint on a full disk, in one line naming it), then let go of before exiting: an
+        # uncaught exception stays referenced (sys.last_exc) through the interpreter's exit, and with
+        # it the run's frames and their loaders, whose workers ignore SIGTERM (a scheduler's must not
+        # kill them): multiprocessing's exit would wait on them forever and torchrun never see this
+        # rank fail.
+        if isinstance(error, OSError) and error.filename is not None:
+            rank = int(os.environ.get("RANK", "0"))
+            print(f"{f'[rank {rank}] ' if rank else ''}error: {os_error_line(error, None)}", file=sys.stderr,
+                  flush=True)
+        else:
+            traceback.print_exception(error)
         code = 130 if isinstance(error, KeyboardInterrupt) else 1
-    gc.collect()  # the failed run's frames and their cycles: the loaders' iterators stop their workers as they go
+    gc.collect()  # a failed run's frames and their cycles: the loaders' iterators stop their workers as they go
+    _stop_loader_workers()
     return code
+
+
+def _stop_loader_workers() -> None:
+    """Kill the daemonic child processes (the DataLoader workers) still running once the run is over:
+    an error can stay referenced where gc cannot free it (a library thread's or queue's), and with it a
+    loader iterator, so its workers were never told to stop. multiprocessing's exit would terminate
+    them (SIGTERM), which they ignore, then wait on them forever. They hold nothing to save."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=10)

@@ -3,6 +3,8 @@ writer. One function computes what the console line and TensorBoard both show.""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -11,6 +13,8 @@ import torch
 
 from megatron_eve.config import EVEModelConfig
 from megatron_eve.model.size import parameter_counts
+
+logger = logging.getLogger(__name__)
 
 # Dense bf16 peaks per device, TFLOP/s (sparsity excluded).
 # The longest key found in the device name wins ("H100 PCIe" before "H100", the SXM part).
@@ -134,6 +138,7 @@ class TensorBoard:
 
     def __init__(self, directory: Optional[str], iteration: int = 0, consumed_samples: int = 0):
         self.writer = self.samples_writer = None
+        self.directory = directory
         if directory:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -145,15 +150,34 @@ class TensorBoard:
     def write(self, scalars: Dict[str, float], iteration: int, consumed: int, vs_samples=()) -> None:
         if self.writer is None:
             return
-        for name, value in scalars.items():
-            # Stored as doubles: a grad norm or loss compared across runs keeps all its digits.
-            self.writer.add_scalar(name, value, iteration, new_style=True, double_precision=True)
-            if name in vs_samples:
-                self.samples_writer.add_scalar(f"{name} vs samples", value, consumed, new_style=True,
-                                               double_precision=True)
+        try:
+            for name, value in scalars.items():
+                # Stored as doubles: a grad norm or loss compared across runs keeps all its digits.
+                self.writer.add_scalar(name, value, iteration, new_style=True, double_precision=True)
+                if name in vs_samples:
+                    self.samples_writer.add_scalar(f"{name} vs samples", value, consumed, new_style=True,
+                                                   double_precision=True)
+        except Exception as error:  # noqa: BLE001 - the event writer thread's error, re-raised here
+            self._give_up(error)
+
+    def _give_up(self, error: BaseException) -> None:
+        """A write that failed (a full disk, a vanished folder) costs the charts, not the run: one
+        warning, and no more TensorBoard writes."""
+        writers, self.writer, self.samples_writer = (self.writer, self.samples_writer), None, None
+        logger.warning("--tensorboard-dir %s: cannot write (%s): TensorBoard logging stops, training goes on",
+                       self.directory, error)
+        # The writer thread keeps this exception, which its re-raise here tied to the training loop's
+        # frames (and their loaders, whose workers would then never be told to stop): cut that tie.
+        error.__traceback__ = None
+        for writer in writers:
+            with contextlib.suppress(Exception):
+                writer.close()
 
     def close(self) -> None:
-        for writer in (self.writer, self.samples_writer):
-            if writer is not None:
-                writer.flush()
-                writer.close()
+        try:
+            for writer in (self.writer, self.samples_writer):
+                if writer is not None:
+                    writer.flush()
+                    writer.close()
+        except Exception as error:  # noqa: BLE001
+            self._give_up(error)

@@ -9,7 +9,7 @@ import os
 from typing import List, Optional, Tuple
 
 from megatron_eve.config import ConfigError, TrainingJob, job_problems
-from megatron_eve.data.dataset import split_ranges
+from megatron_eve.data.dataset import check_blend, split_ranges
 from megatron_eve.data.indexed import DatasetFormatError, read_metadata
 from megatron_eve.training import checkpoint_records
 
@@ -138,4 +138,9 @@ def _check_data(job: TrainingJob, blend, checksum: Optional[str]) -> List[str]:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(prefix + suffix):
                 problems.append(f"{prefix}{suffix} is missing")
+    if not problems:
+        try:  # what the blend makes of them (every dataset empty, none left in the training split), now
+            check_blend(job.data)
+        except (ConfigError, DatasetFormatError, ValueError) as error:
+            problems.append(str(error))
     return problems
