@@ -21,13 +21,10 @@ model) keep their initialisation.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import random
-import re
-import shutil
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -35,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_eve.atomic import named_write_errors, replace_directory, write_text
 from megatron_eve.checkpoint import safe_metadata
 from megatron_eve.config import ConfigError, TrainingJob
 from megatron_eve.model.specs import resolve_transformer_impl
@@ -43,7 +39,9 @@ from megatron_eve.training.checkpoint_records import (DP_RESHARDABLE, FULLY_RESH
                                                       CheckpointLoadError, CheckpointRecord, check_optimizer_format,
                                                       check_param_groups, checkpoint_dir, complete_iterations,
                                                       iteration_to_load, reading, saved_optimizer_format)
-from megatron_eve.training.checksums import damaged_files, record_checksums, record_own_shards
+from megatron_eve.training.checkpoint_writes import (finalize_async_saves, remove_stale_staging,
+                                                     start_results_queue, write)
+from megatron_eve.training.checksums import damaged_files
 from megatron_eve.training.optim import torch_adam_loading, torch_adam_state_made
 
 logger = logging.getLogger(__name__)
@@ -171,63 +169,6 @@ def _optimizer_metadata(fmt: str) -> Dict[str, str]:
     return {"distrib_optim_sharding_type": DP_RESHARDABLE if fmt == DP_RESHARDABLE else FULLY_RESHARDABLE}
 
 
-_async_queue = None  # megatron-core's AsyncCallsQueue, made at the first --async-save
-# save() asks for megatron-core's own async machinery on purpose (NVRx's, which its notice
-# recommends, is not a dependency); the notice printed in every run, async or not, said nothing to users.
-logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(
-    lambda record: not record.getMessage().startswith("MCore's async save is deprecated"))
-_results_manager = None  # the process holding megatron-core's write-results queue (_start_results_queue)
-
-
-def _start_results_queue() -> None:
-    """megatron-core collects every save's write results (sync saves too) in a queue held by a
-    Manager process it starts at the first save, with SIGTERM's default action. torchrun (os.killpg)
-    and Slurm signal every process of the job, so that process died first and the save
-    --exit-signal-handler makes on SIGTERM failed (BrokenPipeError): the same queue, from a process
-    that ignores SIGTERM (it still ends with this one: the manager's finalizer, or SIGKILL)."""
-    global _results_manager
-    import multiprocessing
-    import signal
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is not None:
-        return
-    _results_manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    _results_manager.start(initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_IGN))
-    filesystem_async._results_queue = _results_manager.Queue()
-
-
-def finalize_async_saves(blocking: bool) -> None:
-    """Publish the background saves every rank has finished writing (checksums, rename, marker);
-    with `blocking`, wait for all of them first. A collective: every rank calls it at the same
-    point (each iteration without blocking; before the next save and at exit blocking)."""
-    if _async_queue is not None and _async_queue.get_num_unfinalized_calls():
-        with _failed_save_cleared(_async_root):
-            _async_queue.maybe_finalize_async_calls(blocking=blocking)
-
-
-_async_root: Optional[str] = None  # the --save of the background saves in flight
-
-
-@contextlib.contextmanager
-def _failed_save_cleared(root: str, staging: Optional[str] = None):
-    """A save that fails (a full disk: megatron-core raises a CheckpointException, torch a RuntimeError)
-    becomes one OSError naming its folder, and its partial files are deleted at once (`staging`, else
-    every unfinished one under `root`): the last complete checkpoint stays the latest, and the disk is
-    not left full of a checkpoint that will never be published."""
-    try:
-        with named_write_errors(staging or root):
-            yield
-    except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        elif root is not None:
-            _remove_stale_staging(root)
-        raise
-
-
 def _save_strategy(job: TrainingJob):
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -247,12 +188,12 @@ def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> st
     from megatron.core import dist_checkpointing
 
     finalize_async_saves(blocking=True)  # one save in flight at a time, published in order
-    _start_results_queue()
+    start_results_queue()
     root = job.checkpoint.save
     final = checkpoint_dir(root, state.iteration)
     staging = final + ".tmp"
     if dist.get_rank() == 0:
-        _remove_stale_staging(root)
+        remove_stale_staging(root)
         os.makedirs(staging)
     dist.barrier()
     gather_updated_parameters(model)
@@ -278,42 +219,8 @@ def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> st
     request = dist_checkpointing.save(sharded, staging, sharded_strategy=_save_strategy(job),
                                       async_sharded_save=True, async_strategy="mcore",
                                       content_metadata={**_optimizer_metadata(fmt), "optimizer_format": fmt})
-    if request.async_fn is not None:
-        request = request._replace(async_fn=functools.partial(_write_then_hash, request.async_fn, staging,
-                                                              dist.get_rank()))
-    request.add_finalize_fn(functools.partial(_publish, root, staging, final, state.iteration,
-                                              job.checkpoint.keep_last))
-    if job.checkpoint.async_save:
-        global _async_queue, _async_root
-        if _async_queue is None:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-            _async_queue = AsyncCallsQueue()
-        _async_root = root
-        _async_queue.schedule_async_request(request)
-    else:
-        with _failed_save_cleared(root, staging):
-            request.execute_sync()
+    write(request, root, staging, final, state.iteration, job.checkpoint.keep_last, job.checkpoint.async_save)
     return final
-
-
-def _remove_stale_staging(root: str) -> None:
-    """Temporary directories of saves that never completed (killed): incomplete by construction,
-    and no save is in flight now (save() waited for the previous one)."""
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            if re.fullmatch(r"iter_\d+\.tmp", name):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _write_then_hash(write, staging: str, rank: int, *args, **kwargs) -> None:
-    """Runs where the shards are written (the background process with --async-save): write this
-    rank's files, then checksum them while they are still in the page cache. A record that cannot be
-    written (a full disk: the write itself has failed then, and the finalize says so in one line) is
-    left out, not a traceback of this process: the finalize hashes shards without one itself."""
-    write(*args, **kwargs)
-    with contextlib.suppress(OSError):
-        record_own_shards(staging, rank)
 
 
 def verify_checksums(directory: str) -> bool:
@@ -326,27 +233,6 @@ def verify_checksums(directory: str) -> bool:
                                   f"{' …' if len(problems) > 5 else ''}; resume from an earlier iteration by "
                                   f"writing its number into {TRACKER}")
     return problems is not None
-
-
-def _publish(root: str, staging: str, final: str, iteration: int, keep_last: Optional[int]) -> None:
-    """Every rank has written its part: record the checksums, rename the checkpoint into place and
-    only then mark it the latest."""
-    record_checksums(staging)  # its gather is the barrier before rank 0 renames
-    if dist.get_rank() == 0:
-        replace_directory(staging, final)
-        write_text(os.path.join(root, TRACKER), str(iteration))  # only now is this checkpoint the latest
-        _prune(root, keep_last, keep=iteration)
-    dist.barrier()
-
-
-def _prune(root: str, keep_last: Optional[int], keep: int) -> None:
-    if not keep_last:
-        return
-    iterations = sorted(int(name[5:]) for name in os.listdir(root)
-                        if name.startswith("iter_") and name[5:].isdigit())
-    for iteration in iterations[:-keep_last]:
-        if iteration != keep:
-            shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
 
 
 def load(job: TrainingJob, model, optimizer, scheduler) -> TrainState:

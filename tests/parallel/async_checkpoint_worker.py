@@ -240,7 +240,7 @@ def hang(root):
     import torch
     import torch.distributed as dist
 
-    from megatron_eve.training import checkpoint
+    from megatron_eve.training import checkpoint, checkpoint_writes
 
     setup(1)
     rank = dist.get_rank()
@@ -250,7 +250,7 @@ def hang(root):
     torch.save({"weights": weights(model), "optimizer": optimizer_state(opt)}, os.path.join(root, f"ref{rank}.pt"))
     step(ddp, opt, sched)
 
-    write = checkpoint._write_then_hash
+    write = checkpoint_writes._write_then_hash
 
     def never_finishes(*args, **kwargs):  # the background writer, forked: killed mid-save
         if rank == 0:
@@ -258,7 +258,7 @@ def hang(root):
         Path(root, f"writing{rank}").touch()
         time.sleep(3600)
 
-    checkpoint._write_then_hash = never_finishes
+    checkpoint_writes._write_then_hash = never_finishes
     checkpoint.save(job, ddp, opt, sched, checkpoint.TrainState(iteration=2, consumed_samples=8))
     steps = 0
     while True:  # training goes on while the save is in flight, polling for its completion
