@@ -128,6 +128,14 @@ def named_write_errors(path: str) -> Iterator[None]:
         raise OSError(errno.EIO, f"write failed ({last})", path) from error
 
 
+def nearest_existing(path: str) -> str:
+    """`path` (absolute) if it exists, else its nearest ancestor that does: where its folders would be made."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    return existing
+
+
 def os_error_line(error: OSError, output: Optional[str]) -> str:
     """One line for a failed read or write: the file it names, else `output` (an unnamed errno, such as a
     full disk at a flush, is the output's), then why; an error without an errno carries its own message."""

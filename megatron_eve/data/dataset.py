@@ -249,8 +249,7 @@ def build_datasets(config: DataConfig, seed: int, sizes: Sequence[Optional[int]]
                    reads: StageReads = StageReads()) -> Dict[str, Optional[BlendedSequences]]:
     """train / valid / test datasets of `sizes` sequences (None: one epoch of every prefix), shuffled
     and packed by `seed` (the run's --seed)."""
-    sources = _non_empty([(w, IndexedSamples(prefix)) for w, prefix in config.blend])
-    _check_compatible([s for _, s in sources])
+    sources = _blend_sources(config)
     out = {}
     for split_index, (name, size) in enumerate(zip(SPLITS, sizes)):
         ranges = [split_ranges(len(s), config.split)[split_index] for _, s in sources]
@@ -277,10 +276,16 @@ def check_blend(config: DataConfig) -> None:
     """The blend's errors build_datasets would raise (every dataset empty, datasets that cannot be
     blended, no dataset left in the training split, a weighted one whose training samples are all
     too long), from the indexes alone: for a check before any model is built."""
-    sources = _non_empty([(w, IndexedSamples(prefix)) for w, prefix in config.blend])
-    _check_compatible([s for _, s in sources])
+    sources = _blend_sources(config)
     if split_shares(config.split)[0]:
         _in_split(sources, [split_ranges(len(s), config.split)[0] for _, s in sources], "train", config)
+
+
+def _blend_sources(config: DataConfig) -> List[Tuple[float, IndexedSamples]]:
+    """(weight, samples) of every non-empty dataset of --data-path, checked to blend together."""
+    sources = _non_empty([(w, IndexedSamples(prefix)) for w, prefix in config.blend])
+    _check_compatible([s for _, s in sources])
+    return sources
 
 
 _dropped_warned = set()  # (prefix, split) already warned about, one line per run each

@@ -10,7 +10,7 @@ import os
 from itertools import islice
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
-from megatron_eve.atomic import check_output_dir
+from megatron_eve.atomic import check_output_dir, nearest_existing
 from megatron_eve.config import ConfigError
 
 # the flag naming each input → its path (None: not given); pairs where one flag names several
@@ -52,9 +52,7 @@ def check_output_file(path: str, inputs: Inputs, ours: Callable[[str], bool], ov
 
 def _check_parent_folders(path: str, flag: str) -> None:
     """Refuse an output whose nearest existing parent is a file (its folders could not be made)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
-        parent = os.path.dirname(parent)
+    parent = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(parent):
         raise OutputRefused(f"{flag} {path}: {parent} is a file, not a folder")
 

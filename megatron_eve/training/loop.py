@@ -387,8 +387,7 @@ def main(argv=None) -> int:
         # Checks before work (before the process group) agree on every rank: rank 0 speaks for
         # all. Later errors may be this rank's own (its stage, a checkpoint file it read): it says so.
         if rank == 0 or dist.is_initialized() or isinstance(error, checkpoint_records.CheckpointLoadError):
-            prefix = f"[rank {rank}] " if rank and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-            print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
+            _print_error(str(error))
         else:
             # torchrun stops every rank as soon as one exits: a silent rank that exits first could
             # cut rank 0 off before it says why. Rank 0's exit ends this wait (torchrun stops us).
@@ -404,15 +403,20 @@ def main(argv=None) -> int:
         # kill them): multiprocessing's exit would wait on them forever and torchrun never see this
         # rank fail.
         if isinstance(error, OSError) and error.filename is not None:
-            rank = int(os.environ.get("RANK", "0"))
-            print(f"{f'[rank {rank}] ' if rank else ''}error: {os_error_line(error, None)}", file=sys.stderr,
-                  flush=True)
+            _print_error(os_error_line(error, None))
         else:
             traceback.print_exception(error)
         code = 130 if isinstance(error, KeyboardInterrupt) else 1
     gc.collect()  # a failed run's frames and their cycles: the loaders' iterators stop their workers as they go
     _stop_loader_workers()
     return code
+
+
+def _print_error(message: str) -> None:
+    """One error line, naming this rank when several run."""
+    rank = int(os.environ.get("RANK", "0"))
+    prefix = f"[rank {rank}] " if rank and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
 
 
 def _stop_loader_workers() -> None:

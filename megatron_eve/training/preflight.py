@@ -8,6 +8,7 @@ import logging
 import os
 from typing import List, Optional, Tuple
 
+from megatron_eve.atomic import nearest_existing
 from megatron_eve.config import ConfigError, TrainingJob, job_problems
 from megatron_eve.data.dataset import check_blend, split_ranges
 from megatron_eve.data.indexed import DatasetFormatError, read_metadata
@@ -50,9 +51,7 @@ def check_job(job: TrainingJob, world_size: int) -> None:
 
 def _writable_folder_problem(flag: str, path: str) -> Optional[str]:
     """Why `path` cannot be (or become) a folder this process writes in; None if it can."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(path)
     if not os.path.isdir(existing):
         return f"{flag} {path}: {existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
