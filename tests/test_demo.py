@@ -241,6 +241,41 @@ def test_notices_and_failed_uploads_are_not_fed_back_to_the_model(tmp_path, monk
         "USER: <image>\nDescribe it ASSISTANT: a red square</s>USER: What colour is it? ASSISTANT:")
 
 
+def test_an_uploaded_photo_is_turned_upright_as_the_reference_demo_turns_it(tmp_path, monkeypatch):
+    """A phone photo is stored sideways with an EXIF orientation: the reference demo's upload box
+    (gr.Image(type="pil"), Gradio's own preprocessing) turns it upright, so the demo does too; the
+    reference's evaluation opens files as stored, and so do eval_vqa and generate.py."""
+    import gradio as gr
+    import numpy as np
+    from gradio.data_classes import ImageData
+    from PIL import Image
+
+    from megatron_eve.inference.backends import open_images
+    from tools.app import make_chat
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # the file below counts as an upload
+    photo = tmp_path / "phone.jpg"
+    stored = np.zeros((16, 32, 3), np.uint8)
+    stored[:, :8] = (250, 0, 0)  # red on the stored left edge: the top once turned (orientation 6)
+    exif = Image.Exif()
+    exif[274] = 6
+    Image.fromarray(stored).save(photo, exif=exif, quality=100)
+
+    seen = []
+
+    class Model:
+        def stream(self, request, sampling):
+            seen.extend(open_images(request.image_paths, request.upright))  # as the backends do
+            yield "a photo"
+
+    assert list(make_chat(Model(), 2048)({"text": "What is on top?", "files": [str(photo)]}, [], 6, 0.0, 1.0)) == [
+        "a photo"]
+    reference = gr.Image(type="pil").preprocess(ImageData(path=str(photo), orig_name="phone.jpg"))
+    assert reference.size == (16, 32) and seen[0].size == (16, 32)
+    assert np.array_equal(np.array(seen[0]), np.array(reference.convert("RGB")))
+    assert open_images([str(photo)])[0].size == (32, 16)  # evaluation and generate.py: as stored
+
+
 def test_an_abandoned_answer_stops_and_frees_the_model():
     """A client that goes away (Gradio closes its generator) cancels its answer: the model thread
     stops at its next step, and the next client does not wait for the rest of it."""

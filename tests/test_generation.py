@@ -103,6 +103,7 @@ def test_answer_file_with_bad_questions(model, tmp_path):
         {"question_id": 4, "image": os.path.basename(model["images"][1]), "text": "Which shape?"},
         {"question_id": 5, "image": str(tmp_path / "damaged.png"), "text": "And this?"},
         {"question_id": 6, "image": "x.png"},
+        {"question_id": 7, "image": "", "text": "What is this?"},  # not text-only: its image is missing
     ]
     path = tmp_path / "questions.jsonl"
     lines = [json.dumps(q) for q in questions]
@@ -118,7 +119,7 @@ def test_answer_file_with_bad_questions(model, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{path}:3: not JSON" in out.stderr and f"{path}:7: no text" in out.stderr
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
-    assert [r["question_id"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["question_id"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
     for row in rows:
         assert set(row) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
         assert row["model_id"] == "ckpt"
@@ -126,8 +127,9 @@ def test_answer_file_with_bad_questions(model, tmp_path):
     assert "missing.png does not exist" in rows[1]["metadata"]["error"] and rows[1]["text"] == ""
     assert "positions; the model allows 2048" in rows[2]["metadata"]["error"]
     assert "SyntaxError" in rows[4]["metadata"]["error"] and "malformed question" in rows[5]["metadata"]["error"]
+    assert "'image' a file name" in rows[6]["metadata"]["error"] and rows[6]["text"] == ""
     assert rows[0]["metadata"] == {} and rows[3]["metadata"] == {}
-    assert "2 answered, 4 could not be answered, 2 malformed lines (named above)" in out.stdout
+    assert "2 answered, 5 could not be answered, 2 malformed lines (named above)" in out.stdout
     assert sorted(os.listdir(tmp_path)) == sorted(["answers.jsonl", "questions.jsonl", "damaged.png"])
 
     truth = tmp_path / "truth.jsonl"

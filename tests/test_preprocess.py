@@ -95,6 +95,32 @@ def test_jpeg_storage_is_close_to_lossless(corpus, tmp_path):
     assert a.shape == b.shape and np.abs(a - b).mean() < 2.0  # quality 95, 4:4:4
 
 
+def test_stored_crops_are_pixels_only_and_the_same_bytes_each_run(corpus, tmp_path):
+    """A source's metadata is not stored with its crops: Pillow's LAB -> RGB attaches an sRGB ICC
+    profile stamped with the clock, which made two runs a second apart write different bytes."""
+    import io
+
+    from PIL import Image
+
+    Image.new("LAB", (40, 30), (60, 80, 20)).save(tmp_path / "lab.tif")
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"id": "lab", "image": "lab.tif", "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a red square"}]}]))
+    for name in ("first", "second"):
+        run(PreprocessJob(inputs=[str(records)], output_prefix=str(tmp_path / name), tokenizer_model=corpus["tokenizer"],
+                          record=RecordConfig(template="plain", vision=VISION, image_folder=str(tmp_path),
+                                              image_codec="png"), progress=False))
+        time.sleep(1.1)  # the profile's creation time counts seconds
+    assert filecmp.cmp(tmp_path / "first.bin", tmp_path / "second.bin", shallow=False)
+    from megatron_eve.data.records import _crop, encode_image
+
+    with Image.open(tmp_path / "lab.tif") as image:
+        rgb = image.convert("RGB")
+    assert "icc_profile" in rgb.info  # what was stored with every crop
+    crop = Image.open(io.BytesIO(encode_image(_crop(rgb, image_layout(40, 30, VISION)), "png", 95)))
+    assert "icc_profile" not in crop.info
+
+
 def test_workers_and_partitions_give_identical_files(corpus, tmp_path):
     single = cli("--input", corpus["qa"], "--image-folder", corpus["root"], "--template", "vicuna_v1",
                  "--tokenizer-model", corpus["tokenizer"], "--output-prefix", tmp_path / "one")

@@ -194,7 +194,7 @@ def make_chat(model: ModelThread, max_length: int, seed: int = 0):
         from megatron_eve.inference.backends import Request
 
         request = Request(conversation_prompt(turns + [{"role": "user", "content": question}], image is not None),
-                          [image] if image else [])
+                          [image] if image else [], upright=True)
         answer = ""
         for piece in model.stream(request, sampling):
             if isinstance(piece, PromptError):

@@ -158,10 +158,15 @@ def to_rgb(image, path: str = "image"):
 
 
 def _crop(image, layout):
-    """The resized image exactly as EVE pastes it (PIL bicubic), without the padding."""
+    """The resized image exactly as EVE pastes it (PIL bicubic), without the padding. Its pixels
+    only: the source's metadata would be stored with every crop, and some is made afresh by each
+    run (LAB -> RGB attaches an ICC profile stamped with the clock), so the same input would not
+    give the same bytes."""
     from PIL import Image
 
-    return image.resize((layout.width, layout.height), Image.BICUBIC)
+    crop = image.resize((layout.width, layout.height), Image.BICUBIC)
+    crop.info = {}
+    return crop
 
 
 def encode_image(image, codec: str, quality: int) -> bytes:

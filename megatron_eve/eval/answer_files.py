@@ -98,14 +98,16 @@ def chunk(items: Sequence, count: int, index: int) -> Sequence:
 # ------------------------------------------------------------------------------------ answering
 
 def askable(question: dict) -> bool:
-    """Whether a question line can be asked: read whole, its text (and image, if any) strings."""
+    """Whether a question line can be asked: read whole, its text a string and its image, if it has
+    one, a file name (an empty one is not "no image": the reference opens every line's image)."""
+    image = question.get("image")
     return ("_error" not in question and isinstance(question.get("text"), str)
-            and isinstance(question.get("image") or "", str))
+            and (image is None or (isinstance(image, str) and image != "")))
 
 
 def unaskable_reason(question: dict) -> str:
     """Why `askable` refused a question: its answer line's metadata.error."""
-    return question.get("_error") or "malformed question: 'text' and 'image' must be strings"
+    return question.get("_error") or "malformed question: 'text' must be a string and 'image' a file name"
 
 
 def image_paths(question: dict, image_folder: str) -> List[str]:

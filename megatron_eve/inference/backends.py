@@ -21,12 +21,15 @@ from megatron_eve.inference.generate import Generator, Prompt, PromptError, Samp
 class Request:
     prompt: str  # the full template text, "<image>" where each image goes
     image_paths: Sequence[str] = ()
+    # Turned upright by their EXIF orientation first: the reference demo's upload box (Gradio's
+    # gr.Image) does so, while its training and evaluation open files as stored.
+    upright: bool = False
 
 
-def open_images(paths: Sequence[str]):
-    """8-bit RGB images (as preprocessing makes them); a file that is missing or damaged becomes
-    a PromptError for its request alone."""
-    from PIL import Image
+def open_images(paths: Sequence[str], upright: bool = False):
+    """8-bit RGB images (as preprocessing makes them; turned by EXIF orientation if `upright`); a
+    file that is missing or damaged becomes a PromptError for its request alone."""
+    from PIL import Image, ImageOps
 
     from megatron_eve.data.templates import TemplateError
 
@@ -37,7 +40,7 @@ def open_images(paths: Sequence[str]):
         try:
             with Image.open(path) as image:
                 image.load()
-                images.append(to_rgb(image, path))
+                images.append(to_rgb(ImageOps.exif_transpose(image) if upright else image, path))
         except TemplateError as error:
             raise PromptError(str(error)) from None
         except Exception as error:  # noqa: BLE001 — Pillow raises OSError, SyntaxError, ValueError, ...
@@ -67,7 +70,7 @@ class MegatronBackend:
         self.max_length = self.config.language.max_position_embeddings
 
     def prepare(self, request: Request) -> Prompt:
-        images = open_images(request.image_paths)
+        images = open_images(request.image_paths, request.upright)
         return build_prompt(request.prompt, images, self.tokenizer, self.config.vision, self.max_length)
 
     def answer(self, requests: List[Request], sampling: Sampling) -> List[Union[str, PromptError]]:
@@ -181,7 +184,7 @@ class HFBackend:
         ready = []  # (index, ids, images) of the requests that can be answered
         for index, request in enumerate(requests):
             try:
-                images = open_images(request.image_paths)
+                images = open_images(request.image_paths, request.upright)
                 ids = tokenize_with_images(request.prompt, self.tokenizer)
                 if ids.count(IMAGE_TOKEN_INDEX) != len(images):
                     raise PromptError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} <image> placeholders "
