@@ -181,6 +181,63 @@ def test_only_uploads_are_ever_opened(tmp_path):
     assert model.requests[-1].image_paths == [] and str(secret) in model.requests[-1].prompt
 
 
+def chatting(chat, client: str):
+    """say(text, files, top_p) -> answer: one message as Gradio sends it to `chat`, and the history
+    as Gradio then keeps it: the API's session state, or the page's chatbot (its messages
+    normalised into typed parts)."""
+    history = []
+
+    def say(text, files=(), top_p=1.0):
+        answer = list(chat({"text": text, "files": [str(f) for f in files]}, list(history), 6, 0.0, top_p))[-1]
+        if client == "api":
+            history.append({"role": "user", "content": [{"path": str(f)} for f in files] + ([text] if text else [])})
+            history.append({"role": "assistant", "content": answer})
+        else:
+            parts = [{"type": "file", "file": {"path": str(f)}, "alt_text": None} for f in files]
+            history.append({"role": "user", "content": parts + ([{"type": "text", "text": text}] if text else []),
+                            "metadata": None, "options": None})
+            history.append({"role": "assistant", "content": [{"type": "text", "text": answer}],
+                            "metadata": None, "options": None})
+        return answer
+    return say
+
+
+@pytest.mark.parametrize("client", ["api", "page"])
+def test_an_image_goes_where_the_reference_demo_puts_it(tmp_path, monkeypatch, client):
+    """As the reference demo (LLaVA's add_text and vicuna_v1 get_prompt): an image uploaded with a
+    later question stays in that question, after its text; a second image starts the conversation
+    over with it, and later questions are about it."""
+    from PIL import Image
+
+    from megatron_eve.data.templates import VICUNA_SYSTEM
+    from tools.app import make_chat
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # the files below count as uploads
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(first)
+    Image.new("RGB", (16, 16), (0, 0, 200)).save(second)
+    requests = []
+
+    class Model:
+        def stream(self, request, sampling):
+            requests.append(request)
+            yield "an answer"
+
+    say = chatting(make_chat(Model(), 2048), client)
+    say("What is two plus three?")
+    say("What is in this picture?", [first])
+    assert requests[-1].image_paths == [str(first)]
+    assert requests[-1].prompt == (f"{VICUNA_SYSTEM} USER: What is two plus three? ASSISTANT: an answer</s>"
+                                   "USER: What is in this picture?\n<image> ASSISTANT:")
+    say("And this one?", [second])
+    assert requests[-1].image_paths == [str(second)]
+    assert requests[-1].prompt == f"{VICUNA_SYSTEM} USER: <image>\nAnd this one? ASSISTANT:"
+    say("Which colour?")
+    assert requests[-1].image_paths == [str(second)]
+    assert requests[-1].prompt == (f"{VICUNA_SYSTEM} USER: <image>\nAnd this one? ASSISTANT: an answer</s>"
+                                   "USER: Which colour? ASSISTANT:")
+
+
 @pytest.mark.parametrize("client", ["api", "page"])
 def test_notices_and_failed_uploads_are_not_fed_back_to_the_model(tmp_path, monkeypatch, client):
     """The demo's own notices (an unreadable upload, a bad value, no question) are not answers: their
@@ -209,24 +266,8 @@ def test_notices_and_failed_uploads_are_not_fed_back_to_the_model(tmp_path, monk
                 return
             yield "a red square"
 
-    model, history = Model(), []
-    chat = make_chat(model, 2048)
-
-    def say(text, files=(), top_p=1.0):
-        """One message as Gradio sends it, and the history as Gradio then keeps it: the API's
-        session state, or the page's chatbot (its messages normalised into typed parts)."""
-        answer = list(chat({"text": text, "files": [str(f) for f in files]}, list(history), 6, 0.0, top_p))[-1]
-        if client == "api":
-            history.append({"role": "user", "content": [{"path": str(f)} for f in files] + ([text] if text else [])})
-            history.append({"role": "assistant", "content": answer})
-        else:
-            parts = [{"type": "file", "file": {"path": str(f)}, "alt_text": None} for f in files]
-            history.append({"role": "user", "content": parts + ([{"type": "text", "text": text}] if text else []),
-                            "metadata": None, "options": None})
-            history.append({"role": "assistant", "content": [{"type": "text", "text": answer}],
-                            "metadata": None, "options": None})
-        return answer
-
+    model = Model()
+    say = chatting(make_chat(model, 2048), client)
     assert say("Describe it", [good]) == "a red square"
     assert say("What is this?", [broken]).startswith("⚠ image upload.jpg cannot be read")
     assert say("Describe it again", top_p=0) == "⚠ top_p must be in (0, 1], not 0.0"

@@ -42,14 +42,15 @@ EMPTY_ANSWER = "(the model gave an empty answer)"
 NOTICES = (WARNING, ASK_A_QUESTION, EMPTY_ANSWER)
 
 
-def conversation_prompt(messages, with_image: bool) -> str:
-    """vicuna_v1 over the whole conversation, the image at the start of the first question."""
+def conversation_prompt(messages) -> str:
+    """vicuna_v1 over the whole conversation, as the reference demo's get_prompt: the image (a user
+    message with "image") at the start of the first question, or after the text of a later one."""
     text = VICUNA_SYSTEM + " "
     for index, message in enumerate(messages):
         content = message["content"]
         if message["role"] == "user":
-            if index == 0 and with_image:
-                content = "<image>\n" + content
+            if message.get("image"):
+                content = "<image>\n" + content if index == 0 else content + "\n<image>"
             text += f"USER: {content} "
         else:
             text += f"ASSISTANT: {content}</s>"
@@ -147,28 +148,36 @@ def _text(content) -> Optional[str]:
 
 
 def conversation(history):
-    """(turns, image) the model is given for a chat history: the exchanges it answered, and the last
-    image uploaded in one of them. An exchange answered by a notice (a bad value, an unreadable
-    upload, ...) or not at all is left out whole: its question, its notice and its upload, so that
-    a notice is never fed back and a failed upload does not fail every later turn."""
+    """The turns the model is given for a chat history: the exchanges it answered, the question an
+    image came with carrying it as "image". An exchange answered by a notice (a bad value, an
+    unreadable upload, ...) or not at all is left out whole: its question, its notice and its
+    upload, so that a notice is never fed back and a failed upload does not fail every later turn.
+    An image uploaded when the conversation has one starts it over, as in the reference demo."""
     exchanges = []  # (user contents, answer contents); an upload can be a user entry of its own
     for entry in history or []:
         is_user = entry.get("role") == "user"
         if not exchanges or (is_user and exchanges[-1][1]):
             exchanges.append(([], []))
         exchanges[-1][0 if is_user else 1].append(entry.get("content"))
-    turns, image = [], None
+    turns = []
     for questions, answers in exchanges:
         answer_texts = [t for t in map(_text, answers) if t]
         if not answer_texts or any(t.startswith(NOTICES) for t in answer_texts):
             continue
-        for content in questions:
-            image = (_paths(content) or [image])[-1]
-            text = _text(content)
-            if text:
-                turns.append({"role": "user", "content": text})
+        uploads = _paths(questions)
+        for text in [t for t in map(_text, questions) if t]:
+            turns = with_question(turns, text, uploads[-1] if uploads else None)
+            uploads = []  # the exchange's image goes with its first question
         turns += [{"role": "assistant", "content": text} for text in answer_texts]
-    return turns, image
+    return turns
+
+
+def with_question(turns, question: str, image: Optional[str]):
+    """`turns` and the next question (with its upload, if any); a new image starts the conversation
+    over when it has one already (the reference demo's add_text)."""
+    if image is not None and any(turn.get("image") for turn in turns):
+        turns = []
+    return turns + [{"role": "user", "content": question, **({"image": image} if image else {})}]
 
 
 def make_chat(model: ModelThread, max_length: int, seed: int = 0):
@@ -177,12 +186,12 @@ def make_chat(model: ModelThread, max_length: int, seed: int = 0):
         # The upload box hands over its files as paths (strings here are paths, not typed text).
         uploads = message.get("files") or []
         files = [f for f in uploads if isinstance(f, str)] + _paths([f for f in uploads if not isinstance(f, str)])
-        turns, image = conversation(history)
-        image = files[-1] if files else image
+        question = (message.get("text") or "").strip()
+        turns = with_question(conversation(history), question, files[-1] if files else None)
+        image = next((turn["image"] for turn in turns if turn.get("image")), None)
         if image is not None and not _uploaded(image):
             yield f"{WARNING}images must be uploaded through the page"
             return
-        question = (message.get("text") or "").strip()
         if not question:
             yield ASK_A_QUESTION
             return
@@ -193,8 +202,7 @@ def make_chat(model: ModelThread, max_length: int, seed: int = 0):
             return
         from megatron_eve.inference.backends import Request
 
-        request = Request(conversation_prompt(turns + [{"role": "user", "content": question}], image is not None),
-                          [image] if image else [], upright=True)
+        request = Request(conversation_prompt(turns), [image] if image else [], upright=True)
         answer = ""
         for piece in model.stream(request, sampling):
             if isinstance(piece, PromptError):
