@@ -87,9 +87,10 @@ def test_a_non_image_upload_gets_a_message_without_server_paths(demo, tmp_path):
 
 
 def test_streaming_keeps_the_length_limit_of_answer(demo):
-    """Within the slider's range but beyond what the prompt leaves: the same refusal as answer()."""
-    answer = ask(demo, "word " * 30, (), 2047)
-    assert re.fullmatch(r"⚠ prompt of \d+ positions \+ 2047 new tokens exceeds the model's 2048", answer)
+    """A prompt that leaves the model no position to answer in: the same refusal as answer() (one
+    that leaves fewer than the slider's new tokens is answered, cut where the positions end)."""
+    answer = ask(demo, "word " * 3000, (), 6)
+    assert re.fullmatch(r"⚠ the prompt takes \d+ positions; the model allows 2048", answer)
 
 
 def test_slow_and_idle_clients_do_not_block_others(demo):

@@ -216,3 +216,67 @@ def test_generate_cli_megatron_and_hf_export_agree(model, export, tmp_path):
     missing = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--hf", export, "--image",
                               tmp_path / "nowhere.png", "--prompt", "Hi"], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and "nowhere.png does not exist" in missing.stderr
+
+
+def near_limit_question(tokenizer_path, image, left: int):
+    """A question whose chat prompt (with `image`) leaves the tiny model `left` positions."""
+    from PIL import Image
+
+    from megatron_eve.data.images import num_visual_tokens
+    from megatron_eve.data.templates import tokenize_with_images
+    from megatron_eve.data.tokenizer import Tokenizer
+    from megatron_eve.inference.generate import chat_prompt
+    from tests.helpers import tiny_config
+
+    tokenizer, cfg = Tokenizer(tokenizer_path), tiny_config()
+    with Image.open(image) as opened:
+        image_positions = num_visual_tokens(*opened.size, cfg.vision)
+    target = cfg.language.max_position_embeddings - left
+    for words in range(target // 2, 0, -1):
+        for filler in range(12):
+            question = "word " * words + "a " * filler + "What is in the picture?"
+            ids = tokenize_with_images(chat_prompt(question, True), tokenizer)
+            positions = len(ids) - 1 + image_positions
+            if positions == target:
+                return question
+            if positions > target:
+                break
+    raise AssertionError(f"no question of {target} positions")
+
+
+def test_a_prompt_near_the_length_limit_is_answered_within_it(model, export, tmp_path):
+    """A prompt that leaves fewer positions than --max-new-tokens is answered (LLaVA / EVE's scripts
+    let generate() run on; their demo caps max_new_tokens at the positions left), with the new
+    tokens left: the first tokens of an uncapped run's answer, the same from both backends, each
+    row of a batch cut at its own budget."""
+    from megatron_eve.inference.backends import HFBackend, Request
+    from megatron_eve.inference.generate import Sampling, chat_prompt
+
+    left, image = 3, model["images"][0]
+    question = near_limit_question(model["tokenizer"], image, left)
+    near = Request(chat_prompt(question, True), [image])
+    short = Request(chat_prompt("What is two plus three?", False))
+    sampling = Sampling(max_new_tokens=12)
+    hf = HFBackend(str(export))
+    texts = hf.answer([near, short], sampling)
+    assert texts == [hf.answer([near], sampling)[0], hf.answer([short], sampling)[0]] and all(texts)
+
+    hf.tokenizer.decode = lambda ids: " ".join(map(str, ids))  # the answers' token ids
+    capped = hf.answer([near, short], sampling)
+    hf.max_length = 10**6  # as if the model had positions to spare
+    uncapped = hf.answer([near, short], sampling)
+    assert len(capped[0].split()) == left and uncapped[0].split()[:left] == capped[0].split()
+    assert len(uncapped[0].split()) > left and capped[1] == uncapped[1] and len(capped[1].split()) > left
+
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "image": os.path.basename(image), "text": question}) + "\n"
+                         + json.dumps({"question_id": 2, "text": "What is two plus three?"}) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_vqa.py"), "answer", "--load", model["load"],
+                          "--tokenizer-model", model["tokenizer"], "--question-file", questions, "--image-folder",
+                          model["root"], "--answers-file", answers, "--max-new-tokens", "12", "--batch-size", "2",
+                          "--prompt-style", "none"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["metadata"] for r in rows] == [{}, {}]
+    assert [r["text"] for r in rows] == texts  # the megatron backend answers as the HF export does

@@ -18,7 +18,9 @@ answer: question jsonl → answer jsonl ({"question_id", "prompt", "text", "answ
         LLaVA-Bench). A question whose text already ends with one of these (LLaVA's and EVE's
         question files carry them) is asked as it is. --max-new-tokens defaults to LLaVA's for
         the style's benchmarks: 128 for short and vizwiz, 1024 for option, option-cn and none
-        (SEED's 128 scores the same). Split over machines with --num-chunks /
+        (SEED's 128 scores the same), cut to the positions a prompt leaves the model (a prompt that
+        leaves none is too long). Sampling (--temperature > 0) keeps --top-k 50 tokens by default,
+        as transformers' generate() does in LLaVA's scripts. Split over machines with --num-chunks /
         --chunk-idx. A question that cannot be answered (missing or damaged image, too long, a
         malformed line) gets an empty answer and metadata.error, and a line that is not JSON is
         reported as file:line; the others are still answered. Each finished answer is also appended
@@ -97,7 +99,9 @@ def answer_options(args, model_id: str) -> dict:
             "model_id": model_id, "prompt_style": args.prompt_style, "image_folder": _resolved(args.image_folder),
             "num_chunks": args.num_chunks, "chunk_idx": args.chunk_idx, "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "bf16": bool(args.bf16),
-            "transformer_impl": getattr(args, "transformer_impl", None)}
+            "transformer_impl": getattr(args, "transformer_impl", None),
+            # Sampled answers only (a greedy side file from before --top-k existed still resumes).
+            **({"top_k": args.top_k} if args.temperature > 0 else {})}
 
 
 def answer(args) -> int:

@@ -7,7 +7,8 @@
   # an HF export under plain transformers
   python tools/generate.py --hf exports/eve-7b --image cat.jpg --prompt "What is this?"
 
-Greedy by default (--temperature / --top-p to sample), stops at </s>, uses a KV cache
+Greedy by default (--temperature, with --top-k / --top-p, to sample), stops at </s> or where the
+model's positions end (--max-new-tokens is cut to what the prompt leaves), uses a KV cache
 (--no-kv-cache recomputes the whole sequence each step). Without --prompt, reads questions
 from standard input, one per line.
 """
@@ -69,6 +70,10 @@ def add_model_args(p: argparse.ArgumentParser, demo: bool = False, max_new_token
     g.add_argument("--max-new-tokens", type=int, default=None if max_new_tokens_help else 128,
                    help=max_new_tokens_help or "1 or more")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    if not demo:  # the demo's sliders have no top-k: it samples with the default, as the reference demo does
+        g.add_argument("--top-k", type=int, default=50,
+                       help="0 (off) or more; default 50, as transformers' generate() samples (after "
+                            "--temperature, before --top-p)")
     g.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]")
     g.add_argument("--seed", type=int, default=0, help="of the sampling (temperature > 0)")
 
@@ -102,7 +107,8 @@ def setup(args):
 
 def sampling(args) -> Sampling:
     """The flags' Sampling (SamplingError out of range: check_sampling_args reports it)."""
-    return checked_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    return checked_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                            top_k=getattr(args, "top_k", 50))  # the demo has no --top-k
 
 
 def main(argv=None) -> int:

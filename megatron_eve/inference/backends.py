@@ -14,7 +14,7 @@ import torch
 from megatron_eve.config import ConfigError
 from megatron_eve.data.records import to_rgb
 from megatron_eve.data.tokenizer import Tokenizer
-from megatron_eve.inference.generate import Generator, Prompt, PromptError, Sampling, build_prompt
+from megatron_eve.inference.generate import Generator, Prompt, PromptError, Sampling, build_prompt, new_token_budget
 
 
 @dataclass
@@ -48,13 +48,26 @@ def open_images(paths: Sequence[str], upright: bool = False):
     return images
 
 
-def check_length(positions: int, sampling: Sampling, max_length: int) -> None:
-    """The one length rule of both backends: the prompt and the new tokens fit the model's positions."""
+def check_length(positions: int, sampling: Sampling, max_length: int) -> int:
+    """The one length rule of both backends: a prompt must leave the model a position to answer in
+    (else PromptError); → its budget of new tokens, sampling.max_new_tokens cut to the positions
+    left, as LLaVA / EVE's demo worker caps it (their evaluation scripts let generate() run on)."""
     if positions >= max_length:
         raise PromptError(f"the prompt takes {positions} positions; the model allows {max_length}")
-    if positions + sampling.max_new_tokens > max_length:
-        raise PromptError(f"prompt of {positions} positions + {sampling.max_new_tokens} new "
-                          f"tokens exceeds the model's {max_length}")
+    return new_token_budget(positions, sampling.max_new_tokens, max_length)
+
+
+def answer_ids(ids: List[int], tokenizer: Tokenizer, eos_id: int) -> List[int]:
+    """The ids an answer shows: up to its </s>, without the tokenizer's special ids (<unk>, <s>,
+    </s>), as the reference's batch_decode(skip_special_tokens=True) leaves them out."""
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    specials = _special_ids(tokenizer)
+    return [i for i in ids if i not in specials]
+
+
+def _special_ids(tokenizer: Tokenizer) -> set:
+    return {i for i in (tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id) if i >= 0}
 
 
 class MegatronBackend:
@@ -66,8 +79,9 @@ class MegatronBackend:
             raise ConfigError(f"--load {load}: no such checkpoint folder")
         self.tokenizer = Tokenizer(tokenizer_model)  # first: a bad file is refused before the model loads
         self.model, self.config = load_model_for_inference(load, parallel, transformer_impl, bf16=bf16)
-        self.generator = Generator(self.model, use_cache=use_cache, vocab_size=self.tokenizer.vocab_size)
         self.max_length = self.config.language.max_position_embeddings
+        self.generator = Generator(self.model, use_cache=use_cache, vocab_size=self.tokenizer.vocab_size,
+                                   max_length=self.max_length)  # each row stops where the positions end
 
     def prepare(self, request: Request) -> Prompt:
         images = open_images(request.image_paths, request.upright)
@@ -92,15 +106,18 @@ class MegatronBackend:
 
     def stream(self, request: Request, sampling: Sampling, cancel: Optional[threading.Event] = None
                ) -> Iterator[str]:
-        """Text deltas of one answer as it is generated (the same length limit as answer()); stops
-        between steps once `cancel` is set (nobody reads the answer any more)."""
+        """Text deltas of one answer as it is generated (the same length limit and text as answer());
+        stops between steps once `cancel` is set (nobody reads the answer any more)."""
         prompt = self.prepare(request)
         self._check_length(prompt, sampling)
+        specials = _special_ids(self.tokenizer)
         ids: List[int] = []
         shown = ""
         for step in self.generator.stream([prompt], sampling):
             if step[0] is None or step[0] == sampling.eos_id or (cancel is not None and cancel.is_set()):
                 break
+            if step[0] in specials:  # <unk>, <s>: not shown, as answer() leaves them out
+                continue
             ids.append(step[0])
             # The byte tokens of a character not yet complete decode to U+FFFD: held back until its
             # last byte comes (as transformers' TextIteratorStreamer holds back), so that no piece
@@ -123,9 +140,7 @@ class MegatronBackend:
         return len(decoder.getstate()[0])
 
     def _text(self, ids: List[int], sampling: Sampling) -> str:
-        if sampling.eos_id in ids:
-            ids = ids[: ids.index(sampling.eos_id)]
-        return self.tokenizer.decode(ids).strip()
+        return self.tokenizer.decode(answer_ids(ids, self.tokenizer, sampling.eos_id)).strip()
 
 
 def _new_part(text: str, shown: str) -> Iterator[str]:
@@ -181,7 +196,7 @@ class HFBackend:
         from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
 
         out: List[Union[str, PromptError, None]] = [None] * len(requests)
-        ready = []  # (index, ids, images) of the requests that can be answered
+        ready = []  # (index, ids, images, budget of new tokens) of the requests that can be answered
         for index, request in enumerate(requests):
             try:
                 images = open_images(request.image_paths, request.upright)
@@ -189,25 +204,29 @@ class HFBackend:
                 if ids.count(IMAGE_TOKEN_INDEX) != len(images):
                     raise PromptError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} <image> placeholders "
                                       f"for {len(images)} images")
-                check_length(self.positions(ids, images), sampling, self.max_length)
-                ready.append((index, ids, images))
+                budget = check_length(self.positions(ids, images), sampling, self.max_length)
+                ready.append((index, ids, images, budget))
             except PromptError as error:
                 out[index] = error
         if ready:
-            texts = self._generate([ids for _, ids, _ in ready], [im for _, _, ims in ready for im in ims], sampling)
-            for (index, _, _), text in zip(ready, texts):
+            texts = self._generate([ids for _, ids, _, _ in ready], [im for _, _, ims, _ in ready for im in ims],
+                                   sampling, [budget for _, _, _, budget in ready])
+            for (index, _, _, _), text in zip(ready, texts):
                 out[index] = text
         return out
 
-    def _generate(self, rows: List[List[int]], images, sampling: Sampling) -> List[str]:
+    def _generate(self, rows: List[List[int]], images, sampling: Sampling, budgets: List[int]) -> List[str]:
+        """budgets: each row's new tokens at most (check_length's); the batch runs to the largest, and
+        each row is cut at its own, as the megatron generator stops it there."""
         longest = max(map(len, rows))
         ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=sampling.eos_id, pad_token_id=0,
+        kwargs = dict(max_new_tokens=max(budgets), eos_token_id=sampling.eos_id, pad_token_id=0,
                       do_sample=sampling.temperature > 0, attention_mask=mask)
         if sampling.temperature > 0:
             torch.manual_seed(sampling.seed)
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+            # top_k explicitly: generate() would take an unset (None) top_k for its default 50; 0 turns it off
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         if self.model.config.vocab_size > self.tokenizer.vocab_size:  # vocabulary padding: never an answer
             kwargs["suppress_tokens"] = list(range(self.tokenizer.vocab_size, self.model.config.vocab_size))
         if images:
@@ -215,12 +234,8 @@ class HFBackend:
             new_tokens = self.model.generate(ids, images=pixels, **kwargs)  # from embeddings: new tokens only
         else:
             new_tokens = self.model.generate(ids, **kwargs)[:, longest:]
-        texts = []
-        for row in new_tokens.tolist():
-            if sampling.eos_id in row:
-                row = row[: row.index(sampling.eos_id)]
-            texts.append(self.tokenizer.decode(row).strip())
-        return texts
+        return [self.tokenizer.decode(answer_ids(row[:budget], self.tokenizer, sampling.eos_id)).strip()
+                for row, budget in zip(new_tokens.tolist(), budgets)]
 
 
 def check_export_folder(folder: str) -> None:

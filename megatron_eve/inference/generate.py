@@ -1,5 +1,6 @@
 """Text generation with the megatron EVE model: a KV cache (megatron-core's static inference
-context), greedy or temperature / top-p sampling, stop at </s>, any TP / PP.
+context), greedy or temperature / top-k / top-p sampling (transformers' generate() warpers, in its
+order), stop at </s> or where the model's positions end, any TP / PP.
 
 Prompts of a batch are left-padded; an explicit mask hides the padding from every query, and since
 RoPE scores depend only on relative positions, a padded row gives the same tokens as alone.
@@ -30,17 +31,21 @@ class Sampling:
     top_p: float = 1.0
     eos_id: int = 2
     seed: int = 0
+    # 0: off. transformers' generate() keeps the 50 most likely tokens unless told otherwise (its
+    # GenerationConfig default), so EVE's own sampling (generate(do_sample=True, temperature, top_p)) does.
+    top_k: int = 50
 
 
 class SamplingError(ValueError):
     """A sampling value out of range; the message names it as the caller asked for it."""
 
 
-FLAG_NAMES = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p"}
+FLAG_NAMES = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
+              "top_k": "--top-k"}
 
 
 def checked_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int = 0,
-                     limit: Optional[int] = None, names=FLAG_NAMES) -> Sampling:
+                     limit: Optional[int] = None, names=FLAG_NAMES, top_k: int = 50) -> Sampling:
     """The one range check of generate.py, eval_vqa.py and the demo (names: the flags, or the demo's
     fields). Out of range, sampling fails late (top_p 0 keeps no token: torch.multinomial's error) or
     not at all (a negative temperature inverts the distribution): refused here with SamplingError."""
@@ -53,7 +58,32 @@ def checked_sampling(max_new_tokens: int, temperature: float, top_p: float, seed
         raise SamplingError(f"{names['temperature']} must be 0 (greedy) or more, not {temperature}")
     if not 0 < top_p <= 1:
         raise SamplingError(f"{names['top_p']} must be in (0, 1], not {top_p}")
-    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise SamplingError(f"{names.get('top_k', 'top_k')} must be 0 (off) or more, not {top_k}")
+    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, top_k=top_k)
+
+
+def new_token_budget(positions: int, max_new_tokens: int, max_length: Optional[int]) -> int:
+    """The new tokens a prompt of `positions` may have: max_new_tokens, cut to the model's positions
+    left (as LLaVA / EVE's demo worker caps them; their scripts let generate() run on)."""
+    return max_new_tokens if max_length is None else min(max_new_tokens, max_length - positions)
+
+
+def sampling_distribution(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The probabilities [b, V] a sampled token is drawn from: transformers' generate() warpers in
+    its order, as they compute them (ties at a boundary fall alike): temperature, then top-k
+    (TopKLogitsWarper: every token as likely as the k-th is kept), then top-p (TopPLogitsWarper:
+    the least likely tokens whose mass is at most 1 - top_p dropped, the most likely always kept)."""
+    scores = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if sampling.top_p < 1.0:
+        ascending, order = torch.sort(scores, descending=False)
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - sampling.top_p
+        drop[..., -1:] = False
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 @dataclass
@@ -100,16 +130,20 @@ def _stage_flags():
 class Generator:
     """Generates with one model stage per rank (build it with parallel_output=False)."""
 
-    def __init__(self, model, use_cache: bool = True, vocab_size: Optional[int] = None):
-        """vocab_size: the tokenizer's; ids beyond it (vocabulary padding) are never produced."""
+    def __init__(self, model, use_cache: bool = True, vocab_size: Optional[int] = None,
+                 max_length: Optional[int] = None):
+        """vocab_size: the tokenizer's; ids beyond it (vocabulary padding) are never produced.
+        max_length: the model's positions; a row stops where they end (None: after max_new_tokens)."""
         self.model = model.eval()
         self.use_cache = use_cache
         self.vocab_size = vocab_size
+        self.max_length = max_length
         self.device = current_device()
 
     @torch.no_grad()
     def generate(self, prompts: List[Prompt], sampling: Sampling) -> List[List[int]]:
-        """New tokens for each prompt (the final </s> included when produced)."""
+        """New tokens for each prompt (the final </s> included when produced): at most
+        sampling.max_new_tokens, and no more than the model's positions leave it."""
         out: List[List[int]] = [[] for _ in prompts]
         for step_tokens in self.stream(prompts, sampling):
             for row, token in enumerate(step_tokens):
@@ -119,11 +153,17 @@ class Generator:
 
     @torch.no_grad()
     def stream(self, prompts: List[Prompt], sampling: Sampling) -> Iterator[List[Optional[int]]]:
-        """Yields, per step, each row's new token (None once a row has finished)."""
+        """Yields, per step, each row's new token (None once a row has finished: after its </s>, or
+        its budget of new tokens, new_token_budget, its own in a batch)."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         batch, longest = len(prompts), max(len(p.tokens) for p in prompts)
-        total = longest + sampling.max_new_tokens
+        budgets = [new_token_budget(len(p.tokens), sampling.max_new_tokens, self.max_length) for p in prompts]
+        if min(budgets) < 1:
+            raise PromptError(f"the prompt takes {len(prompts[budgets.index(min(budgets))].tokens)} positions; "
+                              f"the model allows {self.max_length}")
+        budget, steps = torch.tensor(budgets), max(budgets)
+        total = longest + steps
         tokens = torch.zeros(batch, total, dtype=torch.long)
         valid = torch.zeros(batch, total, dtype=torch.bool)
         for row, prompt in enumerate(prompts):  # left padding
@@ -135,7 +175,7 @@ class Generator:
         generator = torch.Generator().manual_seed(sampling.seed)
         done = torch.zeros(batch, dtype=torch.bool)
         length = longest
-        for _ in range(sampling.max_new_tokens):
+        for step in range(steps):
             start = context.sequence_len_offset if context is not None else 0
             step_ids = tokens[:, start:length]
             keys = valid[:, :length]
@@ -149,7 +189,7 @@ class Generator:
             tokens[:, length], valid[:, length] = chosen, True
             length += 1
             yield [None if done[row] else int(chosen[row]) for row in range(batch)]
-            done |= chosen == sampling.eos_id
+            done |= (chosen == sampling.eos_id) | (budget <= step + 1)
             if bool(done.all()):
                 break
 
@@ -184,11 +224,7 @@ class Generator:
             if sampling.temperature <= 0:
                 chosen = logits.argmax(dim=-1)
             else:
-                probs = torch.softmax(logits / sampling.temperature, dim=-1).cpu()
-                if sampling.top_p < 1.0:
-                    sorted_probs, order = probs.sort(dim=-1, descending=True)
-                    keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p
-                    probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+                probs = sampling_distribution(logits, sampling).cpu()
                 chosen = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(self.device)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(chosen, src=ps.get_pipeline_model_parallel_last_rank(),
