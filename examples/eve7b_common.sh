@@ -27,6 +27,28 @@ else
     echo "warning: this torchrun has no --shutdown-timeout: it kills the workers 30 s after a SIGTERM," \
          "likely before --exit-signal-handler's checkpoint is written (a newer torch has the flag)" >&2
 fi
+# train ARGS...: torchrun pretrain_eve.py ARGS. Under SLURM the SIGTERM before the time limit reaches
+# every process of the job step, this shell too: killed by it, the shell would end its task while
+# torchrun's workers are still writing --exit-signal-handler's checkpoint (and srun's
+# --kill-on-bad-exit would then kill the step), so the shell waits for torchrun instead. torchrun
+# re-raises a SIGTERM it forwarded (status 1) even when every worker saved and exited 0: a stop that
+# wrote a checkpoint (the --save tracker moved) is reported as the clean stop it is, status 0.
+train() {
+    local save="" previous="" arg status=0 before after
+    for arg in "$@"; do [ "$previous" = "--save" ] && save=$arg; previous=$arg; done
+    before=$(cat "$save/latest_checkpointed_iteration.txt" 2>/dev/null || true)
+    SIGNALLED=0
+    trap 'SIGNALLED=1' TERM
+    "${LAUNCH[@]}" "$ROOT/pretrain_eve.py" "$@" || status=$?
+    trap - TERM
+    after=$(cat "$save/latest_checkpointed_iteration.txt" 2>/dev/null || true)
+    if [ "$status" -ne 0 ] && [ "$SIGNALLED" = 1 ] && [ -n "$after" ] && [ "$after" != "$before" ]; then
+        echo "stopped by SIGTERM after saving iteration $after in $save (torchrun's status $status: the" \
+             "signal it forwarded)" >&2
+        return 0
+    fi
+    return "$status"
+}
 # As Megatron-LM's scripts: with sequence parallelism one hardware queue keeps each gradient's
 # reduce-scatter launched ahead of the weight-gradient GEMM it overlaps (megatron-core warns otherwise).
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}

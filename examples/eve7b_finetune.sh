@@ -4,7 +4,7 @@
 # Usage: bash examples/eve7b_finetune.sh ${node_rank} ${master_addr}
 set -euo pipefail
 source "$(dirname "$0")/eve7b_common.sh"
-"${LAUNCH[@]}" "$ROOT/pretrain_eve.py" "${COMMON[@]}" \
+train "${COMMON[@]}" \
   --stage finetune --image-size 672 --seq-length 4096 \
   --global-batch-size 32 --train-samples 133000 \
   --lr 2e-5 --vision-lr 2e-5 --lr-warmup-fraction 0.01 \

@@ -7,7 +7,7 @@
 # Usage: bash examples/eve7b_finetune_hd.sh ${node_rank} ${master_addr}
 set -euo pipefail
 source "$(dirname "$0")/eve7b_common.sh"
-"${LAUNCH[@]}" "$ROOT/pretrain_eve.py" "${COMMON[@]}" \
+train "${COMMON[@]}" \
   --stage finetune --preset eve-7b-hd --image-size 1344 --seq-length 8192 --max-position-embeddings 8192 \
   --global-batch-size 48 --train-samples 600000 \
   --lr 2e-5 --vision-lr 2e-5 --lr-warmup-fraction 0.01 \

@@ -7,7 +7,7 @@ source "$(dirname "$0")/eve7b_common.sh"
 # Vicuna-7B-v1.5 converted to a megatron checkpoint (checkpoint_conversion/): the starting weights;
 # a resubmitted job resumes from its own --load instead.
 VICUNA=${VICUNA:-$CHECKPOINTS/vicuna-7b-v1.5-megatron}
-"${LAUNCH[@]}" "$ROOT/pretrain_eve.py" "${COMMON[@]}" \
+train "${COMMON[@]}" \
   --stage prealign --image-size 672 --seq-length 4096 \
   --global-batch-size 80 --train-samples 2461600 \
   --lr 4e-4 --vision-lr 4e-4 --lr-warmup-fraction 0.03 \

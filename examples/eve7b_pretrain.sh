@@ -4,7 +4,7 @@
 # Usage: bash examples/eve7b_pretrain.sh ${node_rank} ${master_addr}
 set -euo pipefail
 source "$(dirname "$0")/eve7b_common.sh"
-"${LAUNCH[@]}" "$ROOT/pretrain_eve.py" "${COMMON[@]}" \
+train "${COMMON[@]}" \
   --stage pretrain --image-size 672 --seq-length 4096 \
   --global-batch-size 80 --train-samples 5076900 \
   --lr 4e-5 --lr-warmup-fraction 0.01 \
