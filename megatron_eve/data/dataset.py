@@ -327,9 +327,9 @@ def _in_split(sources: List[Tuple[float, IndexedSamples]], ranges: List[Tuple[in
         if weight == 0:  # left out on purpose
             continue
         too_long = int((samples.lengths[first:last] > config.seq_length).sum())
-        if too_long:
-            logger.warning("%s (%s): %d samples longer than seq-length %d are left out", samples.prefix,
-                           split, too_long, config.seq_length)
+        if too_long:  # once: check_blend (before the model) and build_datasets both get here
+            _warn_once(samples.prefix, f"{split} too long", "%s (%s): %d samples longer than seq-length %d are "
+                       "left out", samples.prefix, split, too_long, config.seq_length)
         if too_long < last - first:
             used.append(index)
         elif too_long and split == "train":
