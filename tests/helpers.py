@@ -206,7 +206,8 @@ def child_report(module: str, report_path, timeout: int = 240) -> Dict:
 
 
 # ------------------------------------------------------------------------------ pretrain_eve.py runs
-LINE = re.compile(r"iteration +(\d+)/ *\d+ .*? lm loss: (\S+) \| align loss: (\S+) \| grad norm: (\S+)")
+LINE = re.compile(r"iteration +(\d+)/ *\d+ .*? lm loss: (\S+) \| align loss: (\S+) \|"
+                  r"(?: loss scale: \S+ \|)? grad norm: (\S+)")
 
 
 def base_args(data: Dict, stage: str = "prealign", kind: str = "captions") -> List[str]:

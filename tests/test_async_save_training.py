@@ -18,7 +18,7 @@ from tests.helpers import ROOT, base_args, train
 
 def test_async_save_is_published_and_resumes(data, tmp_path):
     args = base_args(data, "pretrain") + ["--use-distributed-optimizer", "--save-interval", 2, "--async-save",
-                                          "--save", tmp_path / "ck"]
+                                          "--save", tmp_path / "ck", "--lr-decay-style", "cosine"]
     train(args + ["--train-iters", 4])
     assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text() == "4"  # the exit waited
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [

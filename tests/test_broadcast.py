@@ -150,7 +150,7 @@ def test_a_run_that_stops_with_a_prefetch_in_flight_exits_cleanly(tmp_path):
     assert_same(ours["dropped"], ours["taken"][0], "the dropped fourth micro-batch starts the split again")
 
 
-VALIDATION = re.compile(r"validation at iteration +(\d+) \| lm loss: (\S+)")
+VALIDATION = re.compile(r"validation loss at iteration +(\d+) \| lm loss value: (\S+)")
 
 
 def ranks_and_their_children(proc, seconds: float):

@@ -240,6 +240,44 @@ def test_resume_refuses_learning_rates_megatron_core_cannot_load_the_optimizer_w
     assert refusal("--vision-lr", "2e-4") is None
 
 
+def test_resume_keeps_an_earlier_sample_based_schedule_and_compares_an_increasing_weight_decay():
+    """With --train-samples the decay is now --train-samples itself (Megatron-LM's), where earlier
+    versions decayed over its whole global batches: such a checkpoint resumes without a scheduler
+    flag (megatron-core goes on with its schedule). An increasing weight decay's length is compared
+    on resume; constant weight decay's is not (megatron-core never reads it)."""
+    import pytest
+    import torch
+
+    from megatron_eve.config import ConfigError
+    from megatron_eve.training.arguments import parse_args
+    from megatron_eve.training.checkpoint_records import CheckpointRecord, check_schedule
+    from megatron_eve.training.optim import build_scheduler
+
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
+    at = RESUME.index("--train-iters")
+    samples = RESUME[:at] + RESUME[at + 2:] + ["--train-samples", "18", "--lr-warmup-fraction", "0.25"]
+    scheduler = build_scheduler(sgd, parse_args(samples)).state_dict()
+    assert (scheduler["lr_decay_steps"], scheduler["lr_warmup_steps"]) == (18, 4.5)
+    earlier = {**scheduler, "lr_decay_steps": 16, "lr_warmup_steps": 4}  # 4 global batches of 4, int(0.25 x 16)
+    check_schedule(parse_args(samples), CheckpointRecord("ck", "ck/iter_0000004", {"opt_param_scheduler": earlier}))
+    with pytest.raises(ConfigError, match=r"lr_decay_steps: checkpoint 12, flags 18 \(--lr-decay-samples"):
+        check_schedule(parse_args(samples), CheckpointRecord("ck", "ck/iter_0000003", {
+            "opt_param_scheduler": {**earlier, "lr_decay_steps": 12}}))
+
+    wd = ["--weight-decay-incr-style", "cosine", "--start-weight-decay", "0.01", "--end-weight-decay", "0.1"]
+    for extra, refused in (([], False), (wd, True)):
+        saved = build_scheduler(sgd, parse_args(RESUME + extra)).state_dict()
+        record = CheckpointRecord("ck", "ck/iter_0000004", {"opt_param_scheduler": saved})
+        longer = parse_args(RESUME + extra + ["--train-iters", "6", "--lr-decay-iters", "4"])
+        try:
+            check_schedule(longer, record)
+        except ConfigError as error:
+            assert refused and "(wd_incr_steps: checkpoint 16, flags 24 (--train-iters x --global-batch-size);" in str(
+                error)
+        else:
+            assert not refused
+
+
 def test_a_resume_into_param_groups_the_checkpoint_lacks_is_refused_in_one_line():
     """megatron-core pairs this run's optimizer param groups with the checkpoint's by its identifier
     keys; one without a partner fails its load after the tensors are read (the distributed

@@ -54,14 +54,21 @@ def test_all_problems_are_listed_together():
     assert "num_attention_heads" in str(error.value) and "num_layers 32" in str(error.value)
 
 
-def test_sequence_parallel_needs_tp():
-    with pytest.raises(ConfigError, match="sequence-parallel needs tensor-model-parallel-size > 1"):
-        check(get_preset("tiny"), sp=True)
+def test_sequence_parallel_without_tp_is_off_not_refused():
+    """As Megatron-LM: sequence parallelism without tensor parallelism is turned off (the training
+    checks warn: tests/test_options.py), not refused; megatron-core's config never gets it."""
+    from megatron_eve.config.transformer import transformer_config
+    from tests.helpers import tiny_config
+
+    check(get_preset("tiny"), sp=True)
+    runtime = RuntimeConfig(use_cpu_initialization=True)
+    assert not transformer_config(tiny_config(), ParallelConfig(1, 1, True), runtime).sequence_parallel
+    assert transformer_config(tiny_config(), ParallelConfig(2, 1, True), runtime).sequence_parallel
 
 
 def test_taps_need_layers_divisible_by_8_or_an_interval():
     model = replace(get_preset("tiny"), **{"language.num_layers": 6})
-    with pytest.raises(ConfigError, match="num_layers 6 is not a multiple of 8: set aligner.tap_interval"):
+    with pytest.raises(ConfigError, match="num_layers 6 is not a multiple of 8: set --aligner-tap-interval"):
         check(model)
     check(replace(model, **{"aligner.tap_interval": 2}))
     check(replace(model, **{"aligner.enabled": False}))

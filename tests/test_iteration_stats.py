@@ -59,3 +59,38 @@ def test_flops_of_a_micro_batch_count_frozen_matmuls_twice_and_the_pel_global_ke
     pel = 6 * (4 * 2 * 3 * 14**2 * 64 + 2 * 64**2 + 16 * 64**2 + 2 * 64**2 + 4 * 64**2) + 4 * 64**2
     projector = 9 * 2 * (64 * 128 + 128 * 128)
     assert trained - micro_batch_work(text, cfg, align=False).flops == 3.0 * (pel + projector)
+
+
+def test_an_iterations_losses_come_with_its_flags_without_another_read(monkeypatch):
+    """TensorBoard's per-iteration losses: from the copy the flags were read from, with no read of the
+    device of their own (a host synchronisation on a GPU)."""
+    import pytest
+    import torch.distributed as dist
+
+    from megatron_eve.training.iteration_stats import IterationStats
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        stats = IterationStats(torch.device("cpu"), counts_losses=True, counts_work=False)
+
+        def micro(lm, align):
+            return {"lm loss": torch.tensor(lm), "align loss": torch.tensor(align)}
+
+        pending = stats.launch([micro(1.0, 2.0), micro(3.0, 6.0)])
+        with pytest.raises(AssertionError):
+            stats.read_losses()  # not before the flags' read
+        assert pending.read()["finite"]
+        reads = []
+
+        def counted(real):
+            return lambda self, *args, **kwargs: reads.append(1) or real(self, *args, **kwargs)
+
+        for name in ("tolist", "item", "cpu", "__float__"):
+            monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+        assert stats.read_losses() == {"lm loss": 2.0, "align loss": 4.0} and reads == []
+        monkeypatch.undo()
+        stats.reduce([micro(5.0, 1.0)])
+        assert stats.read_losses() == {"lm loss": 5.0, "align loss": 1.0}
+    finally:
+        dist.destroy_process_group()
+

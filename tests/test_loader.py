@@ -44,6 +44,10 @@ def test_unpacked_rows_use_the_causal_default():
     batch = collate([assemble_sequence([sample(3)], None), assemble_sequence([sample(5)], None)])
     assert batch["tokens"].shape == (2, 5) and batch["labels"][0, 3:].eq(IGNORE_INDEX).all()
     assert "attention_mask" not in model_inputs(batch, VISION, "cpu")
+    # Sequence parallelism's rows: a multiple of the TP ranks, the padding a segment of its own.
+    split = collate([assemble_sequence([sample(3)], None), assemble_sequence([sample(5)], None)], row_multiple=4)
+    assert split["tokens"].shape == (2, 8) and split["labels"][1, 5:].eq(IGNORE_INDEX).all()
+    assert split["segment_ids"][1].tolist()[4:] == [0, 1, 1, 1]
 
 
 def test_thd_boundaries_over_flattened_rows():

@@ -125,3 +125,92 @@ def test_vision_learning_rate_keeps_megatron_cores_weight_decay_rules():
     assert override("module.decoder.layers.0.input_layernorm.weight", (8,)) == {"wd_mult": 0.0}
     assert override("module.vision_model.patch_embedding.weight", (8, 3, 14, 14)) == vision_rates(optim)
     assert override("module.decoder.layers.0.mlp.linear_fc1.weight", (16, 8)) == {}
+
+
+SCHEDULE = ["--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "1024", "--lr", "2e-3",
+            "--data-path", "x"]
+
+
+def test_a_sample_based_schedule_is_megatron_lms_and_earlier_checkpoints_of_it_resume():
+    """--train-samples, as Megatron-LM's get_optimizer_param_scheduler: the decay over --train-samples
+    itself (30, not its 7 whole global batches' 28) unless --lr-decay-samples, the warm-up a fraction
+    of that or --lr-warmup-samples, weight decay over --train-samples. A checkpoint saved when the
+    decay was the whole global batches (and the warm-up fraction of those, a float or its int) goes
+    on with its schedule; another decay length is refused."""
+    from megatron_eve.training.arguments import parse_args
+    from megatron_eve.training.optim import build_scheduler, schedule_differences, schedule_settings
+
+    samples = SCHEDULE + ["--train-samples", "30"]
+    flags = parse_args(samples + ["--lr-warmup-fraction", "0.1"])
+    settings = schedule_settings(flags)
+    assert (settings["lr_decay_steps"], settings["lr_warmup_steps"], settings["wd_incr_steps"]) == (30, 0.1 * 30, 30)
+    settings = schedule_settings(parse_args(samples + ["--lr-decay-samples", "20", "--lr-warmup-samples", "5"]))
+    assert (settings["lr_decay_steps"], settings["lr_warmup_steps"], settings["wd_incr_steps"]) == (20, 5, 30)
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
+    saved = build_scheduler(optimizer, flags).state_dict()
+    assert schedule_differences(flags, saved) == []
+    for warmup in (0.1 * 28, 2):
+        earlier = {**saved, "lr_decay_steps": 28, "lr_warmup_steps": warmup}
+        assert schedule_differences(flags, earlier) == []
+        scheduler = build_scheduler(optimizer, flags)
+        scheduler.load_state_dict(earlier)
+        assert (scheduler.lr_decay_steps, scheduler.lr_warmup_steps) == (28, warmup)  # its schedule goes on
+    (decay,) = schedule_differences(flags, {**saved, "lr_decay_steps": 24})
+    assert decay == "lr_decay_steps: checkpoint 24, flags 30 (--lr-decay-samples (default --train-samples))"
+    # (an earlier --lr-decay-iters 7 with --train-samples is --lr-decay-samples 28 now: the same steps)
+    assert schedule_differences(parse_args(samples + ["--lr-decay-samples", "28"]), {**saved, "lr_decay_steps": 28,
+                                                                                       "lr_warmup_steps": 0}) == []
+
+
+def test_the_warm_up_start_and_an_increasing_weight_decay_reach_megatron_cores_scheduler():
+    """--lr-warmup-init, --start-weight-decay / --end-weight-decay over --train-iters x
+    --global-batch-size with --weight-decay-incr-style, as Megatron-LM passes them. An increasing
+    weight decay reads wd_incr_steps, so a resume compares it (constant weight decay does not)."""
+    from megatron_eve.training.arguments import parse_args
+    from megatron_eve.training.optim import build_scheduler, schedule_differences
+
+    wd = ["--weight-decay-incr-style", "linear", "--start-weight-decay", "0.0", "--end-weight-decay", "0.1"]
+    argv = SCHEDULE + ["--train-iters", "10", "--lr-decay-iters", "10", "--lr-warmup-iters", "2",
+                       "--lr-warmup-init", "1e-4"]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
+    scheduler = build_scheduler(optimizer, parse_args(argv + wd))
+    assert (scheduler.init_lr, scheduler.start_wd, scheduler.end_wd, scheduler.wd_incr_steps,
+            scheduler.wd_incr_style) == (1e-4, 0.0, 0.1, 40, "linear")
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (1e-4, 0.0)
+    scheduler.step(increment=4)  # one iteration: half the warm-up, a tenth of the weight decay's rise
+    assert abs(group["lr"] - (1e-4 + (2e-3 - 1e-4) / 2)) < 1e-15 and abs(group["weight_decay"] - 0.01) < 1e-15
+
+    saved = scheduler.state_dict()
+    longer = argv[:argv.index("--train-iters") + 1] + ["12"] + argv[argv.index("--train-iters") + 2:]
+    (steps,) = schedule_differences(parse_args(longer + wd), saved)
+    assert steps == "wd_incr_steps: checkpoint 40, flags 48 (--train-iters x --global-batch-size)"
+    (end,) = schedule_differences(parse_args(argv + wd[:-1] + ["0.2"]), saved)
+    assert end == "end_wd: checkpoint 0.1, flags 0.2 (--end-weight-decay)"
+    constant = build_scheduler(optimizer, parse_args(argv)).state_dict()
+    assert constant["wd_incr_style"] == "constant" and constant["start_wd"] == constant["end_wd"] == 0.01
+    assert schedule_differences(parse_args(longer), constant) == []  # never read: not a difference
+    assert [d.split(":")[0] for d in schedule_differences(parse_args(longer + wd), constant)] == [
+        "start_wd", "end_wd", "wd_incr_steps", "wd_incr_style"]
+
+
+def test_wsd_reaches_megatron_cores_scheduler():
+    """--lr-decay-style WSD: --lr until the last --lr-wsd-decay-iters (x --global-batch-size) or
+    --lr-wsd-decay-samples of the decay, then --lr-wsd-decay-style down to --min-lr."""
+    from megatron_eve.training.arguments import parse_args
+    from megatron_eve.training.optim import build_scheduler, schedule_settings
+
+    argv = SCHEDULE + ["--train-iters", "10", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "2",
+                       "--lr-wsd-decay-style", "linear"]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
+    scheduler = build_scheduler(optimizer, parse_args(argv))
+    assert (scheduler.wsd_decay_steps, scheduler.lr_wsd_decay_style) == (8, "linear")
+    rates = []
+    for _ in range(10):
+        scheduler.step(increment=4)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == [2e-3] * 8 + [1e-3, 0.0]
+    samples = schedule_settings(parse_args(SCHEDULE + ["--train-samples", "40", "--lr-decay-style", "WSD",
+                                                       "--lr-wsd-decay-samples", "6"]))
+    assert (samples["wsd_decay_steps"], samples["lr_wsd_decay_style"]) == (6, "exponential")

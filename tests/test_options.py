@@ -81,7 +81,9 @@ def test_each_flag_sets_its_field_and_nothing_else(section, cls, field, kind):
 MEGATRON_LM_FLAGS = """--tensor-model-parallel-size --pipeline-model-parallel-size --num-layers-per-virtual-pipeline-stage
 --sequence-parallel --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather --micro-batch-size
 --global-batch-size --seq-length --train-iters --train-samples --lr --min-lr --lr-decay-style --lr-warmup-fraction
---lr-warmup-iters --lr-decay-iters --weight-decay --clip-grad --adam-beta1 --adam-beta2 --adam-eps --bf16 --fp16
+--lr-warmup-iters --lr-decay-iters --lr-warmup-samples --lr-decay-samples --lr-warmup-init --lr-wsd-decay-style
+--lr-wsd-decay-iters --lr-wsd-decay-samples --start-weight-decay --end-weight-decay --weight-decay-incr-style
+--weight-decay --clip-grad --adam-beta1 --adam-beta2 --adam-eps --bf16 --fp16
 --initial-loss-scale --loss-scale --recompute-granularity --recompute-method --recompute-num-layers --data-path
 --split --num-workers --data-cache-path --tokenizer-model --save --load --save-interval --finetune
 --pretrained-checkpoint --no-load-optim --no-load-rng --exit-signal-handler --exit-interval --exit-duration-in-mins
@@ -130,8 +132,7 @@ def test_a_zero_align_weight_turns_the_aligner_off():
 def test_every_problem_of_a_run_is_reported_in_one_error():
     job = parse_args(REQUIRED + ["--train-iters", "5", "--train-samples", "80", "--global-batch-size", "6",
                                  "--recompute-granularity", "full", "--finetune", "--save-interval", "10",
-                                 "--data-path", "0.5", "a", "b", "--sequence-parallel",
-                                 "--vision-teacher-path", "clip"])
+                                 "--data-path", "0.5", "a", "b", "--vision-teacher-path", "clip"])
     with pytest.raises(ConfigError) as caught:
         validate_job(job, world_size=2)
     message = str(caught.value)
@@ -139,9 +140,133 @@ def test_every_problem_of_a_run_is_reported_in_one_error():
                  "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2",
                  "--recompute-granularity full needs --recompute-method",
                  "--finetune starts from loaded weights", "--save-interval needs --save",
-                 "weights and prefixes must alternate", "sequence-parallel needs tensor-model-parallel-size > 1"):
+                 "weights and prefixes must alternate"):
         assert part in message
-    assert message.startswith("cannot start training:") and message.count("\n  - ") == 7
+    assert message.startswith("cannot start training:") and message.count("\n  - ") == 6
+
+
+def test_help_shows_each_flags_default():
+    """--help prints every flag's default that says something (not an unset option or an off switch)."""
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+            assert "%(default)" in formatter._get_help_string(action), action.option_strings
+    text = " ".join(parser.format_help().split())
+    for shown in ("--lr-decay-style {constant,linear,cosine,inverse-square-root,WSD}",
+                  "then --lr-wsd-decay-style) (default: linear)", "(default: exponential)",
+                  "with --weight-decay-incr-style constant (default: 0.01)",
+                  "learning rate the linear warm-up starts from (default: 0.0)",
+                  "(default: --micro-batch-size x data-parallel size)",
+                  "--weight-decay-incr-style {constant,linear,cosine}"):
+        assert shown in text, shown
+
+
+def test_defaults_are_megatron_lms():
+    """Megatron-LM's defaults: a linear decay, weight decay 0.01 (constant), the warm-up from 0, and
+    --global-batch-size left to --micro-batch-size x data-parallel size."""
+    job = parse_args([a for a in REQUIRED if a not in ("--global-batch-size", "8")] + ["--train-iters", "5"])
+    o = job.optim
+    assert (o.lr_decay_style, o.weight_decay, o.weight_decay_incr_style, o.lr_warmup_init) == ("linear", 0.01,
+                                                                                                "constant", 0.0)
+    assert (o.start_weight_decay, o.end_weight_decay, o.lr_wsd_decay_style) == (None, None, "exponential")
+    assert (o.lr_warmup_samples, o.lr_decay_samples, o.lr_wsd_decay_iters, o.lr_wsd_decay_samples) == (0, None, None,
+                                                                                                       None)
+    assert job.schedule.global_batch_size is None
+
+
+def test_an_unset_global_batch_size_is_micro_batch_size_times_data_parallel_size(capsys, monkeypatch):
+    """As Megatron-LM's validate_args: set once the world size is known (the checks before work), with
+    a note on rank 0."""
+    argv = [a for a in REQUIRED if a not in ("--global-batch-size", "8")] + ["--train-samples", "100",
+                                                                              "--vision-teacher-path", "clip"]
+    job = parse_args(argv + ["--tensor-model-parallel-size", "2"])
+    validate_job(job, world_size=8)
+    assert job.schedule.global_batch_size == 2 * 4 and job.schedule.iterations == 12
+    assert capsys.readouterr().out == "setting global batch size to 8 (--micro-batch-size 2 x data-parallel size 4)\n"
+    monkeypatch.setenv("RANK", "1")  # the other ranks say nothing
+    job = parse_args(argv)
+    validate_job(job, world_size=2)
+    assert job.schedule.global_batch_size == 4 and capsys.readouterr().out == ""
+    # No data-parallel size from the flags and the world size: that is the problem named, nothing else.
+    with pytest.raises(ConfigError) as caught:
+        validate_job(parse_args(argv + ["--tensor-model-parallel-size", "4"]), world_size=2)
+    assert str(caught.value).count("\n  - ") == 1 and "do not divide the world size 2" in str(caught.value)
+
+
+def test_sequence_parallel_without_tensor_parallelism_is_turned_off_with_a_warning(caplog):
+    """As Megatron-LM (it would change the numerics and nothing else): one warning line, not a refusal."""
+    argv = REQUIRED + ["--train-iters", "5", "--vision-teacher-path", "clip", "--sequence-parallel"]
+    job = parse_args(argv)
+    with caplog.at_level("WARNING"):
+        validate_job(job, world_size=2)
+    assert not job.parallel.sequence_parallel
+    assert [r.getMessage() for r in caplog.records] == [
+        "warning: disabling --sequence-parallel because tensor model parallelism is disabled "
+        "(--tensor-model-parallel-size 1), as Megatron-LM does"]
+    caplog.clear()
+    job = parse_args(argv + ["--tensor-model-parallel-size", "2"])
+    validate_job(job, world_size=2)
+    assert job.parallel.sequence_parallel and not caplog.records
+
+
+@pytest.mark.parametrize("extra, message", [
+    # Megatron-LM's validate_args: one warm-up, and lengths in the training length's unit.
+    (["--train-iters", "10", "--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "2"],
+     "can only specify one of --lr-warmup-fraction and --lr-warmup-iters"),
+    (["--train-samples", "80", "--lr-warmup-fraction", "0.1", "--lr-warmup-samples", "3"],
+     "can only specify one of --lr-warmup-fraction and --lr-warmup-samples"),
+    (["--train-samples", "80", "--lr-decay-iters", "5"],
+     "--lr-decay-iters counts iterations but the run counts samples (--train-samples): give --lr-decay-samples"),
+    (["--train-samples", "80", "--lr-warmup-iters", "1"],
+     "--lr-warmup-iters counts iterations but the run counts samples (--train-samples): give --lr-warmup-samples"),
+    (["--train-iters", "10", "--lr-decay-samples", "40"],
+     "--lr-decay-samples counts samples but the run counts iterations (--train-iters): give --lr-decay-iters"),
+    (["--train-iters", "10", "--lr-warmup-samples", "8"],
+     "--lr-warmup-samples counts samples but the run counts iterations (--train-iters): give --lr-warmup-iters"),
+    (["--train-iters", "10", "--lr-decay-style", "WSD"],
+     "--lr-decay-style WSD needs the length of its final decay: --lr-wsd-decay-iters (with --train-iters)"),
+    (["--train-samples", "80", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "2"],
+     "--lr-wsd-decay-iters counts iterations but the run counts samples"),
+    # Weight decay: constant is --weight-decay; an increasing one needs both ends.
+    (["--train-iters", "10", "--start-weight-decay", "0.1"],
+     "--start-weight-decay needs --weight-decay-incr-style linear or cosine (constant weight decay is --weight-decay)"),
+    (["--train-iters", "10", "--weight-decay-incr-style", "linear", "--start-weight-decay", "0"],
+     "--weight-decay-incr-style linear needs --end-weight-decay"),
+    (["--train-iters", "10", "--weight-decay-incr-style", "cosine", "--start-weight-decay", "0.1",
+      "--end-weight-decay", "0.05"], "--end-weight-decay 0.05 is below --start-weight-decay 0.1"),
+    # What megatron-core's OptimizerParamScheduler asserts once the model is built.
+    (["--train-iters", "10", "--min-lr", "2e-3"], "--min-lr 0.002 is above --lr 0.001"),
+    (["--train-iters", "10", "--lr-warmup-init", "2e-3"], "--lr-warmup-init 0.002 must be between 0 and --lr 0.001"),
+    (["--train-iters", "10", "--lr-warmup-iters", "10"],
+     "the learning-rate warm-up (--lr-warmup-iters 10 x --global-batch-size 8: 80 samples) must end before its "
+     "decay does (--train-iters 10 x --global-batch-size 8: 80 samples)"),
+    (["--train-iters", "10", "--lr-decay-iters", "4", "--lr-warmup-fraction", "1"],
+     "(--lr-warmup-fraction 1.0 of the decay: 32 samples) must end before its decay does (--lr-decay-iters 4 x"),
+    (["--train-samples", "80", "--lr-warmup-samples", "80"],
+     "(--lr-warmup-samples 80) must end before its decay does (--train-samples 80)"),
+    (["--train-samples", "80", "--lr-decay-samples", "0"], "--lr-decay-samples 0 must be at least 1"),
+    # Each failed in megatron-core after the model was built.
+    (["--train-iters", "10", "--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
+    (["--train-iters", "10", "--recompute-granularity", "selective", "--recompute-num-layers", "2"],
+     "--recompute-num-layers is for --recompute-granularity full"),
+])
+def test_schedule_flags_megatron_lm_or_megatron_core_would_assert_on_are_refused_before_work(extra, message):
+    job = parse_args(REQUIRED + ["--vision-teacher-path", "clip", *extra])
+    with pytest.raises(ConfigError) as caught:
+        validate_job(job, world_size=1)
+    assert message in str(caught.value) and str(caught.value).count("\n  - ") == 1
+
+
+@pytest.mark.parametrize("extra", [
+    ["--train-iters", "10", "--lr-warmup-iters", "9", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "1"],
+    ["--train-samples", "80", "--lr-warmup-samples", "79", "--lr-decay-samples", "80"],
+    ["--train-samples", "80", "--lr-decay-style", "WSD", "--lr-wsd-decay-samples", "8", "--lr-warmup-fraction", "0.1"],
+    ["--train-iters", "10", "--weight-decay-incr-style", "linear", "--start-weight-decay", "0",
+     "--end-weight-decay", "0.1", "--min-lr", "1e-3", "--lr-warmup-init", "1e-3"],
+])
+def test_schedule_flags_megatron_lm_accepts_pass(extra):
+    validate_job(parse_args(REQUIRED + ["--vision-teacher-path", "clip", *extra]), world_size=1)
 
 
 def test_train_samples_set_the_steps():
@@ -203,3 +328,19 @@ def test_example_launch_scripts_pass_every_check(script, tmp_path):
     assert queues == "1"
     argv = argv[argv.index(str(ROOT / "pretrain_eve.py")) + 1:]
     validate_job(parse_args(argv), world_size=4 * 8)
+
+
+@pytest.mark.parametrize("abbreviated", [["--exit-signal", "SIGUSR1"], ["--exit-sig"], ["--train-it", "5"]])
+def test_flags_are_never_abbreviated(abbreviated, capsys):
+    """allow_abbrev=False, as Megatron-LM's parser: a prefix of a flag is no flag."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(REQUIRED + abbreviated)
+    assert f"unrecognized arguments: {abbreviated[0]}" in capsys.readouterr().err
+    assert build_parser().parse_args(REQUIRED + ["--exit-signal-handler"]).exit_signal_handler
+
+
+def test_logging_intervals_default_as_megatron_lm():
+    logging = parse_args(REQUIRED).logging
+    assert (logging.log_interval, logging.tensorboard_log_interval) == (100, 1)
+    assert parse_args(REQUIRED + ["--tensorboard-log-interval", "5"]).logging.tensorboard_log_interval == 5
+

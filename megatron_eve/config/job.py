@@ -20,11 +20,33 @@ class OptimConfig:
     min_lr: float = option(0.0, help="learning rate at the end of the decay")
     vision_lr: Optional[float] = option(  # the reference's vision / projector lr
         None, help="learning rate of PEL, projector and aligner (default: --lr)")
-    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = option("cosine")
-    lr_warmup_fraction: Optional[float] = option(None, help="warm-up as a fraction of --lr-decay-iters")
-    lr_warmup_iters: int = option(0, help="warm-up iterations (with --lr-warmup-fraction unset)")
-    lr_decay_iters: Optional[int] = option(None, help="default: the training length")
-    weight_decay: float = option(0.0)
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = option(
+        "linear", help="how the learning rate falls from --lr to --min-lr after the warm-up (WSD: --lr until the "
+                       "last --lr-wsd-decay-iters / --lr-wsd-decay-samples of the decay, then --lr-wsd-decay-style)")
+    lr_wsd_decay_style: Literal["exponential", "linear", "cosine", "minus_sqrt"] = option(
+        "exponential", help="with --lr-decay-style WSD: the shape of its final decay")
+    lr_warmup_init: float = option(0.0, help="learning rate the linear warm-up starts from")
+    lr_warmup_fraction: Optional[float] = option(
+        None, help="warm-up as a fraction of the decay length (replaces --lr-warmup-iters / --lr-warmup-samples)")
+    lr_warmup_iters: int = option(0, help="warm-up iterations (with --train-iters and --lr-warmup-fraction unset)")
+    lr_warmup_samples: int = option(0, help="warm-up samples (with --train-samples and --lr-warmup-fraction unset)")
+    lr_decay_iters: Optional[int] = option(None, help="iterations to decay the learning rate over, with --train-iters "
+                                                      "(default: --train-iters)")
+    lr_decay_samples: Optional[int] = option(None, help="samples to decay the learning rate over, with "
+                                                        "--train-samples (default: --train-samples)")
+    lr_wsd_decay_iters: Optional[int] = option(None, help="with --lr-decay-style WSD and --train-iters: iterations of "
+                                                          "its final decay")
+    lr_wsd_decay_samples: Optional[int] = option(None, help="with --lr-decay-style WSD and --train-samples: samples "
+                                                            "of its final decay")
+    weight_decay: float = option(0.01, help="AdamW's decoupled weight decay (none on biases and norms), with "
+                                            "--weight-decay-incr-style constant")
+    start_weight_decay: Optional[float] = option(
+        None, help="weight decay at the start, with --weight-decay-incr-style linear or cosine")
+    end_weight_decay: Optional[float] = option(
+        None, help="weight decay at the end of training, with --weight-decay-incr-style linear or cosine")
+    weight_decay_incr_style: Literal["constant", "linear", "cosine"] = option(
+        "constant", help="how weight decay goes from --start-weight-decay to --end-weight-decay over the training "
+                         "(--train-iters / --train-samples); constant: --weight-decay throughout")
     clip_grad: float = option(1.0, help="gradient-norm clipping; 0 disables it")
     adam_beta1: float = option(0.9)
     adam_beta2: float = option(0.999)
@@ -51,7 +73,11 @@ class ScheduleConfig:
     stage: Stage = option("pretrain", help="prealign trains the PEL, projector and aligner only (LLM frozen); "
                                            "pretrain and finetune train everything but the CLIP teacher")
     micro_batch_size: int = option(1, required=True, help="sequences per micro-batch and data-parallel rank")
-    global_batch_size: int = option(1, required=True, help="sequences per optimizer step, all ranks together")
+    # Unset at the command line: --micro-batch-size x data-parallel size, set once the world size is
+    # known (config.validate.job_problems), as Megatron-LM's validate_args does.
+    global_batch_size: Optional[int] = option(
+        1, cli_default=None, help="sequences per optimizer step, all ranks together (default: --micro-batch-size x "
+                                  "data-parallel size)")
     train_iters: Optional[int] = option(None, help="optimizer steps (or give --train-samples)")
     train_samples: Optional[int] = option(None, help="sequences to train on; sets the steps by "
                                                      "--global-batch-size")
@@ -68,7 +94,7 @@ class ScheduleConfig:
         """Optimizer steps of the run: --train-iters, or --train-samples in whole global batches."""
         if self.train_iters is not None:
             return self.train_iters
-        if self.train_samples is not None and self.global_batch_size > 0:
+        if self.train_samples is not None and (self.global_batch_size or 0) > 0:  # (None: not known yet)
             return self.train_samples // self.global_batch_size
         return 0
 
@@ -115,12 +141,15 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = option(10, help="print (and write to TensorBoard) every this many iterations")
+    log_interval: int = option(100, help="print the mean of the iterations since the last line every this many "
+                                         "iterations")
     tensorboard_dir: Optional[str] = option(None, metavar="DIR")
     eval_interval: Optional[int] = option(None, help="evaluate on the valid split every this many iterations")
     eval_iters: int = option(100, help="global batches per evaluation (Megatron's default; 0: none)")
     peak_tflops: Optional[float] = option(
         None, help="per-device dense peak for MFU (default: looked up, e.g. H100 989)")
+    tensorboard_log_interval: int = option(1, help="write that iteration's losses, learning rate, grad norm, "
+                                                   "loss scale and batch size to TensorBoard every this many")
 
 
 @dataclass

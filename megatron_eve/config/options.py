@@ -26,13 +26,15 @@ class Flag:
     from_preset: bool  # unset means "the preset's value" (model fields), not the field default
     metavar: Optional[str]
     aliases: Tuple[str, ...]  # other spellings Megatron-LM accepts
+    cli_default: Any = MISSING  # the flag's default when not the field's (configs built in code keep the field's)
 
 
 def option(default: Any = MISSING, *, help: str = "", flag: Optional[str] = None,  # noqa: A002
            required: bool = False, negate: bool = False, from_preset: bool = False,
-           metavar: Optional[str] = None, aliases: Tuple[str, ...] = (), default_factory: Any = MISSING):
+           metavar: Optional[str] = None, aliases: Tuple[str, ...] = (), default_factory: Any = MISSING,
+           cli_default: Any = MISSING):
     """A dataclass field that is also a command-line flag."""
-    metadata = {_KEY: Flag(help, flag, required, negate, from_preset, metavar, aliases)}
+    metadata = {_KEY: Flag(help, flag, required, negate, from_preset, metavar, aliases, cli_default)}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -81,6 +83,8 @@ def add_flags(parser, cls, only: Optional[Sequence[str]] = None) -> None:
         meta: Flag = field.metadata[_KEY]
         kind = _value_type(hints[field.name])
         default = None if meta.from_preset else _field_default(field)
+        if meta.cli_default is not MISSING:
+            default = meta.cli_default
         help_text = meta.help
         if meta.from_preset:  # the field defaults are the eve-7b preset's values
             example = "" if field.default is None else f"; eve-7b: {field.default}"

@@ -9,13 +9,17 @@ the model, the schedule and the checkpoint options.
 from __future__ import annotations
 
 import importlib.util
-from typing import List
+import logging
+import os
+from typing import List, Optional
 
 import torch
 
 from megatron_eve.config.job import TrainingJob
 from megatron_eve.config.model import ConfigError, EVEModelConfig
 from megatron_eve.config.runtime import ParallelConfig, RuntimeConfig
+
+logger = logging.getLogger(__name__)
 
 
 def validate(model: EVEModelConfig, parallel: ParallelConfig, runtime: RuntimeConfig) -> None:
@@ -63,12 +67,13 @@ def model_problems(model: EVEModelConfig, parallel: ParallelConfig, runtime: Run
             f"num_attention_heads {lm.num_attention_heads} does not divide hidden_size "
             f"{lm.hidden_size}"
         )
-    if parallel.sequence_parallel and tp == 1:
-        problems.append("sequence-parallel needs tensor-model-parallel-size > 1")
     if runtime.bf16 and runtime.fp16:
         problems.append("choose one of bf16 and fp16")
     if runtime.recompute_granularity == "full" and runtime.recompute_method is None:
         problems.append("--recompute-granularity full needs --recompute-method uniform or block")
+    if runtime.recompute_granularity == "selective" and runtime.recompute_num_layers is not None:
+        problems.append("--recompute-num-layers is for --recompute-granularity full: selective recomputes in "
+                        "every layer (megatron-core refuses a count)")
     if parallel.distributed_timeout_minutes < 1:
         problems.append(f"--distributed-timeout-minutes {parallel.distributed_timeout_minutes} must be >= 1")
     problems += _kernel_problems(runtime)
@@ -97,7 +102,7 @@ def model_problems(model: EVEModelConfig, parallel: ParallelConfig, runtime: Run
         if pal.tap_interval is None and lm.num_layers % 8:
             problems.append(
                 f"the aligner taps every num_layers/8 layers, but num_layers {lm.num_layers} is not "
-                "a multiple of 8: set aligner.tap_interval"
+                "a multiple of 8: set --aligner-tap-interval"
             )
         elif pal.tap_interval is not None and (
             pal.tap_interval < 1 or lm.num_layers % pal.tap_interval
@@ -195,9 +200,13 @@ def validate_job(job: TrainingJob, world_size: int) -> None:
 
 
 def job_problems(job: TrainingJob, world_size: int) -> List[str]:
-    """Every problem of a training run's options taken together (no file is read)."""
+    """Every problem of a training run's options taken together (no file is read). First, as
+    Megatron-LM's validate_args, what the flags leave to the world size: an unset --global-batch-size
+    becomes --micro-batch-size x data-parallel size (a note), and --sequence-parallel without tensor
+    parallelism is turned off (a warning)."""
     from megatron_eve.data.images import tokens_per_image
 
+    _complete(job, world_size)
     problems = _non_positive(job)
     if problems:  # the checks below divide by these
         return problems
@@ -217,10 +226,15 @@ def job_problems(job: TrainingJob, world_size: int) -> List[str]:
                             f"micro-batches per step; --global-batch-size {s.global_batch_size} / (--micro-batch-size "
                             f"{s.micro_batch_size} x data-parallel size {dp}) gives "
                             f"{s.global_batch_size // (s.micro_batch_size * dp)}")
+    if job.optim.overlap_param_gather and not job.optim.use_distributed_optimizer:
+        # As Megatron-LM's validate_args (megatron-core's plain DDP fails in its first forward).
+        problems.append("--overlap-param-gather needs --use-distributed-optimizer")
     if (s.train_iters is None) == (s.train_samples is None):
         problems.append("give exactly one of --train-iters and --train-samples")
-    elif s.iterations < 1:
+    elif s.global_batch_size is not None and s.iterations < 1:
         problems.append("nothing to train: --train-iters (or --train-samples / --global-batch-size) is 0")
+    else:
+        problems += _schedule_problems(job)
     grid = model.vision.image_size // model.vision.token_cell
     square = tokens_per_image(grid, grid)
     if seq < square:
@@ -262,6 +276,121 @@ def job_problems(job: TrainingJob, world_size: int) -> List[str]:
     return problems + layout_problems
 
 
+def _rank_zero() -> bool:
+    """Checks before work run on every rank before the process group exists: rank 0 speaks for all."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _data_parallel_size(job: TrainingJob, world_size: int) -> Optional[int]:
+    tp, pp = job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size
+    if tp < 1 or pp < 1 or world_size % (tp * pp):
+        return None  # job_problems says why
+    return world_size // (tp * pp)
+
+
+def _complete(job: TrainingJob, world_size: int) -> None:
+    """What Megatron-LM's validate_args derives from the world size (arguments.py): an unset
+    --global-batch-size is --micro-batch-size x data-parallel size, and sequence parallelism is off
+    without tensor parallelism (it would change the numerics and nothing else)."""
+    s, parallel = job.schedule, job.parallel
+    dp = _data_parallel_size(job, world_size)
+    if s.global_batch_size is None and dp is not None and s.micro_batch_size >= 1:
+        s.global_batch_size = s.micro_batch_size * dp
+        if _rank_zero():
+            print(f"setting global batch size to {s.global_batch_size} (--micro-batch-size {s.micro_batch_size} x "
+                  f"data-parallel size {dp})", flush=True)
+    if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
+        parallel.sequence_parallel = False
+        if _rank_zero():
+            logger.warning("warning: disabling --sequence-parallel because tensor model parallelism is disabled "
+                           "(--tensor-model-parallel-size 1), as Megatron-LM does")
+
+
+def _schedule_problems(job: TrainingJob) -> List[str]:
+    """The learning-rate and weight-decay flags against the training length's unit (Megatron-LM's
+    assertions in validate_args) and what megatron-core's OptimizerParamScheduler asserts once the
+    model is built, each named by its flags. Exactly one of --train-iters / --train-samples is set."""
+    o, s = job.optim, job.schedule
+    problems = []
+    if s.train_iters is not None:
+        unit, other_unit = ("iters", "iterations"), ("samples", "samples")
+        wrong = {"--lr-decay-samples": o.lr_decay_samples is not None, "--lr-warmup-samples": o.lr_warmup_samples != 0,
+                 "--lr-wsd-decay-samples": o.lr_wsd_decay_samples is not None}
+        warmup_flag, warmup, wsd = "--lr-warmup-iters", o.lr_warmup_iters, o.lr_wsd_decay_iters
+    else:
+        unit, other_unit = ("samples", "samples"), ("iters", "iterations")
+        wrong = {"--lr-decay-iters": o.lr_decay_iters is not None, "--lr-warmup-iters": o.lr_warmup_iters != 0,
+                 "--lr-wsd-decay-iters": o.lr_wsd_decay_iters is not None}
+        warmup_flag, warmup, wsd = "--lr-warmup-samples", o.lr_warmup_samples, o.lr_wsd_decay_samples
+    problems += [f"{flag} counts {other_unit[1]} but the run counts {unit[1]} (--train-{unit[0]}): give "
+                 f"{flag.replace(other_unit[0], unit[0])}" for flag, given in wrong.items() if given]
+    if o.lr_warmup_fraction is not None and warmup != 0:
+        problems.append(f"can only specify one of --lr-warmup-fraction and {warmup_flag}")
+    if o.lr_decay_style == "WSD" and wsd is None and not wrong[f"--lr-wsd-decay-{other_unit[0]}"]:
+        problems.append(f"--lr-decay-style WSD needs the length of its final decay: --lr-wsd-decay-{unit[0]} "
+                        f"(with --train-{unit[0]})")
+    if o.min_lr < 0:
+        problems.append(f"--min-lr {o.min_lr} must not be negative")
+    elif o.min_lr > o.lr:
+        problems.append(f"--min-lr {o.min_lr} is above --lr {o.lr}")
+    if o.lr_warmup_init < 0 or o.lr_warmup_init > o.lr:
+        problems.append(f"--lr-warmup-init {o.lr_warmup_init} must be between 0 and --lr {o.lr}")
+    problems += _weight_decay_problems(job)
+    if problems or s.global_batch_size is None:
+        return problems
+    from megatron_eve.training.optim import schedule_settings
+
+    settings = schedule_settings(job)
+    if settings["lr_warmup_steps"] >= settings["lr_decay_steps"]:
+        problems.append(f"the learning-rate warm-up ({_warmup_words(job, settings['lr_warmup_steps'])}) must end "
+                        f"before its decay does ({_decay_words(job, settings['lr_decay_steps'])})")
+    return problems
+
+
+def _warmup_words(job: TrainingJob, steps: float) -> str:
+    """The warm-up's flags and its length in samples (the scheduler's steps), for a message."""
+    o, s = job.optim, job.schedule
+    if o.lr_warmup_fraction is not None:
+        return f"--lr-warmup-fraction {o.lr_warmup_fraction} of the decay: {steps:.10g} samples"
+    if s.train_iters is not None:
+        return f"--lr-warmup-iters {o.lr_warmup_iters} x --global-batch-size {s.global_batch_size}: {steps} samples"
+    return f"--lr-warmup-samples {o.lr_warmup_samples}"
+
+
+def _decay_words(job: TrainingJob, steps: int) -> str:
+    o, s = job.optim, job.schedule
+    if s.train_iters is not None:
+        flag, iters = ("--lr-decay-iters", o.lr_decay_iters) if o.lr_decay_iters is not None else (
+            "--train-iters", s.train_iters)
+        return f"{flag} {iters} x --global-batch-size {s.global_batch_size}: {steps} samples"
+    if o.lr_decay_samples is not None:
+        return f"--lr-decay-samples {steps}"
+    return f"--train-samples {steps}"
+
+
+def _weight_decay_problems(job: TrainingJob) -> List[str]:
+    """Megatron-LM's rule (validate_args): constant weight decay is --weight-decay, an increasing one
+    goes from --start-weight-decay to --end-weight-decay; megatron-core's scheduler asserts both are
+    non-negative and that it does not decrease."""
+    o = job.optim
+    ends = {"--start-weight-decay": o.start_weight_decay, "--end-weight-decay": o.end_weight_decay}
+    if o.weight_decay_incr_style == "constant":
+        given = [flag for flag, value in ends.items() if value is not None]
+        if given:
+            return [f"{' and '.join(given)} {'need' if len(given) > 1 else 'needs'} --weight-decay-incr-style linear "
+                    "or cosine (constant weight decay is --weight-decay)"]
+        return [f"--weight-decay {o.weight_decay} must not be negative"] if o.weight_decay < 0 else []
+    missing = [flag for flag, value in ends.items() if value is None]
+    if missing:
+        return [f"--weight-decay-incr-style {o.weight_decay_incr_style} needs {' and '.join(missing)}"]
+    if o.start_weight_decay < 0:
+        return [f"--start-weight-decay {o.start_weight_decay} must not be negative"]
+    if o.end_weight_decay < o.start_weight_decay:
+        return [f"--end-weight-decay {o.end_weight_decay} is below --start-weight-decay {o.start_weight_decay}: "
+                "megatron-core's scheduler only increases weight decay"]
+    return []
+
+
 def _chunks_without_trainables_in_prealign(model: EVEModelConfig, parallel: ParallelConfig) -> List[str]:
     """Model chunks that hold no PEL, projector or aligner part: the PEL and projector sit on the
     first chunk, the aligner's projection of tap t on the chunk holding decoder layer t, its head on
@@ -285,17 +414,22 @@ def _non_positive(job: TrainingJob) -> List[str]:
     at_least_one = {
         "--tensor-model-parallel-size": job.parallel.tensor_model_parallel_size,
         "--pipeline-model-parallel-size": job.parallel.pipeline_model_parallel_size,
-        "--micro-batch-size": s.micro_batch_size, "--global-batch-size": s.global_batch_size,
+        "--micro-batch-size": s.micro_batch_size,
         "--seq-length": data.seq_length, "--log-interval": log.log_interval,
         "--packing-buffer-size": data.packing_buffer_size,
         "--max-consecutive-nan-iterations": s.max_consecutive_nan_iterations,
     }
-    optional = {"--save-interval": ck.save_interval, "--eval-interval": log.eval_interval,
-                "--exit-interval": ck.exit_interval, "--ckpt-keep-last": ck.keep_last}
+    o = job.optim
+    optional = {"--global-batch-size": s.global_batch_size, "--save-interval": ck.save_interval,
+                "--eval-interval": log.eval_interval, "--exit-interval": ck.exit_interval,
+                "--ckpt-keep-last": ck.keep_last, "--lr-decay-iters": o.lr_decay_iters,
+                "--lr-decay-samples": o.lr_decay_samples, "--lr-wsd-decay-iters": o.lr_wsd_decay_iters,
+                "--lr-wsd-decay-samples": o.lr_wsd_decay_samples}
     problems = [f"{flag} {value} must be at least 1" for flag, value in at_least_one.items() if value < 1]
     problems += [f"{flag} {value} must be at least 1" for flag, value in optional.items()
                  if value is not None and value < 1]
     problems += [f"{flag} {value} must not be negative" for flag, value in
                  (("--num-workers", data.num_workers), ("--eval-iters", log.eval_iters),
-                  ("--ckpt-step", ck.ckpt_step)) if value is not None and value < 0]
+                  ("--ckpt-step", ck.ckpt_step), ("--lr-warmup-iters", o.lr_warmup_iters),
+                  ("--lr-warmup-samples", o.lr_warmup_samples)) if value is not None and value < 0]
     return problems

@@ -83,10 +83,12 @@ def plan_batch(batch: Dict, plan: BatchPlan) -> Dict:
     return batch
 
 
-def collate(rows: List[Dict], plan: Optional[BatchPlan] = None) -> Dict:
-    """Rows (assembled sequences) → a micro-batch; rows are padded to the longest (a no-op for
-    packed rows, which all have seq-length positions). With a plan, its index plan too."""
-    length = max(len(r["tokens"]) for r in rows)
+def collate(rows: List[Dict], plan: Optional[BatchPlan] = None, row_multiple: int = 1) -> Dict:
+    """Rows (assembled sequences) → a micro-batch; rows are padded to the longest, rounded up to a
+    multiple of `row_multiple` (sequence parallelism splits a row's positions over the tensor-parallel
+    ranks); a no-op for packed rows, which all have seq-length positions. With a plan, its index plan
+    too."""
+    length = -(-max(len(r["tokens"]) for r in rows) // row_multiple) * row_multiple
 
     def padded(key, value):
         return torch.from_numpy(np.stack([
@@ -120,15 +122,16 @@ def _ignore_sigterm(worker_id: int) -> None:  # noqa: ARG001
 
 
 def build_loader(dataset, micro_batch_size: int, num_workers: int, *, consumed: int = 0, dp_rank: int = 0,
-                 dp_size: int = 1, pin_memory: bool = False, plan: Optional[BatchPlan] = None
-                 ) -> torch.utils.data.DataLoader:
+                 dp_size: int = 1, pin_memory: bool = False, plan: Optional[BatchPlan] = None,
+                 row_multiple: int = 1) -> torch.utils.data.DataLoader:
     """This data-parallel rank's micro-batches of `dataset` from sequence `consumed` on (all ranks
-    together); with `plan`, index plans are built in the `num_workers` worker processes."""
+    together); with `plan`, index plans are built in the `num_workers` worker processes; rows padded
+    to a multiple of `row_multiple` positions (collate)."""
     sampler = MicroBatchSampler(len(dataset), consumed, micro_batch_size, dp_rank, dp_size)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=functools.partial(collate, plan=plan),
+        collate_fn=functools.partial(collate, plan=plan, row_multiple=row_multiple),
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train EVE (encoder-free vision-language model) on megatron-core. Launch with "
                     "torchrun; flags follow Megatron-LM's names.",
         formatter_class=_HelpFormatter,
+        allow_abbrev=False,  # as Megatron-LM: a flag is its full name (--exit-sig is not --exit-signal-handler)
     )
     g = p.add_argument_group("model (a preset; the architecture flags below override it)")
     g.add_argument("--preset", choices=sorted(PRESETS), default="eve-7b", help="model preset")

@@ -256,7 +256,7 @@ def load(job: TrainingJob, model, optimizer, scheduler) -> TrainState:
         if job.schedule.stage == "prealign" and dist.get_rank() == 0:
             logger.warning("prealign trains the vision side against a frozen language model, here a randomly "
                            "initialised one: give --pretrained-checkpoint (Vicuna converted by "
-                           "checkpoint_conversion/hf_to_megatron.py) unless that is what you want")
+                           "checkpoint_conversion/llama_to_megatron.py) unless that is what you want")
         return TrainState()
     iteration = iteration_to_load(source, ck.ckpt_step)
     if iteration is None:

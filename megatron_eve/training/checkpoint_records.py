@@ -419,6 +419,8 @@ def check_schedule(job: TrainingJob, record: CheckpointRecord) -> None:
     ck, o = job.checkpoint, job.optim
     if record.root != ck.load or ck.finetune or ck.no_load_optim:
         return  # not a resume that loads the optimizer and the scheduler
+    if job.schedule.global_batch_size is None:
+        return  # no data-parallel size from the flags and the world size: job_problems says why
     scheduler = record.common.get("opt_param_scheduler", {})
     bounds = (schedule_differences(job, {k: v for k, v in scheduler.items() if k in GROUP_BOUNDS})
               + vision_rate_differences(job, record))

@@ -7,8 +7,9 @@ replicas). Every rank writes its share into one float64 vector on its own device
 another rank counts a quantity, so that a single SUM all-reduce over the default group (NCCL on
 GPU, gloo on CPU) yields each quantity exactly once. The host reads the three flags once per
 iteration (the loop's decisions depend on them), from a copy made as soon as the all-reduce is done,
-so a read after the optimizer step's own wait costs nothing; losses and work accumulate on the
-device and are read once per log interval.
+so a read after the optimizer step's own wait costs nothing; that copy holds the whole vector, so the
+iteration's own losses come with the flags (TensorBoard's per-iteration values, no other host read).
+Losses and work also accumulate on the device and are read once per log interval.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class IterationStats:
                                            + [True] * len(_WORK), device=device)
                       for finite in (True, False)}
         self.last: Optional[torch.Tensor] = None
+        self.last_read: Optional[List[float]] = None  # the last iteration's reduced vector, as read with its flags
 
     def reduce(self, losses: Sequence[Dict[str, torch.Tensor]], grad_buffers: Sequence[torch.Tensor] = (),
                work: Optional[BatchWork] = None, sigterm: bool = False, over_time: bool = False) -> Dict[str, bool]:
@@ -95,7 +97,8 @@ class IterationStats:
         self.total += torch.where(self._kept(vector), vector, 0.0)
         self.iterations += 1
         self.last = vector
-        return PendingFlags(vector)
+        self.last_read = None
+        return PendingFlags(vector, self)
 
     def drop_last_losses(self) -> None:
         """The last iteration turned out non-finite after its losses were counted (its gradients'
@@ -110,6 +113,12 @@ class IterationStats:
     def last_losses(self) -> Dict[str, float]:
         """This iteration's mean losses (a host read: for messages on the rare paths)."""
         return _losses(self.last.tolist()) if self.last is not None else {k: float("nan") for k in LOSS_KEYS}
+
+    def read_losses(self) -> Dict[str, float]:
+        """The last iteration's mean losses, from the copy its flags were read from (no host read:
+        only after the flags' read; NaN where no rank counted losses)."""
+        assert self.last_read is not None, "read the iteration's flags first"
+        return _losses(self.last_read)
 
     def read_interval(self) -> "IntervalTotals":
         """Losses (mean over the interval's finite iterations) and summed work; starts a new interval."""
@@ -132,22 +141,27 @@ def _losses(values: List[float]) -> Dict[str, float]:
 
 
 class PendingFlags:
-    """An iteration's reduced flags on their way to the host: copied into pinned memory right after the
+    """An iteration's reduced vector on its way to the host: copied into pinned memory right after the
     all-reduce, with an event behind the copy, so that `read` waits for that point of the stream only
-    (not for the work queued after it, such as the optimizer step)."""
+    (not for the work queued after it, such as the optimizer step). The flags are what `read` returns;
+    the whole vector (the iteration's losses) goes to the IterationStats' `last_read`."""
 
-    def __init__(self, vector: torch.Tensor):
+    def __init__(self, vector: torch.Tensor, stats: Optional[IterationStats] = None):
         self.nonfinite = (vector[NONFINITE] > 0).float()  # 1.0 where some rank saw one: on the device
+        self._stats, self._vector = stats, vector
         if vector.device.type == "cuda":
-            self._host = torch.empty(3, dtype=vector.dtype, pin_memory=True)
-            self._host.copy_(vector[:3], non_blocking=True)
+            self._host = torch.empty(SIZE, dtype=vector.dtype, pin_memory=True)
+            self._host.copy_(vector, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record()
         else:
-            self._host, self._ready = vector[:3].clone(), None
+            self._host, self._ready = vector.clone(), None
 
     def read(self) -> Dict[str, bool]:
         if self._ready is not None:
             self._ready.synchronize()
-        nonfinite, sigterm_any, over_time_any = self._host.tolist()
+        values = self._host.tolist()
+        if self._stats is not None and self._stats.last is self._vector:  # (not an older iteration's)
+            self._stats.last_read = values
+        nonfinite, sigterm_any, over_time_any = values[:3]
         return {"finite": nonfinite == 0, "sigterm": sigterm_any > 0, "over_time": over_time_any > 0}

@@ -12,8 +12,9 @@ import signal
 import sys
 import time
 import traceback
+from datetime import datetime
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -90,11 +91,15 @@ class MicroBatches:
         from megatron_eve.data.broadcast import MicroBatchFeed
 
         pin = torch.cuda.is_available()
+        # Sequence parallelism splits each row's positions over the TP ranks: unpacked rows (--no-pack)
+        # are padded to a multiple of them.
+        row_multiple = ps.get_tensor_model_parallel_world_size() if job.parallel.sequence_parallel else 1
 
         def loader():
             return build_loader(dataset, job.schedule.micro_batch_size, num_workers, consumed=consumed,
                                 dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-                                pin_memory=pin, plan=BatchPlan.of(job.model.vision, job.runtime.uses_thd()))
+                                pin_memory=pin, plan=BatchPlan.of(job.model.vision, job.runtime.uses_thd()),
+                                row_multiple=row_multiple)
 
         if ps.get_tensor_model_parallel_world_size() == 1:
             return cls(loader(), job, align, teacher_params)
@@ -158,11 +163,14 @@ class _SignalCatcher:
 
 
 def _data_sizes(job: TrainingJob):
+    """Sequences of each split the run reads (Megatron-LM's sizes): the valid split's evaluations at
+    each --eval-interval and at the end, the test split's one at the end."""
     s, log = job.schedule, job.logging
     train = s.iterations * s.global_batch_size
     evals = (s.iterations // log.eval_interval + 1) if log.eval_interval else 0
     valid = evals * log.eval_iters * s.global_batch_size if log.eval_iters else 0
-    return train, valid or None, None
+    test = log.eval_iters * s.global_batch_size if evals else 0
+    return train, valid or None, test or None
 
 
 # ------------------------------------------------------------------------------------- run
@@ -220,6 +228,7 @@ def run(job: TrainingJob) -> int:
     step = partial(forward_step, job.model.aligner.loss_weight if align else 0.0)
     tensorboard = TensorBoard(log.tensorboard_dir if _last_rank_of_losses() else None,
                               iteration=state.iteration, consumed_samples=state.consumed_samples)
+    evaluate = partial(_evaluate_and_print, fb, step, ddp, num_microbatches, job, state, tensorboard)
     catcher = _SignalCatcher(ck.exit_signal_handler)
     peak = peak_tflops(log.peak_tflops)
     stats = _iteration_stats()
@@ -271,26 +280,32 @@ def run(job: TrainingJob) -> int:
         state.consumed_samples += s.global_batch_size
         interval_seconds += time.time() - tick  # the update above waited for this iteration's gradients
 
+        if tensorboard.writer is not None and state.iteration % log.tensorboard_log_interval == 0:
+            # This iteration's own values, as Megatron-LM's training_log writes them: all on the host
+            # already (the losses came with the iteration's flags), so no host read of the device.
+            scalars = {**stats.read_losses(), **_learning_rates(optimizer), "batch-size": s.global_batch_size}
+            if update.grad_norm is not None:
+                scalars["grad-norm"] = update.grad_norm
+            loss_scale = _loss_scale(optimizer, job, read=False)
+            if loss_scale is not None:
+                scalars["loss-scale"] = loss_scale
+            tensorboard.write(scalars, state.iteration, state.consumed_samples, vs_samples=tuple(scalars))
         if state.iteration % log.log_interval == 0 or state.iteration in (first_iteration + 1, s.iterations):
             interval = stats.read_interval()
             meter = IntervalMeter(interval.iterations, interval_seconds, interval.work)
-            scalars = {**interval.losses, **_learning_rates(optimizer),
-                       "grad-norm": float(grad_norm or 0.0), **meter.scalars(dist.get_world_size(), peak),
-                       **memory_scalars(), "batch-size": s.global_batch_size}
+            measured = {**meter.scalars(dist.get_world_size(), peak), **memory_scalars()}
+            loss_scale = _loss_scale(optimizer, job, read=True)  # waits for no more than the read above
             if _last_rank_of_losses():
-                print(_log_line(state, s, scalars), flush=True)
-            tensorboard.write(scalars, state.iteration, state.consumed_samples,
-                              vs_samples=("lm loss", "align loss", "learning-rate", "vision-learning-rate"))
+                print(_log_line(state, s, {**interval.losses, **_learning_rates(optimizer), **measured},
+                                grad_norm, loss_scale), flush=True)
+            if _loss_scale(optimizer, job, read=False) is None:  # fp16's dynamic scale: per log line only
+                measured["loss-scale"] = loss_scale
+            tensorboard.write(measured, state.iteration, state.consumed_samples)
             interval_seconds = 0.0
 
         if valid_batches is not None and state.iteration % log.eval_interval == 0:
-            value = _evaluate(fb, step, ddp, valid_iterators, log.eval_iters, num_microbatches, job)
+            evaluate(f"iteration {state.iteration}", valid_iterators, "validation")
             state.consumed_valid_samples += log.eval_iters * s.global_batch_size
-            if _last_rank_of_losses():
-                print(f" validation at iteration {state.iteration} | lm loss: {value:.6E} | "
-                      f"lm loss PPL: {math.exp(min(value, 20)):.6E}", flush=True)
-            tensorboard.write({"lm loss validation": value}, state.iteration, state.consumed_samples,
-                              vs_samples=("lm loss validation",))
 
         checkpoint.finalize_async_saves(blocking=False)  # publish a background save all ranks have written
         saved = False
@@ -318,6 +333,20 @@ def run(job: TrainingJob) -> int:
     elif reason == "finished" and ck.save and not nan_streak and (
             not ck.save_interval or state.iteration % ck.save_interval):
         checkpoint.save(job, ddp, optimizer, scheduler, state)
+    if (reason == "finished" or not trained) and log.eval_interval and log.eval_iters:
+        # As Megatron-LM's pretrain() after train() (its exits by signal, time or --exit-interval leave
+        # before): the valid split, then the test split where --split gives it weight, after the save.
+        if valid_batches is not None:
+            evaluate(f"iteration {state.iteration} on validation set", valid_iterators, "validation")
+            state.consumed_valid_samples += log.eval_iters * s.global_batch_size
+        if data["test"] is None or len(data["test"]) == 0:
+            if data["test"] is not None and rank == 0:
+                logger.warning("no test evaluation: the test split holds no sequence")
+        else:
+            # Built now (every rank, in the same order): no test loader or workers while training.
+            test_batches = MicroBatches.over(data["test"], job, False, 0, num_workers=min(job.data.num_workers, 1))
+            evaluate(f"iteration {state.iteration} on test set", per_chunk(test_batches, len(ddp)), "test")
+            test_batches.close()
     checkpoint.finalize_async_saves(blocking=True)  # an exit waits for the save in flight to be published
     tensorboard.close()
     if rank == 0:
@@ -342,8 +371,34 @@ def _learning_rates(optimizer) -> Dict[str, float]:
     return {"learning-rate": rates["base"], **({"vision-learning-rate": rates["vision"]} if "vision" in rates else {})}
 
 
-def _evaluate(fb, step, chunks, iterators, iters: int, num_microbatches: int, job: TrainingJob) -> float:
-    """Mean validation LM loss over `iters` global batches (one collective each, one host read)."""
+def _loss_scale(optimizer, job: TrainingJob, read: bool) -> Optional[float]:
+    """The loss scale Megatron-LM logs: 1.0 without fp16, fp16's static --loss-scale, or (read=True)
+    the dynamic scaler's current scale, a read of the device (None with read=False)."""
+    if not job.runtime.fp16:
+        return 1.0
+    if job.optim.loss_scale:
+        return float(job.optim.loss_scale)
+    return float(optimizer.get_loss_scale()) if read else None
+
+
+def _evaluate_and_print(fb, step, chunks, num_microbatches: int, job: TrainingJob, state, tensorboard: TensorBoard,
+                        prefix: str, iterators, split: str) -> None:
+    """--eval-iters global batches of a split, printed and written to TensorBoard as Megatron-LM's
+    evaluate_and_print_results does (its line: " validation loss at <prefix> | lm loss value: ... |");
+    the valid split under "<loss> validation", the test split under "<loss> test"."""
+    # The LM loss only: the aligner runs in training alone (its loss here is a structural 0).
+    losses = {"lm loss": _evaluate(fb, step, chunks, iterators, job.logging.eval_iters, num_microbatches,
+                                   job)["lm loss"]}
+    line = f" validation loss at {prefix} | " + "".join(
+        f"{key} value: {value:.6E} | {key} PPL: {math.exp(min(20, value)):.6E} | " for key, value in losses.items())
+    if _last_rank_of_losses():
+        print("-" * (len(line) + 1), line, "-" * (len(line) + 1), sep="\n", flush=True)
+    scalars = {f"{key} {split}": value for key, value in losses.items()}
+    tensorboard.write(scalars, state.iteration, state.consumed_samples, vs_samples=tuple(scalars))
+
+
+def _evaluate(fb, step, chunks, iterators, iters: int, num_microbatches: int, job: TrainingJob) -> Dict[str, float]:
+    """Mean losses over `iters` global batches (one collective each, one host read)."""
     for chunk in chunks:
         chunk.eval()
     stats = _iteration_stats(drop_nonfinite_losses=False)
@@ -355,21 +410,27 @@ def _evaluate(fb, step, chunks, iterators, iters: int, num_microbatches: int, jo
             stats.reduce(losses)
     for chunk in chunks:
         chunk.train()
-    return stats.read_interval().losses["lm loss"]
+    return stats.read_interval().losses
 
 
-def _log_line(state, s, scalars: Dict[str, float]) -> str:
+def _log_line(state, s, scalars: Dict[str, float], grad_norm: Optional[float], loss_scale: float) -> str:
+    """Megatron-LM's training_log line (its fields, order and formats; no grad norm before a finite
+    one, as Megatron-LM prints none without one), with EVE's vision learning rate after the learning
+    rate, and tokens/s/GPU, MFU and packing efficiency after the grad norm."""
     mfu = f"{100 * scalars['mfu']:.1f}%" if "mfu" in scalars else "n/a"
     return (
-        f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {state.iteration:8d}/{s.iterations:8d} |"
+        f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S.%f')}] iteration {state.iteration:8d}/{s.iterations:8d} |"
         f" consumed samples: {state.consumed_samples:12d} |"
         f" elapsed time per iteration (ms): {scalars['iteration-time']:.1f} |"
+        f" throughput per GPU (TFLOP/s/GPU): {scalars['throughput']:.1f} |"
         f" learning rate: {scalars['learning-rate']:.6E} |"
-        + (f" vision learning rate: {scalars['vision-learning-rate']:.6E} |" if "vision-learning-rate" in scalars else "")
+        + (f" vision learning rate: {scalars['vision-learning-rate']:.6E} |"
+           if "vision-learning-rate" in scalars else "")
         + f" global batch size: {s.global_batch_size:5d} |"
         f" lm loss: {scalars['lm loss']:.6E} | align loss: {scalars['align loss']:.6E} |"
-        f" grad norm: {scalars['grad-norm']:.6E} | tokens/s/GPU: {scalars['tokens-per-sec-per-gpu']:.1f} |"
-        f" throughput (TFLOP/s/GPU): {scalars['throughput']:.2f} | MFU: {mfu} |"
+        f" loss scale: {loss_scale:.1f} |"
+        + (f" grad norm: {grad_norm:.3f} |" if grad_norm is not None else "")
+        + f" tokens/s/GPU: {scalars['tokens-per-sec-per-gpu']:.1f} | MFU: {mfu} |"
         f" packing efficiency: {100 * scalars['packing-efficiency']:.1f}% |"
         f" number of skipped iterations: {state.skipped_iterations:3d} |"
         f" number of nan iterations: {state.nan_iterations:3d} |"

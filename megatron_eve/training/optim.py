@@ -293,59 +293,111 @@ def build_optimizer(ddp, job: TrainingJob):
         initial_loss_scale=o.initial_loss_scale, use_distributed_optimizer=o.use_distributed_optimizer,
         overlap_param_gather=o.overlap_param_gather,
     )
-    optimizer = get_megatron_optimizer(config, ddp if isinstance(ddp, list) else [ddp],
-                                       config_overrides=param_group_overrides(config, o))
+    chunks = ddp if isinstance(ddp, list) else [ddp]
+    optimizer = get_megatron_optimizer(config, chunks, config_overrides=param_group_overrides(config, o))
     use_fused_torch_adam(optimizer)
+    if has_loss_scaler(optimizer):
+        # fp16: megatron-core's schedule scales each micro-batch's loss by the optimizer's loss scale
+        # through this hook (Megatron-LM's training.py sets it), and the step unscales the gradients:
+        # without it the gradients reached AdamW divided by the scale (2^32: no update at all).
+        for chunk in chunks:
+            chunk.config.grad_scale_func = optimizer.scale_loss
     return optimizer
 
 
-# The schedule's settings as megatron-core's OptimizerParamScheduler stores them, and the flags that set each.
-SCHEDULE_FLAGS = {
-    "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-fraction / --lr-warmup-iters",
-    "lr_decay_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size",
-    "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay", "end_wd": "--weight-decay",
-    "wd_incr_steps": "--train-iters x --global-batch-size (--train-samples)",
-    "wd_incr_style": "(constant)",
-}
+def has_loss_scaler(optimizer) -> bool:
+    """fp16's loss scaling: its step finds the scaled gradients' overflows itself, skips that update
+    and lowers the scale (an overflow is a skipped iteration, not a non-finite one)."""
+    return any(getattr(part, "grad_scaler", None) is not None for part in optimizer_parts(optimizer))
+
+
+def schedule_flags(job: TrainingJob) -> Dict[str, str]:
+    """The flags that set each schedule setting megatron-core's OptimizerParamScheduler stores, for
+    messages: iteration-based or sample-based as the run is, constant weight decay or not."""
+    o, s = job.optim, job.schedule
+    if s.train_iters is not None:
+        decay = "--lr-decay-iters (default --train-iters) x --global-batch-size"
+        warmup, wd_steps = "--lr-warmup-fraction / --lr-warmup-iters", "--train-iters x --global-batch-size"
+    else:
+        decay = "--lr-decay-samples (default --train-samples)"
+        warmup, wd_steps = "--lr-warmup-fraction / --lr-warmup-samples", "--train-samples"
+    constant = o.weight_decay_incr_style == "constant"
+    return {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": warmup, "lr_decay_steps": decay,
+            "lr_decay_style": "--lr-decay-style",
+            "start_wd": "--weight-decay" if constant else "--start-weight-decay",
+            "end_wd": "--weight-decay" if constant else "--end-weight-decay",
+            "wd_incr_steps": wd_steps, "wd_incr_style": "--weight-decay-incr-style"}
 
 
 def schedule_settings(job: TrainingJob) -> Dict[str, object]:
     """The learning-rate and weight-decay schedule of the flags, counted in samples (steps of
-    global-batch-size), by megatron-core's names and as Megatron-LM's get_optimizer_param_scheduler
-    computes them: the warm-up fraction's steps kept as a float, weight decay over the training length."""
+    global-batch-size), by megatron-core's names (OptimizerParamScheduler's arguments) and exactly as
+    Megatron-LM's get_optimizer_param_scheduler computes them: iteration-based lengths times
+    --global-batch-size with --train-iters, sample counts as given with --train-samples (the decay
+    over --train-samples itself, not its whole global batches); the warm-up fraction's steps kept as
+    a float; weight decay over the training length."""
     o, s = job.optim, job.schedule
-    decay_steps = (o.lr_decay_iters or s.iterations) * s.global_batch_size
+    gbs = s.global_batch_size
+    if s.train_iters is not None:
+        decay_steps = (o.lr_decay_iters if o.lr_decay_iters is not None else s.train_iters) * gbs
+        wd_steps = s.train_iters * gbs
+        wsd_steps = None if o.lr_wsd_decay_iters is None else o.lr_wsd_decay_iters * gbs
+        warmup_steps = o.lr_warmup_iters * gbs
+    else:
+        decay_steps = o.lr_decay_samples if o.lr_decay_samples is not None else s.train_samples
+        wd_steps = s.train_samples
+        wsd_steps = o.lr_wsd_decay_samples
+        warmup_steps = o.lr_warmup_samples
     if o.lr_warmup_fraction is not None:
         warmup_steps = o.lr_warmup_fraction * decay_steps
+    if o.weight_decay_incr_style == "constant":
+        start_wd = end_wd = o.weight_decay
     else:
-        warmup_steps = o.lr_warmup_iters * s.global_batch_size
-    if s.train_iters is None and s.train_samples is not None:
-        wd_steps = s.train_samples
-    else:
-        wd_steps = s.iterations * s.global_batch_size
-    return {"max_lr": o.lr, "min_lr": o.min_lr, "lr_warmup_steps": warmup_steps, "lr_decay_steps": decay_steps,
-            "lr_decay_style": o.lr_decay_style, "start_wd": o.weight_decay, "end_wd": o.weight_decay,
-            "wd_incr_steps": wd_steps, "wd_incr_style": "constant"}
+        start_wd, end_wd = o.start_weight_decay, o.end_weight_decay
+    return {"init_lr": o.lr_warmup_init, "max_lr": o.lr, "min_lr": o.min_lr, "lr_warmup_steps": warmup_steps,
+            "lr_decay_steps": decay_steps, "lr_decay_style": o.lr_decay_style, "start_wd": start_wd, "end_wd": end_wd,
+            "wd_incr_steps": wd_steps, "wd_incr_style": o.weight_decay_incr_style,
+            "wsd_decay_steps": wsd_steps, "lr_wsd_decay_style": o.lr_wsd_decay_style}
 
 
-def _same_setting(name: str, saved, ours, settings: Dict[str, object]) -> bool:
-    """Whether the checkpoint's value of schedule setting `name` gives this run's schedule."""
-    if saved == ours:
-        return True
-    if name == "lr_warmup_steps" and isinstance(saved, int) and isinstance(ours, float):
-        # Saved before the warm-up fraction's steps were kept as a float (Megatron-LM's): int() of ours.
-        return saved == int(ours)
+def _earlier_settings(job: TrainingJob) -> Dict[str, object]:
+    """Settings of the same flags as earlier versions computed them, which their checkpoints hold:
+    with --train-samples and no decay length, the decay over the whole global batches of
+    --train-samples (and the warm-up fraction of that)."""
+    o, s = job.optim, job.schedule
+    if s.train_iters is not None or o.lr_decay_samples is not None:
+        return {}
+    decay_steps = s.iterations * s.global_batch_size
+    earlier = {"lr_decay_steps": decay_steps}
+    if o.lr_warmup_fraction is not None:
+        earlier["lr_warmup_steps"] = o.lr_warmup_fraction * decay_steps
+    return earlier
+
+
+def _same_setting(name: str, saved, ours, settings: Dict[str, object], saved_state: Dict[str, object],
+                  earlier: Dict[str, object]) -> bool:
+    """Whether the checkpoint's value of schedule setting `name` gives this run's schedule (or the one
+    an earlier version computed from the same flags: megatron-core then goes on with the checkpoint's)."""
+    for value in (ours, earlier.get(name, ours)):
+        if saved == value:
+            return True
+        if name == "lr_warmup_steps" and isinstance(saved, int) and isinstance(value, float) and saved == int(value):
+            # Saved before the warm-up fraction's steps were kept as a float (Megatron-LM's): int() of ours.
+            return True
     # Constant weight decay never reads wd_incr_steps (megatron-core returns end_wd): a longer run with
-    # a fixed --lr-decay-iters, or a checkpoint saved when it was the decay length, changes nothing.
-    return name == "wd_incr_steps" and settings["wd_incr_style"] == "constant"
+    # a fixed --lr-decay-iters, or a checkpoint saved when it was the decay length, changes nothing. An
+    # increasing weight decay reads it: compared then.
+    return (name == "wd_incr_steps" and settings["wd_incr_style"] == "constant"
+            and saved_state.get("wd_incr_style", "constant") == "constant")
 
 
 def schedule_differences(job: TrainingJob, saved: Dict[str, object]) -> List[str]:
     """"what: checkpoint X, flags Y (flag)" for each schedule setting a checkpoint's scheduler state
-    (`saved`, its state_dict) holds with another value than the flags give."""
-    ours = schedule_settings(job)
-    return [f"{name}: checkpoint {saved[name]}, flags {value} ({SCHEDULE_FLAGS[name]})"
-            for name, value in ours.items() if name in saved and not _same_setting(name, saved[name], value, ours)]
+    (`saved`, its state_dict) holds with another value than the flags give. (megatron-core's state
+    holds neither --lr-warmup-init nor the WSD settings: this run's apply.)"""
+    ours, earlier, flags = schedule_settings(job), _earlier_settings(job), schedule_flags(job)
+    return [f"{name}: checkpoint {saved[name]}, flags {value} ({flags[name]})" for name, value in ours.items()
+            if name in saved and name in flags and not _same_setting(name, saved[name], value, ours, saved, earlier)]
 
 
 def build_scheduler(optimizer, job: TrainingJob):
@@ -355,6 +407,6 @@ def build_scheduler(optimizer, job: TrainingJob):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     override = job.optim.override_opt_param_scheduler
-    return OptimizerParamScheduler(optimizer, init_lr=0.0, **schedule_settings(job),
+    return OptimizerParamScheduler(optimizer, **schedule_settings(job),
                                    override_opt_param_scheduler=override,
                                    use_checkpoint_opt_param_scheduler=not override)

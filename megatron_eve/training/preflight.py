@@ -41,12 +41,25 @@ def check_job(job: TrainingJob, world_size: int) -> None:
     teacher = job.model.aligner.teacher_path
     if job.model.aligner.enabled and teacher and not os.path.isfile(os.path.join(teacher, "config.json")):
         problems.append(f"--vision-teacher-path {teacher}: not a folder holding an HF CLIP model (no config.json)")
+    if job.logging.tensorboard_log_interval < 1:
+        problems.append(f"--tensorboard-log-interval {job.logging.tensorboard_log_interval} must be at least 1")
     source = checkpoint_records.checkpoint_to_load(job.checkpoint.load, job.checkpoint.pretrained_checkpoint)
     if source is not None:
         problems += _check_checkpoint(job, source, checksum)
+    problems += _check_load(job, source)
     problems += _check_outputs(job, source)
     if problems:
         raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
+
+
+def _check_load(job: TrainingJob, source: Optional[str]) -> List[str]:
+    """A --load without a checkpoint (checkpoint.load's refusal, found before the model is built): a
+    first run may name its --save folder there, or start from --pretrained-checkpoint; --finetune
+    needs the checkpoint. (Megatron-LM would start from scratch; a mistyped folder must not.)"""
+    ck = job.checkpoint
+    if ck.load and source != ck.load and not ck.pretrained_checkpoint and (ck.finetune or ck.load != ck.save):
+        return [f"--load {ck.load}: no {checkpoint_records.TRACKER} (no complete checkpoint there)"]
+    return []
 
 
 def _writable_folder_problem(flag: str, path: str) -> Optional[str]:

@@ -19,7 +19,7 @@ import torch
 
 from megatron_eve.training.iteration_stats import IterationStats
 from megatron_eve.training.metrics import BatchWork
-from megatron_eve.training.optim import arm_update_skip, skips_updates_on_the_device
+from megatron_eve.training.optim import arm_update_skip, has_loss_scaler, skips_updates_on_the_device
 
 
 @dataclass
@@ -49,7 +49,9 @@ def reduce_and_update(optimizer, stats: IterationStats, losses: Sequence[Dict[st
         if flags["finite"] and not finite:
             stats.drop_last_losses()  # as a non-finite gradient found before the step would have
         return Update(finite, updated and finite, norm if finite else None, flags["sigterm"], flags["over_time"])
-    flags = stats.reduce(losses, grad_buffers, work, sigterm, over_time)
+    # fp16's scaled gradients overflow now and then by design: its step finds that and skips (the
+    # scale backs off), so only the losses decide here.
+    flags = stats.reduce(losses, () if has_loss_scaler(optimizer) else grad_buffers, work, sigterm, over_time)
     updated, norm = False, None
     if flags["finite"]:
         updated, grad_norm, _ = optimizer.step()
