@@ -105,6 +105,12 @@ def test_llama_initialisation_matches_llama_for_causal_lm(logits):
     assert logits["llama_max_abs_diff"] <= 1e-4  # loading also checked PEL and projector were written
 
 
+def test_a_llama_folder_is_pointed_at_its_converter(logits, tmp_path):
+    out = convert("hf_to_megatron.py", "--hf", os.path.join(logits["root"], "llama"), "--out", tmp_path / "m")
+    assert out.returncode == 1 and "holds no EVE vision weights" in out.stderr
+    assert "checkpoint_conversion/llama_to_megatron.py" in out.stderr and not (tmp_path / "m").exists()
+
+
 def test_missing_shard(tmp_path):
     tiny_hf_eve(str(tmp_path / "hf"), fmt="bin")
     os.remove(tmp_path / "hf" / "pytorch_model-00002-of-00002.bin")

@@ -150,6 +150,10 @@ def check_keys(hf: HFWeights, model: EVEModelConfig, need_vision: bool) -> None:
         expected.update(f"model.layers.{i}.{s}" for s in hf_layer_shapes(model.language))
     if need_vision:
         vision_prefixes = tuple(src for _, src in VISION_PREFIXES)
+        if not any(k.startswith(vision_prefixes) for k in hf.keys()):  # (else: dozens of missing tensors)
+            raise CheckpointFormatError(
+                f"{hf.folder} holds no EVE vision weights (model.vision_tower.*, model.mm_projector.*): a Llama / "
+                "Vicuna folder starts prealign through checkpoint_conversion/llama_to_megatron.py")
         vision = [k for k in expected_shapes(model) if k.startswith(vision_prefixes)]
         aligner = [k for k in vision if k.startswith(ALIGNER_PREFIX)]
         if aligner and not any(k in hf for k in aligner):
