@@ -86,6 +86,7 @@ from megatron_eve.eval.question_files import QUESTION_SOURCES  # noqa: E402
 from megatron_eve.eval.resume import SideFile, read_side_file, run_header, side_file  # noqa: E402
 from megatron_eve.eval.scoring import KINDS, ScoreRun, score_answer_file  # noqa: E402
 from megatron_eve.eval.submissions import SUBMISSIONS, write_submission  # noqa: E402
+from megatron_eve.ranks import is_rank_zero  # noqa: E402
 
 
 def _resolved(path):
@@ -124,7 +125,7 @@ def answer(args) -> int:
     # The writer (the HF process, or rank 0 of a launch: setup's printer) locks the side file now, so a
     # second run into the same answers file is refused before it loads a model; every rank reads it
     # before setup, whose process group waits for them all, and the writer rewrites it only after.
-    side = SideFile(partial) if int(os.environ.get("RANK", "0")) == 0 else None
+    side = SideFile(partial) if is_rank_zero() else None
     try:
         answers, good_length = read_side_file(partial, header, len(questions), args.overwrite)
         backend, writer = setup(args)

@@ -15,12 +15,13 @@ from megatron_eve.config.model import (ALIGNER_GEOMETRY, PRESETS, RUN_OPTIONS, A
                                        padded_vocab_size, replace)
 from megatron_eve.config.runtime import ParallelConfig, RuntimeConfig, TransformerImpl
 from megatron_eve.config.transformer import transformer_config
-from megatron_eve.config.validate import job_problems, model_problems, validate, validate_job
+from megatron_eve.config.validate import complete_job, job_problems, model_problems, validate, validate_job
 
 __all__ = [
     "ALIGNER_GEOMETRY", "PRESETS", "RUN_OPTIONS", "AlignerConfig", "CheckpointConfig", "ConfigError", "DataConfig",
     "EVEModelConfig", "LanguageModelConfig", "LoggingConfig", "OptimConfig", "ParallelConfig", "RuntimeConfig",
     "ScheduleConfig", "Stage", "TrainingJob", "TransformerImpl", "VisionConfig", "architecture",
-    "architecture_differences", "get_preset", "job_problems", "model_config_from_dict", "model_problems",
-    "padded_vocab_size", "parse_data_path", "replace", "transformer_config", "validate", "validate_job",
+    "architecture_differences", "complete_job", "get_preset", "job_problems", "model_config_from_dict",
+    "model_problems", "padded_vocab_size", "parse_data_path", "replace", "transformer_config", "validate",
+    "validate_job",
 ]

@@ -74,7 +74,7 @@ class ScheduleConfig:
                                            "pretrain and finetune train everything but the CLIP teacher")
     micro_batch_size: int = option(1, required=True, help="sequences per micro-batch and data-parallel rank")
     # Unset at the command line: --micro-batch-size x data-parallel size, set once the world size is
-    # known (config.validate.job_problems), as Megatron-LM's validate_args does.
+    # known (config.validate.complete_job), as Megatron-LM's validate_args does.
     global_batch_size: Optional[int] = option(
         1, cli_default=None, help="sequences per optimizer step, all ranks together (default: --micro-batch-size x "
                                   "data-parallel size)")

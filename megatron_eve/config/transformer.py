@@ -44,7 +44,7 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_size(lm.num_layers),
-        # Off without tensor parallelism, as Megatron-LM (config.validate.job_problems warns when it turns it off).
+        # Off without tensor parallelism, as Megatron-LM (config.validate.complete_job warns when it turns it off).
         sequence_parallel=parallel.sequence_parallel and parallel.tensor_model_parallel_size > 1,
         # Stages exchange [tokens + carried aligner features] whose length varies per micro-batch.
         variable_seq_lengths=True,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from typing import List, Optional
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from megatron_eve.config.job import TrainingJob
 from megatron_eve.config.model import ConfigError, EVEModelConfig
 from megatron_eve.config.runtime import ParallelConfig, RuntimeConfig
+from megatron_eve.ranks import is_rank_zero
 
 logger = logging.getLogger(__name__)
 
@@ -193,20 +193,19 @@ def _kernel_problems(runtime: RuntimeConfig) -> List[str]:
 
 
 def validate_job(job: TrainingJob, world_size: int) -> None:
-    """Raise ConfigError naming every problem of the run's options."""
+    """Complete the run's options from the world size (complete_job), then raise ConfigError naming
+    every problem of them."""
+    complete_job(job, world_size)
     problems = job_problems(job, world_size)
     if problems:
         raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
 
 
 def job_problems(job: TrainingJob, world_size: int) -> List[str]:
-    """Every problem of a training run's options taken together (no file is read). First, as
-    Megatron-LM's validate_args, what the flags leave to the world size: an unset --global-batch-size
-    becomes --micro-batch-size x data-parallel size (a note), and --sequence-parallel without tensor
-    parallelism is turned off (a warning)."""
+    """Every problem of a training run's options taken together (no file is read); the job as
+    complete_job leaves it."""
     from megatron_eve.data.images import tokens_per_image
 
-    _complete(job, world_size)
     problems = _non_positive(job)
     if problems:  # the checks below divide by these
         return problems
@@ -276,11 +275,6 @@ def job_problems(job: TrainingJob, world_size: int) -> List[str]:
     return problems + layout_problems
 
 
-def _rank_zero() -> bool:
-    """Checks before work run on every rank before the process group exists: rank 0 speaks for all."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _data_parallel_size(job: TrainingJob, world_size: int) -> Optional[int]:
     tp, pp = job.parallel.tensor_model_parallel_size, job.parallel.pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world_size % (tp * pp):
@@ -288,20 +282,21 @@ def _data_parallel_size(job: TrainingJob, world_size: int) -> Optional[int]:
     return world_size // (tp * pp)
 
 
-def _complete(job: TrainingJob, world_size: int) -> None:
-    """What Megatron-LM's validate_args derives from the world size (arguments.py): an unset
-    --global-batch-size is --micro-batch-size x data-parallel size, and sequence parallelism is off
-    without tensor parallelism (it would change the numerics and nothing else)."""
+def complete_job(job: TrainingJob, world_size: int) -> None:
+    """What Megatron-LM's validate_args derives from the world size (arguments.py), set in the job: an
+    unset --global-batch-size is --micro-batch-size x data-parallel size (a note), and sequence
+    parallelism is off without tensor parallelism (a warning: it would change the numerics and nothing
+    else). Flags that leave no data-parallel size are left for job_problems to name."""
     s, parallel = job.schedule, job.parallel
     dp = _data_parallel_size(job, world_size)
     if s.global_batch_size is None and dp is not None and s.micro_batch_size >= 1:
         s.global_batch_size = s.micro_batch_size * dp
-        if _rank_zero():
+        if is_rank_zero():
             print(f"setting global batch size to {s.global_batch_size} (--micro-batch-size {s.micro_batch_size} x "
                   f"data-parallel size {dp})", flush=True)
     if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
         parallel.sequence_parallel = False
-        if _rank_zero():
+        if is_rank_zero():
             logger.warning("warning: disabling --sequence-parallel because tensor model parallelism is disabled "
                            "(--tensor-model-parallel-size 1), as Megatron-LM does")
 

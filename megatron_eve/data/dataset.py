@@ -27,6 +27,7 @@ from megatron_eve.data.indexed import DatasetFormatError, IndexedSamples
 from megatron_eve.data.packing import PackingPlan
 from megatron_eve.data.plan_cache import PlanKey, cached_plans, lengths_sha256
 from megatron_eve.model.visual_layout import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from megatron_eve.ranks import is_rank_zero
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -291,15 +292,9 @@ def _blend_sources(config: DataConfig) -> List[Tuple[float, IndexedSamples]]:
 _dropped_warned = set()  # (prefix, split) already warned about, one line per run each
 
 
-def _rank_zero() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _warn_once(prefix: str, split: str, message: str, *args) -> None:
     """A warning every rank would give alike: logged by global rank 0, once per prefix and split."""
-    if (prefix, split) not in _dropped_warned and _rank_zero():
+    if (prefix, split) not in _dropped_warned and is_rank_zero():
         _dropped_warned.add((prefix, split))
         logger.warning(message, *args)
 

@@ -14,7 +14,8 @@ import torch
 from megatron_eve.config import ConfigError
 from megatron_eve.data.records import to_rgb
 from megatron_eve.data.tokenizer import Tokenizer
-from megatron_eve.inference.generate import Generator, Prompt, PromptError, Sampling, build_prompt, new_token_budget
+from megatron_eve.inference.generate import (Generator, Prompt, PromptError, Sampling, build_prompt, check_placeholders,
+                                             new_token_budget)
 
 
 @dataclass
@@ -46,15 +47,6 @@ def open_images(paths: Sequence[str], upright: bool = False):
         except Exception as error:  # noqa: BLE001 — Pillow raises OSError, SyntaxError, ValueError, ...
             raise PromptError(f"image {path} cannot be read: {type(error).__name__}: {error}") from None
     return images
-
-
-def check_length(positions: int, sampling: Sampling, max_length: int) -> int:
-    """The one length rule of both backends: a prompt must leave the model a position to answer in
-    (else PromptError); → its budget of new tokens, sampling.max_new_tokens cut to the positions
-    left, as LLaVA / EVE's demo worker caps it (their evaluation scripts let generate() run on)."""
-    if positions >= max_length:
-        raise PromptError(f"the prompt takes {positions} positions; the model allows {max_length}")
-    return new_token_budget(positions, sampling.max_new_tokens, max_length)
 
 
 def answer_ids(ids: List[int], tokenizer: Tokenizer, eos_id: int) -> List[int]:
@@ -92,24 +84,18 @@ class MegatronBackend:
         prepared: List[Union[Prompt, PromptError]] = []
         for request in requests:
             try:
-                prompt = self.prepare(request)
-                self._check_length(prompt, sampling)
-                prepared.append(prompt)
+                prepared.append(self.prepare(request))  # refuses a prompt too long for the model
             except PromptError as error:
                 prepared.append(error)
         good = [p for p in prepared if isinstance(p, Prompt)]
         outputs = iter(self.generator.generate(good, sampling)) if good else iter(())
         return [p if isinstance(p, PromptError) else self._text(next(outputs), sampling) for p in prepared]
 
-    def _check_length(self, prompt: Prompt, sampling: Sampling) -> None:
-        check_length(len(prompt.tokens), sampling, self.max_length)
-
     def stream(self, request: Request, sampling: Sampling, cancel: Optional[threading.Event] = None
                ) -> Iterator[str]:
         """Text deltas of one answer as it is generated (the same length limit and text as answer());
         stops between steps once `cancel` is set (nobody reads the answer any more)."""
         prompt = self.prepare(request)
-        self._check_length(prompt, sampling)
         specials = _special_ids(self.tokenizer)
         ids: List[int] = []
         shown = ""
@@ -193,7 +179,6 @@ class HFBackend:
 
     def answer(self, requests: List[Request], sampling: Sampling) -> List[Union[str, PromptError]]:
         from megatron_eve.data.templates import tokenize_with_images
-        from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
 
         out: List[Union[str, PromptError, None]] = [None] * len(requests)
         ready = []  # (index, ids, images, budget of new tokens) of the requests that can be answered
@@ -201,10 +186,8 @@ class HFBackend:
             try:
                 images = open_images(request.image_paths, request.upright)
                 ids = tokenize_with_images(request.prompt, self.tokenizer)
-                if ids.count(IMAGE_TOKEN_INDEX) != len(images):
-                    raise PromptError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} <image> placeholders "
-                                      f"for {len(images)} images")
-                budget = check_length(self.positions(ids, images), sampling, self.max_length)
+                check_placeholders(ids, images)
+                budget = new_token_budget(self.positions(ids, images), sampling.max_new_tokens, self.max_length)
                 ready.append((index, ids, images, budget))
             except PromptError as error:
                 out[index] = error
@@ -216,7 +199,7 @@ class HFBackend:
         return out
 
     def _generate(self, rows: List[List[int]], images, sampling: Sampling, budgets: List[int]) -> List[str]:
-        """budgets: each row's new tokens at most (check_length's); the batch runs to the largest, and
+        """budgets: each row's new tokens at most (new_token_budget's); the batch runs to the largest, and
         each row is cut at its own, as the megatron generator stops it there."""
         longest = max(map(len, rows))
         ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows], device=self.device)

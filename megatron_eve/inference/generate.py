@@ -65,8 +65,18 @@ def checked_sampling(max_new_tokens: int, temperature: float, top_p: float, seed
 
 def new_token_budget(positions: int, max_new_tokens: int, max_length: Optional[int]) -> int:
     """The new tokens a prompt of `positions` may have: max_new_tokens, cut to the model's positions
-    left (as LLaVA / EVE's demo worker caps them; their scripts let generate() run on)."""
+    left (as LLaVA / EVE's demo worker caps them; their scripts let generate() run on). The one
+    length rule of every backend: a prompt must leave a position to answer in, else PromptError."""
+    if max_length is not None and positions >= max_length:
+        raise PromptError(f"the prompt takes {positions} positions; the model allows {max_length}")
     return max_new_tokens if max_length is None else min(max_new_tokens, max_length - positions)
+
+
+def check_placeholders(ids: List[int], images) -> None:
+    """One "<image>" placeholder per image, else PromptError."""
+    if ids.count(IMAGE_TOKEN_INDEX) != len(images):
+        raise PromptError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} <image> placeholders for "
+                          f"{len(images)} images")
 
 
 def sampling_distribution(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -105,8 +115,7 @@ def chat_prompt(question: str, with_image: bool) -> str:
 def build_prompt(text: str, images, tokenizer: Tokenizer, vision: VisionConfig, max_length: int) -> Prompt:
     """Text with one "<image>" per PIL image → a Prompt with expanded image runs."""
     ids = tokenize_with_images(text, tokenizer)
-    if ids.count(IMAGE_TOKEN_INDEX) != len(images):
-        raise PromptError(f"the prompt has {ids.count(IMAGE_TOKEN_INDEX)} <image> placeholders for {len(images)} images")
+    check_placeholders(ids, images)
     tokens, pixels, image = [], [], 0
     for token in ids:
         if token == IMAGE_TOKEN_INDEX:
@@ -116,8 +125,7 @@ def build_prompt(text: str, images, tokenizer: Tokenizer, vision: VisionConfig, 
             image += 1
         else:
             tokens.append(token)
-    if len(tokens) >= max_length:
-        raise PromptError(f"the prompt takes {len(tokens)} positions; the model allows {max_length}")
+    new_token_budget(len(tokens), 1, max_length)  # refused here when it leaves no position to answer in
     return Prompt(tokens, pixels)
 
 
@@ -159,9 +167,6 @@ class Generator:
 
         batch, longest = len(prompts), max(len(p.tokens) for p in prompts)
         budgets = [new_token_budget(len(p.tokens), sampling.max_new_tokens, self.max_length) for p in prompts]
-        if min(budgets) < 1:
-            raise PromptError(f"the prompt takes {len(prompts[budgets.index(min(budgets))].tokens)} positions; "
-                              f"the model allows {self.max_length}")
         budget, steps = torch.tensor(budgets), max(budgets)
         total = longest + steps
         tokens = torch.zeros(batch, total, dtype=torch.long)

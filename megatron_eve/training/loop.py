@@ -298,7 +298,7 @@ def run(job: TrainingJob) -> int:
             if _last_rank_of_losses():
                 print(_log_line(state, s, {**interval.losses, **_learning_rates(optimizer), **measured},
                                 grad_norm, loss_scale), flush=True)
-            if _loss_scale(optimizer, job, read=False) is None:  # fp16's dynamic scale: per log line only
+            if _dynamic_loss_scale(job):  # per log line only (each iteration's would read the device)
                 measured["loss-scale"] = loss_scale
             tensorboard.write(measured, state.iteration, state.consumed_samples)
             interval_seconds = 0.0
@@ -374,11 +374,14 @@ def _learning_rates(optimizer) -> Dict[str, float]:
 def _loss_scale(optimizer, job: TrainingJob, read: bool) -> Optional[float]:
     """The loss scale Megatron-LM logs: 1.0 without fp16, fp16's static --loss-scale, or (read=True)
     the dynamic scaler's current scale, a read of the device (None with read=False)."""
-    if not job.runtime.fp16:
-        return 1.0
-    if job.optim.loss_scale:
-        return float(job.optim.loss_scale)
-    return float(optimizer.get_loss_scale()) if read else None
+    if _dynamic_loss_scale(job):
+        return float(optimizer.get_loss_scale()) if read else None
+    return float(job.optim.loss_scale) if job.runtime.fp16 else 1.0
+
+
+def _dynamic_loss_scale(job: TrainingJob) -> bool:
+    """fp16 without a static --loss-scale: the scale lives on the device and changes."""
+    return job.runtime.fp16 and not job.optim.loss_scale
 
 
 def _evaluate_and_print(fb, step, chunks, num_microbatches: int, job: TrainingJob, state, tensorboard: TensorBoard,

@@ -166,9 +166,8 @@ def skips_updates_on_the_device(optimizer) -> bool:
     restores its step counts), clips (the total norm it computes then tells whether every gradient
     is finite: _clip_by_total_norm) and has no loss scaler (fp16 finds its overflows itself)."""
     parts = [part for part in optimizer_parts(optimizer) if not getattr(part, "is_stub_optimizer", False)]
-    return bool(parts) and all(
-        part.config.clip_grad > 0.0 and getattr(part, "grad_scaler", None) is None
-        and not part.config.use_precision_aware_optimizer
+    return bool(parts) and not has_loss_scaler(optimizer) and all(
+        part.config.clip_grad > 0.0 and not part.config.use_precision_aware_optimizer
         and isinstance(getattr(part, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))
         and hasattr(part.optimizer, "found_inf")
         and all(group.get("fused") for group in part.optimizer.param_groups) for part in parts)

@@ -9,9 +9,10 @@ import os
 from typing import List, Optional, Tuple
 
 from megatron_eve.atomic import nearest_existing
-from megatron_eve.config import ConfigError, TrainingJob, job_problems
+from megatron_eve.config import ConfigError, TrainingJob, complete_job, job_problems
 from megatron_eve.data.dataset import check_blend, split_ranges
 from megatron_eve.data.indexed import DatasetFormatError, read_metadata
+from megatron_eve.ranks import is_rank_zero
 from megatron_eve.training import checkpoint_records
 
 logger = logging.getLogger(__name__)
@@ -20,6 +21,7 @@ logger = logging.getLogger(__name__)
 def check_job(job: TrainingJob, world_size: int) -> None:
     """Everything that can be known wrong before a process group or a model exists: the options
     together (config.validate_job), the data's files and the checkpoint to load; one error."""
+    complete_job(job, world_size)
     problems = job_problems(job, world_size)
     checksum, tokenizer_problems = _tokenizer_checksum(job)
     problems += tokenizer_problems
@@ -111,7 +113,7 @@ def _check_checkpoint(job: TrainingJob, source: str, checksum: Optional[str]) ->
     except ConfigError as error:
         problems.append(str(error))
     else:  # a new stage's start: said once (before the process group and logging exist: rank 0 by its variable)
-        if warning and int(os.environ.get("RANK", "0")) == 0:
+        if warning and is_rank_zero():
             logger.warning("warning: %s: the embeddings were trained on other token ids", warning)
     return problems
 
