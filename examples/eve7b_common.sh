@@ -65,6 +65,11 @@ COMMON=(--preset eve-7b --bf16 --tensor-model-parallel-size 2 --sequence-paralle
         --tokenizer-model "$TOKENIZER" --vision-teacher-path "$TEACHER" --align-loss-weight 1.0
         --num-workers 4 --log-interval 10 --exit-signal-handler --seed 42)
 
-# Batch sizes count packed sequences. The reference counts samples: at seq-length 4096 a caption
-# sample (601 image + ~30 text positions) packs ~6.5 to a sequence, an SFT sample (~800) ~5, so
-# the scripts keep the reference's tokens per step: 512 samples ≈ 80 sequences, 128 ≈ 32.
+# Batch sizes count packed sequences, a multiple of the 16 data-parallel ranks. The reference counts
+# samples: at seq-length 4096 a caption sample (601 image + ~30 text positions) packs ~6.5 to a
+# sequence, an SFT sample (~800) ~5, an HD one (2353 + text) ~3 to 8192. So prealign / pretrain's 80
+# sequences ≈ 520 samples (the reference's 512), SFT's 32 ≈ 160 (its 128: +25%, as 25.6 is no multiple
+# of 16) and HD's 48 ≈ 144 (its 128: +12%). --train-samples counts sequences too: one epoch of the
+# data each stage names, estimated at those ratios; each dataset's start-up line says how many epochs
+# the run takes of it. The SFT stages hold 0.2% out for validation (--split 998,2,0), where the
+# reference trains on all of it.

@@ -357,3 +357,24 @@ def test_an_empty_dataset_is_left_out_of_the_blend(tmp_path, monkeypatch):
     with dataset_warnings(), pytest.raises(ConfigError, match=f"^--data-path: every dataset is empty "
                                                               f"\\(0 samples\\): {empty}, {other_empty}$"):
         build(["0.5", empty, "0.5", other_empty])
+
+
+def test_the_epochs_training_takes_of_each_dataset_are_said(tmp_path, caplog, monkeypatch):
+    """The stage scripts give --train-samples; the reference trains one epoch: each dataset's line
+    says how many epochs of it that is (by its share of the blend), so a dataset of another size
+    than the script assumed shows at start-up."""
+    import logging
+
+    from megatron_eve.config import DataConfig
+    from megatron_eve.data.dataset import build_datasets
+
+    monkeypatch.setenv("RANK", "0")
+    big = write_lengths(tmp_path / "big", [40] * 200)  # two samples a 100-position sequence: 100 an epoch
+    small = write_lengths(tmp_path / "small", [40] * 20)
+    config = DataConfig(data_path=["0.75", big, "0.25", small], split="100,0,0", seq_length=100,
+                        data_cache_path=str(tmp_path / "plans"))
+    with caplog.at_level(logging.INFO, logger="megatron_eve.data.dataset"):
+        build_datasets(config, seed=1, sizes=(200, None, None))
+    said = [r.getMessage() for r in caplog.records if "epochs of its train split" in r.getMessage()]
+    assert said == [f"{big}: training takes 1.50 epochs of its train split (100 packed sequences an epoch)",
+                    f"{small}: training takes 5.00 epochs of its train split (10 packed sequences an epoch)"]

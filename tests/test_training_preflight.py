@@ -118,3 +118,54 @@ def test_a_load_folder_without_a_checkpoint_is_refused_before_work(data, tmp_pat
         check_job(job_args(data, "--load", empty, "--save", empty, "--finetune"), 1)
     check_job(job_args(data, "--load", empty, "--save", empty), 1)
     check_job(job_args(data, "--load", tmp_path / "new", "--save", tmp_path / "new"), 1)
+
+
+def test_a_new_stage_may_take_longer_sequences_than_its_checkpoint(data, tmp_path, monkeypatch):
+    """RoPE has no position table: --max-position-embeddings is a run's option, as EVE-7B-HD's SFT
+    (8192 positions) starts from the 4096-position pretrain checkpoint; a shape-deciding field
+    still differs in one refusal, from the flags or under --use-checkpoint-args."""
+    from dataclasses import asdict
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_eve.data.tokenizer import Tokenizer
+
+    (tmp_path / "ck" / "iter_0000003").mkdir(parents=True)
+    (tmp_path / "ck" / "latest_checkpointed_iteration.txt").write_text("3")
+    recorded = asdict(job_args(data).model)
+    common = {"tokenizer_model": data["tokenizer"], "tokenizer_sha256": Tokenizer(data["tokenizer"]).checksum,
+              "model_config": recorded}
+    monkeypatch.setattr(dist_checkpointing, "load_common_state_dict", lambda directory: common)
+    longer = recorded["language"]["max_position_embeddings"] * 2
+    for extra in ([], ["--use-checkpoint-args"]):
+        job = job_args(data, "--pretrained-checkpoint", tmp_path / "ck", "--save", tmp_path / "new", *extra,
+                       "--seq-length", longer, "--max-position-embeddings", longer)
+        check_job(job, 1)
+        assert job.model.language.max_position_embeddings == longer
+        check_job(job_args(data, "--load", tmp_path / "ck", "--save", tmp_path / "ck", *extra,
+                           "--max-position-embeddings", longer), 1)  # a resume, too
+    with pytest.raises(ConfigError, match=re.escape("language.num_query_groups: 2 vs ")):
+        check_job(job_args(data, "--pretrained-checkpoint", tmp_path / "ck", "--save", tmp_path / "new",
+                           "--num-query-groups", 2), 1)
+
+
+def test_data_preprocessed_for_another_stage_is_warned_about(data, caplog, monkeypatch):
+    """A dataset's template against EVE's for the stage (plain captions to prealign / pretrain, a
+    conversation to SFT) and its --max-length against --seq-length: legal, said once by rank 0."""
+    monkeypatch.setenv("RANK", "0")
+
+    def warnings(stage, kind, *extra):
+        caplog.clear()
+        check_job(parse_args(base_args(data, stage, kind) + ["--train-iters", "3", *map(str, extra)]), 1)
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    assert warnings("prealign", "captions") == warnings("finetune", "qa") == []
+    assert warnings("finetune", "captions") == [f"warning: {data['captions']} was preprocessed with --template plain; "
+                                                f"EVE's finetune stage trains on a conversation template (vicuna_v1)"]
+    assert warnings("pretrain", "qa") == [f"warning: {data['qa']} was preprocessed with --template vicuna_v1; EVE's "
+                                          f"pretrain stage trains on plain"]
+    assert warnings("finetune", "qa", "--seq-length", 8192, "--max-position-embeddings", 8192) == [
+        f"warning: {data['qa']} was preprocessed with --max-length 4096: its samples were dropped beyond 4096 "
+        f"positions, while --seq-length 8192 would take them"]
+    monkeypatch.setenv("RANK", "1")
+    assert warnings("finetune", "captions") == []

@@ -183,10 +183,12 @@ def model_config_from_dict(values: Dict) -> EVEModelConfig:
     )
 
 
-# Fields that only steer a run (resolution of this stage, whether / how strongly to align, where the
-# teacher lives, how weights were initialised): everything else decides the weights' shapes or values.
-RUN_OPTIONS = ("name", "language.init_method_std", "vision.image_size", "aligner.enabled",
-               "aligner.loss_weight", "aligner.teacher_path")
+# Fields that only steer a run (resolution of this stage, the longest sequence it takes, whether /
+# how strongly to align, where the teacher lives, how weights were initialised): everything else decides
+# the weights' shapes or values. RoPE has no position table, so a stage may take longer sequences than
+# the one before (EVE-7B-HD: 8192 positions from the 4096 of its pretrain checkpoint).
+RUN_OPTIONS = ("name", "language.init_method_std", "language.max_position_embeddings", "vision.image_size",
+               "aligner.enabled", "aligner.loss_weight", "aligner.teacher_path")
 
 
 ALIGNER_GEOMETRY = ("vision.teacher_image_size",)  # only shapes anything when the aligner runs

@@ -269,6 +269,11 @@ def build_datasets(config: DataConfig, seed: int, sizes: Sequence[Optional[int]]
                    for w in weights]
         parts = [PackedSequences(sources[i][1], *ranges[i], config, seed, name, m, reads)
                  for i, m in zip(used, minimum)]
+        if name == "train" and size is not None and is_rank_zero():
+            for part, weight in zip(parts, weights):  # the reference trains one epoch: is that what was asked?
+                epoch = len(part.plans[0]) if part.plans else 0
+                logger.info("%s: training takes %.2f epochs of its train split (%d packed sequences an epoch)",
+                            part.samples.prefix, size * weight / total_weight / max(epoch, 1), epoch)
         out[name] = BlendedSequences(parts, weights, size)
     return out
 

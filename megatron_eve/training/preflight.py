@@ -132,6 +132,23 @@ def _tokenizer_checksum(job: TrainingJob) -> Tuple[Optional[str], List[str]]:
         return None, [f"--tokenizer-model: {error}"]
 
 
+def _data_warnings(job: TrainingJob, prefix: str, meta: dict) -> List[str]:
+    """What a dataset's preprocessing makes of this stage, legal but likely a slip: another template
+    than EVE trains the stage with (plain captions for prealign / pretrain, a conversation for SFT),
+    or a --max-length below --seq-length (longer samples were dropped or cut then, not now)."""
+    warnings, stage, template = [], job.schedule.stage, meta.get("template")
+    if template is not None and (template == "plain") != (stage in ("prealign", "pretrain")):
+        expected = "plain" if stage in ("prealign", "pretrain") else "a conversation template (vicuna_v1)"
+        warnings.append(f"{prefix} was preprocessed with --template {template}; EVE's {stage} stage trains on "
+                        f"{expected}")
+    max_length, seq = meta.get("max_length"), job.data.seq_length
+    if max_length is not None and max_length < seq:
+        done = "cut to" if meta.get("over_length") == "truncate" else "dropped beyond"
+        warnings.append(f"{prefix} was preprocessed with --max-length {max_length}: its samples were {done} "
+                        f"{max_length} positions, while --seq-length {seq} would take them")
+    return warnings
+
+
 def _check_data(job: TrainingJob, blend, checksum: Optional[str]) -> List[str]:
     problems = []
     vision, lm = job.model.vision, job.model.language
@@ -152,6 +169,8 @@ def _check_data(job: TrainingJob, blend, checksum: Optional[str]) -> List[str]:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(prefix + suffix):
                 problems.append(f"{prefix}{suffix} is missing")
+        for warning in _data_warnings(job, prefix, meta) if is_rank_zero() else ():
+            logger.warning("warning: %s", warning)
     if not problems:
         try:  # what the blend makes of them (every dataset empty, none left in the training split), now
             check_blend(job.data)
