@@ -1,6 +1,7 @@
 """Packing, splits, blends and the resumable data-parallel sampler."""
 
 import contextlib
+import re
 import logging
 import math
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from megatron_eve.config import parse_data_path
-from megatron_eve.data.dataset import BlendedSequences, split_ranges
+from megatron_eve.data.dataset import BlendedSequences, split_ranges, split_shares
 from megatron_eve.data.loader import MicroBatchSampler
 from megatron_eve.data.packing import efficiency, one_per_sequence, pack
 
@@ -83,6 +84,16 @@ def test_data_path_forms():
     assert [p for _, p in unweighted] == ["a", "b"] and all(math.isnan(w) for w, _ in unweighted)
     with pytest.raises(ValueError, match="alternate"):
         parse_data_path(["0.7", "a", "0.3"])
+    # Weights a blend cannot use, each named (float() takes "nan" and "inf"; 1e308 twice sums to inf).
+    for values, named in ((["inf", "a", "1", "b"], "weight 'inf' of a is not a number >= 0"),
+                          (["nan", "a", "1", "b"], "weight 'nan' of a is not a number >= 0"),
+                          (["1", "a", "x", "b"], "weight 'x' of b is not a number >= 0"),
+                          (["1e308", "a", "1e308", "b"], "of a finite sum")):
+        with pytest.raises(ValueError, match=re.escape(f"--data-path {' '.join(values)}: ") + ".*" + re.escape(named)):
+            parse_data_path(values)
+    for split in ("nan,2,0", "inf,2,0", "1e308,1e308,0"):
+        with pytest.raises(ValueError, match=re.escape(f"--split {split!r}: give three non-negative weights")):
+            split_shares(split)
 
 
 class FakeSequences:
@@ -273,10 +284,14 @@ def test_unusable_samples_are_named_up_to_a_cap_and_a_damaged_dataset_is_an_erro
     named = [message for message in warned if "left out of its sequence" in message]
     assert len(named) == NAMED_LEFT_OUT and "later ones are counted, not named" in named[-1]
 
-    damaged = str(tmp_path / "damaged")
+    damaged = str(tmp_path / "damaged")  # the first ten read all unusable
     _text_dataset(damaged, good=0, cut=150)
-    with dataset_warnings(), pytest.raises(DatasetFormatError, match=r"100 of the 100 samples read .* the dataset is damaged"):
+    with dataset_warnings(), pytest.raises(DatasetFormatError, match=r"10 of the 10 samples read .* the dataset is damaged"):
         rows(damaged)
+    small = str(tmp_path / "small")  # fewer samples than that, every one unusable
+    _text_dataset(small, good=0, cut=6)
+    with dataset_warnings(), pytest.raises(DatasetFormatError, match=r"6 of the 6 samples read .* the dataset is damaged"):
+        rows(small)
 
 
 def test_a_weighted_dataset_without_samples_in_a_split_leaves_that_split(tmp_path):
@@ -378,3 +393,61 @@ def test_the_epochs_training_takes_of_each_dataset_are_said(tmp_path, caplog, mo
     said = [r.getMessage() for r in caplog.records if "epochs of its train split" in r.getMessage()]
     assert said == [f"{big}: training takes 1.50 epochs of its train split (100 packed sequences an epoch)",
                     f"{small}: training takes 5.00 epochs of its train split (10 packed sequences an epoch)"]
+
+
+def test_a_damaged_image_leaves_its_sample_out_on_every_pipeline_stage(tmp_path):
+    """A crop whose header is whole but whose pixels are damaged: the first stage (which keeps
+    pixels), a middle one (grids only) and the last (teacher views) must all leave its sample out,
+    or their rows of one micro-batch differ (a pipeline that failed, or trained on another row's labels)."""
+    import io
+
+    from PIL import Image
+
+    from megatron_eve.config import DataConfig
+    from megatron_eve.data.dataset import StageReads, build_datasets
+    from megatron_eve.data.indexed import SampleWriter
+    from megatron_eve.data.records import Sample
+    from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
+
+    def png(damaged=False):
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.RandomState(0).randint(0, 255, (56, 56, 3), dtype=np.uint8)).save(buffer, "PNG")
+        data = bytearray(buffer.getvalue())
+        if damaged:
+            data[len(data) // 2] ^= 0xFF  # inside the pixel data: the header still gives the size
+        return bytes(data)
+
+    tokens = np.concatenate([[1], np.full(1 + 2 * 3, IMAGE_TOKEN_INDEX), np.arange(3, 20)]).astype(np.int32)
+    labels = np.where(tokens == IMAGE_TOKEN_INDEX, -100, tokens).astype(np.int32)
+    prefix = str(tmp_path / "d")
+    meta = {"template": "plain", "patch_size": 14, "conv_stride": 2, "image_size": 56, "teacher_image_size": 56,
+            "tokenizer_vocab_size": 1000}
+    with SampleWriter(prefix, meta) as writer:
+        for i in range(12):
+            writer.add(Sample(f"s{i}", tokens, labels, [png(damaged=i == 3)], [png(damaged=i == 7)]))
+        writer.finalize()
+    config = DataConfig(data_path=[prefix], split="100,0,0", seq_length=64, data_cache_path=str(tmp_path / "plans"))
+    stages = {"first": StageReads(pixels=True, teacher=False), "middle": StageReads(pixels=False, teacher=False),
+              "last": StageReads(pixels=False, teacher=True)}
+    with dataset_warnings():
+        rows = {name: [row for row in build_datasets(config, 1, reads=reads)["train"]] for name, reads in stages.items()}
+    for name, stage_rows in rows.items():
+        assert [r["num_samples"] for r in stage_rows] == [r["num_samples"] for r in rows["first"]], name
+        assert all(np.array_equal(a["labels"], b["labels"]) for a, b in zip(stage_rows, rows["first"])), name
+    assert sum(r["num_samples"] for r in rows["first"]) == 10  # samples 3 and 7 left out everywhere
+    assert all(r["images"] for r in rows["first"]) and not any(r["images"] for r in rows["middle"])
+
+
+def test_an_unweighted_blend_weighs_the_tokens_that_fit(tmp_path):
+    """Without weights a dataset counts by its tokens; those of samples longer than --seq-length are
+    left out of every sequence, so counting them would read the few samples that fit epochs over."""
+    from megatron_eve.config import DataConfig
+    from megatron_eve.data.dataset import build_datasets
+
+    fits = write_lengths(tmp_path / "fits", [40] * 100)  # 4,000 tokens that fit 100-position sequences
+    mostly_long = write_lengths(tmp_path / "long", [40] * 20 + [200] * 50)  # 800 that fit, 10,000 that do not
+    config = DataConfig(data_path=[fits, mostly_long], split="100,0,0", seq_length=100,
+                        data_cache_path=str(tmp_path / "plans"))
+    with dataset_warnings():
+        train = build_datasets(config, seed=1, sizes=(120, None, None))["train"]
+    assert [int((train.dataset_index == d).sum()) for d in range(2)] == [100, 20]  # 4,000 : 800

@@ -30,6 +30,7 @@ def job_args(data, *extra):
     (["--eval-interval", "2", "--split", "100,0,0"], 1,
      "--eval-interval 2 evaluates on the valid split, but --split 100,0,0 gives it no weight"),
     (["--data-path", "/nonexistent/prefix"], 1, "/nonexistent/prefix: no dataset there"),
+    (["--split", "0,1,0"], 1, "--split 0,1,0 gives the train split no weight"),
     # What the blend makes of the data, before any model is built (data.dataset.check_blend).
     (["--split", "1,1000000,0"], 1, "--data-path: no dataset has a training sample: "),
     (["--image-size", "448"], 1, "holds 224/112-px images but the model takes 448/112"),
@@ -169,3 +170,33 @@ def test_data_preprocessed_for_another_stage_is_warned_about(data, caplog, monke
         f"positions, while --seq-length 8192 would take them"]
     monkeypatch.setenv("RANK", "1")
     assert warnings("finetune", "captions") == []
+
+
+def test_prealign_without_an_image_is_refused_before_work(data, tmp_path):
+    """Prealign trains the PEL, projector and aligner only: on text alone every step's gradient is
+    zero (it ran to its end, training nothing)."""
+    import json
+
+    import numpy as np
+
+    from megatron_eve.data.indexed import SampleWriter, read_metadata
+    from megatron_eve.data.records import Sample
+
+    keep = ("template", "image_size", "teacher_image_size", "patch_size", "conv_stride", "tokenizer_sha256",
+            "tokenizer_vocab_size")
+    meta = {key: value for key, value in read_metadata(data["captions"]).items() if key in keep}
+    text = str(tmp_path / "text")
+    with SampleWriter(text, meta) as writer:
+        for i in range(8):
+            tokens = np.arange(3, 40, dtype=np.int32)
+            writer.add(Sample(f"t{i}", tokens, tokens.copy()))
+        writer.finalize()
+    assert json.load(open(text + ".meta.json"))["counts"]["images"] == 0
+    refusal = "--stage prealign trains the vision parts only, and no dataset of --data-path holds an image"
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        check_job(parse_args(base_args(data) + ["--train-iters", "3", "--data-path", text]), 1)
+    with pytest.raises(ConfigError, match=re.escape(refusal)):  # a weight-0 dataset gives no image
+        check_job(parse_args(base_args(data) + ["--train-iters", "3", "--data-path", "1", text, "0",
+                                                data["captions"]]), 1)
+    check_job(parse_args(base_args(data) + ["--train-iters", "3", "--data-path", text, data["captions"]]), 1)
+    check_job(parse_args(base_args(data, "pretrain") + ["--train-iters", "3", "--data-path", text]), 1)

@@ -4,6 +4,7 @@ rank, samples consumed) is derived at run time, not an option."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -45,7 +46,17 @@ def parse_data_path(values: Sequence[str]) -> List[Tuple[float, str]]:
         return [(float("nan"), path) for path in values]
     if len(values) % 2:
         raise ValueError(f"--data-path {' '.join(values)}: weights and prefixes must alternate")
-    pairs = [(float(values[i]), values[i + 1]) for i in range(0, len(values), 2)]
-    if any(w < 0 for w, _ in pairs) or sum(w for w, _ in pairs) <= 0:
-        raise ValueError(f"--data-path {' '.join(values)}: weights must be >= 0 and not all 0")
+    pairs = []
+    for i in range(0, len(values), 2):
+        try:
+            weight = float(values[i])
+        except ValueError:
+            weight = float("nan")
+        if not math.isfinite(weight) or weight < 0:  # "nan" / "inf" parse as floats: no weight a blend can use
+            raise ValueError(f"--data-path {' '.join(values)}: weight {values[i]!r} of {values[i + 1]} is not a "
+                             f"number >= 0")
+        pairs.append((weight, values[i + 1]))
+    total = sum(w for w, _ in pairs)
+    if not 0 < total < math.inf:
+        raise ValueError(f"--data-path {' '.join(values)}: weights must be >= 0, not all 0, and of a finite sum")
     return pairs

@@ -35,15 +35,20 @@ PLANS_SUFFIX = ".plans"  # PREFIX.plans/: the packing-plan cache beside the data
 NAMED_LEFT_OUT = 20  # unusable samples named one by one; later ones are counted ...
 NAMED_LEFT_OUT_EVERY = 1000  # ... in a line every this many
 DAMAGED_MINIMUM = 100  # this many unusable samples, over half of those read: the dataset is damaged
+ALL_UNUSABLE_MINIMUM = 10  # ... as it is when the first this many read are all unusable (a small dataset)
 
 
 @dataclass(frozen=True)
 class StageReads:
-    """What this pipeline stage reads (derived per rank, not an option): the first needs pixels, the
-    last the teacher's views (when it trains the aligner); middle stages only tokens and image grids."""
+    """What this pipeline stage keeps of a sample's images (derived per rank, not an option): the
+    first the pixels, the last the teacher's views (when the run trains the aligner); middle stages
+    only tokens and image grids. Every stage decodes every view some stage keeps (teacher views when
+    the run aligns): whether a damaged image leaves its sample out must not depend on the stage, or
+    the stages of one micro-batch would build different rows."""
 
     pixels: bool = True
     teacher: bool = True
+    aligned: bool = True  # whether the run trains the aligner: the teacher's views are read by its last stage
 
 
 def split_shares(split: str) -> List[float]:
@@ -54,7 +59,7 @@ def split_shares(split: str) -> List[float]:
     except ValueError:
         raise ValueError(f"--split {split!r}: give three non-negative weights, e.g. 98,2,0") from None
     weights += [0.0] * (3 - len(weights))
-    if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+    if len(weights) != 3 or not all(0 <= w < math.inf for w in weights) or not 0 < sum(weights) < math.inf:
         raise ValueError(f"--split {split!r}: give three non-negative weights, e.g. 98,2,0")
     array = np.asarray(weights, dtype=np.float64)
     return (array / np.sum(array)).tolist()
@@ -129,15 +134,20 @@ class PackedSequences:
         self.samples_read += 1
         sample = None
         try:
-            sample = self.samples.get(index, self.reads.pixels, self.reads.teacher)
+            sample = self.samples.get(index, pixels=True, teacher=self.reads.aligned)
             problem = sample_problem(sample, self.samples.metadata.get("tokenizer_vocab_size"))
+            if not self.reads.pixels:
+                del sample["images"]  # decoded to decide alike on every stage; the grids are what is kept
+            if not self.reads.teacher:
+                sample.pop("teacher_images", None)
         except Exception as error:  # noqa: BLE001 — damaged bytes raise many kinds (Pillow, numpy, ours)
             problem = f"{type(error).__name__}: {error}"
         if not problem:
             return sample
         self.left_out[index] = problem
         count = len(self.left_out)
-        if count >= DAMAGED_MINIMUM and count * 2 > self.samples_read:
+        if (count >= DAMAGED_MINIMUM and count * 2 > self.samples_read) or count == self.samples_read >= min(
+                ALL_UNUSABLE_MINIMUM, len(self.sample_ids)):
             raise DatasetFormatError(
                 f"{self.samples.prefix}: {count} of the {self.samples_read} samples read could not be used (the last, "
                 f"sample {index}: {problem}): the dataset is damaged; preprocess it again")
@@ -261,7 +271,8 @@ def build_datasets(config: DataConfig, seed: int, sizes: Sequence[Optional[int]]
         if not used:
             out[name] = None
             continue
-        weights = [w if not math.isnan(w) else float(s.lengths[first:last].sum())
+        # Unweighted: by the tokens a dataset can give, those of its samples that fit --seq-length.
+        weights = [w if not math.isnan(w) else float(_fitting_tokens(s.lengths[first:last], config.seq_length))
                    for (w, s), (first, last) in ((sources[i], ranges[i]) for i in used)]
         total_weight = sum(weights)  # over the datasets in this split only: the weights re-normalised
         # Megatron's surplus keeps rounding in the blend from running a dataset dry.
@@ -276,6 +287,10 @@ def build_datasets(config: DataConfig, seed: int, sizes: Sequence[Optional[int]]
                             part.samples.prefix, size * weight / total_weight / max(epoch, 1), epoch)
         out[name] = BlendedSequences(parts, weights, size)
     return out
+
+
+def _fitting_tokens(lengths: np.ndarray, seq_length: int) -> int:
+    return int(lengths[lengths <= seq_length].sum())
 
 
 def check_blend(config: DataConfig) -> None:

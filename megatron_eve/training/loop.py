@@ -208,7 +208,8 @@ def run(job: TrainingJob) -> int:
                     "%d samples consumed", s.stage, f"{trainable:,}", f"{frozen:,}", state.iteration,
                     state.consumed_samples)
 
-    data = build_datasets(job.data, s.seed, _data_sizes(job), StageReads(pixels=first, teacher=last and align))
+    data = build_datasets(job.data, s.seed, _data_sizes(job), StageReads(pixels=first, teacher=last and align,
+                                                                              aligned=align))
     if data["train"] is None or len(data["train"]) == 0:
         raise ConfigError("no training sequence: the train split is empty or no sample fits --seq-length")
     train_batches = MicroBatches.over(data["train"], job, align, teacher_params, num_workers=job.data.num_workers,

@@ -32,11 +32,13 @@ def check_job(job: TrainingJob, world_size: int) -> None:
     if blend is not None:
         problems += _check_data(job, blend, checksum)
     try:
-        (_, _), (valid_start, valid_end), _ = split_ranges(10**6, job.data.split)
+        (train_start, train_end), (valid_start, valid_end), _ = split_ranges(10**6, job.data.split)
     except ValueError as error:
         problems.append(str(error))
     else:
         log = job.logging
+        if train_start == train_end:
+            problems.append(f"--split {job.data.split} gives the train split no weight (e.g. 98,2,0)")
         if log.eval_interval and log.eval_iters and valid_start == valid_end:
             problems.append(f"--eval-interval {log.eval_interval} evaluates on the valid split, but --split "
                             f"{job.data.split} gives it no weight (e.g. 98,2,0)")
@@ -150,9 +152,9 @@ def _data_warnings(job: TrainingJob, prefix: str, meta: dict) -> List[str]:
 
 
 def _check_data(job: TrainingJob, blend, checksum: Optional[str]) -> List[str]:
-    problems = []
+    problems, images = [], 0
     vision, lm = job.model.vision, job.model.language
-    for _, prefix in blend:
+    for weight, prefix in blend:
         try:
             meta = read_metadata(prefix)
         except (DatasetFormatError, OSError, ValueError) as error:
@@ -171,6 +173,10 @@ def _check_data(job: TrainingJob, blend, checksum: Optional[str]) -> List[str]:
                 problems.append(f"{prefix}{suffix} is missing")
         for warning in _data_warnings(job, prefix, meta) if is_rank_zero() else ():
             logger.warning("warning: %s", warning)
+        if weight != 0:  # NaN (unweighted) too
+            images += meta.get("counts", {}).get("images", 1)
+    if not problems and job.schedule.stage == "prealign" and not images:
+        problems.append("--stage prealign trains the vision parts only, and no dataset of --data-path holds an image")
     if not problems:
         try:  # what the blend makes of them (every dataset empty, none left in the training split), now
             check_blend(job.data)
