@@ -13,7 +13,8 @@ Writing is atomic: everything goes to *.tmp names and is renamed at the end. Rep
 removes its sidecar first and writes the new one last, so no mix of old and new files ever reads as
 complete. The sidecar records the sizes of .bin and .idx; a reader refuses a prefix without a
 sidecar, or whose files have other sizes (truncated or replaced), or whose counts differ from the
-index.
+index, or whose index does not describe its .bin (check_index: one of the same size from another
+run, or damaged).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import glob
 import io
 import json
 import os
+import struct
 from typing import Dict, Optional
 
 import numpy as np
@@ -78,8 +80,9 @@ def _builder_class():
             self.sequence_lengths.append(item.size)
             self.sequence_modes.append(mode)
 
-        def add_index(self, path_prefix: str) -> None:
-            index = mcore._IndexReader(mcore.get_idx_path(path_prefix), multimodal=True)
+        def add_index(self, path_prefix: str, meta: Dict) -> None:
+            index = _index_reader(path_prefix)
+            check_index(path_prefix, index, meta)  # a damaged part would damage the merged dataset
             offset = len(self.sequence_lengths)
             self.sequence_lengths.frombytes(index.sequence_lengths.astype(np.int32).tobytes())
             self.document_indices.frombytes((index.document_indices[1:] + offset).astype(np.int64).tobytes())
@@ -132,7 +135,7 @@ class SampleWriter:
     def add_prefix(self, prefix: str) -> None:
         """Append a complete dataset written by another SampleWriter (partition merge)."""
         meta = read_metadata(prefix)
-        self._builder.add_index(prefix)
+        self._builder.add_index(prefix, meta)
         for key in self.counts:
             self.counts[key] += meta["counts"][key]
 
@@ -213,24 +216,19 @@ class IndexedSamples:
     """Random access to the samples of one preprocessed prefix."""
 
     def __init__(self, prefix: str):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
         self.prefix = prefix
         self.metadata = read_metadata(prefix)
+        index = _index_reader(prefix)
+        check_index(prefix, index, self.metadata)
         if self.metadata["counts"]["samples"] == 0:
             # An empty dataset (an empty partition) has an empty .bin, which cannot be mmapped:
             # only its index is read, to check that it agrees.
             self.dataset = None
-            index = _index_reader(prefix)
         else:
-            self.dataset = IndexedDataset(prefix, multimodal=True)
+            del index  # IndexedDataset maps the file again: one mapping kept, not two
+            self.dataset = _indexed_dataset(prefix)
             index = self.dataset.index
         starts = index.document_indices[:-1]
-        if len(starts) != self.metadata["counts"]["samples"]:
-            raise DatasetFormatError(
-                f"{prefix}: the index holds {len(starts)} samples but its sidecar says "
-                f"{self.metadata['counts']['samples']}"
-            )
         self._starts = starts
         self._ends = index.document_indices[1:]
         # Length of each sample in the model = length of its TOKENS item.
@@ -261,10 +259,110 @@ class IndexedSamples:
         return out
 
 
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
+
+
 def _index_reader(prefix: str):
+    """megatron-core's reader of PREFIX.idx, once its header and size say that it can read it: its own
+    checks are asserts (a traceback, then noise from __del__ on the half-built reader)."""
     from megatron.core.datasets import indexed_dataset as mcore
 
-    return mcore._IndexReader(mcore.get_idx_path(prefix), multimodal=True)
+    path = mcore.get_idx_path(prefix)
+
+    def refuse(why: str):
+        return DatasetFormatError(f"{path}: not a readable megatron index ({why}); preprocess it again")
+
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(_HEADER.size)
+        size = os.path.getsize(path)
+    except OSError as error:
+        raise refuse(error.strerror or error) from None
+    if len(header) < _HEADER.size:
+        raise refuse(f"{len(header)} bytes, shorter than its header")
+    magic, version, code, sequences, documents = _HEADER.unpack(header)
+    if magic != mcore._INDEX_HEADER or version != 1:
+        raise refuse("bad header")
+    if code != mcore.DType.code_from_dtype(np.int32):
+        # Our items are int32: another dtype reads the .bin as something it is not.
+        names = {d.value: d.name for d in mcore.DType}
+        raise refuse(f"dtype {names.get(code, f'code {code}')}, not the int32 of tools/preprocess_data.py")
+    # lengths (int32), pointers (int64) and modes (int8) per sequence, an int64 per document index
+    expected = _HEADER.size + sequences * (4 + 8 + 1) + documents * 8
+    if size != expected:
+        raise refuse(f"{size} bytes, but its header's {sequences} sequences and {documents} document "
+                     f"indices take {expected}")
+    try:
+        return mcore._IndexReader(path, multimodal=True)
+    except (AssertionError, ValueError, OSError) as error:  # changed since the header was read
+        raise refuse(error) from None
+
+
+def _indexed_dataset(prefix: str):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    # Its __del__ deletes both attributes: set beforehand, a failed __init__ leaves no AttributeError noise.
+    dataset = IndexedDataset.__new__(IndexedDataset)
+    dataset.bin_reader = dataset.index = None
+    try:
+        dataset.__init__(prefix, multimodal=True)
+    except (AssertionError, ValueError, OSError) as error:
+        raise DatasetFormatError(f"{prefix}.idx: not a readable megatron index ({error}); preprocess it again") \
+            from None
+    return dataset
+
+
+_CHUNK = 1 << 22  # sequences per step of the pointer check: bounded temporaries on 100M-item indexes
+
+
+def check_index(prefix: str, index, meta: Dict) -> None:
+    """Refuse an index that does not describe its .bin (one from another preprocessing of the same size,
+    a damaged one): megatron-core reads it as it is, and a wrong one trains on empty rows. Vectorised:
+    this runs at every start-up on every rank."""
+    path, bin_path = prefix + ".idx", prefix + ".bin"
+
+    def refuse(why: str):
+        return DatasetFormatError(f"{path}: {why}; not the index of {bin_path} (another preprocessing's, or "
+                                  "damaged); preprocess it again")
+
+    lengths, pointers, modes = index.sequence_lengths, index.sequence_pointers, index.sequence_modes
+    documents = index.document_indices
+    itemsize = np.dtype(np.int32).itemsize
+    if lengths.size and int(lengths.min()) < 0:
+        raise refuse("negative sequence lengths")
+    end = 0  # byte offset in the .bin where the next sequence starts
+    for first in range(0, lengths.size, _CHUNK):
+        sizes = lengths[first:first + _CHUNK].astype(np.int64) * itemsize
+        ends = np.cumsum(sizes) + end
+        if pointers[first] != end or not np.array_equal(pointers[first + 1:first + sizes.size], ends[:-1]):
+            raise refuse("its sequence pointers are not where its sequence lengths put them")
+        end = int(ends[-1])
+    bin_size = os.path.getsize(bin_path)
+    if end != bin_size:
+        raise refuse(f"its sequences end at byte {end} of a {bin_size}-byte .bin")
+    # Every sample is TOKENS, LABELS, its IMAGE / TEACHER items, ID: 3 sequences or more each.
+    if (documents.size == 0 or documents[0] != 0 or documents[-1] != lengths.size
+            or (documents.size > 1 and int(np.diff(documents).min()) < 3)):
+        raise refuse("its document indices do not split its sequences into samples")
+    counts = np.bincount(modes.view(np.uint8), minlength=ID + 1)
+    if counts.size > ID + 1:
+        raise refuse(f"sequence modes other than {TOKENS}..{ID}")
+    starts = documents[:-1]
+    if (np.any(modes[starts] != TOKENS) or np.any(modes[starts + 1] != LABELS)
+            or np.any(modes[documents[1:] - 1] != ID) or not counts[TOKENS] == counts[LABELS] == starts.size):
+        raise refuse("its samples are not made of tokens, labels, images, ids")
+    recorded = meta["counts"]
+    # What the index says of the sidecar's counts; an encoded crop takes 4 bytes an item behind its pad count.
+    tokens = int(lengths[starts].sum(dtype=np.int64))
+    found = {"samples": (starts.size, starts.size), "tokens": (tokens, tokens), "images": (counts[IMAGE],) * 2}
+    for key, mode in (("image_bytes", IMAGE), ("teacher_bytes", TEACHER)):
+        most = 4 * (int(lengths[modes == mode].sum(dtype=np.int64)) - int(counts[mode]))
+        found[key] = (most - 3 * int(counts[mode]), most)
+    for key, (low, high) in found.items():
+        value = recorded.get(key)
+        if isinstance(value, int) and not low <= value <= high:
+            held = f"{low}" if low == high else f"{low}..{high}"
+            raise refuse(f"it holds {held} {key.replace('_', ' ')} but its sidecar says {value}")
 
 
 def _grid_from_header(data: bytes, cell: int):
