@@ -255,6 +255,24 @@ def test_fp16_scales_its_loss_and_skips_the_steps_that_overflow(data, tmp_path):
     assert "loss scale: 262144.0 | grad norm:" in out
 
 
+@pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]])
+def test_an_fp16_run_saved_before_its_first_update_resumes(data, tmp_path, optimizer):
+    """Saved while the dynamic scale's first steps are still skipped (torch's Adam has made no state
+    yet), the checkpoint resumes to the uninterrupted run's losses: the distributed optimizer's save
+    failed (megatron-core read each parameter's step), the plain one's resume lacked Adam's tensors."""
+    args = base_args(data, "pretrain") + ["--train-iters", 5, "--fp16", "--initial-loss-scale", 2 ** 20, *optimizer]
+    whole, _ = train(args, nproc=1)
+    ck = tmp_path / "ck"
+    _, out = train(args + ["--exit-interval", 2, "--save", ck], nproc=1)
+    assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "2", out[-3000:]
+    resumed, out = train(args + ["--load", ck, "--save", ck], nproc=1)
+    assert re.search(r"exiting: finished \(3 skipped, 0 non-finite iterations\)", out), out[-3000:]
+    assert sorted(resumed) == sorted(whole) == [4, 5]
+    for iteration in (4, 5):
+        for ours, theirs in zip(resumed[iteration], whole[iteration]):
+            assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs)), (iteration, resumed, whole)
+
+
 def test_unpacked_rows_train_under_sequence_parallelism(data, tmp_path):
     """--no-pack pads each micro-batch to its longest row, which sequence parallelism must split
     over the TP ranks: rows are padded to a multiple of them (an odd longest row failed in

@@ -42,7 +42,7 @@ from megatron_eve.training.checkpoint_records import (DP_RESHARDABLE, FULLY_RESH
 from megatron_eve.training.checkpoint_writes import (finalize_async_saves, remove_stale_staging,
                                                      start_results_queue, write)
 from megatron_eve.training.checksums import damaged_files
-from megatron_eve.training.optim import torch_adam_loading, torch_adam_state_made
+from megatron_eve.training.optim import torch_adam_loading, torch_adam_state_made, zero_steps_restored
 
 logger = logging.getLogger(__name__)
 safe_metadata.install()  # every load in this process reads .metadata without running its code
@@ -198,6 +198,7 @@ def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> st
     dist.barrier()
     gather_updated_parameters(model)
     fmt = optimizer_format(job)
+    torch_adam_state_made(optimizer)  # a save before the first update writes the state its resume reads
     models = {name: sharded for name, (_, sharded) in model_states(model).items()}
     sharded = {
         **models,
@@ -376,6 +377,7 @@ def _resume(job: TrainingJob, model, optimizer, scheduler, directory: str) -> Tr
     if "optimizer" in template:  # (the result holds the checkpoint's common optimizer entries either way)
         # megatron-core copies the data-parallel-sharded state into the main parameters in place
         # without no_grad: in fp32 training those are views of the model's leaf parameters.
+        zero_steps_restored(state["optimizer"])
         with torch.no_grad(), torch_adam_loading(optimizer):
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(common["opt_param_scheduler"])

@@ -182,21 +182,18 @@ def arm_update_skip(optimizer, nonfinite: torch.Tensor) -> None:
 
 
 def torch_adam_state_made(optimizer) -> None:
-    """With torch's Adam (no apex / Transformer Engine, e.g. on CPU) megatron-core 0.19's
-    DistributedOptimizer.state_dict() reads each parameter's "step", which a fresh optimizer has
-    not made yet: make the state (zeros, step 0) the checkpoint then overwrites."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    for sub in optimizer_parts(optimizer):
-        if isinstance(sub, distrib_optimizer.DistributedOptimizer):
-            for group in sub.optimizer.param_groups:
-                for param in group["params"]:
-                    state = sub.optimizer.state[param]
-                    if not state:
-                        state.update(step=torch.zeros((), device=param.device), exp_avg=torch.zeros_like(param),
-                                     exp_avg_sq=torch.zeros_like(param))
+    """torch's Adam (no apex / Transformer Engine, e.g. on CPU) makes a parameter's state at its first
+    update, and megatron-core 0.19 needs it before: DistributedOptimizer.state_dict() reads each
+    parameter's "step" (a save, or a load's template), and a save writes only the state there is,
+    so one before any update (fp16's first steps overflow and are skipped) would lack the tensors
+    its resume reads. Made as that first update would (zeros, step 0); a checkpoint overwrites it."""
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            for param in group["params"]:
+                state = adam.state[param]
+                if not state:
+                    state.update(step=torch.zeros((), device=param.device), exp_avg=torch.zeros_like(param),
+                                 exp_avg_sq=torch.zeros_like(param))
 
 
 def _torch_adams(optimizer) -> List[torch.optim.Optimizer]:
@@ -231,6 +228,21 @@ def use_fused_torch_adam(optimizer, fused: bool = True) -> None:
             state = adam.state.get(param)
             if state and "step" in state:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device, copy=True)
+
+
+def zero_steps_restored(state_dict) -> None:
+    """megatron-core 0.19 saves a plain (not distributed) optimizer's steps once, as a common step,
+    and leaves one of 0 out (a checkpoint saved before the first update: fp16's skipped steps);
+    torch's Adam refuses a parameter state without its step: each such state gets its 0 back."""
+    if not isinstance(state_dict, dict):
+        return
+    state = state_dict.get("state")
+    if isinstance(state, dict) and "param_groups" in state_dict and "common_step" not in state:
+        for param_state in state.values():
+            if isinstance(param_state, dict) and param_state and "step" not in param_state:
+                param_state["step"] = torch.zeros(())
+    for value in state_dict.values():  # a chained optimizer's parts, a mixed-precision wrapper's "optimizer"
+        zero_steps_restored(value)
 
 
 @contextlib.contextmanager
