@@ -169,6 +169,24 @@ def test_resume_at_another_tensor_parallel_size(data, tmp_path):
             assert abs(ours - theirs) <= 1e-5 * abs(theirs)
 
 
+def test_a_train_samples_run_resumed_at_another_global_batch_ends_at_train_samples(data, tmp_path):
+    """--train-samples counts samples: resumed at another --global-batch-size (its default changes
+    with the data-parallel size), the run ends where the samples do, in whole batches of the new
+    size, not at train_samples // the new batch (which repeated samples past --train-samples, or
+    stopped short of it)."""
+    import shutil
+
+    args = base_args(data, "pretrain") + ["--train-samples", 24]
+    _, out = train(args + ["--exit-interval", 2, "--save", tmp_path / "a"])  # 8 samples consumed
+    assert "consumed samples:            8 |" in out
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    lines = r"iteration\s+(\d+)/\s*(\d+) \| consumed samples:\s+(\d+) \|"
+    _, out = train(args + ["--global-batch-size", 8, "--load", tmp_path / "a", "--save", tmp_path / "a"])
+    assert re.findall(lines, out)[-1] == ("4", "4", "24"), out[-3000:]
+    _, out = train(args + ["--global-batch-size", 2, "--load", tmp_path / "b", "--save", tmp_path / "b"], nproc=1)
+    assert re.findall(lines, out)[-1] == ("10", "10", "24"), out[-3000:]
+
+
 def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     """After earlier saves too: their write-results process (megatron-core's) is signalled with the
     others and must outlive SIGTERM, or the save on exit fails (BrokenPipeError)."""

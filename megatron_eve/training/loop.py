@@ -162,12 +162,25 @@ class _SignalCatcher:
         self.caught = True
 
 
-def _data_sizes(job: TrainingJob):
-    """Sequences of each split the run reads (Megatron-LM's sizes): the valid split's evaluations at
-    each --eval-interval and at the end, the test split's one at the end."""
+def _last_iteration(job: TrainingJob, state) -> int:
+    """The iteration the run ends at: --train-iters, or where --train-samples ends in whole global
+    batches after the samples the checkpoint consumed (a resume at another --global-batch-size, e.g.
+    its default at another data-parallel size, would overrun --train-samples at train_samples //
+    the new batch, repeating samples, or stop short of it)."""
+    s = job.schedule
+    if s.train_samples is None:
+        return s.iterations
+    return state.iteration + max(0, (s.train_samples - state.consumed_samples) // s.global_batch_size)
+
+
+def _data_sizes(job: TrainingJob, state, last_iteration: int):
+    """Sequences of each split the run reads (Megatron-LM's sizes): the train split's up to the last
+    iteration (at least what the checkpoint consumed), the valid split's evaluations at each
+    --eval-interval and at the end, the test split's one at the end."""
     s, log = job.schedule, job.logging
-    train = s.iterations * s.global_batch_size
-    evals = (s.iterations // log.eval_interval + 1) if log.eval_interval else 0
+    train = max(s.iterations * s.global_batch_size,
+                state.consumed_samples + (last_iteration - state.iteration) * s.global_batch_size)
+    evals = (last_iteration // log.eval_interval + 1) if log.eval_interval else 0
     valid = evals * log.eval_iters * s.global_batch_size if log.eval_iters else 0
     test = log.eval_iters * s.global_batch_size if evals else 0
     return train, valid or None, test or None
@@ -208,7 +221,8 @@ def run(job: TrainingJob) -> int:
                     "%d samples consumed", s.stage, f"{trainable:,}", f"{frozen:,}", state.iteration,
                     state.consumed_samples)
 
-    data = build_datasets(job.data, s.seed, _data_sizes(job), StageReads(pixels=first, teacher=last and align,
+    last_iteration = _last_iteration(job, state)
+    data = build_datasets(job.data, s.seed, _data_sizes(job, state, last_iteration), StageReads(pixels=first, teacher=last and align,
                                                                               aligned=align))
     if data["train"] is None or len(data["train"]) == 0:
         raise ConfigError("no training sequence: the train split is empty or no sample fits --seq-length")
@@ -240,7 +254,7 @@ def run(job: TrainingJob) -> int:
 
     train_iterators = per_chunk(train_batches, len(ddp))
     valid_iterators = per_chunk(valid_batches, len(ddp)) if valid_batches is not None else None
-    while state.iteration < s.iterations:
+    while state.iteration < last_iteration:
         tick = time.time()
         for chunk in ddp:
             chunk.train()
@@ -291,14 +305,14 @@ def run(job: TrainingJob) -> int:
             if loss_scale is not None:
                 scalars["loss-scale"] = loss_scale
             tensorboard.write(scalars, state.iteration, state.consumed_samples, vs_samples=tuple(scalars))
-        if state.iteration % log.log_interval == 0 or state.iteration in (first_iteration + 1, s.iterations):
+        if state.iteration % log.log_interval == 0 or state.iteration in (first_iteration + 1, last_iteration):
             interval = stats.read_interval()
             meter = IntervalMeter(interval.iterations, interval_seconds, interval.work)
             measured = {**meter.scalars(dist.get_world_size(), peak), **memory_scalars()}
             loss_scale = _loss_scale(optimizer, job, read=True)  # waits for no more than the read above
             if _last_rank_of_losses():
-                print(_log_line(state, s, {**interval.losses, **_learning_rates(optimizer), **measured},
-                                grad_norm, loss_scale), flush=True)
+                values = {**interval.losses, **_learning_rates(optimizer), **measured}
+                print(_log_line(state, s, last_iteration, values, grad_norm, loss_scale), flush=True)
             if _dynamic_loss_scale(job):  # per log line only (each iteration's would read the device)
                 measured["loss-scale"] = loss_scale
             tensorboard.write(measured, state.iteration, state.consumed_samples)
@@ -330,7 +344,7 @@ def run(job: TrainingJob) -> int:
 
     trained = state.iteration > first_iteration
     if not trained:
-        reason = f"nothing to do: the checkpoint is at iteration {state.iteration} of {s.iterations}"
+        reason = f"nothing to do: the checkpoint is at iteration {state.iteration} of {last_iteration}"
     elif reason == "finished" and ck.save and not nan_streak and (
             not ck.save_interval or state.iteration % ck.save_interval):
         checkpoint.save(job, ddp, optimizer, scheduler, state)
@@ -417,13 +431,14 @@ def _evaluate(fb, step, chunks, iterators, iters: int, num_microbatches: int, jo
     return stats.read_interval().losses
 
 
-def _log_line(state, s, scalars: Dict[str, float], grad_norm: Optional[float], loss_scale: float) -> str:
+def _log_line(state, s, last_iteration: int, scalars: Dict[str, float], grad_norm: Optional[float],
+              loss_scale: float) -> str:
     """Megatron-LM's training_log line (its fields, order and formats; no grad norm before a finite
     one, as Megatron-LM prints none without one), with EVE's vision learning rate after the learning
     rate, and tokens/s/GPU, MFU and packing efficiency after the grad norm."""
     mfu = f"{100 * scalars['mfu']:.1f}%" if "mfu" in scalars else "n/a"
     return (
-        f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S.%f')}] iteration {state.iteration:8d}/{s.iterations:8d} |"
+        f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S.%f')}] iteration {state.iteration:8d}/{last_iteration:8d} |"
         f" consumed samples: {state.consumed_samples:12d} |"
         f" elapsed time per iteration (ms): {scalars['iteration-time']:.1f} |"
         f" throughput per GPU (TFLOP/s/GPU): {scalars['throughput']:.1f} |"
