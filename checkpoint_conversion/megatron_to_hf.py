@@ -35,6 +35,7 @@ from megatron_eve.checkpoint.hf_writer import (  # noqa: E402
     check_tokenizer, copy_tokenizer, is_written_name, write_tensors)
 from megatron_eve.checkpoint.megatron_dirs import parse_dtype  # noqa: E402
 from megatron_eve.config import ConfigError, model_config_from_dict  # noqa: E402
+from megatron_eve.eval.outputs import check_apart_from_inputs  # noqa: E402
 from megatron_eve.training.checkpoint_records import (  # noqa: E402
     checkpoint_dir,
     complete_iterations,
@@ -136,6 +137,10 @@ def main(argv=None) -> int:
     final = os.path.abspath(args.out.rstrip("/"))
     warnings = []
     try:
+        # First, whatever --overwrite says: an --out that is, holds or lies inside an input would delete it
+        # (a training root's every iteration and optimizer state) or write into it.
+        check_apart_from_inputs(args.out, [("--megatron", args.megatron)]
+                                + ([("--teacher", args.teacher)] if args.with_teacher else []), "--out")
         if not (math.isfinite(args.max_shard_size_gb) and args.max_shard_size_gb > 0):
             # 0 or less would write one tensor per file (and inf fails only when the size is computed).
             raise ConfigError(f"--max-shard-size-gb {args.max_shard_size_gb}: must be a number of GB above 0 "

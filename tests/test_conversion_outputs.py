@@ -357,3 +357,41 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next_export_on_its_ho
         (tmp_path / name / "model.safetensors").write_bytes(b"partial")
     ok(export(converted, tmp_path / "exp"))
     assert sorted(os.listdir(tmp_path)) == sorted(["exp", names["live"], names["elsewhere"]])
+
+
+def _contents(folder):
+    return {os.path.relpath(os.path.join(top, name), folder): open(os.path.join(top, name), "rb").read()
+            for top, _, names in os.walk(folder) for name in names}
+
+
+def test_an_out_that_is_holds_or_lies_inside_the_input_is_refused_even_with_overwrite(converted, tmp_path):
+    """--overwrite replaces an output, never the converter's own input: an --out that is the input folder
+    (or a link to it), holds it or lies inside it is refused before any work, naming both flags."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.helpers import tiny_config
+
+    runs, hf = tmp_path / "runs", tmp_path / "hf"
+    shutil.copytree(converted / "megatron", runs / "ck")  # a training root: every iteration, optimizer state
+    shutil.copytree(converted / "hf", hf)
+    (tmp_path / "ck_link").symlink_to(runs / "ck")
+    lm = tiny_config().language  # as test_conversion's Llama: layers the tiny preset's aligner can tap
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=1000, hidden_size=lm.hidden_size, intermediate_size=lm.ffn_hidden_size,
+        num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_attention_heads, num_key_value_heads=2,
+        max_position_embeddings=2048))
+    llama.save_pretrained(tmp_path / "llama")
+    before = {folder: _contents(folder) for folder in (runs, hf, tmp_path / "llama")}
+    cases = [("megatron_to_hf.py", "--megatron", runs / "ck", runs / "ck", "would replace"),
+             ("megatron_to_hf.py", "--megatron", runs / "ck", tmp_path / "ck_link", "would replace"),
+             ("megatron_to_hf.py", "--megatron", tmp_path / "ck_link", runs / "ck" / "hf", "lies inside"),
+             ("hf_to_megatron.py", "--hf", hf, hf, "would replace"),
+             ("hf_to_megatron.py", "--hf", hf / ".." / "hf", hf / "megatron", "lies inside"),
+             ("hf_to_megatron.py", "--hf", hf, tmp_path, "would replace"),  # --out holds the input
+             ("llama_to_megatron.py", "--hf", tmp_path / "llama", tmp_path / "llama", "would replace")]
+    for script, flag, source, out, message in cases:
+        extra = ["--no-progress"] if script != "llama_to_megatron.py" else ["--preset", "tiny"]
+        failed = convert(script, flag, source, "--out", out, "--overwrite", *extra)
+        one_line_error(failed, f"--out {out} {message} the {flag} input {source}")
+        assert {folder: _contents(folder) for folder in before} == before, (script, out)
+        assert sorted(os.listdir(tmp_path)) == ["ck_link", "hf", "llama", "runs"] and os.listdir(runs) == ["ck"]

@@ -152,3 +152,48 @@ def test_max_new_tokens_follows_the_prompt_styles_benchmarks(tmp_path, backend, 
     assert {row["text"].split("(")[1] for row in rows} == {f"{tokens})"}
     code, out, _ = run("answer", "--help")
     assert code == 0 and "model_vqa_loader.py" in out and "1024" in " ".join(out.split())
+
+
+FULL_DISK = """
+import json, resource, signal, sys
+import tools.generate
+from tests.eval_cli import run
+
+class Backend:
+    def answer(self, requests, sampling):
+        return ["a long enough answer to fill the side file " * 2 for _ in requests]
+
+tools.generate.setup = lambda args: (Backend(), True)
+if len(sys.argv) > 3:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))
+print(json.dumps(run("answer", "--hf", "model", "--question-file", sys.argv[1], "--answers-file", sys.argv[2],
+                     "--batch-size", "2", "--max-new-tokens", "4")))
+"""
+
+
+def test_a_full_disk_under_the_side_file_names_the_side_file_and_the_run_resumes(tmp_path):
+    """The side file's write fails (here at a file-size limit): the error names ANSWERS.partial, not
+    the answers file, nor is it replaced by closing's second failing flush; a rerun resumes."""
+    import os
+    import subprocess
+    import sys
+
+    questions, answers = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "text": f"Question {i}?"}) + "\n" for i in range(20)))
+
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def answer(*limit):
+        out = subprocess.run([sys.executable, "-c", FULL_DISK, str(questions), str(answers), *map(str, limit)],
+                             capture_output=True, text=True, timeout=300, cwd=repository)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.splitlines()[-1])
+
+    code, _, err = answer(2000)
+    assert code == 1 and err.splitlines()[-1] == f"error: {answers}.partial: File too large", err
+    assert "Traceback" not in err
+    assert not answers.exists() and 0 < os.path.getsize(f"{answers}.partial") <= 2000
+    code, out, err = answer()
+    assert code == 0 and "resuming: " in out and " of 20 answers kept" in out, err
+    assert len(answers.read_text().splitlines()) == 20 and not os.path.exists(f"{answers}.partial")

@@ -46,3 +46,33 @@ def test_a_resumed_run_replaces_what_the_killed_run_logged_past_its_checkpoint(t
     assert [step for step, _ in by_samples["learning-rate vs samples"]] == list(range(4, 33, 4))
     assert by_samples["lm loss validation vs samples"] == [(8, -2.0), (16, 96.0), (24, 94.0), (32, 92.0)]
     assert set(by_samples) == {"lm loss vs samples", "learning-rate vs samples", "lm loss validation vs samples"}
+
+
+FULL_DISK = """
+import logging, resource, signal, sys
+from megatron_eve.training.metrics import TensorBoard
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+board = TensorBoard(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
+for iteration in range(1, 201):
+    board.write({"lm loss": float(iteration), "learning-rate": 1e-3}, iteration, 4 * iteration,
+                vs_samples=("lm loss",))
+board.close()
+assert board.writer is None, "the writes never failed"
+print("training went on")
+"""
+
+
+def test_a_failed_write_is_one_warning_without_the_writer_threads_traceback(tmp_path):
+    """A full disk (here a file-size limit) under --tensorboard-dir: one warning naming it, and the
+    event writer's thread does not print its own "Exception in thread ..." traceback."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path / "tb")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "training went on" in out.stdout, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip() and "Warning" not in line and "warn(" not in line]
+    assert len(lines) == 1 and lines[0].startswith(f"--tensorboard-dir {tmp_path / 'tb'}: cannot write"), out.stderr
+    assert "File too large" in lines[0] and "Traceback" not in out.stderr and "Exception" not in out.stderr

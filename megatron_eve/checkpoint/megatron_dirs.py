@@ -11,6 +11,7 @@ import torch
 
 from megatron_eve.atomic import ASIDE_MARK, check_output_dir, recover_replaced, staged_directory, write_text
 from megatron_eve.config import ConfigError, EVEModelConfig, ParallelConfig, RuntimeConfig, validate
+from megatron_eve.eval.outputs import check_apart_from_inputs
 from megatron_eve.training.checkpoint_records import TRACKER, checkpoint_dir
 
 
@@ -78,6 +79,8 @@ def write_megatron(hf, model: EVEModelConfig, root: str, tensor_parallel: int, p
     from megatron_eve.checkpoint.dcp_writer import write_checkpoint
     from megatron_eve.checkpoint.hf_eve import check_keys, check_padded_vocab, check_shapes, megatron_plan
 
+    # First, whatever `overwrite` says: a --out that is, holds or lies inside --hf would delete it or write into it.
+    check_apart_from_inputs(root, [("--hf", hf.folder)], "--out")
     recover_replaced(root, legacy=False)  # a conversion killed between its two renames
     check_output_dir(root, is_converted_root, overwrite, "an earlier conversion (a training run's checkpoints?)")
     validate(model, ParallelConfig(tensor_parallel, pipeline_parallel), RuntimeConfig())

@@ -36,6 +36,31 @@ def check_not_an_input(output: str, inputs: Inputs, flag: str) -> None:
             raise OutputRefused(f"{flag} {output} would replace the {name} input {path}: choose another {flag}")
 
 
+def _lies_inside(output: str, folder: str) -> bool:
+    """Whether `output` lies inside `folder` (resolved as _is_or_holds does: links, ../ and a folder
+    reached by another path, e.g. a bind mount, see through)."""
+    if not os.path.isdir(folder):
+        return False
+    probe = os.path.realpath(output)
+    while os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+        if os.path.exists(probe) and os.path.samefile(probe, folder):
+            return True
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([folder, os.path.realpath(output)]) == folder
+
+
+def check_apart_from_inputs(output: str, inputs: Inputs, flag: str) -> None:
+    """Refuse an output folder that is, holds or lies inside one of the input folders (a converter's
+    --out and its checkpoint or HF folder): replacing it would delete the input, and writing into it
+    would mix the output with it. Even --overwrite does not allow that."""
+    check_not_an_input(output, inputs, flag)
+    for name, path in (inputs.items() if isinstance(inputs, dict) else inputs):
+        if path and _lies_inside(output, path):
+            raise OutputRefused(f"{flag} {output} lies inside the {name} input {path}: choose another {flag} "
+                                f"(even --overwrite does not write into an input)")
+
+
 def check_output_file(path: str, inputs: Inputs, ours: Callable[[str], bool], overwrite: bool, what: str,
                       flag: str) -> None:
     """Refuse writing the file `path` over an input, over a folder, or over an existing non-empty file

@@ -95,6 +95,7 @@ class SideFile:
 
     def __init__(self, path: str):
         self.path = path
+        self.failed = False  # a write or flush failed: its error (naming the file) is the one reported
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.handle = open(path, "a", encoding="utf-8")
         try:  # two runs appending to one side file would mix their answers
@@ -105,9 +106,13 @@ class SideFile:
 
     def start(self, header: dict, good_length: int) -> None:
         """Drop a torn last line (or an unwanted earlier run: good_length 0) and write the header if new."""
-        self.handle.truncate(good_length)
-        if not good_length:
-            self.handle.write(json.dumps(header) + "\n")
+        try:
+            self.handle.truncate(good_length)
+            if not good_length:
+                self.handle.write(json.dumps(header) + "\n")
+        except OSError as error:
+            self.failed = True
+            raise OSError(error.errno, error.strerror, self.path) from error
         self._sync()
 
     def add(self, answers: List[Tuple[int, dict]]) -> None:
@@ -115,6 +120,7 @@ class SideFile:
             for position, row in answers:
                 self.handle.write(json.dumps({"position": position, "row": row}) + "\n")
         except OSError as error:
+            self.failed = True
             raise OSError(error.errno, error.strerror, self.path) from error
         self._sync()
 
@@ -123,6 +129,7 @@ class SideFile:
             self.handle.flush()
             os.fsync(self.handle.fileno())
         except OSError as error:
+            self.failed = True
             raise OSError(error.errno, error.strerror, self.path) from error
 
     def finish(self) -> None:
@@ -132,8 +139,13 @@ class SideFile:
 
     def close(self) -> None:
         """Leaves what was written for a rerun; a side file made by the lock alone (the run stopped
-        before it started) is removed."""
+        before it started) is removed. Closing flushes what a failed write left buffered: failing
+        again, it names the file, and after a failed write it says nothing (that error is the one to report)."""
         if not self.handle.closed:
-            self.handle.close()
+            try:
+                self.handle.close()  # closed even when its flush fails
+            except OSError as error:
+                if not self.failed:
+                    raise OSError(error.errno, error.strerror, self.path) from error
             if os.path.isfile(self.path) and os.path.getsize(self.path) == 0:
                 os.remove(self.path)

@@ -146,6 +146,8 @@ class TensorBoard:
             self.writer = SummaryWriter(log_dir=directory, max_queue=100, purge_step=iteration + 1)
             self.samples_writer = SummaryWriter(log_dir=os.path.join(directory, self.VS_SAMPLES), max_queue=100,
                                                 purge_step=consumed_samples + 1)
+            for writer in (self.writer, self.samples_writer):
+                _quiet_writer_thread(writer)
 
     def write(self, scalars: Dict[str, float], iteration: int, consumed: int, vs_samples=()) -> None:
         if self.writer is None:
@@ -170,6 +172,10 @@ class TensorBoard:
         # frames (and their loaders, whose workers would then never be told to stop): cut that tie.
         error.__traceback__ = None
         for writer in writers:
+            # SummaryWriter.close stops at a failing flush: close each event file's writer (its thread stops).
+            for file_writer in list((getattr(writer, "all_writers", None) or {}).values()):
+                with contextlib.suppress(Exception):
+                    file_writer.close()
             with contextlib.suppress(Exception):
                 writer.close()
 
@@ -181,3 +187,40 @@ class TensorBoard:
                     writer.close()
         except Exception as error:  # noqa: BLE001
             self._give_up(error)
+
+
+class _QuietRecordWriter:
+    """The record writer as an event file's writer thread calls it: a failed write or flush is kept
+    where the thread keeps its own failures (the next add_scalar or flush raises it, and the
+    TensorBoard gives up with one warning) instead of ending the thread with a traceback on stderr;
+    nothing more is written after it (a torn record stays the file's last)."""
+
+    def __init__(self, records, thread):
+        self.records, self.thread = records, thread
+
+    def _call(self, method, *args):
+        if self.thread.exception is not None:
+            return None
+        try:
+            return getattr(self.records, method)(*args)
+        except Exception as error:  # noqa: BLE001 - what the thread would have died of
+            self.thread.exception = error
+            return None
+
+    def write(self, data):
+        return self._call("write", data)
+
+    def flush(self):
+        return self._call("flush")
+
+    def close(self):
+        return self._call("close")
+
+
+def _quiet_writer_thread(writer) -> None:
+    """Let a SummaryWriter's writer thread keep a failure for the writer to raise instead of dying of it
+    (threading prints "Exception in thread ..." and a traceback). Leaves another tensorboard's as it is."""
+    for file_writer in (getattr(writer, "all_writers", None) or {}).values():
+        thread = getattr(getattr(getattr(file_writer, "event_writer", None), "_async_writer", None), "_worker", None)
+        if thread is not None and hasattr(thread, "_record_writer") and hasattr(thread, "exception"):
+            thread._record_writer = _QuietRecordWriter(thread._record_writer, thread)
