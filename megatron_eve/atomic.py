@@ -4,19 +4,24 @@ Every output is written under a temporary name beside its final one and renamed 
 complete. A directory being replaced is first moved aside (renamed, not deleted) and removed only
 after its replacement is in place, so at every instant one complete copy exists; a reader that
 finds only the moved-aside copy puts it back (`recover_replaced`). Output folders we did not write
-are never overwritten without the user saying so.
+are never overwritten without the user saying so. A folder that one run at a time writes in
+(training's --save) is locked for that run's life (`lock_folder`), and a staging directory is named
+by the process writing it, so that only a dead writer's is taken for a leftover (`remove_stagings`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
 import socket
+import stat
 from typing import IO, Callable, Iterable, Iterator, Optional
 
 from megatron_eve.config import ConfigError
@@ -150,9 +155,16 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
-def _staging_pattern(base: str) -> "re.Pattern":
-    """A staging directory's name: whose it is (host and process) and a unique tail."""
-    return re.compile(re.escape(base) + r"\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)-[0-9a-f]{8}" + re.escape(STAGING_MARK))
+def _staging_pattern(base: str, regex: bool = False) -> "re.Pattern":
+    """A staging directory's name: whose it is (host and process) and a unique tail. `base`: the final
+    name (or, with `regex`, a pattern of final names, matched as the group "base")."""
+    return re.compile(f"(?P<base>{base if regex else re.escape(base)})"
+                      r"\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)-[0-9a-f]{8}" + re.escape(STAGING_MARK))
+
+
+def staging_name(base: str) -> str:
+    """A new staging name for the final name `base`: this process's (host and pid) with a unique tail."""
+    return f"{base}.{_host()}-{os.getpid()}-{secrets.token_hex(4)}{STAGING_MARK}"
 
 
 def _alive(pid: int) -> bool:
@@ -170,13 +182,24 @@ def remove_dead_stagings(final: str) -> None:
     process is gone): an interrupted export would otherwise leave a whole copy behind at every try.
     Those of a live process, or of another host (it may still be writing), are left alone."""
     parent, base = os.path.split(os.path.realpath(final))
-    if not os.path.isdir(parent):
+    remove_stagings(parent, re.escape(base))
+
+
+def remove_stagings(folder: str, bases: str, all_but_ours: bool = False) -> None:
+    """Delete the staging directories in `folder` of the final names matching the pattern `bases`
+    left by killed writes of ours: those of a dead process of this host; with `all_but_ours`, every
+    one not this process's (for a folder whose lock this process holds: no other writer is alive)."""
+    if not os.path.isdir(folder):
         return
-    pattern, host = _staging_pattern(base), _host()
-    for name in os.listdir(parent):
+    pattern, host, pid = _staging_pattern(bases, regex=True), _host(), os.getpid()
+    for name in os.listdir(folder):
         match = pattern.fullmatch(name)
-        if match and match["host"] == host and not _alive(int(match["pid"])):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        if not match:
+            continue
+        ours = match["host"] == host and int(match["pid"]) == pid
+        dead = match["host"] == host and not _alive(int(match["pid"]))
+        if dead or (all_but_ours and not ours):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def new_staging_directory(final: str) -> str:
@@ -187,7 +210,7 @@ def new_staging_directory(final: str) -> str:
     os.makedirs(parent, exist_ok=True)
     remove_dead_stagings(final)
     while True:
-        staging = os.path.join(parent, f"{base}.{_host()}-{os.getpid()}-{secrets.token_hex(4)}{STAGING_MARK}")
+        staging = os.path.join(parent, staging_name(base))
         try:
             os.mkdir(staging)
             return staging
@@ -216,8 +239,15 @@ def _aside_copies(final: str, legacy: bool) -> list:
     suffix = re.escape(ASIDE_MARK) + r"(\.\d+)?" + (f"|{re.escape(LEGACY_ASIDE_SUFFIX)}" if legacy else "")
     pattern = re.compile(re.escape(base) + f"(?:{suffix})")
     paths = [os.path.join(parent, name) for name in os.listdir(parent) if pattern.fullmatch(name)]
-    paths = [path for path in paths if os.path.isdir(path) and not os.path.islink(path)]
-    return sorted(paths, key=lambda p: os.stat(p).st_ctime, reverse=True)  # a rename sets ctime
+    moved = []
+    for path in paths:
+        try:
+            status = os.lstat(path)
+        except FileNotFoundError:  # put back meanwhile by another reader
+            continue
+        if stat.S_ISDIR(status.st_mode):
+            moved.append((status.st_ctime, path))
+    return [path for _, path in sorted(moved, reverse=True)]  # a rename sets ctime
 
 
 def replace_directory(staging: str, final: str) -> None:
@@ -253,7 +283,12 @@ def recover_replaced(final: str, legacy: bool = True) -> None:
         return
     copies = _aside_copies(final, legacy)
     if copies:
-        os.replace(copies[0], final)
+        try:
+            os.replace(copies[0], final)
+        except OSError:
+            if not os.path.lexists(final):
+                raise
+            # Another reader (another rank of the same job) put it back first.
 
 
 def check_output_dir(path: str, ours: Callable[[str], bool], overwrite: bool, what: str,
@@ -279,3 +314,132 @@ def entries(path: str) -> Optional[set]:
     if not os.path.isdir(path):
         return None
     return {name for name in os.listdir(path) if not is_leftover(name)}
+
+
+# ---------------------------------------------------------------------------------- folder locks
+LOCK_NAME = ".megatron_eve-lock"  # in a folder one run at a time writes (training's --save)
+_held_locks: dict = {}  # real path of a locked folder -> (open lock file, its path, flock or not)
+# Errors of a file system without flock (an NFS mount without lockd, Lustre mounted noflock, ...).
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+
+
+class FolderLocked(ConfigError):
+    """Another process holds the folder's lock (lock_folder)."""
+
+
+def _owner(pid: Optional[int] = None) -> str:
+    return f"pid {pid or os.getpid()} on host {_host()}"
+
+
+def _read_owner(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read(200).strip()
+    except OSError:
+        return ""
+
+
+def holds_lock(folder: str) -> bool:
+    """Whether this process holds `folder`'s lock (lock_folder)."""
+    return os.path.realpath(folder) in _held_locks
+
+
+def lock_folder(folder: str) -> None:
+    """Take `folder`'s exclusive lock (making the folder) for the rest of this process's life: a
+    second process (another run on the same folder) gets FolderLocked naming the holder. An flock
+    on the folder's LOCK_NAME file, which the kernel releases when the holder ends however it ends;
+    where the file system has no flock, the file's existence is the lock, and one a dead process of
+    this host left is taken over (one of another host cannot be checked: deleting it is the user's
+    call). Taken again by the same process: nothing to do. The file is deleted when the process exits."""
+    os.makedirs(folder, exist_ok=True)
+    real = os.path.realpath(folder)
+    if real in _held_locks:
+        return
+    path = os.path.join(real, LOCK_NAME)
+    for _ in range(100):  # a holder leaving (its file deleted) or a stale file taken over: try again
+        try:
+            handle, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            try:
+                handle, created = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:
+                continue
+            except PermissionError:  # another user's file: locked all the same (flock needs no write access)
+                handle, created = os.open(path, os.O_RDONLY), False
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(handle)
+            if error.errno not in _NO_FLOCK:
+                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise FolderLocked(f"another run is saving to {folder} ({_described_holder(path)})") from None
+                raise
+            if created or _stale_lock_removed(path):
+                if not created:
+                    continue  # the stale file is gone: take the lock by creating it
+                _hold(real, path, None)
+                return
+            owner = _read_owner(path) or "its process is not recorded"
+            raise FolderLocked(f"another run is saving to {folder} ({owner}; this file system has no flock: "
+                               f"if no run is saving there, delete {path})") from None
+        try:  # the file locked is the one on disk (not one its holder deleted as it left)
+            current = os.path.samestat(os.fstat(handle), os.stat(path))
+        except FileNotFoundError:
+            current = False
+        if not current:
+            os.close(handle)
+            continue
+        _hold(real, path, handle)
+        return
+    raise FolderLocked(f"cannot lock {folder}: {path} keeps changing (another run starting?)")
+
+
+def _described_holder(path: str) -> str:
+    """Who holds an flock on `path`: the process recorded in it; one of this host that has ended left
+    the lock to a process it forked (a background checkpoint writer, a data loader worker), still alive."""
+    owner = _read_owner(path)
+    match = re.fullmatch(r"pid (\d+) on host (\S+)", owner)
+    if match and match[2] == _host() and not _alive(int(match[1])):
+        return f"{owner}, which has ended; a process it started still holds the lock"
+    return owner or "its process is not recorded"
+
+
+def _stale_lock_removed(path: str) -> bool:
+    """A lock file (of a file system without flock) whose holder, a process of this host, is gone: deleted."""
+    owner = _read_owner(path)
+    match = re.fullmatch(r"pid (\d+) on host (\S+)", owner)
+    if not match or match[2] != _host() or _alive(int(match[1])):
+        return False
+    if _read_owner(path) == owner:  # (not taken over meanwhile)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return True
+
+
+def _hold(real: str, path: str, handle: Optional[int]) -> None:
+    """Record this process as the holder (in the file, for the message of a second run)."""
+    if handle is None:
+        handle = os.open(path, os.O_WRONLY)
+        flocked = False
+    else:
+        flocked = True
+    with contextlib.suppress(OSError):  # (a file opened read-only: the lock holds, unnamed)
+        os.ftruncate(handle, 0)
+        os.write(handle, _owner().encode())
+        os.fsync(handle)
+    _held_locks[real] = (handle, path, flocked)
+    atexit.register(_release, real, os.getpid())
+
+
+def _release(real: str, pid: int) -> None:
+    """At exit: delete the lock file (still holding it) and close it. Not in a forked child."""
+    if os.getpid() != pid or real not in _held_locks:
+        return
+    handle, path, _ = _held_locks.pop(real)
+    try:
+        if os.path.samestat(os.fstat(handle), os.stat(path)) and _read_owner(path) == _owner(pid):
+            os.remove(path)
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        os.close(handle)

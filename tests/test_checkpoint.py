@@ -126,6 +126,7 @@ def test_kill_9_during_async_save_keeps_the_previous_checkpoint(tmp_path):
 
     import psutil
 
+    from megatron_eve.atomic import STAGING_MARK
     from tests.helpers import child_environment, free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
@@ -147,8 +148,10 @@ def test_kill_9_during_async_save_keeps_the_previous_checkpoint(tmp_path):
     assert alive, out[-4000:]
     entries = sorted(p.name for p in tmp_path.iterdir())
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"
-    assert "iter_0000002" not in entries and "iter_0000002.tmp" in entries
-    assert any(p.name.startswith("__0_") for p in (tmp_path / "iter_0000002.tmp").iterdir())  # torn
+    # The staging directory is named by rank 0's process (dead now: the next save deletes it).
+    staging = [name for name in entries if name.startswith("iter_0000002.") and name.endswith(STAGING_MARK)]
+    assert "iter_0000002" not in entries and len(staging) == 1, entries
+    assert any(p.name.startswith("__0_") for p in (tmp_path / staging[0]).iterdir())  # torn
 
     r = _worker("after", tmp_path)
     assert r["marked"] == 1 and r["resumed"] == 1 and r["weights"] and r["optimizer"]

@@ -206,7 +206,9 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     assert "exiting: SIGTERM at iteration" in text
     saved = int((tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= saved < 1000 and (tmp_path / "ck" / f"iter_{saved:07d}").is_dir()
-    assert not list((tmp_path / "ck").glob("*.tmp"))
+    from megatron_eve.atomic import STAGING_MARK
+
+    assert not list((tmp_path / "ck").glob("*.tmp")) and not list((tmp_path / "ck").glob("*" + STAGING_MARK))
 
 
 FAILING_SAVE = """

@@ -11,6 +11,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from megatron_eve.atomic import recover_replaced
 from megatron_eve.config import ConfigError
 from megatron_eve.data.records import to_rgb
 from megatron_eve.data.tokenizer import Tokenizer
@@ -67,6 +68,7 @@ class MegatronBackend:
                  transformer_impl: str = "auto", bf16: bool = False):
         from megatron_eve.inference.generate import load_model_for_inference
 
+        recover_replaced(load, legacy=False)  # a conversion killed between its two renames left it aside
         if not os.path.isdir(load):  # else the "no latest_checkpointed_iteration.txt" of an existing folder
             raise ConfigError(f"--load {load}: no such checkpoint folder")
         self.tokenizer = Tokenizer(tokenizer_model)  # first: a bad file is refused before the model loads
@@ -223,7 +225,9 @@ class HFBackend:
 
 def check_export_folder(folder: str) -> None:
     """--hf names a folder holding config.json: anything else would reach transformers, which takes
-    a missing folder for a Hub repo id and a file or an empty folder for an unknown model."""
+    a missing folder for a Hub repo id and a file or an empty folder for an unknown model. An export
+    killed between its two renames (the old copy moved aside, the new one not yet in) is put back first."""
+    recover_replaced(folder, legacy=False)
     if not os.path.isdir(folder):
         what = "a file" if os.path.exists(folder) else "no such folder"
         raise ConfigError(f"--hf {folder}: {what}; pass an HF export folder (holding config.json)")

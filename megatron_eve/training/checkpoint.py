@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_eve.atomic import staging_name
 from megatron_eve.checkpoint import safe_metadata
 from megatron_eve.config import ConfigError, TrainingJob
 from megatron_eve.model.specs import resolve_transformer_impl
@@ -191,11 +192,15 @@ def save(job: TrainingJob, model, optimizer, scheduler, state: TrainState) -> st
     start_results_queue()
     root = job.checkpoint.save
     final = checkpoint_dir(root, state.iteration)
-    staging = final + ".tmp"
+    # Named by rank 0's process (host and pid), so that only a dead run's staging is ever taken for a
+    # leftover (remove_stale_staging); every rank writes in the one rank 0 made.
+    names = [None]
     if dist.get_rank() == 0:
         remove_stale_staging(root)
-        os.makedirs(staging)
-    dist.barrier()
+        names = [os.path.join(root, staging_name(os.path.basename(final)))]
+        os.makedirs(names[0])
+    dist.broadcast_object_list(names, src=0)
+    staging = names[0]
     gather_updated_parameters(model)
     fmt = optimizer_format(job)
     torch_adam_state_made(optimizer)  # a save before the first update writes the state its resume reads

@@ -149,6 +149,10 @@ def reading(directory: str, earlier: str = f"resume from an earlier iteration by
 
 
 def latest_iteration(root: str) -> Optional[int]:
+    """The iteration the tracker names (None without one). A root that a conversion or an export
+    (replace_directory) moved aside and was killed before renaming its replacement in is put back
+    first, as is the iteration's directory of a save killed likewise."""
+    recover_replaced(root, legacy=False)  # (".replaced" beside a root may be a user's own)
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
         return None

@@ -11,11 +11,11 @@ import logging
 import os
 import re
 import shutil
-from typing import Optional
+from typing import List, Optional
 
 import torch.distributed as dist
 
-from megatron_eve.atomic import named_write_errors, replace_directory, write_text
+from megatron_eve.atomic import holds_lock, named_write_errors, remove_stagings, replace_directory, write_text
 from megatron_eve.training.checkpoint_records import TRACKER, checkpoint_dir
 from megatron_eve.training.checksums import record_checksums, record_own_shards
 
@@ -54,9 +54,11 @@ def finalize_async_saves(blocking: bool) -> None:
     if _async_queue is not None and _async_queue.get_num_unfinalized_calls():
         with _failed_save_cleared(_async_root):
             _async_queue.maybe_finalize_async_calls(blocking=blocking)
+        _async_stagings[:] = [staging for staging in _async_stagings if os.path.isdir(staging)]
 
 
 _async_root: Optional[str] = None  # the --save of the background saves in flight
+_async_stagings: List[str] = []  # their staging directories (a published one is renamed away)
 
 
 @contextlib.contextmanager
@@ -69,10 +71,12 @@ def _failed_save_cleared(root: str, staging: Optional[str] = None):
         with named_write_errors(staging or root):
             yield
     except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        elif root is not None:
-            remove_stale_staging(root)
+        for path in [staging] if staging is not None else _async_stagings:
+            shutil.rmtree(path, ignore_errors=True)
+        if staging is None:
+            _async_stagings.clear()
+            if root is not None:
+                remove_stale_staging(root)
         raise
 
 
@@ -92,6 +96,7 @@ def write(request, root: str, staging: str, final: str, iteration: int, keep_las
 
             _async_queue = AsyncCallsQueue()
         _async_root = root
+        _async_stagings.append(staging)
         _async_queue.schedule_async_request(request)
     else:
         with _failed_save_cleared(root, staging):
@@ -99,12 +104,19 @@ def write(request, root: str, staging: str, final: str, iteration: int, keep_las
 
 
 def remove_stale_staging(root: str) -> None:
-    """Temporary directories of saves that never completed (killed): incomplete by construction,
-    and no save is in flight now (save() waited for the previous one)."""
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            if re.fullmatch(r"iter_\d+\.tmp", name):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    """Staging directories of saves that never completed (killed): incomplete by construction. Each
+    is named by the process (rank 0) of the run that made it (checkpoint.save): a live run's, which
+    may still be writing, is left alone. While this process holds the --save folder's lock (taken
+    before work, preflight) no other run writes there, so every staging but this process's own is a
+    dead run's, whichever host it ran on; otherwise only those of dead processes of this host. (No
+    save of this process is in flight now: save() waited for the previous one.) Also the fixed
+    "iter_N.tmp" name earlier versions used."""
+    if not os.path.isdir(root):
+        return
+    remove_stagings(root, r"iter_\d+", all_but_ours=holds_lock(root))
+    for name in os.listdir(root):
+        if re.fullmatch(r"iter_\d+\.tmp", name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def _write_then_hash(write, staging: str, rank: int, *args, **kwargs) -> None:
@@ -129,10 +141,14 @@ def _publish(root: str, staging: str, final: str, iteration: int, keep_last: Opt
 
 
 def _prune(root: str, keep_last: Optional[int], keep: int) -> None:
+    """--ckpt-keep-last: of the checkpoints up to `keep` (the one just published) the newest keep_last
+    stay. A newer one than `keep` (a resume from an earlier iteration: another run's, or this run's
+    before it went back) is never deleted here: it is the only copy of its state; this run replaces
+    it when it saves that iteration (preflight warns at start)."""
     if not keep_last:
         return
     iterations = sorted(int(name[5:]) for name in os.listdir(root)
-                        if name.startswith("iter_") and name[5:].isdigit())
+                        if name.startswith("iter_") and name[5:].isdigit() and int(name[5:]) <= keep)
     for iteration in iterations[:-keep_last]:
         if iteration != keep:
             shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)

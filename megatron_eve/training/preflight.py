@@ -8,7 +8,7 @@ import logging
 import os
 from typing import List, Optional, Tuple
 
-from megatron_eve.atomic import nearest_existing
+from megatron_eve.atomic import FolderLocked, lock_folder, nearest_existing
 from megatron_eve.config import ConfigError, TrainingJob, complete_job, job_problems
 from megatron_eve.data.dataset import check_blend, split_ranges
 from megatron_eve.data.indexed import DatasetFormatError, read_metadata
@@ -52,8 +52,26 @@ def check_job(job: TrainingJob, world_size: int) -> None:
         problems += _check_checkpoint(job, source, checksum)
     problems += _check_load(job, source)
     problems += _check_outputs(job, source)
+    if not problems:
+        problems += _lock_save(job)
     if problems:
         raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
+
+
+def _lock_save(job: TrainingJob) -> List[str]:
+    """Rank 0 takes the --save folder's lock for the rest of the run (released when it ends, however):
+    a second run saving there would replace this one's checkpoints, or delete the staging directory of
+    the save it is writing. Taken last, once nothing else is wrong."""
+    save = job.checkpoint.save
+    if not save or not is_rank_zero():
+        return []
+    try:
+        lock_folder(save)
+    except FolderLocked as error:
+        return [f"{error}: wait for it to end, or choose another --save"]
+    except OSError as error:
+        return [f"--save {save}: cannot be locked ({error.strerror or error})"]
+    return []
 
 
 def _check_load(job: TrainingJob, source: Optional[str]) -> List[str]:
@@ -87,10 +105,38 @@ def _check_outputs(job: TrainingJob, source: Optional[str]) -> List[str]:
             saved = checkpoint_records.latest_iteration(ck.save)
         except ConfigError as error:  # a marker that is not an iteration number
             return [str(error)]
-        if saved is not None and (source is None or not os.path.samefile(source, ck.save)):
+        if saved is None:
+            return problems
+        # Only a resume continues the numbering of --save's checkpoints: --load naming it (with its
+        # tracker, so checkpoint_to_load chose it), without --finetune. A new stage started from them
+        # (--pretrained-checkpoint naming --save, or --finetune) counts from iteration 0 again, and
+        # its saves would replace theirs one by one, the tracker moved back beside newer ones.
+        same = source is not None and source == ck.load and os.path.samefile(source, ck.save)
+        if same and not ck.finetune:
+            _warn_newer_checkpoints(job)
+        elif same:
+            problems.append(f"--save {ck.save} holds another run's checkpoints (up to iteration {saved}), which this "
+                            f"run would overwrite: --finetune starts again at iteration 0, so choose another --save")
+        else:
             problems.append(f"--save {ck.save} holds another run's checkpoints (up to iteration {saved}), which this "
                             f"run would overwrite: pass --load {ck.save} to resume from them, or choose another --save")
     return problems
+
+
+def _warn_newer_checkpoints(job: TrainingJob) -> None:
+    """A resume from an earlier iteration than --save's newest (the tracker set back, or --ckpt-step):
+    said once, as what happens to the newer checkpoints is not obvious."""
+    ck = job.checkpoint
+    try:
+        loaded = checkpoint_records.iteration_to_load(ck.load, ck.ckpt_step)
+    except ConfigError:  # (a tracker naming a missing iteration: _check_checkpoint says so)
+        return
+    newer = [i for i in checkpoint_records.complete_iterations(ck.save) if loaded is not None and i > loaded]
+    if newer and is_rank_zero():
+        logger.warning("warning: --save %s holds iterations %s, newer than iteration %d this run resumes from: "
+                       "each stays until this run saves that iteration, which replaces it (--ckpt-keep-last "
+                       "never deletes them); the tracker names this run's newest", ck.save,
+                       ", ".join(map(str, newer)), loaded)
 
 
 CHECKPOINT_CHECKS = (checkpoint_records.check_architecture, checkpoint_records.check_schedule,
