@@ -173,7 +173,9 @@ def write_dataset(prefix, count, first_token):
         writer.finalize()
 
 
-def test_replacement_killed_between_renames_never_reads_as_complete(tmp_path, monkeypatch):
+def test_replacement_interrupted_between_renames_is_finished(tmp_path, monkeypatch):
+    """Interrupted after its commit (the staged sidecar complete), a replacement is finished on the way
+    out, never left as a mix of old and new files (a kill, which runs no handler: tests/test_preprocess_swap.py)."""
     prefix = tmp_path / "data"
     write_dataset(prefix, 4, 10)
     assert read_metadata(str(prefix))["counts"]["samples"] == 4
@@ -182,7 +184,7 @@ def test_replacement_killed_between_renames_never_reads_as_complete(tmp_path, mo
 
     def killed_after_bin(source, target):
         real_replace(source, target)
-        renames.append(target)
+        renames.append(str(target))
         if str(target).endswith(".bin"):
             raise KeyboardInterrupt("killed between the .bin and .idx renames")
 
@@ -190,9 +192,9 @@ def test_replacement_killed_between_renames_never_reads_as_complete(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         write_dataset(prefix, 40, 100)
     monkeypatch.setattr(indexed.os, "replace", real_replace)
-    assert renames == [f"{prefix}.bin"]
-    with pytest.raises(DatasetFormatError, match="no .meta.json sidecar"):
-        IndexedSamples(str(prefix))
+    assert renames == [f"{prefix}{suffix}" for suffix in (".meta.json.tmp", ".bin", ".idx", ".meta.json")]
+    assert len(IndexedSamples(str(prefix))) == 40
+    assert sorted(os.listdir(tmp_path)) == ["data.bin", "data.idx", "data.meta.json"]
 
 
 def test_truncated_files_are_refused_before_training(tmp_path):

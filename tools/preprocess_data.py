@@ -7,7 +7,8 @@ Output: PREFIX.bin / PREFIX.idx (megatron-core IndexedDataset, multimodal), PREF
 (template, geometry, tokenizer checksum, counts) and PREFIX.rejects.jsonl (skipped records with
 their reason). Files appear only when complete. A run in which no record yields a sample writes no
 dataset (one at PREFIX stays) and exits 1 naming where its rejects are listed. Files at PREFIX that
-are not a complete dataset of this tool are replaced only with --overwrite.
+are not a complete dataset of this tool are replaced only with --overwrite. A run holds PREFIX.lock
+while it writes: a second run on the same PREFIX is refused.
 
 Examples:
   # captions for prealign / pretrain
@@ -35,6 +36,7 @@ from megatron_eve.config import (  # noqa: E402
     VisionConfig,
     validate,
 )
+from megatron_eve.data.indexed import BusyError  # noqa: E402
 from megatron_eve.data.preprocess import OutputError, PreprocessJob, WorkerPoolError, run  # noqa: E402
 from megatron_eve.data.records import RecordConfig  # noqa: E402
 from megatron_eve.data.sources import InputError  # noqa: E402
@@ -132,9 +134,13 @@ def main(argv=None) -> int:
     )
     try:
         summary = run(job)
-    except (InputError, OutputError, WorkerPoolError) as error:  # NoSampleError too: nothing written
+    except (InputError, OutputError, WorkerPoolError, BusyError) as error:  # NoSampleError too: nothing written
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the writers have removed their temporary files on the way out
+        kept = " (its finished partitions are kept for a rerun)" if args.partitions > 1 else ""
+        print(f"error: interrupted; {args.output_prefix} left as it was{kept}", file=sys.stderr)
+        return 130
     except OSError as error:  # a file that cannot be read or written (full disk, permissions): named
         print(f"error: {os_error_line(error, args.output_prefix)}", file=sys.stderr)
         return 1

@@ -10,17 +10,25 @@ slices are merged in order, giving the same files as one unpartitioned run.
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
-from megatron_eve.data.indexed import SIDECAR_SUFFIX, SampleWriter, dataset_complete, read_metadata
+from megatron_eve.data.indexed import (
+    SIDECAR_SUFFIX,
+    SampleWriter,
+    dataset_complete,
+    prefix_lock,
+    read_metadata,
+)
 from megatron_eve.data.records import RecordConfig, Rejection, Sample, process_record, record_id
 from megatron_eve.data.sources import Broken, InputError, count_records, iter_records, parse
 from megatron_eve.data.tokenizer import Tokenizer
@@ -81,7 +89,23 @@ class Summary:
 _WORKER: Dict = {}
 
 
-def _init_worker(tokenizer_model: str, record_config: RecordConfig) -> None:
+def _die_with_parent(parent: int) -> None:
+    """A spawn worker ends when the main process ends, however it ends (SIGKILL included): else each
+    (~0.5 GB) lives on, adopted by init. Linux only; the parent may already be gone before prctl."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _init_worker(tokenizer_model: str, record_config: RecordConfig, parent: Optional[int] = None) -> None:
+    if parent is not None:  # a worker process (not the main one, with --workers 1)
+        _die_with_parent(parent)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: no traceback
     _WORKER["tokenizer"] = Tokenizer(tokenizer_model)
     _WORKER["config"] = record_config
 
@@ -135,9 +159,10 @@ class _WorkerPool:
     def _start(self):
         from concurrent.futures import ProcessPoolExecutor
 
-        # spawn: no inherited state (CUDA, threads) in workers
+        # spawn: no inherited state (CUDA, threads) in workers. They are started by the calling (main) thread,
+        # which PR_SET_PDEATHSIG follows (no max_tasks_per_child: the manager thread starts none).
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=self.init_args)
+                                   initializer=_init_worker, initargs=(*self.init_args, os.getpid()))
 
     def submit(self, chunk: List) -> List:
         return [chunk, self.executor.submit(_process_chunk, chunk)]
@@ -240,12 +265,26 @@ def _file_identity(path: str) -> Dict:
 
 
 def _reusable(prefix: str, metadata: Dict, records: List[int]) -> bool:
-    """A partition left by an earlier run counts only if it is complete and was made from the
-    same input files (paths, sizes, times), options, tokenizer and record range."""
+    """A partition left by an earlier run counts only if it is complete, with its whole rejects list
+    (the merged list is made of them), and was made from the same input files (paths, sizes, times),
+    options, tokenizer and record range."""
     if not dataset_complete(prefix):
         return False
     meta = read_metadata(prefix)
-    return meta.get("records") == records and all(meta.get(k) == v for k, v in metadata.items())
+    if not (meta.get("records") == records and all(meta.get(k) == v for k, v in metadata.items())):
+        return False
+    return _rejects_listed(prefix, meta)
+
+
+def _rejects_listed(prefix: str, meta: Dict) -> bool:
+    """Whether PREFIX.rejects.jsonl lists as many records as the sidecar counts rejected."""
+    try:
+        with open(prefix + REJECTS_SUFFIX, "rb") as handle:
+            lines = sum(1 for _ in handle)
+    except OSError:
+        return False
+    rejected = meta.get("rejected", {})
+    return isinstance(rejected, dict) and lines == sum(rejected.values())
 
 
 def _write_slice(job: PreprocessJob, prefix: str, first: int, last: Optional[int], metadata: Dict,
@@ -258,48 +297,39 @@ def _write_slice(job: PreprocessJob, prefix: str, first: int, last: Optional[int
     results = _ordered_results(_chunks(records, job.chunk_size), job.workers,
                                (job.tokenizer_model, job.record))
     rejects_tmp = prefix + REJECTS_SUFFIX + ".tmp"
-    try:
-        with SampleWriter(prefix, metadata) as writer:
-            with open(rejects_tmp, "w") as rejects:
-                for result in tqdm(results, total=total, desc=os.path.basename(prefix), unit="rec",
-                                   disable=not job.progress, mininterval=1.0):
-                    if isinstance(result, Sample):
-                        writer.add(result)
-                    else:
-                        summary.rejected[result.reason] += 1
-                        rejects.write(json.dumps(asdict(result)) + "\n")
-            summary.seconds = time.time() - start
-            meta = _finish(writer, prefix, rejects_tmp, summary.rejected, extra or {}, allow_empty)
-    finally:
-        _remove_leftover(rejects_tmp)
+    # The rejects list is staged with the dataset and swapped in with it (the writer removes it on failure).
+    with SampleWriter(prefix, metadata, companions=(REJECTS_SUFFIX,)) as writer:
+        with open(rejects_tmp, "w") as rejects:
+            for result in tqdm(results, total=total, desc=os.path.basename(prefix), unit="rec",
+                               disable=not job.progress, mininterval=1.0):
+                if isinstance(result, Sample):
+                    writer.add(result)
+                else:
+                    summary.rejected[result.reason] += 1
+                    rejects.write(json.dumps(asdict(result)) + "\n")
+        summary.seconds = time.time() - start
+        meta = _finish(writer, prefix, rejects_tmp, summary.rejected, extra or {}, allow_empty)
     _add_counts(summary, meta["counts"])
     return summary
 
 
 def _finish(writer: SampleWriter, prefix: str, rejects_tmp: str, rejected: Counter, extra: Dict,
             allow_empty: bool) -> Dict:
-    """The dataset and its rejects list put in place; or, for a dataset without a sample where none
-    is allowed, only the rejects list (never over a complete dataset's own list) and NoSampleError:
+    """The dataset and its rejects list put in place together; or, for a dataset without a sample where
+    none is allowed, only the rejects list (never over a complete dataset's own list) and NoSampleError:
     the writer then aborts, so a good dataset at the prefix is never replaced by an empty one."""
     if writer.counts["samples"] == 0 and not allow_empty:
         kept = prefix + (FAILED_REJECTS_SUFFIX if dataset_complete(prefix) else REJECTS_SUFFIX)
         os.replace(rejects_tmp, kept)
         raise NoSampleError(prefix, rejected, kept)
-    meta = writer.finalize({"rejected": dict(rejected), **extra})
-    os.replace(rejects_tmp, prefix + REJECTS_SUFFIX)
-    return meta
-
-
-def _remove_leftover(path: str) -> None:
-    """A temporary file of a run that failed before renaming it into place."""
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+    return writer.finalize({"rejected": dict(rejected), **extra})
 
 
 def check_output(prefix: str, overwrite: bool, replaced: bool = True) -> None:
     """Before any work: the prefix's folder exists or can be made, and (where the run writes the
     prefix itself: `replaced`) files there that are not a complete dataset of ours are replaced
-    only with overwrite; our own complete dataset is replaced atomically once the new one is done."""
+    only with overwrite; our own complete dataset is replaced atomically once the new one is done.
+    The caller holds the prefix's lock: a replacement an earlier run left half swapped is finished here."""
     folder = os.path.dirname(os.path.abspath(prefix))
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise OutputError(f"--output-prefix {prefix}: {folder} is a file, not a folder")
@@ -331,7 +361,18 @@ def partition_prefix(prefix: str, index: int, partitions: int) -> str:
 
 def run(job: PreprocessJob) -> Summary:
     """Preprocess the job's inputs. Raises NoSampleError (nothing written at the prefix) when no
-    record yields a sample; with partition_index, an empty partition is a legal result."""
+    record yields a sample; with partition_index, an empty partition is a legal result. BusyError
+    while another run writes the prefix (with partition_index: that partition)."""
+    if job.partition_index is not None and job.partitions > 1:  # parts run side by side, one per machine
+        written = partition_prefix(job.output_prefix, job.partition_index, job.partitions)
+    else:
+        written = job.output_prefix
+    check_output(job.output_prefix, job.overwrite, replaced=False)  # its folder, for the lock file
+    with prefix_lock(written):  # held for the whole run: two runs on one prefix wrote the same temporaries
+        return _run(job)
+
+
+def _run(job: PreprocessJob) -> Summary:
     check_output(job.output_prefix, job.overwrite, replaced=job.partition_index is None)
     try:
         tokenizer = Tokenizer(job.tokenizer_model)
@@ -348,15 +389,16 @@ def run(job: PreprocessJob) -> Summary:
     for k in indices:
         prefix = partition_prefix(job.output_prefix, k, job.partitions)
         records = [bounds[k], bounds[k + 1]]
-        if _reusable(prefix, metadata, records):  # finished by an earlier, interrupted run
-            meta = read_metadata(prefix)
-            done = Summary(rejected=Counter(meta.get("rejected", {})))
-            _add_counts(done, meta["counts"])
-            summary.add(done)
-            continue
-        # Empty parts are legal (more parts than records); an empty merge is not.
-        part = _write_slice(job, prefix, bounds[k], bounds[k + 1], metadata, bounds[k + 1] - bounds[k],
-                            {"records": records}, allow_empty=True)
+        with prefix_lock(prefix):
+            if _reusable(prefix, metadata, records):  # finished by an earlier, interrupted run
+                meta = read_metadata(prefix)
+                done = Summary(rejected=Counter(meta.get("rejected", {})))
+                _add_counts(done, meta["counts"])
+                summary.add(done)
+                continue
+            # Empty parts are legal (more parts than records); an empty merge is not.
+            part = _write_slice(job, prefix, bounds[k], bounds[k + 1], metadata, bounds[k + 1] - bounds[k],
+                                {"records": records}, allow_empty=True)
         summary.add(part)
     if job.partition_index is None:
         parts = [partition_prefix(job.output_prefix, k, job.partitions) for k in range(job.partitions)]
@@ -383,21 +425,22 @@ def merge(prefixes: List[str], output_prefix: str) -> Dict:
         different = [k for k in keys if meta.get(k) != metas[0].get(k)]
         if different:
             raise ValueError(f"cannot merge {prefix} into {prefixes[0]}: they differ in {different}")
-    base = {k: v for k, v in metas[0].items() if k not in ("counts", "rejected", "format", "records", "files")}
+    base = {k: v for k, v in metas[0].items()
+            if k not in ("counts", "rejected", "format", "records", "files", "companions")}
     rejected = Counter()
-    for meta in metas:
+    for prefix, meta in zip(prefixes, metas):
         rejected.update(meta.get("rejected", {}))
+        if not _rejects_listed(prefix, meta):  # else the merged list silently lacks its records
+            count = sum(meta.get("rejected", {}).values())
+            raise OutputError(f"{prefix}{REJECTS_SUFFIX}: missing, or not the {count} records its sidecar counts "
+                              "rejected; rerun the partitioned preprocessing to redo that part")
     rejects_tmp = output_prefix + REJECTS_SUFFIX + ".tmp"
-    try:
-        with SampleWriter(output_prefix, base) as writer:
-            with open(rejects_tmp, "w") as out:
-                for prefix in prefixes:
-                    writer.add_prefix(prefix)
-                    if os.path.isfile(prefix + REJECTS_SUFFIX):
-                        with open(prefix + REJECTS_SUFFIX) as handle:
-                            for line in handle:
-                                out.write(line)
-            return _finish(writer, output_prefix, rejects_tmp, rejected,
-                           {"merged_from": [os.path.basename(p) for p in prefixes]}, allow_empty=False)
-    finally:
-        _remove_leftover(rejects_tmp)
+    with SampleWriter(output_prefix, base, companions=(REJECTS_SUFFIX,)) as writer:
+        with open(rejects_tmp, "w") as out:
+            for prefix in prefixes:
+                writer.add_prefix(prefix)
+                with open(prefix + REJECTS_SUFFIX) as handle:
+                    for line in handle:
+                        out.write(line)
+        return _finish(writer, output_prefix, rejects_tmp, rejected,
+                       {"merged_from": [os.path.basename(p) for p in prefixes]}, allow_empty=False)
