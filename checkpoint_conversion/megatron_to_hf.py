@@ -105,6 +105,7 @@ def looks_local(name: str) -> bool:
 
 def checkpoint_to_export(root: str, iteration) -> str:
     """The iteration directory to export (the latest by default), checked to exist."""
+    recover_replaced(root, legacy=False)  # a root a killed conversion left aside is put back
     iteration = iteration if iteration is not None else latest_iteration(root)
     if iteration is None:
         raise CheckpointFormatError(f"{root}: no latest_checkpointed_iteration.txt")

@@ -56,6 +56,20 @@ def test_readers_put_back_a_root_an_interrupted_conversion_moved_aside(tmp_path,
     (tmp_path / f"export{ASIDE_MARK}" / "config.json").write_text("{}")
     backends.check_export_folder(str(export))
     assert (export / "config.json").read_text() == "{}"
+    # The converters' inputs: hf_to_megatron's --hf (HFWeights), megatron_to_hf's --megatron with --iteration.
+    import importlib.util
+
+    from megatron_eve.checkpoint.hf_eve import CheckpointFormatError, HFWeights
+
+    os.rename(export, str(tmp_path / f"export{ASIDE_MARK}"))
+    with pytest.raises(CheckpointFormatError, match="no model.safetensors"):  # (the folder back, its weights read)
+        HFWeights(str(export))
+    assert (export / "config.json").is_file()
+    os.rename(ck, str(aside))
+    spec = importlib.util.spec_from_file_location("m2h", ROOT / "checkpoint_conversion" / "megatron_to_hf.py")
+    exporter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exporter)
+    assert exporter.checkpoint_to_export(ck, 4) == checkpoint_dir(ck, 4) and not aside.exists()
     # A user's own "X.replaced" beside a root is not ours: never taken for it.
     (tmp_path / "mine.replaced").mkdir()
     assert checkpoint_records.latest_iteration(str(tmp_path / "mine")) is None

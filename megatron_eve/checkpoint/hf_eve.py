@@ -19,6 +19,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
+from megatron_eve.atomic import recover_replaced
 from megatron_eve.checkpoint.dcp_writer import GlobalTensor, layer_chunks
 from megatron_eve.checkpoint.llama_layout import LAYER_RULES, OUTER_KEYS, hf_layer_shapes, pad_vocab
 from megatron_eve.config import ConfigError, EVEModelConfig, padded_vocab_size
@@ -39,6 +40,7 @@ class HFWeights:
     """Lazy access to the tensors of an HF folder: sharded or single `.bin` / safetensors."""
 
     def __init__(self, folder: str):
+        recover_replaced(folder, legacy=False)  # an export killed between its two renames left it aside
         self.folder = folder
         self.files: Dict[str, str] = {}  # key → file
         self._handles: Dict[str, object] = {}
