@@ -71,7 +71,9 @@ def leftovers(folder):
 
 
 # ------------------------------------------------------------------------ D1: a kill at every rename
-@pytest.mark.parametrize("after", [1, 2, 3, 4, 5])
+# Five renames: the staged sidecar (the commit), .bin, .idx, the rejects list, the sidecar; the kills
+# between the first and the last (the old sidecar gone, the new not yet in) are the ones a reader must finish.
+@pytest.mark.parametrize("after", [2, 3, 4])
 def test_a_replacement_killed_at_any_rename_leaves_a_complete_dataset(corpus, tmp_path, after):
     prefix = tmp_path / "data"
     run(job(corpus, [corpus["captions"]], prefix))
@@ -135,7 +137,7 @@ def check_merged(prefix, summary, kept):
     assert [r["reason"] for r in rejects] == ["missing_image"] * 3
 
 
-@pytest.mark.parametrize("after", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("after", [3, 4])  # before and after its rejects list is renamed in
 def test_a_partition_killed_while_put_in_place_keeps_its_rejects(corpus, tmp_path, after):
     path, kept = input_with_rejects(corpus, tmp_path)
     prefix = tmp_path / "data"

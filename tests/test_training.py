@@ -269,28 +269,24 @@ def test_fp16_scales_its_loss_and_skips_the_steps_that_overflow(data, tmp_path):
             assert abs(ours - theirs) <= 1e-2 * max(1.0, abs(theirs)), (iteration, static, fp32)
     # From 2^20 the tiny model's scaled gradients overflow: 3 skipped steps (the scale halves after
     # megatron-core's hysteresis of 2), then updates at 2^18.
-    dynamic, out = train(args[:-1] + [5, "--fp16", "--initial-loss-scale", 2 ** 20], nproc=1)
+    dynamic_args = args[:-1] + [5, "--fp16", "--initial-loss-scale", 2 ** 20]
+    dynamic, out = train(dynamic_args, nproc=1)
     assert re.search(r"exiting: finished \(3 skipped, 0 non-finite iterations\)", out), out[-3000:]
     assert sorted(dynamic) == [4, 5] and dynamic[5][0] < dynamic[4][0] - 0.3  # (skipped: no grad norm)
     assert "loss scale: 262144.0 | grad norm:" in out
-
-
-@pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]])
-def test_an_fp16_run_saved_before_its_first_update_resumes(data, tmp_path, optimizer):
-    """Saved while the dynamic scale's first steps are still skipped (torch's Adam has made no state
-    yet), the checkpoint resumes to the uninterrupted run's losses: the distributed optimizer's save
-    failed (megatron-core read each parameter's step), the plain one's resume lacked Adam's tensors."""
-    args = base_args(data, "pretrain") + ["--train-iters", 5, "--fp16", "--initial-loss-scale", 2 ** 20, *optimizer]
-    whole, _ = train(args, nproc=1)
-    ck = tmp_path / "ck"
-    _, out = train(args + ["--exit-interval", 2, "--save", ck], nproc=1)
-    assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "2", out[-3000:]
-    resumed, out = train(args + ["--load", ck, "--save", ck], nproc=1)
-    assert re.search(r"exiting: finished \(3 skipped, 0 non-finite iterations\)", out), out[-3000:]
-    assert sorted(resumed) == sorted(whole) == [4, 5]
-    for iteration in (4, 5):
-        for ours, theirs in zip(resumed[iteration], whole[iteration]):
-            assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs)), (iteration, resumed, whole)
+    # Saved while those steps are still skipped (torch's Adam has made no state yet), a checkpoint resumes
+    # to the same losses: the distributed optimizer's save failed (megatron-core read each parameter's
+    # step), the plain one's resume lacked Adam's tensors. (Both within 1e-5 of the plain run.)
+    for optimizer in ([], ["--use-distributed-optimizer"]):
+        ck = tmp_path / f"ck{len(optimizer)}"
+        _, out = train(dynamic_args + optimizer + ["--exit-interval", 2, "--save", ck], nproc=1)
+        assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "2", out[-3000:]
+        resumed, out = train(dynamic_args + optimizer + ["--load", ck, "--save", ck], nproc=1)
+        assert re.search(r"exiting: finished \(3 skipped, 0 non-finite iterations\)", out), out[-3000:]
+        assert sorted(resumed) == [4, 5]
+        for iteration in (4, 5):
+            for ours, theirs in zip(resumed[iteration], dynamic[iteration]):
+                assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs)), (optimizer, iteration, resumed, dynamic)
 
 
 def test_unpacked_rows_train_under_sequence_parallelism(data, tmp_path):
