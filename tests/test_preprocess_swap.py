@@ -79,7 +79,7 @@ def test_a_replacement_killed_at_any_rename_leaves_a_complete_dataset(corpus, tm
     run(job(corpus, [corpus["captions"]], prefix))
     old, new = ids(prefix), [r["id"] for r in json.load(open(corpus["qa"]))]
     killed = killed_run(tmp_path, cli_args(corpus, [corpus["qa"]], prefix, "vicuna_v1"), str(prefix), after)
-    assert killed or after == 5  # five renames: the staged sidecar, .bin, .idx, the rejects list, the sidecar
+    assert killed  # (each position parametrized is reached: there are five renames)
     # Old or new, whole, without --overwrite; a reader finishes a swap left half done.
     assert read_metadata(str(prefix))["counts"]["samples"] == 40
     assert ids(prefix) in (old, new)
@@ -142,7 +142,7 @@ def test_a_partition_killed_while_put_in_place_keeps_its_rejects(corpus, tmp_pat
     path, kept = input_with_rejects(corpus, tmp_path)
     prefix = tmp_path / "data"
     assert killed_run(tmp_path, cli_args(corpus, [path], prefix, "plain", "--partitions", "3"),
-                      partition_prefix(str(prefix), 1, 3), after) or after == 5
+                      partition_prefix(str(prefix), 1, 3), after)
     check_merged(prefix, run(job(corpus, [path], prefix, partitions=3)), kept)
     assert leftovers(tmp_path) == []
 
