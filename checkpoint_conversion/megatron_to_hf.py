@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eve.atomic import check_output_dir, os_error_line, recover_replaced, staged_directory  # noqa: E402
+from megatron_eve.atomic import (  # noqa: E402
+    check_apart_from_inputs, check_output_dir, os_error_line, recover_replaced, staged_directory)
 from megatron_eve.checkpoint.hf_config import hf_config, preprocessor_config, read_hf_config  # noqa: E402
 from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
     EARLIER_ITERATION, CheckpointFormatError, MegatronCheckpoint, hf_tensors)
@@ -35,7 +36,6 @@ from megatron_eve.checkpoint.hf_writer import (  # noqa: E402
     check_tokenizer, copy_tokenizer, is_written_name, write_tensors)
 from megatron_eve.checkpoint.megatron_dirs import parse_dtype  # noqa: E402
 from megatron_eve.config import ConfigError, model_config_from_dict  # noqa: E402
-from megatron_eve.eval.outputs import check_apart_from_inputs  # noqa: E402
 from megatron_eve.training.checkpoint_records import (  # noqa: E402
     checkpoint_dir,
     complete_iterations,

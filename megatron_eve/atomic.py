@@ -4,17 +4,16 @@ Every output is written under a temporary name beside its final one and renamed 
 complete. A directory being replaced is first moved aside (renamed, not deleted) and removed only
 after its replacement is in place, so at every instant one complete copy exists; a reader that
 finds only the moved-aside copy puts it back (`recover_replaced`). Output folders we did not write
-are never overwritten without the user saying so. A folder that one run at a time writes in
-(training's --save) is locked for that run's life (`lock_folder`), and a staging directory is named
-by the process writing it, so that only a dead writer's is taken for a leftover (`remove_stagings`).
+are never overwritten without the user saying so, and an output never replaces or lies inside one of
+its command's inputs (`check_apart_from_inputs`). A staging directory is named by the process writing
+it, so that only a dead writer's is taken for a leftover (`remove_stagings`); a folder that one run at
+a time writes in is locked (megatron_eve.locks).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -22,7 +21,7 @@ import secrets
 import shutil
 import socket
 import stat
-from typing import IO, Callable, Iterable, Iterator, Optional
+from typing import IO, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 from megatron_eve.config import ConfigError
 
@@ -151,7 +150,7 @@ def os_error_line(error: OSError, output: Optional[str]) -> str:
     return str(error)
 
 
-def _host() -> str:
+def host_name() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
@@ -164,10 +163,10 @@ def _staging_pattern(base: str, regex: bool = False) -> "re.Pattern":
 
 def staging_name(base: str) -> str:
     """A new staging name for the final name `base`: this process's (host and pid) with a unique tail."""
-    return f"{base}.{_host()}-{os.getpid()}-{secrets.token_hex(4)}{STAGING_MARK}"
+    return f"{base}.{host_name()}-{os.getpid()}-{secrets.token_hex(4)}{STAGING_MARK}"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -191,13 +190,13 @@ def remove_stagings(folder: str, bases: str, all_but_ours: bool = False) -> None
     one not this process's (for a folder whose lock this process holds: no other writer is alive)."""
     if not os.path.isdir(folder):
         return
-    pattern, host, pid = _staging_pattern(bases, regex=True), _host(), os.getpid()
+    pattern, host, pid = _staging_pattern(bases, regex=True), host_name(), os.getpid()
     for name in os.listdir(folder):
         match = pattern.fullmatch(name)
         if not match:
             continue
         ours = match["host"] == host and int(match["pid"]) == pid
-        dead = match["host"] == host and not _alive(int(match["pid"]))
+        dead = match["host"] == host and not process_alive(int(match["pid"]))
         if dead or (all_but_ours and not ours):
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
@@ -316,130 +315,50 @@ def entries(path: str) -> Optional[set]:
     return {name for name in os.listdir(path) if not is_leftover(name)}
 
 
-# ---------------------------------------------------------------------------------- folder locks
-LOCK_NAME = ".megatron_eve-lock"  # in a folder one run at a time writes (training's --save)
-_held_locks: dict = {}  # real path of a locked folder -> (open lock file, its path, flock or not)
-# Errors of a file system without flock (an NFS mount without lockd, Lustre mounted noflock, ...).
-_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+# ------------------------------------------------------------------ outputs apart from inputs
+# the flag naming each input → its path (None: not given); pairs where one flag names several
+Inputs = Union[Dict[str, Optional[str]], Sequence[Tuple[str, Optional[str]]]]
 
 
-class FolderLocked(ConfigError):
-    """Another process holds the folder's lock (lock_folder)."""
+class OutputRefused(ConfigError):
+    """An output path the user has to change (or pass --overwrite for); the command exits 2."""
 
 
-def _owner(pid: Optional[int] = None) -> str:
-    return f"pid {pid or os.getpid()} on host {_host()}"
+def _is_or_holds(output: str, path: str) -> bool:
+    """Whether `path` is `output` or lies inside it (resolved: links, hard links and ../ see through)."""
+    if os.path.exists(output) and os.path.exists(path) and os.path.samefile(output, path):
+        return True
+    output, path = os.path.realpath(output), os.path.realpath(path)
+    return output == path or os.path.commonpath([output, path]) == output
 
 
-def _read_owner(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read(200).strip()
-    except OSError:
-        return ""
+def check_not_an_input(output: str, inputs: Inputs, flag: str) -> None:
+    """Refuse an output that is, or holds, one of the inputs: even --overwrite does not allow that."""
+    for name, path in (inputs.items() if isinstance(inputs, dict) else inputs):
+        if path and _is_or_holds(output, path):
+            raise OutputRefused(f"{flag} {output} would replace the {name} input {path}: choose another {flag}")
 
 
-def holds_lock(folder: str) -> bool:
-    """Whether this process holds `folder`'s lock (lock_folder)."""
-    return os.path.realpath(folder) in _held_locks
-
-
-def lock_folder(folder: str) -> None:
-    """Take `folder`'s exclusive lock (making the folder) for the rest of this process's life: a
-    second process (another run on the same folder) gets FolderLocked naming the holder. An flock
-    on the folder's LOCK_NAME file, which the kernel releases when the holder ends however it ends;
-    where the file system has no flock, the file's existence is the lock, and one a dead process of
-    this host left is taken over (one of another host cannot be checked: deleting it is the user's
-    call). Taken again by the same process: nothing to do. The file is deleted when the process exits."""
-    os.makedirs(folder, exist_ok=True)
-    real = os.path.realpath(folder)
-    if real in _held_locks:
-        return
-    path = os.path.join(real, LOCK_NAME)
-    for _ in range(100):  # a holder leaving (its file deleted) or a stale file taken over: try again
-        try:
-            handle, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
-        except FileExistsError:
-            try:
-                handle, created = os.open(path, os.O_RDWR), False
-            except FileNotFoundError:
-                continue
-            except PermissionError:  # another user's file: locked all the same (flock needs no write access)
-                handle, created = os.open(path, os.O_RDONLY), False
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            os.close(handle)
-            if error.errno not in _NO_FLOCK:
-                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise FolderLocked(f"another run is saving to {folder} ({_described_holder(path)})") from None
-                raise
-            if created or _stale_lock_removed(path):
-                if not created:
-                    continue  # the stale file is gone: take the lock by creating it
-                _hold(real, path, None)
-                return
-            owner = _read_owner(path) or "its process is not recorded"
-            raise FolderLocked(f"another run is saving to {folder} ({owner}; this file system has no flock: "
-                               f"if no run is saving there, delete {path})") from None
-        try:  # the file locked is the one on disk (not one its holder deleted as it left)
-            current = os.path.samestat(os.fstat(handle), os.stat(path))
-        except FileNotFoundError:
-            current = False
-        if not current:
-            os.close(handle)
-            continue
-        _hold(real, path, handle)
-        return
-    raise FolderLocked(f"cannot lock {folder}: {path} keeps changing (another run starting?)")
-
-
-def _described_holder(path: str) -> str:
-    """Who holds an flock on `path`: the process recorded in it; one of this host that has ended left
-    the lock to a process it forked (a background checkpoint writer, a data loader worker), still alive."""
-    owner = _read_owner(path)
-    match = re.fullmatch(r"pid (\d+) on host (\S+)", owner)
-    if match and match[2] == _host() and not _alive(int(match[1])):
-        return f"{owner}, which has ended; a process it started still holds the lock"
-    return owner or "its process is not recorded"
-
-
-def _stale_lock_removed(path: str) -> bool:
-    """A lock file (of a file system without flock) whose holder, a process of this host, is gone: deleted."""
-    owner = _read_owner(path)
-    match = re.fullmatch(r"pid (\d+) on host (\S+)", owner)
-    if not match or match[2] != _host() or _alive(int(match[1])):
+def _lies_inside(output: str, folder: str) -> bool:
+    """Whether `output` lies inside `folder` (resolved as _is_or_holds does: links, ../ and a folder
+    reached by another path, e.g. a bind mount, see through)."""
+    if not os.path.isdir(folder):
         return False
-    if _read_owner(path) == owner:  # (not taken over meanwhile)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-    return True
+    probe = os.path.realpath(output)
+    while os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+        if os.path.exists(probe) and os.path.samefile(probe, folder):
+            return True
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([folder, os.path.realpath(output)]) == folder
 
 
-def _hold(real: str, path: str, handle: Optional[int]) -> None:
-    """Record this process as the holder (in the file, for the message of a second run)."""
-    if handle is None:
-        handle = os.open(path, os.O_WRONLY)
-        flocked = False
-    else:
-        flocked = True
-    with contextlib.suppress(OSError):  # (a file opened read-only: the lock holds, unnamed)
-        os.ftruncate(handle, 0)
-        os.write(handle, _owner().encode())
-        os.fsync(handle)
-    _held_locks[real] = (handle, path, flocked)
-    atexit.register(_release, real, os.getpid())
-
-
-def _release(real: str, pid: int) -> None:
-    """At exit: delete the lock file (still holding it) and close it. Not in a forked child."""
-    if os.getpid() != pid or real not in _held_locks:
-        return
-    handle, path, _ = _held_locks.pop(real)
-    try:
-        if os.path.samestat(os.fstat(handle), os.stat(path)) and _read_owner(path) == _owner(pid):
-            os.remove(path)
-    except OSError:
-        pass
-    with contextlib.suppress(OSError):
-        os.close(handle)
+def check_apart_from_inputs(output: str, inputs: Inputs, flag: str) -> None:
+    """Refuse an output folder that is, holds or lies inside one of the input folders (a converter's
+    --out and its checkpoint or HF folder): replacing it would delete the input, and writing into it
+    would mix the output with it. Even --overwrite does not allow that."""
+    check_not_an_input(output, inputs, flag)
+    for name, path in (inputs.items() if isinstance(inputs, dict) else inputs):
+        if path and _lies_inside(output, path):
+            raise OutputRefused(f"{flag} {output} lies inside the {name} input {path}: choose another {flag} "
+                                f"(even --overwrite does not write into an input)")

@@ -238,6 +238,16 @@ def train(args: Sequence, nproc: int = 2, timeout: int = 300, cuda: bool = False
     return losses(out), out
 
 
+def validations(text):
+    """Megatron-LM's evaluations at --eval-interval: {iteration: lm loss}."""
+    return dict(re.findall(r" validation loss at iteration (\d+) \| lm loss value: (\S+) \| lm loss PPL: \S+ \|", text))
+
+
+def final_evaluations(text):
+    """Megatron-LM's evaluations after training: [(iteration, "validation" or "test", lm loss)]."""
+    return re.findall(r" validation loss at iteration (\d+) on (validation|test) set \| lm loss value: (\S+) \|", text)
+
+
 def losses(text: str) -> Dict[int, Tuple[float, ...]]:
     return {int(m[0]): tuple(float(x) for x in m[1:]) for m in LINE.findall(text)}
 

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from megatron_eve.data.indexed import TOKENS, DatasetFormatError, IndexedSamples, SampleWriter
+from megatron_eve.data.indexed import TOKENS, DatasetFormatError, IndexedSamples
+from megatron_eve.data.indexed_writer import SampleWriter
 from megatron_eve.data.records import Sample
 
 HEADER = 34  # magic 9, version 8, dtype code 1, sequence count 8, document count 8

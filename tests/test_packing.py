@@ -137,7 +137,7 @@ def test_group_by_length_sorts_each_megabatch_longest_first():
 
 
 def write_lengths(prefix, lengths):
-    from megatron_eve.data.indexed import SampleWriter
+    from megatron_eve.data.indexed_writer import SampleWriter
     from megatron_eve.data.records import Sample
 
     with SampleWriter(str(prefix), {"template": "plain"}) as writer:
@@ -197,7 +197,7 @@ def test_a_sample_that_cannot_be_read_costs_itself_only(tmp_path):
 
     from megatron_eve.config import DataConfig
     from megatron_eve.data.dataset import build_datasets
-    from megatron_eve.data.indexed import SampleWriter
+    from megatron_eve.data.indexed_writer import SampleWriter
     from megatron_eve.data.records import Sample
     from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
 
@@ -251,7 +251,7 @@ def test_a_sample_that_cannot_be_read_costs_itself_only(tmp_path):
 
 def _text_dataset(prefix, good, cut):
     """`good` usable text samples, then `cut` whose labels were cut short (unusable), interleaved."""
-    from megatron_eve.data.indexed import SampleWriter
+    from megatron_eve.data.indexed_writer import SampleWriter
     from megatron_eve.data.records import Sample
 
     tokens = np.arange(3, 13, dtype=np.int32)
@@ -405,7 +405,7 @@ def test_a_damaged_image_leaves_its_sample_out_on_every_pipeline_stage(tmp_path)
 
     from megatron_eve.config import DataConfig
     from megatron_eve.data.dataset import StageReads, build_datasets
-    from megatron_eve.data.indexed import SampleWriter
+    from megatron_eve.data.indexed_writer import SampleWriter
     from megatron_eve.data.records import Sample
     from megatron_eve.model.visual_layout import IMAGE_TOKEN_INDEX
 

@@ -18,7 +18,8 @@ import pytest
 from megatron_eve.config import DataConfig
 from megatron_eve.data import packing, plan_cache
 from megatron_eve.data.dataset import PackedSequences, build_datasets, content_stream
-from megatron_eve.data.indexed import IndexedSamples, SampleWriter
+from megatron_eve.data.indexed import IndexedSamples
+from megatron_eve.data.indexed_writer import SampleWriter
 from megatron_eve.data.records import Sample
 
 SEQ = 1024

@@ -13,7 +13,8 @@ import pytest
 
 from megatron_eve.config import VisionConfig
 from megatron_eve.data import indexed, sources
-from megatron_eve.data.indexed import DatasetFormatError, IndexedSamples, SampleWriter, read_metadata
+from megatron_eve.data.indexed import DatasetFormatError, IndexedSamples, read_metadata
+from megatron_eve.data.indexed_writer import SampleWriter
 from megatron_eve.data.preprocess import PreprocessJob, partition_prefix, run
 from megatron_eve.data.records import RecordConfig, Sample
 from megatron_eve.data.sources import Broken, iter_records, parse

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_eve.atomic import host_name
 from megatron_eve.config import VisionConfig
 from megatron_eve.data.indexed import IndexedSamples, read_metadata
 from megatron_eve.data.preprocess import PreprocessJob, partition_prefix, run
@@ -109,8 +110,10 @@ def test_a_second_run_on_a_prefix_being_written_is_refused_in_one_line(corpus, t
                      *SIZES])
         assert first.poll() is None, "the first run ended before the second was refused"
         assert code == 1
-        assert capsys.readouterr().err.strip() == (f"error: another run is writing {prefix} (it holds {prefix}.lock): "
-                                                   "wait for it to end, or choose another --output-prefix")
+        holder = f"pid {first.pid} on host {host_name()}"  # (the lock file names its holder)
+        assert capsys.readouterr().err.strip() == (f"error: another run is writing {prefix} ({prefix}.lock: "
+                                                   f"{holder}): wait for it to end, or choose another "
+                                                   "--output-prefix")
         out, err = first.communicate(timeout=300)
     finally:
         if first.poll() is None:

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from megatron_eve import atomic
-from megatron_eve.atomic import ASIDE_MARK, STAGING_MARK, FolderLocked, lock_folder
+from megatron_eve import locks
+from megatron_eve.atomic import ASIDE_MARK, STAGING_MARK, host_name
+from megatron_eve.locks import LOCK_NAME, FolderLocked, lock_folder
 from megatron_eve.config import ConfigError
 from megatron_eve.training import checkpoint_records
 from megatron_eve.training.checkpoint_records import TRACKER, checkpoint_dir
@@ -79,7 +80,7 @@ def test_readers_put_back_a_root_an_interrupted_conversion_moved_aside(tmp_path,
 # ------------------------------------------------------------------ D5: one run at a time per --save
 HOLD = """
 import sys, time
-from megatron_eve.atomic import lock_folder
+from megatron_eve.locks import lock_folder
 lock_folder(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)
@@ -105,8 +106,47 @@ def test_a_second_process_cannot_lock_a_folder_until_the_first_ends(tmp_path):
         proc.wait()
     lock_folder(str(folder))  # killed: the kernel released its lock
     lock_folder(str(folder))  # this process again: already its own
-    assert atomic.holds_lock(str(folder))
-    assert (folder / atomic.LOCK_NAME).read_text() == f"pid {os.getpid()} on host {atomic._host()}"
+    assert locks.holds_lock(str(folder))
+    assert (folder / LOCK_NAME).read_text() == f"pid {os.getpid()} on host {host_name()}"
+
+
+HOLD_AND_FORK = """
+import multiprocessing, os, sys, time
+from megatron_eve.data.prefix_swap import prefix_lock
+from megatron_eve.locks import lock_folder
+if sys.argv[2] == "folder":
+    lock_folder(sys.argv[1])
+else:
+    held = prefix_lock(sys.argv[1])  # kept referenced: its exit releases the lock
+    held.__enter__()
+child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,), daemon=False)
+child.start()  # as a loader worker or a background checkpoint writer
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("kind", ["folder", "prefix"])
+def test_a_killed_runs_lock_ends_with_it_not_with_the_processes_it_forked(tmp_path, kind):
+    """An flock lasts while any copy of its descriptor is open: a forked child outliving its killed
+    run kept the --save folder (or dataset prefix) locked, and the restart was refused."""
+    from megatron_eve.data.prefix_swap import prefix_lock
+
+    path = tmp_path / "save"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(path), kind], stdout=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    child = int(proc.stdout.readline())
+    try:
+        proc.kill()
+        proc.wait()
+        assert os.path.exists(f"/proc/{child}")  # the child lives on
+        if kind == "folder":
+            lock_folder(str(path))
+        else:
+            with prefix_lock(str(path)):
+                pass
+    finally:
+        os.kill(child, 9)
 
 
 def test_without_flock_the_lock_file_names_its_holder(tmp_path, monkeypatch):
@@ -115,24 +155,24 @@ def test_without_flock_the_lock_file_names_its_holder(tmp_path, monkeypatch):
     def no_flock(*args):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(atomic.fcntl, "flock", no_flock)
+    monkeypatch.setattr(locks.fcntl, "flock", no_flock)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    for name, owner, taken in (("dead", f"pid {dead.pid} on host {atomic._host()}", True),
-                               ("live", f"pid {os.getppid()} on host {atomic._host()}", False),
+    for name, owner, taken in (("dead", f"pid {dead.pid} on host {host_name()}", True),
+                               ("live", f"pid {os.getppid()} on host {host_name()}", False),
                                ("elsewhere", "pid 1 on host another-host", False)):
         (tmp_path / name).mkdir()
-        lock = tmp_path / name / atomic.LOCK_NAME
+        lock = tmp_path / name / LOCK_NAME
         lock.write_text(owner)
         if taken:
             lock_folder(str(tmp_path / name))
-            assert lock.read_text() == f"pid {os.getpid()} on host {atomic._host()}"
+            assert lock.read_text() == f"pid {os.getpid()} on host {host_name()}"
         else:
             with pytest.raises(FolderLocked, match=re.escape(f"({owner}; this file system has no flock: if no run is "
                                                              f"saving there, delete {lock})")):
                 lock_folder(str(tmp_path / name))
     lock_folder(str(tmp_path / "new"))
-    assert (tmp_path / "new" / atomic.LOCK_NAME).read_text() == f"pid {os.getpid()} on host {atomic._host()}"
+    assert (tmp_path / "new" / LOCK_NAME).read_text() == f"pid {os.getpid()} on host {host_name()}"
 
 
 def test_only_a_dead_runs_staging_is_removed(tmp_path):
@@ -143,7 +183,7 @@ def test_only_a_dead_runs_staging_is_removed(tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = atomic._host()
+    host = host_name()
     names = {"live": f"iter_0000002.{host}-{live.pid}-0123abcd{STAGING_MARK}",
              "dead": f"iter_0000004.{host}-{dead.pid}-0123abcd{STAGING_MARK}",
              "elsewhere": f"iter_0000004.another-host-{live.pid}-0123abcd{STAGING_MARK}",
@@ -156,7 +196,7 @@ def test_only_a_dead_runs_staging_is_removed(tmp_path):
         assert sorted(os.listdir(tmp_path)) == sorted(names[k] for k in ("live", "elsewhere", "ours", "user"))
         lock_folder(str(tmp_path))  # no other run can be writing here now
         remove_stale_staging(str(tmp_path))
-        assert sorted(os.listdir(tmp_path)) == sorted([names["ours"], names["user"], atomic.LOCK_NAME])
+        assert sorted(os.listdir(tmp_path)) == sorted([names["ours"], names["user"], LOCK_NAME])
     finally:
         live.kill()
         live.wait()
@@ -176,7 +216,7 @@ def test_a_second_run_on_the_same_save_is_refused_before_work(data, tmp_path):
         proc.kill()
         proc.wait()
     check_job(job_args(data, "--save", save), 1)
-    assert atomic.holds_lock(str(save))
+    assert locks.holds_lock(str(save))
 
 
 # ------------------------------------- D6: a new stage never saves over the folder it starts from
@@ -210,7 +250,7 @@ def test_a_new_stage_from_the_save_folder_is_refused(data, tmp_path, monkeypatch
                         "each stays until this run saves that iteration, which replaces it (--ckpt-keep-last never "
                         "deletes them); the tracker names this run's newest"]
     assert sorted(os.listdir(ck)) == sorted(["iter_0000002", "iter_0000004", "iter_0000006", TRACKER,
-                                             atomic.LOCK_NAME])
+                                             LOCK_NAME])
 
 
 # -------------------------------------------- B-D3: --ckpt-keep-last never deletes a newer checkpoint
@@ -230,6 +270,6 @@ def test_keep_last_prunes_only_up_to_the_checkpoint_just_saved(tmp_path):
 
 
 def test_the_lock_file_is_gone_when_its_run_ends(tmp_path):
-    out = subprocess.run([sys.executable, "-c", "import sys; from megatron_eve.atomic import lock_folder; "
+    out = subprocess.run([sys.executable, "-c", "import sys; from megatron_eve.locks import lock_folder; "
                           "lock_folder(sys.argv[1])", str(tmp_path / "save")], cwd=ROOT, timeout=60)
     assert out.returncode == 0 and os.listdir(tmp_path / "save") == []

@@ -179,7 +179,8 @@ def test_prealign_without_an_image_is_refused_before_work(data, tmp_path):
 
     import numpy as np
 
-    from megatron_eve.data.indexed import SampleWriter, read_metadata
+    from megatron_eve.data.indexed import read_metadata
+    from megatron_eve.data.indexed_writer import SampleWriter
     from megatron_eve.data.records import Sample
 
     keep = ("template", "image_size", "teacher_image_size", "patch_size", "conv_stride", "tokenizer_sha256",

@@ -74,13 +74,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eve.atomic import os_error_line, write_jsonl  # noqa: E402
+from megatron_eve.atomic import OutputRefused, check_not_an_input, os_error_line, write_jsonl  # noqa: E402
 from megatron_eve.config import ConfigError  # noqa: E402
 from megatron_eve.eval.answer_files import (answer_row, askable, chunk, image_paths, read_questions,  # noqa: E402
                                             report, unaskable_reason)
 from megatron_eve.eval.benchmarks.files import BenchmarkFileError  # noqa: E402
-from megatron_eve.eval.outputs import (ANSWER_FILE, QUESTION_FILE, OutputRefused, check_not_an_input,  # noqa: E402
-                                       check_output_file)
+from megatron_eve.eval.outputs import ANSWER_FILE, QUESTION_FILE, check_output_file  # noqa: E402
 from megatron_eve.eval.prompts import MAX_NEW_TOKENS, PROMPT_STYLES, with_suffix  # noqa: E402
 from megatron_eve.eval.question_files import QUESTION_SOURCES  # noqa: E402
 from megatron_eve.eval.resume import SideFile, read_side_file, run_header, side_file  # noqa: E402

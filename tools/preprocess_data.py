@@ -36,7 +36,7 @@ from megatron_eve.config import (  # noqa: E402
     VisionConfig,
     validate,
 )
-from megatron_eve.data.indexed import BusyError  # noqa: E402
+from megatron_eve.data.prefix_swap import BusyError  # noqa: E402
 from megatron_eve.data.preprocess import OutputError, PreprocessJob, WorkerPoolError, run  # noqa: E402
 from megatron_eve.data.records import RecordConfig  # noqa: E402
 from megatron_eve.data.sources import InputError  # noqa: E402

@@ -9,9 +9,9 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_eve.atomic import ASIDE_MARK, check_output_dir, recover_replaced, staged_directory, write_text
+from megatron_eve.atomic import (ASIDE_MARK, check_apart_from_inputs, check_output_dir, recover_replaced, staged_directory,
+                                  write_text)
 from megatron_eve.config import ConfigError, EVEModelConfig, ParallelConfig, RuntimeConfig, validate
-from megatron_eve.eval.outputs import check_apart_from_inputs
 from megatron_eve.training.checkpoint_records import TRACKER, checkpoint_dir
 
 

@@ -22,13 +22,9 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
-from megatron_eve.data.indexed import (
-    SIDECAR_SUFFIX,
-    SampleWriter,
-    dataset_complete,
-    prefix_lock,
-    read_metadata,
-)
+from megatron_eve.data.indexed import dataset_complete, read_metadata
+from megatron_eve.data.indexed_writer import SampleWriter
+from megatron_eve.data.prefix_swap import SIDECAR_SUFFIX, prefix_lock
 from megatron_eve.data.records import RecordConfig, Rejection, Sample, process_record, record_id
 from megatron_eve.data.sources import Broken, InputError, count_records, iter_records, parse
 from megatron_eve.data.tokenizer import Tokenizer

@@ -8,57 +8,10 @@ from __future__ import annotations
 import json
 import os
 from itertools import islice
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Sequence
 
-from megatron_eve.atomic import check_output_dir, nearest_existing
+from megatron_eve.atomic import Inputs, OutputRefused, check_not_an_input, check_output_dir, nearest_existing
 from megatron_eve.config import ConfigError
-
-# the flag naming each input → its path (None: not given); pairs where one flag names several
-Inputs = Union[Dict[str, Optional[str]], Sequence[Tuple[str, Optional[str]]]]
-
-
-class OutputRefused(ConfigError):
-    """An output path the user has to change (or pass --overwrite for); the command exits 2."""
-
-
-def _is_or_holds(output: str, path: str) -> bool:
-    """Whether `path` is `output` or lies inside it (resolved: links, hard links and ../ see through)."""
-    if os.path.exists(output) and os.path.exists(path) and os.path.samefile(output, path):
-        return True
-    output, path = os.path.realpath(output), os.path.realpath(path)
-    return output == path or os.path.commonpath([output, path]) == output
-
-
-def check_not_an_input(output: str, inputs: Inputs, flag: str) -> None:
-    """Refuse an output that is, or holds, one of the inputs: even --overwrite does not allow that."""
-    for name, path in (inputs.items() if isinstance(inputs, dict) else inputs):
-        if path and _is_or_holds(output, path):
-            raise OutputRefused(f"{flag} {output} would replace the {name} input {path}: choose another {flag}")
-
-
-def _lies_inside(output: str, folder: str) -> bool:
-    """Whether `output` lies inside `folder` (resolved as _is_or_holds does: links, ../ and a folder
-    reached by another path, e.g. a bind mount, see through)."""
-    if not os.path.isdir(folder):
-        return False
-    probe = os.path.realpath(output)
-    while os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-        if os.path.exists(probe) and os.path.samefile(probe, folder):
-            return True
-    folder = os.path.realpath(folder)
-    return os.path.commonpath([folder, os.path.realpath(output)]) == folder
-
-
-def check_apart_from_inputs(output: str, inputs: Inputs, flag: str) -> None:
-    """Refuse an output folder that is, holds or lies inside one of the input folders (a converter's
-    --out and its checkpoint or HF folder): replacing it would delete the input, and writing into it
-    would mix the output with it. Even --overwrite does not allow that."""
-    check_not_an_input(output, inputs, flag)
-    for name, path in (inputs.items() if isinstance(inputs, dict) else inputs):
-        if path and _lies_inside(output, path):
-            raise OutputRefused(f"{flag} {output} lies inside the {name} input {path}: choose another {flag} "
-                                f"(even --overwrite does not write into an input)")
 
 
 def check_output_file(path: str, inputs: Inputs, ours: Callable[[str], bool], overwrite: bool, what: str,

@@ -9,7 +9,7 @@ import binascii
 import os
 from typing import Callable, Dict, List, Optional
 
-from megatron_eve.atomic import write_bytes
+from megatron_eve.atomic import OutputRefused, write_bytes
 from megatron_eve.eval.answer_files import report, warn
 from megatron_eve.eval.benchmarks.files import BenchmarkFileError
 from megatron_eve.eval.benchmarks.gqa import gqa_questions, load_gqa
@@ -17,7 +17,6 @@ from megatron_eve.eval.benchmarks.mmbench import mmbench_prompt, read_mmbench
 from megatron_eve.eval.benchmarks.mme import load_mme, mme_questions
 from megatron_eve.eval.benchmarks.scienceqa import scienceqa_questions
 from megatron_eve.eval.benchmarks.seed import load_seed, seed_key, seed_questions
-from megatron_eve.eval.outputs import OutputRefused
 
 
 def mmbench_questions(source: str, image_folder: Optional[str], lang: str = "en", overwrite: bool = False

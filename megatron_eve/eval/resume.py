@@ -9,13 +9,13 @@ in, the answers file is written whole, atomically, and the side file removed."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 from typing import Dict, List, Tuple
 
-from megatron_eve.eval.outputs import OutputRefused
+from megatron_eve.atomic import OutputRefused
+from megatron_eve.locks import flock_now
 
 SUFFIX = ".partial"
 FORMAT = "megatron_eve partial answers v1"
@@ -98,11 +98,14 @@ class SideFile:
         self.failed = False  # a write or flush failed: its error (naming the file) is the one reported
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.handle = open(path, "a", encoding="utf-8")
-        try:  # two runs appending to one side file would mix their answers
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:  # two runs appending to one side file would mix their answers (no flock: unlocked)
+            busy = flock_now(self.handle.fileno()) is False
         except OSError:
             self.handle.close()
-            raise OutputRefused(f"{path}: another run is answering into this answers file") from None
+            raise
+        if busy:
+            self.handle.close()
+            raise OutputRefused(f"{path}: another run is answering into this answers file")
 
     def start(self, header: dict, good_length: int) -> None:
         """Drop a torn last line (or an unwanted earlier run: good_length 0) and write the header if new."""

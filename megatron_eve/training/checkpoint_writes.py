@@ -15,7 +15,8 @@ from typing import List, Optional
 
 import torch.distributed as dist
 
-from megatron_eve.atomic import holds_lock, named_write_errors, remove_stagings, replace_directory, write_text
+from megatron_eve.atomic import named_write_errors, remove_stagings, replace_directory, write_text
+from megatron_eve.locks import holds_lock
 from megatron_eve.training.checkpoint_records import TRACKER, checkpoint_dir
 from megatron_eve.training.checksums import record_checksums, record_own_shards
 

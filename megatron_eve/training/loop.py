@@ -12,9 +12,8 @@ import signal
 import sys
 import time
 import traceback
-from datetime import datetime
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -32,9 +31,13 @@ from megatron_eve.training.metrics import (
     BatchWork,
     IntervalMeter,
     TensorBoard,
+    dynamic_loss_scale,
+    learning_rates,
+    logged_loss_scale,
     memory_scalars,
     micro_batch_work,
     peak_tflops,
+    training_log_line,
 )
 from megatron_eve.training.optim import build_optimizer, build_scheduler, wrap_model_chunks
 from megatron_eve.training.preflight import check_job
@@ -222,8 +225,8 @@ def run(job: TrainingJob) -> int:
                     state.consumed_samples)
 
     last_iteration = _last_iteration(job, state)
-    data = build_datasets(job.data, s.seed, _data_sizes(job, state, last_iteration), StageReads(pixels=first, teacher=last and align,
-                                                                              aligned=align))
+    data = build_datasets(job.data, s.seed, _data_sizes(job, state, last_iteration),
+                          StageReads(pixels=first, teacher=last and align, aligned=align))
     if data["train"] is None or len(data["train"]) == 0:
         raise ConfigError("no training sequence: the train split is empty or no sample fits --seq-length")
     train_batches = MicroBatches.over(data["train"], job, align, teacher_params, num_workers=job.data.num_workers,
@@ -298,10 +301,10 @@ def run(job: TrainingJob) -> int:
         if tensorboard.writer is not None and state.iteration % log.tensorboard_log_interval == 0:
             # This iteration's own values, as Megatron-LM's training_log writes them: all on the host
             # already (the losses came with the iteration's flags), so no host read of the device.
-            scalars = {**stats.read_losses(), **_learning_rates(optimizer), "batch-size": s.global_batch_size}
+            scalars = {**stats.read_losses(), **learning_rates(optimizer), "batch-size": s.global_batch_size}
             if update.grad_norm is not None:
                 scalars["grad-norm"] = update.grad_norm
-            loss_scale = _loss_scale(optimizer, job, read=False)
+            loss_scale = logged_loss_scale(optimizer, job, read=False)
             if loss_scale is not None:
                 scalars["loss-scale"] = loss_scale
             tensorboard.write(scalars, state.iteration, state.consumed_samples, vs_samples=tuple(scalars))
@@ -309,11 +312,11 @@ def run(job: TrainingJob) -> int:
             interval = stats.read_interval()
             meter = IntervalMeter(interval.iterations, interval_seconds, interval.work)
             measured = {**meter.scalars(dist.get_world_size(), peak), **memory_scalars()}
-            loss_scale = _loss_scale(optimizer, job, read=True)  # waits for no more than the read above
+            loss_scale = logged_loss_scale(optimizer, job, read=True)  # waits for no more than the read above
             if _last_rank_of_losses():
-                values = {**interval.losses, **_learning_rates(optimizer), **measured}
-                print(_log_line(state, s, last_iteration, values, grad_norm, loss_scale), flush=True)
-            if _dynamic_loss_scale(job):  # per log line only (each iteration's would read the device)
+                values = {**interval.losses, **learning_rates(optimizer), **measured}
+                print(training_log_line(state, s, last_iteration, values, grad_norm, loss_scale), flush=True)
+            if dynamic_loss_scale(job):  # per log line only (each iteration's would read the device)
                 measured["loss-scale"] = loss_scale
             tensorboard.write(measured, state.iteration, state.consumed_samples)
             interval_seconds = 0.0
@@ -371,34 +374,6 @@ def run(job: TrainingJob) -> int:
     return exit_code
 
 
-def _learning_rates(optimizer) -> Dict[str, float]:
-    """The learning rate in force for the trained parameters: "learning-rate" is the rate of the
-    groups under --lr, or where none is trained (prealign) of those under --vision-lr; with both
-    trained, "vision-learning-rate" too."""
-    rates = {}
-    for group in optimizer.param_groups:
-        if group["params"]:
-            rates.setdefault("base" if group.get("default_config", True) else "vision", float(group["lr"]))
-    if not rates:
-        return {"learning-rate": float(optimizer.param_groups[0]["lr"])}
-    if "base" not in rates:
-        return {"learning-rate": rates["vision"]}
-    return {"learning-rate": rates["base"], **({"vision-learning-rate": rates["vision"]} if "vision" in rates else {})}
-
-
-def _loss_scale(optimizer, job: TrainingJob, read: bool) -> Optional[float]:
-    """The loss scale Megatron-LM logs: 1.0 without fp16, fp16's static --loss-scale, or (read=True)
-    the dynamic scaler's current scale, a read of the device (None with read=False)."""
-    if _dynamic_loss_scale(job):
-        return float(optimizer.get_loss_scale()) if read else None
-    return float(job.optim.loss_scale) if job.runtime.fp16 else 1.0
-
-
-def _dynamic_loss_scale(job: TrainingJob) -> bool:
-    """fp16 without a static --loss-scale: the scale lives on the device and changes."""
-    return job.runtime.fp16 and not job.optim.loss_scale
-
-
 def _evaluate_and_print(fb, step, chunks, num_microbatches: int, job: TrainingJob, state, tensorboard: TensorBoard,
                         prefix: str, iterators, split: str) -> None:
     """--eval-iters global batches of a split, printed and written to TensorBoard as Megatron-LM's
@@ -429,31 +404,6 @@ def _evaluate(fb, step, chunks, iterators, iters: int, num_microbatches: int, jo
     for chunk in chunks:
         chunk.train()
     return stats.read_interval().losses
-
-
-def _log_line(state, s, last_iteration: int, scalars: Dict[str, float], grad_norm: Optional[float],
-              loss_scale: float) -> str:
-    """Megatron-LM's training_log line (its fields, order and formats; no grad norm before a finite
-    one, as Megatron-LM prints none without one), with EVE's vision learning rate after the learning
-    rate, and tokens/s/GPU, MFU and packing efficiency after the grad norm."""
-    mfu = f"{100 * scalars['mfu']:.1f}%" if "mfu" in scalars else "n/a"
-    return (
-        f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S.%f')}] iteration {state.iteration:8d}/{last_iteration:8d} |"
-        f" consumed samples: {state.consumed_samples:12d} |"
-        f" elapsed time per iteration (ms): {scalars['iteration-time']:.1f} |"
-        f" throughput per GPU (TFLOP/s/GPU): {scalars['throughput']:.1f} |"
-        f" learning rate: {scalars['learning-rate']:.6E} |"
-        + (f" vision learning rate: {scalars['vision-learning-rate']:.6E} |"
-           if "vision-learning-rate" in scalars else "")
-        + f" global batch size: {s.global_batch_size:5d} |"
-        f" lm loss: {scalars['lm loss']:.6E} | align loss: {scalars['align loss']:.6E} |"
-        f" loss scale: {loss_scale:.1f} |"
-        + (f" grad norm: {grad_norm:.3f} |" if grad_norm is not None else "")
-        + f" tokens/s/GPU: {scalars['tokens-per-sec-per-gpu']:.1f} | MFU: {mfu} |"
-        f" packing efficiency: {100 * scalars['packing-efficiency']:.1f}% |"
-        f" number of skipped iterations: {state.skipped_iterations:3d} |"
-        f" number of nan iterations: {state.nan_iterations:3d} |"
-    )
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
-"""Throughput from real (non-padding) tokens: tokens/s, model FLOPs, MFU; and the TensorBoard
-writer. One function computes what the console line and TensorBoard both show."""
+"""What a training run reports: throughput from real (non-padding) tokens (tokens/s, model FLOPs,
+MFU), the learning rates and loss scale, Megatron-LM's iteration line, and the TensorBoard writer.
+One function computes what the console line and TensorBoard both show."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Dict, Optional
 
 import torch
 
-from megatron_eve.config import EVEModelConfig
+from megatron_eve.config import EVEModelConfig, TrainingJob
 from megatron_eve.model.size import parameter_counts
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,61 @@ def memory_scalars() -> Dict[str, float]:
     return {"mem-rss-bytes": float(psutil.Process(os.getpid()).memory_info().rss)}
 
 
+# ------------------------------------------------------------------- the training log line
+def learning_rates(optimizer) -> Dict[str, float]:
+    """The learning rate in force for the trained parameters: "learning-rate" is the rate of the
+    groups under --lr, or where none is trained (prealign) of those under --vision-lr; with both
+    trained, "vision-learning-rate" too."""
+    rates = {}
+    for group in optimizer.param_groups:
+        if group["params"]:
+            rates.setdefault("base" if group.get("default_config", True) else "vision", float(group["lr"]))
+    if not rates:
+        return {"learning-rate": float(optimizer.param_groups[0]["lr"])}
+    if "base" not in rates:
+        return {"learning-rate": rates["vision"]}
+    return {"learning-rate": rates["base"], **({"vision-learning-rate": rates["vision"]} if "vision" in rates else {})}
+
+
+def logged_loss_scale(optimizer, job: TrainingJob, read: bool) -> Optional[float]:
+    """The loss scale Megatron-LM logs: 1.0 without fp16, fp16's static --loss-scale, or (read=True)
+    the dynamic scaler's current scale, a read of the device (None with read=False)."""
+    if dynamic_loss_scale(job):
+        return float(optimizer.get_loss_scale()) if read else None
+    return float(job.optim.loss_scale) if job.runtime.fp16 else 1.0
+
+
+def dynamic_loss_scale(job: TrainingJob) -> bool:
+    """fp16 without a static --loss-scale: the scale lives on the device and changes."""
+    return job.runtime.fp16 and not job.optim.loss_scale
+
+
+def training_log_line(state, s, last_iteration: int, scalars: Dict[str, float], grad_norm: Optional[float],
+                      loss_scale: float) -> str:
+    """Megatron-LM's training_log line (its fields, order and formats; no grad norm before a finite
+    one, as Megatron-LM prints none without one), with EVE's vision learning rate after the learning
+    rate, and tokens/s/GPU, MFU and packing efficiency after the grad norm."""
+    mfu = f"{100 * scalars['mfu']:.1f}%" if "mfu" in scalars else "n/a"
+    return (
+        f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S.%f')}] iteration {state.iteration:8d}/{last_iteration:8d} |"
+        f" consumed samples: {state.consumed_samples:12d} |"
+        f" elapsed time per iteration (ms): {scalars['iteration-time']:.1f} |"
+        f" throughput per GPU (TFLOP/s/GPU): {scalars['throughput']:.1f} |"
+        f" learning rate: {scalars['learning-rate']:.6E} |"
+        + (f" vision learning rate: {scalars['vision-learning-rate']:.6E} |"
+           if "vision-learning-rate" in scalars else "")
+        + f" global batch size: {s.global_batch_size:5d} |"
+        f" lm loss: {scalars['lm loss']:.6E} | align loss: {scalars['align loss']:.6E} |"
+        f" loss scale: {loss_scale:.1f} |"
+        + (f" grad norm: {grad_norm:.3f} |" if grad_norm is not None else "")
+        + f" tokens/s/GPU: {scalars['tokens-per-sec-per-gpu']:.1f} | MFU: {mfu} |"
+        f" packing efficiency: {100 * scalars['packing-efficiency']:.1f}% |"
+        f" number of skipped iterations: {state.skipped_iterations:3d} |"
+        f" number of nan iterations: {state.nan_iterations:3d} |"
+    )
+
+
+# ------------------------------------------------------------------------------ TensorBoard
 class TensorBoard:
     """Scalars against iterations, and against consumed samples for losses and lr (Megatron's
     "<name> vs samples"), the latter in the subfolder VS_SAMPLES (a second run in TensorBoard's UI).

@@ -8,10 +8,11 @@ import logging
 import os
 from typing import List, Optional, Tuple
 
-from megatron_eve.atomic import FolderLocked, lock_folder, nearest_existing
+from megatron_eve.atomic import nearest_existing
 from megatron_eve.config import ConfigError, TrainingJob, complete_job, job_problems
 from megatron_eve.data.dataset import check_blend, split_ranges
 from megatron_eve.data.indexed import DatasetFormatError, read_metadata
+from megatron_eve.locks import FolderLocked, lock_folder
 from megatron_eve.ranks import is_rank_zero
 from megatron_eve.training import checkpoint_records
 
