@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 3, SFT of EVE-7B (eve.md §5): from the pretrain checkpoint, LLaVA-mix-665K with the
+# Stage 3, SFT of EVE-7B: from the pretrain checkpoint, LLaVA-mix-665K with the
 # vicuna_v1 template, lr 2e-5 for all parameters, warmup 1%, global batch 128 samples (here 32
 # sequences ≈ 160 samples, and one epoch 4,156 steps, the reference's 5,198: see eve7b_common.sh).
 # Data: tools/preprocess_data.py --template vicuna_v1 --image-size 672 (the default --max-length 4096

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 3, SFT of EVE-7B-HD (eve.md §5): from the 672-px pretrain checkpoint (not EVE-7B), at
+# Stage 3, SFT of EVE-7B-HD: from the 672-px pretrain checkpoint (not EVE-7B), at
 # 1344 px (the PEL has no position table, so the same weights take the larger images),
 # eve_instruct_mix1.8m, lr 2e-5, warmup 1%, global batch 128 samples (here 48 sequences ≈ 144:
 # see eve7b_common.sh). A square image is 2353 tokens and the reference allows 4096 text tokens

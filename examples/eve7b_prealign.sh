@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 1, prealign (eve.md §5): from Vicuna-7B-v1.5, train only the PEL, projector and aligner
+# Stage 1, prealign: from Vicuna-7B-v1.5, train only the PEL, projector and aligner
 # on EVE-cap (16M of the 33M captions), lr 4e-4 (the reference's vision / projector lr), warmup 3%.
 # Usage: bash examples/eve7b_prealign.sh ${node_rank} ${master_addr}
 set -euo pipefail

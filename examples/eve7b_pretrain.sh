@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 2, pretrain (eve.md §5): from the prealign checkpoint, train everything (the CLIP teacher
+# Stage 2, pretrain: from the prealign checkpoint, train everything (the CLIP teacher
 # stays frozen) on EVE-cap33M, lr 4e-5 for all parameters, warmup 1%.
 # Usage: bash examples/eve7b_pretrain.sh ${node_rank} ${master_addr}
 set -euo pipefail

@@ -5,6 +5,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from tests.helpers import ROOT
 
@@ -171,7 +173,8 @@ def test_gpu_check_script_writes_its_summary(tmp_path):
     make_wheel(str(wheels), "eve_check_probe")
     out = tmp_path / "out"
     env = {**os.environ, "EVE_GPU_TIER_ON_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
-           "GPU_CHECK_SITE": str(tmp_path / "site"), "TIER_ARGS": "-k attention", "PEL_TIMEOUT": "0",
+           "GPU_CHECK_ALLOW_CPU": "1", "GPU_CHECK_SITE": str(tmp_path / "site"), "TIER_ARGS": "-k attention",
+           "PEL_TIMEOUT": "0",
            "BENCH_ARGS": "--preset tiny --layers 2 --seq-length 512 --steps 1 --warmup 1 --samples 40 --baseline hf "
                           "--also-layers 3 --also-micro-batches 2 --profile-deepest --try native-cross-entropy "
                           "--combine 0 --combine-only-deepest"}
@@ -207,13 +210,201 @@ def test_gpu_check_writes_its_summary_within_the_calls_budget(tmp_path):
     wheels.mkdir()
     out = tmp_path / "out"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "GPU_CHECK_BUDGET": "10",
-           "GPU_CHECK_SITE": str(tmp_path / "site")}
+           "GPU_CHECK_ALLOW_CPU": "1", "GPU_CHECK_SITE": str(tmp_path / "site")}
+    out.mkdir()
+    (out / "bench.json.tmp4242").write_text("{")  # an earlier call's write killed before its rename
     proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(wheels), str(out), "bench"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode != 0
     assert (out / "bench.log").read_text() == "skipped (no time left in the call's budget)\n"
+    assert not (out / "bench.json.tmp4242").exists()  # not a ninth file to bring back
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bench"]["exit_code"] == 124 and summary["pel_bench"]["exit_code"] == 124
+
+
+def test_gpu_check_paces_the_tier_to_the_calls_real_limit(tmp_path):
+    """The second call of the two (README, GPU tier) has what the device's budget has left, less than
+    the tier's own limit: GPU_CHECK_BUDGET cuts the tier's step to it, and summary.json (no JUnit XML:
+    pytest was killed) is still written within it. The bench part's defaults fit its 360 s call."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (tmp_path / "test_sleeps.py").write_text("import time\n\nimport pytest\n\n\n@pytest.mark.gpu\n"
+                                             "def test_sleeps_past_the_budget():\n    time.sleep(600)\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "GPU_CHECK_ALLOW_CPU": "1",
+           "GPU_CHECK_SITE": str(tmp_path / "site"), "GPU_CHECK_BUDGET": "40",
+           "TIER_ARGS": f"{tmp_path / 'test_sleeps.py'} -k sleeps_past"}
+    started = time.time()
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(wheels), str(out), "tier"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert time.time() - started < 55, proc.stdout[-3000:]  # the call's own limit: its budget + 15 s
+    assert re.search(r"cut to \d+ s \(the call's budget\)", proc.stdout), proc.stdout[-3000:]
+    assert (out / "gpu_tests.log").is_file()  # (under load it may be stopped while pytest still collects)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tests"]["exit_code"] == 124 and summary["tests"]["report"] == "missing"
+    assert summary["total_seconds"] <= 40  # the summary written within the budget
+    assert "budget: 40 s" in (out / "env.txt").read_text()
+    # Without GPU_CHECK_BUDGET: call 1's part keeps 30 s of its 360 s call for start-up and transfers.
+    env.update(BENCH_ARGS="--help", PEL_ARGS="--help")  # each step over at once
+    del env["GPU_CHECK_BUDGET"]
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), str(wheels), str(out), "bench"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    plan = re.search(r"budget: (\d+) s; limits: bench (\d+), tier (\d+), pel (\d+) s", proc.stdout)
+    budget, bench, tier, pel = map(int, plan.groups())
+    assert budget <= 330 and bench + tier + pel + 10 <= budget and tier == 0 and pel >= 20
+
+
+def test_gpu_check_installs_each_wheel_once_and_needs_cuda(tmp_path):
+    """A wheel an earlier call installed into the private folder is not installed again; an installed
+    megatron-core at another version than the wheel's is named; without CUDA the script refuses, in
+    one line, unless GPU_CHECK_ALLOW_CPU=1 (a CPU would bench a tiny fp32 model)."""
+    from importlib.metadata import version
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    make_wheel(str(wheels), "eve_check_probe")
+    make_wheel(str(wheels), "megatron_core")  # 0.0.1: not the installed one
+    out = tmp_path / "out"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
+           "GPU_CHECK_SITE": str(tmp_path / "site"), "BENCH_TIMEOUT": "0", "PEL_TIMEOUT": "0"}
+    command = ["bash", str(ROOT / "tools" / "gpu_check.sh"), str(wheels), str(out), "bench"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stdout + refused.stderr
+    assert "torch.cuda.is_available() is False" in refused.stderr and "GPU_CHECK_ALLOW_CPU=1" in refused.stderr
+    assert not (out / "env.txt").exists()
+    env["GPU_CHECK_ALLOW_CPU"] = "1"
+    for call in range(2):
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        installed = re.search(r"installed from .*: (.*)", (out / "env.txt").read_text())[1]
+        probe = str(wheels / "eve_check_probe-0.0.1-py3-none-any.whl")
+        assert installed == ("nothing (all present)" if call else probe)
+        warning = (f"warning: megatron-core {version('megatron-core')} is already installed and used, "
+                   "not megatron_core-0.0.1-py3-none-any.whl's 0.0.1")
+        assert warning in (out / "env.txt").read_text() and warning in proc.stdout
+        assert re.search(r"\nmegatron-core \S+ from /\S+\n", (out / "env.txt").read_text())  # the one used
+
+
+def run_summary(out, junit) -> subprocess.CompletedProcess:
+    codes = {"tier-rc": 124, "tier-seconds": 9, "bench-rc": 124, "bench-seconds": 9, "pel-rc": 0, "pel-seconds": 1,
+             "total-seconds": 20}
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check_summary.py"), str(out), "--junit",
+                           str(junit), *[f"--{name}={value}" for name, value in codes.items()]],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_gpu_check_summary_is_written_whatever_its_inputs(tmp_path):
+    """A step killed mid-write leaves an empty or cut-short file: the summary names each one it could
+    not read and summarizes the rest, instead of failing with no summary.json at all."""
+    out = tmp_path / "out"
+    out.mkdir()
+    junit = tmp_path / "gpu_tests.xml"
+    bench = {"device": "CPU", "ours": {"tokens_per_s_per_gpu": 5.0, "tflops_per_gpu": 1.0, "mfu": None,
+                                       "peak_memory_gib": 1.0}}
+    passing = '<testsuites><testsuite><testcase classname="a" name="t"/></testsuite></testsuites>'
+    cases = [("", "", passing, ["bench.json", "pel.json"]),
+             (json.dumps(bench)[:40], "{}", passing[:60], ["bench.json", "gpu_tests.xml"]),
+             (json.dumps(bench), "[1, 2]", "", ["pel.json", "gpu_tests.xml"])]
+    for bench_text, pel_text, junit_text, unreadable in cases:
+        (out / "bench.json").write_text(bench_text)
+        (out / "pel.json").write_text(pel_text)
+        junit.write_text(junit_text)
+        (out / "summary.json").unlink(missing_ok=True)
+        proc = run_summary(out, junit)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert [Path(error.split(":")[0]).name for error in summary["input_errors"]] == unreadable
+        assert summary["tests"]["passed"] == (0 if "gpu_tests.xml" in unreadable else 1)
+        assert summary["tests"].get("report") == ("unreadable" if "gpu_tests.xml" in unreadable else None)
+        assert summary["bench"]["exit_code"] == 124 and summary["total_seconds"] == 20
+        assert summary.get("tokens_per_s_per_gpu") == (None if "bench.json" in unreadable else 5.0)
+        assert summary["pel_bench"]["figures"] == (None if "pel.json" in unreadable else {})
+
+
+def test_bench_json_is_replaced_whole(tmp_path, monkeypatch):
+    """bench.json is written under a temporary name and renamed: a run killed before the rename (here
+    the rename fails) leaves the previous figures whole, not an empty or cut-short file."""
+    from tools.bench_train import save_figures
+
+    path = tmp_path / "bench.json"
+    save_figures(path, {"ours": 1})
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", killed)
+    try:
+        save_figures(path, {"ours": 1, "hf": 2})
+    except KeyboardInterrupt:
+        pass
+    assert json.loads(path.read_text()) == {"ours": 1} and [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+def test_hf_baseline_meets_every_shape_before_timing(monkeypatch):
+    """Ours is timed after an untimed run over the batches it then times (on a GPU): so is the HF
+    baseline, from the same first batch, or its first encounters of padded shapes flatter the speed-up."""
+    import argparse
+
+    import numpy as np
+    import torch
+
+    import tools.bench_hf as bench_hf
+    from megatron_eve.config import get_preset, replace
+    from tools.bench_train import sample_stream
+
+    calls = []
+
+    def recording(train_step, warmup, steps):
+        results, seconds = timed(train_step, warmup, steps)
+        calls.append([step.real_tokens for step in results])
+        return results, seconds
+
+    timed = bench_hf.timed_steps
+    monkeypatch.setattr(bench_hf, "timed_steps", recording)
+    model_cfg = replace(get_preset("tiny"), **{"language.num_layers": 1, "aligner.enabled": False})
+    samples = sample_stream(12, model_cfg, np.random.default_rng(0))
+    args = argparse.Namespace(bf16=False, hf_gradient_checkpointing=False, hf_micro_batch_size=2, warmup=0, steps=2,
+                              _ours_tokens_per_step=600)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a tiny model: pytest's process-wide threads only contend
+    try:
+        work = bench_hf.run_hf(args, model_cfg, samples, grouped=True, untimed_pass=True)[0]
+        assert len(calls) == 2 and calls[0] == calls[1]  # the timed steps' batches, already met untimed
+        assert work.real_tokens == sum(calls[1]) > 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_peak_tflops_takes_the_longest_matching_name(monkeypatch):
+    """The NVL and PCIe parts have lower peaks than the SXM ones whose names they contain."""
+    import torch
+
+    from megatron_eve.training.metrics import peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, peak in (("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA H100 80GB HBM3", 989.0),
+                       ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0), ("NVIDIA H800", 989.0),
+                       ("NVIDIA H800 PCIe", 756.0), ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                       ("Tesla T4", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_, name=name: name)
+        assert peak_tflops() == peak, name
+    assert peak_tflops(500.0) == 500.0
+
+
+def test_bench_train_counts_the_teacher_and_keeps_its_runs(tmp_path):
+    """With --aligner the frozen teacher's forward is counted (its parameters passed as the trainer
+    passes them); when the one lever fails, the two runs of ours whose median is printed are kept."""
+    from tests.helpers import child_environment
+
+    report = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "tests.test_benchmarks", "teacher", str(report)], capture_output=True,
+                          text=True, timeout=300, env=child_environment(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(report.read_text())
+    assert figures["teacher_params_counted"] == [figures["teacher_params"]] and figures["teacher_params"] > 0
+    assert figures["with_liger-rmsnorm"]["error"] and "median of 2 runs" in proc.stdout
+    assert len(figures["ours_runs_tokens_per_s"]) == 2 and figures["ours_steady"]["runs"] == 2
 
 
 def test_bench_train_falls_back_when_the_fused_update_fails(tmp_path):
@@ -243,5 +434,38 @@ def run_bench_with_a_failing_device_skip(report_path: str) -> None:
     bench_train.main()
 
 
+def run_bench_counting_the_teacher(report_path: str) -> None:
+    """tools/bench_train.py --aligner with a lever that fails on the CPU (liger-kernel is not installed
+    here); the teacher parameters each micro-batch's work was counted with, and the teacher's own count."""
+    import megatron_eve.model.build as build
+    import megatron_eve.training.metrics as metrics
+    from tools import bench_train
+
+    counted, teachers = set(), []
+    work, build_model = metrics.micro_batch_work, build.build_model
+
+    def counting(batch, model, align, teacher_params=0, llm_trains=True):
+        counted.add(teacher_params)
+        return work(batch, model, align, teacher_params, llm_trains)
+
+    def building(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        teachers.append(sum(p.numel() for p in model.teacher.model.parameters()) if model.teacher else 0)
+        return model
+
+    metrics.micro_batch_work, build.build_model = counting, building
+    sys.argv = ["bench_train.py", "--preset", "tiny", "--layers", "2", "--seq-length", "512",
+                "--micro-batches", "2", "--steps", "1", "--warmup", "0", "--samples", "24", "--aligner", "--try",
+                "liger-rmsnorm",
+                "--json", report_path]
+    bench_train.main()
+    figures = json.loads(Path(report_path).read_text())
+    figures.update(teacher_params_counted=sorted(counted), teacher_params=teachers[0])
+    Path(report_path).write_text(json.dumps(figures))
+
+
 if __name__ == "__main__":
-    run_bench_with_a_failing_device_skip(sys.argv[1])
+    if sys.argv[1] == "teacher":
+        run_bench_counting_the_teacher(sys.argv[2])
+    else:
+        run_bench_with_a_failing_device_skip(sys.argv[1])

@@ -58,11 +58,12 @@ def hf_micro_batch(members, model_cfg, device, dtype):
     return batch, micro_batch_work(counted, model_cfg, align=False)
 
 
-def run_hf(args, model_cfg, samples, grouped):
+def run_hf(args, model_cfg, samples, grouped, untimed_pass=None):
     """The reference's stack: HF EVE in pure bf16 with torch's fused AdamW (no fp32 master weights:
     cheaper per step than ours, which keeps fp32 main parameters and gradients). Its batches are
     built on the device before timing (ours are made inside the timed steps, as the trainer makes
-    them); its FLOPs are counted from its own samples."""
+    them); its FLOPs are counted from its own samples. With `untimed_pass` (default: on a GPU, as
+    ours gets one there), the timed steps are first run once untimed, from the same first batch."""
     from megatron_eve.checkpoint.hf_config import hf_config
     from megatron_eve.hf.modeling_eve import EVEConfig, EVELlamaForCausalLM
     from megatron_eve.platform import current_device
@@ -99,6 +100,15 @@ def run_hf(args, model_cfg, samples, grouped):
         optimizer.step()
         return step_work
 
+    if untimed_pass is None:
+        untimed_pass = torch.cuda.is_available()
+    if untimed_pass:
+        # As ours (tools/bench_train.py): a process meets each padded shape slowly the first time (cuBLAS
+        # heuristics, SDPA's kernel choice, the allocator growing), and a few warm-up steps meet only some
+        # of the timed window's shapes. Ours is timed after an untimed run as long as its timed one; the
+        # baseline too, over the same batches, or the speed-up would be flattered by its first encounters.
+        timed_steps(train_step, args.warmup, args.steps)
+        cursor = 0
     steps, seconds = timed_steps(train_step, args.warmup, args.steps)
     work = BatchWork()
     for step_work in steps:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """summary.json for tools/gpu_check.sh: the GPU tier's test counts (from its JUnit XML),
 tools/bench_train.py's and tools/bench_pel.py's figures (from their JSON), with exit codes and
-times. Prints the summary."""
+times. Prints the summary. An input that is missing is None; one that cannot be read (a step killed
+mid-write) is named in "input_errors" and the rest still summarized: summary.json is always written."""
 
 import argparse
 import json
@@ -10,11 +11,16 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 
-def test_counts(xml_path: Path) -> dict:
-    if not xml_path.is_file():
-        return {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "failures": [], "report": "missing"}
+def test_counts(xml_path: Path, input_errors: list) -> dict:
     counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "failures": []}
-    for case in ElementTree.parse(xml_path).getroot().iter("testcase"):
+    if not xml_path.is_file():
+        return {**counts, "report": "missing"}
+    try:
+        cases = list(ElementTree.parse(xml_path).getroot().iter("testcase"))
+    except (OSError, ElementTree.ParseError) as error:  # empty or cut short: pytest killed mid-write
+        input_errors.append(f"{xml_path}: {type(error).__name__}: {error}")
+        return {**counts, "report": "unreadable"}
+    for case in cases:
         name = f"{case.get('classname')}::{case.get('name')}"
         outcome = {child.tag for child in case}
         if "failure" in outcome or "error" in outcome:
@@ -25,6 +31,20 @@ def test_counts(xml_path: Path) -> dict:
         else:
             counts["passed"] += 1
     return counts
+
+
+def read_figures(path: Path, input_errors: list):
+    """The JSON object at `path`: None if missing, or if unreadable (its error kept in `input_errors`)."""
+    if not path.is_file():
+        return None
+    try:
+        figures = json.loads(path.read_text())
+        if not isinstance(figures, dict):
+            raise ValueError(f"not a JSON object: {type(figures).__name__}")
+        return figures
+    except (OSError, ValueError) as error:  # empty or cut short: a step killed mid-write
+        input_errors.append(f"{path}: {type(error).__name__}: {error}")
+        return None
 
 
 def _mfu_by_depth(bench: dict, prefix: str) -> dict:
@@ -53,11 +73,12 @@ def main():
     for name in ("tier-rc", "tier-seconds", "bench-rc", "bench-seconds", "pel-rc", "pel-seconds", "total-seconds"):
         parser.add_argument(f"--{name}", type=int, required=True)
     args = parser.parse_args()
-    bench, pel = (json.loads(f.read_text()) if f.is_file() else None
-                  for f in (args.out / "bench.json", args.out / "pel.json"))
+    input_errors = []
+    bench, pel = (read_figures(args.out / name, input_errors) for name in ("bench.json", "pel.json"))
     summary = {
         "device": (bench or {}).get("device"),
-        "tests": {**test_counts(args.junit), "exit_code": args.tier_rc, "seconds": args.tier_seconds},
+        "input_errors": input_errors,
+        "tests": {**test_counts(args.junit, input_errors), "exit_code": args.tier_rc, "seconds": args.tier_seconds},
         "bench": {"exit_code": args.bench_rc, "seconds": args.bench_seconds, "figures": bench},
         "pel_bench": {"exit_code": args.pel_rc, "seconds": args.pel_seconds, "figures": pel},
         "total_seconds": args.total_seconds,

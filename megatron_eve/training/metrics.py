@@ -20,8 +20,9 @@ logger = logging.getLogger(__name__)
 
 # Dense bf16 peaks per device, TFLOP/s (sparsity excluded).
 # The longest key found in the device name wins ("H100 PCIe" before "H100", the SXM part).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H800": 989.0,
-               "GH200": 989.0, "A100": 312.0, "A800": 312.0, "B200": 2250.0, "GB200": 2450.0, "L40S": 362.0}
+PEAK_TFLOPS = {"H200": 989.0, "H200 NVL": 835.0, "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+               "H800": 989.0, "H800 PCIe": 756.0, "GH200": 989.0, "A100": 312.0, "A800": 312.0, "B200": 2250.0,
+               "GB200": 2450.0, "L40S": 362.0}
 
 
 def peak_tflops(override: Optional[float] = None) -> Optional[float]:
