@@ -33,9 +33,10 @@ from megatron_eve.checkpoint.hf_config import hf_config, preprocessor_config, re
 from megatron_eve.checkpoint.hf_eve import (  # noqa: E402
     EARLIER_ITERATION, CheckpointFormatError, MegatronCheckpoint, hf_tensors)
 from megatron_eve.checkpoint.hf_writer import (  # noqa: E402
-    check_tokenizer, copy_tokenizer, is_written_name, write_tensors)
+    check_tokenizer, copy_tokenizer, generation_config, is_written_name, write_tensors)
 from megatron_eve.checkpoint.megatron_dirs import parse_dtype  # noqa: E402
 from megatron_eve.config import ConfigError, model_config_from_dict  # noqa: E402
+from megatron_eve.data.tokenizer import Tokenizer  # noqa: E402
 from megatron_eve.training.checkpoint_records import (  # noqa: E402
     checkpoint_dir,
     complete_iterations,
@@ -187,12 +188,13 @@ def main(argv=None) -> int:
                 json.dump(preprocessor_config(model), handle, indent=2)
             with open(os.path.join(staging, "config.json"), "w") as handle:
                 json.dump(hf_config(model, dtype, vision_tower=final, teacher=teacher), handle, indent=2)
+            # Without a tokenizer, its size is unknown: no padded ids are suppressed.
+            known = Tokenizer(tokenizer_source).vocab_size if tokenizer_source else model.language.vocab_size
             with open(os.path.join(staging, "generation_config.json"), "w") as handle:
-                json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}, handle,
-                          indent=2)
+                json.dump(generation_config(model.language.vocab_size, known), handle, indent=2)
             shutil.copyfile(MODELING, os.path.join(staging, "modeling_eve.py"))
             if tokenizer_source:
-                copy_tokenizer(tokenizer_source, staging)
+                copy_tokenizer(tokenizer_source, staging, model.language.max_position_embeddings)
     except (CheckpointFormatError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

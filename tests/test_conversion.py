@@ -340,3 +340,28 @@ def test_export_scales_integer_images_by_their_bit_depth_as_training_does():
         assert torch.equal(pixels(eight_bit), pixels(eight_bit.convert("RGB")))
     with pytest.raises(ValueError, match="mode F"):
         pixels(Image.fromarray(ramp.astype(np.float32)))
+
+
+def test_the_exports_generate_takes_input_ids_by_keyword_and_counts_placeholders():
+    """generate(input_ids=ids, images=px) raised IndexError (only the positional form worked); more
+    <image> placeholders than images did too: a ValueError that says so."""
+    from megatron_eve.checkpoint.hf_config import hf_config
+    from megatron_eve.hf.modeling_eve import IMAGE_TOKEN_INDEX, EVEConfig, EVELlamaForCausalLM
+    from tests.helpers import random_image, tiny_config
+
+    config = hf_config(tiny_config(), torch.float32)
+    config.pop("auto_map")
+    torch.manual_seed(0)
+    model = EVELlamaForCausalLM(EVEConfig(**config)).eval()
+    pixels = model.process_images([random_image(60, 40, seed=0)])
+    ids = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 7, 8]])
+    settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    positional = model.generate(ids, images=pixels, **settings)
+    assert torch.equal(model.generate(input_ids=ids, images=pixels, **settings), positional)
+    assert positional.shape == (1, 3)
+    two = torch.tensor([[1, IMAGE_TOKEN_INDEX, 7, IMAGE_TOKEN_INDEX]])
+    for call in (lambda: model.generate(two, images=pixels, **settings),
+                 lambda: model.generate(input_ids=two, images=pixels, **settings),
+                 lambda: model(input_ids=two, images=pixels)):
+        with pytest.raises(ValueError, match="^2 <image> placeholders for 1 images$"):
+            call()

@@ -395,3 +395,28 @@ def test_an_out_that_is_holds_or_lies_inside_the_input_is_refused_even_with_over
         one_line_error(failed, f"--out {out} {message} the {flag} input {source}")
         assert {folder: _contents(folder) for folder in before} == before, (script, out)
         assert sorted(os.listdir(tmp_path)) == ["ck_link", "hf", "llama", "runs"] and os.listdir(runs) == ["ck"]
+
+
+def test_export_files_state_the_models_length_version_and_unused_ids(converted, tmp_path, tokenizer):
+    """tokenizer_config.json said model_max_length 4096 whatever the model's positions; config.json
+    lacked the transformers_version the release's has; a vocabulary larger than the tokenizer's let
+    plain generate() emit ids the tokenizer cannot decode: generation_config.json suppresses them."""
+    import transformers
+    from transformers import GenerationConfig
+
+    from megatron_eve.checkpoint.hf_writer import generation_config
+    from tests.helpers import tiny_config
+
+    positions, vocab = tiny_config().language.max_position_embeddings, tiny_config().language.vocab_size
+    assert positions != 4096 and vocab == 1024
+    ok(export(converted, tmp_path / "exp", "--tokenizer-model", tokenizer))
+    read = lambda name: json.loads((tmp_path / "exp" / name).read_text())  # noqa: E731
+    assert read("tokenizer_config.json")["model_max_length"] == positions
+    assert read("config.json")["transformers_version"] == transformers.__version__
+    written = read("generation_config.json")
+    assert written.pop("suppress_tokens") == list(range(300, vocab))  # the tokenizer has 300 ids
+    assert written == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}
+    assert GenerationConfig.from_pretrained(tmp_path / "exp").suppress_tokens == list(range(300, vocab))
+    ok(export(converted, tmp_path / "bare"))  # no tokenizer: nothing known to suppress
+    assert "suppress_tokens" not in json.loads((tmp_path / "bare" / "generation_config.json").read_text())
+    assert "suppress_tokens" not in generation_config(32000, 32000)  # the release's vocabulary: as before

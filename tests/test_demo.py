@@ -78,6 +78,14 @@ def test_bad_values_get_a_message_in_the_chat(demo, values, message):
     assert ask(demo, "Hello?", (), *values) == f"⚠ {message}"
 
 
+def test_a_tiny_temperature_is_answered_as_greedy(demo):
+    """A temperature of 1e-40 overflowed the logits: "the model failed on this request"."""
+    greedy = ask(demo, "What is in the picture?", [demo["images"][0]])
+    assert ask(demo, "What is in the picture?", [demo["images"][0]], 6, 1e-40) == greedy
+    assert not greedy.startswith("⚠")
+    assert ask(demo, "Hello?", (), 6, "inf") == "⚠ temperature must be a finite number, not 'inf'"
+
+
 def test_a_non_image_upload_gets_a_message_without_server_paths(demo, tmp_path):
     fake = tmp_path / "holiday.png"
     fake.write_bytes(b"this is not an image")

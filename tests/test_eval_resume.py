@@ -4,6 +4,7 @@ rest and writes the same answers file as an uninterrupted run. A side file of an
 resumed (nor silently thrown away). The CLI runs in-process with a stand-in backend."""
 
 import json
+import os
 
 import pytest
 
@@ -37,8 +38,11 @@ def without_ids(path):
 
 
 def answer(questions, answers, *flags):
-    return run("answer", "--hf", "model", "--question-file", questions, "--answers-file", answers,
-               "--batch-size", "2", "--max-new-tokens", "4", *flags)
+    try:
+        return run("answer", "--hf", "model", "--question-file", questions, "--answers-file", answers,
+                   "--batch-size", "2", "--max-new-tokens", "4", *flags)
+    except KeyboardInterrupt:  # escaping, it would stop pytest itself
+        pytest.fail("Ctrl-C escaped eval_vqa.py answer (a traceback)")
 
 
 @pytest.fixture
@@ -53,11 +57,12 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, backend, question
     assert code == 0 and len(backend.asked) == 3, err
 
     backend.asked.clear()
-    backend.stop_after = 2  # killed while asking its third batch
+    backend.stop_after = 2  # interrupted (Ctrl-C) while asking its third batch: one line, not a traceback
     answers = tmp_path / "a.jsonl"
-    with pytest.raises(KeyboardInterrupt):
-        answer(questions, answers)
     partial = tmp_path / "a.jsonl.partial"
+    code, _, err = answer(questions, answers)
+    assert code == 130 and "Traceback" not in err, err  # the line after tqdm's bar
+    assert err.splitlines()[-1] == f"interrupted: 4 of 5 answers kept in {partial}; run the same command to resume"
     assert not answers.exists() and len(partial.read_text().splitlines()) == 1 + 4  # its header, 4 answers
     with open(partial, "a") as handle:
         handle.write('{"position": 4, "row": {"question_id"')  # a line torn by the kill
@@ -74,8 +79,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, backend, question
 def test_a_side_file_of_another_run_is_not_resumed(tmp_path, backend, questions):
     answers = tmp_path / "a.jsonl"
     backend.stop_after = 1
-    with pytest.raises(KeyboardInterrupt):
-        answer(questions, answers)
+    assert answer(questions, answers)[0] == 130
     backend.stop_after = None
     partial = tmp_path / "a.jsonl.partial"
     kept = partial.read_text()
@@ -98,6 +102,26 @@ def test_a_foreign_side_file_is_not_replaced(tmp_path, backend, questions):
     code, _, err = answer(questions, tmp_path / "a.jsonl")
     assert code == 2 and "is not a side file of ours" in err and "--overwrite" in err, err
     assert (tmp_path / "a.jsonl.partial").read_text() == "my notes\n" and not backend.asked
+
+
+def test_an_interrupt_before_any_answer_or_on_another_rank_is_one_line_or_none(tmp_path, backend, questions,
+                                                                               monkeypatch):
+    """Ctrl-C before the first answer (the model loading) keeps nothing; under torchrun only the writer
+    (rank 0) speaks, every rank exits 130."""
+    import tools.generate
+
+    backend.stop_after = 0
+    code, _, err = answer(questions, tmp_path / "a.jsonl")
+    assert code == 130 and err.splitlines()[-1] == "interrupted: no answer kept yet", err
+    assert len((tmp_path / "a.jsonl.partial").read_text().splitlines()) == 1  # its header alone
+
+    def loading(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tools.generate, "setup", loading)
+    monkeypatch.setenv("RANK", "1")
+    assert answer(questions, tmp_path / "b.jsonl") == (130, "", "")
+    assert sorted(os.listdir(tmp_path)) == ["a.jsonl.partial", "q.jsonl"]
 
 
 def test_a_torn_last_line_is_cut_before_appending(tmp_path):

@@ -280,3 +280,65 @@ def test_a_prompt_near_the_length_limit_is_answered_within_it(model, export, tmp
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert [r["metadata"] for r in rows] == [{}, {}]
     assert [r["text"] for r in rows] == texts  # the megatron backend answers as the HF export does
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_a_tiny_temperature_samples_the_most_likely_tokens(temperature, monkeypatch):
+    """logits / temperature overflowed to inf, and multinomial failed ("probability tensor contains
+    either inf, nan or element < 0"): the limit of sampling is the most likely tokens, ties shared."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_eve.inference.generate import Generator, Sampling, sampling_distribution
+
+    logits = torch.randn(3, 400, generator=torch.Generator().manual_seed(0)) * 30
+    logits[1, [5, 9]] = logits[1].max() + 1  # two tokens tied for the most likely
+    probs = sampling_distribution(logits, Sampling(temperature=temperature))
+    assert bool(torch.isfinite(probs).all())
+    assert probs[0].tolist() == torch.nn.functional.one_hot(logits[0].argmax(), 400).float().tolist()
+    assert probs[1, [5, 9]].tolist() == [0.5, 0.5] and float(probs[1].sum()) == 1.0
+
+    monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: 1)
+    generator = Generator.__new__(Generator)  # everything but the model
+    generator.vocab_size, generator.device = None, torch.device("cpu")
+    drawn = generator._choose(logits[[0, 2]], Sampling(temperature=temperature), torch.Generator().manual_seed(0), 2)
+    assert drawn.tolist() == logits[[0, 2]].argmax(dim=-1).tolist()
+
+
+def test_both_backends_answer_a_tiny_temperature_as_greedy(model, export):
+    """The megatron checkpoint (tools/generate.py) and the HF export (its generate(), whose own
+    temperature warper divides plainly) sample at --temperature 1e-40 without failing: greedy's answer."""
+    from megatron_eve.inference.backends import HFBackend, Request
+    from megatron_eve.inference.generate import Sampling, chat_prompt
+
+    backend = HFBackend(str(export))
+    requests = [Request(chat_prompt("What is in the picture?", True), [model["images"][0]]),
+                Request(chat_prompt("What is two plus three?", False))]
+    greedy = backend.answer(requests, Sampling(max_new_tokens=6))
+    for temperature in (1e-40, 1e-300):
+        assert backend.answer(requests, Sampling(max_new_tokens=6, temperature=temperature, seed=3)) == greedy
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--load", model["load"],
+                          "--tokenizer-model", model["tokenizer"], "--image", model["images"][0], "--prompt",
+                          "What is in the picture?", "--max-new-tokens", "6", "--temperature", "1e-40"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == greedy[0]
+
+
+def test_ctrl_c_while_generate_waits_for_a_question_is_one_line(export):
+    """Interactive mode (no --prompt), interrupted while it waits on standard input: "interrupted"
+    and exit code 130, not a traceback."""
+    import signal
+
+    child = subprocess.Popen([sys.executable, str(ROOT / "tools" / "generate.py"), "--hf", str(export),
+                              "--max-new-tokens", "3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        child.stdin.write("What is two plus three?\n")
+        child.stdin.flush()
+        assert child.stdout.readline()  # answered: now it waits for the next question
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130 and err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err

@@ -120,6 +120,7 @@ BAD_SAMPLING = [
     (["--top-p", "5"], "--top-p must be in (0, 1], not 5.0"),
     (["--temperature", "-1"], "--temperature must be 0 (greedy) or more, not -1.0"),
     (["--temperature", "nan"], "--temperature must be a finite number, not nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number, not inf"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be 1 or more, not 0"),
 ]
 
@@ -194,3 +195,80 @@ def test_the_demo_with_a_missing_checkpoint_is_one_line(corpus, tmp_path):
     assert (code, line) == (1, f"error: --load {tmp_path / 'missing'}: no such checkpoint folder")
     code, line = tool("app.py", "--load", tmp_path, "--tokenizer-model", corpus["tokenizer"])  # a folder, no checkpoint
     assert (code, line) == (1, f"error: {tmp_path}: no latest_checkpointed_iteration.txt")
+
+
+# ------------------------------------------------------------------------------ seeds, prompts, images, Ctrl-C
+
+@pytest.mark.parametrize("seed", ["99999999999999999999999", "-9223372036854775809", "18446744073709551616"])
+def test_a_seed_beyond_torchs_range_is_one_line_naming_seed(tmp_path, capsys, seed):
+    """torch.manual_seed's OverflowError came once the model had loaded, as a traceback."""
+    from tools.app import main as demo
+    from tools.eval_vqa import main as eval_vqa
+    from tools.generate import main as generate
+
+    for main, argv in ((generate, ["--hf", tmp_path, "--prompt", "Hi"]), (demo, ["--load", tmp_path]),
+                       (eval_vqa, ["answer", "--hf", tmp_path, "--question-file", tmp_path / "q.jsonl",
+                                   "--answers-file", tmp_path / "a.jsonl"])):
+        assert in_process(main, *argv, "--seed", seed) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert line.startswith(f"error: argument --seed: must be between -9223372036854775808 and "
+                               f"18446744073709551615, not {seed} (see "), line
+
+
+def test_the_seed_range_is_torchs():
+    import torch
+
+    for seed in (-0x8000_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF):
+        torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\t\n"])
+def test_an_empty_prompt_is_refused(tmp_path, capsys, prompt):
+    """--prompt "" printed nothing and exited 0; "   " was sent to the model."""
+    from tools.generate import main
+
+    assert in_process(main, "--hf", tmp_path / "unused", "--prompt", prompt) == 2
+    assert one_error_line(capsys.readouterr().err).startswith("error: --prompt is empty: give a question, or omit ")
+
+
+def test_an_image_that_is_a_folder_is_named_as_one(tmp_path):
+    from megatron_eve.inference.backends import open_images
+    from megatron_eve.inference.generate import PromptError
+
+    with pytest.raises(PromptError, match=f"^image {tmp_path} is a folder, not an image file$"):
+        open_images([str(tmp_path)])
+    with pytest.raises(PromptError, match="nowhere.png does not exist$"):
+        open_images([str(tmp_path / "nowhere.png")])
+
+
+class Interrupted:
+    """Standard input whose reader is interrupted (Ctrl-C) after `lines`."""
+
+    def __init__(self, *lines):
+        self.lines = list(lines)
+
+    def __iter__(self):
+        yield from self.lines
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_ctrl_c_in_generate_is_one_line_from_rank_zero(tmp_path, capsys, monkeypatch, rank):
+    """Interactive mode waiting on standard input: a traceback before; now "interrupted", exit code 130,
+    said by rank 0 only (torchrun interrupts every rank)."""
+    import tools.generate
+
+    class Backend:
+        def answer(self, requests, sampling):
+            return ["an answer"]
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(tools.generate, "setup", lambda args: (Backend(), rank == "0"))
+    monkeypatch.setattr(sys, "stdin", Interrupted("What is it?\n", "\n"))
+    try:
+        assert in_process(tools.generate.main, "--hf", tmp_path) == 130
+    except KeyboardInterrupt:  # escaping, it would stop pytest itself
+        pytest.fail("Ctrl-C escaped generate.py (a traceback)")
+    out, err = capsys.readouterr()
+    assert (out, err) == (("an answer\n", "interrupted\n") if rank == "0" else ("", ""))

@@ -125,8 +125,10 @@ def answer(args) -> int:
     # second run into the same answers file is refused before it loads a model; every rank reads it
     # before setup, whose process group waits for them all, and the writer rewrites it only after.
     side = SideFile(partial) if is_rank_zero() else None
+    kept = 0  # answers in the side file (an earlier run's, and this one's)
     try:
         answers, good_length = read_side_file(partial, header, len(questions), args.overwrite)
+        kept = len(answers)
         backend, writer = setup(args)
         if writer:
             report(problems)
@@ -155,6 +157,13 @@ def answer(args) -> int:
                 finished.append((position, answers[position]))
             if side:
                 side.add(finished)
+                kept += len(finished)
+    except KeyboardInterrupt:  # Ctrl-C (on every rank of a launch): one line, from the writer
+        if side:
+            where = (f"{kept} of {len(questions)} answers kept in {partial}; run the same command to resume" if kept
+                     else "no answer kept yet")
+            print(f"interrupted: {where}", file=sys.stderr)
+        return 130
     finally:
         if side:
             side.close()
@@ -285,6 +294,10 @@ def main(argv=None) -> int:
         output = getattr(args, "answers_file", None) or getattr(args, "question_file", None)
         print(f"error: {os_error_line(error, output)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside answer's loop (which says what it kept): one line, from rank 0
+        if is_rank_zero():
+            print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

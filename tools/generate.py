@@ -75,7 +75,9 @@ def add_model_args(p: argparse.ArgumentParser, demo: bool = False, max_new_token
                        help="0 (off) or more; default 50, as transformers' generate() samples (after "
                             "--temperature, before --top-p)")
     g.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]")
-    g.add_argument("--seed", type=int, default=0, help="of the sampling (temperature > 0)")
+    # torch.manual_seed's range: beyond it, an OverflowError once the model has loaded
+    g.add_argument("--seed", type=integer_in(-0x8000_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF), default=0,
+                   help="of the sampling (temperature > 0)")
 
 
 def check_sampling_args(p: argparse.ArgumentParser, args) -> None:
@@ -118,6 +120,19 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default=None, help="the question; omitted: read questions from stdin")
     args = p.parse_args(argv)
     check_sampling_args(p, args)
+    if args.prompt is not None and not args.prompt.strip():  # else nothing (or blanks) would be asked
+        p.error("--prompt is empty: give a question, or omit --prompt to read questions from standard input")
+    try:
+        return answer_questions(args)
+    except KeyboardInterrupt:  # Ctrl-C (on every rank of a launch): one line, from rank 0
+        from megatron_eve.ranks import is_rank_zero
+
+        if is_rank_zero():
+            print("interrupted", file=sys.stderr)
+        return 130
+
+
+def answer_questions(args) -> int:
     from megatron_eve.inference.backends import Request
 
     try:
@@ -125,7 +140,7 @@ def main(argv=None) -> int:
     except ConfigError as error:  # a flag, or a checkpoint that cannot be loaded: one line naming it
         print(f"error: {error}", file=sys.stderr)
         return 1
-    questions = [args.prompt] if args.prompt is not None else (line.strip() for line in sys.stdin)
+    questions = [args.prompt.strip()] if args.prompt is not None else (line.strip() for line in sys.stdin)
     status = 0
     for question in questions:
         if not question:

@@ -179,6 +179,8 @@ def hf_config(model: EVEModelConfig, dtype: torch.dtype, vision_tower: Optional[
 
     vision_tower: the folder holding preprocessor_config.json (an export names itself); teacher:
     the CLIP teacher's folder or hub name (the one trained with; the release's name otherwise)."""
+    import transformers
+
     lm, vision = model.language, model.vision
     return {
         "architectures": ["EVELlamaForCausalLM"],
@@ -191,6 +193,7 @@ def hf_config(model: EVEModelConfig, dtype: torch.dtype, vision_tower: Optional[
         "vocab_size": lm.vocab_size, "hidden_act": "silu", "initializer_range": 0.02,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False,
         "torch_dtype": str(dtype).replace("torch.", ""), "use_cache": True,
+        "transformers_version": transformers.__version__,  # as save_pretrained (and the release's 4.31.0) writes
         "mm_hidden_size": vision.hidden_size, "mm_projector_type": vision.projector_type,
         "mm_vision_tower": vision_tower or f"openai/eve-patch14-anypixel-{vision.image_size}",
         "mm_vision_tower_clip": teacher_reference(teacher),

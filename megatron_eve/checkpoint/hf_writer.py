@@ -109,9 +109,19 @@ def check_tokenizer(source: str, vocab_size: int) -> str:
     return tokenizer.model_path
 
 
-def copy_tokenizer(source: str, folder: str) -> None:
+def generation_config(model_vocab_size: int, tokenizer_vocab_size: int) -> dict:
+    """generation_config.json: EVE's special ids, greedy. The ids of a vocabulary padded beyond the
+    tokenizer's have no text: suppressed (as our HF backend suppresses them), written only when there are such."""
+    config = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": 0, "do_sample": False}
+    if model_vocab_size > tokenizer_vocab_size:
+        config["suppress_tokens"] = list(range(tokenizer_vocab_size, model_vocab_size))
+    return config
+
+
+def copy_tokenizer(source: str, folder: str, model_max_length: int) -> None:
     """tokenizer.model plus the slow-Llama tokenizer settings EVE trains with (legacy, BOS added,
-    pad = unk); an HF folder's own tokenizer files are copied as they are."""
+    pad = unk, model_max_length: the model's positions); an HF folder's own tokenizer files are
+    copied as they are."""
     model = resolve_tokenizer_model(source)
     shutil.copyfile(model, os.path.join(folder, "tokenizer.model"))
     source_dir = source if os.path.isdir(source) else os.path.dirname(model)
@@ -125,7 +135,8 @@ def copy_tokenizer(source: str, folder: str) -> None:
         with open(os.path.join(folder, "tokenizer_config.json"), "w") as handle:
             json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
                        "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                       "pad_token": "<unk>", "padding_side": "right", "model_max_length": 4096}, handle, indent=2)
+                       "pad_token": "<unk>", "padding_side": "right", "model_max_length": model_max_length}, handle,
+                      indent=2)
         with open(os.path.join(folder, "special_tokens_map.json"), "w") as handle:
             json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}, handle,
                       indent=2)

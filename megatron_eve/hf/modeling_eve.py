@@ -201,11 +201,13 @@ class EVELlamaForCausalLM(LlamaForCausalLM):
         placeholder replaced by its image's tokens; rows padded to the longest. Positions the given
         attention_mask hides (padding of a batch) are dropped first, as LLaVA / EVE do."""
         embed = self.get_input_embeddings()
+        kept = [ids if attention_mask is None else ids[attention_mask[i].bool()] for i, ids in enumerate(input_ids)]
+        placeholders = sum(int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in kept)
+        if placeholders > images.shape[0]:  # else an IndexError in the loop below
+            raise ValueError(f"{placeholders} <image> placeholders for {images.shape[0]} images")
         features = [self.model.mm_projector(f) for f in self.model.vision_tower(images.to(embed.weight.device))]
         rows, image = [], 0
-        for index, ids in enumerate(input_ids):
-            if attention_mask is not None:
-                ids = ids[attention_mask[index].bool()]
+        for ids in kept:
             pieces, start = [], 0
             for pos in torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist():
                 pieces += [embed(ids[start:pos]), features[image].to(embed.weight.dtype)]
@@ -228,6 +230,8 @@ class EVELlamaForCausalLM(LlamaForCausalLM):
 
     @torch.no_grad()
     def generate(self, inputs=None, images=None, **kwargs):
+        if inputs is None and images is not None:  # generate(input_ids=..., images=...), as transformers takes it
+            inputs = kwargs.pop("input_ids", None)
         if images is not None and inputs is not None:
             embeds, mask = self.embed_with_images(inputs, images, left_pad=True,
                                                   attention_mask=kwargs.pop("attention_mask", None))

@@ -15,8 +15,8 @@ from megatron_eve.atomic import recover_replaced
 from megatron_eve.config import ConfigError
 from megatron_eve.data.records import to_rgb
 from megatron_eve.data.tokenizer import Tokenizer
-from megatron_eve.inference.generate import (Generator, Prompt, PromptError, Sampling, build_prompt, check_placeholders,
-                                             new_token_budget)
+from megatron_eve.inference.generate import (MIN_TEMPERATURE, Generator, Prompt, PromptError, Sampling, below_row_max,
+                                             build_prompt, check_placeholders, new_token_budget)
 
 
 @dataclass
@@ -37,6 +37,8 @@ def open_images(paths: Sequence[str], upright: bool = False):
 
     images = []
     for path in paths:
+        if os.path.isdir(path):
+            raise PromptError(f"image {path} is a folder, not an image file")
         if not os.path.isfile(path):
             raise PromptError(f"image {path} does not exist")
         try:
@@ -209,9 +211,13 @@ class HFBackend:
         kwargs = dict(max_new_tokens=max(budgets), eos_token_id=sampling.eos_id, pad_token_id=0,
                       do_sample=sampling.temperature > 0, attention_mask=mask)
         if sampling.temperature > 0:
+            from transformers import LogitsProcessorList
+
             torch.manual_seed(sampling.seed)
-            # top_k explicitly: generate() would take an unset (None) top_k for its default 50; 0 turns it off
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+            # top_k explicitly: generate() would take an unset (None) top_k for its default 50; 0 turns it off.
+            # The temperature as the megatron generator takes it (sampling_distribution): a tiny one is safe.
+            kwargs.update(temperature=max(sampling.temperature, MIN_TEMPERATURE), top_p=sampling.top_p,
+                          top_k=sampling.top_k, logits_processor=LogitsProcessorList([BelowRowMax()]))
         if self.model.config.vocab_size > self.tokenizer.vocab_size:  # vocabulary padding: never an answer
             kwargs["suppress_tokens"] = list(range(self.tokenizer.vocab_size, self.model.config.vocab_size))
         if images:
@@ -221,6 +227,15 @@ class HFBackend:
             new_tokens = self.model.generate(ids, **kwargs)[:, longest:]
         return [self.tokenizer.decode(answer_ids(row[:budget], self.tokenizer, sampling.eos_id)).strip()
                 for row, budget in zip(new_tokens.tolist(), budgets)]
+
+
+class BelowRowMax:
+    """A logits processor for generate(), which runs it after its suppress_tokens and before its
+    temperature warper: each row less its largest score (below_row_max), so that dividing by a tiny
+    temperature cannot overflow to +inf (multinomial's "probability tensor contains inf, nan")."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return below_row_max(scores)
 
 
 def check_export_folder(folder: str) -> None:

@@ -79,12 +79,27 @@ def check_placeholders(ids: List[int], images) -> None:
                           f"{len(images)} images")
 
 
+# Below float32's smallest normal number a temperature rounds to 0 (0 / 0 = nan) or loses its precision.
+# Far above it the distribution is already the argmax's: a token 1e-30 below the best gets e^-8e7 = 0.
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+def below_row_max(scores: torch.Tensor) -> torch.Tensor:
+    """Float32 scores less each row's largest. Softmax, top-k and top-p are shift-invariant (the
+    same distribution), and divided by any positive temperature they stay <= 0: no +inf (whose
+    softmax is nan) however small it is; transformers' plain logits / temperature overflows (logits
+    of ~30: below ~1e-37)."""
+    scores = scores.float()
+    return scores - scores.amax(dim=-1, keepdim=True)
+
+
 def sampling_distribution(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """The probabilities [b, V] a sampled token is drawn from: transformers' generate() warpers in
     its order, as they compute them (ties at a boundary fall alike): temperature, then top-k
     (TopKLogitsWarper: every token as likely as the k-th is kept), then top-p (TopPLogitsWarper:
-    the least likely tokens whose mass is at most 1 - top_p dropped, the most likely always kept)."""
-    scores = logits / sampling.temperature
+    the least likely tokens whose mass is at most 1 - top_p dropped, the most likely always kept).
+    The temperature divides below_row_max's scores: safe for any positive finite one."""
+    scores = below_row_max(logits) / max(sampling.temperature, MIN_TEMPERATURE)
     if sampling.top_k > 0:
         kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, -float("inf"))
