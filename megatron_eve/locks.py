@@ -32,6 +32,7 @@ class Flock:
     fd: Optional[int]
     created: bool = False
     flocked: bool = False
+    changing: bool = False  # (fd None) the file was replaced or removed at every try: runs starting and ending
 
 
 def flock_now(fd: int) -> Optional[bool]:
@@ -51,7 +52,7 @@ def flock_now(fd: int) -> Optional[bool]:
 def try_flock(path: str) -> Flock:
     """An exclusive flock on `path` (created if absent), without waiting. The file locked is the one
     on disk: a holder deletes its file before unlocking, so a lock taken on a deleted file is retried
-    on the new one. A file that keeps changing (runs starting and ending) reads as held."""
+    on the new one, up to 100 times (then `changing`)."""
     for _ in range(100):
         try:
             fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
@@ -79,7 +80,7 @@ def try_flock(path: str) -> Flock:
         if current:
             return Flock(fd, created, flocked=True)
         os.close(fd)
-    return Flock(None)
+    return Flock(None, changing=True)
 
 
 def owner(pid: Optional[int] = None) -> str:
@@ -146,6 +147,8 @@ def lock_folder(folder: str) -> None:
     path = os.path.join(real, LOCK_NAME)
     for _ in range(100):  # a stale file (no flock) taken over: try again
         lock = try_flock(path)
+        if lock.changing:
+            break
         if lock.fd is None:
             raise FolderLocked(f"another run is saving to {folder} ({described_holder(path)})")
         if lock.flocked or lock.created:

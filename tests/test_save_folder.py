@@ -111,42 +111,44 @@ def test_a_second_process_cannot_lock_a_folder_until_the_first_ends(tmp_path):
 
 
 HOLD_AND_FORK = """
-import multiprocessing, os, sys, time
-from megatron_eve.data.prefix_swap import prefix_lock
+import multiprocessing, sys, time
 from megatron_eve.locks import lock_folder
-if sys.argv[2] == "folder":
-    lock_folder(sys.argv[1])
-else:
-    held = prefix_lock(sys.argv[1])  # kept referenced: its exit releases the lock
-    held.__enter__()
+lock_folder(sys.argv[1])
 child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,), daemon=False)
-child.start()  # as a loader worker or a background checkpoint writer
+child.start()  # as a loader worker or megatron-core's background checkpoint writer
 print(child.pid, flush=True)
 time.sleep(600)
 """
 
 
-@pytest.mark.parametrize("kind", ["folder", "prefix"])
-def test_a_killed_runs_lock_ends_with_it_not_with_the_processes_it_forked(tmp_path, kind):
+def test_a_killed_runs_lock_ends_with_it_not_with_the_processes_it_forked(tmp_path):
     """An flock lasts while any copy of its descriptor is open: a forked child outliving its killed
-    run kept the --save folder (or dataset prefix) locked, and the restart was refused."""
-    from megatron_eve.data.prefix_swap import prefix_lock
-
+    run kept the --save folder locked, and the restart was refused."""
     path = tmp_path / "save"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(path), kind], stdout=subprocess.PIPE,
-                            text=True, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(path)], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT)
     child = int(proc.stdout.readline())
     try:
         proc.kill()
         proc.wait()
         assert os.path.exists(f"/proc/{child}")  # the child lives on
-        if kind == "folder":
-            lock_folder(str(path))
-        else:
-            with prefix_lock(str(path)):
-                pass
+        lock_folder(str(path))
     finally:
         os.kill(child, 9)
+
+
+def test_a_lock_file_that_keeps_changing_is_named_so(tmp_path, monkeypatch):
+    """Replaced or removed at every try (runs starting and ending): said so, not taken for a holder."""
+    real_stat, lock = os.stat, os.path.join(os.path.realpath(tmp_path), "save", LOCK_NAME)
+
+    def stat(path, *args, **kwargs):
+        if str(path) == lock:
+            raise FileNotFoundError(path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(locks.os, "stat", stat)
+    with pytest.raises(FolderLocked, match=re.escape(f"cannot lock {tmp_path / 'save'}: {lock} keeps changing")):
+        lock_folder(str(tmp_path / "save"))
 
 
 def test_without_flock_the_lock_file_names_its_holder(tmp_path, monkeypatch):

@@ -52,18 +52,6 @@ def prefix_lock(prefix: str) -> Iterator[None]:
         os.close(lock.fd)
 
 
-def _forget_in_child() -> None:
-    """A forked child (a preprocessing worker) does not hold its parent's prefix locks (as
-    megatron_eve.locks' folder locks): the lock ends with the run that took it."""
-    for fd, _ in _HELD.values():
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD.clear()
-
-
-os.register_at_fork(after_in_child=_forget_in_child)
-
-
 def staged_name(prefix: str, suffix: str) -> str:
     return f"{prefix}{suffix}.tmp"
 
